@@ -1,0 +1,192 @@
+//! Command-line interface. Every flag has an environment variable so the same binary is
+//! configured by Helm values (env) or by hand (flags).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use grasp_sync::nostr::RelayUrl;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "grasp-sync",
+    version,
+    about = "Kubernetes-native GRASP-02 proactive sync for nostr git relays",
+    long_about = "grasp-sync fetches the NIP-34 events (announcements, state, patches, PRs, issues, \
+comments, statuses…) of every repository your GRASP relay has accepted from the other relays \
+each announcement lists, historic and live, and publishes them to your relay.\n\n\
+In Kubernetes, `controller` discovers relays into RelaySync resources and assigns them to \
+`worker` pods; without Kubernetes, `standalone` runs both in one process.",
+    propagate_version = true
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub log: LogOpts,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Args)]
+pub struct LogOpts {
+    /// Log filter: a level (error, warn, info, debug, trace) or tracing directives such as
+    /// `info,grasp_sync::worker=debug`.
+    #[arg(long, env = "GRASP_SYNC_LOG", default_value = "info", global = true)]
+    pub log_level: String,
+    /// Log output format.
+    #[arg(long, env = "GRASP_SYNC_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
+    pub log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line, for log collectors.
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Print the RelaySync CustomResourceDefinition as YAML (`grasp-sync crd | kubectl apply -f -`).
+    Crd,
+    /// Run the controller: discover relays into RelaySync objects and assign them to workers
+    /// (leader-elected; run two replicas).
+    Controller(ControllerArgs),
+    /// Run a worker: hold the relay sessions assigned to this pod and report their status.
+    Worker(WorkerArgs),
+    /// Run discovery and one worker in a single process, without Kubernetes.
+    Standalone(StandaloneArgs),
+    /// Run an offline, loopback-only demonstration: embedded relays, a synthetic corpus, and
+    /// a check that exactly the expected events arrive.
+    Demo(DemoArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct RelayOpts {
+    /// WebSocket URL of the local GRASP relay that synced events are published to.
+    #[arg(long, env = "GRASP_SYNC_LOCAL_RELAY", value_parser = parse_relay_url)]
+    pub local_relay: RelayUrl,
+    /// The relay's own service domain; announcements must list it, and it is never synced
+    /// from as a remote.
+    #[arg(long, env = "GRASP_SYNC_SERVICE_DOMAIN")]
+    pub service_domain: String,
+    /// Relays always synced from, whatever announcements say (comma-separated).
+    #[arg(long, env = "GRASP_SYNC_BOOTSTRAP", value_delimiter = ',', value_parser = parse_relay_url)]
+    pub bootstrap: Vec<RelayUrl>,
+}
+
+#[derive(Debug, Args)]
+pub struct KubeOpts {
+    /// Namespace holding the RelaySync objects and Leases (default: the kubeconfig's or the
+    /// pod's namespace).
+    #[arg(long, env = "GRASP_SYNC_NAMESPACE")]
+    pub namespace: Option<String>,
+    /// Address of the /metrics and health endpoint.
+    #[arg(long, env = "GRASP_SYNC_METRICS_ADDR", default_value = "0.0.0.0:9090")]
+    pub metrics_addr: SocketAddr,
+}
+
+#[derive(Debug, Args)]
+pub struct ControllerArgs {
+    #[command(flatten)]
+    pub relays: RelayOpts,
+    #[command(flatten)]
+    pub kube: KubeOpts,
+    /// This replica's identity in leader election.
+    #[arg(long, env = "POD_NAME")]
+    pub identity: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct WorkerArgs {
+    /// This worker's name: its Lease and the value of the `grasp-sync.dev/worker` label on
+    /// the relays it holds.
+    #[arg(long, env = "POD_NAME")]
+    pub name: String,
+    /// WebSocket URL of the local GRASP relay that synced events are published to.
+    #[arg(long, env = "GRASP_SYNC_LOCAL_RELAY", value_parser = parse_relay_url)]
+    pub local_relay: RelayUrl,
+    #[command(flatten)]
+    pub kube: KubeOpts,
+    /// Most one status write per relay per interval (phase changes are written at once).
+    #[arg(long, env = "GRASP_SYNC_STATUS_INTERVAL", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub status_interval: Duration,
+}
+
+#[derive(Debug, Args)]
+pub struct StandaloneArgs {
+    #[command(flatten)]
+    pub relays: RelayOpts,
+    /// Where cursors and relay state are saved so a restart resumes instead of resyncing.
+    #[arg(
+        long,
+        env = "GRASP_SYNC_STATE_FILE",
+        default_value = "grasp-sync-state.json"
+    )]
+    pub state_file: PathBuf,
+    /// Address of the /metrics and status endpoint.
+    #[arg(
+        long,
+        env = "GRASP_SYNC_METRICS_ADDR",
+        default_value = "127.0.0.1:9090"
+    )]
+    pub metrics_addr: SocketAddr,
+}
+
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// Number of repositories in the synthetic corpus.
+    #[arg(long, env = "GRASP_SYNC_DEMO_REPOS", default_value_t = 20)]
+    pub repos: usize,
+}
+
+fn parse_relay_url(s: &str) -> Result<RelayUrl, String> {
+    RelayUrl::parse(s).map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn bad_relay_url_is_a_usage_error_naming_the_reason() {
+        let err = Cli::try_parse_from([
+            "grasp-sync",
+            "worker",
+            "--name",
+            "w0",
+            "--local-relay",
+            "https://relay.example",
+        ])
+        .unwrap_err();
+        assert_eq!(err.kind(), clap::error::ErrorKind::ValueValidation);
+        assert!(err.to_string().contains("ws://"), "{err}");
+    }
+
+    #[test]
+    fn bootstrap_list_is_comma_separated_and_normalised() {
+        let cli = Cli::try_parse_from([
+            "grasp-sync",
+            "standalone",
+            "--local-relay",
+            "ws://127.0.0.1:7000",
+            "--service-domain",
+            "git.example",
+            "--bootstrap",
+            "wss://Relay.Damus.io/,wss://nos.lol",
+        ])
+        .unwrap();
+        let Command::Standalone(args) = cli.command else {
+            panic!("wrong subcommand")
+        };
+        let urls: Vec<_> = args.relays.bootstrap.iter().map(|u| u.as_str()).collect();
+        assert_eq!(urls, ["wss://relay.damus.io", "wss://nos.lol"]);
+    }
+}

@@ -1,0 +1,13 @@
+//! grasp-sync: Kubernetes-native GRASP-02 proactive sync for nostr git relays.
+//!
+//! See DESIGN.md in the repository for the architecture. Module map:
+//! - [`crd`]: the RelaySync resource;
+//! - [`nostr`]: pure protocol logic (coordinates, relay URLs);
+//! - [`controller`], [`worker`], [`store`]: discovery/assignment, relay sessions, and the
+//!   RelaySync store.
+
+pub mod controller;
+pub mod crd;
+pub mod nostr;
+pub mod store;
+pub mod worker;

@@ -1,0 +1,28 @@
+//! Shared test support: a real Kubernetes API server and polling helpers.
+#![allow(dead_code)] // each test binary uses a different part
+
+pub mod kube_env;
+
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+pub use kube_env::KubeEnv;
+
+/// Poll `check` until it returns `Some`, or fail after `deadline` with `what`.
+pub async fn eventually<T, F, Fut>(what: &str, deadline: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let start = Instant::now();
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(
+            start.elapsed() < deadline,
+            "timed out after {deadline:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
