@@ -1,6 +1,7 @@
-//! Nostr protocol logic that needs no I/O: NIP-34 coordinates and relay URL rules.
+//! Nostr protocol logic that needs no I/O: NIP-34 coordinates, relay URL rules, filters.
 
 pub mod coordinate;
+pub mod filters;
 pub mod relay_url;
 
 pub use coordinate::{CoordinateError, RepoCoordinate};

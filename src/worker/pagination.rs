@@ -1,0 +1,224 @@
+//! `until` pagination of a historic REQ against relays that support neither NIP-77 nor
+//! honest limits.
+//!
+//! Every page asks for `limit` events with `until` = the oldest timestamp seen so far,
+//! inclusive, so events sharing the boundary second are not skipped; the ids already seen at
+//! that second are remembered so they are not counted twice. Pagination stops only when a
+//! page brings nothing new: a relay that silently caps pages below our `limit` (or below its
+//! own advertised `max_limit`) is still paged through to the end. When one second holds more
+//! events than a page can carry, pagination would stall; it then steps past that second and
+//! records it as a gap instead of looping.
+
+use std::collections::HashSet;
+
+use nostr::{EventId, Filter, Timestamp};
+
+#[derive(Debug, Clone)]
+pub struct Paginator {
+    base: Filter,
+    limit: usize,
+    until: Option<Timestamp>,
+    /// Ids already received whose `created_at` equals `until`.
+    boundary_seen: HashSet<EventId>,
+    largest_page: usize,
+    pages: u32,
+    received: u64,
+    new_events: u64,
+    gaps: Vec<Timestamp>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Step {
+    /// Request this filter next.
+    Next(Filter),
+    Done,
+}
+
+impl Paginator {
+    /// `limit` is clamped to at least 2 so a page can always move past one event.
+    pub fn new(base: Filter, limit: usize) -> Self {
+        let until = base.until;
+        Paginator {
+            base,
+            limit: limit.max(2),
+            until,
+            boundary_seen: HashSet::new(),
+            largest_page: 0,
+            pages: 0,
+            received: 0,
+            new_events: 0,
+            gaps: Vec::new(),
+        }
+    }
+
+    /// The filter of the current page.
+    pub fn current(&self) -> Filter {
+        let mut f = self.base.clone().limit(self.limit);
+        if let Some(u) = self.until {
+            f = f.until(u);
+        }
+        f
+    }
+
+    /// Record a completed page (every event received for it, in any order) and decide what
+    /// to request next.
+    pub fn on_page(&mut self, events: &[(EventId, Timestamp)]) -> Step {
+        self.pages += 1;
+        self.received += events.len() as u64;
+        self.largest_page = self.largest_page.max(events.len());
+        let Some(oldest) = events.iter().map(|(_, t)| *t).min() else {
+            return Step::Done;
+        };
+        let fresh: Vec<&(EventId, Timestamp)> = events
+            .iter()
+            .filter(|(id, t)| Some(*t) != self.until || !self.boundary_seen.contains(id))
+            .collect();
+        self.new_events += fresh.len() as u64;
+
+        if fresh.is_empty() {
+            // Everything was at the boundary second and already seen. A short page means the
+            // relay has nothing else there or below; a full one means the second holds more
+            // than a page: skip it and remember the gap.
+            let Some(until) = self.until else {
+                return Step::Done;
+            };
+            if events.len() < self.largest_page || events.len() < 2 || until.as_secs() == 0 {
+                return Step::Done;
+            }
+            self.gaps.push(until);
+            self.until = Some(Timestamp::from(until.as_secs() - 1));
+            self.boundary_seen.clear();
+            return Step::Next(self.current());
+        }
+
+        if Some(oldest) != self.until {
+            self.boundary_seen.clear();
+        }
+        self.boundary_seen.extend(
+            events
+                .iter()
+                .filter(|(_, t)| *t == oldest)
+                .map(|(id, _)| *id),
+        );
+        self.until = Some(oldest);
+        Step::Next(self.current())
+    }
+
+    pub fn pages(&self) -> u32 {
+        self.pages
+    }
+    /// Events received over all pages, duplicates at boundaries included.
+    pub fn received(&self) -> u64 {
+        self.received
+    }
+    /// Distinct events received.
+    pub fn new_events(&self) -> u64 {
+        self.new_events
+    }
+    /// Seconds skipped because they held more events than one page.
+    pub fn gaps(&self) -> &[Timestamp] {
+        &self.gaps
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeSet;
+
+    /// A relay's answer to a filter: newest first, at most `min(limit, cap)` events.
+    fn serve(store: &[(EventId, Timestamp)], f: &Filter, cap: usize) -> Vec<(EventId, Timestamp)> {
+        let mut matching: Vec<_> = store
+            .iter()
+            .filter(|(_, t)| f.until.is_none_or(|u| *t <= u))
+            .copied()
+            .collect();
+        matching.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+        matching.truncate(f.limit.unwrap_or(usize::MAX).min(cap));
+        matching
+    }
+
+    fn id(n: u32) -> EventId {
+        let mut b = [0u8; 32];
+        b[..4].copy_from_slice(&n.to_be_bytes());
+        EventId::from_byte_array(b)
+    }
+
+    fn run(
+        store: &[(EventId, Timestamp)],
+        limit: usize,
+        cap: usize,
+    ) -> (BTreeSet<EventId>, Paginator) {
+        let mut p = Paginator::new(Filter::new(), limit);
+        let mut got = BTreeSet::new();
+        let mut filter = p.current();
+        for _ in 0..10_000 {
+            let page = serve(store, &filter, cap);
+            got.extend(page.iter().map(|(i, _)| *i));
+            match p.on_page(&page) {
+                Step::Next(f) => filter = f,
+                Step::Done => return (got, p),
+            }
+        }
+        panic!("pagination did not terminate");
+    }
+
+    fn all(store: &[(EventId, Timestamp)]) -> BTreeSet<EventId> {
+        store.iter().map(|(i, _)| *i).collect()
+    }
+
+    #[test]
+    fn pages_through_a_relay_that_caps_below_our_limit() {
+        let store: Vec<_> = (0..1000)
+            .map(|i| (id(i), Timestamp::from(1_000 + i as u64 / 3)))
+            .collect();
+        let (got, p) = run(&store, 500, 50);
+        assert_eq!(got, all(&store));
+        assert_eq!(p.new_events(), 1000);
+        assert!(p.gaps().is_empty());
+    }
+
+    #[test]
+    fn many_events_in_one_second_under_the_cap_are_not_lost() {
+        // 40 events in the same second behind a relay that serves 50 per page.
+        let mut store: Vec<_> = (0..40).map(|i| (id(i), Timestamp::from(5_000))).collect();
+        store.extend((40..200).map(|i| (id(i), Timestamp::from(4_000 + i as u64))));
+        store.extend((200..260).map(|i| (id(i), Timestamp::from(10 + i as u64 % 7))));
+        let (got, p) = run(&store, 50, 50);
+        assert_eq!(got, all(&store));
+        assert_eq!(p.new_events(), 260);
+        assert!(p.gaps().is_empty());
+    }
+
+    #[test]
+    fn a_second_larger_than_a_page_is_skipped_as_a_gap_not_a_loop() {
+        let mut store: Vec<_> = (0..80).map(|i| (id(i), Timestamp::from(5_000))).collect();
+        store.extend((80..100).map(|i| (id(i), Timestamp::from(4_000 + i as u64))));
+        let (got, p) = run(&store, 50, 50);
+        assert_eq!(p.gaps(), [Timestamp::from(5_000)]);
+        // Everything outside the overfull second arrives.
+        for i in 80..100 {
+            assert!(got.contains(&id(i)));
+        }
+        assert_eq!(got.len(), 50 + 20);
+    }
+
+    #[test]
+    fn empty_and_single_event_sets_terminate() {
+        let (got, p) = run(&[], 10, 10);
+        assert!(got.is_empty());
+        assert_eq!(p.pages(), 1);
+        let one = [(id(1), Timestamp::from(7))];
+        let (got, _) = run(&one, 10, 10);
+        assert_eq!(got, all(&one));
+    }
+
+    #[test]
+    fn first_page_keeps_the_callers_filter() {
+        let p = Paginator::new(Filter::new().since(Timestamp::from(100)), 1);
+        let f = p.current();
+        assert_eq!(f.limit, Some(2));
+        assert_eq!(f.since, Some(Timestamp::from(100)));
+        assert_eq!(f.until, None);
+    }
+}
