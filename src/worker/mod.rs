@@ -1,4 +1,8 @@
 //! Relay sessions, the sync engine, the publisher and the status reporter.
 
+pub mod connection;
 pub mod health;
+pub mod metrics;
+pub mod outcome;
 pub mod pagination;
+pub mod publisher;

@@ -1,7 +1,9 @@
 //! Shared test support: a real Kubernetes API server and polling helpers.
-#![allow(dead_code)] // each test binary uses a different part
+#![allow(dead_code, unused_imports)] // each test binary uses a different part
 
+pub mod hostile_relay;
 pub mod kube_env;
+pub mod relays;
 
 use std::future::Future;
 use std::time::{Duration, Instant};

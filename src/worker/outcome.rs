@@ -1,0 +1,133 @@
+//! Machine-readable prefixes of `OK` and `CLOSED` messages (NIP-01), and what each means for
+//! a retry.
+
+/// Why the local relay accepted or refused an event, or why a relay closed a subscription.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Outcome {
+    Accepted,
+    Duplicate,
+    Blocked,
+    Invalid,
+    RateLimited,
+    AuthRequired,
+    Restricted,
+    Pow,
+    Mute,
+    Unsupported,
+    Error,
+    /// No recognised prefix.
+    Other,
+}
+
+impl Outcome {
+    /// Classify an `OK` (`ok` = its boolean) or a `CLOSED` (`ok` = false).
+    pub fn classify(ok: bool, message: &str) -> Outcome {
+        let prefix = message
+            .split_once(':')
+            .map(|(p, _)| p.trim().to_ascii_lowercase());
+        let by_prefix = match prefix.as_deref() {
+            Some("duplicate") => Some(Outcome::Duplicate),
+            Some("blocked") => Some(Outcome::Blocked),
+            Some("invalid") => Some(Outcome::Invalid),
+            Some("rate-limited") => Some(Outcome::RateLimited),
+            Some("auth-required") => Some(Outcome::AuthRequired),
+            Some("restricted") => Some(Outcome::Restricted),
+            Some("pow") => Some(Outcome::Pow),
+            Some("mute") => Some(Outcome::Mute),
+            Some("unsupported") => Some(Outcome::Unsupported),
+            Some("error") => Some(Outcome::Error),
+            _ => None,
+        };
+        match (ok, by_prefix) {
+            // "duplicate:" comes with ok=true from most relays: already stored, fine.
+            (_, Some(Outcome::Duplicate)) => Outcome::Duplicate,
+            (true, _) => Outcome::Accepted,
+            (false, Some(o)) => o,
+            (false, None) => Outcome::Other,
+        }
+    }
+
+    /// Worth sending again later (after a pause): the refusal was about load, not content.
+    pub fn is_transient(self) -> bool {
+        matches!(self, Outcome::RateLimited | Outcome::Error)
+    }
+
+    /// Bounded label for metrics.
+    pub fn label(self) -> &'static str {
+        match self {
+            Outcome::Accepted => "accepted",
+            Outcome::Duplicate => "duplicate",
+            Outcome::Blocked => "blocked",
+            Outcome::Invalid => "invalid",
+            Outcome::RateLimited => "rate-limited",
+            Outcome::AuthRequired => "auth-required",
+            Outcome::Restricted => "restricted",
+            Outcome::Pow => "pow",
+            Outcome::Mute => "mute",
+            Outcome::Unsupported => "unsupported",
+            Outcome::Error => "error",
+            Outcome::Other => "other",
+        }
+    }
+}
+
+/// NOTICE texts that mean "slow down" (relays are not consistent about it).
+pub fn notice_means_rate_limited(notice: &str) -> bool {
+    let n = notice.to_ascii_lowercase();
+    n.starts_with("rate-limited")
+        || (n.contains("rate") && n.contains("limit"))
+        || n.contains("too many")
+        || n.contains("slow down")
+        || n.contains("throttl")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classification_table() {
+        let cases = [
+            (true, "", Outcome::Accepted),
+            (true, "stored", Outcome::Accepted),
+            (true, "duplicate: already have it", Outcome::Duplicate),
+            (false, "duplicate: already have it", Outcome::Duplicate),
+            (false, "blocked: not a GRASP repo event", Outcome::Blocked),
+            (false, "invalid: bad signature", Outcome::Invalid),
+            (false, "rate-limited: slow down", Outcome::RateLimited),
+            (false, "RATE-LIMITED: slow down", Outcome::RateLimited),
+            (false, "auth-required: who are you", Outcome::AuthRequired),
+            (false, "restricted: members only", Outcome::Restricted),
+            (false, "pow: difficulty 20 required", Outcome::Pow),
+            (false, "mute: no", Outcome::Mute),
+            (false, "unsupported: filter", Outcome::Unsupported),
+            (false, "error: database is locked", Outcome::Error),
+            (false, "something odd", Outcome::Other),
+            (false, "", Outcome::Other),
+            (false, "weird-prefix: x", Outcome::Other),
+        ];
+        for (ok, msg, want) in cases {
+            assert_eq!(Outcome::classify(ok, msg), want, "{ok} {msg:?}");
+        }
+        assert!(Outcome::RateLimited.is_transient());
+        assert!(Outcome::Error.is_transient());
+        assert!(!Outcome::Blocked.is_transient());
+        assert!(!Outcome::Invalid.is_transient());
+    }
+
+    #[test]
+    fn rate_limit_notices() {
+        for n in [
+            "rate-limited: too fast",
+            "You are being rate limited",
+            "Too many requests",
+            "please slow down",
+            "throttled",
+        ] {
+            assert!(notice_means_rate_limited(n), "{n}");
+        }
+        for n in ["unknown envelope label", "ERROR: bad filter", ""] {
+            assert!(!notice_means_rate_limited(n), "{n}");
+        }
+    }
+}

@@ -1,0 +1,460 @@
+//! Hands synced events to the local relay over the wire and reads every `OK`.
+//!
+//! The local relay is the authority (it applies its own write policy) and often the
+//! bottleneck (per-connection ingress limits). So the publisher:
+//! - takes events through a bounded queue; a session that cannot enqueue stops reading from
+//!   its remote (backpressure instead of unbounded buffering);
+//! - keeps a bounded number of events in flight and matches each `OK` to its event;
+//! - on `rate-limited:` pauses the whole connection (doubling the pause while refusals
+//!   continue) and resends; on a lost connection or a missing `OK` it resends everything in
+//!   flight after reconnecting;
+//! - counts every final answer by reason. A policy refusal (`blocked:`, `invalid:`, …) is
+//!   final and never retried in a loop. Nothing taken from a remote disappears without being
+//!   counted.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use nostr::{ClientMessage, Event, EventId, JsonUtil, RelayMessage};
+use thiserror::Error;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+use super::connection::{self, ConnectOptions, Incoming};
+use super::metrics::Metrics;
+use super::outcome::Outcome;
+use crate::nostr::RelayUrl;
+
+#[derive(Debug, Clone)]
+pub struct PublisherConfig {
+    pub local_relay: RelayUrl,
+    /// Events that may wait in the queue before senders block.
+    pub queue_capacity: usize,
+    /// Events sent and not yet answered.
+    pub max_in_flight: usize,
+    /// An event without `OK` after this long is sent again.
+    pub ok_timeout: Duration,
+    /// Attempts for `error:` answers before giving up on an event (counted as `gave_up`).
+    /// `rate-limited:` is retried without limit: it is about pace, not content.
+    pub max_error_attempts: u32,
+    pub min_pause: Duration,
+    pub max_pause: Duration,
+    pub connect: ConnectOptions,
+}
+
+impl PublisherConfig {
+    pub fn new(local_relay: RelayUrl) -> Self {
+        PublisherConfig {
+            local_relay,
+            queue_capacity: 1024,
+            max_in_flight: 64,
+            ok_timeout: Duration::from_secs(15),
+            max_error_attempts: 5,
+            min_pause: Duration::from_millis(500),
+            max_pause: Duration::from_secs(60),
+            connect: ConnectOptions::default(),
+        }
+    }
+}
+
+/// Per-source counters, shared with the session that produced the events (for its status).
+#[derive(Debug, Default)]
+pub struct SourceCounters {
+    pub published: AtomicU64,
+    pub rejected: AtomicU64,
+}
+
+/// Totals over the publisher's lifetime.
+#[derive(Debug, Default)]
+pub struct PublisherStats {
+    pub submitted: AtomicU64,
+    pub accepted: AtomicU64,
+    pub duplicate: AtomicU64,
+    pub refused: AtomicU64,
+    pub gave_up: AtomicU64,
+    pub retries: AtomicU64,
+}
+
+impl PublisherStats {
+    /// Events submitted and not yet finally answered.
+    pub fn outstanding(&self) -> u64 {
+        let done = self.accepted.load(Ordering::Relaxed)
+            + self.duplicate.load(Ordering::Relaxed)
+            + self.refused.load(Ordering::Relaxed)
+            + self.gave_up.load(Ordering::Relaxed);
+        self.submitted.load(Ordering::Relaxed).saturating_sub(done)
+    }
+}
+
+#[derive(Debug, Error)]
+#[error("the publisher has stopped")]
+pub struct PublisherClosed;
+
+struct Pending {
+    event: Event,
+    attempts: u32,
+    origin: Option<Arc<SourceCounters>>,
+}
+
+/// Cheap to clone; every session holds one.
+#[derive(Clone)]
+pub struct Publisher {
+    tx: mpsc::Sender<Pending>,
+    stats: Arc<PublisherStats>,
+}
+
+impl Publisher {
+    pub fn spawn(config: PublisherConfig, metrics: Metrics) -> (Publisher, JoinHandle<()>) {
+        let (tx, rx) = mpsc::channel(config.queue_capacity.max(1));
+        let stats = Arc::new(PublisherStats::default());
+        let task = Worker {
+            config,
+            metrics,
+            stats: stats.clone(),
+            rx,
+            retry: VecDeque::new(),
+            in_flight: HashMap::new(),
+            pause: None,
+            pause_len: Duration::ZERO,
+        };
+        (Publisher { tx, stats }, tokio::spawn(task.run()))
+    }
+
+    /// Queue `event` for the local relay; waits while the queue is full.
+    pub async fn publish(
+        &self,
+        event: Event,
+        origin: Option<Arc<SourceCounters>>,
+    ) -> Result<(), PublisherClosed> {
+        self.stats.submitted.fetch_add(1, Ordering::Relaxed);
+        self.tx
+            .send(Pending {
+                event,
+                attempts: 0,
+                origin,
+            })
+            .await
+            .map_err(|_| {
+                self.stats.submitted.fetch_sub(1, Ordering::Relaxed);
+                PublisherClosed
+            })
+    }
+
+    pub fn stats(&self) -> &Arc<PublisherStats> {
+        &self.stats
+    }
+}
+
+struct InFlight {
+    pending: Pending,
+    sent_at: Instant,
+}
+
+struct Worker {
+    config: PublisherConfig,
+    metrics: Metrics,
+    stats: Arc<PublisherStats>,
+    rx: mpsc::Receiver<Pending>,
+    retry: VecDeque<Pending>,
+    in_flight: HashMap<EventId, InFlight>,
+    pause: Option<Instant>,
+    pause_len: Duration,
+}
+
+enum Step {
+    Reconnect,
+    Finished,
+}
+
+impl Worker {
+    async fn run(mut self) {
+        let mut delay = Duration::from_millis(200);
+        loop {
+            match connection::connect(&self.config.local_relay, &self.config.connect).await {
+                Ok((mut writer, mut reader)) => {
+                    delay = Duration::from_millis(200);
+                    tracing::debug!(relay = %self.config.local_relay, "publisher connected");
+                    // Whatever was in flight on the previous connection may never have arrived.
+                    let lost: Vec<_> = self.in_flight.drain().map(|(_, f)| f.pending).collect();
+                    for p in lost.into_iter().rev() {
+                        self.stats.retries.fetch_add(1, Ordering::Relaxed);
+                        self.metrics.publish_retries.inc();
+                        self.retry.push_front(p);
+                    }
+                    match self.serve(&mut writer, &mut reader).await {
+                        Step::Finished => {
+                            writer.close().await;
+                            return;
+                        }
+                        Step::Reconnect => {}
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(relay = %self.config.local_relay, error = %e, retry_in = ?delay, "local relay unreachable");
+                }
+            }
+            if self.rx.is_closed()
+                && self.rx.is_empty()
+                && self.retry.is_empty()
+                && self.in_flight.is_empty()
+            {
+                return;
+            }
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_secs(30));
+        }
+    }
+
+    async fn serve(
+        &mut self,
+        writer: &mut connection::ConnWriter,
+        reader: &mut connection::ConnReader,
+    ) -> Step {
+        let mut tick = tokio::time::interval(Duration::from_millis(250));
+        loop {
+            self.update_gauges();
+            let now = Instant::now();
+            if self.pause.is_some_and(|p| p <= now) {
+                self.pause = None;
+            }
+            // Resend retries first, in order, while there is room.
+            while self.pause.is_none() && self.in_flight.len() < self.config.max_in_flight {
+                let Some(p) = self.retry.pop_front() else {
+                    break;
+                };
+                if let Err(step) = self.send(writer, p).await {
+                    return step;
+                }
+            }
+            let can_take = self.pause.is_none()
+                && self.retry.is_empty()
+                && self.in_flight.len() < self.config.max_in_flight;
+            if self.rx.is_closed()
+                && self.rx.is_empty()
+                && self.retry.is_empty()
+                && self.in_flight.is_empty()
+            {
+                return Step::Finished;
+            }
+            tokio::select! {
+                incoming = reader.recv() => match incoming {
+                    Ok(Incoming::Message(msg)) => self.on_message(msg),
+                    Ok(Incoming::Malformed { .. }) => self.metrics.malformed_messages.inc(),
+                    Err(e) => {
+                        tracing::warn!(relay = %self.config.local_relay, error = %e, in_flight = self.in_flight.len(), "publisher connection lost");
+                        return Step::Reconnect;
+                    }
+                },
+                next = self.rx.recv(), if can_take => match next {
+                    Some(p) => {
+                        if let Err(step) = self.send(writer, p).await {
+                            return step;
+                        }
+                    }
+                    None => continue,
+                },
+                _ = tick.tick() => self.expire_in_flight(),
+            }
+        }
+    }
+
+    async fn send(
+        &mut self,
+        writer: &mut connection::ConnWriter,
+        mut p: Pending,
+    ) -> Result<(), Step> {
+        p.attempts += 1;
+        let id = p.event.id;
+        let msg = ClientMessage::event(p.event.clone());
+        let result = writer.send(&msg).await;
+        self.in_flight.insert(
+            id,
+            InFlight {
+                pending: p,
+                sent_at: Instant::now(),
+            },
+        );
+        match result {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                tracing::warn!(relay = %self.config.local_relay, error = %e, "publisher send failed");
+                Err(Step::Reconnect)
+            }
+        }
+    }
+
+    fn on_message(&mut self, msg: RelayMessage<'static>) {
+        let RelayMessage::Ok {
+            event_id,
+            status,
+            message,
+        } = msg
+        else {
+            return;
+        };
+        let Some(flight) = self.in_flight.remove(&event_id) else {
+            return;
+        };
+        self.metrics
+            .publish_latency_seconds
+            .observe(flight.sent_at.elapsed().as_secs_f64());
+        let outcome = Outcome::classify(status, &message);
+        self.metrics
+            .publish_outcomes
+            .with_label_values(&[outcome.label()])
+            .inc();
+        let p = flight.pending;
+        match outcome {
+            Outcome::Accepted => {
+                self.pause_len = Duration::ZERO;
+                self.stats.accepted.fetch_add(1, Ordering::Relaxed);
+                if let Some(o) = &p.origin {
+                    o.published.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            Outcome::Duplicate => {
+                self.pause_len = Duration::ZERO;
+                self.stats.duplicate.fetch_add(1, Ordering::Relaxed);
+            }
+            Outcome::RateLimited => {
+                self.pause_len = (self.pause_len * 2)
+                    .max(self.config.min_pause)
+                    .min(self.config.max_pause);
+                self.pause = Some(Instant::now() + self.pause_len);
+                tracing::debug!(relay = %self.config.local_relay, pause = ?self.pause_len, "local relay rate-limits us");
+                self.requeue(p);
+            }
+            Outcome::Error if p.attempts < self.config.max_error_attempts => self.requeue(p),
+            Outcome::Error => {
+                self.stats.gave_up.fetch_add(1, Ordering::Relaxed);
+                self.metrics
+                    .publish_outcomes
+                    .with_label_values(&["gave_up"])
+                    .inc();
+                if let Some(o) = &p.origin {
+                    o.rejected.fetch_add(1, Ordering::Relaxed);
+                }
+                tracing::warn!(id = %event_id, attempts = p.attempts, reason = %message, "local relay keeps failing on an event; giving up on it");
+            }
+            _ => {
+                self.stats.refused.fetch_add(1, Ordering::Relaxed);
+                if let Some(o) = &p.origin {
+                    o.rejected.fetch_add(1, Ordering::Relaxed);
+                }
+                tracing::debug!(id = %event_id, kind = p.event.kind.as_u16(), reason = %message, "local relay refused event");
+            }
+        }
+    }
+
+    fn requeue(&mut self, p: Pending) {
+        self.stats.retries.fetch_add(1, Ordering::Relaxed);
+        self.metrics.publish_retries.inc();
+        self.retry.push_back(p);
+    }
+
+    fn expire_in_flight(&mut self) {
+        let timeout = self.config.ok_timeout;
+        let expired: Vec<EventId> = self
+            .in_flight
+            .iter()
+            .filter(|(_, f)| f.sent_at.elapsed() >= timeout)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in expired {
+            if let Some(f) = self.in_flight.remove(&id) {
+                tracing::debug!(%id, "no OK from the local relay in time; resending");
+                self.requeue(f.pending);
+            }
+        }
+    }
+
+    fn update_gauges(&self) {
+        self.metrics
+            .publish_queue_depth
+            .set((self.retry.len() + self.rx.len()) as i64);
+        self.metrics
+            .publish_in_flight
+            .set(self.in_flight.len() as i64);
+    }
+}
+
+/// Why an event from a remote relay is not published at all.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Error)]
+pub enum EventRejection {
+    #[error("event id does not match its content")]
+    InvalidId,
+    #[error("invalid signature")]
+    InvalidSignature,
+    #[error("event is {bytes} bytes, over the {max}-byte limit")]
+    Oversize { bytes: usize, max: usize },
+}
+
+impl EventRejection {
+    pub fn label(self) -> &'static str {
+        match self {
+            EventRejection::InvalidId => "invalid_id",
+            EventRejection::InvalidSignature => "invalid_signature",
+            EventRejection::Oversize { .. } => "oversize",
+        }
+    }
+}
+
+/// The checks every event from a remote passes before it is published: size first (cheap),
+/// then id, then signature.
+pub fn validate(event: &Event, max_bytes: usize) -> Result<(), EventRejection> {
+    let bytes = event.as_json().len();
+    if bytes > max_bytes {
+        return Err(EventRejection::Oversize {
+            bytes,
+            max: max_bytes,
+        });
+    }
+    if !event.verify_id() {
+        return Err(EventRejection::InvalidId);
+    }
+    if !event.verify_signature() {
+        return Err(EventRejection::InvalidSignature);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nostr::{EventBuilder, Keys, Kind};
+
+    #[test]
+    fn validation_catches_tampering_and_size() {
+        let keys = Keys::generate();
+        let ev = EventBuilder::new(Kind::TextNote, "hello")
+            .sign_with_keys(&keys)
+            .unwrap();
+        assert_eq!(validate(&ev, 1024), Ok(()));
+
+        let mut json: serde_json::Value = serde_json::from_str(&ev.as_json()).unwrap();
+        json["content"] = "tampered".into();
+        let tampered = Event::from_json(json.to_string()).unwrap();
+        assert_eq!(validate(&tampered, 1024), Err(EventRejection::InvalidId));
+
+        let other = EventBuilder::new(Kind::TextNote, "other")
+            .sign_with_keys(&keys)
+            .unwrap();
+        let mut json: serde_json::Value = serde_json::from_str(&ev.as_json()).unwrap();
+        json["sig"] = other.sig.to_string().into();
+        let bad_sig = Event::from_json(json.to_string()).unwrap();
+        assert_eq!(
+            validate(&bad_sig, 1024),
+            Err(EventRejection::InvalidSignature)
+        );
+
+        let big = EventBuilder::new(Kind::TextNote, "x".repeat(2000))
+            .sign_with_keys(&keys)
+            .unwrap();
+        assert!(matches!(
+            validate(&big, 1024),
+            Err(EventRejection::Oversize { max: 1024, .. })
+        ));
+    }
+}

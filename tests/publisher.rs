@@ -1,0 +1,131 @@
+//! The publisher against real local relays: everything arrives, push-back loses nothing,
+//! and the counts say what happened.
+
+mod support;
+
+use std::collections::BTreeSet;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use grasp_sync::worker::metrics::Metrics;
+use grasp_sync::worker::publisher::{Publisher, PublisherConfig};
+use nostr::{Event, EventBuilder, EventId, Filter, Keys, Kind};
+use support::eventually;
+use support::hostile_relay::{HostileRelay, Script};
+use support::relays;
+
+fn corpus(n: usize) -> Vec<Event> {
+    let keys: Vec<Keys> = (0..5).map(|_| Keys::generate()).collect();
+    (0..n)
+        .map(|i| {
+            EventBuilder::new(Kind::from(1111), format!("comment {i}"))
+                .sign_with_keys(&keys[i % keys.len()])
+                .unwrap()
+        })
+        .collect()
+}
+
+fn ids(events: &[Event]) -> BTreeSet<EventId> {
+    events.iter().map(|e| e.id).collect()
+}
+
+async fn publish_all(p: &Publisher, events: &[Event]) {
+    for e in events {
+        p.publish(e.clone(), None).await.unwrap();
+    }
+}
+
+async fn drained(p: &Publisher, within: Duration) {
+    eventually("publisher to drain", within, || async {
+        (p.stats().outstanding() == 0).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_event_reaches_a_real_local_relay() {
+    let (_relay, url) = relays::local_relay(100_000).await;
+    let (publisher, _task) = Publisher::spawn(PublisherConfig::new(url.clone()), Metrics::new());
+    let events = corpus(300);
+    publish_all(&publisher, &events).await;
+    drained(&publisher, Duration::from_secs(60)).await;
+
+    assert_eq!(relays::fetch_ids(&url, Filter::new()).await, ids(&events));
+    let s = publisher.stats();
+    assert_eq!(s.accepted.load(Ordering::Relaxed), 300);
+    assert_eq!(s.refused.load(Ordering::Relaxed), 0);
+
+    // Publishing the same events again: answered `duplicate`, nothing new stored.
+    publish_all(&publisher, &events[..10]).await;
+    drained(&publisher, Duration::from_secs(30)).await;
+    assert_eq!(
+        s.accepted.load(Ordering::Relaxed) + s.duplicate.load(Ordering::Relaxed),
+        310
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rate_limited_local_relay_loses_nothing() {
+    let relay = HostileRelay::start(Script {
+        ok_rate_limited_first: 40,
+        ..Script::default()
+    })
+    .await;
+    let mut config = PublisherConfig::new(relay.url());
+    config.min_pause = Duration::from_millis(20);
+    config.max_pause = Duration::from_millis(200);
+    let metrics = Metrics::new();
+    let (publisher, _task) = Publisher::spawn(config, metrics.clone());
+    let events = corpus(100);
+    publish_all(&publisher, &events).await;
+    drained(&publisher, Duration::from_secs(60)).await;
+
+    assert_eq!(
+        relay.ids().into_iter().collect::<BTreeSet<_>>(),
+        ids(&events)
+    );
+    let s = publisher.stats();
+    assert_eq!(s.accepted.load(Ordering::Relaxed), 100);
+    assert!(
+        s.retries.load(Ordering::Relaxed) >= 40,
+        "retries {}",
+        s.retries.load(Ordering::Relaxed)
+    );
+    assert_eq!(
+        metrics
+            .publish_outcomes
+            .with_label_values(&["rate-limited"])
+            .get(),
+        40
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relay_with_default_limits_holds_back_the_excess_without_dropping_it() {
+    // nostr-relay-builder's defaults (ngit-grasp's too): 60 events per minute per connection.
+    let (_relay, url) = relays::default_local_relay().await;
+    let metrics = Metrics::new();
+    let (publisher, _task) = Publisher::spawn(PublisherConfig::new(url.clone()), metrics.clone());
+    let events = corpus(70);
+    publish_all(&publisher, &events).await;
+
+    eventually(
+        "the relay to push back",
+        Duration::from_secs(30),
+        || async {
+            (metrics
+                .publish_outcomes
+                .with_label_values(&["rate-limited"])
+                .get()
+                >= 1)
+                .then_some(())
+        },
+    )
+    .await;
+    let s = publisher.stats();
+    assert_eq!(s.accepted.load(Ordering::Relaxed), 60);
+    assert_eq!(s.refused.load(Ordering::Relaxed), 0);
+    // The ten it refused are still owed, not dropped.
+    assert_eq!(s.outstanding(), 10);
+    assert_eq!(relays::fetch_ids(&url, Filter::new()).await.len(), 60);
+}

@@ -1,0 +1,85 @@
+//! Real relays on loopback for tests: nostr-relay-builder's `LocalRelay` with explicit limits,
+//! and a minimal reader to compare what a relay holds with what a test expects.
+
+use std::collections::BTreeSet;
+use std::net::{IpAddr, Ipv4Addr};
+use std::time::Duration;
+
+use grasp_sync::nostr::RelayUrl;
+use grasp_sync::worker::connection::{self, ConnectOptions, Incoming};
+use nostr::{ClientMessage, Event, EventId, Filter, RelayMessage, SubscriptionId};
+use nostr_relay_builder::prelude::{
+    LocalRelay, MemoryDatabase, MemoryDatabaseOptions, RateLimit, RelayBuilder,
+};
+
+/// A nostr-relay-builder relay with limits set for tests: `notes_per_minute` per connection
+/// (nostr-relay-builder's default, and ngit-grasp's, is 60), generous REQ and query limits.
+pub async fn local_relay(notes_per_minute: u32) -> (LocalRelay, RelayUrl) {
+    let builder = RelayBuilder::default()
+        .addr(IpAddr::V4(Ipv4Addr::LOCALHOST))
+        .database(MemoryDatabase::with_opts(MemoryDatabaseOptions {
+            events: true,
+            max_events: Some(1_000_000),
+        }))
+        .rate_limit(RateLimit {
+            max_reqs: 10_000,
+            notes_per_minute,
+        })
+        .default_filter_limit(100_000)
+        .max_filter_limit(100_000);
+    start(builder).await
+}
+
+/// nostr-relay-builder with every default untouched (60 events/min/connection, 500 events
+/// per REQ without limit, 75,000 events stored).
+pub async fn default_local_relay() -> (LocalRelay, RelayUrl) {
+    start(RelayBuilder::default().addr(IpAddr::V4(Ipv4Addr::LOCALHOST))).await
+}
+
+async fn start(builder: RelayBuilder) -> (LocalRelay, RelayUrl) {
+    let relay = LocalRelay::new(builder);
+    relay.run().await.expect("start LocalRelay");
+    let url = RelayUrl::parse(&relay.url().await.to_string()).expect("relay URL");
+    (relay, url)
+}
+
+/// Every event `url` returns for `filter` (limit set high), read until EOSE.
+pub async fn fetch(url: &RelayUrl, filter: Filter) -> Vec<Event> {
+    let (mut w, mut r) = connection::connect(url, &ConnectOptions::default())
+        .await
+        .expect("connect to relay");
+    let sub = SubscriptionId::new("fetch");
+    let filter = if filter.limit.is_none() {
+        filter.limit(1_000_000)
+    } else {
+        filter
+    };
+    w.send(&ClientMessage::req(sub.clone(), vec![filter]))
+        .await
+        .expect("send REQ");
+    let mut out = Vec::new();
+    let read = async {
+        loop {
+            match r.recv().await {
+                Ok(Incoming::Message(RelayMessage::Event { event, .. })) => {
+                    out.push(event.into_owned())
+                }
+                Ok(Incoming::Message(RelayMessage::EndOfStoredEvents(_))) => break,
+                Ok(Incoming::Message(RelayMessage::Closed { message, .. })) => {
+                    panic!("fetch CLOSED: {message}")
+                }
+                Ok(_) => {}
+                Err(e) => panic!("fetch failed: {e}"),
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(30), read)
+        .await
+        .expect("EOSE within 30 s");
+    w.close().await;
+    out
+}
+
+pub async fn fetch_ids(url: &RelayUrl, filter: Filter) -> BTreeSet<EventId> {
+    fetch(url, filter).await.into_iter().map(|e| e.id).collect()
+}
