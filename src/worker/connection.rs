@@ -63,6 +63,8 @@ impl ConnectionError {
 }
 
 /// What the reader hands the session.
+// Short-lived and moved once; boxing the common variant would only add an allocation.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub enum Incoming {
     Message(RelayMessage<'static>),
