@@ -10,4 +10,5 @@ pub mod controller;
 pub mod crd;
 pub mod nostr;
 pub mod store;
+pub mod tls;
 pub mod worker;

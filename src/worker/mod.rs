@@ -3,6 +3,8 @@
 pub mod connection;
 pub mod health;
 pub mod metrics;
+pub mod nip11;
 pub mod outcome;
 pub mod pagination;
 pub mod publisher;
+pub mod session;

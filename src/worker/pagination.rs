@@ -13,6 +13,9 @@ use std::collections::HashSet;
 
 use nostr::{EventId, Filter, Timestamp};
 
+/// Smallest page size a relay is assumed to impose without saying so.
+pub const MIN_SILENT_CAP: usize = 20;
+
 #[derive(Debug, Clone)]
 pub struct Paginator {
     base: Filter,
@@ -82,7 +85,12 @@ impl Paginator {
             let Some(until) = self.until else {
                 return Step::Done;
             };
-            if events.len() < self.largest_page || events.len() < 2 || until.as_secs() == 0 {
+            // Full page: as many as we asked for, or as many as the relay ever serves at once
+            // (a silent cap). Relays are assumed not to cap pages silently below
+            // MIN_SILENT_CAP; a smaller repeat page is the relay's whole answer.
+            let full = events.len() >= self.limit
+                || (events.len() == self.largest_page && events.len() >= MIN_SILENT_CAP);
+            if !full || until.as_secs() == 0 {
                 return Step::Done;
             }
             self.gaps.push(until);
@@ -201,6 +209,18 @@ mod tests {
             assert!(got.contains(&id(i)));
         }
         assert_eq!(got.len(), 50 + 20);
+    }
+
+    #[test]
+    fn a_few_events_sharing_a_second_are_not_a_gap() {
+        let store: Vec<_> = (0..7).map(|i| (id(i), Timestamp::from(9_000))).collect();
+        let (got, p) = run(&store, 500, 500);
+        assert_eq!(got, all(&store));
+        assert!(p.gaps().is_empty());
+        // Behind a silent cap of 30 with 45 in one second, the cap is recognised.
+        let store: Vec<_> = (0..45).map(|i| (id(i), Timestamp::from(9_000))).collect();
+        let (_, p) = run(&store, 500, 30);
+        assert_eq!(p.gaps(), [Timestamp::from(9_000)]);
     }
 
     #[test]

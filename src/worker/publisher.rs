@@ -62,8 +62,19 @@ impl PublisherConfig {
 /// Per-source counters, shared with the session that produced the events (for its status).
 #[derive(Debug, Default)]
 pub struct SourceCounters {
+    /// Handed to the publisher.
+    pub submitted: AtomicU64,
+    /// Finally answered by the local relay (any outcome), or given up on.
+    pub resolved: AtomicU64,
     pub published: AtomicU64,
     pub rejected: AtomicU64,
+}
+
+impl SourceCounters {
+    /// Everything handed over has a final answer.
+    pub fn drained(&self) -> bool {
+        self.submitted.load(Ordering::Acquire) == self.resolved.load(Ordering::Acquire)
+    }
 }
 
 /// Totals over the publisher's lifetime.
@@ -95,7 +106,9 @@ pub struct PublisherClosed;
 struct Pending {
     event: Event,
     attempts: u32,
-    origin: Option<Arc<SourceCounters>>,
+    /// One entry per `publish` call for this event: the same event often arrives through
+    /// several subscriptions, and each delivery must get its answer.
+    origins: Vec<Option<Arc<SourceCounters>>>,
 }
 
 /// Cheap to clone; every session holds one.
@@ -133,7 +146,7 @@ impl Publisher {
             .send(Pending {
                 event,
                 attempts: 0,
-                origin,
+                origins: vec![origin],
             })
             .await
             .map_err(|_| {
@@ -306,17 +319,29 @@ impl Worker {
             .with_label_values(&[outcome.label()])
             .inc();
         let p = flight.pending;
+        let copies = p.origins.len() as u64;
+        let is_final = !outcome.is_transient()
+            || (outcome == Outcome::Error && p.attempts >= self.config.max_error_attempts);
+        if is_final {
+            for o in p.origins.iter().flatten() {
+                o.resolved.fetch_add(1, Ordering::Release);
+            }
+        }
         match outcome {
             Outcome::Accepted => {
                 self.pause_len = Duration::ZERO;
                 self.stats.accepted.fetch_add(1, Ordering::Relaxed);
-                if let Some(o) = &p.origin {
+                // Later copies of the same event are duplicates of this one.
+                self.stats
+                    .duplicate
+                    .fetch_add(copies - 1, Ordering::Relaxed);
+                if let Some(Some(o)) = p.origins.first() {
                     o.published.fetch_add(1, Ordering::Relaxed);
                 }
             }
             Outcome::Duplicate => {
                 self.pause_len = Duration::ZERO;
-                self.stats.duplicate.fetch_add(1, Ordering::Relaxed);
+                self.stats.duplicate.fetch_add(copies, Ordering::Relaxed);
             }
             Outcome::RateLimited => {
                 self.pause_len = (self.pause_len * 2)
@@ -328,19 +353,19 @@ impl Worker {
             }
             Outcome::Error if p.attempts < self.config.max_error_attempts => self.requeue(p),
             Outcome::Error => {
-                self.stats.gave_up.fetch_add(1, Ordering::Relaxed);
+                self.stats.gave_up.fetch_add(copies, Ordering::Relaxed);
                 self.metrics
                     .publish_outcomes
                     .with_label_values(&["gave_up"])
                     .inc();
-                if let Some(o) = &p.origin {
+                for o in p.origins.iter().flatten() {
                     o.rejected.fetch_add(1, Ordering::Relaxed);
                 }
                 tracing::warn!(id = %event_id, attempts = p.attempts, reason = %message, "local relay keeps failing on an event; giving up on it");
             }
             _ => {
-                self.stats.refused.fetch_add(1, Ordering::Relaxed);
-                if let Some(o) = &p.origin {
+                self.stats.refused.fetch_add(copies, Ordering::Relaxed);
+                for o in p.origins.iter().flatten() {
                     o.rejected.fetch_add(1, Ordering::Relaxed);
                 }
                 tracing::debug!(id = %event_id, kind = p.event.kind.as_u16(), reason = %message, "local relay refused event");

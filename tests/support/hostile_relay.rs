@@ -40,6 +40,7 @@ pub struct Script {
 pub struct Counters {
     pub connections: AtomicUsize,
     pub reqs: AtomicUsize,
+    pub closes: AtomicUsize,
     pub events_served: AtomicUsize,
     pub events_received: AtomicUsize,
     pub live_connections: AtomicUsize,
@@ -266,6 +267,7 @@ fn handle(
             out
         }
         ClientMessage::Close(id) => {
+            s.counters.closes.fetch_add(1, Ordering::SeqCst);
             subs.remove(id.as_ref());
             Vec::new()
         }

@@ -3,6 +3,8 @@
 
 pub mod hostile_relay;
 pub mod kube_env;
+pub mod nip34;
+pub mod nostr_rs_relay;
 pub mod relays;
 
 use std::future::Future;

@@ -1,0 +1,134 @@
+//! NIP-11 relay information: what a relay supports and how much it lets us ask for.
+
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::crd::RelayCapabilities;
+use crate::nostr::RelayUrl;
+
+/// Largest NIP-11 document we read; real ones are a few KiB.
+const MAX_DOCUMENT_BYTES: usize = 256 * 1024;
+
+#[derive(Debug, Clone, Default, Deserialize)]
+struct Document {
+    #[serde(default)]
+    supported_nips: Vec<serde_json::Value>,
+    #[serde(default)]
+    limitation: Option<Limitation>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+struct Limitation {
+    max_subscriptions: Option<serde_json::Value>,
+    max_filters: Option<serde_json::Value>,
+    max_limit: Option<serde_json::Value>,
+    max_message_length: Option<serde_json::Value>,
+    auth_required: Option<bool>,
+}
+
+/// Parse a NIP-11 document leniently: relays publish numbers as strings, floats or nonsense;
+/// anything unusable is treated as absent rather than failing the whole document.
+pub fn parse(body: &[u8]) -> Result<RelayCapabilities, serde_json::Error> {
+    let doc: Document = serde_json::from_slice(body)?;
+    let num = |v: &Option<serde_json::Value>| -> Option<u32> {
+        match v.as_ref()? {
+            serde_json::Value::Number(n) => n.as_u64().and_then(|n| u32::try_from(n).ok()),
+            serde_json::Value::String(s) => s.trim().parse().ok(),
+            _ => None,
+        }
+        .filter(|n| *n > 0)
+    };
+    let mut nips: Vec<u16> = doc
+        .supported_nips
+        .iter()
+        .filter_map(|v| match v {
+            serde_json::Value::Number(n) => n.as_u64().and_then(|n| u16::try_from(n).ok()),
+            serde_json::Value::String(s) => s.trim().parse().ok(),
+            _ => None,
+        })
+        .collect();
+    nips.sort_unstable();
+    nips.dedup();
+    nips.truncate(256);
+    let lim = doc.limitation.unwrap_or_default();
+    Ok(RelayCapabilities {
+        negentropy: nips.contains(&77),
+        supported_nips: nips,
+        max_subscriptions: num(&lim.max_subscriptions),
+        max_filters: num(&lim.max_filters),
+        max_limit: num(&lim.max_limit),
+        max_message_length: num(&lim.max_message_length),
+        auth_required: lim.auth_required,
+    })
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Nip11Error {
+    #[error("NIP-11 request failed: {0}")]
+    Http(#[from] reqwest::Error),
+    #[error("NIP-11 document is larger than {MAX_DOCUMENT_BYTES} bytes")]
+    TooLarge,
+    #[error("NIP-11 answer was HTTP {0}")]
+    Status(u16),
+    #[error("NIP-11 document is not valid JSON: {0}")]
+    Json(#[from] serde_json::Error),
+}
+
+/// Fetch and parse the relay's NIP-11 document.
+pub async fn fetch(url: &RelayUrl, timeout: Duration) -> Result<RelayCapabilities, Nip11Error> {
+    crate::tls::install_default_crypto();
+    let http_url = if url.is_secure() {
+        format!("https://{}", url.authority_and_path())
+    } else {
+        format!("http://{}", url.authority_and_path())
+    };
+    let client = reqwest::Client::builder()
+        .timeout(timeout)
+        .redirect(reqwest::redirect::Policy::none())
+        .build()?;
+    let mut resp = client
+        .get(http_url)
+        .header("Accept", "application/nostr+json")
+        .send()
+        .await?;
+    if !resp.status().is_success() {
+        return Err(Nip11Error::Status(resp.status().as_u16()));
+    }
+    let mut body = Vec::new();
+    while let Some(chunk) = resp.chunk().await? {
+        if body.len() + chunk.len() > MAX_DOCUMENT_BYTES {
+            return Err(Nip11Error::TooLarge);
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(parse(&body)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_real_world_shapes() {
+        let doc = br#"{"name":"x","supported_nips":[1,11,"77",77,-3,"x",70000],
+            "limitation":{"max_subscriptions":"20","max_filters":10,"max_limit":500.0,
+            "max_message_length":65536,"auth_required":false}}"#;
+        let c = parse(doc).unwrap();
+        assert_eq!(c.supported_nips, [1, 11, 77]);
+        assert!(c.negentropy);
+        assert_eq!(c.max_subscriptions, Some(20));
+        assert_eq!(c.max_filters, Some(10));
+        assert_eq!(c.max_limit, None, "floats are not trusted");
+        assert_eq!(c.max_message_length, Some(65536));
+        assert_eq!(c.auth_required, Some(false));
+    }
+
+    #[test]
+    fn empty_and_hostile_documents() {
+        assert_eq!(parse(b"{}").unwrap(), RelayCapabilities::default());
+        let c = parse(br#"{"supported_nips":"all","limitation":{"max_filters":0}}"#);
+        assert!(c.is_err() || c.unwrap().max_filters.is_none());
+        assert!(parse(b"<html>").is_err());
+    }
+}

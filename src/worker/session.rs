@@ -1,0 +1,926 @@
+//! One relay session: connect, subscribe Layers 1–3 live, run historic batches, confirm them,
+//! keep a cursor, survive disconnects and rate limits, and report state.
+//!
+//! The session owns its connection and all its bookkeeping in one task; nothing is shared
+//! behind a lock, so nothing is ever held across a network wait. Callers talk to it through
+//! [`SessionHandle`] (commands in, a `watch` of [`SessionState`] out).
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use nostr::{ClientMessage, Event, EventId, Filter, RelayMessage, SubscriptionId, Timestamp};
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+
+use super::connection::{self, ConnReader, ConnWriter, ConnectOptions, Incoming};
+use super::health::{Health, HealthConfig, HealthState};
+use super::metrics::Metrics;
+use super::nip11;
+use super::outcome::{Outcome, notice_means_rate_limited};
+use super::pagination::{Paginator, Step};
+use super::publisher::{Publisher, SourceCounters, validate};
+use crate::crd::{Phase, RelayCapabilities};
+use crate::nostr::RelayUrl;
+use crate::nostr::filters::{self, RepoScope};
+
+#[derive(Debug, Clone)]
+pub struct SessionConfig {
+    pub health: HealthConfig,
+    pub connect: ConnectOptions,
+    pub nip11_timeout: Duration,
+    /// A historic page without EOSE (or any event) for this long fails its batch.
+    pub batch_timeout: Duration,
+    /// Our `limit` per historic page (capped by the relay's `max_limit`).
+    pub page_limit: usize,
+    /// Items (repos or root ids) per filter.
+    pub chunk: usize,
+    /// Filters per REQ when NIP-11 does not say.
+    pub default_max_filters: usize,
+    /// Historic REQs open at once.
+    pub max_historic_subscriptions: usize,
+    /// A reconnect resumes from `cursor - slack`.
+    pub slack: Duration,
+    pub max_event_bytes: usize,
+    /// A failed batch is retried after this long.
+    pub batch_retry: Duration,
+}
+
+impl Default for SessionConfig {
+    fn default() -> Self {
+        SessionConfig {
+            health: HealthConfig::default(),
+            connect: ConnectOptions::default(),
+            nip11_timeout: Duration::from_secs(5),
+            batch_timeout: Duration::from_secs(60),
+            page_limit: 500,
+            chunk: filters::DEFAULT_CHUNK,
+            default_max_filters: 10,
+            max_historic_subscriptions: 8,
+            slack: Duration::from_secs(15 * 60),
+            max_event_bytes: 256 * 1024,
+            batch_retry: Duration::from_secs(30),
+        }
+    }
+}
+
+/// What the session syncs.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SyncSet {
+    pub repos: BTreeSet<RepoScope>,
+    pub roots: BTreeSet<EventId>,
+}
+
+/// A snapshot for status reporting.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SessionState {
+    pub phase: Phase,
+    pub last_connected: Option<SystemTime>,
+    pub last_disconnected: Option<SystemTime>,
+    pub consecutive_failures: u32,
+    pub next_retry_at: Option<SystemTime>,
+    pub last_error: Option<String>,
+    pub repos: usize,
+    pub confirmed_repos: usize,
+    pub roots: usize,
+    pub confirmed_roots: usize,
+    /// Unix seconds up to which everything matching the filters is known synced.
+    pub cursor: Option<u64>,
+    pub capabilities: RelayCapabilities,
+    pub subscriptions: usize,
+    pub events_received: u64,
+    pub events_published: u64,
+    pub events_rejected: u64,
+    /// Handed to the publisher and not yet answered by the local relay.
+    pub events_pending: u64,
+    pub historic_gaps: u64,
+}
+
+impl Default for SessionState {
+    fn default() -> Self {
+        SessionState {
+            phase: Phase::Pending,
+            last_connected: None,
+            last_disconnected: None,
+            consecutive_failures: 0,
+            next_retry_at: None,
+            last_error: None,
+            repos: 0,
+            confirmed_repos: 0,
+            roots: 0,
+            confirmed_roots: 0,
+            cursor: None,
+            capabilities: RelayCapabilities::default(),
+            subscriptions: 0,
+            events_received: 0,
+            events_published: 0,
+            events_rejected: 0,
+            events_pending: 0,
+            historic_gaps: 0,
+        }
+    }
+}
+
+enum Command {
+    Set(SyncSet),
+    Stop,
+}
+
+pub struct SessionHandle {
+    commands: mpsc::UnboundedSender<Command>,
+    state: watch::Receiver<SessionState>,
+    task: JoinHandle<()>,
+}
+
+impl SessionHandle {
+    /// Replace what the session syncs; only new items get historic batches.
+    pub fn set(&self, set: SyncSet) {
+        let _ = self.commands.send(Command::Set(set));
+    }
+
+    pub fn state(&self) -> watch::Receiver<SessionState> {
+        self.state.clone()
+    }
+
+    /// Close subscriptions and the connection; returns the final state.
+    pub async fn stop(self) -> SessionState {
+        let _ = self.commands.send(Command::Stop);
+        let _ = self.task.await;
+        self.state.borrow().clone()
+    }
+}
+
+/// Start a session for `url`. With a `cursor`, every item of `set` is taken as confirmed up to
+/// it (pass one only when the whole set was confirmed, e.g. `confirmedGeneration` equals the
+/// spec's generation) and is fetched again from `cursor - slack` only.
+pub fn spawn(
+    url: RelayUrl,
+    set: SyncSet,
+    cursor: Option<u64>,
+    config: SessionConfig,
+    publisher: Publisher,
+    metrics: Metrics,
+) -> SessionHandle {
+    let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
+    let state = SessionState {
+        cursor,
+        repos: set.repos.len(),
+        roots: set.roots.len(),
+        ..SessionState::default()
+    };
+    let (state_tx, state_rx) = watch::channel(state);
+    let confirmed = if cursor.is_some() {
+        set.clone()
+    } else {
+        SyncSet::default()
+    };
+    let session = Session {
+        health: Health::new(config.health.clone()),
+        config,
+        url,
+        set,
+        confirmed,
+        cursor,
+        publisher,
+        counters: Arc::new(SourceCounters::default()),
+        metrics,
+        commands: cmd_rx,
+        state: state_tx,
+        received: 0,
+        gaps: 0,
+    };
+    SessionHandle {
+        commands: cmd_tx,
+        state: state_rx,
+        task: tokio::spawn(session.run()),
+    }
+}
+
+struct Session {
+    config: SessionConfig,
+    url: RelayUrl,
+    set: SyncSet,
+    /// Items whose historic sync is confirmed (on this or an earlier connection).
+    confirmed: SyncSet,
+    cursor: Option<u64>,
+    health: Health,
+    publisher: Publisher,
+    counters: Arc<SourceCounters>,
+    metrics: Metrics,
+    commands: mpsc::UnboundedReceiver<Command>,
+    state: watch::Sender<SessionState>,
+    received: u64,
+    gaps: u64,
+}
+
+enum End {
+    Stop,
+    Lost(String),
+}
+
+/// Items a historic batch confirms when all its filters are done.
+#[derive(Debug, Clone)]
+enum Items {
+    Announcements,
+    Repos(Vec<RepoScope>),
+    Roots(Vec<EventId>),
+}
+
+struct Batch {
+    items: Items,
+    /// Filters not yet finished, each with its paginator.
+    open: usize,
+    failed: bool,
+    started: Instant,
+}
+
+/// A historic REQ in flight: one page of one filter.
+struct HistoricSub {
+    batch: u64,
+    paginator: Paginator,
+    page: Vec<(EventId, Timestamp)>,
+    last_activity: Instant,
+}
+
+/// A historic filter waiting for a free subscription slot (or a retry time).
+struct Queued {
+    batch: u64,
+    paginator: Paginator,
+    not_before: Instant,
+}
+
+struct Conn {
+    writer: ConnWriter,
+    reader: ConnReader,
+    caps: RelayCapabilities,
+    live: HashMap<SubscriptionId, ()>,
+    historic: HashMap<SubscriptionId, HistoricSub>,
+    queue: Vec<Queued>,
+    batches: HashMap<u64, Batch>,
+    next_id: u64,
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn to_system(at: Instant) -> SystemTime {
+    let now = Instant::now();
+    if at >= now {
+        SystemTime::now() + (at - now)
+    } else {
+        SystemTime::now() - (now - at)
+    }
+}
+
+impl Session {
+    async fn run(mut self) {
+        let label = self.url.to_string();
+        self.metrics.relays_tracked.inc();
+        loop {
+            // Wait for the backoff / cool-down, handling commands meanwhile.
+            while !self.health.may_connect(Instant::now()) {
+                let wake = self
+                    .health
+                    .next_retry_at()
+                    .into_iter()
+                    .chain(self.health.rate_limited_until(Instant::now()))
+                    .max()
+                    .unwrap_or_else(Instant::now);
+                tokio::select! {
+                    _ = tokio::time::sleep_until(wake.into()) => {}
+                    cmd = self.commands.recv() => match cmd {
+                        Some(Command::Set(set)) => { self.set = set; self.publish_state(|_| {}); }
+                        Some(Command::Stop) | None => return self.finish(),
+                    }
+                }
+            }
+
+            self.publish_state(|s| s.phase = Phase::Connecting);
+            self.metrics
+                .relay_connected
+                .with_label_values(&[&label])
+                .set(1);
+            let caps = match nip11::fetch(&self.url, self.config.nip11_timeout).await {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::debug!(relay = %self.url, error = %e, "no usable NIP-11 document; using defaults");
+                    RelayCapabilities::default()
+                }
+            };
+            let conn = match connection::connect(&self.url, &self.config.connect).await {
+                Ok((writer, reader)) => Conn {
+                    writer,
+                    reader,
+                    caps,
+                    live: HashMap::new(),
+                    historic: HashMap::new(),
+                    queue: Vec::new(),
+                    batches: HashMap::new(),
+                    next_id: 0,
+                },
+                Err(e) => {
+                    self.metrics
+                        .connection_attempts
+                        .with_label_values(&[&label, "failure"])
+                        .inc();
+                    self.on_disconnect(e.to_string());
+                    continue;
+                }
+            };
+            self.metrics
+                .connection_attempts
+                .with_label_values(&[&label, "success"])
+                .inc();
+            self.metrics.relays_connected.inc();
+            self.health.on_connected(Instant::now());
+            let caps = conn.caps.clone();
+            self.publish_state(|s| {
+                s.last_connected = Some(SystemTime::now());
+                s.capabilities = caps;
+                s.last_error = None;
+            });
+            let end = self.connected(conn).await;
+            self.metrics.relays_connected.dec();
+            self.metrics.subscriptions.set(0);
+            match end {
+                End::Stop => return self.finish(),
+                End::Lost(reason) => self.on_disconnect(reason),
+            }
+        }
+    }
+
+    fn finish(&mut self) {
+        self.metrics.relays_tracked.dec();
+        self.metrics
+            .relay_connected
+            .with_label_values(&[self.url.as_str()])
+            .set(0);
+        self.publish_state(|s| s.subscriptions = 0);
+    }
+
+    fn on_disconnect(&mut self, reason: String) {
+        let now = Instant::now();
+        let delay = self.health.on_failure(now, rand::random::<f64>());
+        tracing::info!(relay = %self.url, %reason, retry_in = ?delay, "relay disconnected");
+        let phase = match self.health.state(now) {
+            HealthState::Dead => Phase::Dead,
+            HealthState::RateLimited => Phase::RateLimited,
+            _ => Phase::Backoff,
+        };
+        self.metrics
+            .relay_connected
+            .with_label_values(&[self.url.as_str()])
+            .set(5);
+        let failures = self.health.consecutive_failures();
+        let pending_events = self
+            .counters
+            .submitted
+            .load(Ordering::Acquire)
+            .saturating_sub(self.counters.resolved.load(Ordering::Acquire));
+        self.publish_state(|s| {
+            s.phase = phase;
+            s.events_pending = pending_events;
+            s.last_disconnected = Some(SystemTime::now());
+            s.consecutive_failures = failures;
+            s.next_retry_at = Some(to_system(now + delay));
+            s.last_error = Some(truncate(&reason, 1000));
+            s.subscriptions = 0;
+        });
+    }
+
+    fn max_filters(&self, caps: &RelayCapabilities) -> usize {
+        caps.max_filters
+            .map(|n| n as usize)
+            .unwrap_or(self.config.default_max_filters)
+            .max(1)
+    }
+
+    fn page_limit(&self, caps: &RelayCapabilities) -> usize {
+        caps.max_limit
+            .map(|m| (m as usize).min(self.config.page_limit))
+            .unwrap_or(self.config.page_limit)
+    }
+
+    /// The connected part of a session. Returns why it ended.
+    async fn connected(&mut self, mut conn: Conn) -> End {
+        let since = self
+            .cursor
+            .map(|c| Timestamp::from(c.saturating_sub(self.config.slack.as_secs())));
+        // What a new connection must fetch: everything not confirmed, and — when resuming —
+        // what arrived for confirmed items while we were away.
+        if let Err(e) = self.open_live(&mut conn).await {
+            return End::Lost(e);
+        }
+        self.queue_historic(&mut conn, None, true, since);
+        let mut tick = tokio::time::interval(Duration::from_millis(250));
+        loop {
+            if let Err(e) = self.pump_queue(&mut conn).await {
+                return End::Lost(e);
+            }
+            self.update_phase(&conn);
+            tokio::select! {
+                incoming = conn.reader.recv() => {
+                    let msg = match incoming {
+                        Ok(Incoming::Message(m)) => m,
+                        Ok(Incoming::Malformed { len, error }) => {
+                            self.metrics.malformed_messages.inc();
+                            tracing::debug!(relay = %self.url, len, %error, "malformed message");
+                            continue;
+                        }
+                        Err(e) => return End::Lost(e.to_string()),
+                    };
+                    if let Err(e) = self.on_message(&mut conn, msg).await {
+                        return End::Lost(e);
+                    }
+                }
+                cmd = self.commands.recv() => match cmd {
+                    Some(Command::Set(set)) => {
+                        if let Err(e) = self.on_set(&mut conn, set).await {
+                            return End::Lost(e);
+                        }
+                    }
+                    Some(Command::Stop) | None => {
+                        for id in conn.live.keys().chain(conn.historic.keys()) {
+                            let _ = conn.writer.send(&ClientMessage::close(id.clone())).await;
+                        }
+                        conn.writer.close().await;
+                        return End::Stop;
+                    }
+                },
+                _ = tick.tick() => self.check_timeouts(&mut conn).await,
+            }
+        }
+    }
+
+    /// (Re)open the live subscriptions for the whole set: new ones first, then close the old,
+    /// so no event falls between them.
+    async fn open_live(&mut self, conn: &mut Conn) -> Result<(), String> {
+        let repos: Vec<RepoScope> = self.set.repos.iter().cloned().collect();
+        let roots: Vec<EventId> = self.set.roots.iter().copied().collect();
+        let mut all = vec![filters::layer1()];
+        all.extend(filters::layer2(&repos, self.config.chunk));
+        all.extend(filters::layer3(&roots, self.config.chunk));
+        let live: Vec<Filter> = all.into_iter().map(|f| f.limit(0)).collect();
+        let old: Vec<SubscriptionId> = conn.live.keys().cloned().collect();
+        conn.live.clear();
+        for req in filters::pack(live, self.max_filters(&conn.caps)) {
+            conn.next_id += 1;
+            let id = SubscriptionId::new(format!("live-{}", conn.next_id));
+            conn.writer
+                .send(&ClientMessage::req(id.clone(), req))
+                .await
+                .map_err(|e| e.to_string())?;
+            conn.live.insert(id, ());
+        }
+        for id in old {
+            conn.writer
+                .send(&ClientMessage::close(id))
+                .await
+                .map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    }
+
+    /// Queue historic batches: with `only = None`, every layer for the whole set (items already
+    /// confirmed are fetched from `since` only); otherwise just the given items, in full.
+    fn queue_historic(
+        &mut self,
+        conn: &mut Conn,
+        only: Option<SyncSet>,
+        layer1: bool,
+        since: Option<Timestamp>,
+    ) {
+        let (new, old) = match only {
+            Some(items) => (items, SyncSet::default()),
+            None => {
+                let new = SyncSet {
+                    repos: self
+                        .set
+                        .repos
+                        .difference(&self.confirmed.repos)
+                        .cloned()
+                        .collect(),
+                    roots: self
+                        .set
+                        .roots
+                        .difference(&self.confirmed.roots)
+                        .copied()
+                        .collect(),
+                };
+                let old = SyncSet {
+                    repos: self
+                        .set
+                        .repos
+                        .intersection(&self.confirmed.repos)
+                        .cloned()
+                        .collect(),
+                    roots: self
+                        .set
+                        .roots
+                        .intersection(&self.confirmed.roots)
+                        .copied()
+                        .collect(),
+                };
+                (new, old)
+            }
+        };
+        let limit = self.page_limit(&conn.caps);
+        if layer1 {
+            self.add_batch(
+                conn,
+                Items::Announcements,
+                vec![filters::layer1()],
+                since,
+                limit,
+            );
+        }
+        for (set, since) in [(new, None), (old, since)] {
+            let repos: Vec<RepoScope> = set.repos.into_iter().collect();
+            for part in repos.chunks(self.config.chunk.max(1)) {
+                let fs = filters::layer2(part, self.config.chunk);
+                self.add_batch(conn, Items::Repos(part.to_vec()), fs, since, limit);
+            }
+            let roots: Vec<EventId> = set.roots.into_iter().collect();
+            for part in roots.chunks(self.config.chunk.max(1)) {
+                let fs = filters::layer3(part, self.config.chunk);
+                self.add_batch(conn, Items::Roots(part.to_vec()), fs, since, limit);
+            }
+        }
+    }
+
+    fn add_batch(
+        &mut self,
+        conn: &mut Conn,
+        items: Items,
+        fs: Vec<Filter>,
+        since: Option<Timestamp>,
+        limit: usize,
+    ) {
+        conn.next_id += 1;
+        let batch = conn.next_id;
+        let fs = filters::with_since(fs, since);
+        conn.batches.insert(
+            batch,
+            Batch {
+                items,
+                open: fs.len(),
+                failed: false,
+                started: Instant::now(),
+            },
+        );
+        for f in fs {
+            conn.queue.push(Queued {
+                batch,
+                paginator: Paginator::new(f, limit),
+                not_before: Instant::now(),
+            });
+        }
+    }
+
+    /// Start queued historic pages while subscription slots are free and we are not
+    /// cooling down.
+    async fn pump_queue(&mut self, conn: &mut Conn) -> Result<(), String> {
+        let now = Instant::now();
+        if self.health.rate_limited_until(now).is_some() {
+            return Ok(());
+        }
+        let mut budget = self.config.max_historic_subscriptions;
+        if let Some(max) = conn.caps.max_subscriptions {
+            budget = budget.min((max as usize).saturating_sub(conn.live.len()).max(1));
+        }
+        while conn.historic.len() < budget {
+            let Some(pos) = conn.queue.iter().position(|q| q.not_before <= now) else {
+                break;
+            };
+            let q = conn.queue.swap_remove(pos);
+            self.send_page(conn, q.batch, q.paginator).await?;
+        }
+        self.metrics
+            .subscriptions
+            .set((conn.live.len() + conn.historic.len()) as i64);
+        Ok(())
+    }
+
+    async fn send_page(
+        &mut self,
+        conn: &mut Conn,
+        batch: u64,
+        paginator: Paginator,
+    ) -> Result<(), String> {
+        conn.next_id += 1;
+        let id = SubscriptionId::new(format!("hist-{}", conn.next_id));
+        conn.writer
+            .send(&ClientMessage::req(id.clone(), vec![paginator.current()]))
+            .await
+            .map_err(|e| e.to_string())?;
+        conn.historic.insert(
+            id,
+            HistoricSub {
+                batch,
+                paginator,
+                page: Vec::new(),
+                last_activity: Instant::now(),
+            },
+        );
+        Ok(())
+    }
+
+    async fn on_message(
+        &mut self,
+        conn: &mut Conn,
+        msg: RelayMessage<'static>,
+    ) -> Result<(), String> {
+        match msg {
+            RelayMessage::Event {
+                subscription_id,
+                event,
+            } => {
+                let event = event.into_owned();
+                let source = if let Some(h) = conn.historic.get_mut(subscription_id.as_ref()) {
+                    h.page.push((event.id, event.created_at));
+                    h.last_activity = Instant::now();
+                    if self.cursor.is_some() {
+                        "reconnect"
+                    } else {
+                        "startup"
+                    }
+                } else if conn.live.contains_key(subscription_id.as_ref()) {
+                    "live"
+                } else {
+                    // A late event for a subscription we already closed: still an event.
+                    "live"
+                };
+                self.received += 1;
+                self.metrics.events.with_label_values(&[source]).inc();
+                self.forward(event).await
+            }
+            RelayMessage::EndOfStoredEvents(id) => {
+                let id = id.into_owned();
+                if let Some(mut h) = conn.historic.remove(&id) {
+                    conn.writer
+                        .send(&ClientMessage::close(id))
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    let page = std::mem::take(&mut h.page);
+                    match h.paginator.on_page(&page) {
+                        Step::Next(_) => {
+                            self.send_page(conn, h.batch, h.paginator).await?;
+                        }
+                        Step::Done => {
+                            self.gaps += h.paginator.gaps().len() as u64;
+                            self.filter_done(conn, h.batch, false);
+                        }
+                    }
+                }
+                Ok(())
+            }
+            RelayMessage::Closed {
+                subscription_id,
+                message,
+            } => {
+                let id = subscription_id.into_owned();
+                let outcome = Outcome::classify(false, &message);
+                self.metrics
+                    .closed_subscriptions
+                    .with_label_values(&[outcome.label()])
+                    .inc();
+                tracing::info!(relay = %self.url, sub = %id, reason = %message, "relay closed a subscription");
+                if outcome == Outcome::RateLimited {
+                    self.health.on_rate_limited(Instant::now());
+                }
+                if outcome == Outcome::AuthRequired {
+                    self.publish_state(|s| {
+                        s.last_error = Some(format!(
+                            "relay requires NIP-42 authentication and no key is configured: {}",
+                            truncate(&message, 500)
+                        ))
+                    });
+                }
+                let retry_at = self
+                    .health
+                    .rate_limited_until(Instant::now())
+                    .unwrap_or_else(|| Instant::now() + self.config.batch_retry);
+                if let Some(h) = conn.historic.remove(&id) {
+                    // Retry the same page later; the paginator did not advance.
+                    conn.queue.push(Queued {
+                        batch: h.batch,
+                        paginator: h.paginator,
+                        not_before: retry_at,
+                    });
+                    if let Some(b) = conn.batches.get_mut(&h.batch) {
+                        b.failed = true;
+                    }
+                } else if conn.live.remove(&id).is_some() {
+                    // Live coverage is gone; rebuild all live subscriptions (after any cool-down
+                    // the relay asked for, rebuilding is cheap: a few REQs).
+                    if outcome != Outcome::RateLimited {
+                        self.open_live(conn).await?;
+                    } else {
+                        return Err(format!("relay closed a live subscription: {message}"));
+                    }
+                }
+                Ok(())
+            }
+            RelayMessage::Notice(text) => {
+                if notice_means_rate_limited(&text) {
+                    self.health.on_rate_limited(Instant::now());
+                    self.metrics
+                        .closed_subscriptions
+                        .with_label_values(&["notice-rate-limited"])
+                        .inc();
+                }
+                tracing::debug!(relay = %self.url, notice = %truncate(&text, 200), "NOTICE");
+                Ok(())
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Validate and hand an event to the publisher (waiting while its queue is full, which
+    /// stops us reading from the relay).
+    async fn forward(&mut self, event: Event) -> Result<(), String> {
+        if let Err(rejection) = validate(&event, self.config.max_event_bytes) {
+            self.metrics
+                .events_rejected
+                .with_label_values(&[rejection.label()])
+                .inc();
+            self.counters.rejected.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(relay = %self.url, id = %event.id, reason = %rejection, "dropping invalid event");
+            return Ok(());
+        }
+        self.counters.submitted.fetch_add(1, Ordering::Release);
+        self.publisher
+            .publish(event, Some(self.counters.clone()))
+            .await
+            .map_err(|e| e.to_string())
+    }
+
+    fn filter_done(&mut self, conn: &mut Conn, batch: u64, failed: bool) {
+        let Some(b) = conn.batches.get_mut(&batch) else {
+            return;
+        };
+        b.failed |= failed;
+        b.open = b.open.saturating_sub(1);
+        if b.open > 0 {
+            return;
+        }
+        let b = conn.batches.remove(&batch).expect("present");
+        let outcome = if b.failed { "recovered" } else { "confirmed" };
+        self.metrics
+            .historic_batches
+            .with_label_values(&[outcome])
+            .inc();
+        self.metrics
+            .historic_method
+            .with_label_values(&["req"])
+            .inc();
+        self.metrics
+            .historic_batch_seconds
+            .with_label_values(&["req"])
+            .observe(b.started.elapsed().as_secs_f64());
+        match b.items {
+            Items::Announcements => {}
+            Items::Repos(rs) => self.confirmed.repos.extend(rs),
+            Items::Roots(ids) => self.confirmed.roots.extend(ids),
+        }
+    }
+
+    async fn check_timeouts(&mut self, conn: &mut Conn) {
+        let now = Instant::now();
+        let timeout = self.config.batch_timeout;
+        let stale: Vec<SubscriptionId> = conn
+            .historic
+            .iter()
+            .filter(|(_, h)| now.duration_since(h.last_activity) >= timeout)
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in stale {
+            let Some(h) = conn.historic.remove(&id) else {
+                continue;
+            };
+            let _ = conn.writer.send(&ClientMessage::close(id.clone())).await;
+            self.metrics
+                .historic_batches
+                .with_label_values(&["timeout"])
+                .inc();
+            tracing::warn!(relay = %self.url, sub = %id, "historic batch got no EOSE in time; will retry");
+            self.publish_state(|s| {
+                s.last_error = Some(format!(
+                    "historic batch timed out after {timeout:?} without EOSE"
+                ))
+            });
+            if let Some(b) = conn.batches.get_mut(&h.batch) {
+                b.failed = true;
+            }
+            conn.queue.push(Queued {
+                batch: h.batch,
+                paginator: h.paginator,
+                not_before: now + self.config.batch_retry,
+            });
+        }
+    }
+
+    async fn on_set(&mut self, conn: &mut Conn, set: SyncSet) -> Result<(), String> {
+        if set == self.set {
+            return Ok(());
+        }
+        let added = SyncSet {
+            repos: set.repos.difference(&self.set.repos).cloned().collect(),
+            roots: set.roots.difference(&self.set.roots).copied().collect(),
+        };
+        // Removed items stop being synced: drop them from the confirmed set too, so that a
+        // later re-add fetches them in full.
+        self.confirmed.repos.retain(|r| set.repos.contains(r));
+        self.confirmed.roots.retain(|r| set.roots.contains(r));
+        self.set = set;
+        self.open_live(conn).await?;
+        self.queue_historic(conn, Some(added), false, None);
+        Ok(())
+    }
+
+    fn update_phase(&mut self, conn: &Conn) {
+        // The cursor moves forward while every historic batch is confirmed, the live
+        // subscriptions are open, and the publisher has answered for everything we gave it.
+        if conn.batches.is_empty() && conn.historic.is_empty() && self.counters.drained() {
+            self.cursor = Some(unix_now().max(self.cursor.unwrap_or(0)));
+        }
+        let now = Instant::now();
+        let failed = conn.batches.values().any(|b| b.failed);
+        let pending = !conn.batches.is_empty();
+        let phase = if self.health.rate_limited_until(now).is_some() {
+            Phase::RateLimited
+        } else if pending && failed {
+            Phase::LiveWithGaps
+        } else if pending {
+            Phase::Syncing
+        } else if self.gaps > 0 {
+            Phase::LiveWithGaps
+        } else {
+            Phase::Live
+        };
+        let code = match phase {
+            Phase::Syncing => 2,
+            Phase::Live => 3,
+            Phase::LiveWithGaps => 4,
+            _ => 5,
+        };
+        self.metrics
+            .relay_connected
+            .with_label_values(&[self.url.as_str()])
+            .set(code);
+        let subs = conn.live.len() + conn.historic.len();
+        let (repos, roots) = (self.set.repos.len(), self.set.roots.len());
+        let confirmed_repos = self.set.repos.intersection(&self.confirmed.repos).count();
+        let confirmed_roots = self.set.roots.intersection(&self.confirmed.roots).count();
+        let cursor = self.cursor;
+        let (received, gaps) = (self.received, self.gaps);
+        let published = self.counters.published.load(Ordering::Relaxed);
+        let rejected = self.counters.rejected.load(Ordering::Relaxed);
+        let failures = self.health.consecutive_failures();
+        let pending_events = self
+            .counters
+            .submitted
+            .load(Ordering::Acquire)
+            .saturating_sub(self.counters.resolved.load(Ordering::Acquire));
+        self.publish_state(|s| {
+            s.phase = phase;
+            s.events_pending = pending_events;
+            s.subscriptions = subs;
+            s.repos = repos;
+            s.roots = roots;
+            s.confirmed_repos = confirmed_repos;
+            s.confirmed_roots = confirmed_roots;
+            s.cursor = cursor;
+            s.events_received = received;
+            s.events_published = published;
+            s.events_rejected = rejected;
+            s.historic_gaps = gaps;
+            s.consecutive_failures = failures;
+            s.next_retry_at = None;
+        });
+    }
+
+    fn publish_state(&self, f: impl FnOnce(&mut SessionState)) {
+        self.state.send_if_modified(|s| {
+            let before = s.clone();
+            f(s);
+            *s != before
+        });
+    }
+}
+
+fn truncate(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_string();
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &s[..end])
+}

