@@ -129,3 +129,21 @@ async fn relay_with_default_limits_holds_back_the_excess_without_dropping_it() {
     assert_eq!(s.outstanding(), 10);
     assert_eq!(relays::fetch_ids(&url, Filter::new()).await.len(), 60);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn copies_of_one_event_in_flight_each_get_their_answer() {
+    // The same event often arrives through several subscriptions at once.
+    let (_relay, url) = relays::local_relay(100_000).await;
+    let (publisher, _task) = Publisher::spawn(PublisherConfig::new(url.clone()), Metrics::new());
+    let events = corpus(20);
+    for e in &events {
+        for _ in 0..3 {
+            publisher.publish(e.clone(), None).await.unwrap();
+        }
+    }
+    drained(&publisher, Duration::from_secs(30)).await;
+    let s = publisher.stats();
+    assert_eq!(s.accepted.load(Ordering::Relaxed), 20);
+    assert_eq!(s.duplicate.load(Ordering::Relaxed), 40);
+    assert_eq!(relays::fetch_ids(&url, Filter::new()).await, ids(&events));
+}

@@ -156,7 +156,6 @@ async fn historic_and_live(remote: grasp_sync::nostr::RelayUrl) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "open bug: with a nostr-relay-builder remote, 3 of 30 publishes get no OK, so the cursor never advances (see issue notes)"]
 async fn historic_and_live_from_a_nostr_relay_builder_remote() {
     let (_remote, url) = relays::local_relay(1_000_000).await;
     historic_and_live(url).await;

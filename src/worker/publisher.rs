@@ -278,8 +278,14 @@ impl Worker {
         writer: &mut connection::ConnWriter,
         mut p: Pending,
     ) -> Result<(), Step> {
-        p.attempts += 1;
         let id = p.event.id;
+        // Already on its way: share that attempt's answer instead of sending it twice (a
+        // second entry under the same id would overwrite the first and lose its answer).
+        if let Some(flight) = self.in_flight.get_mut(&id) {
+            flight.pending.origins.append(&mut p.origins);
+            return Ok(());
+        }
+        p.attempts += 1;
         let msg = ClientMessage::event(p.event.clone());
         let result = writer.send(&msg).await;
         self.in_flight.insert(
