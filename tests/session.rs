@@ -62,8 +62,9 @@ impl Rig {
         remote: &grasp_sync::nostr::RelayUrl,
         set: SyncSet,
         cursor: Option<u64>,
-        config: SessionConfig,
+        mut config: SessionConfig,
     ) -> SessionHandle {
+        config.local_relay = Some(self.local.clone());
         session::spawn(
             remote.clone(),
             set,
@@ -374,5 +375,81 @@ async fn adding_and_removing_items_on_a_live_session() {
     want.insert(late_b[0].id);
     rig.holds_exactly(&want).await;
     assert!(!rig.local_ids().await.contains(&late_a[0].id));
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn negentropy_fetches_only_what_the_local_relay_lacks() {
+    let rig = rig().await;
+    let (_remote, remote) = relays::local_relay(1_000_000).await;
+    let f = nip34::fixture("big");
+    let comments = nip34::comments(f.root.id, 2000, 0);
+    let mut on_remote = f.expected.clone();
+    on_remote.extend(comments.iter().cloned());
+    publish_to(&remote, &on_remote).await;
+    // The local relay already holds 90 %: everything but every tenth comment.
+    let present: Vec<Event> = f
+        .expected
+        .iter()
+        .cloned()
+        .chain(
+            comments
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| i % 10 != 0)
+                .map(|(_, e)| e.clone()),
+        )
+        .collect();
+    publish_to(&rig.local, &present).await;
+
+    let h = rig.start(&remote, set_for(&[&f]), None, fast_config());
+    rig.holds_exactly(&nip34::ids(&on_remote)).await;
+    let s = wait_phase(&h, Phase::Live).await;
+    assert_eq!(
+        s.negentropy_ids_requested, 200,
+        "ids requested from the remote"
+    );
+    assert_eq!(rig.metrics.negentropy_ids_requested.get(), 200);
+    assert!(
+        rig.metrics
+            .historic_method
+            .with_label_values(&["negentropy"])
+            .get()
+            >= 1
+    );
+    assert_eq!(
+        rig.metrics
+            .historic_method
+            .with_label_values(&["req-fallback"])
+            .get(),
+        0
+    );
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relay_without_negentropy_falls_back_to_req() {
+    let rig = rig().await;
+    let f = nip34::fixture("plain");
+    let remote = HostileRelay::start(Script::default()).await;
+    remote.add(f.expected.iter().cloned());
+    let h = rig.start(&remote.url(), set_for(&[&f]), None, fast_config());
+    rig.holds_exactly(&nip34::ids(&f.expected)).await;
+    let s = wait_phase(&h, Phase::Live).await;
+    assert_eq!(s.negentropy_ids_requested, 0);
+    assert!(
+        rig.metrics
+            .historic_method
+            .with_label_values(&["req-fallback"])
+            .get()
+            >= 1
+    );
+    assert_eq!(
+        rig.metrics
+            .historic_method
+            .with_label_values(&["negentropy"])
+            .get(),
+        0
+    );
     h.stop().await;
 }

@@ -77,6 +77,7 @@ pub enum Incoming {
 
 pub struct ConnReader {
     stream: SplitStream<Ws>,
+    bytes: u64,
 }
 
 pub struct ConnWriter {
@@ -103,10 +104,15 @@ pub async fn connect(
             source: Box::new(e),
         })?;
     let (sink, stream) = ws.split();
-    Ok((ConnWriter { sink }, ConnReader { stream }))
+    Ok((ConnWriter { sink }, ConnReader { stream, bytes: 0 }))
 }
 
 impl ConnReader {
+    /// Bytes of text frames read so far.
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+
     /// The next relay message. `Err(Closed)` once the connection has ended.
     pub async fn recv(&mut self) -> Result<Incoming, ConnectionError> {
         loop {
@@ -116,7 +122,10 @@ impl ConnReader {
                 Some(Ok(frame)) => frame,
             };
             let text = match frame {
-                Message::Text(t) => t,
+                Message::Text(t) => {
+                    self.bytes += t.len() as u64;
+                    t
+                }
                 Message::Close(_) => return Err(ConnectionError::Closed),
                 // Pings are answered by tungstenite on the next write; binary frames carry
                 // nothing in NIP-01.
@@ -141,7 +150,7 @@ impl ConnWriter {
             .map_err(|e| ConnectionError::Websocket(Box::new(e)))
     }
 
-    pub async fn close(mut self) {
+    pub async fn close(&mut self) {
         let _ = self.sink.close().await;
     }
 }

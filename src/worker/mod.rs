@@ -2,7 +2,9 @@
 
 pub mod connection;
 pub mod health;
+pub mod local_index;
 pub mod metrics;
+pub mod negentropy;
 pub mod nip11;
 pub mod outcome;
 pub mod pagination;

@@ -5,7 +5,8 @@
 //! behind a lock, so nothing is ever held across a network wait. Callers talk to it through
 //! [`SessionHandle`] (commands in, a `watch` of [`SessionState`] out).
 
-use std::collections::{BTreeSet, HashMap};
+use std::borrow::Cow;
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -16,7 +17,9 @@ use tokio::task::JoinHandle;
 
 use super::connection::{self, ConnReader, ConnWriter, ConnectOptions, Incoming};
 use super::health::{Health, HealthConfig, HealthState};
+use super::local_index;
 use super::metrics::Metrics;
+use super::negentropy::{NegSession, notice_means_unsupported};
 use super::nip11;
 use super::outcome::{Outcome, notice_means_rate_limited};
 use super::pagination::{Paginator, Step};
@@ -45,6 +48,14 @@ pub struct SessionConfig {
     pub max_event_bytes: usize,
     /// A failed batch is retried after this long.
     pub batch_retry: Duration,
+    /// The local relay, whose set negentropy reconciles against. Without it (or with
+    /// `negentropy` off) historic sync uses REQ pagination only.
+    pub local_relay: Option<RelayUrl>,
+    pub negentropy: bool,
+    /// Ids per REQ when fetching what negentropy found missing (relays cap id lists).
+    pub id_chunk: usize,
+    /// Negentropy frame size limit in bytes (0 = unlimited).
+    pub neg_frame_limit: u64,
 }
 
 impl Default for SessionConfig {
@@ -61,6 +72,10 @@ impl Default for SessionConfig {
             slack: Duration::from_secs(15 * 60),
             max_event_bytes: 256 * 1024,
             batch_retry: Duration::from_secs(30),
+            local_relay: None,
+            negentropy: true,
+            id_chunk: 100,
+            neg_frame_limit: 60_000,
         }
     }
 }
@@ -94,6 +109,10 @@ pub struct SessionState {
     pub events_rejected: u64,
     /// Handed to the publisher and not yet answered by the local relay.
     pub events_pending: u64,
+    /// Bytes of messages received from the relay over all connections.
+    pub bytes_received: u64,
+    /// Event ids requested after negentropy reconciliation.
+    pub negentropy_ids_requested: u64,
     pub historic_gaps: u64,
 }
 
@@ -117,6 +136,8 @@ impl Default for SessionState {
             events_published: 0,
             events_rejected: 0,
             events_pending: 0,
+            bytes_received: 0,
+            negentropy_ids_requested: 0,
             historic_gaps: 0,
         }
     }
@@ -189,6 +210,8 @@ pub fn spawn(
         state: state_tx,
         received: 0,
         gaps: 0,
+        neg_ids: 0,
+        bytes_before: 0,
     };
     SessionHandle {
         commands: cmd_tx,
@@ -212,6 +235,9 @@ struct Session {
     state: watch::Sender<SessionState>,
     received: u64,
     gaps: u64,
+    neg_ids: u64,
+    /// Bytes read on earlier connections.
+    bytes_before: u64,
 }
 
 enum End {
@@ -229,9 +255,10 @@ enum Items {
 
 struct Batch {
     items: Items,
-    /// Filters not yet finished, each with its paginator.
+    /// Units of work (filters, id fetches) not yet finished.
     open: usize,
     failed: bool,
+    negentropy: bool,
     started: Instant,
 }
 
@@ -243,11 +270,47 @@ struct HistoricSub {
     last_activity: Instant,
 }
 
-/// A historic filter waiting for a free subscription slot (or a retry time).
+/// A negentropy reconciliation in flight.
+struct NegSub {
+    batch: u64,
+    filter: Filter,
+    neg: NegSession,
+    last_activity: Instant,
+}
+
+/// A REQ by ids for events negentropy found missing.
+struct FetchSub {
+    batch: u64,
+    filter: Filter,
+    requested: HashSet<EventId>,
+    retried: bool,
+    last_activity: Instant,
+}
+
+enum Work {
+    /// REQ/EOSE pagination of a filter.
+    Page(Paginator),
+    /// Negentropy for a filter (first reading the local relay's set for it).
+    Neg(Filter),
+    /// Fetch these ids; `filter` is the semantic filter to fall back to.
+    Fetch {
+        filter: Filter,
+        ids: Vec<EventId>,
+        retried: bool,
+    },
+}
+
+/// Historic work waiting for a free subscription slot (or a retry time).
 struct Queued {
     batch: u64,
-    paginator: Paginator,
+    work: Work,
     not_before: Instant,
+}
+
+struct LocalDone {
+    batch: u64,
+    filter: Filter,
+    result: Result<Vec<(EventId, Timestamp)>, String>,
 }
 
 struct Conn {
@@ -259,6 +322,19 @@ struct Conn {
     queue: Vec<Queued>,
     batches: HashMap<u64, Batch>,
     next_id: u64,
+    /// NIP-11 says yes/no; `None` = unknown, so try and fall back.
+    neg_support: Option<bool>,
+    negs: HashMap<SubscriptionId, NegSub>,
+    fetches: HashMap<SubscriptionId, FetchSub>,
+    locals_pending: usize,
+    local_tx: mpsc::UnboundedSender<LocalDone>,
+    local_rx: mpsc::UnboundedReceiver<LocalDone>,
+}
+
+impl Conn {
+    fn active_historic(&self) -> usize {
+        self.historic.len() + self.negs.len() + self.fetches.len() + self.locals_pending
+    }
 }
 
 fn unix_now() -> u64 {
@@ -305,24 +381,32 @@ impl Session {
                 .relay_connected
                 .with_label_values(&[&label])
                 .set(1);
-            let caps = match nip11::fetch(&self.url, self.config.nip11_timeout).await {
-                Ok(c) => c,
-                Err(e) => {
-                    tracing::debug!(relay = %self.url, error = %e, "no usable NIP-11 document; using defaults");
-                    RelayCapabilities::default()
-                }
-            };
+            let caps = nip11::fetch(&self.url, self.config.nip11_timeout).await;
+            if let Err(e) = &caps {
+                tracing::debug!(relay = %self.url, error = %e, "no usable NIP-11 document; using defaults");
+            }
+            let nip11_doc = caps.as_ref().ok().cloned();
+            let caps = caps.unwrap_or_default();
             let conn = match connection::connect(&self.url, &self.config.connect).await {
-                Ok((writer, reader)) => Conn {
-                    writer,
-                    reader,
-                    caps,
-                    live: HashMap::new(),
-                    historic: HashMap::new(),
-                    queue: Vec::new(),
-                    batches: HashMap::new(),
-                    next_id: 0,
-                },
+                Ok((writer, reader)) => {
+                    let (local_tx, local_rx) = mpsc::unbounded_channel();
+                    Conn {
+                        writer,
+                        reader,
+                        caps,
+                        live: HashMap::new(),
+                        historic: HashMap::new(),
+                        queue: Vec::new(),
+                        batches: HashMap::new(),
+                        next_id: 0,
+                        neg_support: nip11_doc.map(|c| c.negentropy),
+                        negs: HashMap::new(),
+                        fetches: HashMap::new(),
+                        locals_pending: 0,
+                        local_tx,
+                        local_rx,
+                    }
+                }
                 Err(e) => {
                     self.metrics
                         .connection_attempts
@@ -344,7 +428,17 @@ impl Session {
                 s.capabilities = caps;
                 s.last_error = None;
             });
-            let end = self.connected(conn).await;
+            let mut conn = conn;
+            let end = self.connected(&mut conn).await;
+            self.bytes_before += conn.reader.bytes();
+            self.metrics
+                .bytes_received
+                .with_label_values(&[if conn.neg_support == Some(true) {
+                    "negentropy"
+                } else {
+                    "req"
+                }])
+                .inc_by(conn.reader.bytes());
             self.metrics.relays_connected.dec();
             self.metrics.subscriptions.set(0);
             match end {
@@ -407,22 +501,22 @@ impl Session {
     }
 
     /// The connected part of a session. Returns why it ended.
-    async fn connected(&mut self, mut conn: Conn) -> End {
+    async fn connected(&mut self, conn: &mut Conn) -> End {
         let since = self
             .cursor
             .map(|c| Timestamp::from(c.saturating_sub(self.config.slack.as_secs())));
         // What a new connection must fetch: everything not confirmed, and — when resuming —
         // what arrived for confirmed items while we were away.
-        if let Err(e) = self.open_live(&mut conn).await {
+        if let Err(e) = self.open_live(conn).await {
             return End::Lost(e);
         }
-        self.queue_historic(&mut conn, None, true, since);
+        self.queue_historic(conn, None, true, since);
         let mut tick = tokio::time::interval(Duration::from_millis(250));
         loop {
-            if let Err(e) = self.pump_queue(&mut conn).await {
+            if let Err(e) = self.pump_queue(conn).await {
                 return End::Lost(e);
             }
-            self.update_phase(&conn);
+            self.update_phase(conn);
             tokio::select! {
                 incoming = conn.reader.recv() => {
                     let msg = match incoming {
@@ -434,13 +528,13 @@ impl Session {
                         }
                         Err(e) => return End::Lost(e.to_string()),
                     };
-                    if let Err(e) = self.on_message(&mut conn, msg).await {
+                    if let Err(e) = self.on_message(conn, msg).await {
                         return End::Lost(e);
                     }
                 }
                 cmd = self.commands.recv() => match cmd {
                     Some(Command::Set(set)) => {
-                        if let Err(e) = self.on_set(&mut conn, set).await {
+                        if let Err(e) = self.on_set(conn, set).await {
                             return End::Lost(e);
                         }
                     }
@@ -452,7 +546,12 @@ impl Session {
                         return End::Stop;
                     }
                 },
-                _ = tick.tick() => self.check_timeouts(&mut conn).await,
+                Some(done) = conn.local_rx.recv() => {
+                    if let Err(e) = self.on_local_done(conn, done).await {
+                        return End::Lost(e);
+                    }
+                }
+                _ = tick.tick() => self.check_timeouts(conn).await,
             }
         }
     }
@@ -564,21 +663,231 @@ impl Session {
         conn.next_id += 1;
         let batch = conn.next_id;
         let fs = filters::with_since(fs, since);
+        let negentropy = self.use_negentropy(conn);
         conn.batches.insert(
             batch,
             Batch {
                 items,
                 open: fs.len(),
                 failed: false,
+                negentropy,
                 started: Instant::now(),
             },
         );
         for f in fs {
+            let work = if negentropy {
+                Work::Neg(f)
+            } else {
+                Work::Page(Paginator::new(f, limit))
+            };
             conn.queue.push(Queued {
                 batch,
-                paginator: Paginator::new(f, limit),
+                work,
                 not_before: Instant::now(),
             });
+        }
+    }
+
+    fn use_negentropy(&self, conn: &Conn) -> bool {
+        self.config.negentropy
+            && self.config.local_relay.is_some()
+            && conn.neg_support != Some(false)
+    }
+
+    /// Give up on negentropy for one filter and page through it with REQs instead.
+    fn fallback_to_req(&mut self, conn: &mut Conn, batch: u64, filter: Filter, why: &str) {
+        tracing::debug!(relay = %self.url, %why, "historic filter falls back to REQ pagination");
+        self.metrics
+            .historic_method
+            .with_label_values(&["req-fallback"])
+            .inc();
+        if let Some(b) = conn.batches.get_mut(&batch) {
+            b.negentropy = false;
+        }
+        let limit = self.page_limit(&conn.caps);
+        conn.queue.push(Queued {
+            batch,
+            work: Work::Page(Paginator::new(filter, limit)),
+            not_before: Instant::now(),
+        });
+    }
+
+    /// Read the local relay's set for `filter` in the background; the result comes back
+    /// through `conn.local_rx`.
+    fn start_local_read(&self, conn: &mut Conn, batch: u64, filter: Filter) {
+        let Some(local) = self.config.local_relay.clone() else {
+            return;
+        };
+        let connect = self.config.connect.clone();
+        let timeout = self.config.batch_timeout.max(Duration::from_secs(30));
+        let tx = conn.local_tx.clone();
+        conn.locals_pending += 1;
+        tokio::spawn(async move {
+            let result =
+                local_index::local_items(&local, filter.clone(), 5_000, &connect, timeout).await;
+            let _ = tx.send(LocalDone {
+                batch,
+                filter,
+                result,
+            });
+        });
+    }
+
+    async fn on_local_done(&mut self, conn: &mut Conn, done: LocalDone) -> Result<(), String> {
+        conn.locals_pending = conn.locals_pending.saturating_sub(1);
+        let items = match done.result {
+            Ok(items) if self.use_negentropy(conn) => items,
+            Ok(_) => {
+                self.fallback_to_req(conn, done.batch, done.filter, "negentropy unsupported");
+                return Ok(());
+            }
+            Err(e) => {
+                self.fallback_to_req(
+                    conn,
+                    done.batch,
+                    done.filter,
+                    &format!("local set unavailable: {e}"),
+                );
+                return Ok(());
+            }
+        };
+        let (neg, init) = match NegSession::open(&items, self.config.neg_frame_limit) {
+            Ok(x) => x,
+            Err(e) => {
+                self.fallback_to_req(conn, done.batch, done.filter, &e.to_string());
+                return Ok(());
+            }
+        };
+        conn.next_id += 1;
+        let id = SubscriptionId::new(format!("neg-{}", conn.next_id));
+        conn.writer
+            .send(&ClientMessage::NegOpen {
+                subscription_id: Cow::Owned(id.clone()),
+                filter: Cow::Owned(done.filter.clone()),
+                id_size: None,
+                initial_message: Cow::Owned(init),
+            })
+            .await
+            .map_err(|e| e.to_string())?;
+        conn.negs.insert(
+            id,
+            NegSub {
+                batch: done.batch,
+                filter: done.filter,
+                neg,
+                last_activity: Instant::now(),
+            },
+        );
+        Ok(())
+    }
+
+    async fn send_fetch(
+        &mut self,
+        conn: &mut Conn,
+        batch: u64,
+        filter: Filter,
+        ids: Vec<EventId>,
+        retried: bool,
+    ) -> Result<(), String> {
+        conn.next_id += 1;
+        let id = SubscriptionId::new(format!("ids-{}", conn.next_id));
+        let req = Filter::new().ids(ids.iter().copied()).limit(ids.len());
+        conn.writer
+            .send(&ClientMessage::req(id.clone(), vec![req]))
+            .await
+            .map_err(|e| e.to_string())?;
+        conn.fetches.insert(
+            id,
+            FetchSub {
+                batch,
+                filter,
+                requested: ids.into_iter().collect(),
+                retried,
+                last_activity: Instant::now(),
+            },
+        );
+        Ok(())
+    }
+
+    async fn on_neg_msg(
+        &mut self,
+        conn: &mut Conn,
+        id: SubscriptionId,
+        message: &str,
+    ) -> Result<(), String> {
+        let Some(mut n) = conn.negs.remove(&id) else {
+            return Ok(());
+        };
+        n.last_activity = Instant::now();
+        match n.neg.on_message(message) {
+            Ok(Some(next)) => {
+                conn.writer
+                    .send(&ClientMessage::NegMsg {
+                        subscription_id: Cow::Owned(id.clone()),
+                        message: Cow::Owned(next),
+                    })
+                    .await
+                    .map_err(|e| e.to_string())?;
+                conn.negs.insert(id, n);
+            }
+            Ok(None) => {
+                conn.writer
+                    .send(&ClientMessage::NegClose {
+                        subscription_id: Cow::Owned(id),
+                    })
+                    .await
+                    .map_err(|e| e.to_string())?;
+                conn.neg_support = Some(true);
+                let need = n.neg.need();
+                self.neg_ids += need.len() as u64;
+                self.metrics
+                    .negentropy_ids_requested
+                    .inc_by(need.len() as u64);
+                if need.is_empty() {
+                    self.filter_done(conn, n.batch, false);
+                    return Ok(());
+                }
+                let chunks: Vec<Vec<EventId>> = need
+                    .chunks(self.config.id_chunk.max(1))
+                    .map(<[EventId]>::to_vec)
+                    .collect();
+                if let Some(b) = conn.batches.get_mut(&n.batch) {
+                    b.open += chunks.len() - 1;
+                }
+                for ids in chunks {
+                    conn.queue.push(Queued {
+                        batch: n.batch,
+                        work: Work::Fetch {
+                            filter: n.filter.clone(),
+                            ids,
+                            retried: false,
+                        },
+                        not_before: Instant::now(),
+                    });
+                }
+            }
+            Err(e) => {
+                let _ = conn
+                    .writer
+                    .send(&ClientMessage::NegClose {
+                        subscription_id: Cow::Owned(id),
+                    })
+                    .await;
+                self.fallback_to_req(conn, n.batch, n.filter, &e.to_string());
+            }
+        }
+        Ok(())
+    }
+
+    /// The relay does not do negentropy: every reconciliation in flight falls back.
+    fn negentropy_unsupported(&mut self, conn: &mut Conn, why: &str) {
+        if conn.neg_support != Some(false) {
+            tracing::info!(relay = %self.url, %why, "relay does not support NIP-77; using REQ pagination");
+        }
+        conn.neg_support = Some(false);
+        let open: Vec<NegSub> = conn.negs.drain().map(|(_, n)| n).collect();
+        for n in open {
+            self.fallback_to_req(conn, n.batch, n.filter, why);
         }
     }
 
@@ -593,16 +902,31 @@ impl Session {
         if let Some(max) = conn.caps.max_subscriptions {
             budget = budget.min((max as usize).saturating_sub(conn.live.len()).max(1));
         }
-        while conn.historic.len() < budget {
+        let limit = self.page_limit(&conn.caps);
+        while conn.active_historic() < budget {
             let Some(pos) = conn.queue.iter().position(|q| q.not_before <= now) else {
                 break;
             };
             let q = conn.queue.swap_remove(pos);
-            self.send_page(conn, q.batch, q.paginator).await?;
+            match q.work {
+                Work::Page(p) => self.send_page(conn, q.batch, p).await?,
+                Work::Neg(f) if self.use_negentropy(conn) => {
+                    self.start_local_read(conn, q.batch, f)
+                }
+                Work::Neg(f) => {
+                    self.send_page(conn, q.batch, Paginator::new(f, limit))
+                        .await?
+                }
+                Work::Fetch {
+                    filter,
+                    ids,
+                    retried,
+                } => self.send_fetch(conn, q.batch, filter, ids, retried).await?,
+            }
         }
-        self.metrics
-            .subscriptions
-            .set((conn.live.len() + conn.historic.len()) as i64);
+        self.metrics.subscriptions.set(
+            (conn.live.len() + conn.historic.len() + conn.negs.len() + conn.fetches.len()) as i64,
+        );
         Ok(())
     }
 
@@ -641,14 +965,19 @@ impl Session {
                 event,
             } => {
                 let event = event.into_owned();
+                let historic_source = if self.cursor.is_some() {
+                    "reconnect"
+                } else {
+                    "startup"
+                };
                 let source = if let Some(h) = conn.historic.get_mut(subscription_id.as_ref()) {
                     h.page.push((event.id, event.created_at));
                     h.last_activity = Instant::now();
-                    if self.cursor.is_some() {
-                        "reconnect"
-                    } else {
-                        "startup"
-                    }
+                    historic_source
+                } else if let Some(f) = conn.fetches.get_mut(subscription_id.as_ref()) {
+                    f.requested.remove(&event.id);
+                    f.last_activity = Instant::now();
+                    historic_source
                 } else if conn.live.contains_key(subscription_id.as_ref()) {
                     "live"
                 } else {
@@ -676,6 +1005,51 @@ impl Session {
                             self.filter_done(conn, h.batch, false);
                         }
                     }
+                } else if let Some(f) = conn.fetches.remove(&id) {
+                    conn.writer
+                        .send(&ClientMessage::close(id))
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    if f.requested.is_empty() {
+                        self.filter_done(conn, f.batch, false);
+                    } else if !f.retried {
+                        // Relays are lossy with id lists; ask once more for the rest.
+                        conn.queue.push(Queued {
+                            batch: f.batch,
+                            work: Work::Fetch {
+                                filter: f.filter,
+                                ids: f.requested.into_iter().collect(),
+                                retried: true,
+                            },
+                            not_before: Instant::now(),
+                        });
+                    } else {
+                        // Still missing: page through the semantic filter instead. The
+                        // batch waits for that one unit of work in place of this fetch.
+                        let why = format!("{} ids never arrived", f.requested.len());
+                        self.fallback_to_req(conn, f.batch, f.filter, &why);
+                    }
+                }
+                Ok(())
+            }
+            RelayMessage::NegMsg {
+                subscription_id,
+                message,
+            } => {
+                self.on_neg_msg(conn, subscription_id.into_owned(), &message)
+                    .await
+            }
+            RelayMessage::NegErr {
+                subscription_id,
+                message,
+            } => {
+                if let Some(n) = conn.negs.remove(subscription_id.as_ref()) {
+                    // "closed:" is a timeout on their side; anything else means no negentropy
+                    // for this relay on this connection.
+                    if !message.starts_with("closed") {
+                        self.negentropy_unsupported(conn, &message);
+                    }
+                    self.fallback_to_req(conn, n.batch, n.filter, &message);
                 }
                 Ok(())
             }
@@ -709,10 +1083,23 @@ impl Session {
                     // Retry the same page later; the paginator did not advance.
                     conn.queue.push(Queued {
                         batch: h.batch,
-                        paginator: h.paginator,
+                        work: Work::Page(h.paginator),
                         not_before: retry_at,
                     });
                     if let Some(b) = conn.batches.get_mut(&h.batch) {
+                        b.failed = true;
+                    }
+                } else if let Some(f) = conn.fetches.remove(&id) {
+                    conn.queue.push(Queued {
+                        batch: f.batch,
+                        work: Work::Fetch {
+                            filter: f.filter,
+                            ids: f.requested.into_iter().collect(),
+                            retried: f.retried,
+                        },
+                        not_before: retry_at,
+                    });
+                    if let Some(b) = conn.batches.get_mut(&f.batch) {
                         b.failed = true;
                     }
                 } else if conn.live.remove(&id).is_some() {
@@ -727,7 +1114,9 @@ impl Session {
                 Ok(())
             }
             RelayMessage::Notice(text) => {
-                if notice_means_rate_limited(&text) {
+                if !conn.negs.is_empty() && notice_means_unsupported(&text) {
+                    self.negentropy_unsupported(conn, &text);
+                } else if notice_means_rate_limited(&text) {
                     self.health.on_rate_limited(Instant::now());
                     self.metrics
                         .closed_subscriptions
@@ -775,13 +1164,14 @@ impl Session {
             .historic_batches
             .with_label_values(&[outcome])
             .inc();
+        let method = if b.negentropy { "negentropy" } else { "req" };
         self.metrics
             .historic_method
-            .with_label_values(&["req"])
+            .with_label_values(&[method])
             .inc();
         self.metrics
             .historic_batch_seconds
-            .with_label_values(&["req"])
+            .with_label_values(&[method])
             .observe(b.started.elapsed().as_secs_f64());
         match b.items {
             Items::Announcements => {}
@@ -819,7 +1209,57 @@ impl Session {
             }
             conn.queue.push(Queued {
                 batch: h.batch,
-                paginator: h.paginator,
+                work: Work::Page(h.paginator),
+                not_before: now + self.config.batch_retry,
+            });
+        }
+        let stale: Vec<SubscriptionId> = conn
+            .negs
+            .iter()
+            .filter(|(_, n)| now.duration_since(n.last_activity) >= timeout)
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in stale {
+            let Some(n) = conn.negs.remove(&id) else {
+                continue;
+            };
+            let _ = conn
+                .writer
+                .send(&ClientMessage::NegClose {
+                    subscription_id: Cow::Owned(id),
+                })
+                .await;
+            // Never answered at all: the relay ignores NEG-OPEN.
+            if n.neg.rounds() == 0 {
+                self.negentropy_unsupported(conn, "no answer to NEG-OPEN");
+            }
+            self.fallback_to_req(conn, n.batch, n.filter, "negentropy timed out");
+        }
+        let stale: Vec<SubscriptionId> = conn
+            .fetches
+            .iter()
+            .filter(|(_, f)| now.duration_since(f.last_activity) >= timeout)
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in stale {
+            let Some(f) = conn.fetches.remove(&id) else {
+                continue;
+            };
+            let _ = conn.writer.send(&ClientMessage::close(id)).await;
+            self.metrics
+                .historic_batches
+                .with_label_values(&["timeout"])
+                .inc();
+            if let Some(b) = conn.batches.get_mut(&f.batch) {
+                b.failed = true;
+            }
+            conn.queue.push(Queued {
+                batch: f.batch,
+                work: Work::Fetch {
+                    filter: f.filter,
+                    ids: f.requested.into_iter().collect(),
+                    retried: f.retried,
+                },
                 not_before: now + self.config.batch_retry,
             });
         }
@@ -873,7 +1313,9 @@ impl Session {
             .relay_connected
             .with_label_values(&[self.url.as_str()])
             .set(code);
-        let subs = conn.live.len() + conn.historic.len();
+        let subs = conn.live.len() + conn.historic.len() + conn.negs.len() + conn.fetches.len();
+        let bytes = self.bytes_before + conn.reader.bytes();
+        let neg_ids = self.neg_ids;
         let (repos, roots) = (self.set.repos.len(), self.set.roots.len());
         let confirmed_repos = self.set.repos.intersection(&self.confirmed.repos).count();
         let confirmed_roots = self.set.roots.intersection(&self.confirmed.roots).count();
@@ -900,6 +1342,8 @@ impl Session {
             s.events_published = published;
             s.events_rejected = rejected;
             s.historic_gaps = gaps;
+            s.bytes_received = bytes;
+            s.negentropy_ids_requested = neg_ids;
             s.consecutive_failures = failures;
             s.next_retry_at = None;
         });

@@ -266,6 +266,12 @@ fn handle(
             subs.insert(sub_id, filters);
             out
         }
+        // Like many relays without NIP-77: a NOTICE, no NEG-MSG.
+        ClientMessage::NegOpen { .. } => {
+            vec![Reply::Send(
+                RelayMessage::notice("ERROR: bad msg: unknown cmd").as_json(),
+            )]
+        }
         ClientMessage::Close(id) => {
             s.counters.closes.fetch_add(1, Ordering::SeqCst);
             subs.remove(id.as_ref());
