@@ -147,3 +147,23 @@ async fn copies_of_one_event_in_flight_each_get_their_answer() {
     assert_eq!(s.duplicate.load(Ordering::Relaxed), 40);
     assert_eq!(relays::fetch_ids(&url, Filter::new()).await, ids(&events));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_relay_requiring_auth_accepts_us_with_a_key_and_refuses_without() {
+    use nostr_relay_builder::prelude::RelayBuilderNip42Mode;
+    let (_relay, url) = relays::auth_relay(RelayBuilderNip42Mode::Write).await;
+    let events = corpus(30);
+
+    let (anonymous, _t) = Publisher::spawn(PublisherConfig::new(url.clone()), Metrics::new());
+    publish_all(&anonymous, &events[..5]).await;
+    drained(&anonymous, Duration::from_secs(30)).await;
+    assert_eq!(anonymous.stats().refused.load(Ordering::Relaxed), 5);
+
+    let mut config = PublisherConfig::new(url.clone());
+    config.auth_keys = Some(Keys::generate());
+    let (authed, _t) = Publisher::spawn(config, Metrics::new());
+    publish_all(&authed, &events).await;
+    drained(&authed, Duration::from_secs(30)).await;
+    assert_eq!(authed.stats().accepted.load(Ordering::Relaxed), 30);
+    assert_eq!(relays::fetch_ids(&url, Filter::new()).await, ids(&events));
+}

@@ -453,3 +453,101 @@ async fn relay_without_negentropy_falls_back_to_req() {
     );
     h.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nip42_relay_is_synced_with_a_key_and_reports_the_need_without_one() {
+    use nostr_relay_builder::prelude::RelayBuilderNip42Mode;
+    let rig = rig().await;
+    let (_remote, remote) = relays::auth_relay(RelayBuilderNip42Mode::Read).await;
+    let f = nip34::fixture("private");
+    // Seed it as an authenticated writer would.
+    let mut seed_config = PublisherConfig::new(remote.clone());
+    seed_config.auth_keys = Some(Keys::generate());
+    let (seeder, _t) = Publisher::spawn(seed_config, Metrics::new());
+    for e in &f.expected {
+        seeder.publish(e.clone(), None).await.unwrap();
+    }
+    eventually("seeding", DEADLINE, || async {
+        (seeder.stats().outstanding() == 0).then_some(())
+    })
+    .await;
+
+    // Without a key: nothing synced, and the status says why.
+    let h = rig.start(&remote, set_for(&[&f]), None, fast_config());
+    let mut rx = h.state();
+    eventually("an authentication error in status", DEADLINE, || {
+        let s = rx.borrow_and_update().clone();
+        async move { s.last_error.filter(|e| e.contains("NIP-42")).map(|_| ()) }
+    })
+    .await;
+    assert_ne!(h.state().borrow().phase, Phase::Live);
+    h.stop().await;
+
+    // With a key: synced exactly.
+    let mut config = fast_config();
+    config.auth_keys = Some(Keys::generate());
+    let h = rig.start(&remote, set_for(&[&f]), None, config);
+    rig.holds_exactly(&nip34::ids(&f.expected)).await;
+    wait_phase(&h, Phase::Live).await;
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconciliation_finds_what_live_delivery_missed() {
+    let rig = rig().await;
+    let f = nip34::fixture("reconciled");
+    let remote = HostileRelay::start(Script::default()).await;
+    remote.add(f.expected.iter().cloned());
+    let mut config = fast_config();
+    config.reconcile_every = (Duration::from_secs(2), Duration::from_secs(3));
+    let h = rig.start(&remote.url(), set_for(&[&f]), None, config);
+    rig.holds_exactly(&nip34::ids(&f.expected)).await;
+    wait_phase(&h, Phase::Live).await;
+
+    // An old event the relay never pushes live (it arrived there by some other path).
+    let missed = nip34::comments(f.root.id, 1, 0);
+    remote.add_silently(missed.iter().cloned());
+    let mut want = nip34::ids(&f.expected);
+    want.insert(missed[0].id);
+    rig.holds_exactly(&want).await;
+    assert!(
+        rig.metrics
+            .historic_batches
+            .with_label_values(&["reconciliation"])
+            .get()
+            >= 1
+    );
+    assert!(rig.metrics.events.with_label_values(&["daily"]).get() >= 1);
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_reconciliation_with_negentropy_requests_nothing() {
+    let rig = rig().await;
+    let (_remote, remote) = relays::local_relay(1_000_000).await;
+    let f = nip34::fixture("idle");
+    let comments = nip34::comments(f.root.id, 300, 0);
+    let all: Vec<Event> = f.expected.iter().chain(&comments).cloned().collect();
+    publish_to(&remote, &all).await;
+    let mut config = fast_config();
+    config.reconcile_every = (Duration::from_secs(1), Duration::from_secs(2));
+    let h = rig.start(&remote, set_for(&[&f]), None, config);
+    rig.holds_exactly(&nip34::ids(&all)).await;
+    let first = wait_phase(&h, Phase::Live).await;
+    let requested_before = first.negentropy_ids_requested;
+    eventually("two reconciliations", DEADLINE, || async {
+        (rig.metrics
+            .historic_batches
+            .with_label_values(&["reconciliation"])
+            .get()
+            >= 2)
+            .then_some(())
+    })
+    .await;
+    let s = wait_phase(&h, Phase::Live).await;
+    assert_eq!(
+        s.negentropy_ids_requested, requested_before,
+        "an idle reconciliation fetched events"
+    );
+    h.stop().await;
+}

@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use nostr::{ClientMessage, Event, EventId, JsonUtil, RelayMessage};
+use nostr::{ClientMessage, Event, EventBuilder, EventId, JsonUtil, Keys, RelayMessage};
 use thiserror::Error;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -42,6 +42,8 @@ pub struct PublisherConfig {
     pub min_pause: Duration,
     pub max_pause: Duration,
     pub connect: ConnectOptions,
+    /// NIP-42 identity, so an operator can exempt the syncer from the relay's limits by key.
+    pub auth_keys: Option<Keys>,
 }
 
 impl PublisherConfig {
@@ -55,6 +57,7 @@ impl PublisherConfig {
             min_pause: Duration::from_millis(500),
             max_pause: Duration::from_secs(60),
             connect: ConnectOptions::default(),
+            auth_keys: None,
         }
     }
 }
@@ -131,6 +134,8 @@ impl Publisher {
             in_flight: HashMap::new(),
             pause: None,
             pause_len: Duration::ZERO,
+            challenge: None,
+            auth_pending: None,
         };
         (Publisher { tx, stats }, tokio::spawn(task.run()))
     }
@@ -174,6 +179,9 @@ struct Worker {
     in_flight: HashMap<EventId, InFlight>,
     pause: Option<Instant>,
     pause_len: Duration,
+    /// The latest AUTH challenge on this connection, not yet answered.
+    challenge: Option<String>,
+    auth_pending: Option<EventId>,
 }
 
 enum Step {
@@ -188,6 +196,8 @@ impl Worker {
             match connection::connect(&self.config.local_relay, &self.config.connect).await {
                 Ok((mut writer, mut reader)) => {
                     delay = Duration::from_millis(200);
+                    self.challenge = None;
+                    self.auth_pending = None;
                     tracing::debug!(relay = %self.config.local_relay, "publisher connected");
                     // Whatever was in flight on the previous connection may never have arrived.
                     let lost: Vec<_> = self.in_flight.drain().map(|(_, f)| f.pending).collect();
@@ -231,6 +241,9 @@ impl Worker {
             let now = Instant::now();
             if self.pause.is_some_and(|p| p <= now) {
                 self.pause = None;
+            }
+            if let Err(step) = self.answer_challenge(writer).await {
+                return step;
             }
             // Resend retries first, in order, while there is room.
             while self.pause.is_none() && self.in_flight.len() < self.config.max_in_flight {
@@ -304,15 +317,46 @@ impl Worker {
         }
     }
 
-    fn on_message(&mut self, msg: RelayMessage<'static>) {
-        let RelayMessage::Ok {
-            event_id,
-            status,
-            message,
-        } = msg
-        else {
-            return;
+    async fn answer_challenge(&mut self, writer: &mut connection::ConnWriter) -> Result<(), Step> {
+        let (Some(keys), Some(challenge)) = (&self.config.auth_keys, self.challenge.take()) else {
+            return Ok(());
         };
+        let Ok(relay) = nostr::RelayUrl::parse(self.config.local_relay.as_str()) else {
+            return Ok(());
+        };
+        let Ok(event) = EventBuilder::auth(challenge, relay).sign_with_keys(keys) else {
+            return Ok(());
+        };
+        self.auth_pending = Some(event.id);
+        writer.send(&ClientMessage::auth(event)).await.map_err(|e| {
+            tracing::warn!(relay = %self.config.local_relay, error = %e, "publisher send failed");
+            Step::Reconnect
+        })
+    }
+
+    fn on_message(&mut self, msg: RelayMessage<'static>) {
+        let (event_id, status, message) = match msg {
+            RelayMessage::Auth { challenge } => {
+                self.challenge = Some(challenge.into_owned());
+                return;
+            }
+            RelayMessage::Ok {
+                event_id,
+                status,
+                message,
+            } => (event_id, status, message),
+            _ => return,
+        };
+        if self.auth_pending == Some(event_id) {
+            self.auth_pending = None;
+            if status {
+                tracing::info!(relay = %self.config.local_relay, "publisher authenticated (NIP-42)");
+                self.pause = None;
+            } else {
+                tracing::warn!(relay = %self.config.local_relay, reason = %message, "local relay refused our NIP-42 authentication");
+            }
+            return;
+        }
         let Some(flight) = self.in_flight.remove(&event_id) else {
             return;
         };
@@ -326,8 +370,16 @@ impl Worker {
             .inc();
         let p = flight.pending;
         let copies = p.origins.len() as u64;
-        let is_final = !outcome.is_transient()
-            || (outcome == Outcome::Error && p.attempts >= self.config.max_error_attempts);
+        let retry = match outcome {
+            Outcome::RateLimited => true,
+            Outcome::Error => p.attempts < self.config.max_error_attempts,
+            // With a key we answer the challenge and send again; without, it is final.
+            Outcome::AuthRequired => {
+                self.config.auth_keys.is_some() && p.attempts < self.config.max_error_attempts
+            }
+            _ => false,
+        };
+        let is_final = !retry;
         if is_final {
             for o in p.origins.iter().flatten() {
                 o.resolved.fetch_add(1, Ordering::Release);
@@ -357,7 +409,13 @@ impl Worker {
                 tracing::debug!(relay = %self.config.local_relay, pause = ?self.pause_len, "local relay rate-limits us");
                 self.requeue(p);
             }
-            Outcome::Error if p.attempts < self.config.max_error_attempts => self.requeue(p),
+            Outcome::Error | Outcome::AuthRequired if retry => {
+                if outcome == Outcome::AuthRequired {
+                    // Give the AUTH round trip a moment before resending.
+                    self.pause = Some(Instant::now() + self.config.min_pause);
+                }
+                self.requeue(p)
+            }
             Outcome::Error => {
                 self.stats.gave_up.fetch_add(copies, Ordering::Relaxed);
                 self.metrics

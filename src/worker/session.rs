@@ -11,7 +11,10 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use nostr::{ClientMessage, Event, EventId, Filter, RelayMessage, SubscriptionId, Timestamp};
+use nostr::{
+    ClientMessage, Event, EventBuilder, EventId, Filter, Keys, RelayMessage, SubscriptionId,
+    Timestamp,
+};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
@@ -56,6 +59,11 @@ pub struct SessionConfig {
     pub id_chunk: usize,
     /// Negentropy frame size limit in bytes (0 = unlimited).
     pub neg_frame_limit: u64,
+    /// NIP-42 identity for relays that require authentication.
+    pub auth_keys: Option<Keys>,
+    /// A full reconciliation of every item runs at a random time in this range after
+    /// connecting (and again after each), catching anything live delivery missed.
+    pub reconcile_every: (Duration, Duration),
 }
 
 impl Default for SessionConfig {
@@ -76,6 +84,11 @@ impl Default for SessionConfig {
             negentropy: true,
             id_chunk: 100,
             neg_frame_limit: 60_000,
+            auth_keys: None,
+            reconcile_every: (
+                Duration::from_secs(23 * 3600),
+                Duration::from_secs(25 * 3600),
+            ),
         }
     }
 }
@@ -211,6 +224,7 @@ pub fn spawn(
         received: 0,
         gaps: 0,
         neg_ids: 0,
+        reconciling: false,
         bytes_before: 0,
     };
     SessionHandle {
@@ -236,6 +250,8 @@ struct Session {
     received: u64,
     gaps: u64,
     neg_ids: u64,
+    /// A full reconciliation is running (its events count as `daily`).
+    reconciling: bool,
     /// Bytes read on earlier connections.
     bytes_before: u64,
 }
@@ -329,6 +345,12 @@ struct Conn {
     locals_pending: usize,
     local_tx: mpsc::UnboundedSender<LocalDone>,
     local_rx: mpsc::UnboundedReceiver<LocalDone>,
+    authenticated: bool,
+    /// Our AUTH event awaiting its OK.
+    auth_pending: Option<EventId>,
+    /// Live subscriptions were closed by the relay; re-open them at this time.
+    live_retry_at: Option<Instant>,
+    reconcile_at: Instant,
 }
 
 impl Conn {
@@ -405,6 +427,10 @@ impl Session {
                         locals_pending: 0,
                         local_tx,
                         local_rx,
+                        authenticated: false,
+                        auth_pending: None,
+                        live_retry_at: None,
+                        reconcile_at: Instant::now() + self.reconcile_delay(),
                     }
                 }
                 Err(e) => {
@@ -551,7 +577,11 @@ impl Session {
                         return End::Lost(e);
                     }
                 }
-                _ = tick.tick() => self.check_timeouts(conn).await,
+                _ = tick.tick() => {
+                    if let Err(e) = self.on_tick(conn).await {
+                        return End::Lost(e);
+                    }
+                }
             }
         }
     }
@@ -965,7 +995,9 @@ impl Session {
                 event,
             } => {
                 let event = event.into_owned();
-                let historic_source = if self.cursor.is_some() {
+                let historic_source = if self.reconciling {
+                    "daily"
+                } else if self.cursor.is_some() {
                     "reconnect"
                 } else {
                     "startup"
@@ -1103,13 +1135,34 @@ impl Session {
                         b.failed = true;
                     }
                 } else if conn.live.remove(&id).is_some() {
-                    // Live coverage is gone; rebuild all live subscriptions (after any cool-down
-                    // the relay asked for, rebuilding is cheap: a few REQs).
-                    if outcome != Outcome::RateLimited {
-                        self.open_live(conn).await?;
-                    } else {
-                        return Err(format!("relay closed a live subscription: {message}"));
+                    // Live coverage is gone: rebuild all live subscriptions once the relay lets
+                    // us (after a cool-down, after authenticating, or after the retry delay),
+                    // never in a tight loop.
+                    conn.live_retry_at = Some(retry_at);
+                }
+                Ok(())
+            }
+            RelayMessage::Auth { challenge } => self.authenticate(conn, &challenge).await,
+            RelayMessage::Ok {
+                event_id,
+                status,
+                message,
+            } if conn.auth_pending == Some(event_id) => {
+                conn.auth_pending = None;
+                if status {
+                    tracing::info!(relay = %self.url, "authenticated (NIP-42)");
+                    conn.authenticated = true;
+                    // Whatever waited for authentication may go now.
+                    let now = Instant::now();
+                    for q in conn.queue.iter_mut() {
+                        q.not_before = q.not_before.min(now);
                     }
+                    if conn.live_retry_at.is_some() {
+                        conn.live_retry_at = Some(now);
+                    }
+                } else {
+                    let err = format!("NIP-42 authentication refused: {}", truncate(&message, 500));
+                    self.publish_state(|s| s.last_error = Some(err));
                 }
                 Ok(())
             }
@@ -1178,6 +1231,59 @@ impl Session {
             Items::Repos(rs) => self.confirmed.repos.extend(rs),
             Items::Roots(ids) => self.confirmed.roots.extend(ids),
         }
+    }
+
+    /// Answer an AUTH challenge when we have a key.
+    async fn authenticate(&mut self, conn: &mut Conn, challenge: &str) -> Result<(), String> {
+        let Some(keys) = &self.config.auth_keys else {
+            return Ok(());
+        };
+        if conn.authenticated {
+            return Ok(());
+        }
+        let relay = nostr::RelayUrl::parse(self.url.as_str()).map_err(|e| e.to_string())?;
+        let event = EventBuilder::auth(challenge, relay)
+            .sign_with_keys(keys)
+            .map_err(|e| e.to_string())?;
+        conn.auth_pending = Some(event.id);
+        conn.writer
+            .send(&ClientMessage::auth(event))
+            .await
+            .map_err(|e| e.to_string())
+    }
+
+    fn reconcile_delay(&self) -> Duration {
+        let (lo, hi) = self.config.reconcile_every;
+        let hi = hi.max(lo);
+        lo + (hi - lo).mul_f64(rand::random::<f64>())
+    }
+
+    /// Periodic work on the connection: re-opening closed live subscriptions and the full
+    /// reconciliation.
+    async fn on_tick(&mut self, conn: &mut Conn) -> Result<(), String> {
+        let now = Instant::now();
+        if conn.live_retry_at.is_some_and(|t| t <= now)
+            && self.health.rate_limited_until(now).is_none()
+        {
+            conn.live_retry_at = None;
+            self.open_live(conn).await?;
+        }
+        if self.reconciling && conn.batches.is_empty() {
+            self.reconciling = false;
+        }
+        if now >= conn.reconcile_at && conn.batches.is_empty() {
+            conn.reconcile_at = now + self.reconcile_delay();
+            tracing::info!(relay = %self.url, "full reconciliation");
+            self.metrics
+                .historic_batches
+                .with_label_values(&["reconciliation"])
+                .inc();
+            self.reconciling = true;
+            let all = self.set.clone();
+            self.queue_historic(conn, Some(all), true, None);
+        }
+        self.check_timeouts(conn).await;
+        Ok(())
     }
 
     async fn check_timeouts(&mut self, conn: &mut Conn) {

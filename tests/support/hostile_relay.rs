@@ -108,6 +108,17 @@ impl HostileRelay {
         }
     }
 
+    /// Store without delivering to live subscriptions: an event that only a historic query
+    /// (or a reconciliation) finds.
+    pub fn add_silently(&self, events: impl IntoIterator<Item = Event>) {
+        let mut store = self.shared.store.lock().unwrap();
+        for e in events {
+            if !store.iter().any(|x| x.id == e.id) {
+                store.push(e);
+            }
+        }
+    }
+
     pub fn ids(&self) -> Vec<EventId> {
         self.shared
             .store

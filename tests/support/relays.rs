@@ -9,13 +9,23 @@ use grasp_sync::nostr::RelayUrl;
 use grasp_sync::worker::connection::{self, ConnectOptions, Incoming};
 use nostr::{ClientMessage, Event, EventId, Filter, RelayMessage, SubscriptionId};
 use nostr_relay_builder::prelude::{
-    LocalRelay, MemoryDatabase, MemoryDatabaseOptions, RateLimit, RelayBuilder,
+    LocalRelay, MemoryDatabase, MemoryDatabaseOptions, RateLimit, RelayBuilder, RelayBuilderNip42,
+    RelayBuilderNip42Mode,
 };
 
 /// A nostr-relay-builder relay with limits set for tests: `notes_per_minute` per connection
 /// (nostr-relay-builder's default, and ngit-grasp's, is 60), generous REQ and query limits.
 pub async fn local_relay(notes_per_minute: u32) -> (LocalRelay, RelayUrl) {
-    let builder = RelayBuilder::default()
+    start(builder(notes_per_minute)).await
+}
+
+/// Like [`local_relay`], but requiring NIP-42 authentication for reading or writing.
+pub async fn auth_relay(mode: RelayBuilderNip42Mode) -> (LocalRelay, RelayUrl) {
+    start(builder(1_000_000).nip42(RelayBuilderNip42 { mode })).await
+}
+
+fn builder(notes_per_minute: u32) -> RelayBuilder {
+    RelayBuilder::default()
         .addr(IpAddr::V4(Ipv4Addr::LOCALHOST))
         .database(MemoryDatabase::with_opts(MemoryDatabaseOptions {
             events: true,
@@ -26,8 +36,7 @@ pub async fn local_relay(notes_per_minute: u32) -> (LocalRelay, RelayUrl) {
             notes_per_minute,
         })
         .default_filter_limit(100_000)
-        .max_filter_limit(100_000);
-    start(builder).await
+        .max_filter_limit(100_000)
 }
 
 /// nostr-relay-builder with every default untouched (60 events/min/connection, 500 events
