@@ -102,10 +102,12 @@ async fn run(label: &str, corpus: &Corpus, negentropy: bool, local_share: f64) {
     pc.max_in_flight = 512;
     pc.queue_capacity = 4096;
     let (publisher, _task) = Publisher::spawn(pc, metrics.clone());
-    let mut config = SessionConfig::default();
-    config.local_relay = Some(local_url.clone());
-    config.negentropy = negentropy;
-    config.page_limit = 5_000;
+    let config = SessionConfig {
+        local_relay: Some(local_url.clone()),
+        negentropy,
+        page_limit: 5_000,
+        ..SessionConfig::default()
+    };
     let set = SyncSet {
         repos: [corpus.scope.clone()].into_iter().collect(),
         roots: [corpus.root.id].into_iter().collect(),
