@@ -2,8 +2,8 @@
 //! seed design has them (one series per tracked relay), reasons from fixed enums.
 
 use prometheus::{
-    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry,
+    Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry,
 };
 
 #[derive(Clone)]
@@ -33,6 +33,8 @@ pub struct Metrics {
     pub closed_subscriptions: IntCounterVec,
     pub malformed_messages: IntCounter,
     pub publish_latency_seconds: Histogram,
+    /// The adaptive publish pace (events/s per connection) once the local relay pushed back.
+    pub publish_rate_limit: Gauge,
 }
 
 impl Metrics {
@@ -111,6 +113,8 @@ impl Metrics {
                     .buckets(vec![0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0]),
             )
             .expect("static metric"),
+            publish_rate_limit: Gauge::new("grasp_sync_publish_rate", "Adaptive publish pace per connection (events/s) after the local relay pushed back")
+                .expect("static metric"),
             registry,
         };
         m.register_all();
@@ -139,6 +143,7 @@ impl Metrics {
             Box::new(self.closed_subscriptions.clone()),
             Box::new(self.malformed_messages.clone()),
             Box::new(self.publish_latency_seconds.clone()),
+            Box::new(self.publish_rate_limit.clone()),
         ];
         for c in collectors {
             r.register(c).expect("metric names are unique");

@@ -7,6 +7,7 @@ pub mod metrics;
 pub mod negentropy;
 pub mod nip11;
 pub mod outcome;
+pub mod pacing;
 pub mod pagination;
 pub mod publisher;
 pub mod session;

@@ -5,26 +5,28 @@
 //! - takes events through a bounded queue; a session that cannot enqueue stops reading from
 //!   its remote (backpressure instead of unbounded buffering);
 //! - keeps a bounded number of events in flight and matches each `OK` to its event;
-//! - on `rate-limited:` pauses the whole connection (doubling the pause while refusals
-//!   continue) and resends; on a lost connection or a missing `OK` it resends everything in
-//!   flight after reconnecting;
+//! - paces itself with a token bucket per connection that adapts to `rate-limited:` answers
+//!   (see [`super::pacing`]), and hands refused events to whichever connection has room;
+//! - after a lost connection or a missing `OK` resends everything that was in flight;
+//! - can spread the load over several connections (relays limit ingress per connection) and
+//!   authenticate with NIP-42 so an operator can exempt the syncer by key;
 //! - counts every final answer by reason. A policy refusal (`blocked:`, `invalid:`, …) is
 //!   final and never retried in a loop. Nothing taken from a remote disappears without being
 //!   counted.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use nostr::{ClientMessage, Event, EventBuilder, EventId, JsonUtil, Keys, RelayMessage};
 use thiserror::Error;
-use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 use super::connection::{self, ConnectOptions, Incoming};
 use super::metrics::Metrics;
 use super::outcome::Outcome;
+use super::pacing::Pacer;
 use crate::nostr::RelayUrl;
 
 #[derive(Debug, Clone)]
@@ -39,11 +41,16 @@ pub struct PublisherConfig {
     /// Attempts for `error:` answers before giving up on an event (counted as `gave_up`).
     /// `rate-limited:` is retried without limit: it is about pace, not content.
     pub max_error_attempts: u32,
-    pub min_pause: Duration,
-    pub max_pause: Duration,
+    /// Pause after `auth-required:` so our AUTH is answered before we resend.
+    pub auth_pause: Duration,
     pub connect: ConnectOptions,
     /// NIP-42 identity, so an operator can exempt the syncer from the relay's limits by key.
     pub auth_keys: Option<Keys>,
+    /// Connections to the local relay; relays limit ingress per connection.
+    pub connections: usize,
+    /// Ceiling on events per second per connection (None: as fast as the relay accepts;
+    /// the pace adapts to `rate-limited:` answers either way).
+    pub max_rate: Option<f64>,
 }
 
 impl PublisherConfig {
@@ -54,10 +61,11 @@ impl PublisherConfig {
             max_in_flight: 64,
             ok_timeout: Duration::from_secs(15),
             max_error_attempts: 5,
-            min_pause: Duration::from_millis(500),
-            max_pause: Duration::from_secs(60),
+            auth_pause: Duration::from_millis(500),
             connect: ConnectOptions::default(),
             auth_keys: None,
+            connections: 1,
+            max_rate: None,
         }
     }
 }
@@ -117,27 +125,51 @@ struct Pending {
 /// Cheap to clone; every session holds one.
 #[derive(Clone)]
 pub struct Publisher {
-    tx: mpsc::Sender<Pending>,
+    tx: async_channel::Sender<Pending>,
     stats: Arc<PublisherStats>,
 }
 
+/// Totals across a publisher's connections, for the gauges.
+#[derive(Default)]
+struct Gauges {
+    retry: AtomicI64,
+    in_flight: AtomicI64,
+}
+
 impl Publisher {
+    /// Start `config.connections` connections to the local relay; they share one queue. The
+    /// handle finishes when every `Publisher` clone is dropped and all events are answered.
     pub fn spawn(config: PublisherConfig, metrics: Metrics) -> (Publisher, JoinHandle<()>) {
-        let (tx, rx) = mpsc::channel(config.queue_capacity.max(1));
+        let (tx, rx) = async_channel::bounded(config.queue_capacity.max(1));
         let stats = Arc::new(PublisherStats::default());
-        let task = Worker {
-            config,
-            metrics,
-            stats: stats.clone(),
-            rx,
-            retry: VecDeque::new(),
-            in_flight: HashMap::new(),
-            pause: None,
-            pause_len: Duration::ZERO,
-            challenge: None,
-            auth_pending: None,
-        };
-        (Publisher { tx, stats }, tokio::spawn(task.run()))
+        let gauges = Arc::new(Gauges::default());
+        let shared = Arc::new(Mutex::new(VecDeque::new()));
+        let workers: Vec<JoinHandle<()>> = (0..config.connections.max(1))
+            .map(|_| {
+                let task = Worker {
+                    pacer: Pacer::new(config.max_rate, Instant::now()),
+                    config: config.clone(),
+                    metrics: metrics.clone(),
+                    stats: stats.clone(),
+                    gauges: gauges.clone(),
+                    reported: (0, 0),
+                    rx: rx.clone(),
+                    shared: shared.clone(),
+                    retry: VecDeque::new(),
+                    in_flight: HashMap::new(),
+                    pause: None,
+                    challenge: None,
+                    auth_pending: None,
+                };
+                tokio::spawn(task.run())
+            })
+            .collect();
+        let supervisor = tokio::spawn(async move {
+            for w in workers {
+                let _ = w.await;
+            }
+        });
+        (Publisher { tx, stats }, supervisor)
     }
 
     /// Queue `event` for the local relay; waits while the queue is full.
@@ -174,11 +206,19 @@ struct Worker {
     config: PublisherConfig,
     metrics: Metrics,
     stats: Arc<PublisherStats>,
-    rx: mpsc::Receiver<Pending>,
+    gauges: Arc<Gauges>,
+    /// What this worker last added to the shared gauges (retry, in flight).
+    reported: (i64, i64),
+    pacer: Pacer,
+    rx: async_channel::Receiver<Pending>,
+    /// Events any connection may send again (refused as rate-limited on one connection: another
+    /// may have room). Locked only for a push or pop, never across an await.
+    shared: Arc<Mutex<VecDeque<Pending>>>,
+    /// Events this connection must send again (no answer in time, transient errors, lost
+    /// connection, waiting for authentication).
     retry: VecDeque<Pending>,
     in_flight: HashMap<EventId, InFlight>,
     pause: Option<Instant>,
-    pause_len: Duration,
     /// The latest AUTH challenge on this connection, not yet answered.
     challenge: Option<String>,
     auth_pending: Option<EventId>,
@@ -245,22 +285,42 @@ impl Worker {
             if let Err(step) = self.answer_challenge(writer).await {
                 return step;
             }
-            // Resend retries first, in order, while there is room.
+            // Send what waits — this connection's retries, then shared ones — in order, while
+            // there is room and the pace allows.
+            let mut wake = self.pause;
             while self.pause.is_none() && self.in_flight.len() < self.config.max_in_flight {
-                let Some(p) = self.retry.pop_front() else {
+                let Some(p) = self.retry.pop_front().or_else(|| self.pop_shared()) else {
                     break;
                 };
+                if let Err(at) = self.pacer.take(now) {
+                    self.retry.push_front(p);
+                    wake = Some(at);
+                    break;
+                }
                 if let Err(step) = self.send(writer, p).await {
                     return step;
                 }
             }
-            let can_take = self.pause.is_none()
+            // Take a new event only when it can go out at once: nothing waits here, the pace
+            // allows, there is room in flight. Otherwise it stays in the bounded queue, which
+            // pushes back on the sessions.
+            let ready = match self.pacer.peek(now) {
+                Ok(()) => true,
+                Err(at) => {
+                    wake = Some(wake.map_or(at, |w| w.min(at)));
+                    false
+                }
+            };
+            let can_take = ready
                 && self.retry.is_empty()
-                && self.in_flight.len() < self.config.max_in_flight;
+                && self.pause.is_none()
+                && self.in_flight.len() < self.config.max_in_flight
+                && !(self.rx.is_closed() && self.rx.is_empty());
             if self.rx.is_closed()
                 && self.rx.is_empty()
                 && self.retry.is_empty()
                 && self.in_flight.is_empty()
+                && self.shared_is_empty()
             {
                 return Step::Finished;
             }
@@ -273,14 +333,16 @@ impl Worker {
                         return Step::Reconnect;
                     }
                 },
-                next = self.rx.recv(), if can_take => match next {
-                    Some(p) => {
-                        if let Err(step) = self.send(writer, p).await {
+                next = self.rx.recv(), if can_take => {
+                    if let Ok(p) = next {
+                        if self.pacer.take(Instant::now()).is_err() {
+                            self.retry.push_front(p);
+                        } else if let Err(step) = self.send(writer, p).await {
                             return step;
                         }
                     }
-                    None => continue,
-                },
+                }
+                _ = sleep_until_opt(wake), if wake.is_some() => {}
                 _ = tick.tick() => self.expire_in_flight(),
             }
         }
@@ -368,6 +430,7 @@ impl Worker {
             .publish_outcomes
             .with_label_values(&[outcome.label()])
             .inc();
+        let sent_at = flight.sent_at;
         let p = flight.pending;
         let copies = p.origins.len() as u64;
         let retry = match outcome {
@@ -387,7 +450,7 @@ impl Worker {
         }
         match outcome {
             Outcome::Accepted => {
-                self.pause_len = Duration::ZERO;
+                self.pacer.on_accepted();
                 self.stats.accepted.fetch_add(1, Ordering::Relaxed);
                 // Later copies of the same event are duplicates of this one.
                 self.stats
@@ -398,21 +461,19 @@ impl Worker {
                 }
             }
             Outcome::Duplicate => {
-                self.pause_len = Duration::ZERO;
                 self.stats.duplicate.fetch_add(copies, Ordering::Relaxed);
             }
             Outcome::RateLimited => {
-                self.pause_len = (self.pause_len * 2)
-                    .max(self.config.min_pause)
-                    .min(self.config.max_pause);
-                self.pause = Some(Instant::now() + self.pause_len);
-                tracing::debug!(relay = %self.config.local_relay, pause = ?self.pause_len, "local relay rate-limits us");
-                self.requeue(p);
+                self.pacer.on_rate_limited(Instant::now(), sent_at);
+                tracing::debug!(relay = %self.config.local_relay, pace = ?self.pacer.rate(), "local relay rate-limits us");
+                self.stats.retries.fetch_add(1, Ordering::Relaxed);
+                self.metrics.publish_retries.inc();
+                self.push_shared(p);
             }
             Outcome::Error | Outcome::AuthRequired if retry => {
                 if outcome == Outcome::AuthRequired {
                     // Give the AUTH round trip a moment before resending.
-                    self.pause = Some(Instant::now() + self.config.min_pause);
+                    self.pause = Some(Instant::now() + self.config.auth_pause);
                 }
                 self.requeue(p)
             }
@@ -437,6 +498,26 @@ impl Worker {
         }
     }
 
+    fn pop_shared(&self) -> Option<Pending> {
+        self.shared.lock().ok()?.pop_front()
+    }
+
+    fn push_shared(&mut self, p: Pending) {
+        match self.shared.lock() {
+            Ok(mut q) => q.push_back(p),
+            // A poisoned lock means another connection panicked; keep the event here.
+            Err(_) => self.retry.push_back(p),
+        }
+    }
+
+    fn shared_is_empty(&self) -> bool {
+        self.shared.lock().map(|q| q.is_empty()).unwrap_or(true)
+    }
+
+    fn shared_len(&self) -> usize {
+        self.shared.lock().map(|q| q.len()).unwrap_or(0)
+    }
+
     fn requeue(&mut self, p: Pending) {
         self.stats.retries.fetch_add(1, Ordering::Relaxed);
         self.metrics.publish_retries.inc();
@@ -459,13 +540,35 @@ impl Worker {
         }
     }
 
-    fn update_gauges(&self) {
+    fn update_gauges(&mut self) {
+        let now = (self.retry.len() as i64, self.in_flight.len() as i64);
+        let retry = self
+            .gauges
+            .retry
+            .fetch_add(now.0 - self.reported.0, Ordering::Relaxed)
+            + now.0
+            - self.reported.0;
+        let in_flight = self
+            .gauges
+            .in_flight
+            .fetch_add(now.1 - self.reported.1, Ordering::Relaxed)
+            + now.1
+            - self.reported.1;
+        self.reported = now;
         self.metrics
             .publish_queue_depth
-            .set((self.retry.len() + self.rx.len()) as i64);
-        self.metrics
-            .publish_in_flight
-            .set(self.in_flight.len() as i64);
+            .set(retry + (self.rx.len() + self.shared_len()) as i64);
+        self.metrics.publish_in_flight.set(in_flight);
+        if let Some(rate) = self.pacer.rate() {
+            self.metrics.publish_rate_limit.set(rate);
+        }
+    }
+}
+
+async fn sleep_until_opt(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
     }
 }
 

@@ -27,6 +27,9 @@ pub struct Script {
     pub no_eose: bool,
     /// The first N EVENTs published to this relay get `OK false "rate-limited: …"`.
     pub ok_rate_limited_first: usize,
+    /// Accept at most this many EVENTs per second (token bucket, burst of one second);
+    /// the excess gets `OK false "rate-limited: …"`.
+    pub ok_rate_per_sec: Option<f64>,
     /// Close the connection after sending this many stored events, once per relay.
     pub disconnect_after_events: Option<usize>,
     /// Sent to every new connection, N times.
@@ -48,6 +51,8 @@ pub struct Counters {
 
 struct Shared {
     script: Mutex<Script>,
+    /// (tokens, last refill) for `ok_rate_per_sec`.
+    bucket: Mutex<(f64, std::time::Instant)>,
     store: Mutex<Vec<Event>>,
     live: broadcast::Sender<Event>,
     counters: Counters,
@@ -73,6 +78,10 @@ impl HostileRelay {
             .expect("bind loopback");
         let addr = listener.local_addr().expect("local addr");
         let shared = Arc::new(Shared {
+            bucket: Mutex::new((
+                script.ok_rate_per_sec.unwrap_or(0.0),
+                std::time::Instant::now(),
+            )),
             script: Mutex::new(script),
             store: Mutex::new(Vec::new()),
             live: broadcast::channel(10_000).0,
@@ -209,6 +218,18 @@ fn handle(
                 return vec![Reply::Send(
                     RelayMessage::ok(ev.id, false, "rate-limited: slow down").as_json(),
                 )];
+            }
+            if let Some(rate) = script.ok_rate_per_sec {
+                let mut b = s.bucket.lock().unwrap();
+                let now = std::time::Instant::now();
+                b.0 = (b.0 + now.duration_since(b.1).as_secs_f64() * rate).min(rate.max(1.0));
+                b.1 = now;
+                if b.0 < 1.0 {
+                    return vec![Reply::Send(
+                        RelayMessage::ok(ev.id, false, "rate-limited: slow down").as_json(),
+                    )];
+                }
+                b.0 -= 1.0;
             }
             let ok = RelayMessage::ok(ev.id, true, "").as_json();
             let mut store = s.store.lock().unwrap();
