@@ -289,14 +289,25 @@ async fn invalid_and_oversize_events_are_counted_not_published() {
         ))
         .sign_with_keys(&keys)
         .unwrap();
+    // Content changed after signing: the id no longer matches.
     let mut forged: serde_json::Value = serde_json::from_str(&good.as_json()).unwrap();
     forged["content"] = "forged".into();
+    // A correct id with someone else's signature.
+    let victim = EventBuilder::new(Kind::from(1111), "impersonated")
+        .tag(nostr::Tag::custom(
+            nostr::TagKind::custom("E"),
+            [root.clone()],
+        ))
+        .sign_with_keys(&Keys::generate())
+        .unwrap();
+    let mut bad_sig: serde_json::Value = serde_json::from_str(&victim.as_json()).unwrap();
+    bad_sig["sig"] = good.sig.to_string().into();
     let big = EventBuilder::new(Kind::from(1111), "x".repeat(300 * 1024))
         .tag(nostr::Tag::custom(nostr::TagKind::custom("E"), [root]))
         .sign_with_keys(&keys)
         .unwrap();
     let remote = HostileRelay::start(Script {
-        raw_events: vec![forged.to_string(), big.as_json()],
+        raw_events: vec![forged.to_string(), bad_sig.to_string(), big.as_json()],
         ..Script::default()
     })
     .await;
@@ -319,6 +330,14 @@ async fn invalid_and_oversize_events_are_counted_not_published() {
             .get()
             >= 1
     );
+    assert!(
+        rig.metrics
+            .events_rejected
+            .with_label_values(&["invalid_signature"])
+            .get()
+            >= 1
+    );
+    assert!(h.state().borrow().events_rejected >= 3);
     h.stop().await;
 }
 
@@ -549,5 +568,41 @@ async fn an_idle_reconciliation_with_negentropy_requests_nothing() {
         s.negentropy_ids_requested, requested_before,
         "an idle reconciliation fetched events"
     );
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_with_a_cursor_resumes_instead_of_resyncing() {
+    let rig = rig().await;
+    let f = nip34::fixture("resume");
+    let now = nostr::Timestamp::now().as_secs();
+    let stamp = |text: &str, at: u64| {
+        EventBuilder::new(Kind::from(1111), text)
+            .tag(nostr::Tag::custom(
+                nostr::TagKind::custom("E"),
+                [f.root.id.to_hex()],
+            ))
+            .custom_created_at(nostr::Timestamp::from(at))
+            .sign_with_keys(&Keys::generate())
+            .unwrap()
+    };
+    // Synced before the cursor (a day old), and new since (a minute old).
+    let old: Vec<Event> = (0..20)
+        .map(|i| stamp(&format!("old {i}"), now - 86_400 - i))
+        .collect();
+    let new: Vec<Event> = (0..5)
+        .map(|i| stamp(&format!("new {i}"), now - 60 - i))
+        .collect();
+    let remote = HostileRelay::start(Script::default()).await;
+    remote.add(old.iter().chain(&new).cloned());
+
+    // The status said: everything confirmed up to ten minutes ago (slack is 15 minutes).
+    let cursor = now - 600;
+    let h = rig.start(&remote.url(), set_for(&[&f]), Some(cursor), fast_config());
+    rig.holds_exactly(&nip34::ids(&new)).await;
+    let s = wait_phase(&h, Phase::Live).await;
+    assert_eq!((s.confirmed_repos, s.confirmed_roots), (1, 1));
+    // Bounded re-download: nothing older than cursor - slack was asked for.
+    assert_eq!(remote.served_ids(), nip34::ids(&new).into_iter().collect());
     h.stop().await;
 }

@@ -591,13 +591,20 @@ impl Session {
     async fn open_live(&mut self, conn: &mut Conn) -> Result<(), String> {
         let repos: Vec<RepoScope> = self.set.repos.iter().cloned().collect();
         let roots: Vec<EventId> = self.set.roots.iter().copied().collect();
-        let mut all = vec![filters::layer1()];
-        all.extend(filters::layer2(&repos, self.config.chunk));
-        all.extend(filters::layer3(&roots, self.config.chunk));
-        let live: Vec<Filter> = all.into_iter().map(|f| f.limit(0)).collect();
+        // Leave room for historic work under the relay's subscription limit.
+        let max_reqs = conn.caps.max_subscriptions.map(|m| {
+            (m as usize).saturating_sub(self.config.max_historic_subscriptions.min(m as usize / 2))
+        });
+        let plan = filters::plan_live(
+            &repos,
+            &roots,
+            self.config.chunk,
+            self.max_filters(&conn.caps),
+            max_reqs,
+        );
         let old: Vec<SubscriptionId> = conn.live.keys().cloned().collect();
         conn.live.clear();
-        for req in filters::pack(live, self.max_filters(&conn.caps)) {
+        for req in plan {
             conn.next_id += 1;
             let id = SubscriptionId::new(format!("live-{}", conn.next_id));
             conn.writer

@@ -50,6 +50,7 @@ pub struct Counters {
 }
 
 struct Shared {
+    served: Mutex<std::collections::HashSet<EventId>>,
     script: Mutex<Script>,
     /// (tokens, last refill) for `ok_rate_per_sec`.
     bucket: Mutex<(f64, std::time::Instant)>,
@@ -78,6 +79,7 @@ impl HostileRelay {
             .expect("bind loopback");
         let addr = listener.local_addr().expect("local addr");
         let shared = Arc::new(Shared {
+            served: Mutex::new(Default::default()),
             bucket: Mutex::new((
                 script.ok_rate_per_sec.unwrap_or(0.0),
                 std::time::Instant::now(),
@@ -136,6 +138,11 @@ impl HostileRelay {
             .iter()
             .map(|e| e.id)
             .collect()
+    }
+
+    /// Ids of stored events this relay has sent in answer to a REQ.
+    pub fn served_ids(&self) -> std::collections::HashSet<EventId> {
+        self.shared.served.lock().unwrap().clone()
     }
 
     pub fn set_script(&self, script: Script) {
@@ -268,6 +275,7 @@ fn handle(
                     out.push(Reply::Send(
                         RelayMessage::event(sub_id.clone(), e.clone()).as_json(),
                     ));
+                    s.served.lock().unwrap().insert(e.id);
                     let served = s.counters.events_served.fetch_add(1, Ordering::SeqCst) + 1;
                     if let Some(n) = script.disconnect_after_events {
                         let mut once = s.disconnected_once.lock().unwrap();
