@@ -227,6 +227,7 @@ pub fn spawn(
         neg_ids: 0,
         reconciling: false,
         bytes_before: 0,
+        bytes_reported: 0,
     };
     SessionHandle {
         commands: cmd_tx,
@@ -255,6 +256,8 @@ struct Session {
     reconciling: bool,
     /// Bytes read on earlier connections.
     bytes_before: u64,
+    /// Bytes of the current connection already added to the metric.
+    bytes_reported: u64,
 }
 
 enum End {
@@ -389,15 +392,9 @@ impl Session {
             });
             let mut conn = conn;
             let end = self.connected(&mut conn).await;
+            self.report_bytes(&conn);
             self.bytes_before += conn.reader.bytes();
-            self.metrics
-                .bytes_received
-                .with_label_values(&[if conn.neg_support == Some(true) {
-                    "negentropy"
-                } else {
-                    "req"
-                }])
-                .inc_by(conn.reader.bytes());
+            self.bytes_reported = 0;
             self.metrics.relays_connected.dec();
             self.metrics.subscriptions.set(0);
             match end {
@@ -882,6 +879,7 @@ impl Session {
             .with_label_values(&[self.url.as_str()])
             .set(code);
         let subs = conn.live.len() + conn.historic.len() + conn.negs.len() + conn.fetches.len();
+        self.report_bytes(conn);
         let bytes = self.bytes_before + conn.reader.bytes();
         let neg_ids = self.neg_ids;
         let (repos, roots) = (self.set.repos.len(), self.set.roots.len());
@@ -915,6 +913,22 @@ impl Session {
             s.consecutive_failures = failures;
             s.next_retry_at = None;
         });
+    }
+
+    /// Add what the connection read since the last report to the bytes metric, labelled by
+    /// whether this relay does negentropy.
+    fn report_bytes(&mut self, conn: &Conn) {
+        let read = conn.reader.bytes();
+        let method = if conn.neg_support == Some(true) {
+            "negentropy"
+        } else {
+            "req"
+        };
+        self.metrics
+            .bytes_received
+            .with_label_values(&[method])
+            .inc_by(read.saturating_sub(self.bytes_reported));
+        self.bytes_reported = read;
     }
 
     fn publish_state(&self, f: impl FnOnce(&mut SessionState)) {
