@@ -1,2 +1,4 @@
 //! Discovery (self-subscription, repo index, relay targets) and assignment (hash ring,
-//! worker leases, drain). Not implemented yet: see the discovery and Kubernetes-mode issues.
+//! worker leases, drain).
+
+pub mod ssrf;

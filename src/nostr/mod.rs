@@ -2,6 +2,7 @@
 
 pub mod coordinate;
 pub mod filters;
+pub mod nip34;
 pub mod relay_url;
 
 pub use coordinate::{CoordinateError, RepoCoordinate};
