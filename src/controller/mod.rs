@@ -1,4 +1,7 @@
 //! Discovery (self-subscription, repo index, relay targets) and assignment (hash ring,
 //! worker leases, drain).
 
+pub mod desired;
+pub mod index;
 pub mod ssrf;
+pub mod targets;

@@ -37,6 +37,22 @@ pub fn object_name(url: &RelayUrl) -> String {
     name
 }
 
+/// The name of part `part` of a relay whose repos are split over several objects (part 0 is
+/// [`object_name`]); the same readable prefix, a hash of the URL and the part number.
+pub fn object_name_part(url: &RelayUrl, part: usize) -> String {
+    if part == 0 {
+        return object_name(url);
+    }
+    let hash = Sha256::digest(format!("{url}#{part}").as_bytes());
+    let hash_hex: String = hash
+        .iter()
+        .take(HASH_HEX / 2)
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let base = object_name(url);
+    format!("{}{hash_hex}", &base[..base.len() - HASH_HEX])
+}
+
 /// Lower-case alphanumerics, every other run of characters turned into one '-', trimmed
 /// of dashes, at most `max` characters.
 fn slug(s: &str, max: usize) -> String {
@@ -151,6 +167,22 @@ mod tests {
         let long_a = format!("wss://{}.example/a", "x".repeat(80));
         let long_b = format!("wss://{}.example/b", "x".repeat(80));
         assert_ne!(name(&long_a), name(&long_b));
+    }
+
+    #[test]
+    fn split_parts_share_the_prefix_and_differ() {
+        let url = RelayUrl::parse("wss://relay.damus.io").unwrap();
+        assert_eq!(object_name_part(&url, 0), object_name(&url));
+        let names: HashSet<String> = (0..20).map(|i| object_name_part(&url, i)).collect();
+        assert_eq!(names.len(), 20);
+        for n in &names {
+            assert!(
+                n.starts_with("relay-relay-damus-io-") && is_dns1123_label(n),
+                "{n}"
+            );
+        }
+        let long = RelayUrl::parse(&format!("wss://{}.example", "a".repeat(100))).unwrap();
+        assert!(is_dns1123_label(&object_name_part(&long, 7)));
     }
 
     #[test]
