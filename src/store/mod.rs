@@ -1,2 +1,67 @@
-//! The RelaySync store: Kubernetes-backed and in-memory (standalone).
-//! Not implemented yet: see the discovery and Kubernetes-mode issues.
+//! The RelaySync store: where discovery writes what to sync and workers write how it goes.
+//! Two implementations pass the same [`conformance`] suite: the Kubernetes API (Kubernetes
+//! mode) and [`memory::MemoryStore`] (standalone, persisted to a state file).
+
+pub mod conformance;
+pub mod memory;
+
+use std::future::Future;
+
+use thiserror::Error;
+use tokio::sync::watch;
+
+use crate::crd::{RelaySyncSpec, RelaySyncStatus};
+
+/// One stored RelaySync.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredRelaySync {
+    pub name: String,
+    /// Bumped whenever the spec changes, as `metadata.generation` is.
+    pub generation: i64,
+    pub spec: RelaySyncSpec,
+    pub status: Option<RelaySyncStatus>,
+}
+
+#[derive(Debug, Error)]
+pub enum StoreError {
+    #[error("RelaySync {0} not found")]
+    NotFound(String),
+    #[error("invalid RelaySync {name}: {reason}")]
+    Invalid { name: String, reason: String },
+    #[error("store backend: {0}")]
+    Backend(String),
+}
+
+/// Operations discovery and workers need. Writers own disjoint parts: `apply_spec` (the
+/// controller) never touches status or the operator's `paused`; `apply_status` (a worker)
+/// never touches spec.
+pub trait RelaySyncStore: Send + Sync {
+    fn list(&self) -> impl Future<Output = Result<Vec<StoredRelaySync>, StoreError>> + Send;
+
+    fn get(
+        &self,
+        name: &str,
+    ) -> impl Future<Output = Result<Option<StoredRelaySync>, StoreError>> + Send;
+
+    /// Create the object, or update its controller-owned spec fields (`url`, `bootstrap`,
+    /// `repos`). The generation moves only when one of them changes.
+    fn apply_spec(
+        &self,
+        name: &str,
+        spec: &RelaySyncSpec,
+    ) -> impl Future<Output = Result<StoredRelaySync, StoreError>> + Send;
+
+    /// Replace the status of an existing object.
+    fn apply_status(
+        &self,
+        name: &str,
+        status: &RelaySyncStatus,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Delete the object; deleting a missing object is not an error.
+    fn delete(&self, name: &str) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// A counter that moves on every change: level-triggered, so a slow reader never misses
+    /// that something changed (it re-lists).
+    fn changes(&self) -> watch::Receiver<u64>;
+}
