@@ -2,6 +2,7 @@
 //! worker leases, drain).
 
 pub mod desired;
+pub mod discovery;
 pub mod index;
 pub mod ssrf;
 pub mod targets;

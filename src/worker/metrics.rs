@@ -35,6 +35,14 @@ pub struct Metrics {
     pub publish_latency_seconds: Histogram,
     /// The adaptive publish pace (events/s per connection) once the local relay pushed back.
     pub publish_rate_limit: Gauge,
+    /// Repositories in the discovery index.
+    pub discovery_repos: IntGauge,
+    /// RelaySync objects discovery wants.
+    pub discovery_objects: IntGauge,
+    /// Store writes by discovery, by action (apply | delete).
+    pub discovery_actions: IntCounterVec,
+    /// Relay URLs from announcements not used, by reason.
+    pub discovery_rejected_targets: IntCounterVec,
 }
 
 impl Metrics {
@@ -115,6 +123,20 @@ impl Metrics {
             .expect("static metric"),
             publish_rate_limit: Gauge::new("grasp_sync_publish_rate", "Adaptive publish pace per connection (events/s) after the local relay pushed back")
                 .expect("static metric"),
+            discovery_repos: IntGauge::new("grasp_sync_discovery_repos", "Repositories in the discovery index")
+                .expect("static metric"),
+            discovery_objects: IntGauge::new("grasp_sync_discovery_objects", "RelaySync objects discovery wants")
+                .expect("static metric"),
+            discovery_actions: IntCounterVec::new(
+                Opts::new("grasp_sync_discovery_actions_total", "Store writes by discovery"),
+                &["action"],
+            )
+            .expect("static metric"),
+            discovery_rejected_targets: IntCounterVec::new(
+                Opts::new("grasp_sync_discovery_rejected_targets_total", "Relay URLs from announcements not used, by reason"),
+                &["reason"],
+            )
+            .expect("static metric"),
             registry,
         };
         m.register_all();
@@ -144,6 +166,10 @@ impl Metrics {
             Box::new(self.malformed_messages.clone()),
             Box::new(self.publish_latency_seconds.clone()),
             Box::new(self.publish_rate_limit.clone()),
+            Box::new(self.discovery_repos.clone()),
+            Box::new(self.discovery_objects.clone()),
+            Box::new(self.discovery_actions.clone()),
+            Box::new(self.discovery_rejected_targets.clone()),
         ];
         for c in collectors {
             r.register(c).expect("metric names are unique");

@@ -1,6 +1,7 @@
 //! Relay sessions, the sync engine, the publisher and the status reporter.
 
 pub mod connection;
+pub mod feed;
 pub mod health;
 pub mod local_index;
 pub mod metrics;

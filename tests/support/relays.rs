@@ -19,6 +19,11 @@ pub async fn local_relay(notes_per_minute: u32) -> (LocalRelay, RelayUrl) {
     start(builder(notes_per_minute)).await
 }
 
+/// Like [`local_relay`], on a given port.
+pub async fn local_relay_on(port: u16, notes_per_minute: u32) -> (LocalRelay, RelayUrl) {
+    start(builder(notes_per_minute).port(port)).await
+}
+
 /// Like [`local_relay`], but requiring NIP-42 authentication for reading or writing.
 pub async fn auth_relay(mode: RelayBuilderNip42Mode) -> (LocalRelay, RelayUrl) {
     start(builder(1_000_000).nip42(RelayBuilderNip42 { mode })).await

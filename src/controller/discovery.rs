@@ -1,0 +1,161 @@
+//! Discovery: the local relay's accepted announcements (and their deletions) → the repo
+//! index → the RelaySync objects in the store.
+//!
+//! Objects are only ever removed once the local relay's stored announcements have all been
+//! read (a half-loaded index must not delete anything), and then only after the grace period.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use nostr::{Filter, Kind};
+use tokio::sync::watch;
+
+use super::desired::{Action, Planner, desired_objects};
+use super::index::{Change, RepoIndex};
+use super::targets::TargetPolicy;
+use crate::nostr::RelayUrl;
+use crate::nostr::nip34::Announcement;
+use crate::store::{RelaySyncStore, StoreError};
+use crate::worker::feed::{self, FeedEvent};
+use crate::worker::health::HealthConfig;
+use crate::worker::metrics::Metrics;
+
+#[derive(Debug, Clone)]
+pub struct DiscoveryConfig {
+    pub local_relay: RelayUrl,
+    pub policy: TargetPolicy,
+    pub bootstrap: BTreeSet<RelayUrl>,
+    pub repos_per_object: usize,
+    /// How long a repo or relay must stay unwanted before it is removed.
+    pub grace: Duration,
+    /// Changes arriving within this window are written together.
+    pub debounce: Duration,
+    pub health: HealthConfig,
+}
+
+impl DiscoveryConfig {
+    pub fn new(local_relay: RelayUrl, policy: TargetPolicy) -> Self {
+        DiscoveryConfig {
+            local_relay,
+            policy,
+            bootstrap: BTreeSet::new(),
+            repos_per_object: super::desired::DEFAULT_REPOS_PER_OBJECT,
+            grace: Duration::from_secs(15 * 60),
+            debounce: Duration::from_millis(200),
+            health: HealthConfig::default(),
+        }
+    }
+}
+
+/// Run discovery until `shutdown` turns true.
+pub async fn run<S: RelaySyncStore + 'static>(
+    config: DiscoveryConfig,
+    store: Arc<S>,
+    metrics: Metrics,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let filters = vec![
+        Filter::new().kind(Kind::from(30617u16)),
+        Filter::new().kind(Kind::EventDeletion),
+    ];
+    let (_feed, mut events) =
+        feed::spawn(config.local_relay.clone(), filters, config.health.clone());
+    let mut index = RepoIndex::default();
+    let mut planner = Planner::new(config.grace);
+    let mut loaded = false;
+    let mut dirty = true;
+    let mut tick = tokio::time::interval(config.debounce.max(Duration::from_millis(10)));
+    // Pending removals need a pass when their grace runs out, events or not.
+    let mut last_pass = Instant::now();
+    let sweep = (config.grace / 4).clamp(Duration::from_millis(50), Duration::from_secs(30));
+    loop {
+        tokio::select! {
+            ev = events.recv() => match ev {
+                Some(FeedEvent::Event(event)) => {
+                    if event.kind == Kind::EventDeletion {
+                        if !index.apply_deletion(&event).is_empty() {
+                            dirty = true;
+                        }
+                    } else if let Ok(a) = Announcement::from_event(&event) {
+                        for (value, why) in config.policy.targets(&a).rejected {
+                            metrics.discovery_rejected_targets.with_label_values(&[why.label()]).inc();
+                            tracing::debug!(repo = %a.coordinate, relay = %value, reason = %why, "relay target not used");
+                        }
+                        if index.apply_announcement(a, &config.policy) != Change::Stale {
+                            dirty = true;
+                        }
+                    }
+                }
+                Some(FeedEvent::Synced) => {
+                    if !loaded {
+                        tracing::info!(repos = index.len(), "discovery loaded the local relay's announcements");
+                    }
+                    loaded = true;
+                    dirty = true;
+                }
+                Some(FeedEvent::Disconnected { error, retry_in }) => {
+                    tracing::warn!(relay = %config.local_relay, %error, ?retry_in, "cannot read the local relay; retrying");
+                }
+                None => return,
+            },
+            _ = tick.tick() => {
+                if loaded && (dirty || last_pass.elapsed() >= sweep) {
+                    match reconcile(&config, &index, &mut planner, store.as_ref(), &metrics).await {
+                        Ok(()) => dirty = false,
+                        Err(e) => tracing::warn!(error = %e, "discovery could not update the store; will retry"),
+                    }
+                    last_pass = Instant::now();
+                }
+            }
+            _ = shutdown.changed() => {
+                if *shutdown.borrow() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+async fn reconcile<S: RelaySyncStore>(
+    config: &DiscoveryConfig,
+    index: &RepoIndex,
+    planner: &mut Planner,
+    store: &S,
+    metrics: &Metrics,
+) -> Result<(), StoreError> {
+    let desired = desired_objects(
+        &index.relay_map(),
+        &config.bootstrap,
+        config.repos_per_object,
+    );
+    metrics.discovery_repos.set(index.len() as i64);
+    metrics.discovery_objects.set(desired.len() as i64);
+    let existing: BTreeMap<String, _> = store
+        .list()
+        .await?
+        .into_iter()
+        .map(|o| (o.name, o.spec))
+        .collect();
+    for action in planner.plan(&desired, &existing, Instant::now()) {
+        match action {
+            Action::Apply { name, spec } => {
+                tracing::info!(object = %name, url = %spec.url, repos = spec.repos.len(), "apply RelaySync");
+                store.apply_spec(&name, &spec).await?;
+                metrics
+                    .discovery_actions
+                    .with_label_values(&["apply"])
+                    .inc();
+            }
+            Action::Delete { name } => {
+                tracing::info!(object = %name, "delete RelaySync");
+                store.delete(&name).await?;
+                metrics
+                    .discovery_actions
+                    .with_label_values(&["delete"])
+                    .inc();
+            }
+        }
+    }
+    Ok(())
+}
