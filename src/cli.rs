@@ -60,6 +60,22 @@ pub enum Command {
     /// Run an offline, loopback-only demonstration: embedded relays, a synthetic corpus, and
     /// a check that exactly the expected events arrive.
     Demo(DemoArgs),
+    /// Print the relays a running `grasp-sync standalone` syncs, like `kubectl get relaysyncs`.
+    Status(StatusArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// The standalone's HTTP endpoint (its --metrics-addr).
+    #[arg(
+        long,
+        env = "GRASP_SYNC_STATUS_URL",
+        default_value = "http://127.0.0.1:9090"
+    )]
+    pub url: String,
+    /// Print the raw JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Args)]
@@ -125,13 +141,44 @@ pub struct StandaloneArgs {
         default_value = "grasp-sync-state.json"
     )]
     pub state_file: PathBuf,
-    /// Address of the /metrics and status endpoint.
+    /// Address of the /metrics, /status and /healthz endpoint.
     #[arg(
         long,
         env = "GRASP_SYNC_METRICS_ADDR",
         default_value = "127.0.0.1:9090"
     )]
     pub metrics_addr: SocketAddr,
+    #[command(flatten)]
+    pub sync: SyncOpts,
+}
+
+/// Tuning shared by every process that syncs.
+#[derive(Debug, Args)]
+pub struct SyncOpts {
+    /// Relay hosts or networks allowed even though they are private, loopback or
+    /// cluster-internal (comma-separated host names, IPs or CIDRs). Announcements are
+    /// untrusted: by default such relays are refused.
+    #[arg(long, env = "GRASP_SYNC_ALLOW", value_delimiter = ',')]
+    pub allow: Vec<String>,
+    /// Networks refused in addition to private ranges, e.g. the cluster's pod and service
+    /// CIDRs (comma-separated).
+    #[arg(long, env = "GRASP_SYNC_DENY_NETS", value_delimiter = ',')]
+    pub deny_nets: Vec<ipnet::IpNet>,
+    /// How long a repo or relay must stay out of every announcement before it stops being
+    /// synced.
+    #[arg(long, env = "GRASP_SYNC_GRACE", default_value = "15m", value_parser = humantime::parse_duration)]
+    pub grace: Duration,
+    /// Most one status write per relay per interval (phase changes are written at once).
+    #[arg(long, env = "GRASP_SYNC_STATUS_INTERVAL", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub status_interval: Duration,
+    /// Connections used to publish into the local relay (relays limit ingress per
+    /// connection).
+    #[arg(long, env = "GRASP_SYNC_PUBLISHER_CONNECTIONS", default_value_t = 1)]
+    pub publisher_connections: usize,
+    /// File holding a nostr secret key (nsec or hex) for NIP-42 authentication, to remote
+    /// relays and to the local relay.
+    #[arg(long, env = "GRASP_SYNC_AUTH_KEY_FILE")]
+    pub auth_key_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]

@@ -8,7 +8,9 @@
 
 pub mod controller;
 pub mod crd;
+pub mod http;
 pub mod nostr;
+pub mod standalone;
 pub mod store;
 pub mod tls;
 pub mod worker;

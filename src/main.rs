@@ -7,7 +7,8 @@ use tracing_subscriber::EnvFilter;
 
 mod cli;
 
-use cli::{Cli, Command, LogFormat, LogOpts};
+use cli::{Cli, Command, LogFormat, LogOpts, StandaloneArgs, StatusArgs, SyncOpts};
+use grasp_sync::controller::ssrf::AddressPolicy;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -35,9 +36,120 @@ fn run(command: Command) -> Result<()> {
         }
         Command::Controller(_) => not_implemented("controller", "Kubernetes mode"),
         Command::Worker(_) => not_implemented("worker", "Kubernetes mode"),
-        Command::Standalone(_) => not_implemented("standalone", "discovery and standalone mode"),
+        Command::Standalone(args) => runtime()?.block_on(standalone(args)),
+        Command::Status(args) => runtime()?.block_on(status(args)),
         Command::Demo(_) => not_implemented("demo", "discovery and standalone mode"),
     }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    grasp_sync::tls::install_default_crypto();
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
+}
+
+fn address_policy(sync: &SyncOpts) -> AddressPolicy {
+    let mut policy = AddressPolicy {
+        deny_nets: sync.deny_nets.clone(),
+        ..AddressPolicy::default()
+    };
+    for entry in &sync.allow {
+        let entry = entry.trim();
+        if let Ok(net) = entry.parse::<ipnet::IpNet>() {
+            policy.allow_nets.push(net);
+        } else if let Ok(ip) = entry.parse::<std::net::IpAddr>() {
+            policy.allow_nets.push(ipnet::IpNet::from(ip));
+        } else if !entry.is_empty() {
+            policy.allow_hosts.insert(entry.to_ascii_lowercase());
+        }
+    }
+    policy
+}
+
+fn auth_keys(sync: &SyncOpts) -> Result<Option<nostr::Keys>> {
+    let Some(path) = &sync.auth_key_file else {
+        return Ok(None);
+    };
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading --auth-key-file {}", path.display()))?;
+    let keys = nostr::Keys::parse(text.trim()).with_context(|| {
+        format!(
+            "{} does not hold a nostr secret key (nsec or hex)",
+            path.display()
+        )
+    })?;
+    Ok(Some(keys))
+}
+
+async fn standalone(args: StandaloneArgs) -> Result<()> {
+    let mut opts = grasp_sync::standalone::StandaloneOptions::new(
+        args.relays.local_relay.clone(),
+        args.relays.service_domain.clone(),
+    );
+    opts.bootstrap = args.relays.bootstrap.clone();
+    opts.state_file = Some(args.state_file.clone());
+    opts.http_addr = args.metrics_addr;
+    opts.addresses = address_policy(&args.sync);
+    opts.grace = args.sync.grace;
+    opts.status_interval = args.sync.status_interval;
+    opts.publisher_connections = args.sync.publisher_connections;
+    opts.auth_keys = auth_keys(&args.sync)?;
+    let running = grasp_sync::standalone::start(opts)
+        .await
+        .context("starting standalone mode")?;
+    tracing::info!(
+        local_relay = %args.relays.local_relay,
+        http = %running.http_addr,
+        state_file = %args.state_file.display(),
+        "grasp-sync standalone running; Ctrl-C to stop"
+    );
+    wait_for_signal().await;
+    tracing::info!("stopping: closing sessions and saving state");
+    running.stop().await;
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+async fn status(args: StatusArgs) -> Result<()> {
+    let url = format!("{}/status", args.url.trim_end_matches('/'));
+    let body = reqwest::Client::builder()
+        .timeout(std::time::Duration::from_secs(10))
+        .build()?
+        .get(&url)
+        .send()
+        .await
+        .with_context(|| format!("is grasp-sync standalone running? GET {url} failed"))?
+        .error_for_status()
+        .with_context(|| format!("GET {url}"))?
+        .text()
+        .await?;
+    if args.json {
+        println!("{body}");
+        return Ok(());
+    }
+    let entries: Vec<grasp_sync::http::StatusEntry> = serde_json::from_str(&body)
+        .with_context(|| format!("{url} did not return RelaySync status"))?;
+    print!(
+        "{}",
+        grasp_sync::http::render_table(&entries, std::time::SystemTime::now())
+    );
+    Ok(())
 }
 
 fn not_implemented(command: &str, issue: &str) -> Result<()> {

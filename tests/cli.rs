@@ -40,13 +40,6 @@ fn unimplemented_subcommands_fail_loudly() {
             "--local-relay",
             "ws://127.0.0.1:1",
         ],
-        &[
-            "standalone",
-            "--local-relay",
-            "ws://127.0.0.1:1",
-            "--service-domain",
-            "git.example",
-        ],
         &["demo"],
     ];
     for args in cases {

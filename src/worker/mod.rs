@@ -11,4 +11,6 @@ pub mod outcome;
 pub mod pacing;
 pub mod pagination;
 pub mod publisher;
+pub mod runtime;
 pub mod session;
+pub mod status;

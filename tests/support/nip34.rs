@@ -8,6 +8,7 @@ use grasp_sync::nostr::filters::RepoScope;
 use nostr::{Event, EventBuilder, EventId, Keys, Kind, Tag, TagKind, Timestamp};
 
 pub struct Fixture {
+    pub owner: Keys,
     pub scope: RepoScope,
     pub root: Event,
     /// Events the session must deliver for this repo (Layer 2 and Layer 3), root included.
@@ -81,6 +82,7 @@ pub fn fixture(id: &str) -> Fixture {
         sign(EventBuilder::new(Kind::from(1), "unrelated"), &other),
     ];
     Fixture {
+        owner,
         scope,
         root,
         expected,
@@ -110,4 +112,16 @@ pub fn comments(root: EventId, n: usize, same_second: usize) -> Vec<Event> {
 
 pub fn ids<'a>(events: impl IntoIterator<Item = &'a Event>) -> BTreeSet<EventId> {
     events.into_iter().map(|e| e.id).collect()
+}
+
+/// The repository announcement of `f`, listing `relays`.
+pub fn announcement(f: &Fixture, relays: &[String]) -> Event {
+    EventBuilder::new(Kind::from(30617), "")
+        .tag(Tag::identifier(f.scope.coordinate.identifier()))
+        .tag(Tag::custom(
+            TagKind::custom("relays"),
+            relays.iter().cloned(),
+        ))
+        .sign_with_keys(&f.owner)
+        .expect("sign")
 }

@@ -178,6 +178,11 @@ impl SessionHandle {
         self.state.clone()
     }
 
+    /// Stop without waiting (the session closes its subscriptions and connection).
+    pub fn abort_soon(&self) {
+        let _ = self.commands.send(Command::Stop);
+    }
+
     /// Close subscriptions and the connection; returns the final state.
     pub async fn stop(self) -> SessionState {
         let _ = self.commands.send(Command::Stop);

@@ -1,0 +1,159 @@
+//! Standalone mode: discovery and one worker in a single process, with the in-memory store
+//! persisted to a state file instead of the Kubernetes API. The same code paths as the
+//! Kubernetes deployment.
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use nostr::Keys;
+use thiserror::Error;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::controller::discovery::{self, DiscoveryConfig};
+use crate::controller::ssrf::AddressPolicy;
+use crate::controller::targets::TargetPolicy;
+use crate::nostr::RelayUrl;
+use crate::store::StoreError;
+use crate::store::memory::MemoryStore;
+use crate::worker::health::HealthConfig;
+use crate::worker::metrics::Metrics;
+use crate::worker::publisher::{Publisher, PublisherConfig};
+use crate::worker::runtime::{self, RuntimeConfig};
+use crate::worker::session::SessionConfig;
+
+#[derive(Debug, Clone)]
+pub struct StandaloneOptions {
+    pub local_relay: RelayUrl,
+    pub service_domain: String,
+    pub bootstrap: Vec<RelayUrl>,
+    /// Where the store is saved; `None` keeps it in memory only.
+    pub state_file: Option<PathBuf>,
+    pub http_addr: SocketAddr,
+    pub addresses: AddressPolicy,
+    pub worker_name: String,
+    pub status_interval: Duration,
+    pub grace: Duration,
+    pub publisher_connections: usize,
+    pub auth_keys: Option<Keys>,
+    pub session: SessionConfig,
+}
+
+impl StandaloneOptions {
+    pub fn new(local_relay: RelayUrl, service_domain: impl Into<String>) -> Self {
+        StandaloneOptions {
+            local_relay,
+            service_domain: service_domain.into(),
+            bootstrap: Vec::new(),
+            state_file: None,
+            http_addr: SocketAddr::from(([127, 0, 0, 1], 9090)),
+            addresses: AddressPolicy::default(),
+            worker_name: "standalone".into(),
+            status_interval: Duration::from_secs(30),
+            grace: Duration::from_secs(15 * 60),
+            publisher_connections: 1,
+            auth_keys: None,
+            session: SessionConfig::default(),
+        }
+    }
+}
+
+#[derive(Debug, Error)]
+pub enum StandaloneError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("cannot serve HTTP on {addr}: {source}")]
+    Http {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A running standalone syncer.
+pub struct Standalone {
+    pub http_addr: SocketAddr,
+    pub store: Arc<MemoryStore>,
+    pub metrics: Metrics,
+    pub publisher: Publisher,
+    shutdown: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+pub async fn start(opts: StandaloneOptions) -> Result<Standalone, StandaloneError> {
+    let store = Arc::new(match &opts.state_file {
+        Some(path) => MemoryStore::open(path)?,
+        None => MemoryStore::new(),
+    });
+    let metrics = Metrics::new();
+    let (shutdown, rx) = watch::channel(false);
+    let (http_addr, http_task) =
+        crate::http::serve(opts.http_addr, metrics.clone(), store.clone(), rx.clone())
+            .await
+            .map_err(|source| StandaloneError::Http {
+                addr: opts.http_addr,
+                source,
+            })?;
+
+    let mut pc = PublisherConfig::new(opts.local_relay.clone());
+    pc.connections = opts.publisher_connections.max(1);
+    pc.auth_keys = opts.auth_keys.clone();
+    let (publisher, publisher_task) = Publisher::spawn(pc, metrics.clone());
+
+    let policy = TargetPolicy {
+        service_domain: opts.service_domain.clone(),
+        addresses: opts.addresses.clone(),
+    };
+    let mut dc = DiscoveryConfig::new(opts.local_relay.clone(), policy);
+    dc.bootstrap = opts.bootstrap.iter().cloned().collect::<BTreeSet<_>>();
+    dc.grace = opts.grace;
+    let discovery_task = tokio::spawn(discovery::run(
+        dc,
+        store.clone(),
+        metrics.clone(),
+        rx.clone(),
+    ));
+
+    let mut session = opts.session.clone();
+    session.auth_keys = opts.auth_keys.clone();
+    let rc = RuntimeConfig {
+        worker: opts.worker_name.clone(),
+        local_relay: opts.local_relay.clone(),
+        session,
+        status_interval: opts.status_interval,
+        feed_health: HealthConfig {
+            base_backoff: Duration::from_millis(500),
+            max_backoff: Duration::from_secs(30),
+            ..HealthConfig::default()
+        },
+    };
+    let runtime_task = tokio::spawn(runtime::run(
+        rc,
+        store.clone(),
+        publisher.clone(),
+        metrics.clone(),
+        rx,
+    ));
+    drop(publisher_task);
+    Ok(Standalone {
+        http_addr,
+        store,
+        metrics,
+        publisher,
+        shutdown,
+        tasks: vec![runtime_task, discovery_task, http_task],
+    })
+}
+
+impl Standalone {
+    /// Stop: sessions close and write their final status (cursors), then everything else.
+    pub async fn stop(self) {
+        let _ = self.shutdown.send(true);
+        for t in self.tasks {
+            let _ = tokio::time::timeout(Duration::from_secs(30), t).await;
+        }
+    }
+}

@@ -1,0 +1,349 @@
+//! A worker's main loop: the RelaySync objects it holds (from the store) become relay
+//! sessions, one per relay URL (split objects share it); the local relay tells it each
+//! repo's maintainers and root events (for Layer 3); session state goes back into the
+//! objects' status.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use nostr::{Event, EventId, Filter, Kind, PublicKey, TagKind};
+use tokio::sync::watch;
+
+use super::feed::{self, FeedEvent};
+use super::health::HealthConfig;
+use super::metrics::Metrics;
+use super::publisher::Publisher;
+use super::session::{self, SessionConfig, SessionHandle, SessionState, SyncSet};
+use super::status::{Coalescer, status_from_session};
+use crate::crd::Phase;
+use crate::nostr::filters::{ROOT_KINDS, RepoScope};
+use crate::nostr::nip34::Announcement;
+use crate::nostr::{RelayUrl, RepoCoordinate};
+use crate::store::{RelaySyncStore, StoredRelaySync};
+
+#[derive(Debug, Clone)]
+pub struct RuntimeConfig {
+    /// This worker's name, written into status.
+    pub worker: String,
+    pub local_relay: RelayUrl,
+    pub session: SessionConfig,
+    pub status_interval: Duration,
+    /// Reconnect policy of the local-relay feed.
+    pub feed_health: HealthConfig,
+}
+
+/// What the local relay says about the repos this worker syncs.
+#[derive(Default)]
+struct RepoFacts {
+    /// coordinate → (announcement created_at, owner and maintainers)
+    authors: HashMap<RepoCoordinate, (u64, BTreeSet<PublicKey>)>,
+    roots: HashMap<RepoCoordinate, BTreeSet<EventId>>,
+}
+
+impl RepoFacts {
+    /// Learn from one local event; true if anything changed.
+    fn learn(&mut self, event: &Event, wanted: &BTreeSet<RepoCoordinate>) -> bool {
+        if event.kind == Kind::from(30617u16) {
+            let Ok(a) = Announcement::from_event(event) else {
+                return false;
+            };
+            if !wanted.contains(&a.coordinate) {
+                return false;
+            }
+            let entry = self.authors.entry(a.coordinate.clone()).or_default();
+            if a.created_at < entry.0 {
+                return false;
+            }
+            let authors = a.authors();
+            let changed = entry.1 != authors;
+            *entry = (a.created_at, authors);
+            return changed;
+        }
+        if !ROOT_KINDS.contains(&event.kind.as_u16()) {
+            return false;
+        }
+        let mut changed = false;
+        for tag in event.tags.iter().filter(|t| t.kind() == TagKind::a()) {
+            let Some(c) = tag.content().and_then(|v| RepoCoordinate::parse(v).ok()) else {
+                continue;
+            };
+            if wanted.contains(&c) {
+                changed |= self.roots.entry(c).or_default().insert(event.id);
+            }
+        }
+        changed
+    }
+
+    fn scope(&self, c: &RepoCoordinate) -> Option<RepoScope> {
+        let mut scope = RepoScope::owned(c.clone()).ok()?;
+        if let Some((_, authors)) = self.authors.get(c) {
+            scope.authors.extend(authors.iter().copied());
+        }
+        Some(scope)
+    }
+}
+
+struct Running {
+    handle: SessionHandle,
+    state: watch::Receiver<SessionState>,
+    set: SyncSet,
+}
+
+fn feed_filters(coords: &BTreeSet<RepoCoordinate>) -> Vec<Filter> {
+    let list: Vec<&RepoCoordinate> = coords.iter().collect();
+    let mut out = Vec::new();
+    for part in list.chunks(100) {
+        let owners: BTreeSet<PublicKey> = part
+            .iter()
+            .filter_map(|c| PublicKey::from_hex(c.pubkey()).ok())
+            .collect();
+        out.push(
+            Filter::new()
+                .kind(Kind::from(30617u16))
+                .authors(owners)
+                .identifiers(part.iter().map(|c| c.identifier().to_string())),
+        );
+        out.push(
+            Filter::new()
+                .kinds(ROOT_KINDS.iter().map(|k| Kind::from(*k)))
+                .custom_tags(
+                    nostr::SingleLetterTag::lowercase(nostr::Alphabet::A),
+                    part.iter().map(|c| c.to_string()),
+                ),
+        );
+    }
+    out
+}
+
+/// Run until `shutdown` turns true; then stop every session and write final statuses.
+pub async fn run<S: RelaySyncStore + 'static>(
+    config: RuntimeConfig,
+    store: Arc<S>,
+    publisher: Publisher,
+    metrics: Metrics,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut changes = store.changes();
+    let (feed, mut local) = feed::spawn(
+        config.local_relay.clone(),
+        Vec::new(),
+        config.feed_health.clone(),
+    );
+    let mut objects: BTreeMap<String, StoredRelaySync> = BTreeMap::new();
+    let mut facts = RepoFacts::default();
+    let mut sessions: HashMap<RelayUrl, Running> = HashMap::new();
+    let mut coalescers: HashMap<String, Coalescer> = HashMap::new();
+    let mut feed_synced = false;
+    let mut reload = true;
+    let mut dirty = true;
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    loop {
+        if reload {
+            reload = false;
+            match store.list().await {
+                Ok(list) => {
+                    objects = list.into_iter().map(|o| (o.name.clone(), o)).collect();
+                    let coords: BTreeSet<RepoCoordinate> = objects
+                        .values()
+                        .flat_map(|o| o.spec.repos.iter())
+                        .filter_map(|r| RepoCoordinate::parse(r).ok())
+                        .collect();
+                    feed.set_filters(feed_filters(&coords));
+                    dirty = true;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "listing RelaySyncs failed; retrying");
+                    reload = true;
+                }
+            }
+        }
+        if dirty && feed_synced {
+            dirty = false;
+            reconcile_sessions(
+                &config,
+                &objects,
+                &facts,
+                &mut sessions,
+                &publisher,
+                &metrics,
+            );
+        }
+        tokio::select! {
+            changed = changes.changed() => {
+                if changed.is_err() {
+                    break;
+                }
+                reload = true;
+            }
+            ev = local.recv() => match ev {
+                Some(FeedEvent::Event(event)) => {
+                    let wanted: BTreeSet<RepoCoordinate> = objects
+                        .values()
+                        .flat_map(|o| o.spec.repos.iter())
+                        .filter_map(|r| RepoCoordinate::parse(r).ok())
+                        .collect();
+                    dirty |= facts.learn(&event, &wanted);
+                }
+                Some(FeedEvent::Synced) => {
+                    feed_synced = true;
+                    dirty = true;
+                }
+                Some(FeedEvent::Disconnected { error, retry_in }) => {
+                    tracing::warn!(relay = %config.local_relay, %error, ?retry_in, "cannot read the local relay; retrying");
+                }
+                None => break,
+            },
+            _ = tick.tick() => {
+                report(&config, &objects, &sessions, &mut coalescers, store.as_ref()).await;
+            }
+            _ = shutdown.changed() => {
+                if *shutdown.borrow() {
+                    break;
+                }
+            }
+        }
+    }
+    // Graceful stop: close every session, then write the final state (cursor included).
+    let mut finals: HashMap<RelayUrl, SessionState> = HashMap::new();
+    for (url, r) in sessions.drain() {
+        finals.insert(url, r.handle.stop().await);
+    }
+    for (name, o) in &objects {
+        let Ok(url) = RelayUrl::parse(&o.spec.url) else {
+            continue;
+        };
+        if let Some(state) = finals.get(&url) {
+            let status = status_from_session(
+                state,
+                &config.worker,
+                o.generation,
+                o.status.as_ref(),
+                SystemTime::now(),
+            );
+            if let Err(e) = store.apply_status(name, &status).await {
+                tracing::warn!(object = %name, error = %e, "final status write failed");
+            }
+        }
+    }
+}
+
+fn reconcile_sessions(
+    config: &RuntimeConfig,
+    objects: &BTreeMap<String, StoredRelaySync>,
+    facts: &RepoFacts,
+    sessions: &mut HashMap<RelayUrl, Running>,
+    publisher: &Publisher,
+    metrics: &Metrics,
+) {
+    // Group the objects by relay: split parts share one session.
+    let mut by_url: BTreeMap<RelayUrl, Vec<&StoredRelaySync>> = BTreeMap::new();
+    for o in objects.values() {
+        if let Ok(url) = RelayUrl::parse(&o.spec.url) {
+            by_url.entry(url).or_default().push(o);
+        }
+    }
+    sessions.retain(|url, r| {
+        let keep = by_url
+            .get(url)
+            .is_some_and(|parts| parts.iter().any(|o| o.spec.paused != Some(true)));
+        if !keep {
+            r.handle.abort_soon();
+        }
+        keep
+    });
+    for (url, parts) in by_url {
+        if parts.iter().all(|o| o.spec.paused == Some(true)) {
+            continue;
+        }
+        let coords: BTreeSet<RepoCoordinate> = parts
+            .iter()
+            .flat_map(|o| o.spec.repos.iter())
+            .filter_map(|r| RepoCoordinate::parse(r).ok())
+            .collect();
+        let set = SyncSet {
+            repos: coords.iter().filter_map(|c| facts.scope(c)).collect(),
+            roots: coords
+                .iter()
+                .flat_map(|c| facts.roots.get(c).into_iter().flatten().copied())
+                .collect(),
+        };
+        match sessions.get_mut(&url) {
+            Some(r) => {
+                if r.set != set {
+                    r.handle.set(set.clone());
+                    r.set = set;
+                }
+            }
+            None => {
+                // Resume from the stored cursor only if every part's spec was confirmed.
+                let cursor = parts
+                    .iter()
+                    .map(|o| {
+                        o.status.as_ref().and_then(|s| {
+                            (s.confirmed_generation == Some(o.generation))
+                                .then_some(s.cursor)
+                                .flatten()
+                        })
+                    })
+                    .collect::<Option<Vec<i64>>>()
+                    .and_then(|c| c.into_iter().min())
+                    .map(|c| c.max(0) as u64);
+                let mut session_config = config.session.clone();
+                session_config.local_relay = Some(config.local_relay.clone());
+                let handle = session::spawn(
+                    url.clone(),
+                    set.clone(),
+                    cursor,
+                    session_config,
+                    publisher.clone(),
+                    metrics.clone(),
+                );
+                let state = handle.state();
+                sessions.insert(url, Running { handle, state, set });
+            }
+        }
+    }
+}
+
+async fn report<S: RelaySyncStore>(
+    config: &RuntimeConfig,
+    objects: &BTreeMap<String, StoredRelaySync>,
+    sessions: &HashMap<RelayUrl, Running>,
+    coalescers: &mut HashMap<String, Coalescer>,
+    store: &S,
+) {
+    let now = Instant::now();
+    coalescers.retain(|name, _| objects.contains_key(name));
+    for (name, o) in objects {
+        let Ok(url) = RelayUrl::parse(&o.spec.url) else {
+            continue;
+        };
+        let state = match sessions.get(&url) {
+            Some(r) => r.state.borrow().clone(),
+            None if o.spec.paused == Some(true) => SessionState {
+                phase: Phase::Paused,
+                ..SessionState::default()
+            },
+            None => continue,
+        };
+        let status = status_from_session(
+            &state,
+            &config.worker,
+            o.generation,
+            o.status.as_ref(),
+            SystemTime::now(),
+        );
+        let c = coalescers
+            .entry(name.clone())
+            .or_insert_with(|| Coalescer::new(config.status_interval));
+        if c.due(&status, now) {
+            match store.apply_status(name, &status).await {
+                Ok(()) => c.written(status, now),
+                Err(e) => {
+                    tracing::debug!(object = %name, error = %e, "status write failed; will retry")
+                }
+            }
+        }
+    }
+}

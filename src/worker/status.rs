@@ -1,0 +1,216 @@
+//! From a session's state to the RelaySync status a worker writes, and when to write it:
+//! at once on a phase change, otherwise at most once per interval (status writes are API
+//! server load multiplied by every relay).
+
+use std::time::{Duration, Instant, SystemTime};
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::Timestamp;
+
+use super::session::SessionState;
+use crate::crd::conditions::{self, ASSIGNED, CONNECTED, HISTORIC_SYNCED, READY};
+use crate::crd::{ConditionStatus, Phase, RelaySyncStatus};
+
+fn time(t: SystemTime) -> Option<Time> {
+    Timestamp::try_from(t).ok().map(Time)
+}
+
+/// The status for one object whose relay session is in `state`. `previous` carries the
+/// conditions' transition times forward.
+pub fn status_from_session(
+    state: &SessionState,
+    worker: &str,
+    generation: i64,
+    previous: Option<&RelaySyncStatus>,
+    now: SystemTime,
+) -> RelaySyncStatus {
+    let now_t = time(now).unwrap_or(Time(Timestamp::UNIX_EPOCH));
+    let connected = matches!(
+        state.phase,
+        Phase::Syncing | Phase::Live | Phase::LiveWithGaps
+    );
+    let historic_done =
+        state.repos == state.confirmed_repos && state.roots == state.confirmed_roots;
+    let live = state.phase == Phase::Live;
+    let mut conds = previous.map(|p| p.conditions.clone()).unwrap_or_default();
+    let g = Some(generation);
+    let flag = |b: bool| {
+        if b {
+            ConditionStatus::True
+        } else {
+            ConditionStatus::False
+        }
+    };
+    conditions::set_condition(
+        &mut conds,
+        conditions::condition(
+            ASSIGNED,
+            ConditionStatus::True,
+            "Assigned",
+            format!("held by {worker}"),
+            now_t.clone(),
+            g,
+        ),
+    );
+    conditions::set_condition(
+        &mut conds,
+        conditions::condition(
+            CONNECTED,
+            flag(connected),
+            state.phase.as_str(),
+            state.last_error.clone().unwrap_or_default(),
+            now_t.clone(),
+            g,
+        ),
+    );
+    conditions::set_condition(
+        &mut conds,
+        conditions::condition(
+            HISTORIC_SYNCED,
+            flag(historic_done && connected),
+            if historic_done {
+                "Confirmed"
+            } else {
+                "Pending"
+            },
+            format!(
+                "{}/{} repos, {}/{} root events confirmed",
+                state.confirmed_repos, state.repos, state.confirmed_roots, state.roots
+            ),
+            now_t.clone(),
+            g,
+        ),
+    );
+    conditions::set_condition(
+        &mut conds,
+        conditions::condition(READY, flag(live), state.phase.as_str(), "", now_t, g),
+    );
+    let confirmed_generation = if historic_done && connected {
+        Some(generation)
+    } else {
+        previous.and_then(|p| p.confirmed_generation)
+    };
+    RelaySyncStatus {
+        worker: Some(worker.to_string()),
+        observed_generation: Some(generation),
+        phase: Some(state.phase),
+        last_connected: state.last_connected.and_then(time),
+        last_disconnected: state.last_disconnected.and_then(time),
+        consecutive_failures: Some(state.consecutive_failures),
+        next_retry_at: state.next_retry_at.and_then(time),
+        last_error: state
+            .last_error
+            .as_ref()
+            .map(|e| e.chars().take(1000).collect()),
+        repos: Some(state.repos as u32),
+        confirmed_generation,
+        confirmed_repos: Some(state.confirmed_repos as u32),
+        cursor: state.cursor.map(|c| c as i64),
+        capabilities: Some(state.capabilities.clone()),
+        subscriptions: Some(state.subscriptions as u32),
+        events_published: Some(state.events_published),
+        events_rejected: Some(state.events_rejected),
+        conditions: conds,
+    }
+}
+
+/// Decides when a status is worth writing.
+#[derive(Debug)]
+pub struct Coalescer {
+    interval: Duration,
+    last: Option<(RelaySyncStatus, Instant)>,
+}
+
+impl Coalescer {
+    pub fn new(interval: Duration) -> Self {
+        Coalescer {
+            interval,
+            last: None,
+        }
+    }
+
+    /// Whether `status` should be written now.
+    pub fn due(&self, status: &RelaySyncStatus, now: Instant) -> bool {
+        match &self.last {
+            None => true,
+            Some((last, _)) if last.phase != status.phase => true,
+            Some((last, _)) if last == status => false,
+            Some((_, at)) => now.saturating_duration_since(*at) >= self.interval,
+        }
+    }
+
+    pub fn written(&mut self, status: RelaySyncStatus, now: Instant) {
+        self.last = Some((status, now));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state(phase: Phase) -> SessionState {
+        SessionState {
+            phase,
+            repos: 3,
+            confirmed_repos: 3,
+            roots: 2,
+            confirmed_roots: 2,
+            cursor: Some(1_700_000_000),
+            ..SessionState::default()
+        }
+    }
+
+    #[test]
+    fn live_session_is_ready_and_confirmed() {
+        let s = status_from_session(&state(Phase::Live), "w0", 4, None, SystemTime::now());
+        assert_eq!(s.phase, Some(Phase::Live));
+        assert_eq!(s.confirmed_generation, Some(4));
+        assert_eq!(s.observed_generation, Some(4));
+        assert_eq!(s.cursor, Some(1_700_000_000));
+        let ready = s.conditions.iter().find(|c| c.type_ == READY).unwrap();
+        assert_eq!(ready.status, ConditionStatus::True);
+        assert!(
+            s.conditions
+                .iter()
+                .all(|c| c.observed_generation == Some(4))
+        );
+        assert_eq!(s.conditions.len(), 4);
+    }
+
+    #[test]
+    fn confirmed_generation_is_kept_until_the_new_one_is_confirmed() {
+        let t = SystemTime::now();
+        let live = status_from_session(&state(Phase::Live), "w0", 4, None, t);
+        let mut syncing = state(Phase::Syncing);
+        syncing.confirmed_repos = 1;
+        let s = status_from_session(&syncing, "w0", 5, Some(&live), t);
+        assert_eq!(s.confirmed_generation, Some(4));
+        let hs = s
+            .conditions
+            .iter()
+            .find(|c| c.type_ == HISTORIC_SYNCED)
+            .unwrap();
+        assert_eq!(hs.status, ConditionStatus::False);
+        assert!(hs.message.contains("1/3 repos"));
+    }
+
+    #[test]
+    fn writes_phase_changes_at_once_and_the_rest_per_interval() {
+        let t0 = Instant::now();
+        let mut c = Coalescer::new(Duration::from_secs(30));
+        let now = SystemTime::now();
+        let a = status_from_session(&state(Phase::Syncing), "w0", 1, None, now);
+        assert!(c.due(&a, t0));
+        c.written(a.clone(), t0);
+        assert!(!c.due(&a, t0 + Duration::from_secs(60)), "unchanged: never");
+        let mut b = a.clone();
+        b.events_published = Some(10);
+        assert!(!c.due(&b, t0 + Duration::from_secs(5)));
+        assert!(c.due(&b, t0 + Duration::from_secs(30)));
+        let live = status_from_session(&state(Phase::Live), "w0", 1, Some(&a), now);
+        assert!(
+            c.due(&live, t0 + Duration::from_secs(1)),
+            "phase change: at once"
+        );
+    }
+}

@@ -1,0 +1,156 @@
+//! Standalone mode end to end against real relays on loopback: discovery from the local
+//! relay, historic and live sync from three kinds of remote, discovery of an announcement
+//! that arrives later from a remote, status in the store, and a graceful stop that saves
+//! cursors.
+
+mod support;
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use grasp_sync::controller::ssrf::AddressPolicy;
+use grasp_sync::crd::Phase;
+use grasp_sync::nostr::RelayUrl;
+use grasp_sync::standalone::{self, StandaloneOptions};
+use grasp_sync::store::RelaySyncStore;
+use grasp_sync::worker::metrics::Metrics;
+use grasp_sync::worker::publisher::{Publisher, PublisherConfig};
+use nostr::{Event, EventId, Filter};
+use support::eventually;
+use support::hostile_relay::{HostileRelay, Script};
+use support::nip34;
+use support::relays;
+
+const DEADLINE: Duration = Duration::from_secs(60);
+
+async fn publish(url: &RelayUrl, events: &[Event]) {
+    let (p, _t) = Publisher::spawn(PublisherConfig::new(url.clone()), Metrics::new());
+    for e in events {
+        p.publish(e.clone(), None).await.unwrap();
+    }
+    eventually("events published", DEADLINE, || async {
+        (p.stats().outstanding() == 0).then_some(())
+    })
+    .await;
+}
+
+async fn holds_exactly(local: &RelayUrl, want: &BTreeSet<EventId>) {
+    let got = eventually(
+        "the local relay to hold the expected set",
+        DEADLINE,
+        || async {
+            let got = relays::fetch_ids(local, Filter::new()).await;
+            got.is_superset(want).then_some(got)
+        },
+    )
+    .await;
+    let extra: Vec<_> = got.difference(want).collect();
+    assert!(
+        extra.is_empty(),
+        "unexpected events on the local relay: {extra:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn standalone_syncs_historic_live_and_later_discovered_repos() {
+    let (_local_relay, local) = relays::local_relay(1_000_000).await;
+    let (_ra, a) = relays::local_relay(1_000_000).await; // NIP-77
+    let rs = support::nostr_rs_relay::NostrRsRelay::start().await; // third party, no NIP-77
+    let b = rs.url();
+    let hostile = HostileRelay::start(Script {
+        page_cap: Some(50),
+        ..Script::default()
+    })
+    .await;
+    let c = hostile.url();
+    let (_rd, d) = relays::local_relay(1_000_000).await;
+
+    // alpha is announced on our relay and lists the three remotes (and us).
+    let alpha = nip34::fixture("alpha");
+    let ann_alpha = nip34::announcement(
+        &alpha,
+        &[
+            a.to_string(),
+            b.to_string(),
+            c.to_string(),
+            "wss://git.ours.example".into(),
+        ],
+    );
+    publish(&local, &[ann_alpha.clone()]).await;
+    // Its events are spread over the remotes, with noise beside them.
+    let (on_a, rest) = alpha.expected.split_at(3);
+    let (on_b, on_c) = rest.split_at(2);
+    publish(&a, &[on_a, &alpha.noise[..1]].concat()).await;
+    publish(&b, &[on_b, &alpha.noise[1..2]].concat()).await;
+    hostile.add(on_c.iter().cloned().chain(alpha.noise[2..].iter().cloned()));
+
+    let mut opts = StandaloneOptions::new(local.clone(), "git.ours.example");
+    opts.addresses = AddressPolicy::allow_all();
+    opts.http_addr = "127.0.0.1:0".parse().unwrap();
+    opts.grace = Duration::from_secs(2);
+    opts.status_interval = Duration::from_millis(200);
+    opts.session.health.base_backoff = Duration::from_millis(200);
+    opts.session.batch_timeout = Duration::from_secs(3);
+    opts.session.nip11_timeout = Duration::from_secs(1);
+    let running = standalone::start(opts).await.expect("standalone starts");
+
+    let mut want: BTreeSet<EventId> = nip34::ids(&alpha.expected);
+    want.insert(ann_alpha.id);
+    holds_exactly(&local, &want).await;
+
+    // Every relay reports Live in the store.
+    let store = running.store.clone();
+    eventually("three Live relays", DEADLINE, || async {
+        let list = store.list().await.unwrap();
+        let live = list
+            .iter()
+            .filter(|o| o.status.as_ref().and_then(|s| s.phase) == Some(Phase::Live))
+            .count();
+        (list.len() == 3 && live == 3).then_some(())
+    })
+    .await;
+
+    // Live: a new comment on alpha's root at nostr-rs-relay arrives.
+    let live = nip34::comments(alpha.root.id, 1, 0);
+    publish(&b, &live).await;
+    want.insert(live[0].id);
+    holds_exactly(&local, &want).await;
+
+    // beta is announced on remote a (not on our relay): it arrives through Layer 1, our relay
+    // accepts it, discovery adds its relays — including d, which nobody mentioned before —
+    // and beta's events on d are synced.
+    let beta = nip34::fixture("beta");
+    let ann_beta = nip34::announcement(&beta, &[a.to_string(), d.to_string()]);
+    publish(&d, &beta.expected).await;
+    publish(&a, &[ann_beta.clone()]).await;
+    want.insert(ann_beta.id);
+    want.extend(nip34::ids(&beta.expected));
+    holds_exactly(&local, &want).await;
+
+    // The HTTP endpoint serves metrics and status.
+    let base = format!("http://{}", running.http_addr);
+    let metrics = reqwest::get(format!("{base}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(metrics.contains("ngit_sync_relays_connected_total"));
+    let status: Vec<grasp_sync::http::StatusEntry> = serde_json::from_str(
+        &reqwest::get(format!("{base}/status"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(status.len(), 4);
+
+    // A graceful stop saves every relay's cursor.
+    running.stop().await;
+    for o in store.list().await.unwrap() {
+        let s = o.status.expect("status written");
+        assert!(s.cursor.is_some(), "{} has no cursor", o.name);
+    }
+}
