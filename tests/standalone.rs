@@ -76,7 +76,7 @@ async fn standalone_syncs_historic_live_and_later_discovered_repos() {
             "wss://git.ours.example".into(),
         ],
     );
-    publish(&local, &[ann_alpha.clone()]).await;
+    publish(&local, std::slice::from_ref(&ann_alpha)).await;
     // Its events are spread over the remotes, with noise beside them.
     let (on_a, rest) = alpha.expected.split_at(3);
     let (on_b, on_c) = rest.split_at(2);
@@ -122,7 +122,7 @@ async fn standalone_syncs_historic_live_and_later_discovered_repos() {
     let beta = nip34::fixture("beta");
     let ann_beta = nip34::announcement(&beta, &[a.to_string(), d.to_string()]);
     publish(&d, &beta.expected).await;
-    publish(&a, &[ann_beta.clone()]).await;
+    publish(&a, std::slice::from_ref(&ann_beta)).await;
     want.insert(ann_beta.id);
     want.extend(nip34::ids(&beta.expected));
     holds_exactly(&local, &want).await;
