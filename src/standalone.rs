@@ -119,6 +119,7 @@ pub async fn start(opts: StandaloneOptions) -> Result<Standalone, StandaloneErro
 
     let mut session = opts.session.clone();
     session.auth_keys = opts.auth_keys.clone();
+    session.addresses = Some(opts.addresses.clone());
     let rc = RuntimeConfig {
         worker: opts.worker_name.clone(),
         local_relay: opts.local_relay.clone(),

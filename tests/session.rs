@@ -606,3 +606,33 @@ async fn a_session_with_a_cursor_resumes_instead_of_resyncing() {
     assert_eq!(remote.served_ids(), nip34::ids(&new).into_iter().collect());
     h.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_resolving_into_a_private_network_is_not_connected_to() {
+    let rig = rig().await;
+    let remote = HostileRelay::start(Script::default()).await;
+    let mut config = fast_config();
+    // The default policy: loopback is refused (the relay is on 127.0.0.1).
+    config.addresses = Some(grasp_sync::controller::ssrf::AddressPolicy::default());
+    let h = rig.start(&remote.url(), SyncSet::default(), None, config);
+    let mut rx = h.state();
+    let s = eventually("a refusal in status", DEADLINE, || {
+        let s = rx.borrow_and_update().clone();
+        async move {
+            s.last_error
+                .as_ref()
+                .filter(|e| e.contains("loopback"))
+                .map(|_| s.clone())
+        }
+    })
+    .await;
+    assert_eq!(s.phase, Phase::Backoff);
+    assert_eq!(
+        remote
+            .counters()
+            .connections
+            .load(std::sync::atomic::Ordering::SeqCst),
+        0
+    );
+    h.stop().await;
+}

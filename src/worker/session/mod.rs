@@ -65,6 +65,9 @@ pub struct SessionConfig {
     /// A full reconciliation of every item runs at a random time in this range after
     /// connecting (and again after each), catching anything live delivery missed.
     pub reconcile_every: (Duration, Duration),
+    /// Checked (with a fresh DNS lookup) before every connection: a relay whose name now
+    /// points into a private or cluster network is not connected to.
+    pub addresses: Option<crate::controller::ssrf::AddressPolicy>,
 }
 
 impl Default for SessionConfig {
@@ -90,6 +93,7 @@ impl Default for SessionConfig {
                 Duration::from_secs(23 * 3600),
                 Duration::from_secs(25 * 3600),
             ),
+            addresses: None,
         }
     }
 }
@@ -344,6 +348,16 @@ impl Session {
                 .relay_connected
                 .with_label_values(&[&label])
                 .set(1);
+            if let Some(policy) = &self.config.addresses
+                && let Err(e) = policy.check_resolved(&self.url).await
+            {
+                self.metrics
+                    .connection_attempts
+                    .with_label_values(&[&label, "refused"])
+                    .inc();
+                self.on_disconnect(e.to_string());
+                continue;
+            }
             let caps = nip11::fetch(&self.url, self.config.nip11_timeout).await;
             if let Err(e) = &caps {
                 tracing::debug!(relay = %self.url, error = %e, "no usable NIP-11 document; using defaults");
