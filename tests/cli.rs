@@ -1,6 +1,8 @@
 //! The binary's surface: `crd` output equals the committed file, and subcommands that are
 //! not built yet say so and fail instead of pretending to run.
 
+mod support;
+
 use std::process::Command;
 
 fn grasp_sync() -> Command {
@@ -86,4 +88,85 @@ fn invalid_relay_url_flag_names_the_problem() {
         stderr.contains("--local-relay") && stderr.contains("credentials"),
         "{stderr}"
     );
+}
+
+/// The real binary in standalone mode: it starts against a local relay, `grasp-sync status`
+/// shows its relays, and SIGTERM stops it cleanly with its state saved.
+#[test]
+fn standalone_binary_runs_reports_status_and_stops_on_sigterm() {
+    use std::time::{Duration, Instant};
+
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let relay = rt.block_on(support::nostr_rs_relay::NostrRsRelay::start());
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state.json");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut child = grasp_sync()
+        .args(["standalone", "--local-relay", relay.url().as_str()])
+        .args(["--service-domain", "git.example"])
+        // Loopback bootstrap relays: refused by the default address policy, so this test
+        // makes no connection (and no DNS query) beyond the machine.
+        .args(["--bootstrap", "ws://127.0.0.1:1,ws://127.0.0.1:2/x"])
+        .args(["--metrics-addr", &format!("127.0.0.1:{port}")])
+        .arg("--state-file")
+        .arg(&state)
+        .env("GRASP_SYNC_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+
+    let url = format!("http://127.0.0.1:{port}");
+    let start = Instant::now();
+    let table = loop {
+        let out = grasp_sync()
+            .args(["status", "--url", &url])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        if out.status.success() && text.lines().count() == 3 {
+            break text;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "no status: {text}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(table.starts_with("NAME"), "{table}");
+    assert!(
+        table.contains("ws://127.0.0.1:1") && table.contains("ws://127.0.0.1:2/x"),
+        "{table}"
+    );
+
+    // SIGTERM: a clean exit, with the objects saved.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let start = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "standalone did not stop on SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(status.success(), "exit status {status}");
+    let saved = std::fs::read_to_string(&state).unwrap();
+    assert!(saved.contains("ws://127.0.0.1:1"), "{saved}");
+    // The refusal is visible, not silent.
+    assert!(saved.contains("loopback"), "{saved}");
+
+    // Without a running standalone, `status` fails with a hint.
+    let out = grasp_sync()
+        .args(["status", "--url", &url])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("is grasp-sync standalone running"));
 }
