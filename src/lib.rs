@@ -12,5 +12,6 @@ pub mod http;
 pub mod nostr;
 pub mod standalone;
 pub mod store;
+pub mod testing;
 pub mod tls;
 pub mod worker;

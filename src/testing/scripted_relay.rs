@@ -1,0 +1,337 @@
+//! A small relay of our own, scriptable for the behaviours real relays show under load or
+//! malice: capped pages, `CLOSED rate-limited:`, missing EOSE, disconnects mid-stream,
+//! NOTICE storms, `OK false rate-limited:` to publishers, and raw (invalid or oversize)
+//! events injected into answers. With the default script it is a plain NIP-01 relay without
+//! NIP-77 (the demo uses it so). Binds loopback only; keeps everything in memory.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use crate::nostr::RelayUrl;
+use futures::{SinkExt, StreamExt};
+use nostr::filter::MatchEventOptions;
+use nostr::{ClientMessage, Event, EventId, Filter, JsonUtil, RelayMessage, SubscriptionId};
+use tokio::net::TcpListener;
+use tokio::sync::broadcast;
+use tokio::task::JoinHandle;
+use tokio_tungstenite::tungstenite::Message;
+
+#[derive(Debug, Clone, Default)]
+pub struct Script {
+    /// Most events one REQ returns, whatever its `limit`.
+    pub page_cap: Option<usize>,
+    /// The first N REQs are answered `CLOSED "rate-limited: …"`.
+    pub closed_rate_limited_first: usize,
+    /// Never send EOSE.
+    pub no_eose: bool,
+    /// The first N EVENTs published to this relay get `OK false "rate-limited: …"`.
+    pub ok_rate_limited_first: usize,
+    /// Accept at most this many EVENTs per second (token bucket, burst of one second);
+    /// the excess gets `OK false "rate-limited: …"`.
+    pub ok_rate_per_sec: Option<f64>,
+    /// Close the connection after sending this many stored events, once per relay.
+    pub disconnect_after_events: Option<usize>,
+    /// Sent to every new connection, N times.
+    pub notice_storm: Option<(String, usize)>,
+    /// Raw event JSON appended to every REQ answer whose filters match the parsed event
+    /// (signatures are not checked: that is the point).
+    pub raw_events: Vec<String>,
+}
+
+#[derive(Debug, Default)]
+pub struct Counters {
+    pub connections: AtomicUsize,
+    pub reqs: AtomicUsize,
+    pub closes: AtomicUsize,
+    pub events_served: AtomicUsize,
+    pub events_received: AtomicUsize,
+    pub live_connections: AtomicUsize,
+}
+
+struct Shared {
+    served: Mutex<std::collections::HashSet<EventId>>,
+    script: Mutex<Script>,
+    /// (tokens, last refill) for `ok_rate_per_sec`.
+    bucket: Mutex<(f64, std::time::Instant)>,
+    store: Mutex<Vec<Event>>,
+    live: broadcast::Sender<Event>,
+    counters: Counters,
+    disconnected_once: Mutex<bool>,
+}
+
+pub struct ScriptedRelay {
+    addr: SocketAddr,
+    shared: Arc<Shared>,
+    task: JoinHandle<()>,
+}
+
+impl Drop for ScriptedRelay {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl ScriptedRelay {
+    pub async fn start(script: Script) -> std::io::Result<ScriptedRelay> {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let shared = Arc::new(Shared {
+            served: Mutex::new(Default::default()),
+            bucket: Mutex::new((
+                script.ok_rate_per_sec.unwrap_or(0.0),
+                std::time::Instant::now(),
+            )),
+            script: Mutex::new(script),
+            store: Mutex::new(Vec::new()),
+            live: broadcast::channel(10_000).0,
+            counters: Counters::default(),
+            disconnected_once: Mutex::new(false),
+        });
+        let s = shared.clone();
+        let task = tokio::spawn(async move {
+            let mut conns = tokio::task::JoinSet::new();
+            while let Ok((stream, _)) = listener.accept().await {
+                let s = s.clone();
+                conns.spawn(async move {
+                    if let Ok(ws) = tokio_tungstenite::accept_async(stream).await {
+                        serve(ws, s).await;
+                    }
+                });
+            }
+        });
+        Ok(ScriptedRelay { addr, shared, task })
+    }
+
+    pub fn url(&self) -> RelayUrl {
+        // A socket address always forms a valid ws:// URL.
+        RelayUrl::parse(&format!("ws://{}", self.addr)).unwrap_or_else(|_| unreachable!())
+    }
+
+    pub fn add(&self, events: impl IntoIterator<Item = Event>) {
+        let mut store = self.shared.store.lock().unwrap_or_else(|e| e.into_inner());
+        for e in events {
+            if !store.iter().any(|x| x.id == e.id) {
+                let _ = self.shared.live.send(e.clone());
+                store.push(e);
+            }
+        }
+    }
+
+    /// Store without delivering to live subscriptions: an event that only a historic query
+    /// (or a reconciliation) finds.
+    pub fn add_silently(&self, events: impl IntoIterator<Item = Event>) {
+        let mut store = self.shared.store.lock().unwrap_or_else(|e| e.into_inner());
+        for e in events {
+            if !store.iter().any(|x| x.id == e.id) {
+                store.push(e);
+            }
+        }
+    }
+
+    pub fn ids(&self) -> Vec<EventId> {
+        self.shared
+            .store
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|e| e.id)
+            .collect()
+    }
+
+    /// Ids of stored events this relay has sent in answer to a REQ.
+    pub fn served_ids(&self) -> std::collections::HashSet<EventId> {
+        self.shared
+            .served
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    pub fn set_script(&self, script: Script) {
+        *self.shared.script.lock().unwrap_or_else(|e| e.into_inner()) = script;
+    }
+
+    pub fn counters(&self) -> &Counters {
+        &self.shared.counters
+    }
+}
+
+type Ws = tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>;
+
+async fn serve(ws: Ws, s: Arc<Shared>) {
+    s.counters.connections.fetch_add(1, Ordering::SeqCst);
+    s.counters.live_connections.fetch_add(1, Ordering::SeqCst);
+    let (mut tx, mut rx) = ws.split();
+    let mut live_rx = s.live.subscribe();
+    let mut subs: HashMap<SubscriptionId, Vec<Filter>> = HashMap::new();
+
+    let storm = s
+        .script
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .notice_storm
+        .clone();
+    if let Some((text, n)) = storm {
+        for _ in 0..n {
+            if tx
+                .send(Message::text(RelayMessage::notice(text.clone()).as_json()))
+                .await
+                .is_err()
+            {
+                break;
+            }
+        }
+    }
+
+    'conn: loop {
+        tokio::select! {
+            frame = rx.next() => {
+                let Some(Ok(Message::Text(text))) = frame else { break };
+                let Ok(msg) = ClientMessage::from_json(text.as_str()) else { continue };
+                let replies = handle(&s, &mut subs, msg);
+                for reply in replies {
+                    match reply {
+                        Reply::Send(text) => {
+                            if tx.send(Message::text(text)).await.is_err() { break 'conn; }
+                        }
+                        Reply::Disconnect => break 'conn,
+                    }
+                }
+            }
+            ev = live_rx.recv() => {
+                let Ok(ev) = ev else { continue };
+                for (id, filters) in &subs {
+                    if filters.iter().any(|f| f.match_event(&ev, MatchEventOptions::default())) {
+                        let text = RelayMessage::event(id.clone(), ev.clone()).as_json();
+                        if tx.send(Message::text(text)).await.is_err() { break 'conn; }
+                    }
+                }
+            }
+        }
+    }
+    s.counters.live_connections.fetch_sub(1, Ordering::SeqCst);
+}
+
+enum Reply {
+    Send(String),
+    Disconnect,
+}
+
+fn handle(
+    s: &Shared,
+    subs: &mut HashMap<SubscriptionId, Vec<Filter>>,
+    msg: ClientMessage<'_>,
+) -> Vec<Reply> {
+    let mut script = s.script.lock().unwrap_or_else(|e| e.into_inner());
+    match msg {
+        ClientMessage::Event(ev) => {
+            let ev = ev.into_owned();
+            s.counters.events_received.fetch_add(1, Ordering::SeqCst);
+            if script.ok_rate_limited_first > 0 {
+                script.ok_rate_limited_first -= 1;
+                return vec![Reply::Send(
+                    RelayMessage::ok(ev.id, false, "rate-limited: slow down").as_json(),
+                )];
+            }
+            if let Some(rate) = script.ok_rate_per_sec {
+                let mut b = s.bucket.lock().unwrap_or_else(|e| e.into_inner());
+                let now = std::time::Instant::now();
+                b.0 = (b.0 + now.duration_since(b.1).as_secs_f64() * rate).min(rate.max(1.0));
+                b.1 = now;
+                if b.0 < 1.0 {
+                    return vec![Reply::Send(
+                        RelayMessage::ok(ev.id, false, "rate-limited: slow down").as_json(),
+                    )];
+                }
+                b.0 -= 1.0;
+            }
+            let ok = RelayMessage::ok(ev.id, true, "").as_json();
+            let mut store = s.store.lock().unwrap_or_else(|e| e.into_inner());
+            if !store.iter().any(|x| x.id == ev.id) {
+                let _ = s.live.send(ev.clone());
+                store.push(ev);
+            }
+            vec![Reply::Send(ok)]
+        }
+        ClientMessage::Req {
+            subscription_id,
+            filters,
+        } => {
+            s.counters.reqs.fetch_add(1, Ordering::SeqCst);
+            let sub_id = subscription_id.into_owned();
+            if script.closed_rate_limited_first > 0 {
+                script.closed_rate_limited_first -= 1;
+                return vec![Reply::Send(
+                    RelayMessage::closed(sub_id, "rate-limited: too many subscriptions").as_json(),
+                )];
+            }
+            let filters: Vec<Filter> = filters.into_iter().map(|f| f.into_owned()).collect();
+            let mut out = Vec::new();
+            let store = s.store.lock().unwrap_or_else(|e| e.into_inner());
+            for f in &filters {
+                let mut matching: Vec<&Event> = store
+                    .iter()
+                    .filter(|e| f.match_event(e, MatchEventOptions::default()))
+                    .collect();
+                matching.sort_by(|a, b| b.created_at.cmp(&a.created_at).then(a.id.cmp(&b.id)));
+                let limit = f
+                    .limit
+                    .unwrap_or(usize::MAX)
+                    .min(script.page_cap.unwrap_or(usize::MAX));
+                for e in matching.into_iter().take(limit) {
+                    out.push(Reply::Send(
+                        RelayMessage::event(sub_id.clone(), e.clone()).as_json(),
+                    ));
+                    s.served
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .insert(e.id);
+                    let served = s.counters.events_served.fetch_add(1, Ordering::SeqCst) + 1;
+                    if let Some(n) = script.disconnect_after_events {
+                        let mut once = s
+                            .disconnected_once
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner());
+                        if !*once && served >= n {
+                            *once = true;
+                            out.push(Reply::Disconnect);
+                            return out;
+                        }
+                    }
+                }
+            }
+            for raw in &script.raw_events {
+                if let Ok(ev) = Event::from_json(raw)
+                    && filters
+                        .iter()
+                        .any(|f| f.match_event(&ev, MatchEventOptions::default()))
+                {
+                    out.push(Reply::Send(format!(
+                        "[\"EVENT\",{},{raw}]",
+                        serde_json::Value::from(sub_id.as_str())
+                    )));
+                }
+            }
+            if !script.no_eose {
+                out.push(Reply::Send(RelayMessage::eose(sub_id.clone()).as_json()));
+            }
+            // Live delivery only for subscriptions that asked for it; closed on CLOSE.
+            subs.insert(sub_id, filters);
+            out
+        }
+        // Like many relays without NIP-77: a NOTICE, no NEG-MSG.
+        ClientMessage::NegOpen { .. } => {
+            vec![Reply::Send(
+                RelayMessage::notice("ERROR: bad msg: unknown cmd").as_json(),
+            )]
+        }
+        ClientMessage::Close(id) => {
+            s.counters.closes.fetch_add(1, Ordering::SeqCst);
+            subs.remove(id.as_ref());
+            Vec::new()
+        }
+        _ => Vec::new(),
+    }
+}
