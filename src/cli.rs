@@ -183,9 +183,19 @@ pub struct SyncOpts {
 
 #[derive(Debug, Args)]
 pub struct DemoArgs {
-    /// Number of repositories in the synthetic corpus.
+    /// Number of repositories in the synthetic corpus (about 25 events each).
     #[arg(long, env = "GRASP_SYNC_DEMO_REPOS", default_value_t = 20)]
     pub repos: usize,
+    /// Give up (and fail) if the sync has not completed by then.
+    #[arg(long, env = "GRASP_SYNC_DEMO_TIMEOUT", default_value = "5m", value_parser = humantime::parse_duration)]
+    pub timeout: Duration,
+    /// Seed of the corpus' random placement.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// nostr-rs-relay binary to use as a third source (default: GRASP_SYNC_NOSTR_RS_RELAY,
+    /// the test cache, or PATH; skipped when none is found).
+    #[arg(long)]
+    pub nostr_rs_relay: Option<PathBuf>,
 }
 
 fn parse_relay_url(s: &str) -> Result<RelayUrl, String> {

@@ -8,6 +8,7 @@
 
 pub mod controller;
 pub mod crd;
+pub mod demo;
 pub mod http;
 pub mod nostr;
 pub mod standalone;

@@ -684,6 +684,14 @@ impl Session {
                 message,
             } => {
                 let id = subscription_id.into_owned();
+                let known = conn.historic.contains_key(&id)
+                    || conn.fetches.contains_key(&id)
+                    || conn.live.contains_key(&id);
+                if !known {
+                    // Some relays close a subscription after its EOSE; we are done with it.
+                    tracing::debug!(relay = %self.url, sub = %id, reason = %message, "CLOSED for a finished subscription");
+                    return Ok(());
+                }
                 let outcome = Outcome::classify(false, &message);
                 self.metrics
                     .closed_subscriptions

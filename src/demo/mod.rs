@@ -1,0 +1,396 @@
+//! `grasp-sync demo`: the whole job on loopback with no network. An embedded local relay
+//! with a GRASP-01-like acceptance policy, embedded source relays (one with NIP-77, one
+//! without, and nostr-rs-relay when installed), a synthetic corpus with noise, standalone
+//! mode syncing it — then a check that our relay holds exactly the expected events.
+
+pub mod corpus;
+pub mod policy;
+
+use std::collections::BTreeSet;
+use std::net::{IpAddr, Ipv4Addr};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use nostr::{ClientMessage, EventId, Filter, RelayMessage, SubscriptionId};
+use nostr_relay_builder::prelude::{
+    LocalRelay, MemoryDatabase, MemoryDatabaseOptions, RateLimit, RelayBuilder,
+};
+use thiserror::Error;
+
+use crate::controller::ssrf::AddressPolicy;
+use crate::nostr::RelayUrl;
+use crate::standalone::{self, StandaloneOptions};
+use crate::store::RelaySyncStore;
+use crate::testing::scripted_relay::{Script, ScriptedRelay};
+use crate::worker::connection::{self, ConnectOptions, Incoming};
+use crate::worker::metrics::Metrics;
+use crate::worker::publisher::{Publisher, PublisherConfig};
+
+#[derive(Debug, Clone)]
+pub struct DemoOptions {
+    pub repos: usize,
+    pub timeout: Duration,
+    /// nostr-rs-relay binary to use as a third source; `None` = look for one.
+    pub nostr_rs_relay: Option<PathBuf>,
+    /// Print progress to stderr.
+    pub progress: bool,
+    pub seed: u64,
+}
+
+#[derive(Debug, Error)]
+pub enum DemoError {
+    #[error("starting an embedded relay: {0}")]
+    Relay(String),
+    #[error("starting standalone mode: {0}")]
+    Standalone(#[from] standalone::StandaloneError),
+    #[error("reading the local relay: {0}")]
+    Read(String),
+}
+
+#[derive(Debug, Clone)]
+pub struct RelayLine {
+    pub url: String,
+    pub kind: &'static str,
+    pub phase: String,
+    pub published: u64,
+}
+
+#[derive(Debug, Clone)]
+pub struct DemoReport {
+    pub repos: usize,
+    pub expected: usize,
+    pub synced: usize,
+    pub missing: usize,
+    pub extra: usize,
+    pub noise_events: usize,
+    pub forged_events: usize,
+    pub elapsed: Duration,
+    pub relays: Vec<RelayLine>,
+}
+
+impl DemoReport {
+    pub fn ok(&self) -> bool {
+        self.missing == 0 && self.extra == 0
+    }
+}
+
+struct Proc(Child);
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn find_nostr_rs_relay(explicit: &Option<PathBuf>) -> Option<PathBuf> {
+    let mut candidates: Vec<PathBuf> = explicit.iter().cloned().collect();
+    if let Some(p) = std::env::var_os("GRASP_SYNC_NOSTR_RS_RELAY") {
+        candidates.push(p.into());
+    }
+    let cache = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")));
+    if let Some(c) = cache {
+        candidates.push(c.join("grasp-sync/bin/nostr-rs-relay"));
+    }
+    if let Some(path) = std::env::var_os("PATH") {
+        candidates.extend(std::env::split_paths(&path).map(|d| d.join("nostr-rs-relay")));
+    }
+    candidates.into_iter().find(|p| p.is_file())
+}
+
+async fn embedded_relay(builder: RelayBuilder) -> Result<(LocalRelay, RelayUrl), DemoError> {
+    let relay = LocalRelay::new(builder);
+    relay
+        .run()
+        .await
+        .map_err(|e| DemoError::Relay(e.to_string()))?;
+    let url = RelayUrl::parse(&relay.url().await.to_string())
+        .map_err(|e| DemoError::Relay(e.to_string()))?;
+    Ok((relay, url))
+}
+
+fn builder() -> RelayBuilder {
+    RelayBuilder::default()
+        .addr(IpAddr::V4(Ipv4Addr::LOCALHOST))
+        .database(MemoryDatabase::with_opts(MemoryDatabaseOptions {
+            events: true,
+            max_events: Some(5_000_000),
+        }))
+        .rate_limit(RateLimit {
+            max_reqs: 100_000,
+            notes_per_minute: u32::MAX,
+        })
+        .max_filter_limit(5_000)
+        .default_filter_limit(5_000)
+}
+
+async fn start_nostr_rs_relay(
+    bin: &PathBuf,
+    dir: &std::path::Path,
+) -> Result<(Proc, RelayUrl), DemoError> {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map_err(|e| DemoError::Relay(e.to_string()))?
+        .port();
+    let config = dir.join("config.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[network]\naddress = \"127.0.0.1\"\nport = {port}\n\n[limits]\nmessages_per_sec = 100000\nmax_event_bytes = 1048576\n"
+        ),
+    )
+    .map_err(|e| DemoError::Relay(e.to_string()))?;
+    let child = Command::new(bin)
+        .arg("--config")
+        .arg(&config)
+        .arg("--db")
+        .arg(dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| DemoError::Relay(format!("nostr-rs-relay: {e}")))?;
+    let proc = Proc(child);
+    let start = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if start.elapsed() > Duration::from_secs(20) {
+            return Err(DemoError::Relay(
+                "nostr-rs-relay did not start within 20 s".into(),
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let url = RelayUrl::parse(&format!("ws://127.0.0.1:{port}"))
+        .map_err(|e| DemoError::Relay(e.to_string()))?;
+    Ok((proc, url))
+}
+
+async fn publish(url: &RelayUrl, events: impl IntoIterator<Item = nostr::Event>) {
+    let (p, _t) = Publisher::spawn(PublisherConfig::new(url.clone()), Metrics::new());
+    for e in events {
+        let _ = p.publish(e, None).await;
+    }
+    while p.stats().outstanding() > 0 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Every event id the relay holds.
+async fn local_ids(url: &RelayUrl) -> Result<BTreeSet<EventId>, DemoError> {
+    let (mut w, mut r) = connection::connect(url, &ConnectOptions::default())
+        .await
+        .map_err(|e| DemoError::Read(e.to_string()))?;
+    let mut paginator = crate::worker::pagination::Paginator::new(Filter::new(), 5_000);
+    let mut ids = BTreeSet::new();
+    let mut n = 0;
+    loop {
+        n += 1;
+        let sub = SubscriptionId::new(format!("demo-{n}"));
+        w.send(&ClientMessage::req(sub.clone(), vec![paginator.current()]))
+            .await
+            .map_err(|e| DemoError::Read(e.to_string()))?;
+        let mut page = Vec::new();
+        loop {
+            match r.recv().await.map_err(|e| DemoError::Read(e.to_string()))? {
+                Incoming::Message(RelayMessage::Event { event, .. }) => {
+                    ids.insert(event.id);
+                    page.push((event.id, event.created_at));
+                }
+                Incoming::Message(RelayMessage::EndOfStoredEvents(_)) => break,
+                _ => {}
+            }
+        }
+        let _ = w.send(&ClientMessage::close(sub)).await;
+        if paginator.on_page(&page) == crate::worker::pagination::Step::Done {
+            break;
+        }
+    }
+    w.close().await;
+    Ok(ids)
+}
+
+pub async fn run(opts: DemoOptions) -> Result<DemoReport, DemoError> {
+    crate::tls::install_default_crypto();
+    let say = |msg: String| {
+        if opts.progress {
+            eprintln!("{msg}");
+        }
+    };
+    // Our relay, with the acceptance policy of a GRASP relay.
+    let local_probe = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map_err(|e| DemoError::Relay(e.to_string()))?;
+    let service = format!("127.0.0.1:{}", local_probe.port());
+    let (_local, local) = embedded_relay(
+        builder()
+            .port(local_probe.port())
+            .write_policy(policy::GraspPolicy::new(service.clone())),
+    )
+    .await?;
+
+    // Sources.
+    let (_s1, s1) = embedded_relay(builder()).await?;
+    let tmp = tempfile::tempdir().map_err(|e| DemoError::Relay(e.to_string()))?;
+    let mut sources = vec![(s1.clone(), "nostr-relay-builder (NIP-77)")];
+    let mut _nrr = None;
+    if let Some(bin) = find_nostr_rs_relay(&opts.nostr_rs_relay) {
+        let (p, url) = start_nostr_rs_relay(&bin, tmp.path()).await?;
+        _nrr = Some(p);
+        sources.push((url, "nostr-rs-relay (no NIP-77)"));
+    }
+    let scripted = ScriptedRelay::start(Script::default())
+        .await
+        .map_err(|e| DemoError::Relay(e.to_string()))?;
+    sources.push((scripted.url(), "grasp-sync scripted (no NIP-77, forgeries)"));
+
+    let cfg = corpus::CorpusConfig {
+        repos: opts.repos,
+        service: service.clone(),
+        local_relay: local.clone(),
+        sources: sources.iter().map(|(u, _)| u.clone()).collect(),
+        seed: opts.seed,
+    };
+    let t = Instant::now();
+    let corpus = corpus::generate(&cfg);
+    say(format!(
+        "corpus: {} repos, {} expected events, {} noise, {} forged ({:.1}s)",
+        opts.repos,
+        corpus.expected.len(),
+        corpus.noise.len(),
+        corpus.forged.len(),
+        t.elapsed().as_secs_f64()
+    ));
+
+    // Users announce their repositories to our relay; everything else sits on the sources.
+    publish(&local, corpus.announcements.iter().cloned()).await;
+    for (i, (url, _)) in sources.iter().enumerate() {
+        let on_i = corpus
+            .events
+            .iter()
+            .chain(corpus.noise.iter())
+            .filter(|p| p.on.contains(&i))
+            .map(|p| p.event.clone());
+        if *url == scripted.url() {
+            scripted.add(on_i);
+        } else {
+            publish(url, on_i).await;
+        }
+    }
+    scripted.set_script(Script {
+        raw_events: corpus.forged.clone(),
+        ..Script::default()
+    });
+    say(format!(
+        "sources seeded: {}",
+        sources
+            .iter()
+            .map(|(u, k)| format!("{u} [{k}]"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    ));
+
+    // Sync.
+    let mut sopts = StandaloneOptions::new(local.clone(), service.clone());
+    sopts.addresses = AddressPolicy::allow_all();
+    sopts.http_addr = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
+    sopts.status_interval = Duration::from_millis(500);
+    sopts.session.nip11_timeout = Duration::from_secs(1);
+    let start = Instant::now();
+    let running = standalone::start(sopts).await?;
+    let mut synced;
+    loop {
+        let have = local_ids(&local).await?;
+        synced = have.intersection(&corpus.expected).count();
+        say(format!(
+            "[{:>5.1}s] synced {synced}/{} ({:.0}%)",
+            start.elapsed().as_secs_f64(),
+            corpus.expected.len(),
+            100.0 * synced as f64 / corpus.expected.len().max(1) as f64
+        ));
+        if synced == corpus.expected.len() || start.elapsed() > opts.timeout {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let elapsed = start.elapsed();
+    // Let anything that should not arrive have its chance to, then compare exactly.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let have = local_ids(&local).await?;
+    let missing = corpus.expected.difference(&have).count();
+    let extra = have.difference(&corpus.expected).count();
+
+    let objects = running.store.list().await.unwrap_or_default();
+    let relays = sources
+        .iter()
+        .map(|(url, kind)| {
+            let mine: Vec<_> = objects
+                .iter()
+                .filter(|o| o.spec.url == url.as_str())
+                .collect();
+            RelayLine {
+                url: url.to_string(),
+                kind,
+                phase: mine
+                    .first()
+                    .and_then(|o| o.status.as_ref().and_then(|s| s.phase))
+                    .map(|p| p.as_str().to_string())
+                    .unwrap_or_else(|| "-".into()),
+                published: mine
+                    .iter()
+                    .filter_map(|o| o.status.as_ref().and_then(|s| s.events_published))
+                    .sum(),
+            }
+        })
+        .collect();
+    running.stop().await;
+    Ok(DemoReport {
+        repos: opts.repos,
+        expected: corpus.expected.len(),
+        synced: have.intersection(&corpus.expected).count(),
+        missing,
+        extra,
+        noise_events: corpus.noise.len(),
+        forged_events: corpus.forged.len(),
+        elapsed,
+        relays,
+    })
+}
+
+impl std::fmt::Display for DemoReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(f, "repos      {}", self.repos)?;
+        writeln!(f, "expected   {}", self.expected)?;
+        writeln!(f, "synced     {}", self.synced)?;
+        writeln!(f, "missing    {}", self.missing)?;
+        writeln!(
+            f,
+            "extra      {}  (noise offered: {}, forged: {})",
+            self.extra, self.noise_events, self.forged_events
+        )?;
+        writeln!(
+            f,
+            "time       {:.2}s ({:.0} events/s)",
+            self.elapsed.as_secs_f64(),
+            self.synced as f64 / self.elapsed.as_secs_f64().max(0.001)
+        )?;
+        writeln!(f, "relays:")?;
+        for r in &self.relays {
+            writeln!(
+                f,
+                "  {:<28} {:<44} phase {:<12} published {}",
+                r.url, r.kind, r.phase, r.published
+            )?;
+        }
+        write!(
+            f,
+            "result     {}",
+            if self.ok() {
+                "OK: exactly the expected set"
+            } else {
+                "MISMATCH"
+            }
+        )
+    }
+}
