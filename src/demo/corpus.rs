@@ -45,13 +45,19 @@ fn tag(name: &str, values: impl IntoIterator<Item = String>) -> Tag {
     Tag::custom(TagKind::custom(name), values)
 }
 
-fn sign(b: EventBuilder, k: &Keys) -> Event {
-    // Signing with a freshly generated key cannot fail.
-    b.sign_with_keys(k).unwrap_or_else(|_| unreachable!())
-}
-
 pub fn generate(cfg: &CorpusConfig) -> Corpus {
     let mut rng = StdRng::seed_from_u64(cfg.seed);
+    // Real events span months, not the second this corpus is made in: spread them over the
+    // last 90 days (so no second holds more events than a relay serves per page).
+    let times = std::cell::RefCell::new(StdRng::seed_from_u64(cfg.seed ^ 0x7157_ca11));
+    let now = nostr::Timestamp::now().as_secs();
+    let sign = |b: EventBuilder, k: &Keys| -> Event {
+        let at = now - times.borrow_mut().random_range(60..90 * 86_400);
+        b.custom_created_at(nostr::Timestamp::from(at))
+            .sign_with_keys(k)
+            // Signing with a freshly generated key cannot fail.
+            .unwrap_or_else(|_| unreachable!())
+    };
     let n = cfg.sources.len().max(1);
     let contributors: Vec<Keys> = (0..8).map(|_| Keys::generate()).collect();
     let mut out = Corpus {

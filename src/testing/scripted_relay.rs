@@ -271,6 +271,10 @@ fn handle(
             let mut out = Vec::new();
             let store = s.store.lock().unwrap_or_else(|e| e.into_inner());
             for f in &filters {
+                // `limit: 0` asks for live events only: nothing stored to look at.
+                if f.limit == Some(0) {
+                    continue;
+                }
                 let mut matching: Vec<&Event> = store
                     .iter()
                     .filter(|e| f.match_event(e, MatchEventOptions::default()))

@@ -22,6 +22,9 @@ use crate::nostr::nip34::Announcement;
 use crate::nostr::{RelayUrl, RepoCoordinate};
 use crate::store::{RelaySyncStore, StoredRelaySync};
 
+/// Most one change of a session's sync set per this interval.
+const APPLY_EVERY: Duration = Duration::from_millis(500);
+
 #[derive(Debug, Clone)]
 pub struct RuntimeConfig {
     /// This worker's name, written into status.
@@ -138,6 +141,7 @@ pub async fn run<S: RelaySyncStore + 'static>(
     let mut reload = true;
     let mut dirty = true;
     let mut tick = tokio::time::interval(Duration::from_millis(250));
+    let mut last_apply = Instant::now() - APPLY_EVERY;
     loop {
         if reload {
             reload = false;
@@ -158,8 +162,11 @@ pub async fn run<S: RelaySyncStore + 'static>(
                 }
             }
         }
-        if dirty && feed_synced {
+        // Root events trickle in one by one while Layer 2 syncs: apply them in batches (at
+        // most once per tick), not one subscription change per event.
+        if dirty && feed_synced && last_apply.elapsed() >= APPLY_EVERY {
             dirty = false;
+            last_apply = Instant::now();
             reconcile_sessions(
                 &config,
                 &objects,
