@@ -16,9 +16,7 @@ use grasp_sync::nostr::RelayUrl;
 use grasp_sync::store::RelaySyncStore;
 use grasp_sync::store::memory::MemoryStore;
 use grasp_sync::worker::metrics::Metrics;
-use grasp_sync::worker::publisher::{Publisher, PublisherConfig};
 use nostr::{Event, EventBuilder, Keys, Kind, Tag, TagKind, Timestamp};
-use support::eventually;
 use support::relays;
 
 const DEADLINE: Duration = Duration::from_secs(30);
@@ -33,17 +31,6 @@ fn announce(keys: &Keys, id: &str, relays: &[&str], at: u64) -> Event {
         .custom_created_at(Timestamp::from(at))
         .sign_with_keys(keys)
         .unwrap()
-}
-
-async fn publish(url: &RelayUrl, events: &[Event]) {
-    let (p, _t) = Publisher::spawn(PublisherConfig::new(url.clone()), Metrics::new());
-    for e in events {
-        p.publish(e.clone(), None).await.unwrap();
-    }
-    eventually("events published", DEADLINE, || async {
-        (p.stats().outstanding() == 0).then_some(())
-    })
-    .await;
 }
 
 /// url → repos (identifiers), as the store holds them.
@@ -119,7 +106,7 @@ async fn announcements_become_relay_sync_objects_and_shrink_with_grace() {
         ],
         100,
     );
-    publish(&local, &[a1, b1.clone()]).await;
+    relays::publish(&local, &[a1, b1.clone()]).await;
 
     let store = Arc::new(MemoryStore::new());
     let mut cfg = config(local.clone());
@@ -167,7 +154,7 @@ async fn announcements_become_relay_sync_objects_and_shrink_with_grace() {
         &["wss://r1.example", "wss://r3.example"],
         200,
     );
-    publish(&local, &[a2]).await;
+    relays::publish(&local, &[a2]).await;
     converges_to(
         &store,
         &[
@@ -187,7 +174,7 @@ async fn announcements_become_relay_sync_objects_and_shrink_with_grace() {
         ))
         .sign_with_keys(&bob)
         .unwrap();
-    publish(&local, &[deletion]).await;
+    relays::publish(&local, &[deletion]).await;
     converges_to(
         &store,
         &[
@@ -231,7 +218,7 @@ async fn an_unreachable_local_relay_is_waited_for() {
     // The relay comes up on that port: discovery connects and does its job.
     let (_relay, url) = relays::local_relay_on(port, 1_000_000).await;
     assert_eq!(url, local);
-    publish(
+    relays::publish(
         &local,
         &[announce(
             &Keys::generate(),

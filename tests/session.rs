@@ -107,17 +107,6 @@ async fn wait_phase(h: &SessionHandle, phase: Phase) -> SessionState {
     .await
 }
 
-async fn publish_to(url: &grasp_sync::nostr::RelayUrl, events: &[Event]) {
-    let (p, _t) = Publisher::spawn(PublisherConfig::new(url.clone()), Metrics::new());
-    for e in events {
-        p.publish(e.clone(), None).await.unwrap();
-    }
-    eventually("seeding the remote", DEADLINE, || async {
-        (p.stats().outstanding() == 0).then_some(())
-    })
-    .await;
-}
-
 /// Historic then live against a remote, asserting exact sets.
 async fn historic_and_live(remote: grasp_sync::nostr::RelayUrl) {
     let rig = rig().await;
@@ -130,7 +119,7 @@ async fn historic_and_live(remote: grasp_sync::nostr::RelayUrl) {
     let mut seed: Vec<Event> = a.expected.iter().chain(&b.expected).cloned().collect();
     seed.extend(a.noise.iter().chain(&b.noise).cloned());
     seed.push(announcement.clone());
-    publish_to(&remote, &seed).await;
+    relays::publish(&remote, &seed).await;
 
     let h = rig.start(&remote, set_for(&[&a, &b]), None, fast_config());
     let mut want = nip34::ids(a.expected.iter().chain(&b.expected));
@@ -150,7 +139,7 @@ async fn historic_and_live(remote: grasp_sync::nostr::RelayUrl) {
     let noise = EventBuilder::new(Kind::from(1), "more noise")
         .sign_with_keys(&Keys::generate())
         .unwrap();
-    publish_to(&remote, &[live[0].clone(), noise]).await;
+    relays::publish(&remote, &[live[0].clone(), noise]).await;
     want.insert(live[0].id);
     rig.holds_exactly(&want).await;
     h.stop().await;
@@ -405,7 +394,7 @@ async fn negentropy_fetches_only_what_the_local_relay_lacks() {
     let comments = nip34::comments(f.root.id, 2000, 0);
     let mut on_remote = f.expected.clone();
     on_remote.extend(comments.iter().cloned());
-    publish_to(&remote, &on_remote).await;
+    relays::publish(&remote, &on_remote).await;
     // The local relay already holds 90 %: everything but every tenth comment.
     let present: Vec<Event> = f
         .expected
@@ -419,7 +408,7 @@ async fn negentropy_fetches_only_what_the_local_relay_lacks() {
                 .map(|(_, e)| e.clone()),
         )
         .collect();
-    publish_to(&rig.local, &present).await;
+    relays::publish(&rig.local, &present).await;
 
     let h = rig.start(&remote, set_for(&[&f]), None, fast_config());
     rig.holds_exactly(&nip34::ids(&on_remote)).await;
@@ -547,7 +536,7 @@ async fn an_idle_reconciliation_with_negentropy_requests_nothing() {
     let f = nip34::fixture("idle");
     let comments = nip34::comments(f.root.id, 300, 0);
     let all: Vec<Event> = f.expected.iter().chain(&comments).cloned().collect();
-    publish_to(&remote, &all).await;
+    relays::publish(&remote, &all).await;
     let mut config = fast_config();
     config.reconcile_every = (Duration::from_secs(1), Duration::from_secs(2));
     let h = rig.start(&remote, set_for(&[&f]), None, config);

@@ -13,26 +13,13 @@ use grasp_sync::crd::Phase;
 use grasp_sync::nostr::RelayUrl;
 use grasp_sync::standalone::{self, StandaloneOptions};
 use grasp_sync::store::RelaySyncStore;
-use grasp_sync::worker::metrics::Metrics;
-use grasp_sync::worker::publisher::{Publisher, PublisherConfig};
-use nostr::{Event, EventId, Filter};
+use nostr::{EventId, Filter};
 use support::eventually;
 use support::hostile_relay::{HostileRelay, Script};
 use support::nip34;
 use support::relays;
 
 const DEADLINE: Duration = Duration::from_secs(60);
-
-async fn publish(url: &RelayUrl, events: &[Event]) {
-    let (p, _t) = Publisher::spawn(PublisherConfig::new(url.clone()), Metrics::new());
-    for e in events {
-        p.publish(e.clone(), None).await.unwrap();
-    }
-    eventually("events published", DEADLINE, || async {
-        (p.stats().outstanding() == 0).then_some(())
-    })
-    .await;
-}
 
 async fn holds_exactly(local: &RelayUrl, want: &BTreeSet<EventId>) {
     let got = eventually(
@@ -76,12 +63,12 @@ async fn standalone_syncs_historic_live_and_later_discovered_repos() {
             "wss://git.ours.example".into(),
         ],
     );
-    publish(&local, std::slice::from_ref(&ann_alpha)).await;
+    relays::publish(&local, std::slice::from_ref(&ann_alpha)).await;
     // Its events are spread over the remotes, with noise beside them.
     let (on_a, rest) = alpha.expected.split_at(3);
     let (on_b, on_c) = rest.split_at(2);
-    publish(&a, &[on_a, &alpha.noise[..1]].concat()).await;
-    publish(&b, &[on_b, &alpha.noise[1..2]].concat()).await;
+    relays::publish(&a, &[on_a, &alpha.noise[..1]].concat()).await;
+    relays::publish(&b, &[on_b, &alpha.noise[1..2]].concat()).await;
     hostile.add(on_c.iter().cloned().chain(alpha.noise[2..].iter().cloned()));
 
     let mut opts = StandaloneOptions::new(local.clone(), "git.ours.example");
@@ -112,7 +99,7 @@ async fn standalone_syncs_historic_live_and_later_discovered_repos() {
 
     // Live: a new comment on alpha's root at nostr-rs-relay arrives.
     let live = nip34::comments(alpha.root.id, 1, 0);
-    publish(&b, &live).await;
+    relays::publish(&b, &live).await;
     want.insert(live[0].id);
     holds_exactly(&local, &want).await;
 
@@ -121,8 +108,8 @@ async fn standalone_syncs_historic_live_and_later_discovered_repos() {
     // and beta's events on d are synced.
     let beta = nip34::fixture("beta");
     let ann_beta = nip34::announcement(&beta, &[a.to_string(), d.to_string()]);
-    publish(&d, &beta.expected).await;
-    publish(&a, std::slice::from_ref(&ann_beta)).await;
+    relays::publish(&d, &beta.expected).await;
+    relays::publish(&a, std::slice::from_ref(&ann_beta)).await;
     want.insert(ann_beta.id);
     want.extend(nip34::ids(&beta.expected));
     holds_exactly(&local, &want).await;

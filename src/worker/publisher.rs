@@ -82,9 +82,16 @@ pub struct SourceCounters {
 }
 
 impl SourceCounters {
+    /// Handed over and not yet finally answered.
+    pub fn pending(&self) -> u64 {
+        self.submitted
+            .load(Ordering::Acquire)
+            .saturating_sub(self.resolved.load(Ordering::Acquire))
+    }
+
     /// Everything handed over has a final answer.
     pub fn drained(&self) -> bool {
-        self.submitted.load(Ordering::Acquire) == self.resolved.load(Ordering::Acquire)
+        self.pending() == 0
     }
 }
 

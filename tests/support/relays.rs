@@ -97,3 +97,17 @@ pub async fn fetch(url: &RelayUrl, filter: Filter) -> Vec<Event> {
 pub async fn fetch_ids(url: &RelayUrl, filter: Filter) -> BTreeSet<EventId> {
     fetch(url, filter).await.into_iter().map(|e| e.id).collect()
 }
+
+/// Publish `events` to `url` and wait until the relay has answered for all of them.
+pub async fn publish(url: &RelayUrl, events: &[nostr::Event]) {
+    use grasp_sync::worker::metrics::Metrics;
+    use grasp_sync::worker::publisher::{Publisher, PublisherConfig};
+    let (p, _t) = Publisher::spawn(PublisherConfig::new(url.clone()), Metrics::new());
+    for e in events {
+        p.publish(e.clone(), None).await.expect("publisher running");
+    }
+    super::eventually("events published", Duration::from_secs(60), || async {
+        (p.stats().outstanding() == 0).then_some(())
+    })
+    .await;
+}

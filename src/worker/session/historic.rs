@@ -82,6 +82,29 @@ pub(super) struct LocalDone {
     pub(super) result: Result<Vec<(EventId, Timestamp)>, String>,
 }
 
+impl FetchSub {
+    /// The same fetch again, for what has not arrived yet.
+    pub(super) fn into_work(self) -> Work {
+        Work::Fetch {
+            filter: self.filter,
+            ids: self.requested.into_iter().collect(),
+            retried: self.retried,
+        }
+    }
+}
+
+/// Queue `work` of `batch` again for `not_before`, marking the batch as having failed once.
+pub(super) fn retry_later(conn: &mut Conn, batch: u64, work: Work, not_before: Instant) {
+    if let Some(b) = conn.batches.get_mut(&batch) {
+        b.failed = true;
+    }
+    conn.queue.push(Queued {
+        batch,
+        work,
+        not_before,
+    });
+}
+
 impl Session {
     /// Queue historic batches: with `only = None`, every layer for the whole set (items already
     /// confirmed are fetched from `since` only); otherwise just the given items, in full.
@@ -517,14 +540,12 @@ impl Session {
                     "historic batch timed out after {timeout:?} without EOSE"
                 ))
             });
-            if let Some(b) = conn.batches.get_mut(&h.batch) {
-                b.failed = true;
-            }
-            conn.queue.push(Queued {
-                batch: h.batch,
-                work: Work::Page(h.paginator),
-                not_before: now + self.config.batch_retry,
-            });
+            retry_later(
+                conn,
+                h.batch,
+                Work::Page(h.paginator),
+                now + self.config.batch_retry,
+            );
         }
         let stale: Vec<SubscriptionId> = conn
             .negs
@@ -563,18 +584,8 @@ impl Session {
                 .historic_batches
                 .with_label_values(&["timeout"])
                 .inc();
-            if let Some(b) = conn.batches.get_mut(&f.batch) {
-                b.failed = true;
-            }
-            conn.queue.push(Queued {
-                batch: f.batch,
-                work: Work::Fetch {
-                    filter: f.filter,
-                    ids: f.requested.into_iter().collect(),
-                    retried: f.retried,
-                },
-                not_before: now + self.config.batch_retry,
-            });
+            let batch = f.batch;
+            retry_later(conn, batch, f.into_work(), now + self.config.batch_retry);
         }
     }
 }

@@ -446,11 +446,7 @@ impl Session {
             .with_label_values(&[self.url.as_str()])
             .set(5);
         let failures = self.health.consecutive_failures();
-        let pending_events = self
-            .counters
-            .submitted
-            .load(Ordering::Acquire)
-            .saturating_sub(self.counters.resolved.load(Ordering::Acquire));
+        let pending_events = self.counters.pending();
         self.publish_state(|s| {
             s.phase = phase;
             s.events_pending = pending_events;
@@ -715,27 +711,9 @@ impl Session {
                     .unwrap_or_else(|| Instant::now() + self.config.batch_retry);
                 if let Some(h) = conn.historic.remove(&id) {
                     // Retry the same page later; the paginator did not advance.
-                    conn.queue.push(Queued {
-                        batch: h.batch,
-                        work: Work::Page(h.paginator),
-                        not_before: retry_at,
-                    });
-                    if let Some(b) = conn.batches.get_mut(&h.batch) {
-                        b.failed = true;
-                    }
+                    historic::retry_later(conn, h.batch, Work::Page(h.paginator), retry_at);
                 } else if let Some(f) = conn.fetches.remove(&id) {
-                    conn.queue.push(Queued {
-                        batch: f.batch,
-                        work: Work::Fetch {
-                            filter: f.filter,
-                            ids: f.requested.into_iter().collect(),
-                            retried: f.retried,
-                        },
-                        not_before: retry_at,
-                    });
-                    if let Some(b) = conn.batches.get_mut(&f.batch) {
-                        b.failed = true;
-                    }
+                    historic::retry_later(conn, f.batch, f.into_work(), retry_at);
                 } else if conn.live.remove(&id).is_some() {
                     // Live coverage is gone: rebuild all live subscriptions once the relay lets
                     // us (after a cool-down, after authenticating, or after the retry delay),
@@ -917,11 +895,7 @@ impl Session {
         let published = self.counters.published.load(Ordering::Relaxed);
         let rejected = self.counters.rejected.load(Ordering::Relaxed);
         let failures = self.health.consecutive_failures();
-        let pending_events = self
-            .counters
-            .submitted
-            .load(Ordering::Acquire)
-            .saturating_sub(self.counters.resolved.load(Ordering::Acquire));
+        let pending_events = self.counters.pending();
         self.publish_state(|s| {
             s.phase = phase;
             s.events_pending = pending_events;
