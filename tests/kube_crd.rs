@@ -11,11 +11,9 @@ use grasp_sync::crd::{
     RelaySyncStatus, WORKER_MANAGER, conditions,
 };
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
-use kube::runtime::wait::{await_condition, conditions::is_crd_established};
 use kube::{Client, ResourceExt};
 use serde_json::json;
 use support::{KubeEnv, eventually};
@@ -24,31 +22,10 @@ const PK1: &str = "a0b1c2d3e4f5a6b7c8d9e0f1a2b3c4d5e6f7a8b9c0d1e2f3a4b5c6d7e8f9a
 const PK2: &str = "b0b1c2d3e4f5a6b7c8d9e0f1a2b3c4d5e6f7a8b9c0d1e2f3a4b5c6d7e8f9a0b2";
 const WORKER_USER: &str = "grasp-sync-test-worker";
 
-/// Install the committed CRD file (the one operators apply) and wait until it is served.
-async fn install_crd(client: &Client) {
-    let yaml = include_str!("../deploy/crds/relaysync.yaml");
-    let crd: CustomResourceDefinition = serde_yaml::from_str(yaml).expect("CRD YAML parses");
-    let crds = Api::<CustomResourceDefinition>::all(client.clone());
-    crds.patch(
-        &crd.name_any(),
-        &PatchParams::apply("grasp-sync-test").force(),
-        &Patch::Apply(&crd),
-    )
-    .await
-    .expect("apply CRD");
-    tokio::time::timeout(
-        Duration::from_secs(30),
-        await_condition(crds, &crd.name_any(), is_crd_established()),
-    )
-    .await
-    .expect("CRD established within 30 s")
-    .expect("watching the CRD");
-}
-
 async fn setup(prefix: &str) -> (KubeEnv, Client, String) {
     let env = KubeEnv::start().await.unwrap_or_else(|e| panic!("{e}"));
     let client = env.client().await.unwrap();
-    install_crd(&client).await;
+    support::kube_env::install_crd(&client).await;
     let ns = env.namespace(prefix).await.unwrap();
     (env, client, ns)
 }

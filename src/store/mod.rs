@@ -3,6 +3,7 @@
 //! mode) and [`memory::MemoryStore`] (standalone, persisted to a state file).
 
 pub mod conformance;
+pub mod kube;
 pub mod memory;
 
 use std::future::Future;

@@ -19,8 +19,11 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::Namespace;
-use kube::api::{Api, PostParams};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::ResourceExt;
+use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::runtime::wait::{await_condition, conditions::is_crd_established};
 use kube::{Client, Config};
 use tempfile::TempDir;
 
@@ -603,4 +606,25 @@ fn remove_stray_dirs() {
             let _ = std::fs::remove_dir_all(entry.path());
         }
     }
+}
+
+/// Install the committed CRD file (the one operators apply) and wait until it is served.
+pub async fn install_crd(client: &Client) {
+    let yaml = include_str!("../../deploy/crds/relaysync.yaml");
+    let crd: CustomResourceDefinition = serde_yaml::from_str(yaml).expect("CRD YAML parses");
+    let crds = Api::<CustomResourceDefinition>::all(client.clone());
+    crds.patch(
+        &crd.name_any(),
+        &PatchParams::apply("grasp-sync-test").force(),
+        &Patch::Apply(&crd),
+    )
+    .await
+    .expect("apply CRD");
+    tokio::time::timeout(
+        Duration::from_secs(30),
+        await_condition(crds, &crd.name_any(), is_crd_established()),
+    )
+    .await
+    .expect("CRD established within 30 s")
+    .expect("watching the CRD");
 }
