@@ -4,5 +4,6 @@
 pub mod desired;
 pub mod discovery;
 pub mod index;
+pub mod ring;
 pub mod ssrf;
 pub mod targets;
