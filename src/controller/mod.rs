@@ -1,6 +1,7 @@
 //! Discovery (self-subscription, repo index, relay targets) and assignment (hash ring,
 //! worker leases, drain).
 
+pub mod assignment;
 pub mod desired;
 pub mod discovery;
 pub mod index;
