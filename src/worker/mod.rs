@@ -3,6 +3,7 @@
 pub mod connection;
 pub mod feed;
 pub mod health;
+pub mod lease;
 pub mod local_index;
 pub mod metrics;
 pub mod negentropy;
