@@ -16,22 +16,10 @@ use grasp_sync::nostr::RelayUrl;
 use grasp_sync::store::RelaySyncStore;
 use grasp_sync::store::memory::MemoryStore;
 use grasp_sync::worker::metrics::Metrics;
-use nostr::{Event, EventBuilder, Keys, Kind, Tag, TagKind, Timestamp};
-use support::relays;
+use nostr::{EventBuilder, Keys, Kind, Tag, TagKind};
+use support::{nip34, relays};
 
 const DEADLINE: Duration = Duration::from_secs(30);
-
-fn announce(keys: &Keys, id: &str, relays: &[&str], at: u64) -> Event {
-    EventBuilder::new(Kind::from(30617u16), "")
-        .tag(Tag::identifier(id))
-        .tag(Tag::custom(
-            TagKind::custom("relays"),
-            relays.iter().map(|s| s.to_string()),
-        ))
-        .custom_created_at(Timestamp::from(at))
-        .sign_with_keys(keys)
-        .unwrap()
-}
 
 /// url → repos (identifiers), as the store holds them.
 async fn snapshot(store: &MemoryStore) -> BTreeMap<String, BTreeSet<String>> {
@@ -86,7 +74,7 @@ fn config(local: RelayUrl) -> DiscoveryConfig {
 async fn announcements_become_relay_sync_objects_and_shrink_with_grace() {
     let (_relay, local) = relays::local_relay(1_000_000).await;
     let (alice, bob) = (Keys::generate(), Keys::generate());
-    let a1 = announce(
+    let a1 = nip34::announce(
         &alice,
         "alpha",
         &[
@@ -96,7 +84,7 @@ async fn announcements_become_relay_sync_objects_and_shrink_with_grace() {
         ],
         100,
     );
-    let b1 = announce(
+    let b1 = nip34::announce(
         &bob,
         "beta",
         &[
@@ -148,7 +136,7 @@ async fn announcements_become_relay_sync_objects_and_shrink_with_grace() {
 
     // alice replaces her announcement without r2: after the grace, r2 keeps only beta and
     // r1 keeps alpha. A relay discovered later (r3) shows up.
-    let a2 = announce(
+    let a2 = nip34::announce(
         &alice,
         "alpha",
         &["wss://r1.example", "wss://r3.example"],
@@ -220,7 +208,7 @@ async fn an_unreachable_local_relay_is_waited_for() {
     assert_eq!(url, local);
     relays::publish(
         &local,
-        &[announce(
+        &[nip34::announce(
             &Keys::generate(),
             "late",
             &["wss://r9.example"],

@@ -9,10 +9,9 @@ pub mod policy;
 use std::collections::BTreeSet;
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use nostr::{ClientMessage, EventId, Filter, RelayMessage, SubscriptionId};
+use nostr::{EventId, Filter};
 use nostr_relay_builder::prelude::{
     LocalRelay, MemoryDatabase, MemoryDatabaseOptions, RateLimit, RelayBuilder,
 };
@@ -22,10 +21,10 @@ use crate::controller::ssrf::AddressPolicy;
 use crate::nostr::RelayUrl;
 use crate::standalone::{self, StandaloneOptions};
 use crate::store::RelaySyncStore;
+use crate::testing::nostr_rs_relay;
 use crate::testing::scripted_relay::{Script, ScriptedRelay};
-use crate::worker::connection::{self, ConnectOptions, Incoming};
-use crate::worker::metrics::Metrics;
-use crate::worker::publisher::{Publisher, PublisherConfig};
+use crate::worker::connection::ConnectOptions;
+use crate::worker::{local_index, publisher};
 
 #[derive(Debug, Clone)]
 pub struct DemoOptions {
@@ -75,31 +74,6 @@ impl DemoReport {
     }
 }
 
-struct Proc(Child);
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn find_nostr_rs_relay(explicit: &Option<PathBuf>) -> Option<PathBuf> {
-    let mut candidates: Vec<PathBuf> = explicit.iter().cloned().collect();
-    if let Some(p) = std::env::var_os("GRASP_SYNC_NOSTR_RS_RELAY") {
-        candidates.push(p.into());
-    }
-    let cache = std::env::var_os("XDG_CACHE_HOME")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")));
-    if let Some(c) = cache {
-        candidates.push(c.join("grasp-sync/bin/nostr-rs-relay"));
-    }
-    if let Some(path) = std::env::var_os("PATH") {
-        candidates.extend(std::env::split_paths(&path).map(|d| d.join("nostr-rs-relay")));
-    }
-    candidates.into_iter().find(|p| p.is_file())
-}
-
 async fn embedded_relay(builder: RelayBuilder) -> Result<(LocalRelay, RelayUrl), DemoError> {
     let relay = LocalRelay::new(builder);
     relay
@@ -126,89 +100,18 @@ fn builder() -> RelayBuilder {
         .default_filter_limit(5_000)
 }
 
-async fn start_nostr_rs_relay(
-    bin: &PathBuf,
-    dir: &std::path::Path,
-) -> Result<(Proc, RelayUrl), DemoError> {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map_err(|e| DemoError::Relay(e.to_string()))?
-        .port();
-    let config = dir.join("config.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[network]\naddress = \"127.0.0.1\"\nport = {port}\n\n[limits]\nmessages_per_sec = 100000\nmax_event_bytes = 1048576\n"
-        ),
-    )
-    .map_err(|e| DemoError::Relay(e.to_string()))?;
-    let child = Command::new(bin)
-        .arg("--config")
-        .arg(&config)
-        .arg("--db")
-        .arg(dir)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .map_err(|e| DemoError::Relay(format!("nostr-rs-relay: {e}")))?;
-    let proc = Proc(child);
-    let start = Instant::now();
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        if start.elapsed() > Duration::from_secs(20) {
-            return Err(DemoError::Relay(
-                "nostr-rs-relay did not start within 20 s".into(),
-            ));
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let url = RelayUrl::parse(&format!("ws://127.0.0.1:{port}"))
-        .map_err(|e| DemoError::Relay(e.to_string()))?;
-    Ok((proc, url))
-}
-
-async fn publish(url: &RelayUrl, events: impl IntoIterator<Item = nostr::Event>) {
-    let (p, _t) = Publisher::spawn(PublisherConfig::new(url.clone()), Metrics::new());
-    for e in events {
-        let _ = p.publish(e, None).await;
-    }
-    while p.stats().outstanding() > 0 {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-/// Every event id the relay holds.
+/// Every event id the relay holds (paged, like the negentropy item read).
 async fn local_ids(url: &RelayUrl) -> Result<BTreeSet<EventId>, DemoError> {
-    let (mut w, mut r) = connection::connect(url, &ConnectOptions::default())
-        .await
-        .map_err(|e| DemoError::Read(e.to_string()))?;
-    let mut paginator = crate::worker::pagination::Paginator::new(Filter::new(), 5_000);
-    let mut ids = BTreeSet::new();
-    let mut n = 0;
-    loop {
-        n += 1;
-        let sub = SubscriptionId::new(format!("demo-{n}"));
-        w.send(&ClientMessage::req(sub.clone(), vec![paginator.current()]))
-            .await
-            .map_err(|e| DemoError::Read(e.to_string()))?;
-        let mut page = Vec::new();
-        loop {
-            match r.recv().await.map_err(|e| DemoError::Read(e.to_string()))? {
-                Incoming::Message(RelayMessage::Event { event, .. }) => {
-                    ids.insert(event.id);
-                    page.push((event.id, event.created_at));
-                }
-                Incoming::Message(RelayMessage::EndOfStoredEvents(_)) => break,
-                _ => {}
-            }
-        }
-        let _ = w.send(&ClientMessage::close(sub)).await;
-        if paginator.on_page(&page) == crate::worker::pagination::Step::Done {
-            break;
-        }
-    }
-    w.close().await;
-    Ok(ids)
+    let items = local_index::local_items(
+        url,
+        Filter::new(),
+        5_000,
+        &ConnectOptions::default(),
+        Duration::from_secs(300),
+    )
+    .await
+    .map_err(DemoError::Read)?;
+    Ok(items.into_iter().map(|(id, _)| id).collect())
 }
 
 pub async fn run(opts: DemoOptions) -> Result<DemoReport, DemoError> {
@@ -232,13 +135,14 @@ pub async fn run(opts: DemoOptions) -> Result<DemoReport, DemoError> {
 
     // Sources.
     let (_s1, s1) = embedded_relay(builder()).await?;
-    let tmp = tempfile::tempdir().map_err(|e| DemoError::Relay(e.to_string()))?;
     let mut sources = vec![(s1.clone(), "nostr-relay-builder (NIP-77)")];
     let mut _nrr = None;
-    if let Some(bin) = find_nostr_rs_relay(&opts.nostr_rs_relay) {
-        let (p, url) = start_nostr_rs_relay(&bin, tmp.path()).await?;
-        _nrr = Some(p);
-        sources.push((url, "nostr-rs-relay (no NIP-77)"));
+    if let Some(bin) = nostr_rs_relay::find_binary(opts.nostr_rs_relay.as_deref()) {
+        let relay = nostr_rs_relay::NostrRsRelay::start(&bin)
+            .await
+            .map_err(|e| DemoError::Relay(format!("nostr-rs-relay: {e}")))?;
+        sources.push((relay.url(), "nostr-rs-relay (no NIP-77)"));
+        _nrr = Some(relay);
     }
     let scripted = ScriptedRelay::start(Script::default())
         .await
@@ -264,7 +168,7 @@ pub async fn run(opts: DemoOptions) -> Result<DemoReport, DemoError> {
     ));
 
     // Users announce their repositories to our relay; everything else sits on the sources.
-    publish(&local, corpus.announcements.iter().cloned()).await;
+    publisher::publish_all(&local, corpus.announcements.iter().cloned()).await;
     for (i, (url, _)) in sources.iter().enumerate() {
         let on_i = corpus
             .events
@@ -275,7 +179,7 @@ pub async fn run(opts: DemoOptions) -> Result<DemoReport, DemoError> {
         if *url == scripted.url() {
             scripted.add(on_i);
         } else {
-            publish(url, on_i).await;
+            publisher::publish_all(url, on_i).await;
         }
     }
     scripted.set_script(Script {

@@ -579,6 +579,24 @@ async fn sleep_until_opt(at: Option<Instant>) {
     }
 }
 
+/// Publish `events` to `url` over a short-lived publisher and wait until the relay answered
+/// for every one (seeding relays in the demo, benchmarks and tests).
+pub async fn publish_all(
+    url: &RelayUrl,
+    events: impl IntoIterator<Item = Event>,
+) -> Arc<PublisherStats> {
+    let (p, _task) = Publisher::spawn(PublisherConfig::new(url.clone()), Metrics::new());
+    for e in events {
+        if p.publish(e, None).await.is_err() {
+            break;
+        }
+    }
+    while p.stats().outstanding() > 0 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    p.stats().clone()
+}
+
 /// Why an event from a remote relay is not published at all.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Error)]
 pub enum EventRejection {

@@ -125,3 +125,17 @@ pub fn announcement(f: &Fixture, relays: &[String]) -> Event {
         .sign_with_keys(&f.owner)
         .expect("sign")
 }
+
+/// A repository announcement by `keys` for `id`, listing `relays`, created at `at`.
+pub fn announce(keys: &Keys, id: &str, relays: &[&str], at: u64) -> Event {
+    sign(
+        EventBuilder::new(Kind::from(30617), "")
+            .tag(Tag::identifier(id))
+            .tag(Tag::custom(
+                TagKind::custom("relays"),
+                relays.iter().map(|s| s.to_string()),
+            ))
+            .custom_created_at(Timestamp::from(at)),
+        keys,
+    )
+}

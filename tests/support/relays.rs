@@ -100,14 +100,8 @@ pub async fn fetch_ids(url: &RelayUrl, filter: Filter) -> BTreeSet<EventId> {
 
 /// Publish `events` to `url` and wait until the relay has answered for all of them.
 pub async fn publish(url: &RelayUrl, events: &[nostr::Event]) {
-    use grasp_sync::worker::metrics::Metrics;
-    use grasp_sync::worker::publisher::{Publisher, PublisherConfig};
-    let (p, _t) = Publisher::spawn(PublisherConfig::new(url.clone()), Metrics::new());
-    for e in events {
-        p.publish(e.clone(), None).await.expect("publisher running");
-    }
-    super::eventually("events published", Duration::from_secs(60), || async {
-        (p.stats().outstanding() == 0).then_some(())
-    })
-    .await;
+    let all = grasp_sync::worker::publisher::publish_all(url, events.iter().cloned());
+    tokio::time::timeout(Duration::from_secs(60), all)
+        .await
+        .expect("events published within 60 s");
 }
