@@ -98,9 +98,26 @@ pub struct KubeOpts {
     /// pod's namespace).
     #[arg(long, env = "GRASP_SYNC_NAMESPACE")]
     pub namespace: Option<String>,
-    /// Address of the /metrics and health endpoint.
+    /// kubeconfig context to use (default: in-cluster configuration, or the current context).
+    #[arg(long, env = "GRASP_SYNC_KUBE_CONTEXT")]
+    pub kube_context: Option<String>,
+    /// Address of the /metrics, /status and /healthz endpoint.
     #[arg(long, env = "GRASP_SYNC_METRICS_ADDR", default_value = "0.0.0.0:9090")]
     pub metrics_addr: SocketAddr,
+}
+
+/// Which relay addresses may be connected to.
+#[derive(Debug, Args)]
+pub struct PolicyOpts {
+    /// Relay hosts or networks allowed even though they are private, loopback or
+    /// cluster-internal (comma-separated host names, IPs or CIDRs). Announcements are
+    /// untrusted: by default such relays are refused.
+    #[arg(long, env = "GRASP_SYNC_ALLOW", value_delimiter = ',')]
+    pub allow: Vec<String>,
+    /// Networks refused in addition to private ranges, e.g. the cluster's pod and service
+    /// CIDRs (comma-separated).
+    #[arg(long, env = "GRASP_SYNC_DENY_NETS", value_delimiter = ',')]
+    pub deny_nets: Vec<ipnet::IpNet>,
 }
 
 #[derive(Debug, Args)]
@@ -109,9 +126,25 @@ pub struct ControllerArgs {
     pub relays: RelayOpts,
     #[command(flatten)]
     pub kube: KubeOpts,
-    /// This replica's identity in leader election.
+    #[command(flatten)]
+    pub policy: PolicyOpts,
+    /// This replica's identity in leader election (default: the host name).
     #[arg(long, env = "POD_NAME")]
     pub identity: Option<String>,
+    /// How long a repo or relay must stay out of every announcement before it stops being
+    /// synced.
+    #[arg(long, env = "GRASP_SYNC_GRACE", default_value = "15m", value_parser = humantime::parse_duration)]
+    pub grace: Duration,
+    /// Leader Lease duration: a standby takes over this long after the leader stopped
+    /// renewing.
+    #[arg(long, env = "GRASP_SYNC_LEADER_LEASE_DURATION", default_value = "15s", value_parser = humantime::parse_duration)]
+    pub leader_lease_duration: Duration,
+    /// How often the leader renews (and a standby retries).
+    #[arg(long, env = "GRASP_SYNC_LEADER_RENEW", default_value = "3s", value_parser = humantime::parse_duration)]
+    pub leader_renew: Duration,
+    /// Most relays moving between live workers at once (scale-out drains).
+    #[arg(long, env = "GRASP_SYNC_MAX_MOVES", default_value_t = 100)]
+    pub max_moves: usize,
 }
 
 #[derive(Debug, Args)]
@@ -125,9 +158,17 @@ pub struct WorkerArgs {
     pub local_relay: RelayUrl,
     #[command(flatten)]
     pub kube: KubeOpts,
-    /// Most one status write per relay per interval (phase changes are written at once).
-    #[arg(long, env = "GRASP_SYNC_STATUS_INTERVAL", default_value = "30s", value_parser = humantime::parse_duration)]
-    pub status_interval: Duration,
+    #[command(flatten)]
+    pub policy: PolicyOpts,
+    #[command(flatten)]
+    pub sync: SyncOpts,
+    /// Worker Lease duration: the controller reassigns a crashed worker's relays this long
+    /// after its last renewal.
+    #[arg(long, env = "GRASP_SYNC_LEASE_DURATION", default_value = "15s", value_parser = humantime::parse_duration)]
+    pub lease_duration: Duration,
+    /// How often the worker renews its Lease.
+    #[arg(long, env = "GRASP_SYNC_LEASE_RENEW", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub lease_renew: Duration,
 }
 
 #[derive(Debug, Args)]
@@ -149,25 +190,18 @@ pub struct StandaloneArgs {
     )]
     pub metrics_addr: SocketAddr,
     #[command(flatten)]
+    pub policy: PolicyOpts,
+    /// How long a repo or relay must stay out of every announcement before it stops being
+    /// synced.
+    #[arg(long, env = "GRASP_SYNC_GRACE", default_value = "15m", value_parser = humantime::parse_duration)]
+    pub grace: Duration,
+    #[command(flatten)]
     pub sync: SyncOpts,
 }
 
 /// Tuning shared by every process that syncs.
 #[derive(Debug, Args)]
 pub struct SyncOpts {
-    /// Relay hosts or networks allowed even though they are private, loopback or
-    /// cluster-internal (comma-separated host names, IPs or CIDRs). Announcements are
-    /// untrusted: by default such relays are refused.
-    #[arg(long, env = "GRASP_SYNC_ALLOW", value_delimiter = ',')]
-    pub allow: Vec<String>,
-    /// Networks refused in addition to private ranges, e.g. the cluster's pod and service
-    /// CIDRs (comma-separated).
-    #[arg(long, env = "GRASP_SYNC_DENY_NETS", value_delimiter = ',')]
-    pub deny_nets: Vec<ipnet::IpNet>,
-    /// How long a repo or relay must stay out of every announcement before it stops being
-    /// synced.
-    #[arg(long, env = "GRASP_SYNC_GRACE", default_value = "15m", value_parser = humantime::parse_duration)]
-    pub grace: Duration,
     /// Most one status write per relay per interval (phase changes are written at once).
     #[arg(long, env = "GRASP_SYNC_STATUS_INTERVAL", default_value = "30s", value_parser = humantime::parse_duration)]
     pub status_interval: Duration,

@@ -10,6 +10,7 @@ pub mod controller;
 pub mod crd;
 pub mod demo;
 pub mod http;
+pub mod kube_mode;
 pub mod nostr;
 pub mod standalone;
 pub mod store;

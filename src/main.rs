@@ -7,7 +7,10 @@ use tracing_subscriber::EnvFilter;
 
 mod cli;
 
-use cli::{Cli, Command, LogFormat, LogOpts, StandaloneArgs, StatusArgs, SyncOpts};
+use cli::{
+    Cli, Command, ControllerArgs, LogFormat, LogOpts, PolicyOpts, StandaloneArgs, StatusArgs,
+    SyncOpts, WorkerArgs,
+};
 use grasp_sync::controller::ssrf::AddressPolicy;
 
 fn main() -> ExitCode {
@@ -39,8 +42,8 @@ fn run(command: Command) -> Result<()> {
                 .context("writing to stdout")?;
             Ok(())
         }
-        Command::Controller(_) => not_implemented("controller", "Kubernetes mode"),
-        Command::Worker(_) => not_implemented("worker", "Kubernetes mode"),
+        Command::Controller(args) => runtime()?.block_on(controller(args)),
+        Command::Worker(args) => runtime()?.block_on(worker(args)),
         Command::Standalone(args) => runtime()?.block_on(standalone(args)),
         Command::Status(args) => runtime()?.block_on(status(args)),
         Command::Demo(args) => runtime()?.block_on(demo(args)),
@@ -55,12 +58,12 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
         .context("starting the async runtime")
 }
 
-fn address_policy(sync: &SyncOpts) -> AddressPolicy {
+fn address_policy(opts: &PolicyOpts) -> AddressPolicy {
     let mut policy = AddressPolicy {
-        deny_nets: sync.deny_nets.clone(),
+        deny_nets: opts.deny_nets.clone(),
         ..AddressPolicy::default()
     };
-    for entry in &sync.allow {
+    for entry in &opts.allow {
         let entry = entry.trim();
         if let Ok(net) = entry.parse::<ipnet::IpNet>() {
             policy.allow_nets.push(net);
@@ -96,8 +99,8 @@ async fn standalone(args: StandaloneArgs) -> Result<()> {
     opts.bootstrap = args.relays.bootstrap.clone();
     opts.state_file = Some(args.state_file.clone());
     opts.http_addr = args.metrics_addr;
-    opts.addresses = address_policy(&args.sync);
-    opts.grace = args.sync.grace;
+    opts.addresses = address_policy(&args.policy);
+    opts.grace = args.grace;
     opts.status_interval = args.sync.status_interval;
     opts.publisher_connections = args.sync.publisher_connections;
     opts.auth_keys = auth_keys(&args.sync)?;
@@ -114,6 +117,92 @@ async fn standalone(args: StandaloneArgs) -> Result<()> {
     tracing::info!("stopping: closing sessions and saving state");
     running.stop().await;
     Ok(())
+}
+
+/// A shutdown flag that turns true on SIGTERM or Ctrl-C.
+fn shutdown_on_signal() -> tokio::sync::watch::Receiver<bool> {
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        tracing::info!("signal received: stopping");
+        let _ = tx.send(true);
+    });
+    rx
+}
+
+fn kube_target(kube: &cli::KubeOpts) -> grasp_sync::kube_mode::KubeTarget {
+    grasp_sync::kube_mode::KubeTarget {
+        context: kube.kube_context.clone(),
+        namespace: kube.namespace.clone(),
+    }
+}
+
+async fn controller(args: ControllerArgs) -> Result<()> {
+    use grasp_sync::controller::{assigner::AssignerConfig, leader::LeaderConfig};
+    let identity = match args.identity.clone() {
+        Some(id) if !id.is_empty() => id,
+        _ => hostname().context("no --identity/POD_NAME given and the host name is unknown")?,
+    };
+    if args.leader_renew >= args.leader_lease_duration {
+        anyhow::bail!("--leader-renew must be shorter than --leader-lease-duration");
+    }
+    let (client, namespace) = grasp_sync::kube_mode::connect(&kube_target(&args.kube)).await?;
+    let mut leader = LeaderConfig::new(identity.clone());
+    leader.duration = args.leader_lease_duration;
+    leader.renew_every = args.leader_renew;
+    let assigner = AssignerConfig {
+        max_moves: args.max_moves.max(1),
+        ..AssignerConfig::default()
+    };
+    let opts = grasp_sync::kube_mode::ControllerOptions {
+        identity,
+        local_relay: args.relays.local_relay.clone(),
+        service_domain: args.relays.service_domain.clone(),
+        bootstrap: args.relays.bootstrap.clone(),
+        addresses: address_policy(&args.policy),
+        grace: args.grace,
+        http_addr: args.kube.metrics_addr,
+        leader,
+        assigner,
+    };
+    grasp_sync::kube_mode::run_controller(opts, client, namespace, shutdown_on_signal()).await?;
+    Ok(())
+}
+
+async fn worker(args: WorkerArgs) -> Result<()> {
+    grasp_sync::kube_mode::check_worker_name(&args.name)?;
+    if args.lease_renew >= args.lease_duration {
+        anyhow::bail!("--lease-renew must be shorter than --lease-duration");
+    }
+    let (client, namespace) = grasp_sync::kube_mode::connect(&kube_target(&args.kube)).await?;
+    let opts = grasp_sync::kube_mode::WorkerOptions {
+        name: args.name.clone(),
+        local_relay: args.local_relay.clone(),
+        addresses: address_policy(&args.policy),
+        status_interval: args.sync.status_interval,
+        publisher_connections: args.sync.publisher_connections,
+        auth_keys: auth_keys(&args.sync)?,
+        http_addr: args.kube.metrics_addr,
+        lease: grasp_sync::worker::lease::LeaseConfig {
+            duration: args.lease_duration,
+            renew_every: args.lease_renew,
+        },
+        session: grasp_sync::worker::session::SessionConfig::default(),
+    };
+    grasp_sync::kube_mode::run_worker(opts, client, namespace, shutdown_on_signal()).await?;
+    Ok(())
+}
+
+fn hostname() -> Option<String> {
+    std::env::var("HOSTNAME")
+        .ok()
+        .filter(|h| !h.is_empty())
+        .or_else(|| {
+            std::fs::read_to_string("/etc/hostname")
+                .ok()
+                .map(|h| h.trim().to_string())
+                .filter(|h| !h.is_empty())
+        })
 }
 
 async fn wait_for_signal() {
@@ -177,13 +266,6 @@ async fn demo(args: cli::DemoArgs) -> Result<()> {
             report.extra
         )
     }
-}
-
-fn not_implemented(command: &str, issue: &str) -> Result<()> {
-    anyhow::bail!(
-        "`grasp-sync {command}` is not implemented yet (it arrives with the {issue} work); \
-         nothing was started"
-    )
 }
 
 fn init_tracing(opts: &LogOpts) -> Result<()> {

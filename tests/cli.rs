@@ -1,5 +1,5 @@
-//! The binary's surface: `crd` output equals the committed file, and subcommands that are
-//! not built yet say so and fail instead of pretending to run.
+//! The binary's surface: `crd` output equals the committed file, help, and startup errors
+//! that say what is wrong.
 
 mod support;
 
@@ -26,28 +26,59 @@ fn crd_output_matches_the_committed_file() {
 }
 
 #[test]
-fn unimplemented_subcommands_fail_loudly() {
-    let cases: &[&[&str]] = &[
-        &[
-            "controller",
-            "--local-relay",
-            "ws://127.0.0.1:1",
-            "--service-domain",
-            "git.example",
-        ],
-        &[
-            "worker",
-            "--name",
-            "w0",
-            "--local-relay",
-            "ws://127.0.0.1:1",
-        ],
+fn kubernetes_mode_startup_errors_name_the_problem() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("no-kubeconfig");
+    let cases: &[(&[&str], &str)] = &[
+        (
+            &[
+                "worker",
+                "--name",
+                "Not_A_Label",
+                "--local-relay",
+                "ws://127.0.0.1:1",
+            ],
+            "DNS-1123",
+        ),
+        (
+            &[
+                "worker",
+                "--name",
+                "w0",
+                "--local-relay",
+                "ws://127.0.0.1:1",
+                "--lease-duration",
+                "5s",
+                "--lease-renew",
+                "5s",
+            ],
+            "--lease-renew must be shorter",
+        ),
+        (
+            &[
+                "controller",
+                "--identity",
+                "c0",
+                "--local-relay",
+                "ws://127.0.0.1:1",
+                "--service-domain",
+                "git.example",
+                "--kube-context",
+                "nope",
+            ],
+            "cannot load the Kubernetes client configuration",
+        ),
     ];
-    for args in cases {
-        let out = grasp_sync().args(*args).output().unwrap();
+    for (args, expected) in cases {
+        let out = grasp_sync()
+            .args(*args)
+            .env("KUBECONFIG", &missing)
+            .env_remove("KUBERNETES_SERVICE_HOST")
+            .output()
+            .unwrap();
         let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(!out.status.success(), "{args:?} exited 0");
-        assert!(stderr.contains("not implemented yet"), "{args:?}: {stderr}");
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
+        assert!(stderr.contains(expected), "{args:?}: {stderr}");
     }
 }
 

@@ -10,6 +10,8 @@ use grasp_sync::crd::{
     CONTROLLER_MANAGER, ConditionStatus, Phase, RelayCapabilities, RelaySync, RelaySyncSpec,
     RelaySyncStatus, WORKER_MANAGER, conditions,
 };
+use grasp_sync::worker::lease;
+use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
@@ -21,6 +23,7 @@ use support::{KubeEnv, eventually};
 const PK1: &str = "a0b1c2d3e4f5a6b7c8d9e0f1a2b3c4d5e6f7a8b9c0d1e2f3a4b5c6d7e8f9a0b1";
 const PK2: &str = "b0b1c2d3e4f5a6b7c8d9e0f1a2b3c4d5e6f7a8b9c0d1e2f3a4b5c6d7e8f9a0b2";
 const WORKER_USER: &str = "grasp-sync-test-worker";
+const CONTROLLER_USER: &str = "grasp-sync-test-controller";
 
 async fn setup(prefix: &str) -> (KubeEnv, Client, String) {
     let env = KubeEnv::start().await.unwrap_or_else(|e| panic!("{e}"));
@@ -478,6 +481,115 @@ async fn worker_role_may_write_status_but_not_spec_or_delete() {
     let unchanged = admin_api.get(name).await.unwrap();
     assert_eq!(unchanged.spec.repos, vec![coord(PK1, "a")]);
     assert!(unchanged.labels().is_empty());
+
+    // Leases: the worker holds its own (create, renew, release) and cannot touch another's.
+    let lease_role: Role = serde_yaml::from_str(
+        &include_str!("../deploy/rbac/worker-lease-role.yaml").replace("WORKER", "w0"),
+    )
+    .unwrap();
+    bind(&client, &ns, &lease_role, WORKER_USER).await;
+    let other: Lease = serde_json::from_value(json!({
+        "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+        "metadata": {"name": lease::lease_name("w1")},
+        "spec": {"holderIdentity": "w1", "leaseDurationSeconds": 15}
+    }))
+    .unwrap();
+    Api::<Lease>::namespaced(client.clone(), &ns)
+        .create(&PostParams::default(), &other)
+        .await
+        .unwrap();
+    let worker_client = env.client_as(WORKER_USER).await.unwrap();
+    let config = lease::LeaseConfig {
+        duration: Duration::from_secs(10),
+        renew_every: Duration::from_millis(500),
+    };
+    let held = eventually(
+        "the worker's own Lease to be taken",
+        Duration::from_secs(20),
+        || async {
+            lease::hold(worker_client.clone(), &ns, "w0", config.clone())
+                .await
+                .ok()
+        },
+    )
+    .await;
+    assert!(*held.held().borrow());
+    let worker_leases = Api::<Lease>::namespaced(worker_client.clone(), &ns);
+    let takeover = worker_leases
+        .patch(
+            &lease::lease_name("w1"),
+            &PatchParams::apply(WORKER_MANAGER).force(),
+            &Patch::Apply(json!({
+                "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+                "spec": {"holderIdentity": "w0"}
+            })),
+        )
+        .await;
+    assert_forbidden(takeover, "worker takes over another worker's Lease");
+    assert_forbidden(
+        worker_leases
+            .delete(&lease::lease_name("w1"), &DeleteParams::default())
+            .await
+            .map(|_| ()),
+        "worker deletes another worker's Lease",
+    );
+    held.release().await;
+    assert!(
+        Api::<Lease>::namespaced(client.clone(), &ns)
+            .get_opt(&lease::lease_name("w0"))
+            .await
+            .unwrap()
+            .is_none(),
+        "released Lease is deleted"
+    );
+
+    // The controller manages objects and labels but never writes status.
+    let controller_role: Role =
+        serde_yaml::from_str(include_str!("../deploy/rbac/controller-role.yaml")).unwrap();
+    bind(&client, &ns, &controller_role, CONTROLLER_USER).await;
+    let controller =
+        Api::<RelaySync>::namespaced(env.client_as(CONTROLLER_USER).await.unwrap(), &ns);
+    eventually(
+        "the controller binding to take effect",
+        Duration::from_secs(20),
+        || async { controller.get(name).await.ok() },
+    )
+    .await;
+    controller
+        .patch(
+            name,
+            &PatchParams::apply("grasp-sync-assigner").force(),
+            &Patch::Apply(json!({
+                "apiVersion": "grasp-sync.dev/v1alpha1", "kind": "RelaySync",
+                "metadata": {"name": name, "labels": {"grasp-sync.dev/worker": "w0"}}
+            })),
+        )
+        .await
+        .expect("controller labels the object");
+    assert_forbidden(
+        apply_status(&controller, name, &live_status(1, 1))
+            .await
+            .map(|_| ()),
+        "controller writes status",
+    );
+}
+
+async fn bind(client: &kube::Client, ns: &str, role: &Role, user: &str) {
+    Api::<Role>::namespaced(client.clone(), ns)
+        .create(&PostParams::default(), role)
+        .await
+        .unwrap();
+    let binding: RoleBinding = serde_json::from_value(json!({
+        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+        "metadata": {"name": role.name_any()},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": role.name_any()},
+        "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": user}]
+    }))
+    .unwrap();
+    Api::<RoleBinding>::namespaced(client.clone(), ns)
+        .create(&PostParams::default(), &binding)
+        .await
+        .unwrap();
 }
 
 fn assert_forbidden<T: std::fmt::Debug>(result: kube::Result<T>, what: &str) {

@@ -1,20 +1,33 @@
 //! RelaySync store on the Kubernetes API: the controller writes spec by server-side apply as
 //! `grasp-sync-controller`, workers write status by server-side apply as
 //! `grasp-sync-worker`; a watch turns every change into a revision bump.
+//!
+//! A worker's store is narrowed by a label selector (its own name). The raw watch stream
+//! reports an object leaving the selector (label moved) as a deletion, so the next list no
+//! longer holds it and its session stops — the kube-runtime `Controller` would not
+//! reconcile that case.
 
 use futures::StreamExt;
+use k8s_openapi::api::core::v1::ObjectReference;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::watcher;
-use kube::{Client, ResourceExt};
+use kube::{Client, Resource, ResourceExt};
 use serde_json::json;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use super::{RelaySyncStore, StoreError, StoredRelaySync};
-use crate::crd::{CONTROLLER_MANAGER, RelaySync, RelaySyncSpec, RelaySyncStatus, WORKER_MANAGER};
+use crate::crd::{
+    CONTROLLER_MANAGER, DRAIN_LABEL, Phase, RelaySync, RelaySyncSpec, RelaySyncStatus,
+    WORKER_MANAGER,
+};
 
 pub struct KubeStore {
     api: Api<RelaySync>,
+    namespace: String,
+    selector: Option<String>,
+    recorder: Option<Recorder>,
     revision: watch::Sender<u64>,
     watch_task: JoinHandle<()>,
 }
@@ -28,10 +41,20 @@ impl Drop for KubeStore {
 impl KubeStore {
     /// A store over the RelaySyncs of `namespace`. Starts watching them at once.
     pub fn new(client: Client, namespace: &str) -> Self {
+        Self::with_selector(client, namespace, None)
+    }
+
+    /// A store over the RelaySyncs of `namespace` matching `selector` (a label selector such
+    /// as `grasp-sync.dev/worker=w0`).
+    pub fn with_selector(client: Client, namespace: &str, selector: Option<String>) -> Self {
         let api: Api<RelaySync> = Api::namespaced(client, namespace);
         let revision = watch::channel(0).0;
         let tx = revision.clone();
-        let stream = watcher(api.clone(), watcher::Config::default());
+        let mut wc = watcher::Config::default();
+        if let Some(sel) = &selector {
+            wc = wc.labels(sel);
+        }
+        let stream = watcher(api.clone(), wc);
         let watch_task = tokio::spawn(async move {
             let mut stream = std::pin::pin!(stream);
             while let Some(event) = stream.next().await {
@@ -48,9 +71,37 @@ impl KubeStore {
         });
         KubeStore {
             api,
+            namespace: namespace.to_string(),
+            selector,
+            recorder: None,
             revision,
             watch_task,
         }
+    }
+
+    /// Publish Kubernetes Events on phase changes, reported as `instance` (the worker).
+    pub fn with_events(mut self, client: Client, instance: &str) -> Self {
+        let reporter = Reporter {
+            controller: WORKER_MANAGER.to_string(),
+            instance: Some(instance.to_string()),
+        };
+        self.recorder = Some(Recorder::new(client, reporter));
+        self
+    }
+}
+
+/// Event reason for entering `phase` (CamelCase, as Kubernetes Events expect).
+fn phase_reason(phase: Phase) -> &'static str {
+    match phase {
+        Phase::Pending => "Released",
+        Phase::Connecting => "Connecting",
+        Phase::Syncing => "Syncing",
+        Phase::Live => "Live",
+        Phase::LiveWithGaps => "LiveWithGaps",
+        Phase::Backoff => "Backoff",
+        Phase::RateLimited => "RateLimited",
+        Phase::Dead => "Dead",
+        Phase::Paused => "Paused",
     }
 }
 
@@ -58,6 +109,7 @@ fn to_stored(o: RelaySync) -> StoredRelaySync {
     StoredRelaySync {
         name: o.name_any(),
         generation: o.metadata.generation.unwrap_or(0),
+        draining: o.labels().get(DRAIN_LABEL).is_some_and(|v| v == "true"),
         spec: o.spec,
         status: o.status,
     }
@@ -76,11 +128,11 @@ fn map_err(name: &str, e: kube::Error) -> StoreError {
 
 impl RelaySyncStore for KubeStore {
     async fn list(&self) -> Result<Vec<StoredRelaySync>, StoreError> {
-        let list = self
-            .api
-            .list(&ListParams::default())
-            .await
-            .map_err(|e| map_err("(list)", e))?;
+        let mut lp = ListParams::default();
+        if let Some(sel) = &self.selector {
+            lp = lp.labels(sel);
+        }
+        let list = self.api.list(&lp).await.map_err(|e| map_err("(list)", e))?;
         let mut out: Vec<StoredRelaySync> = list.items.into_iter().map(to_stored).collect();
         out.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(out)
@@ -145,5 +197,57 @@ impl RelaySyncStore for KubeStore {
 
     fn changes(&self) -> watch::Receiver<u64> {
         self.revision.subscribe()
+    }
+
+    async fn record_phase(
+        &self,
+        name: &str,
+        from: Option<Phase>,
+        to: Phase,
+        note: Option<&str>,
+    ) -> Result<bool, StoreError> {
+        let Some(recorder) = &self.recorder else {
+            return Ok(false);
+        };
+        let reference = ObjectReference {
+            api_version: Some(RelaySync::api_version(&()).into_owned()),
+            kind: Some(RelaySync::kind(&()).into_owned()),
+            name: Some(name.to_string()),
+            namespace: Some(self.namespace.clone()),
+            ..ObjectReference::default()
+        };
+        let bad = matches!(to, Phase::Backoff | Phase::Dead | Phase::RateLimited);
+        let mut text = match from {
+            Some(f) => format!("{} → {}", f.as_str(), to.as_str()),
+            None => to.as_str().to_string(),
+        };
+        if let Some(n) = note.filter(|n| !n.is_empty()) {
+            text.push_str(": ");
+            text.push_str(n);
+        }
+        // Event notes are limited to 1 KiB by the API server.
+        if text.len() > 1000 {
+            let mut cut = 1000;
+            while !text.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            text.truncate(cut);
+        }
+        let event = Event {
+            type_: if bad {
+                EventType::Warning
+            } else {
+                EventType::Normal
+            },
+            reason: phase_reason(to).to_string(),
+            note: Some(text),
+            action: "Sync".to_string(),
+            secondary: None,
+        };
+        recorder
+            .publish(&event, &reference)
+            .await
+            .map_err(|e| map_err(name, e))?;
+        Ok(true)
     }
 }

@@ -130,6 +130,7 @@ fn stored(name: &str, o: &StoredObject) -> StoredRelaySync {
         generation: o.generation,
         spec: o.spec.clone(),
         status: o.status.clone(),
+        draining: false,
     }
 }
 

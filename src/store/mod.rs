@@ -11,7 +11,7 @@ use std::future::Future;
 use thiserror::Error;
 use tokio::sync::watch;
 
-use crate::crd::{RelaySyncSpec, RelaySyncStatus};
+use crate::crd::{Phase, RelaySyncSpec, RelaySyncStatus};
 
 /// One stored RelaySync.
 #[derive(Debug, Clone, PartialEq)]
@@ -21,6 +21,9 @@ pub struct StoredRelaySync {
     pub generation: i64,
     pub spec: RelaySyncSpec,
     pub status: Option<RelaySyncStatus>,
+    /// The controller asked the holding worker to let go (the drain label); always false
+    /// outside Kubernetes.
+    pub draining: bool,
 }
 
 #[derive(Debug, Error)]
@@ -65,4 +68,17 @@ pub trait RelaySyncStore: Send + Sync {
     /// A counter that moves on every change: level-triggered, so a slow reader never misses
     /// that something changed (it re-lists).
     fn changes(&self) -> watch::Receiver<u64>;
+
+    /// Tell operators that an object's phase changed (Kubernetes Events). `Ok(false)`: this
+    /// store has no event sink.
+    fn record_phase(
+        &self,
+        name: &str,
+        from: Option<Phase>,
+        to: Phase,
+        note: Option<&str>,
+    ) -> impl Future<Output = Result<bool, StoreError>> + Send {
+        let _ = (name, from, to, note);
+        async { Ok(false) }
+    }
 }

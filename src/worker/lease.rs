@@ -128,6 +128,43 @@ pub async fn hold(
     Ok(LeaseHandle { held, stop, task })
 }
 
+/// What the worker Leases say at `now`.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Membership {
+    /// Workers whose Lease is fresh.
+    pub live: BTreeSet<String>,
+    /// Lease names expired for longer than the orphan age: safe to delete.
+    pub orphans: Vec<String>,
+}
+
+/// Classify worker Leases (pure). A Lease counts only if its holder is the worker it is
+/// named after.
+pub fn membership(leases: &[Lease], now: Timestamp, orphan_after: Duration) -> Membership {
+    let mut out = Membership::default();
+    for l in leases {
+        let name = l.name_any();
+        let Some(worker) = name.strip_prefix(LEASE_PREFIX) else {
+            continue;
+        };
+        let spec = l.spec.as_ref();
+        let expires = spec.and_then(|s| {
+            let renewed = s.renew_time.as_ref()?.0.as_second();
+            renewed.checked_add(i64::from(s.lease_duration_seconds?))
+        });
+        let holder_ok = spec.and_then(|s| s.holder_identity.as_deref()) == Some(worker);
+        match expires {
+            Some(e) if holder_ok && e > now.as_second() => {
+                out.live.insert(worker.to_string());
+            }
+            Some(e) if e.saturating_add(orphan_after.as_secs() as i64) < now.as_second() => {
+                out.orphans.push(name.clone());
+            }
+            _ => {}
+        }
+    }
+    out
+}
+
 /// Workers whose Lease is fresh at `now`.
 pub async fn live_workers(
     client: Client,
@@ -136,18 +173,42 @@ pub async fn live_workers(
 ) -> kube::Result<BTreeSet<String>> {
     let api: Api<Lease> = Api::namespaced(client, namespace);
     let leases = api.list(&ListParams::default()).await?;
-    Ok(leases
-        .items
-        .into_iter()
-        .filter_map(|l| {
-            let name = l.name_any();
-            let worker = name.strip_prefix(LEASE_PREFIX)?.to_string();
-            let spec = l.spec?;
-            let renewed = spec.renew_time?.0;
-            let duration = i64::from(spec.lease_duration_seconds?);
-            let expires = renewed.as_second().checked_add(duration)?;
-            (expires > now.as_second() && spec.holder_identity.as_deref() == Some(worker.as_str()))
-                .then_some(worker)
-        })
-        .collect())
+    Ok(membership(&leases.items, now, Duration::from_secs(3600)).live)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::api::coordination::v1::LeaseSpec;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+
+    fn lease(name: &str, holder: &str, renewed: i64, secs: i32) -> Lease {
+        Lease {
+            metadata: ObjectMeta {
+                name: Some(name.into()),
+                ..ObjectMeta::default()
+            },
+            spec: Some(LeaseSpec {
+                holder_identity: Some(holder.into()),
+                renew_time: Some(MicroTime(Timestamp::from_second(renewed).unwrap())),
+                lease_duration_seconds: Some(secs),
+                ..LeaseSpec::default()
+            }),
+        }
+    }
+
+    #[test]
+    fn fresh_expired_foreign_and_orphaned_leases() {
+        let now = Timestamp::from_second(10_000).unwrap();
+        let leases = [
+            lease("grasp-sync-worker-a", "a", 9_995, 15),
+            lease("grasp-sync-worker-b", "b", 9_900, 15),
+            lease("grasp-sync-worker-c", "someone-else", 9_995, 15),
+            lease("grasp-sync-worker-d", "d", 1_000, 15),
+            lease("grasp-sync-controller", "x", 9_995, 15),
+        ];
+        let m = membership(&leases, now, Duration::from_secs(600));
+        assert_eq!(m.live, BTreeSet::from(["a".to_string()]));
+        assert_eq!(m.orphans, vec!["grasp-sync-worker-d".to_string()]);
+    }
 }

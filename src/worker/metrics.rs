@@ -43,6 +43,23 @@ pub struct Metrics {
     pub discovery_actions: IntCounterVec,
     /// Relay URLs from announcements not used, by reason.
     pub discovery_rejected_targets: IntCounterVec,
+    /// Status writes by result (ok | error).
+    pub status_writes: IntCounterVec,
+    /// Kubernetes Events published for phase transitions, by result.
+    pub phase_events: IntCounterVec,
+    /// 1 while this worker holds its Lease.
+    pub lease_held: IntGauge,
+    /// 1 while this controller replica leads.
+    pub leader: IntGauge,
+    /// Workers whose Lease is fresh, as the controller sees them.
+    pub workers_live: IntGauge,
+    /// RelaySyncs with no live worker.
+    pub relays_unassigned: IntGauge,
+    /// RelaySyncs moving between two live workers.
+    pub relays_draining: IntGauge,
+    /// Assignment steps applied, by kind (assign | drain | cancel | reassign_drained |
+    /// reassign_dead).
+    pub assignment_moves: IntCounterVec,
 }
 
 impl Metrics {
@@ -132,6 +149,31 @@ impl Metrics {
                 &["action"],
             )
             .expect("static metric"),
+            status_writes: IntCounterVec::new(
+                Opts::new("grasp_sync_status_writes_total", "RelaySync status writes by result"),
+                &["result"],
+            )
+            .expect("static metric"),
+            phase_events: IntCounterVec::new(
+                Opts::new("grasp_sync_phase_events_total", "Kubernetes Events published on phase transitions, by result"),
+                &["result"],
+            )
+            .expect("static metric"),
+            lease_held: IntGauge::new("grasp_sync_worker_lease_held", "1 while this worker holds its Lease")
+                .expect("static metric"),
+            leader: IntGauge::new("grasp_sync_controller_leader", "1 while this controller replica is the leader")
+                .expect("static metric"),
+            workers_live: IntGauge::new("grasp_sync_workers_live", "Workers whose Lease is fresh")
+                .expect("static metric"),
+            relays_unassigned: IntGauge::new("grasp_sync_relays_unassigned", "RelaySyncs with no live worker")
+                .expect("static metric"),
+            relays_draining: IntGauge::new("grasp_sync_relays_draining", "RelaySyncs moving between two live workers")
+                .expect("static metric"),
+            assignment_moves: IntCounterVec::new(
+                Opts::new("grasp_sync_assignment_moves_total", "Assignment steps applied, by kind"),
+                &["kind"],
+            )
+            .expect("static metric"),
             discovery_rejected_targets: IntCounterVec::new(
                 Opts::new("grasp_sync_discovery_rejected_targets_total", "Relay URLs from announcements not used, by reason"),
                 &["reason"],
@@ -170,6 +212,14 @@ impl Metrics {
             Box::new(self.discovery_objects.clone()),
             Box::new(self.discovery_actions.clone()),
             Box::new(self.discovery_rejected_targets.clone()),
+            Box::new(self.status_writes.clone()),
+            Box::new(self.phase_events.clone()),
+            Box::new(self.lease_held.clone()),
+            Box::new(self.leader.clone()),
+            Box::new(self.workers_live.clone()),
+            Box::new(self.relays_unassigned.clone()),
+            Box::new(self.relays_draining.clone()),
+            Box::new(self.assignment_moves.clone()),
         ];
         for c in collectors {
             r.register(c).expect("metric names are unique");

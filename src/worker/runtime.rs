@@ -15,7 +15,7 @@ use super::health::HealthConfig;
 use super::metrics::Metrics;
 use super::publisher::Publisher;
 use super::session::{self, SessionConfig, SessionHandle, SessionState, SyncSet};
-use super::status::{Coalescer, status_from_session};
+use super::status::{Coalescer, is_released_by, released_status, status_from_session};
 use crate::crd::Phase;
 use crate::nostr::filters::{ROOT_KINDS, RepoScope};
 use crate::nostr::nip34::Announcement;
@@ -137,6 +137,7 @@ pub async fn run<S: RelaySyncStore + 'static>(
     let mut facts = RepoFacts::default();
     let mut sessions: HashMap<RelayUrl, Running> = HashMap::new();
     let mut coalescers: HashMap<String, Coalescer> = HashMap::new();
+    let mut released: BTreeSet<String> = BTreeSet::new();
     let mut feed_synced = false;
     let mut reload = true;
     let mut dirty = true;
@@ -164,6 +165,17 @@ pub async fn run<S: RelaySyncStore + 'static>(
         }
         // Root events trickle in one by one while Layer 2 syncs: apply them in batches (at
         // most once per tick), not one subscription change per event.
+        // A drain is acknowledged only after the session closed, so two workers never hold
+        // one relay's connection.
+        release_drained(
+            &config,
+            &objects,
+            &mut sessions,
+            &mut released,
+            store.as_ref(),
+            &metrics,
+        )
+        .await;
         if dirty && feed_synced && last_apply.elapsed() >= APPLY_EVERY {
             dirty = false;
             last_apply = Instant::now();
@@ -202,7 +214,7 @@ pub async fn run<S: RelaySyncStore + 'static>(
                 None => break,
             },
             _ = tick.tick() => {
-                report(&config, &objects, &sessions, &mut coalescers, store.as_ref()).await;
+                report(&config, &objects, &sessions, &mut coalescers, store.as_ref(), &metrics).await;
             }
             _ = shutdown.changed() => {
                 if *shutdown.borrow() {
@@ -216,7 +228,7 @@ pub async fn run<S: RelaySyncStore + 'static>(
     for (url, r) in sessions.drain() {
         finals.insert(url, r.handle.stop().await);
     }
-    for (name, o) in &objects {
+    for (name, o) in objects.iter().filter(|(_, o)| !o.draining) {
         let Ok(url) = RelayUrl::parse(&o.spec.url) else {
             continue;
         };
@@ -228,7 +240,9 @@ pub async fn run<S: RelaySyncStore + 'static>(
                 o.status.as_ref(),
                 SystemTime::now(),
             );
-            if let Err(e) = store.apply_status(name, &status).await {
+            let result = store.apply_status(name, &status).await;
+            count_write(&metrics, result.is_ok());
+            if let Err(e) = result {
                 tracing::warn!(object = %name, error = %e, "final status write failed");
             }
         }
@@ -244,12 +258,9 @@ fn reconcile_sessions(
     metrics: &Metrics,
 ) {
     // Group the objects by relay: split parts share one session.
-    let mut by_url: BTreeMap<RelayUrl, Vec<&StoredRelaySync>> = BTreeMap::new();
-    for o in objects.values() {
-        if let Ok(url) = RelayUrl::parse(&o.spec.url) {
-            by_url.entry(url).or_default().push(o);
-        }
-    }
+    let mut by_url = group_by_url(objects);
+    // Relays being drained are closed by `release_drained`, not restarted here.
+    by_url.retain(|_, parts| !parts.iter().all(|o| o.draining));
     sessions.retain(|url, r| {
         let keep = by_url
             .get(url)
@@ -313,16 +324,104 @@ fn reconcile_sessions(
     }
 }
 
+fn group_by_url(
+    objects: &BTreeMap<String, StoredRelaySync>,
+) -> BTreeMap<RelayUrl, Vec<&StoredRelaySync>> {
+    let mut by_url: BTreeMap<RelayUrl, Vec<&StoredRelaySync>> = BTreeMap::new();
+    for o in objects.values() {
+        if let Ok(url) = RelayUrl::parse(&o.spec.url) {
+            by_url.entry(url).or_default().push(o);
+        }
+    }
+    by_url
+}
+
+fn count_write(metrics: &Metrics, ok: bool) {
+    metrics
+        .status_writes
+        .with_label_values(&[if ok { "ok" } else { "error" }])
+        .inc();
+}
+
+/// Close the sessions of relays whose every part is draining and acknowledge each part with
+/// its final status.
+async fn release_drained<S: RelaySyncStore>(
+    config: &RuntimeConfig,
+    objects: &BTreeMap<String, StoredRelaySync>,
+    sessions: &mut HashMap<RelayUrl, Running>,
+    released: &mut BTreeSet<String>,
+    store: &S,
+    metrics: &Metrics,
+) {
+    released.retain(|name| objects.get(name).is_some_and(|o| o.draining));
+    for (url, parts) in group_by_url(objects) {
+        if !parts.iter().all(|o| o.draining) {
+            continue;
+        }
+        let pending: Vec<&StoredRelaySync> = parts
+            .into_iter()
+            .filter(|o| {
+                !released.contains(&o.name) && !is_released_by(o.status.as_ref(), &config.worker)
+            })
+            .collect();
+        if pending.is_empty() {
+            continue;
+        }
+        let state = match sessions.remove(&url) {
+            Some(r) => {
+                tracing::info!(relay = %url, "draining: closing the session for reassignment");
+                match tokio::time::timeout(Duration::from_secs(10), r.handle.stop()).await {
+                    Ok(state) => Some(state),
+                    // Never acknowledge while the connection might still be open.
+                    Err(_) => {
+                        tracing::warn!(relay = %url, "session did not stop in time; not releasing yet");
+                        continue;
+                    }
+                }
+            }
+            None => None,
+        };
+        for o in pending {
+            let status = released_status(
+                state.as_ref(),
+                &config.worker,
+                o.generation,
+                o.status.as_ref(),
+                SystemTime::now(),
+            );
+            let result = store.apply_status(&o.name, &status).await;
+            count_write(metrics, result.is_ok());
+            match result {
+                Ok(()) => {
+                    released.insert(o.name.clone());
+                    let _ = store
+                        .record_phase(
+                            &o.name,
+                            o.status.as_ref().and_then(|s| s.phase),
+                            Phase::Pending,
+                            Some("released for reassignment"),
+                        )
+                        .await;
+                }
+                Err(e) => {
+                    tracing::warn!(object = %o.name, error = %e, "could not acknowledge the drain; will retry")
+                }
+            }
+        }
+    }
+}
+
 async fn report<S: RelaySyncStore>(
     config: &RuntimeConfig,
     objects: &BTreeMap<String, StoredRelaySync>,
     sessions: &HashMap<RelayUrl, Running>,
     coalescers: &mut HashMap<String, Coalescer>,
     store: &S,
+    metrics: &Metrics,
 ) {
     let now = Instant::now();
     coalescers.retain(|name, _| objects.contains_key(name));
-    for (name, o) in objects {
+    for (name, o) in objects.iter().filter(|(_, o)| !o.draining) {
         let Ok(url) = RelayUrl::parse(&o.spec.url) else {
             continue;
         };
@@ -345,8 +444,27 @@ async fn report<S: RelaySyncStore>(
             .entry(name.clone())
             .or_insert_with(|| Coalescer::new(config.status_interval));
         if c.due(&status, now) {
-            match store.apply_status(name, &status).await {
-                Ok(()) => c.written(status, now),
+            let result = store.apply_status(name, &status).await;
+            count_write(metrics, result.is_ok());
+            match result {
+                Ok(()) => {
+                    let before = c
+                        .last_phase()
+                        .or_else(|| o.status.as_ref().and_then(|s| s.phase));
+                    let after = status.phase;
+                    c.written(status, now);
+                    if let Some(to) = after.filter(|p| Some(*p) != before) {
+                        let note = state.last_error.as_deref();
+                        match store.record_phase(name, before, to, note).await {
+                            Ok(true) => metrics.phase_events.with_label_values(&["ok"]).inc(),
+                            Ok(false) => {}
+                            Err(e) => {
+                                metrics.phase_events.with_label_values(&["error"]).inc();
+                                tracing::debug!(object = %name, error = %e, "phase event not published");
+                            }
+                        }
+                    }
+                }
                 Err(e) => {
                     tracing::debug!(object = %name, error = %e, "status write failed; will retry")
                 }

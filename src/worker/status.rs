@@ -114,6 +114,62 @@ pub fn status_from_session(
     }
 }
 
+/// Reason of the `Assigned=False` condition with which a worker acknowledges a drain.
+pub const RELEASED: &str = "Released";
+
+/// The final status a draining worker writes once its session is closed: the cursor and
+/// confirmation stay (the next worker resumes from them), and `Assigned=False/Released` tells
+/// the controller it may move the label.
+/// Without a session (it never started here), the previous status is kept as it was.
+pub fn released_status(
+    state: Option<&SessionState>,
+    worker: &str,
+    generation: i64,
+    previous: Option<&RelaySyncStatus>,
+    now: SystemTime,
+) -> RelaySyncStatus {
+    let mut status = match state {
+        Some(state) => status_from_session(state, worker, generation, previous, now),
+        None => RelaySyncStatus {
+            worker: Some(worker.to_string()),
+            observed_generation: Some(generation),
+            ..previous.cloned().unwrap_or_default()
+        },
+    };
+    let now_t = time(now).unwrap_or(Time(Timestamp::UNIX_EPOCH));
+    let g = Some(generation);
+    status.phase = Some(Phase::Pending);
+    status.subscriptions = Some(0);
+    for (kind, msg) in [
+        (ASSIGNED, format!("released by {worker} for reassignment")),
+        (CONNECTED, format!("session closed by {worker}")),
+        (READY, String::new()),
+    ] {
+        conditions::set_condition(
+            &mut status.conditions,
+            conditions::condition(
+                kind,
+                ConditionStatus::False,
+                RELEASED,
+                msg,
+                now_t.clone(),
+                g,
+            ),
+        );
+    }
+    status
+}
+
+/// Whether `worker` has acknowledged a drain of the object with this status.
+pub fn is_released_by(status: Option<&RelaySyncStatus>, worker: &str) -> bool {
+    status.is_some_and(|s| {
+        s.worker.as_deref() == Some(worker)
+            && s.conditions.iter().any(|c| {
+                c.type_ == ASSIGNED && c.status == ConditionStatus::False && c.reason == RELEASED
+            })
+    })
+}
+
 /// Decides when a status is worth writing.
 #[derive(Debug)]
 pub struct Coalescer {
@@ -137,6 +193,11 @@ impl Coalescer {
             Some((last, _)) if last == status => false,
             Some((_, at)) => now.saturating_duration_since(*at) >= self.interval,
         }
+    }
+
+    /// The phase last written, if any.
+    pub fn last_phase(&self) -> Option<Phase> {
+        self.last.as_ref().and_then(|(s, _)| s.phase)
     }
 
     pub fn written(&mut self, status: RelaySyncStatus, now: Instant) {
@@ -192,6 +253,30 @@ mod tests {
             .unwrap();
         assert_eq!(hs.status, ConditionStatus::False);
         assert!(hs.message.contains("1/3 repos"));
+    }
+
+    #[test]
+    fn released_status_keeps_the_cursor_and_acknowledges_the_drain() {
+        let t = SystemTime::now();
+        let live = status_from_session(&state(Phase::Live), "w0", 4, None, t);
+        assert!(!is_released_by(Some(&live), "w0"));
+        let r = released_status(Some(&state(Phase::Live)), "w0", 4, Some(&live), t);
+        assert_eq!(r.phase, Some(Phase::Pending));
+        assert_eq!(r.cursor, Some(1_700_000_000));
+        assert_eq!(r.confirmed_generation, Some(4));
+        assert!(is_released_by(Some(&r), "w0"));
+        assert!(
+            !is_released_by(Some(&r), "w1"),
+            "only the holder's ack counts"
+        );
+        // The next worker's first status clears the acknowledgement.
+        let next = status_from_session(&state(Phase::Syncing), "w1", 4, Some(&r), t);
+        assert!(!is_released_by(Some(&next), "w1"));
+        assert!(!is_released_by(Some(&next), "w0"));
+        // Released without a session of its own: the stored cursor survives.
+        let r2 = released_status(None, "w2", 4, Some(&live), t);
+        assert_eq!(r2.cursor, Some(1_700_000_000));
+        assert!(is_released_by(Some(&r2), "w2"));
     }
 
     #[test]

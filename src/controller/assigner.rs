@@ -1,0 +1,200 @@
+//! The assignment loop of the leading controller: watch RelaySyncs (a reflector) and worker
+//! Leases, plan with [`super::assignment::plan`] over the hash ring of live workers, and apply
+//! the steps as label changes by server-side apply (field manager `grasp-sync-assigner`, apart
+//! from discovery's spec writes so neither removes the other's fields).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Client, ResourceExt};
+use serde_json::json;
+use tokio::sync::{Notify, watch};
+
+use super::assignment::{self, Assigned, Step};
+use super::ring::{DEFAULT_VNODES, Ring};
+use crate::crd::{DRAIN_LABEL, RelaySync, WORKER_LABEL};
+use crate::worker::lease;
+use crate::worker::metrics::Metrics;
+use crate::worker::status::is_released_by;
+
+/// Field manager of the assignment labels.
+pub const ASSIGNER_MANAGER: &str = "grasp-sync-assigner";
+
+#[derive(Debug, Clone)]
+pub struct AssignerConfig {
+    /// Most moves between live workers in flight at once.
+    pub max_moves: usize,
+    pub vnodes: usize,
+    /// A pass runs at least this often (Lease expiry needs no event to be noticed).
+    pub resync: Duration,
+    /// Worker Leases expired this long are deleted.
+    pub orphan_lease_after: Duration,
+}
+
+impl Default for AssignerConfig {
+    fn default() -> Self {
+        AssignerConfig {
+            max_moves: 100,
+            vnodes: DEFAULT_VNODES,
+            resync: Duration::from_secs(1),
+            orphan_lease_after: Duration::from_secs(60),
+        }
+    }
+}
+
+fn assigned(o: &RelaySync) -> Assigned {
+    let labels = o.labels();
+    let worker = labels.get(WORKER_LABEL).cloned();
+    Assigned {
+        name: o.name_any(),
+        url: o.spec.url.clone(),
+        draining: labels.get(DRAIN_LABEL).is_some_and(|v| v == "true"),
+        released: worker
+            .as_deref()
+            .is_some_and(|w| is_released_by(o.status.as_ref(), w)),
+        worker,
+    }
+}
+
+/// Run until `shutdown` turns true.
+pub async fn run(
+    client: Client,
+    namespace: String,
+    config: AssignerConfig,
+    metrics: Metrics,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let api: Api<RelaySync> = Api::namespaced(client.clone(), &namespace);
+    let leases: Api<Lease> = Api::namespaced(client, &namespace);
+    let (reader, writer) = reflector::store();
+    let changed = Arc::new(Notify::new());
+    let notify = changed.clone();
+    let stream = reflector::reflector(writer, watcher(api.clone(), watcher::Config::default()))
+        .default_backoff()
+        .touched_objects();
+    let watch_task = tokio::spawn(async move {
+        let mut stream = std::pin::pin!(stream);
+        while let Some(ev) = stream.next().await {
+            if let Err(e) = ev {
+                tracing::debug!(error = %e, "RelaySync watch interrupted; it resumes");
+            }
+            notify.notify_one();
+        }
+    });
+    tokio::select! {
+        r = reader.wait_until_ready() => if r.is_err() { return; },
+        _ = shutdown.changed() => { watch_task.abort(); return; }
+    }
+    let mut tick = tokio::time::interval(config.resync);
+    loop {
+        if let Err(e) = pass(&api, &leases, &reader, &config, &metrics).await {
+            tracing::warn!(error = %e, "assignment pass failed; retrying");
+        }
+        tokio::select! {
+            _ = changed.notified() => {
+                // Let a burst of changes (a discovery pass) settle into one pass.
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            _ = tick.tick() => {}
+            _ = shutdown.changed() => {
+                if *shutdown.borrow() {
+                    break;
+                }
+            }
+        }
+    }
+    watch_task.abort();
+}
+
+async fn pass(
+    api: &Api<RelaySync>,
+    leases: &Api<Lease>,
+    reader: &Store<RelaySync>,
+    config: &AssignerConfig,
+    metrics: &Metrics,
+) -> kube::Result<()> {
+    let list = leases.list(&ListParams::default()).await?;
+    let members = lease::membership(&list.items, Timestamp::now(), config.orphan_lease_after);
+    for name in &members.orphans {
+        tracing::info!(lease = %name, "deleting the Lease of a long-dead worker");
+        let _ = leases.delete(name, &DeleteParams::default()).await;
+    }
+    let ring = Ring::new(members.live.iter().cloned(), config.vnodes);
+    let mut objects: Vec<Assigned> = reader.state().iter().map(|o| assigned(o)).collect();
+    objects.sort_by(|a, b| a.name.cmp(&b.name));
+    let plan = assignment::plan(&objects, &members.live, &ring, config.max_moves);
+    metrics.workers_live.set(members.live.len() as i64);
+    metrics.relays_unassigned.set(plan.unassigned as i64);
+    metrics.relays_draining.set(plan.draining as i64);
+    for step in plan.steps {
+        let (name, labels, kind) = match &step {
+            Step::Assign { name, worker } => (name, json!({ WORKER_LABEL: worker }), "assign"),
+            Step::StartDrain { name } => {
+                let Some(current) = objects
+                    .iter()
+                    .find(|o| &o.name == name)
+                    .and_then(|o| o.worker.clone())
+                else {
+                    continue;
+                };
+                (
+                    name,
+                    json!({ WORKER_LABEL: current, DRAIN_LABEL: "true" }),
+                    "drain",
+                )
+            }
+            Step::CancelDrain { name } => {
+                let Some(current) = objects
+                    .iter()
+                    .find(|o| &o.name == name)
+                    .and_then(|o| o.worker.clone())
+                else {
+                    continue;
+                };
+                (name, json!({ WORKER_LABEL: current }), "cancel")
+            }
+            Step::Reassign { name, from, to } => {
+                let kind = if members.live.contains(from) {
+                    "reassign_drained"
+                } else {
+                    "reassign_dead"
+                };
+                (name, json!({ WORKER_LABEL: to }), kind)
+            }
+        };
+        // The resourceVersion we planned from: if the object changed since (the worker's
+        // ack, a new spec), the write is refused and the next pass decides again.
+        let rv = reader
+            .find(|o| &o.name_any() == name)
+            .and_then(|o| o.resource_version());
+        let patch = json!({
+            "apiVersion": "grasp-sync.dev/v1alpha1",
+            "kind": "RelaySync",
+            "metadata": { "name": name, "labels": labels, "resourceVersion": rv },
+        });
+        match api
+            .patch(
+                name,
+                &PatchParams::apply(ASSIGNER_MANAGER).force(),
+                &Patch::Apply(&patch),
+            )
+            .await
+        {
+            Ok(_) => {
+                tracing::info!(object = %name, ?step, "assignment");
+                metrics.assignment_moves.with_label_values(&[kind]).inc();
+            }
+            Err(kube::Error::Api(s)) if s.code == 409 || s.code == 404 => {
+                tracing::debug!(object = %name, "object changed meanwhile; re-planning");
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
