@@ -48,6 +48,18 @@ pub struct Counters {
     pub events_served: AtomicUsize,
     pub events_received: AtomicUsize,
     pub live_connections: AtomicUsize,
+    /// Most connections open at once since start (or since reset to the current count).
+    pub max_live_connections: AtomicUsize,
+}
+
+impl Counters {
+    /// Start counting the maximum afresh from the connections open now.
+    pub fn reset_max(&self) {
+        self.max_live_connections.store(
+            self.live_connections.load(Ordering::SeqCst),
+            Ordering::SeqCst,
+        );
+    }
 }
 
 struct Shared {
@@ -162,7 +174,10 @@ type Ws = tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>;
 
 async fn serve(ws: Ws, s: Arc<Shared>) {
     s.counters.connections.fetch_add(1, Ordering::SeqCst);
-    s.counters.live_connections.fetch_add(1, Ordering::SeqCst);
+    let now = s.counters.live_connections.fetch_add(1, Ordering::SeqCst) + 1;
+    s.counters
+        .max_live_connections
+        .fetch_max(now, Ordering::SeqCst);
     let (mut tx, mut rx) = ws.split();
     let mut live_rx = s.live.subscribe();
     let mut subs: HashMap<SubscriptionId, Vec<Filter>> = HashMap::new();

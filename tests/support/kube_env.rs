@@ -34,6 +34,12 @@ pub const TEST_USERS: &[&str] = &[
     "grasp-sync-test-worker",
     "grasp-sync-test-controller",
     "grasp-sync-test-nobody",
+    // One identity per worker process in the multi-process tests.
+    "grasp-sync-test-w0",
+    "grasp-sync-test-w1",
+    "grasp-sync-test-w2",
+    "grasp-sync-test-w3",
+    "grasp-sync-test-w4",
 ];
 
 const TMP_PREFIX: &str = "grasp-sync-kube-";
@@ -257,29 +263,28 @@ impl Builder {
             None => free_port()?,
         };
         let certs = root.join("certs");
-        let mut apiserver = Proc::spawn(
-            "kube-apiserver",
-            &root,
-            Command::new(&self.binaries.kube_apiserver)
-                .arg(format!("--etcd-servers={etcd_url}"))
-                .arg("--cert-dir")
-                .arg(&certs)
-                .arg(format!("--secure-port={api_port}"))
-                .arg("--bind-address=127.0.0.1")
-                .arg("--advertise-address=127.0.0.1")
-                .arg("--service-cluster-ip-range=10.0.0.0/24")
-                .arg("--token-auth-file")
-                .arg(&token_file)
-                .arg("--authorization-mode=RBAC")
-                .arg("--service-account-issuer=https://kubernetes.default.svc")
-                .arg("--service-account-key-file")
-                .arg(&sa_pub)
-                .arg("--service-account-signing-key-file")
-                .arg(&sa_key)
-                .arg("--insecure-port=0")
-                .arg("--disable-admission-plugins=ServiceAccount")
-                .arg("--enable-priority-and-fairness=false"),
-        )?;
+        let mut api_cmd = Command::new(&self.binaries.kube_apiserver);
+        api_cmd
+            .arg(format!("--etcd-servers={etcd_url}"))
+            .arg("--cert-dir")
+            .arg(&certs)
+            .arg(format!("--secure-port={api_port}"))
+            .arg("--bind-address=127.0.0.1")
+            .arg("--advertise-address=127.0.0.1")
+            .arg("--service-cluster-ip-range=10.0.0.0/24")
+            .arg("--token-auth-file")
+            .arg(&token_file)
+            .arg("--authorization-mode=RBAC")
+            .arg("--service-account-issuer=https://kubernetes.default.svc")
+            .arg("--service-account-key-file")
+            .arg(&sa_pub)
+            .arg("--service-account-signing-key-file")
+            .arg(&sa_key)
+            .arg("--insecure-port=0")
+            .arg("--disable-admission-plugins=ServiceAccount")
+            .arg("--enable-priority-and-fairness=false");
+        let api_args: Vec<std::ffi::OsString> = api_cmd.get_args().map(|a| a.to_owned()).collect();
+        let mut apiserver = Proc::spawn("kube-apiserver", &root, &mut api_cmd)?;
 
         let server = format!("https://127.0.0.1:{api_port}");
         let kubeconfig = root.join("kubeconfig");
@@ -300,10 +305,24 @@ impl Builder {
                 apiserver: Some(apiserver),
                 etcd: Some(etcd),
             },
+            restart: Some(ApiRestart {
+                binary: self.binaries.kube_apiserver.clone(),
+                args: api_args,
+                port: api_port,
+                root,
+            }),
             kubeconfig,
             _dir: dir,
         })
     }
+}
+
+/// How to start the API server again.
+struct ApiRestart {
+    binary: PathBuf,
+    args: Vec<std::ffi::OsString>,
+    port: u16,
+    root: PathBuf,
 }
 
 enum Mode {
@@ -318,6 +337,7 @@ enum Mode {
 /// A running (or borrowed) Kubernetes API server.
 pub struct KubeEnv {
     mode: Mode,
+    restart: Option<ApiRestart>,
     kubeconfig: PathBuf,
     _dir: TempDir,
 }
@@ -340,6 +360,7 @@ impl KubeEnv {
                 .map_err(setup("creating a temp dir"))?;
             return Ok(KubeEnv {
                 mode: Mode::External,
+                restart: None,
                 kubeconfig: PathBuf::from(path),
                 _dir: dir,
             });
@@ -357,6 +378,30 @@ impl KubeEnv {
                 .collect(),
             Mode::External => Vec::new(),
         }
+    }
+
+    /// Stop the API server and start it again on the same port and etcd (local only).
+    pub async fn restart_apiserver(&mut self) -> Result<(), EnvError> {
+        let (Mode::Local { apiserver, .. }, Some(r)) = (&mut self.mode, &self.restart) else {
+            return Err(EnvError::Setup(
+                "cannot restart an external API server".into(),
+            ));
+        };
+        drop(apiserver.take());
+        let mut cmd = Command::new(&r.binary);
+        cmd.args(&r.args);
+        let mut proc = Proc::spawn("kube-apiserver", &r.root, &mut cmd)?;
+        let admin = load_client(&self.kubeconfig, None).await?;
+        wait_until(&mut proc, r.port, APISERVER_READY, || async {
+            let req = http::Request::get("/readyz").body(Vec::new());
+            match req {
+                Ok(req) => matches!(admin.request_text(req).await, Ok(body) if body.trim() == "ok"),
+                Err(_) => false,
+            }
+        })
+        .await?;
+        *apiserver = Some(proc);
+        Ok(())
     }
 
     pub fn is_external(&self) -> bool {

@@ -1,10 +1,12 @@
 //! Shared test support: a real Kubernetes API server and polling helpers.
 #![allow(dead_code, unused_imports)] // each test binary uses a different part
 
+pub mod cluster;
 pub mod hostile_relay;
 pub mod kube_env;
 pub mod nip34;
 pub mod nostr_rs_relay;
+pub mod procs;
 pub mod relays;
 
 use std::future::Future;

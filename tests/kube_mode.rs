@@ -1,0 +1,380 @@
+//! Kubernetes mode end to end: real `grasp-sync controller` and `worker` processes against a
+//! real kube-apiserver, remote relays on loopback that count their connections.
+
+mod support;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use grasp_sync::controller::ring::{DEFAULT_VNODES, Ring};
+use grasp_sync::crd::{DRAIN_LABEL, Phase, RelaySync, WORKER_LABEL};
+use grasp_sync::nostr::RelayUrl;
+use grasp_sync::testing::scripted_relay::{Script, ScriptedRelay};
+use grasp_sync::worker::lease::lease_name;
+use grasp_sync::worker::status::is_released_by;
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::events::v1::Event as K8sEvent;
+use kube::ResourceExt;
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
+use nostr::{Event, EventBuilder, EventId, Filter, Keys, Kind, Tag, TagKind, Timestamp};
+use serde_json::json;
+use support::cluster::{Cluster, SERVICE_DOMAIN};
+use support::{eventually, nip34, relays};
+
+const SETTLE: Duration = Duration::from_secs(90);
+
+/// One repo per remote: its announcement (published to our relay) lists the remote; the
+/// remote holds the repo's events. Returns every event the local relay must end up with.
+async fn repos_on(cluster: &Cluster, remotes: &[ScriptedRelay]) -> BTreeSet<EventId> {
+    let mut want = BTreeSet::new();
+    for (i, r) in remotes.iter().enumerate() {
+        let f = nip34::fixture(&format!("repo-{i}"));
+        let ann = nip34::announcement(
+            &f,
+            &[r.url().to_string(), format!("wss://{SERVICE_DOMAIN}")],
+        );
+        relays::publish(&cluster.local, std::slice::from_ref(&ann)).await;
+        r.add(f.expected.iter().cloned().chain(f.noise.iter().cloned()));
+        want.insert(ann.id);
+        want.extend(nip34::ids(&f.expected));
+    }
+    want
+}
+
+async fn remotes(n: usize) -> Vec<ScriptedRelay> {
+    let mut out = Vec::new();
+    for _ in 0..n {
+        out.push(
+            ScriptedRelay::start(Script::default())
+                .await
+                .expect("relay"),
+        );
+    }
+    out
+}
+
+async fn local_holds(local: &RelayUrl, want: &BTreeSet<EventId>) {
+    let got = eventually(
+        "the local relay to hold every expected event",
+        SETTLE,
+        || async {
+            let got = relays::fetch_ids(local, Filter::new()).await;
+            got.is_superset(want).then_some(got)
+        },
+    )
+    .await;
+    let extra: Vec<_> = got.difference(want).collect();
+    assert!(extra.is_empty(), "unexpected events: {extra:?}");
+}
+
+fn by_url(objects: &[RelaySync]) -> BTreeMap<String, String> {
+    objects
+        .iter()
+        .map(|o| (o.spec.url.clone(), o.name_any()))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_share_relays_fail_over_scale_out_through_drains_and_survive_a_leader_loss() {
+    let cluster = Cluster::start("shard").await;
+    let remotes = remotes(12).await;
+    let want = repos_on(&cluster, &remotes).await;
+
+    let mut controllers = BTreeMap::new();
+    for id in ["c0", "c1"] {
+        controllers.insert(id.to_string(), cluster.controller(id, &[]));
+    }
+    let mut workers = BTreeMap::new();
+    for w in ["w0", "w1", "w2"] {
+        workers.insert(w, cluster.worker(w, &[]));
+    }
+
+    // Every relay is held by its ring owner among three workers, Live, status complete.
+    let owners = cluster.wait_settled(12, &["w0", "w1", "w2"], SETTLE).await;
+    let distinct: BTreeSet<&String> = owners.values().collect();
+    assert!(
+        distinct.len() >= 2,
+        "relays spread over workers: {owners:?}"
+    );
+    local_holds(&cluster.local, &want).await;
+    for r in &remotes {
+        assert_eq!(r.counters().live_connections.load(Ordering::SeqCst), 1);
+    }
+
+    // Scale 3 → 4: pick a fourth worker the ring gives some relays, so moves happen.
+    let objects = cluster.objects().await;
+    let urls = by_url(&objects);
+    let (fourth, moved) = ["w3", "w4"]
+        .into_iter()
+        .map(|w| {
+            let ring = Ring::new(["w0", "w1", "w2", w], DEFAULT_VNODES);
+            let moved: BTreeSet<String> = urls
+                .iter()
+                .filter(|(u, _)| ring.owner(u) == Some(w))
+                .map(|(_, n)| n.clone())
+                .collect();
+            (w, moved)
+        })
+        .find(|(_, m)| !m.is_empty())
+        .expect("one of two candidate names takes relays");
+    for r in &remotes {
+        r.counters().reset_max();
+    }
+    workers.insert(fourth, cluster.worker(fourth, &[]));
+    let four = ["w0", "w1", "w2", fourth];
+    let after = cluster.wait_settled(12, &four, SETTLE).await;
+    let changed: BTreeSet<String> = after
+        .iter()
+        .filter(|(n, w)| owners.get(*n) != Some(w))
+        .map(|(n, _)| n.clone())
+        .collect();
+    assert_eq!(
+        changed, moved,
+        "exactly the relays the ring gives the new worker move"
+    );
+    for (i, r) in remotes.iter().enumerate() {
+        let max = r.counters().max_live_connections.load(Ordering::SeqCst);
+        assert!(
+            max <= 1,
+            "remote {i} had {max} connections at once during the drain"
+        );
+    }
+    // The old holders acknowledged each move with a Released event; every relay got Live.
+    let events = Api::<K8sEvent>::namespaced(cluster.admin.clone(), &cluster.ns);
+    let released = eventually("Released events for moved relays", SETTLE, || async {
+        let list = events.list(&ListParams::default()).await.ok()?;
+        let released: BTreeSet<String> = list
+            .items
+            .iter()
+            .filter(|e| e.reason.as_deref() == Some("Released"))
+            .filter_map(|e| e.regarding.as_ref()?.name.clone())
+            .collect();
+        let live: BTreeSet<String> = list
+            .items
+            .iter()
+            .filter(|e| e.reason.as_deref() == Some("Live"))
+            .filter_map(|e| e.regarding.as_ref()?.name.clone())
+            .collect();
+        (moved.is_subset(&released) && live.len() == 12).then_some(released)
+    })
+    .await;
+    assert!(
+        released.is_subset(&moved),
+        "only moved relays were released: {released:?}"
+    );
+
+    // SIGKILL a worker holding relays: they are reassigned and Live elsewhere.
+    let victim = *four
+        .iter()
+        .find(|w| after.values().any(|o| o == *w) && **w != fourth)
+        .expect("a worker with relays");
+    workers.remove(victim).expect("running").kill();
+    let survivors: Vec<&str> = four.iter().copied().filter(|w| *w != victim).collect();
+    cluster.wait_settled(12, &survivors, SETTLE).await;
+
+    // Kill the leading controller: the standby takes the lead and assignment goes on.
+    let leader = eventually("a leader", SETTLE, || cluster.leader()).await;
+    controllers.remove(&leader).expect("leader is ours").kill();
+    let standby = controllers.keys().next().expect("standby").clone();
+    eventually("the standby to lead", SETTLE, || async {
+        (cluster.leader().await.as_deref() == Some(standby.as_str())).then_some(())
+    })
+    .await;
+    let second = survivors[0];
+    workers.remove(second).expect("running").kill();
+    let rest: Vec<&str> = survivors.iter().copied().filter(|w| *w != second).collect();
+    cluster.wait_settled(12, &rest, SETTLE).await;
+
+    // A graceful stop releases the Lease at once: exit 0, Lease gone, relays moved on.
+    let leaving = rest[0];
+    let status = workers
+        .remove(leaving)
+        .expect("running")
+        .terminate(Duration::from_secs(40))
+        .await;
+    assert!(status.success(), "{leaving} exited with {status}");
+    let leases = Api::<Lease>::namespaced(cluster.admin.clone(), &cluster.ns);
+    assert!(
+        leases
+            .get_opt(&lease_name(leaving))
+            .await
+            .unwrap()
+            .is_none(),
+        "a stopped worker's Lease is released"
+    );
+    let last: Vec<&str> = rest.iter().copied().filter(|w| *w != leaving).collect();
+    cluster.wait_settled(12, &last, SETTLE).await;
+    local_holds(&cluster.local, &want).await;
+    for mut p in controllers.into_values().chain(workers.into_values()) {
+        assert!(p.running(), "{} crashed:\n{}", p.name, p.log_tail(30));
+    }
+}
+
+/// Comments on `coord` (Layer 2 `#A`), created at `at`.
+fn comments(coord: &str, n: usize, at: u64) -> Vec<Event> {
+    let k = Keys::generate();
+    (0..n)
+        .map(|i| {
+            EventBuilder::new(Kind::from(1111), format!("comment {i} at {at}"))
+                .tag(Tag::custom(TagKind::custom("A"), [coord.to_string()]))
+                .custom_created_at(Timestamp::from(at))
+                .sign_with_keys(&k)
+                .expect("sign")
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_survive_an_api_server_restart_resume_from_the_cursor_and_stop_on_unlabel() {
+    let mut cluster = Cluster::start("resume").await;
+    let remotes = remotes(2).await;
+    let mut want = repos_on(&cluster, &remotes).await;
+    // History two days old: outside the resume window, so never fetched twice.
+    let f = nip34::fixture("history");
+    let coord = f.scope.coordinate.to_string();
+    let ann = nip34::announcement(&f, &[remotes[0].url().to_string()]);
+    relays::publish(&cluster.local, std::slice::from_ref(&ann)).await;
+    want.insert(ann.id);
+    let old = comments(&coord, 60, Timestamp::now().as_secs() - 2 * 86_400);
+    remotes[0].add(old.iter().cloned());
+    want.extend(nip34::ids(&old));
+
+    let controller = cluster.controller("c0", &[]);
+    // Leases long enough to ride out an API server restart.
+    let lease = ["--lease-duration", "40s", "--lease-renew", "2s"];
+    let mut worker = cluster.worker("w0", &lease);
+    cluster.wait_settled(2, &["w0"], SETTLE).await;
+    local_holds(&cluster.local, &want).await;
+    let objects_before = cluster.objects().await;
+
+    // Restart the API server: sessions stay up (no reconnect), events keep flowing, status
+    // catches up afterwards, nothing crashes.
+    let connections = remotes[0].counters().connections.load(Ordering::SeqCst);
+    cluster
+        .env
+        .restart_apiserver()
+        .await
+        .expect("API server restarts");
+    let during = comments(&coord, 5, Timestamp::now().as_secs());
+    remotes[0].add(during.iter().cloned());
+    want.extend(nip34::ids(&during));
+    local_holds(&cluster.local, &want).await;
+    let name0 = by_url(&objects_before)[remotes[0].url().as_str()].clone();
+    let published_before = objects_before
+        .iter()
+        .find(|o| o.name_any() == name0)
+        .and_then(|o| o.status.as_ref()?.events_published)
+        .unwrap_or(0);
+    eventually("status to catch up after the restart", SETTLE, || async {
+        let o = cluster
+            .objects()
+            .await
+            .into_iter()
+            .find(|o| o.name_any() == name0)?;
+        let s = o.status?;
+        (s.phase == Some(Phase::Live) && s.events_published? >= published_before + 5).then_some(())
+    })
+    .await;
+    assert_eq!(
+        remotes[0].counters().connections.load(Ordering::SeqCst),
+        connections,
+        "the session did not reconnect across the API server restart"
+    );
+    assert!(worker.running(), "worker crashed:\n{}", worker.log_tail(30));
+
+    // Kill the worker in the middle of a live stream and start it again: it resumes from the
+    // stored cursor. Nothing is lost; the two-day-old history is not fetched again.
+    let streaming = comments(&coord, 40, Timestamp::now().as_secs());
+    let (first, second) = streaming.split_at(20);
+    remotes[0].add(first.iter().cloned());
+    want.extend(nip34::ids(first));
+    local_holds(&cluster.local, &want).await;
+    worker.kill();
+    let served_before = remotes[0].counters().events_served.load(Ordering::SeqCst);
+    remotes[0].add(second.iter().cloned());
+    want.extend(nip34::ids(second));
+    let mut worker = cluster.worker("w0", &lease);
+    local_holds(&cluster.local, &want).await;
+    cluster.wait_settled(2, &["w0"], SETTLE).await;
+    let served_after = remotes[0].counters().events_served.load(Ordering::SeqCst) - served_before;
+    let recent = during.len() + streaming.len() + 20; // + the fixture's own recent events
+    assert!(
+        served_after <= recent,
+        "re-download bounded by the resume window: {served_after} events served after the restart, at most {recent} recent ones exist ({} old ones must not come back)",
+        old.len()
+    );
+
+    // The drain protocol, with the controller stopped so nobody moves the label: the worker
+    // closes the session *before* it acknowledges, and resumes when the drain is cancelled.
+    controller.terminate(Duration::from_secs(30)).await;
+    let api = Api::<RelaySync>::namespaced(cluster.admin.clone(), &cluster.ns);
+    let names = by_url(&cluster.objects().await);
+    let n0 = names[remotes[0].url().as_str()].clone();
+    let n1 = names[remotes[1].url().as_str()].clone();
+    let set_drain = |on: bool| {
+        let api = api.clone();
+        let n0 = n0.clone();
+        async move {
+            let value = if on { json!("true") } else { json!(null) };
+            api.patch(
+                &n0,
+                &PatchParams::default(),
+                &Patch::Merge(json!({"metadata": {"labels": {DRAIN_LABEL: value}}})),
+            )
+            .await
+            .expect("drain label");
+        }
+    };
+    set_drain(true).await;
+    eventually("the drain to be acknowledged", SETTLE, || async {
+        let o = api.get(&n0).await.ok()?;
+        is_released_by(o.status.as_ref(), "w0").then_some(())
+    })
+    .await;
+    assert_eq!(
+        remotes[0]
+            .counters()
+            .live_connections
+            .load(Ordering::SeqCst),
+        0,
+        "acknowledged while still connected"
+    );
+    set_drain(false).await;
+    eventually(
+        "the session to resume after the drain is cancelled",
+        SETTLE,
+        || async {
+            let o = api.get(&n0).await.ok()?;
+            let live = o.status?.phase == Some(Phase::Live);
+            (live
+                && remotes[0]
+                    .counters()
+                    .live_connections
+                    .load(Ordering::SeqCst)
+                    == 1)
+                .then_some(())
+        },
+    )
+    .await;
+
+    // Take the label off one relay and delete the other: the worker closes both sessions
+    // (the raw watch reports both as deletions).
+    api.patch(
+        &n0,
+        &PatchParams::default(),
+        &Patch::Merge(json!({"metadata": {"labels": {WORKER_LABEL: null}}})),
+    )
+    .await
+    .expect("unlabel");
+    api.delete(&n1, &DeleteParams::default())
+        .await
+        .expect("delete");
+    for (i, r) in remotes.iter().enumerate() {
+        eventually(&format!("remote {i} to be let go"), SETTLE, || async {
+            (r.counters().live_connections.load(Ordering::SeqCst) == 0).then_some(())
+        })
+        .await;
+    }
+    assert!(worker.running(), "worker crashed:\n{}", worker.log_tail(30));
+}
