@@ -121,6 +121,17 @@ async fn workers_share_relays_fail_over_scale_out_through_drains_and_survive_a_l
     for r in &remotes {
         r.counters().reset_max();
     }
+    // Start-up itself may have moved relays (workers join one by one): only Released
+    // events from now on belong to the scale-out.
+    let events = Api::<K8sEvent>::namespaced(cluster.admin.clone(), &cluster.ns);
+    let earlier: BTreeSet<String> = events
+        .list(&ListParams::default())
+        .await
+        .expect("events")
+        .items
+        .iter()
+        .filter_map(|e| e.metadata.uid.clone())
+        .collect();
     workers.insert(fourth, cluster.worker(fourth, &[]));
     let four = ["w0", "w1", "w2", fourth];
     let after = cluster.wait_settled(12, &four, SETTLE).await;
@@ -141,13 +152,18 @@ async fn workers_share_relays_fail_over_scale_out_through_drains_and_survive_a_l
         );
     }
     // The old holders acknowledged each move with a Released event; every relay got Live.
-    let events = Api::<K8sEvent>::namespaced(cluster.admin.clone(), &cluster.ns);
     let released = eventually("Released events for moved relays", SETTLE, || async {
         let list = events.list(&ListParams::default()).await.ok()?;
         let released: BTreeSet<String> = list
             .items
             .iter()
             .filter(|e| e.reason.as_deref() == Some("Released"))
+            .filter(|e| {
+                e.metadata
+                    .uid
+                    .as_ref()
+                    .is_some_and(|u| !earlier.contains(u))
+            })
             .filter_map(|e| e.regarding.as_ref()?.name.clone())
             .collect();
         let live: BTreeSet<String> = list

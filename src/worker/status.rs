@@ -170,6 +170,17 @@ pub fn is_released_by(status: Option<&RelaySyncStatus>, worker: &str) -> bool {
     })
 }
 
+/// A cursor that moved less than this (and nothing else changed) is not worth a write.
+pub const CURSOR_STEP_SECS: i64 = 300;
+
+fn only_cursor_moved(a: &RelaySyncStatus, b: &RelaySyncStatus) -> bool {
+    let strip = |s: &RelaySyncStatus| RelaySyncStatus {
+        cursor: None,
+        ..s.clone()
+    };
+    strip(a) == strip(b)
+}
+
 /// Decides when a status is worth writing.
 #[derive(Debug)]
 pub struct Coalescer {
@@ -191,6 +202,18 @@ impl Coalescer {
             None => true,
             Some((last, _)) if last.phase != status.phase => true,
             Some((last, _)) if last == status => false,
+            // An idle live relay's cursor follows the clock. A resume re-reads
+            // `cursor - slack` anyway, so a cursor a few minutes old costs little, while
+            // writing it every interval would be a steady write load per relay.
+            Some((last, _))
+                if only_cursor_moved(last, status)
+                    && status
+                        .cursor
+                        .zip(last.cursor)
+                        .is_some_and(|(new, old)| new.saturating_sub(old) < CURSOR_STEP_SECS) =>
+            {
+                false
+            }
             Some((_, at)) => now.saturating_duration_since(*at) >= self.interval,
         }
     }
@@ -292,6 +315,14 @@ mod tests {
         b.events_published = Some(10);
         assert!(!c.due(&b, t0 + Duration::from_secs(5)));
         assert!(c.due(&b, t0 + Duration::from_secs(30)));
+        // An idle relay whose cursor alone follows the clock: written once it moved
+        // CURSOR_STEP_SECS, not every interval.
+        let mut idle = b.clone();
+        idle.cursor = b.cursor.map(|c| c + 60);
+        c.written(b.clone(), t0);
+        assert!(!c.due(&idle, t0 + Duration::from_secs(120)));
+        idle.cursor = b.cursor.map(|c| c + CURSOR_STEP_SECS);
+        assert!(c.due(&idle, t0 + Duration::from_secs(120)));
         let live = status_from_session(&state(Phase::Live), "w0", 1, Some(&a), now);
         assert!(
             c.due(&live, t0 + Duration::from_secs(1)),
