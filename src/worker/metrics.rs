@@ -1,6 +1,7 @@
 //! Prometheus metrics of the sync engine. Labels are bounded: relay URLs only where the
 //! seed design has them (one series per tracked relay), reasons from fixed enums.
 
+use crate::crd::Phase;
 use prometheus::{
     Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry,
@@ -43,6 +44,8 @@ pub struct Metrics {
     pub discovery_actions: IntCounterVec,
     /// Relay URLs from announcements not used, by reason.
     pub discovery_rejected_targets: IntCounterVec,
+    /// Relays this worker holds, by phase.
+    pub relays_by_phase: IntGaugeVec,
     /// Status writes by result (ok | error).
     pub status_writes: IntCounterVec,
     /// Kubernetes Events published for phase transitions, by result.
@@ -61,6 +64,19 @@ pub struct Metrics {
     /// reassign_dead).
     pub assignment_moves: IntCounterVec,
 }
+
+/// Every phase, for per-phase gauges.
+pub const PHASES: [Phase; 9] = [
+    Phase::Pending,
+    Phase::Connecting,
+    Phase::Syncing,
+    Phase::Live,
+    Phase::LiveWithGaps,
+    Phase::Backoff,
+    Phase::RateLimited,
+    Phase::Dead,
+    Phase::Paused,
+];
 
 impl Metrics {
     pub fn new() -> Self {
@@ -149,6 +165,11 @@ impl Metrics {
                 &["action"],
             )
             .expect("static metric"),
+            relays_by_phase: IntGaugeVec::new(
+                Opts::new("grasp_sync_relays", "Relays this worker holds, by phase"),
+                &["phase"],
+            )
+            .expect("static metric"),
             status_writes: IntCounterVec::new(
                 Opts::new("grasp_sync_status_writes_total", "RelaySync status writes by result"),
                 &["result"],
@@ -212,6 +233,7 @@ impl Metrics {
             Box::new(self.discovery_objects.clone()),
             Box::new(self.discovery_actions.clone()),
             Box::new(self.discovery_rejected_targets.clone()),
+            Box::new(self.relays_by_phase.clone()),
             Box::new(self.status_writes.clone()),
             Box::new(self.phase_events.clone()),
             Box::new(self.lease_held.clone()),
@@ -223,6 +245,58 @@ impl Metrics {
         ];
         for c in collectors {
             r.register(c).expect("metric names are unique");
+        }
+        self.init_label_values();
+    }
+
+    /// Series for every known value of the bounded labels exist from the start (at 0), so
+    /// dashboards and `rate()` see them before the first occurrence.
+    fn init_label_values(&self) {
+        let sets: [(&IntCounterVec, &[&str]); 7] = [
+            (&self.status_writes, &["ok", "error"]),
+            (&self.phase_events, &["ok", "error"]),
+            (
+                &self.assignment_moves,
+                &[
+                    "assign",
+                    "drain",
+                    "cancel",
+                    "reassign_drained",
+                    "reassign_dead",
+                ],
+            ),
+            (
+                &self.publish_outcomes,
+                &[
+                    "accepted",
+                    "duplicate",
+                    "blocked",
+                    "invalid",
+                    "rate-limited",
+                    "auth-required",
+                    "restricted",
+                    "pow",
+                    "mute",
+                    "unsupported",
+                    "error",
+                    "other",
+                    "gave_up",
+                ],
+            ),
+            (
+                &self.historic_batches,
+                &["confirmed", "recovered", "timeout", "reconciliation"],
+            ),
+            (&self.events, &["startup", "reconnect", "daily", "live"]),
+            (&self.discovery_actions, &["apply", "delete"]),
+        ];
+        for (vec, values) in sets {
+            for v in values {
+                vec.with_label_values(&[*v]);
+            }
+        }
+        for phase in PHASES {
+            self.relays_by_phase.with_label_values(&[phase.as_str()]);
         }
     }
 

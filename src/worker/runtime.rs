@@ -7,6 +7,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
+use futures::StreamExt;
 use nostr::{Event, EventId, Filter, Kind, PublicKey, TagKind};
 use tokio::sync::watch;
 
@@ -21,6 +22,9 @@ use crate::nostr::filters::{ROOT_KINDS, RepoScope};
 use crate::nostr::nip34::Announcement;
 use crate::nostr::{RelayUrl, RepoCoordinate};
 use crate::store::{RelaySyncStore, StoredRelaySync};
+
+/// Status writes in flight at once.
+const STATUS_WRITES_IN_FLIGHT: usize = 16;
 
 /// Most one change of a session's sync set per this interval.
 const APPLY_EVERY: Duration = Duration::from_millis(500);
@@ -421,6 +425,26 @@ async fn report<S: RelaySyncStore>(
 ) {
     let now = Instant::now();
     coalescers.retain(|name, _| objects.contains_key(name));
+    let mut by_phase: HashMap<Phase, i64> = HashMap::new();
+    for o in objects.values() {
+        let phase = RelayUrl::parse(&o.spec.url)
+            .ok()
+            .and_then(|u| sessions.get(&u))
+            .map(|r| r.state.borrow().phase)
+            .unwrap_or(if o.spec.paused == Some(true) {
+                Phase::Paused
+            } else {
+                Phase::Pending
+            });
+        *by_phase.entry(phase).or_default() += 1;
+    }
+    for phase in super::metrics::PHASES {
+        metrics
+            .relays_by_phase
+            .with_label_values(&[phase.as_str()])
+            .set(by_phase.get(&phase).copied().unwrap_or(0));
+    }
+    let mut due = Vec::new();
     for (name, o) in objects.iter().filter(|(_, o)| !o.draining) {
         let Ok(url) = RelayUrl::parse(&o.spec.url) else {
             continue;
@@ -444,31 +468,48 @@ async fn report<S: RelaySyncStore>(
             .entry(name.clone())
             .or_insert_with(|| Coalescer::new(config.status_interval));
         if c.due(&status, now) {
-            let result = store.apply_status(name, &status).await;
-            count_write(metrics, result.is_ok());
-            match result {
-                Ok(()) => {
-                    let before = c
-                        .last_phase()
-                        .or_else(|| o.status.as_ref().and_then(|s| s.phase));
-                    let after = status.phase;
+            tracing::debug!(object = %name, changed = ?c.changes(&status), "writing status");
+            let before = c
+                .last_phase()
+                .or_else(|| o.status.as_ref().and_then(|s| s.phase));
+            due.push((name.clone(), status, before, state.last_error.clone()));
+        }
+    }
+    // Writes go out concurrently (bounded): after a failover a worker takes hundreds of
+    // relays at once, and each phase change must reach the API server promptly.
+    let results: Vec<_> = futures::stream::iter(due)
+        .map(|(name, status, before, note)| async move {
+            let result = store.apply_status(&name, &status).await;
+            let mut event = None;
+            if result.is_ok()
+                && let Some(to) = status.phase.filter(|p| Some(*p) != before)
+            {
+                event = Some(store.record_phase(&name, before, to, note.as_deref()).await);
+            }
+            (name, status, result, event)
+        })
+        .buffer_unordered(STATUS_WRITES_IN_FLIGHT)
+        .collect()
+        .await;
+    for (name, status, result, event) in results {
+        count_write(metrics, result.is_ok());
+        match result {
+            Ok(()) => {
+                if let Some(c) = coalescers.get_mut(&name) {
                     c.written(status, now);
-                    if let Some(to) = after.filter(|p| Some(*p) != before) {
-                        let note = state.last_error.as_deref();
-                        match store.record_phase(name, before, to, note).await {
-                            Ok(true) => metrics.phase_events.with_label_values(&["ok"]).inc(),
-                            Ok(false) => {}
-                            Err(e) => {
-                                metrics.phase_events.with_label_values(&["error"]).inc();
-                                tracing::debug!(object = %name, error = %e, "phase event not published");
-                            }
-                        }
-                    }
-                }
-                Err(e) => {
-                    tracing::debug!(object = %name, error = %e, "status write failed; will retry")
                 }
             }
+            Err(e) => {
+                tracing::debug!(object = %name, error = %e, "status write failed; will retry")
+            }
+        }
+        match event {
+            Some(Ok(true)) => metrics.phase_events.with_label_values(&["ok"]).inc(),
+            Some(Err(e)) => {
+                metrics.phase_events.with_label_values(&["error"]).inc();
+                tracing::debug!(object = %name, error = %e, "phase event not published");
+            }
+            _ => {}
         }
     }
 }

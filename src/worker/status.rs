@@ -181,6 +181,22 @@ fn only_cursor_moved(a: &RelaySyncStatus, b: &RelaySyncStatus) -> bool {
     strip(a) == strip(b)
 }
 
+/// Top-level status fields that differ between `a` and `b` (for logs).
+pub fn changed_fields(a: &RelaySyncStatus, b: &RelaySyncStatus) -> Vec<String> {
+    let (Ok(serde_json::Value::Object(a)), Ok(serde_json::Value::Object(b))) =
+        (serde_json::to_value(a), serde_json::to_value(b))
+    else {
+        return Vec::new();
+    };
+    let mut keys: Vec<&String> = a.keys().chain(b.keys()).collect();
+    keys.sort();
+    keys.dedup();
+    keys.into_iter()
+        .filter(|k| a.get(*k) != b.get(*k))
+        .cloned()
+        .collect()
+}
+
 /// Decides when a status is worth writing.
 #[derive(Debug)]
 pub struct Coalescer {
@@ -221,6 +237,14 @@ impl Coalescer {
     /// The phase last written, if any.
     pub fn last_phase(&self) -> Option<Phase> {
         self.last.as_ref().and_then(|(s, _)| s.phase)
+    }
+
+    /// What changed since the last write (for logs).
+    pub fn changes(&self, status: &RelaySyncStatus) -> Vec<String> {
+        match &self.last {
+            Some((last, _)) => changed_fields(last, status),
+            None => vec!["(first write)".into()],
+        }
     }
 
     pub fn written(&mut self, status: RelaySyncStatus, now: Instant) {

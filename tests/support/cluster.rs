@@ -87,7 +87,12 @@ impl Cluster {
             env,
             admin,
             ns,
-            dir: tempfile::tempdir().expect("temp dir"),
+            // GRASP_SYNC_KEEP_LOGS=1 keeps the processes' logs for a post-mortem.
+            dir: tempfile::Builder::new()
+                .prefix("grasp-sync-procs-")
+                .disable_cleanup(std::env::var_os("GRASP_SYNC_KEEP_LOGS").is_some())
+                .tempdir()
+                .expect("temp dir"),
             local,
             _local_relay: local_relay,
         }
