@@ -113,6 +113,7 @@ pub async fn run_controller(
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), KubeModeError> {
     let metrics = Metrics::new();
+    metrics.set_role("controller");
     let store = Arc::new(KubeStore::new(client.clone(), &namespace));
     let (http_addr, http_task) = crate::http::serve(
         opts.http_addr,
@@ -200,6 +201,7 @@ pub async fn run_worker(
 ) -> Result<(), KubeModeError> {
     check_worker_name(&opts.name)?;
     let metrics = Metrics::new();
+    metrics.set_role("worker");
     let selector = format!("{WORKER_LABEL}={}", opts.name);
     let store = Arc::new(
         KubeStore::with_selector(client.clone(), &namespace, Some(selector))

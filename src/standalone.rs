@@ -89,6 +89,7 @@ pub async fn start(opts: StandaloneOptions) -> Result<Standalone, StandaloneErro
         None => MemoryStore::new(),
     });
     let metrics = Metrics::new();
+    metrics.set_role("standalone");
     let (shutdown, rx) = watch::channel(false);
     let (http_addr, http_task) =
         crate::http::serve(opts.http_addr, metrics.clone(), store.clone(), rx.clone())

@@ -7,11 +7,12 @@
 //! longer holds it and its session stops — the kube-runtime `Controller` would not
 //! reconcile that case.
 
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use k8s_openapi::api::core::v1::ObjectReference;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
-use kube::runtime::watcher;
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, Resource, ResourceExt};
 use serde_json::json;
 use tokio::sync::watch;
@@ -28,6 +29,7 @@ pub struct KubeStore {
     namespace: String,
     selector: Option<String>,
     recorder: Option<Recorder>,
+    cache: Store<RelaySync>,
     revision: watch::Sender<u64>,
     watch_task: JoinHandle<()>,
 }
@@ -54,7 +56,10 @@ impl KubeStore {
         if let Some(sel) = &selector {
             wc = wc.labels(sel);
         }
-        let stream = watcher(api.clone(), wc);
+        let (cache, writer) = reflector::store();
+        // The cache is updated before the revision moves, so a reader woken by the bump
+        // sees the change in `snapshot()`.
+        let stream = reflector::reflector(writer, watcher(api.clone(), wc).default_backoff());
         let watch_task = tokio::spawn(async move {
             let mut stream = std::pin::pin!(stream);
             while let Some(event) = stream.next().await {
@@ -74,6 +79,7 @@ impl KubeStore {
             namespace: namespace.to_string(),
             selector,
             recorder: None,
+            cache,
             revision,
             watch_task,
         }
@@ -134,6 +140,21 @@ impl RelaySyncStore for KubeStore {
         }
         let list = self.api.list(&lp).await.map_err(|e| map_err("(list)", e))?;
         let mut out: Vec<StoredRelaySync> = list.items.into_iter().map(to_stored).collect();
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(out)
+    }
+
+    async fn snapshot(&self) -> Result<Vec<StoredRelaySync>, StoreError> {
+        if !matches!(self.cache.wait_until_ready().now_or_never(), Some(Ok(()))) {
+            // The watch has not listed yet (or is gone): ask the API server.
+            return self.list().await;
+        }
+        let mut out: Vec<StoredRelaySync> = self
+            .cache
+            .state()
+            .iter()
+            .map(|o| to_stored(o.as_ref().clone()))
+            .collect();
         out.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(out)
     }

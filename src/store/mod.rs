@@ -42,6 +42,13 @@ pub enum StoreError {
 pub trait RelaySyncStore: Send + Sync {
     fn list(&self) -> impl Future<Output = Result<Vec<StoredRelaySync>, StoreError>> + Send;
 
+    /// The objects as last observed by this store's watch, when it keeps one (cheap: no
+    /// request); otherwise the same as [`RelaySyncStore::list`]. May lag behind writes a
+    /// moment; [`RelaySyncStore::changes`] moves again once it caught up.
+    fn snapshot(&self) -> impl Future<Output = Result<Vec<StoredRelaySync>, StoreError>> + Send {
+        self.list()
+    }
+
     fn get(
         &self,
         name: &str,

@@ -44,6 +44,9 @@ pub struct Metrics {
     pub discovery_actions: IntCounterVec,
     /// Relay URLs from announcements not used, by reason.
     pub discovery_rejected_targets: IntCounterVec,
+    /// 1, labelled with this process's role (controller | worker | standalone) and version,
+    /// so rules can tell which process a series comes from.
+    pub info: IntGaugeVec,
     /// Relays this worker holds, by phase.
     pub relays_by_phase: IntGaugeVec,
     /// Status writes by result (ok | error).
@@ -165,6 +168,11 @@ impl Metrics {
                 &["action"],
             )
             .expect("static metric"),
+            info: IntGaugeVec::new(
+                Opts::new("grasp_sync_info", "This process's role and version (always 1)"),
+                &["role", "version"],
+            )
+            .expect("static metric"),
             relays_by_phase: IntGaugeVec::new(
                 Opts::new("grasp_sync_relays", "Relays this worker holds, by phase"),
                 &["phase"],
@@ -233,6 +241,7 @@ impl Metrics {
             Box::new(self.discovery_objects.clone()),
             Box::new(self.discovery_actions.clone()),
             Box::new(self.discovery_rejected_targets.clone()),
+            Box::new(self.info.clone()),
             Box::new(self.relays_by_phase.clone()),
             Box::new(self.status_writes.clone()),
             Box::new(self.phase_events.clone()),
@@ -252,7 +261,11 @@ impl Metrics {
     /// Series for every known value of the bounded labels exist from the start (at 0), so
     /// dashboards and `rate()` see them before the first occurrence.
     fn init_label_values(&self) {
-        let sets: [(&IntCounterVec, &[&str]); 7] = [
+        let sets: [(&IntCounterVec, &[&str]); 8] = [
+            (
+                &self.events_rejected,
+                &["invalid_id", "invalid_signature", "oversize"],
+            ),
             (&self.status_writes, &["ok", "error"]),
             (&self.phase_events, &["ok", "error"]),
             (
@@ -298,6 +311,13 @@ impl Metrics {
         for phase in PHASES {
             self.relays_by_phase.with_label_values(&[phase.as_str()]);
         }
+    }
+
+    /// Declare the role of this process (`grasp_sync_info`).
+    pub fn set_role(&self, role: &str) {
+        self.info
+            .with_label_values(&[role, env!("CARGO_PKG_VERSION")])
+            .set(1);
     }
 
     /// Text exposition format.

@@ -150,7 +150,7 @@ pub async fn run<S: RelaySyncStore + 'static>(
     loop {
         if reload {
             reload = false;
-            match store.list().await {
+            match store.snapshot().await {
                 Ok(list) => {
                     objects = list.into_iter().map(|o| (o.name.clone(), o)).collect();
                     let coords: BTreeSet<RepoCoordinate> = objects
