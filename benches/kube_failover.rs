@@ -207,15 +207,7 @@ async fn main() {
         after - before,
         (after - before) / n as f64 / (window.as_secs_f64() / 60.0)
     );
-    println!(
-        "RSS: controller {} MiB; workers {}",
-        controller.rss_kib().unwrap_or(0) / 1024,
-        workers
-            .iter()
-            .map(|(k, w)| format!("{k} {} MiB", w.proc.rss_kib().unwrap_or(0) / 1024))
-            .collect::<Vec<_>>()
-            .join(", ")
-    );
+    print_rss("RSS at steady state", &controller, &workers);
 
     // Crash failover: SIGKILL one worker, time until its relays are Live elsewhere; then
     // bring it back and let the ring settle before the next kill.
@@ -265,8 +257,12 @@ async fn main() {
         percentile(&graceful, 50.0),
         graceful.last().copied().unwrap_or(f64::NAN)
     );
+    print_rss("RSS at the end", &controller, &workers);
+}
+
+fn print_rss(when: &str, controller: &GraspSync, workers: &BTreeMap<String, Worker>) {
     println!(
-        "RSS at the end: controller {} MiB; workers {}",
+        "{when}: controller {} MiB; workers {}",
         controller.rss_kib().unwrap_or(0) / 1024,
         workers
             .iter()

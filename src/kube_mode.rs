@@ -23,7 +23,6 @@ use crate::crd::WORKER_LABEL;
 use crate::crd::naming::is_dns1123_label;
 use crate::nostr::RelayUrl;
 use crate::store::kube::KubeStore;
-use crate::worker::health::HealthConfig;
 use crate::worker::lease::{self, LeaseConfig};
 use crate::worker::metrics::Metrics;
 use crate::worker::publisher::{Publisher, PublisherConfig};
@@ -98,6 +97,17 @@ pub struct ControllerOptions {
     pub assigner: AssignerConfig,
 }
 
+async fn serve_http(
+    addr: SocketAddr,
+    metrics: &Metrics,
+    store: &Arc<KubeStore>,
+    shutdown: &watch::Receiver<bool>,
+) -> Result<(SocketAddr, JoinHandle<()>), KubeModeError> {
+    crate::http::serve(addr, metrics.clone(), store.clone(), shutdown.clone())
+        .await
+        .map_err(|source| KubeModeError::Http { addr, source })
+}
+
 async fn join_all(tasks: Vec<JoinHandle<()>>, within: Duration) {
     for t in tasks {
         let _ = tokio::time::timeout(within, t).await;
@@ -115,17 +125,7 @@ pub async fn run_controller(
     let metrics = Metrics::new();
     metrics.set_role("controller");
     let store = Arc::new(KubeStore::new(client.clone(), &namespace));
-    let (http_addr, http_task) = crate::http::serve(
-        opts.http_addr,
-        metrics.clone(),
-        store.clone(),
-        shutdown.clone(),
-    )
-    .await
-    .map_err(|source| KubeModeError::Http {
-        addr: opts.http_addr,
-        source,
-    })?;
+    let (http_addr, http_task) = serve_http(opts.http_addr, &metrics, &store, &shutdown).await?;
     tracing::info!(identity = %opts.identity, %namespace, http = %http_addr, "controller started; campaigning for the lead");
     let policy = TargetPolicy {
         service_domain: opts.service_domain.clone(),
@@ -207,35 +207,19 @@ pub async fn run_worker(
         KubeStore::with_selector(client.clone(), &namespace, Some(selector))
             .with_events(client.clone(), &opts.name),
     );
-    let (http_addr, http_task) = crate::http::serve(
-        opts.http_addr,
-        metrics.clone(),
-        store.clone(),
-        shutdown.clone(),
-    )
-    .await
-    .map_err(|source| KubeModeError::Http {
-        addr: opts.http_addr,
-        source,
-    })?;
+    let (http_addr, http_task) = serve_http(opts.http_addr, &metrics, &store, &shutdown).await?;
     let mut pc = PublisherConfig::new(opts.local_relay.clone());
     pc.connections = opts.publisher_connections.max(1);
     pc.auth_keys = opts.auth_keys.clone();
     let (publisher, _publisher_task) = Publisher::spawn(pc, metrics.clone());
-    let mut session = opts.session.clone();
-    session.auth_keys = opts.auth_keys.clone();
-    session.addresses = Some(opts.addresses.clone());
-    let rc = RuntimeConfig {
-        worker: opts.name.clone(),
-        local_relay: opts.local_relay.clone(),
-        session,
-        status_interval: opts.status_interval,
-        feed_health: HealthConfig {
-            base_backoff: Duration::from_millis(500),
-            max_backoff: Duration::from_secs(30),
-            ..HealthConfig::default()
-        },
-    };
+    let rc = RuntimeConfig::new(
+        opts.name.clone(),
+        opts.local_relay.clone(),
+        opts.session.clone(),
+        opts.status_interval,
+        opts.addresses.clone(),
+        opts.auth_keys.clone(),
+    );
     tracing::info!(worker = %opts.name, %namespace, http = %http_addr, "worker started");
     loop {
         let held = match acquire(&client, &namespace, &opts, &mut shutdown).await {

@@ -19,7 +19,6 @@ use crate::controller::targets::TargetPolicy;
 use crate::nostr::RelayUrl;
 use crate::store::StoreError;
 use crate::store::memory::MemoryStore;
-use crate::worker::health::HealthConfig;
 use crate::worker::metrics::Metrics;
 use crate::worker::publisher::{Publisher, PublisherConfig};
 use crate::worker::runtime::{self, RuntimeConfig};
@@ -118,20 +117,14 @@ pub async fn start(opts: StandaloneOptions) -> Result<Standalone, StandaloneErro
         rx.clone(),
     ));
 
-    let mut session = opts.session.clone();
-    session.auth_keys = opts.auth_keys.clone();
-    session.addresses = Some(opts.addresses.clone());
-    let rc = RuntimeConfig {
-        worker: opts.worker_name.clone(),
-        local_relay: opts.local_relay.clone(),
-        session,
-        status_interval: opts.status_interval,
-        feed_health: HealthConfig {
-            base_backoff: Duration::from_millis(500),
-            max_backoff: Duration::from_secs(30),
-            ..HealthConfig::default()
-        },
-    };
+    let rc = RuntimeConfig::new(
+        opts.worker_name.clone(),
+        opts.local_relay.clone(),
+        opts.session.clone(),
+        opts.status_interval,
+        opts.addresses.clone(),
+        opts.auth_keys.clone(),
+    );
     let runtime_task = tokio::spawn(runtime::run(
         rc,
         store.clone(),

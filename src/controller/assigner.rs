@@ -68,6 +68,13 @@ fn assigned(o: &RelaySync) -> Assigned {
     }
 }
 
+fn holder(objects: &[Assigned], name: &str) -> Option<String> {
+    objects
+        .iter()
+        .find(|o| o.name == name)
+        .and_then(|o| o.worker.clone())
+}
+
 /// Run until `shutdown` turns true.
 pub async fn run(
     client: Client,
@@ -143,11 +150,7 @@ async fn pass(
         let (name, labels, kind) = match &step {
             Step::Assign { name, worker } => (name, json!({ WORKER_LABEL: worker }), "assign"),
             Step::StartDrain { name } => {
-                let Some(current) = objects
-                    .iter()
-                    .find(|o| &o.name == name)
-                    .and_then(|o| o.worker.clone())
-                else {
+                let Some(current) = holder(&objects, name) else {
                     continue;
                 };
                 (
@@ -157,11 +160,7 @@ async fn pass(
                 )
             }
             Step::CancelDrain { name } => {
-                let Some(current) = objects
-                    .iter()
-                    .find(|o| &o.name == name)
-                    .and_then(|o| o.worker.clone())
-                else {
+                let Some(current) = holder(&objects, name) else {
                     continue;
                 };
                 (name, json!({ WORKER_LABEL: current }), "cancel")

@@ -17,6 +17,7 @@ use super::metrics::Metrics;
 use super::publisher::Publisher;
 use super::session::{self, SessionConfig, SessionHandle, SessionState, SyncSet};
 use super::status::{Coalescer, is_released_by, released_status, status_from_session};
+use crate::controller::ssrf::AddressPolicy;
 use crate::crd::Phase;
 use crate::nostr::filters::{ROOT_KINDS, RepoScope};
 use crate::nostr::nip34::Announcement;
@@ -38,6 +39,33 @@ pub struct RuntimeConfig {
     pub status_interval: Duration,
     /// Reconnect policy of the local-relay feed.
     pub feed_health: HealthConfig,
+}
+
+impl RuntimeConfig {
+    /// A worker's configuration: sessions authenticate with `auth_keys` and connect only
+    /// where `addresses` allows; the local-relay feed reconnects quickly (it is nearby).
+    pub fn new(
+        worker: impl Into<String>,
+        local_relay: RelayUrl,
+        mut session: SessionConfig,
+        status_interval: Duration,
+        addresses: AddressPolicy,
+        auth_keys: Option<nostr::Keys>,
+    ) -> Self {
+        session.auth_keys = auth_keys;
+        session.addresses = Some(addresses);
+        RuntimeConfig {
+            worker: worker.into(),
+            local_relay,
+            session,
+            status_interval,
+            feed_health: HealthConfig {
+                base_backoff: Duration::from_millis(500),
+                max_backoff: Duration::from_secs(30),
+                ..HealthConfig::default()
+            },
+        }
+    }
 }
 
 /// What the local relay says about the repos this worker syncs.
