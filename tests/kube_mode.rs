@@ -256,7 +256,7 @@ async fn sessions_survive_an_api_server_restart_resume_from_the_cursor_and_stop_
     remotes[0].add(old.iter().cloned());
     want.extend(nip34::ids(&old));
 
-    let controller = cluster.controller("c0", &[]);
+    let mut controller = cluster.controller("c0", &[]);
     // Leases long enough to ride out an API server restart.
     let lease = ["--lease-duration", "40s", "--lease-renew", "2s"];
     let mut worker = cluster.worker("w0", &lease);
@@ -298,6 +298,11 @@ async fn sessions_survive_an_api_server_restart_resume_from_the_cursor_and_stop_
         "the session did not reconnect across the API server restart"
     );
     assert!(worker.running(), "worker crashed:\n{}", worker.log_tail(30));
+    assert!(
+        controller.running(),
+        "controller crashed:\n{}",
+        controller.log_tail(30)
+    );
 
     // Kill the worker in the middle of a live stream and start it again: it resumes from the
     // stored cursor. Nothing is lost; the two-day-old history is not fetched again.

@@ -9,7 +9,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
+use kube::api::{Api, DeleteParams, Patch, PatchParams};
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, ResourceExt};
@@ -100,13 +100,39 @@ pub async fn run(
             notify.notify_one();
         }
     });
-    tokio::select! {
-        r = reader.wait_until_ready() => if r.is_err() { return; },
-        _ = shutdown.changed() => { watch_task.abort(); return; }
+    // Worker Leases, watched too: a released (deleted) Lease reassigns at once.
+    let (lease_reader, lease_writer) = reflector::store();
+    let lease_stream = reflector::reflector(
+        lease_writer,
+        watcher(leases.clone(), watcher::Config::default()),
+    )
+    .default_backoff()
+    .touched_objects();
+    let notify = changed.clone();
+    let lease_task = tokio::spawn(async move {
+        let mut stream = std::pin::pin!(lease_stream);
+        while let Some(ev) = stream.next().await {
+            if let Err(e) = ev {
+                tracing::debug!(error = %e, "Lease watch interrupted; it resumes");
+            }
+            notify.notify_one();
+        }
+    });
+    let ready = async {
+        reader.wait_until_ready().await.is_ok() && lease_reader.wait_until_ready().await.is_ok()
+    };
+    let ok = tokio::select! {
+        ok = ready => ok,
+        _ = shutdown.changed() => false,
+    };
+    if !ok {
+        watch_task.abort();
+        lease_task.abort();
+        return;
     }
     let mut tick = tokio::time::interval(config.resync);
     loop {
-        if let Err(e) = pass(&api, &leases, &reader, &config, &metrics).await {
+        if let Err(e) = pass(&api, &leases, &lease_reader, &reader, &config, &metrics).await {
             tracing::warn!(error = %e, "assignment pass failed; retrying");
         }
         tokio::select! {
@@ -123,17 +149,23 @@ pub async fn run(
         }
     }
     watch_task.abort();
+    lease_task.abort();
 }
 
 async fn pass(
     api: &Api<RelaySync>,
     leases: &Api<Lease>,
+    lease_reader: &Store<Lease>,
     reader: &Store<RelaySync>,
     config: &AssignerConfig,
     metrics: &Metrics,
 ) -> kube::Result<()> {
-    let list = leases.list(&ListParams::default()).await?;
-    let members = lease::membership(&list.items, Timestamp::now(), config.orphan_lease_after);
+    let list: Vec<Lease> = lease_reader
+        .state()
+        .iter()
+        .map(|l| l.as_ref().clone())
+        .collect();
+    let members = lease::membership(&list, Timestamp::now(), config.orphan_lease_after);
     for name in &members.orphans {
         tracing::info!(lease = %name, "deleting the Lease of a long-dead worker");
         let _ = leases.delete(name, &DeleteParams::default()).await;
