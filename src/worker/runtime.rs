@@ -19,10 +19,11 @@ use super::session::{self, SessionConfig, SessionHandle, SessionState, SyncSet};
 use super::status::{Coalescer, is_released_by, released_status, status_from_session};
 use crate::controller::ssrf::AddressPolicy;
 use crate::crd::Phase;
+use crate::crd::RelaySyncStatus;
 use crate::nostr::filters::{ROOT_KINDS, RepoScope};
 use crate::nostr::nip34::Announcement;
 use crate::nostr::{RelayUrl, RepoCoordinate};
-use crate::store::{RelaySyncStore, StoredRelaySync};
+use crate::store::{RelaySyncStore, StoreError, StoredRelaySync};
 
 /// Status writes in flight at once.
 const STATUS_WRITES_IN_FLIGHT: usize = 16;
@@ -255,11 +256,14 @@ pub async fn run<S: RelaySyncStore + 'static>(
             }
         }
     }
-    // Graceful stop: close every session, then write the final state (cursor included).
-    let mut finals: HashMap<RelayUrl, SessionState> = HashMap::new();
-    for (url, r) in sessions.drain() {
-        finals.insert(url, r.handle.stop().await);
-    }
+    // Graceful stop: close every session (all at once), then write the final state (cursor
+    // included).
+    let stops = sessions
+        .drain()
+        .map(|(url, r)| async move { (url, r.handle.stop().await) });
+    let finals: HashMap<RelayUrl, SessionState> =
+        futures::future::join_all(stops).await.into_iter().collect();
+    let mut writes = Vec::new();
     for (name, o) in objects.iter().filter(|(_, o)| !o.draining) {
         let Ok(url) = RelayUrl::parse(&o.spec.url) else {
             continue;
@@ -272,13 +276,34 @@ pub async fn run<S: RelaySyncStore + 'static>(
                 o.status.as_ref(),
                 SystemTime::now(),
             );
-            let result = store.apply_status(name, &status).await;
-            count_write(&metrics, result.is_ok());
-            if let Err(e) = result {
-                tracing::warn!(object = %name, error = %e, "final status write failed");
-            }
+            writes.push((name.clone(), status));
         }
     }
+    for (name, result) in write_statuses(store.as_ref(), &metrics, writes).await {
+        if let Err(e) = result {
+            tracing::warn!(object = %name, error = %e, "final status write failed");
+        }
+    }
+}
+
+/// Write statuses concurrently (bounded); the results in no particular order.
+async fn write_statuses<S: RelaySyncStore>(
+    store: &S,
+    metrics: &Metrics,
+    writes: Vec<(String, RelaySyncStatus)>,
+) -> Vec<(String, Result<(), StoreError>)> {
+    let results: Vec<_> = futures::stream::iter(writes)
+        .map(|(name, status)| async move {
+            let result = store.apply_status(&name, &status).await;
+            (name, result)
+        })
+        .buffer_unordered(STATUS_WRITES_IN_FLIGHT)
+        .collect()
+        .await;
+    for (_, r) in &results {
+        count_write(metrics, r.is_ok());
+    }
+    results
 }
 
 fn reconcile_sessions(
@@ -413,30 +438,38 @@ async fn release_drained<S: RelaySyncStore>(
             }
             None => None,
         };
-        for o in pending {
-            let status = released_status(
-                state.as_ref(),
-                &config.worker,
-                o.generation,
-                o.status.as_ref(),
-                SystemTime::now(),
-            );
-            let result = store.apply_status(&o.name, &status).await;
-            count_write(metrics, result.is_ok());
+        let writes: Vec<(String, RelaySyncStatus)> = pending
+            .iter()
+            .map(|o| {
+                let status = released_status(
+                    state.as_ref(),
+                    &config.worker,
+                    o.generation,
+                    o.status.as_ref(),
+                    SystemTime::now(),
+                );
+                (o.name.clone(), status)
+            })
+            .collect();
+        for (name, result) in write_statuses(store, metrics, writes).await {
             match result {
                 Ok(()) => {
-                    released.insert(o.name.clone());
+                    released.insert(name.clone());
+                    let before = objects
+                        .get(&name)
+                        .and_then(|o| o.status.as_ref())
+                        .and_then(|s| s.phase);
                     let _ = store
                         .record_phase(
-                            &o.name,
-                            o.status.as_ref().and_then(|s| s.phase),
+                            &name,
+                            before,
                             Phase::Pending,
                             Some("released for reassignment"),
                         )
                         .await;
                 }
                 Err(e) => {
-                    tracing::warn!(object = %o.name, error = %e, "could not acknowledge the drain; will retry")
+                    tracing::warn!(object = %name, error = %e, "could not acknowledge the drain; will retry")
                 }
             }
         }
