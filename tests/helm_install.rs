@@ -444,16 +444,24 @@ async fn chart_installs_its_service_accounts_suffice_and_prometheus_evaluates_ev
         "dashboard/alerts use metrics nobody exports: {dead:?}"
     );
 
-    // Every panel query evaluates and returns a series (no dead panels).
+    // Every panel query evaluates and returns a series (no dead panels). Series of the
+    // second target may need one more scrape: poll each query with a deadline.
     for (title, expr) in &queries {
-        let series = prom
-            .query(expr)
-            .await
-            .unwrap_or_else(|e| panic!("panel {title:?}: {expr} fails: {e}"));
-        assert!(
-            !series.is_empty(),
-            "panel {title:?}: {expr} returns nothing"
-        );
+        let start = std::time::Instant::now();
+        loop {
+            let series = prom
+                .query(expr)
+                .await
+                .unwrap_or_else(|e| panic!("panel {title:?}: {expr} fails: {e}"));
+            if !series.is_empty() {
+                break;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "panel {title:?}: {expr} returns nothing"
+            );
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
     }
 
     // The rules load and evaluate without error; in this healthy deployment none fires.
