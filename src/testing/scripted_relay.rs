@@ -12,7 +12,10 @@ use std::sync::{Arc, Mutex};
 use crate::nostr::RelayUrl;
 use futures::{SinkExt, StreamExt};
 use nostr::filter::MatchEventOptions;
-use nostr::{ClientMessage, Event, EventId, Filter, JsonUtil, RelayMessage, SubscriptionId};
+use nostr::{
+    ClientMessage, Event, EventId, Filter, JsonUtil, Kind, RelayMessage, SingleLetterTag,
+    SubscriptionId,
+};
 use tokio::net::TcpListener;
 use tokio::sync::broadcast;
 use tokio::task::JoinHandle;
@@ -67,7 +70,7 @@ struct Shared {
     script: Mutex<Script>,
     /// (tokens, last refill) for `ok_rate_per_sec`.
     bucket: Mutex<(f64, std::time::Instant)>,
-    store: Mutex<Vec<Event>>,
+    store: Mutex<Stored>,
     live: broadcast::Sender<Event>,
     counters: Counters,
     disconnected_once: Mutex<bool>,
@@ -96,7 +99,7 @@ impl ScriptedRelay {
                 std::time::Instant::now(),
             )),
             script: Mutex::new(script),
-            store: Mutex::new(Vec::new()),
+            store: Mutex::new(Stored::default()),
             live: broadcast::channel(10_000).0,
             counters: Counters::default(),
             disconnected_once: Mutex::new(false),
@@ -124,9 +127,9 @@ impl ScriptedRelay {
     pub fn add(&self, events: impl IntoIterator<Item = Event>) {
         let mut store = self.shared.store.lock().unwrap_or_else(|e| e.into_inner());
         for e in events {
-            if !store.iter().any(|x| x.id == e.id) {
+            if !store.contains(&e.id) {
                 let _ = self.shared.live.send(e.clone());
-                store.push(e);
+                store.insert(e);
             }
         }
     }
@@ -136,9 +139,7 @@ impl ScriptedRelay {
     pub fn add_silently(&self, events: impl IntoIterator<Item = Event>) {
         let mut store = self.shared.store.lock().unwrap_or_else(|e| e.into_inner());
         for e in events {
-            if !store.iter().any(|x| x.id == e.id) {
-                store.push(e);
-            }
+            store.insert(e);
         }
     }
 
@@ -147,6 +148,7 @@ impl ScriptedRelay {
             .store
             .lock()
             .unwrap_or_else(|e| e.into_inner())
+            .events
             .iter()
             .map(|e| e.id)
             .collect()
@@ -167,6 +169,71 @@ impl ScriptedRelay {
 
     pub fn counters(&self) -> &Counters {
         &self.shared.counters
+    }
+}
+
+/// The stored events with the indexes a REQ needs, so a filter looks at its candidates
+/// instead of every event (the demo runs this relay with tens of thousands of events).
+#[derive(Default)]
+struct Stored {
+    events: Vec<Event>,
+    by_id: HashMap<EventId, usize>,
+    by_tag: HashMap<(SingleLetterTag, String), Vec<usize>>,
+    by_kind: HashMap<Kind, Vec<usize>>,
+}
+
+impl Stored {
+    fn contains(&self, id: &EventId) -> bool {
+        self.by_id.contains_key(id)
+    }
+
+    fn insert(&mut self, e: Event) -> bool {
+        if self.by_id.contains_key(&e.id) {
+            return false;
+        }
+        let i = self.events.len();
+        self.by_id.insert(e.id, i);
+        for t in e.tags.iter() {
+            if let (Some(letter), Some(value)) = (t.single_letter_tag(), t.content()) {
+                self.by_tag
+                    .entry((letter, value.to_string()))
+                    .or_default()
+                    .push(i);
+            }
+        }
+        self.by_kind.entry(e.kind).or_default().push(i);
+        self.events.push(e);
+        true
+    }
+
+    /// Every event `f` could match (a superset; the caller still matches each).
+    fn candidates<'a>(&'a self, f: &Filter) -> Box<dyn Iterator<Item = &'a Event> + 'a> {
+        let mut positions: Vec<usize> = if let Some(ids) = &f.ids {
+            ids.iter()
+                .filter_map(|id| self.by_id.get(id).copied())
+                .collect()
+        } else if let Some((letter, values)) = f.generic_tags.iter().next() {
+            values
+                .iter()
+                .flat_map(|v| {
+                    self.by_tag
+                        .get(&(*letter, v.clone()))
+                        .into_iter()
+                        .flatten()
+                        .copied()
+                })
+                .collect()
+        } else if let Some(kinds) = &f.kinds {
+            kinds
+                .iter()
+                .flat_map(|k| self.by_kind.get(k).into_iter().flatten().copied())
+                .collect()
+        } else {
+            return Box::new(self.events.iter());
+        };
+        positions.sort_unstable();
+        positions.dedup();
+        Box::new(positions.into_iter().map(move |i| &self.events[i]))
     }
 }
 
@@ -264,9 +331,9 @@ fn handle(
             }
             let ok = RelayMessage::ok(ev.id, true, "").as_json();
             let mut store = s.store.lock().unwrap_or_else(|e| e.into_inner());
-            if !store.iter().any(|x| x.id == ev.id) {
+            if !store.contains(&ev.id) {
                 let _ = s.live.send(ev.clone());
-                store.push(ev);
+                store.insert(ev);
             }
             vec![Reply::Send(ok)]
         }
@@ -291,7 +358,7 @@ fn handle(
                     continue;
                 }
                 let mut matching: Vec<&Event> = store
-                    .iter()
+                    .candidates(f)
                     .filter(|e| f.match_event(e, MatchEventOptions::default()))
                     .collect();
                 matching.sort_by(|a, b| b.created_at.cmp(&a.created_at).then(a.id.cmp(&b.id)));
