@@ -71,6 +71,8 @@ struct Shared {
     /// (tokens, last refill) for `ok_rate_per_sec`.
     bucket: Mutex<(f64, std::time::Instant)>,
     store: Mutex<Stored>,
+    /// `Script::raw_events`, each with its parse (if it parses).
+    raw: Mutex<Vec<(String, Option<Event>)>>,
     live: broadcast::Sender<Event>,
     counters: Counters,
     disconnected_once: Mutex<bool>,
@@ -92,6 +94,7 @@ impl ScriptedRelay {
     pub async fn start(script: Script) -> std::io::Result<ScriptedRelay> {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
+        let raw = parse_raw(&script.raw_events);
         let shared = Arc::new(Shared {
             served: Mutex::new(Default::default()),
             bucket: Mutex::new((
@@ -100,6 +103,7 @@ impl ScriptedRelay {
             )),
             script: Mutex::new(script),
             store: Mutex::new(Stored::default()),
+            raw: Mutex::new(raw),
             live: broadcast::channel(10_000).0,
             counters: Counters::default(),
             disconnected_once: Mutex::new(false),
@@ -164,12 +168,19 @@ impl ScriptedRelay {
     }
 
     pub fn set_script(&self, script: Script) {
+        *self.shared.raw.lock().unwrap_or_else(|e| e.into_inner()) = parse_raw(&script.raw_events);
         *self.shared.script.lock().unwrap_or_else(|e| e.into_inner()) = script;
     }
 
     pub fn counters(&self) -> &Counters {
         &self.shared.counters
     }
+}
+
+fn parse_raw(raw: &[String]) -> Vec<(String, Option<Event>)> {
+    raw.iter()
+        .map(|r| (r.clone(), Event::from_json(r).ok()))
+        .collect()
 }
 
 /// The stored events with the indexes a REQ needs, so a filter looks at its candidates
@@ -388,11 +399,14 @@ fn handle(
                     }
                 }
             }
-            for raw in &script.raw_events {
-                if let Ok(ev) = Event::from_json(raw)
-                    && filters
+            // Raw events are stored events too: served to historic filters only, parsed once.
+            let historic: Vec<&Filter> = filters.iter().filter(|f| f.limit != Some(0)).collect();
+            let raw = s.raw.lock().unwrap_or_else(|e| e.into_inner());
+            for (raw, parsed) in raw.iter() {
+                if let Some(ev) = parsed
+                    && historic
                         .iter()
-                        .any(|f| f.match_event(&ev, MatchEventOptions::default()))
+                        .any(|f| f.match_event(ev, MatchEventOptions::default()))
                 {
                     out.push(Reply::Send(format!(
                         "[\"EVENT\",{},{raw}]",
