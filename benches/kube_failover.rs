@@ -14,7 +14,6 @@
 mod support;
 
 use std::collections::BTreeMap;
-use std::net::TcpListener;
 use std::time::{Duration, Instant};
 
 use grasp_sync::crd::naming::object_name;
@@ -24,6 +23,7 @@ use grasp_sync::testing::scripted_relay::{Script, ScriptedRelay};
 use kube::ResourceExt;
 use kube::api::{Api, Patch, PatchParams};
 use support::cluster::Cluster;
+use support::free_port;
 use support::procs::GraspSync;
 
 fn env_usize(name: &str, default: usize) -> usize {
@@ -31,13 +31,6 @@ fn env_usize(name: &str, default: usize) -> usize {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {

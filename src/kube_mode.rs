@@ -2,7 +2,6 @@
 //! the `worker` process (Lease-held membership, the sessions of the relays labelled with its
 //! name, status reports). Both run until `shutdown` turns true.
 
-use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,10 +17,10 @@ use crate::controller::assigner::{self, AssignerConfig};
 use crate::controller::discovery::{self, DiscoveryConfig};
 use crate::controller::leader::{self, LeaderConfig};
 use crate::controller::ssrf::AddressPolicy;
-use crate::controller::targets::TargetPolicy;
 use crate::crd::WORKER_LABEL;
 use crate::crd::naming::is_dns1123_label;
 use crate::nostr::RelayUrl;
+use crate::store::RelaySyncStore;
 use crate::store::kube::KubeStore;
 use crate::worker::lease::{self, LeaseConfig};
 use crate::worker::metrics::Metrics;
@@ -127,13 +126,13 @@ pub async fn run_controller(
     let store = Arc::new(KubeStore::new(client.clone(), &namespace));
     let (http_addr, http_task) = serve_http(opts.http_addr, &metrics, &store, &shutdown).await?;
     tracing::info!(identity = %opts.identity, %namespace, http = %http_addr, "controller started; campaigning for the lead");
-    let policy = TargetPolicy {
-        service_domain: opts.service_domain.clone(),
-        addresses: opts.addresses.clone(),
-    };
-    let mut dc = DiscoveryConfig::new(opts.local_relay.clone(), policy);
-    dc.bootstrap = opts.bootstrap.iter().cloned().collect::<BTreeSet<_>>();
-    dc.grace = opts.grace;
+    let dc = DiscoveryConfig::for_service(
+        opts.local_relay.clone(),
+        &opts.service_domain,
+        opts.addresses.clone(),
+        &opts.bootstrap,
+        opts.grace,
+    );
     let election = leader::campaign(client.clone(), &namespace, opts.leader.clone());
     let mut leading = election.leading();
     'outer: loop {
@@ -153,6 +152,8 @@ pub async fn run_controller(
             tokio::spawn(assigner::run(
                 client.clone(),
                 namespace.clone(),
+                store.cache(),
+                store.changes(),
                 opts.assigner.clone(),
                 metrics.clone(),
                 stop_rx,
@@ -208,9 +209,11 @@ pub async fn run_worker(
             .with_events(client.clone(), &opts.name),
     );
     let (http_addr, http_task) = serve_http(opts.http_addr, &metrics, &store, &shutdown).await?;
-    let mut pc = PublisherConfig::new(opts.local_relay.clone());
-    pc.connections = opts.publisher_connections.max(1);
-    pc.auth_keys = opts.auth_keys.clone();
+    let pc = PublisherConfig::with(
+        opts.local_relay.clone(),
+        opts.publisher_connections,
+        opts.auth_keys.clone(),
+    );
     let (publisher, _publisher_task) = Publisher::spawn(pc, metrics.clone());
     let rc = RuntimeConfig::new(
         opts.name.clone(),

@@ -2,7 +2,6 @@
 //! persisted to a state file instead of the Kubernetes API. The same code paths as the
 //! Kubernetes deployment.
 
-use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -15,7 +14,6 @@ use tokio::task::JoinHandle;
 
 use crate::controller::discovery::{self, DiscoveryConfig};
 use crate::controller::ssrf::AddressPolicy;
-use crate::controller::targets::TargetPolicy;
 use crate::nostr::RelayUrl;
 use crate::store::StoreError;
 use crate::store::memory::MemoryStore;
@@ -98,18 +96,20 @@ pub async fn start(opts: StandaloneOptions) -> Result<Standalone, StandaloneErro
                 source,
             })?;
 
-    let mut pc = PublisherConfig::new(opts.local_relay.clone());
-    pc.connections = opts.publisher_connections.max(1);
-    pc.auth_keys = opts.auth_keys.clone();
+    let pc = PublisherConfig::with(
+        opts.local_relay.clone(),
+        opts.publisher_connections,
+        opts.auth_keys.clone(),
+    );
     let (publisher, publisher_task) = Publisher::spawn(pc, metrics.clone());
 
-    let policy = TargetPolicy {
-        service_domain: opts.service_domain.clone(),
-        addresses: opts.addresses.clone(),
-    };
-    let mut dc = DiscoveryConfig::new(opts.local_relay.clone(), policy);
-    dc.bootstrap = opts.bootstrap.iter().cloned().collect::<BTreeSet<_>>();
-    dc.grace = opts.grace;
+    let dc = DiscoveryConfig::for_service(
+        opts.local_relay.clone(),
+        &opts.service_domain,
+        opts.addresses.clone(),
+        &opts.bootstrap,
+        opts.grace,
+    );
     let discovery_task = tokio::spawn(discovery::run(
         dc,
         store.clone(),

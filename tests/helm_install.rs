@@ -6,7 +6,6 @@
 mod support;
 
 use std::collections::BTreeSet;
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -22,20 +21,13 @@ use kube::{Client, Config, ResourceExt};
 use serde_json::json;
 use support::kube_env::locate;
 use support::procs::GraspSync;
-use support::{KubeEnv, eventually, nip34, relays};
+use support::{KubeEnv, eventually, free_port, nip34, relays};
 
 const RELEASE: &str = "gs";
 const CONTROLLER_SA: &str = "gs-grasp-sync-controller";
 const WORKER_SA: &str = "gs-grasp-sync-worker";
 const WORKER_POD: &str = "gs-grasp-sync-worker-0";
 const DEADLINE: Duration = Duration::from_secs(90);
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
-}
 
 fn run(cmd: &mut Command) -> String {
     let out = cmd.output().expect("run");

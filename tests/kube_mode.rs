@@ -9,7 +9,6 @@ use std::time::Duration;
 
 use grasp_sync::controller::ring::{DEFAULT_VNODES, Ring};
 use grasp_sync::crd::{DRAIN_LABEL, Phase, RelaySync, WORKER_LABEL};
-use grasp_sync::nostr::RelayUrl;
 use grasp_sync::testing::scripted_relay::{Script, ScriptedRelay};
 use grasp_sync::worker::lease::lease_name;
 use grasp_sync::worker::status::is_released_by;
@@ -17,7 +16,7 @@ use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::events::v1::Event as K8sEvent;
 use kube::ResourceExt;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
-use nostr::{Event, EventBuilder, EventId, Filter, Keys, Kind, Tag, TagKind, Timestamp};
+use nostr::{Event, EventBuilder, EventId, Keys, Kind, Tag, TagKind, Timestamp};
 use serde_json::json;
 use support::cluster::{Cluster, SERVICE_DOMAIN};
 use support::{eventually, nip34, relays};
@@ -54,20 +53,6 @@ async fn remotes(n: usize) -> Vec<ScriptedRelay> {
     out
 }
 
-async fn local_holds(local: &RelayUrl, want: &BTreeSet<EventId>) {
-    let got = eventually(
-        "the local relay to hold every expected event",
-        SETTLE,
-        || async {
-            let got = relays::fetch_ids(local, Filter::new()).await;
-            got.is_superset(want).then_some(got)
-        },
-    )
-    .await;
-    let extra: Vec<_> = got.difference(want).collect();
-    assert!(extra.is_empty(), "unexpected events: {extra:?}");
-}
-
 fn by_url(objects: &[RelaySync]) -> BTreeMap<String, String> {
     objects
         .iter()
@@ -97,7 +82,7 @@ async fn workers_share_relays_fail_over_scale_out_through_drains_and_survive_a_l
         distinct.len() >= 2,
         "relays spread over workers: {owners:?}"
     );
-    local_holds(&cluster.local, &want).await;
+    relays::holds_exactly(&cluster.local, &want, SETTLE).await;
     for r in &remotes {
         assert_eq!(r.counters().live_connections.load(Ordering::SeqCst), 1);
     }
@@ -221,7 +206,7 @@ async fn workers_share_relays_fail_over_scale_out_through_drains_and_survive_a_l
     );
     let last: Vec<&str> = rest.iter().copied().filter(|w| *w != leaving).collect();
     cluster.wait_settled(12, &last, SETTLE).await;
-    local_holds(&cluster.local, &want).await;
+    relays::holds_exactly(&cluster.local, &want, SETTLE).await;
     for mut p in controllers.into_values().chain(workers.into_values()) {
         assert!(p.running(), "{} crashed:\n{}", p.name, p.log_tail(30));
     }
@@ -261,7 +246,7 @@ async fn sessions_survive_an_api_server_restart_resume_from_the_cursor_and_stop_
     let lease = ["--lease-duration", "40s", "--lease-renew", "2s"];
     let mut worker = cluster.worker("w0", &lease);
     cluster.wait_settled(2, &["w0"], SETTLE).await;
-    local_holds(&cluster.local, &want).await;
+    relays::holds_exactly(&cluster.local, &want, SETTLE).await;
     let objects_before = cluster.objects().await;
 
     // Restart the API server: sessions stay up (no reconnect), events keep flowing, status
@@ -275,7 +260,7 @@ async fn sessions_survive_an_api_server_restart_resume_from_the_cursor_and_stop_
     let during = comments(&coord, 5, Timestamp::now().as_secs());
     remotes[0].add(during.iter().cloned());
     want.extend(nip34::ids(&during));
-    local_holds(&cluster.local, &want).await;
+    relays::holds_exactly(&cluster.local, &want, SETTLE).await;
     let name0 = by_url(&objects_before)[remotes[0].url().as_str()].clone();
     let published_before = objects_before
         .iter()
@@ -310,13 +295,13 @@ async fn sessions_survive_an_api_server_restart_resume_from_the_cursor_and_stop_
     let (first, second) = streaming.split_at(20);
     remotes[0].add(first.iter().cloned());
     want.extend(nip34::ids(first));
-    local_holds(&cluster.local, &want).await;
+    relays::holds_exactly(&cluster.local, &want, SETTLE).await;
     worker.kill();
     let served_before = remotes[0].counters().events_served.load(Ordering::SeqCst);
     remotes[0].add(second.iter().cloned());
     want.extend(nip34::ids(second));
     let mut worker = cluster.worker("w0", &lease);
-    local_holds(&cluster.local, &want).await;
+    relays::holds_exactly(&cluster.local, &want, SETTLE).await;
     cluster.wait_settled(2, &["w0"], SETTLE).await;
     let served_after = remotes[0].counters().events_served.load(Ordering::SeqCst) - served_before;
     let recent = during.len() + streaming.len() + 20; // + the fixture's own recent events

@@ -81,20 +81,7 @@ impl Rig {
 
     /// Wait until the local relay holds exactly `want`.
     async fn holds_exactly(&self, want: &BTreeSet<EventId>) {
-        let got = eventually(
-            "the local relay to hold the expected set",
-            DEADLINE,
-            || async {
-                let got = self.local_ids().await;
-                (got.is_superset(want)).then_some(got)
-            },
-        )
-        .await;
-        let extra: Vec<_> = got.difference(want).collect();
-        assert!(
-            extra.is_empty(),
-            "unexpected events on the local relay: {extra:?}"
-        );
+        relays::holds_exactly(&self.local, want, DEADLINE).await;
     }
 }
 

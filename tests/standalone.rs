@@ -10,33 +10,15 @@ use std::time::Duration;
 
 use grasp_sync::controller::ssrf::AddressPolicy;
 use grasp_sync::crd::Phase;
-use grasp_sync::nostr::RelayUrl;
 use grasp_sync::standalone::{self, StandaloneOptions};
 use grasp_sync::store::RelaySyncStore;
-use nostr::{EventId, Filter};
+use nostr::EventId;
 use support::eventually;
 use support::hostile_relay::{HostileRelay, Script};
 use support::nip34;
 use support::relays;
 
 const DEADLINE: Duration = Duration::from_secs(60);
-
-async fn holds_exactly(local: &RelayUrl, want: &BTreeSet<EventId>) {
-    let got = eventually(
-        "the local relay to hold the expected set",
-        DEADLINE,
-        || async {
-            let got = relays::fetch_ids(local, Filter::new()).await;
-            got.is_superset(want).then_some(got)
-        },
-    )
-    .await;
-    let extra: Vec<_> = got.difference(want).collect();
-    assert!(
-        extra.is_empty(),
-        "unexpected events on the local relay: {extra:?}"
-    );
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn standalone_syncs_historic_live_and_later_discovered_repos() {
@@ -83,7 +65,7 @@ async fn standalone_syncs_historic_live_and_later_discovered_repos() {
 
     let mut want: BTreeSet<EventId> = nip34::ids(&alpha.expected);
     want.insert(ann_alpha.id);
-    holds_exactly(&local, &want).await;
+    relays::holds_exactly(&local, &want, DEADLINE).await;
 
     // Every relay reports Live in the store.
     let store = running.store.clone();
@@ -101,7 +83,7 @@ async fn standalone_syncs_historic_live_and_later_discovered_repos() {
     let live = nip34::comments(alpha.root.id, 1, 0);
     relays::publish(&b, &live).await;
     want.insert(live[0].id);
-    holds_exactly(&local, &want).await;
+    relays::holds_exactly(&local, &want, DEADLINE).await;
 
     // beta is announced on remote a (not on our relay): it arrives through Layer 1, our relay
     // accepts it, discovery adds its relays — including d, which nobody mentioned before —
@@ -112,7 +94,7 @@ async fn standalone_syncs_historic_live_and_later_discovered_repos() {
     relays::publish(&a, std::slice::from_ref(&ann_beta)).await;
     want.insert(ann_beta.id);
     want.extend(nip34::ids(&beta.expected));
-    holds_exactly(&local, &want).await;
+    relays::holds_exactly(&local, &want, DEADLINE).await;
 
     // The HTTP endpoint serves metrics and status.
     let base = format!("http://{}", running.http_addr);

@@ -75,31 +75,19 @@ fn holder(objects: &[Assigned], name: &str) -> Option<String> {
         .and_then(|o| o.worker.clone())
 }
 
-/// Run until `shutdown` turns true.
+/// Run until `shutdown` turns true. `objects` is the RelaySync cache the controller's store
+/// already keeps (no second watch of the same objects); `changes` moves whenever it does.
 pub async fn run(
     client: Client,
     namespace: String,
+    objects: Store<RelaySync>,
+    mut changes: watch::Receiver<u64>,
     config: AssignerConfig,
     metrics: Metrics,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let api: Api<RelaySync> = Api::namespaced(client.clone(), &namespace);
     let leases: Api<Lease> = Api::namespaced(client, &namespace);
-    let (reader, writer) = reflector::store();
-    let changed = Arc::new(Notify::new());
-    let notify = changed.clone();
-    let stream = reflector::reflector(writer, watcher(api.clone(), watcher::Config::default()))
-        .default_backoff()
-        .touched_objects();
-    let watch_task = tokio::spawn(async move {
-        let mut stream = std::pin::pin!(stream);
-        while let Some(ev) = stream.next().await {
-            if let Err(e) = ev {
-                tracing::debug!(error = %e, "RelaySync watch interrupted; it resumes");
-            }
-            notify.notify_one();
-        }
-    });
     // Worker Leases, watched too: a released (deleted) Lease reassigns at once.
     let (lease_reader, lease_writer) = reflector::store();
     let lease_stream = reflector::reflector(
@@ -108,7 +96,8 @@ pub async fn run(
     )
     .default_backoff()
     .touched_objects();
-    let notify = changed.clone();
+    let lease_changed = Arc::new(Notify::new());
+    let notify = lease_changed.clone();
     let lease_task = tokio::spawn(async move {
         let mut stream = std::pin::pin!(lease_stream);
         while let Some(ev) = stream.next().await {
@@ -119,36 +108,37 @@ pub async fn run(
         }
     });
     let ready = async {
-        reader.wait_until_ready().await.is_ok() && lease_reader.wait_until_ready().await.is_ok()
+        objects.wait_until_ready().await.is_ok() && lease_reader.wait_until_ready().await.is_ok()
     };
     let ok = tokio::select! {
         ok = ready => ok,
         _ = shutdown.changed() => false,
     };
     if !ok {
-        watch_task.abort();
         lease_task.abort();
         return;
     }
     let mut tick = tokio::time::interval(config.resync);
     loop {
-        if let Err(e) = pass(&api, &leases, &lease_reader, &reader, &config, &metrics).await {
+        if let Err(e) = pass(&api, &leases, &lease_reader, &objects, &config, &metrics).await {
             tracing::warn!(error = %e, "assignment pass failed; retrying");
         }
-        tokio::select! {
-            _ = changed.notified() => {
-                // Let a burst of changes (a discovery pass) settle into one pass.
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-            _ = tick.tick() => {}
+        let settle = tokio::select! {
+            r = changes.changed() => r.is_ok(),
+            _ = lease_changed.notified() => true,
+            _ = tick.tick() => false,
             _ = shutdown.changed() => {
                 if *shutdown.borrow() {
                     break;
                 }
+                false
             }
+        };
+        if settle {
+            // Let a burst of changes (a discovery pass) settle into one pass.
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
-    watch_task.abort();
     lease_task.abort();
 }
 

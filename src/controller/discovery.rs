@@ -13,6 +13,7 @@ use tokio::sync::watch;
 
 use super::desired::{Action, Planner, desired_objects};
 use super::index::{Change, RepoIndex};
+use super::ssrf::AddressPolicy;
 use super::targets::TargetPolicy;
 use crate::nostr::RelayUrl;
 use crate::nostr::nip34::Announcement;
@@ -44,6 +45,26 @@ impl DiscoveryConfig {
             grace: Duration::from_secs(15 * 60),
             debounce: Duration::from_millis(200),
             health: HealthConfig::default(),
+        }
+    }
+
+    /// Discovery for a relay serving `service_domain`, with the operator's address policy,
+    /// bootstrap relays and grace period.
+    pub fn for_service(
+        local_relay: RelayUrl,
+        service_domain: &str,
+        addresses: AddressPolicy,
+        bootstrap: &[RelayUrl],
+        grace: Duration,
+    ) -> Self {
+        let policy = TargetPolicy {
+            service_domain: service_domain.to_string(),
+            addresses,
+        };
+        DiscoveryConfig {
+            bootstrap: bootstrap.iter().cloned().collect(),
+            grace,
+            ..DiscoveryConfig::new(local_relay, policy)
         }
     }
 }

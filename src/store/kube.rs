@@ -85,6 +85,11 @@ impl KubeStore {
         }
     }
 
+    /// The objects as the watch last saw them (shared, not copied).
+    pub fn cache(&self) -> Store<RelaySync> {
+        self.cache.clone()
+    }
+
     /// Publish Kubernetes Events on phase changes, reported as `instance` (the worker).
     pub fn with_events(mut self, client: Client, instance: &str) -> Self {
         let reporter = Reporter {
@@ -97,17 +102,11 @@ impl KubeStore {
 }
 
 /// Event reason for entering `phase` (CamelCase, as Kubernetes Events expect).
+/// A worker only returns an object to `Pending` when it releases it for reassignment.
 fn phase_reason(phase: Phase) -> &'static str {
     match phase {
         Phase::Pending => "Released",
-        Phase::Connecting => "Connecting",
-        Phase::Syncing => "Syncing",
-        Phase::Live => "Live",
-        Phase::LiveWithGaps => "LiveWithGaps",
-        Phase::Backoff => "Backoff",
-        Phase::RateLimited => "RateLimited",
-        Phase::Dead => "Dead",
-        Phase::Paused => "Paused",
+        other => other.as_str(),
     }
 }
 

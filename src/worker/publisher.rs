@@ -68,6 +68,16 @@ impl PublisherConfig {
             max_rate: None,
         }
     }
+
+    /// Publishing over `connections` (at least one) connections, authenticating with
+    /// `auth_keys` when the local relay asks.
+    pub fn with(local_relay: RelayUrl, connections: usize, auth_keys: Option<nostr::Keys>) -> Self {
+        PublisherConfig {
+            connections: connections.max(1),
+            auth_keys,
+            ..PublisherConfig::new(local_relay)
+        }
+    }
 }
 
 /// Per-source counters, shared with the session that produced the events (for its status).

@@ -167,6 +167,8 @@ pub async fn run<S: RelaySyncStore + 'static>(
         config.feed_health.clone(),
     );
     let mut objects: BTreeMap<String, StoredRelaySync> = BTreeMap::new();
+    // The repos of `objects`, kept with them: every local event is checked against it.
+    let mut wanted: BTreeSet<RepoCoordinate> = BTreeSet::new();
     let mut facts = RepoFacts::default();
     let mut sessions: HashMap<RelayUrl, Running> = HashMap::new();
     let mut coalescers: HashMap<String, Coalescer> = HashMap::new();
@@ -182,12 +184,12 @@ pub async fn run<S: RelaySyncStore + 'static>(
             match store.snapshot().await {
                 Ok(list) => {
                     objects = list.into_iter().map(|o| (o.name.clone(), o)).collect();
-                    let coords: BTreeSet<RepoCoordinate> = objects
+                    wanted = objects
                         .values()
                         .flat_map(|o| o.spec.repos.iter())
                         .filter_map(|r| RepoCoordinate::parse(r).ok())
                         .collect();
-                    feed.set_filters(feed_filters(&coords));
+                    feed.set_filters(feed_filters(&wanted));
                     dirty = true;
                 }
                 Err(e) => {
@@ -230,11 +232,6 @@ pub async fn run<S: RelaySyncStore + 'static>(
             }
             ev = local.recv() => match ev {
                 Some(FeedEvent::Event(event)) => {
-                    let wanted: BTreeSet<RepoCoordinate> = objects
-                        .values()
-                        .flat_map(|o| o.spec.repos.iter())
-                        .filter_map(|r| RepoCoordinate::parse(r).ok())
-                        .collect();
                     dirty |= facts.learn(&event, &wanted);
                 }
                 Some(FeedEvent::Synced) => {

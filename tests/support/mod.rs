@@ -14,6 +14,14 @@ use std::time::{Duration, Instant};
 
 pub use kube_env::KubeEnv;
 
+/// A loopback port free right now (for a process started next).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
 /// Poll `check` until it returns `Some`, or fail after `deadline` with `what`.
 pub async fn eventually<T, F, Fut>(what: &str, deadline: Duration, mut check: F) -> T
 where

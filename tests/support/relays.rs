@@ -105,3 +105,26 @@ pub async fn publish(url: &RelayUrl, events: &[nostr::Event]) {
         .await
         .expect("events published within 60 s");
 }
+
+/// Wait (up to `deadline`) until the relay at `url` holds every event of `want`, then
+/// assert it holds nothing else.
+pub async fn holds_exactly(
+    url: &RelayUrl,
+    want: &BTreeSet<EventId>,
+    deadline: std::time::Duration,
+) {
+    let got = super::eventually(
+        "the local relay to hold the expected set",
+        deadline,
+        || async {
+            let got = fetch_ids(url, Filter::new()).await;
+            got.is_superset(want).then_some(got)
+        },
+    )
+    .await;
+    let extra: Vec<_> = got.difference(want).collect();
+    assert!(
+        extra.is_empty(),
+        "unexpected events on the local relay: {extra:?}"
+    );
+}
