@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use grasp_sync::nostr::filters::RepoScope;
 use grasp_sync::nostr::{RelayUrl, RepoCoordinate};
-use grasp_sync::worker::metrics::Metrics;
+use grasp_sync::worker::WorkerMetrics;
 use grasp_sync::worker::publisher::{Publisher, PublisherConfig};
 use grasp_sync::worker::session::{self, SessionConfig, SyncSet};
 use nostr_relay_builder::prelude::*;
@@ -97,11 +97,11 @@ async fn run(label: &str, corpus: &Corpus, negentropy: bool, local_share: f64) {
     let (_local, local_url) = relay(local_db.clone()).await;
     let baseline = rss_kib("VmRSS:");
 
-    let metrics = Metrics::new();
+    let metrics = WorkerMetrics::default();
     let mut pc = PublisherConfig::new(local_url.clone());
     pc.max_in_flight = 512;
     pc.queue_capacity = 4096;
-    let (publisher, _task) = Publisher::spawn(pc, metrics.clone());
+    let (publisher, _task) = Publisher::spawn(pc, metrics.publisher.clone());
     let config = SessionConfig {
         local_relay: Some(local_url.clone()),
         negentropy,
@@ -119,7 +119,7 @@ async fn run(label: &str, corpus: &Corpus, negentropy: bool, local_share: f64) {
         None,
         config,
         publisher.clone(),
-        metrics.clone(),
+        metrics.session.clone(),
     );
     let want = corpus.events.len();
     let mut rx = h.state();

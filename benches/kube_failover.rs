@@ -122,7 +122,7 @@ fn owners(objects: &[RelaySync]) -> BTreeMap<String, usize> {
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
-    grasp_sync::tls::install_default_crypto();
+    grasp_sync::relay::tls::install_default_crypto();
     let n = env_usize("GRASP_SYNC_BENCH_RELAYS", 1000);
     let kills = env_usize("GRASP_SYNC_BENCH_KILLS", 10);
     let lease_secs = std::env::var("GRASP_SYNC_BENCH_LEASE")

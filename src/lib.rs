@@ -1,19 +1,18 @@
 //! grasp-sync: Kubernetes-native GRASP-02 proactive sync for nostr git relays.
 //!
-//! See DESIGN.md in the repository for the architecture. Module map:
-//! - [`crd`]: the RelaySync resource;
-//! - [`nostr`]: pure protocol logic (coordinates, relay URLs);
-//! - [`controller`], [`worker`], [`store`]: discovery/assignment, relay sessions, and the
-//!   RelaySync store.
+//! `ARCHITECTURE.md` at the repository root states the layers and who writes what. From the
+//! top: [`modes`] wires processes; [`controller`] and [`worker`] are the two halves, which
+//! never import each other; [`store`], [`coordination`], [`relay`] and [`observability`] are
+//! the shared rooms below them; [`crd`] and [`nostr`] are pure. [`testing`] holds the
+//! scriptable relay used by tests, benchmarks and the demo.
 
 pub mod controller;
+pub mod coordination;
 pub mod crd;
-pub mod demo;
-pub mod http;
-pub mod kube_mode;
+pub mod modes;
 pub mod nostr;
-pub mod standalone;
+pub mod observability;
+pub mod relay;
 pub mod store;
 pub mod testing;
-pub mod tls;
 pub mod worker;

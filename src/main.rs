@@ -11,7 +11,7 @@ use cli::{
     Cli, Command, ControllerArgs, LogFormat, LogOpts, PolicyOpts, StandaloneArgs, StatusArgs,
     SyncOpts, WorkerArgs,
 };
-use grasp_sync::controller::ssrf::AddressPolicy;
+use grasp_sync::relay::address_policy::AddressPolicy;
 
 fn main() -> ExitCode {
     let mut cli = Cli::parse();
@@ -51,7 +51,7 @@ fn run(command: Command) -> Result<()> {
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime> {
-    grasp_sync::tls::install_default_crypto();
+    grasp_sync::relay::tls::install_default_crypto();
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -92,7 +92,7 @@ fn auth_keys(sync: &SyncOpts) -> Result<Option<nostr::Keys>> {
 }
 
 async fn standalone(args: StandaloneArgs) -> Result<()> {
-    let mut opts = grasp_sync::standalone::StandaloneOptions::new(
+    let mut opts = grasp_sync::modes::standalone::StandaloneOptions::new(
         args.relays.local_relay.clone(),
         args.relays.service_domain.clone(),
     );
@@ -104,7 +104,7 @@ async fn standalone(args: StandaloneArgs) -> Result<()> {
     opts.status_interval = args.sync.status_interval;
     opts.publisher_connections = args.sync.publisher_connections;
     opts.auth_keys = auth_keys(&args.sync)?;
-    let running = grasp_sync::standalone::start(opts)
+    let running = grasp_sync::modes::standalone::start(opts)
         .await
         .context("starting standalone mode")?;
     tracing::info!(
@@ -130,15 +130,16 @@ fn shutdown_on_signal() -> tokio::sync::watch::Receiver<bool> {
     rx
 }
 
-fn kube_target(kube: &cli::KubeOpts) -> grasp_sync::kube_mode::KubeTarget {
-    grasp_sync::kube_mode::KubeTarget {
+fn kube_target(kube: &cli::KubeOpts) -> grasp_sync::modes::kube::KubeTarget {
+    grasp_sync::modes::kube::KubeTarget {
         context: kube.kube_context.clone(),
         namespace: kube.namespace.clone(),
     }
 }
 
 async fn controller(args: ControllerArgs) -> Result<()> {
-    use grasp_sync::controller::{assigner::AssignerConfig, leader::LeaderConfig};
+    use grasp_sync::controller::assignment::reconciler::AssignerConfig;
+    use grasp_sync::coordination::leader::LeaderConfig;
     let identity = match args.identity.clone() {
         Some(id) if !id.is_empty() => id,
         _ => hostname().context("no --identity/POD_NAME given and the host name is unknown")?,
@@ -146,7 +147,7 @@ async fn controller(args: ControllerArgs) -> Result<()> {
     if args.leader_renew >= args.leader_lease_duration {
         anyhow::bail!("--leader-renew must be shorter than --leader-lease-duration");
     }
-    let (client, namespace) = grasp_sync::kube_mode::connect(&kube_target(&args.kube)).await?;
+    let (client, namespace) = grasp_sync::modes::kube::connect(&kube_target(&args.kube)).await?;
     let mut leader = LeaderConfig::new(identity.clone());
     leader.duration = args.leader_lease_duration;
     leader.renew_every = args.leader_renew;
@@ -154,7 +155,7 @@ async fn controller(args: ControllerArgs) -> Result<()> {
         max_moves: args.max_moves.max(1),
         ..AssignerConfig::default()
     };
-    let opts = grasp_sync::kube_mode::ControllerOptions {
+    let opts = grasp_sync::modes::controller::ControllerOptions {
         identity,
         local_relay: args.relays.local_relay.clone(),
         service_domain: args.relays.service_domain.clone(),
@@ -165,17 +166,18 @@ async fn controller(args: ControllerArgs) -> Result<()> {
         leader,
         assigner,
     };
-    grasp_sync::kube_mode::run_controller(opts, client, namespace, shutdown_on_signal()).await?;
+    grasp_sync::modes::controller::run_controller(opts, client, namespace, shutdown_on_signal())
+        .await?;
     Ok(())
 }
 
 async fn worker(args: WorkerArgs) -> Result<()> {
-    grasp_sync::kube_mode::check_worker_name(&args.name)?;
+    grasp_sync::modes::kube::check_worker_name(&args.name)?;
     if args.lease_renew >= args.lease_duration {
         anyhow::bail!("--lease-renew must be shorter than --lease-duration");
     }
-    let (client, namespace) = grasp_sync::kube_mode::connect(&kube_target(&args.kube)).await?;
-    let opts = grasp_sync::kube_mode::WorkerOptions {
+    let (client, namespace) = grasp_sync::modes::kube::connect(&kube_target(&args.kube)).await?;
+    let opts = grasp_sync::modes::worker::WorkerOptions {
         name: args.name.clone(),
         local_relay: args.local_relay.clone(),
         addresses: address_policy(&args.policy),
@@ -183,13 +185,13 @@ async fn worker(args: WorkerArgs) -> Result<()> {
         publisher_connections: args.sync.publisher_connections,
         auth_keys: auth_keys(&args.sync)?,
         http_addr: args.kube.metrics_addr,
-        lease: grasp_sync::worker::lease::LeaseConfig {
+        lease: grasp_sync::coordination::membership::LeaseConfig {
             duration: args.lease_duration,
             renew_every: args.lease_renew,
         },
         session: grasp_sync::worker::session::SessionConfig::default(),
     };
-    grasp_sync::kube_mode::run_worker(opts, client, namespace, shutdown_on_signal()).await?;
+    grasp_sync::modes::worker::run_worker(opts, client, namespace, shutdown_on_signal()).await?;
     Ok(())
 }
 
@@ -237,17 +239,17 @@ async fn status(args: StatusArgs) -> Result<()> {
         println!("{body}");
         return Ok(());
     }
-    let entries: Vec<grasp_sync::http::StatusEntry> = serde_json::from_str(&body)
+    let entries: Vec<grasp_sync::observability::http::StatusEntry> = serde_json::from_str(&body)
         .with_context(|| format!("{url} did not return RelaySync status"))?;
     print!(
         "{}",
-        grasp_sync::http::render_table(&entries, std::time::SystemTime::now())
+        grasp_sync::observability::http::render_table(&entries, std::time::SystemTime::now())
     );
     Ok(())
 }
 
 async fn demo(args: cli::DemoArgs) -> Result<()> {
-    let report = grasp_sync::demo::run(grasp_sync::demo::DemoOptions {
+    let report = grasp_sync::modes::demo::run(grasp_sync::modes::demo::DemoOptions {
         repos: args.repos,
         timeout: args.timeout,
         nostr_rs_relay: args.nostr_rs_relay,

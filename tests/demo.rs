@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use grasp_sync::demo::{self, DemoOptions};
+use grasp_sync::modes::demo::{self, DemoOptions};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn demo_delivers_exactly_the_expected_set() {

@@ -9,13 +9,13 @@ use std::net::TcpListener;
 use std::sync::Arc;
 use std::time::Duration;
 
+use grasp_sync::controller::discovery::metrics::DiscoveryMetrics;
+use grasp_sync::controller::discovery::targets::TargetPolicy;
 use grasp_sync::controller::discovery::{self, DiscoveryConfig};
-use grasp_sync::controller::ssrf::AddressPolicy;
-use grasp_sync::controller::targets::TargetPolicy;
 use grasp_sync::nostr::RelayUrl;
+use grasp_sync::relay::address_policy::AddressPolicy;
 use grasp_sync::store::RelaySyncStore;
 use grasp_sync::store::memory::MemoryStore;
-use grasp_sync::worker::metrics::Metrics;
 use nostr::{EventBuilder, Keys, Kind, Tag, TagKind};
 use support::{nip34, relays};
 
@@ -99,7 +99,7 @@ async fn announcements_become_relay_sync_objects_and_shrink_with_grace() {
     let store = Arc::new(MemoryStore::new());
     let mut cfg = config(local.clone());
     cfg.bootstrap = BTreeSet::from([RelayUrl::parse("wss://boot.example").unwrap()]);
-    let metrics = Metrics::new();
+    let metrics = DiscoveryMetrics::new();
     let (stop_tx, stop) = tokio::sync::watch::channel(false);
     let task = tokio::spawn(discovery::run(cfg, store.clone(), metrics.clone(), stop));
 
@@ -193,7 +193,7 @@ async fn an_unreachable_local_relay_is_waited_for() {
     let task = tokio::spawn(discovery::run(
         config(local.clone()),
         store.clone(),
-        Metrics::new(),
+        DiscoveryMetrics::new(),
         stop,
     ));
     tokio::time::sleep(Duration::from_millis(700)).await;

@@ -6,11 +6,11 @@ mod support;
 
 use std::time::Duration;
 
+use grasp_sync::coordination::membership;
 use grasp_sync::crd::{
     CONTROLLER_MANAGER, ConditionStatus, Phase, RelayCapabilities, RelaySync, RelaySyncSpec,
     RelaySyncStatus, WORKER_MANAGER, conditions,
 };
-use grasp_sync::worker::lease;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
@@ -490,7 +490,7 @@ async fn worker_role_may_write_status_but_not_spec_or_delete() {
     bind(&client, &ns, &lease_role, WORKER_USER).await;
     let other: Lease = serde_json::from_value(json!({
         "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
-        "metadata": {"name": lease::lease_name("w1")},
+        "metadata": {"name": membership::lease_name("w1")},
         "spec": {"holderIdentity": "w1", "leaseDurationSeconds": 15}
     }))
     .unwrap();
@@ -499,7 +499,7 @@ async fn worker_role_may_write_status_but_not_spec_or_delete() {
         .await
         .unwrap();
     let worker_client = env.client_as(WORKER_USER).await.unwrap();
-    let config = lease::LeaseConfig {
+    let config = membership::LeaseConfig {
         duration: Duration::from_secs(10),
         renew_every: Duration::from_millis(500),
     };
@@ -507,7 +507,7 @@ async fn worker_role_may_write_status_but_not_spec_or_delete() {
         "the worker's own Lease to be taken",
         Duration::from_secs(20),
         || async {
-            lease::hold(worker_client.clone(), &ns, "w0", config.clone())
+            membership::hold(worker_client.clone(), &ns, "w0", config.clone())
                 .await
                 .ok()
         },
@@ -517,7 +517,7 @@ async fn worker_role_may_write_status_but_not_spec_or_delete() {
     let worker_leases = Api::<Lease>::namespaced(worker_client.clone(), &ns);
     let takeover = worker_leases
         .patch(
-            &lease::lease_name("w1"),
+            &membership::lease_name("w1"),
             &PatchParams::apply(WORKER_MANAGER).force(),
             &Patch::Apply(json!({
                 "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
@@ -528,7 +528,7 @@ async fn worker_role_may_write_status_but_not_spec_or_delete() {
     assert_forbidden(takeover, "worker takes over another worker's Lease");
     assert_forbidden(
         worker_leases
-            .delete(&lease::lease_name("w1"), &DeleteParams::default())
+            .delete(&membership::lease_name("w1"), &DeleteParams::default())
             .await
             .map(|_| ()),
         "worker deletes another worker's Lease",
@@ -536,7 +536,7 @@ async fn worker_role_may_write_status_but_not_spec_or_delete() {
     held.release().await;
     assert!(
         Api::<Lease>::namespaced(client.clone(), &ns)
-            .get_opt(&lease::lease_name("w0"))
+            .get_opt(&membership::lease_name("w0"))
             .await
             .unwrap()
             .is_none(),

@@ -5,7 +5,7 @@ mod support;
 
 use std::time::Duration;
 
-use grasp_sync::worker::lease::{self, LeaseConfig};
+use grasp_sync::coordination::membership::{self, LeaseConfig};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, PostParams};
@@ -21,17 +21,17 @@ async fn leases_are_held_renewed_counted_and_released() {
         duration: Duration::from_secs(6),
         renew_every: Duration::from_millis(500),
     };
-    let w0 = lease::hold(client.clone(), &ns, "w0", config.clone())
+    let w0 = membership::hold(client.clone(), &ns, "w0", config.clone())
         .await
         .unwrap();
-    let w1 = lease::hold(client.clone(), &ns, "w1", config.clone())
+    let w1 = membership::hold(client.clone(), &ns, "w1", config.clone())
         .await
         .unwrap();
 
     // A Lease that stopped being renewed long ago: its worker is dead.
     let stale: Lease = serde_json::from_value(json!({
         "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
-        "metadata": {"name": lease::lease_name("w9")},
+        "metadata": {"name": membership::lease_name("w9")},
         "spec": {"holderIdentity": "w9", "leaseDurationSeconds": 5, "renewTime": "2020-01-01T00:00:00.000000Z"}
     }))
     .unwrap();
@@ -40,7 +40,7 @@ async fn leases_are_held_renewed_counted_and_released() {
         .await
         .unwrap();
 
-    let live = lease::live_workers(client.clone(), &ns, Timestamp::now())
+    let live = membership::live_workers(client.clone(), &ns, Timestamp::now())
         .await
         .unwrap();
     assert_eq!(live.into_iter().collect::<Vec<_>>(), ["w0", "w1"]);
@@ -49,7 +49,7 @@ async fn leases_are_held_renewed_counted_and_released() {
     // Renewal keeps it fresh past its duration.
     let api = Api::<Lease>::namespaced(client.clone(), &ns);
     let first = api
-        .get(&lease::lease_name("w0"))
+        .get(&membership::lease_name("w0"))
         .await
         .unwrap()
         .spec
@@ -59,7 +59,7 @@ async fn leases_are_held_renewed_counted_and_released() {
         .0;
     eventually("a renewal", Duration::from_secs(10), || async {
         let now = api
-            .get(&lease::lease_name("w0"))
+            .get(&membership::lease_name("w0"))
             .await
             .ok()?
             .spec?
@@ -71,12 +71,12 @@ async fn leases_are_held_renewed_counted_and_released() {
 
     // A graceful stop deletes the Lease: the controller sees the worker gone at once.
     w1.release().await;
-    let live = lease::live_workers(client.clone(), &ns, Timestamp::now())
+    let live = membership::live_workers(client.clone(), &ns, Timestamp::now())
         .await
         .unwrap();
     assert_eq!(live.into_iter().collect::<Vec<_>>(), ["w0"]);
     assert!(
-        api.get_opt(&lease::lease_name("w1"))
+        api.get_opt(&membership::lease_name("w1"))
             .await
             .unwrap()
             .is_none()

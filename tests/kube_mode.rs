@@ -7,11 +7,11 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use grasp_sync::controller::ring::{DEFAULT_VNODES, Ring};
+use grasp_sync::controller::assignment::ring::{DEFAULT_VNODES, Ring};
+use grasp_sync::coordination::membership::lease_name;
+use grasp_sync::crd::is_released_by;
 use grasp_sync::crd::{DRAIN_LABEL, Phase, RelaySync, WORKER_LABEL};
 use grasp_sync::testing::scripted_relay::{Script, ScriptedRelay};
-use grasp_sync::worker::lease::lease_name;
-use grasp_sync::worker::status::is_released_by;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::events::v1::Event as K8sEvent;
 use kube::ResourceExt;

@@ -7,7 +7,7 @@ use std::collections::BTreeSet;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use grasp_sync::worker::metrics::Metrics;
+use grasp_sync::worker::publisher::metrics::PublisherMetrics;
 use grasp_sync::worker::publisher::{Publisher, PublisherConfig};
 use nostr::{Event, EventBuilder, EventId, Filter, Keys, Kind};
 use support::eventually;
@@ -45,7 +45,10 @@ async fn drained(p: &Publisher, within: Duration) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_event_reaches_a_real_local_relay() {
     let (_relay, url) = relays::local_relay(100_000).await;
-    let (publisher, _task) = Publisher::spawn(PublisherConfig::new(url.clone()), Metrics::new());
+    let (publisher, _task) = Publisher::spawn(
+        PublisherConfig::new(url.clone()),
+        PublisherMetrics::default(),
+    );
     let events = corpus(300);
     publish_all(&publisher, &events).await;
     drained(&publisher, Duration::from_secs(60)).await;
@@ -72,7 +75,7 @@ async fn rate_limited_local_relay_loses_nothing() {
     })
     .await;
     let config = PublisherConfig::new(relay.url());
-    let metrics = Metrics::new();
+    let metrics = PublisherMetrics::default();
     let (publisher, _task) = Publisher::spawn(config, metrics.clone());
     let events = corpus(100);
     publish_all(&publisher, &events).await;
@@ -102,7 +105,7 @@ async fn rate_limited_local_relay_loses_nothing() {
 async fn relay_with_default_limits_holds_back_the_excess_without_dropping_it() {
     // nostr-relay-builder's defaults (ngit-grasp's too): 60 events per minute per connection.
     let (_relay, url) = relays::default_local_relay().await;
-    let metrics = Metrics::new();
+    let metrics = PublisherMetrics::default();
     let (publisher, _task) = Publisher::spawn(PublisherConfig::new(url.clone()), metrics.clone());
     let events = corpus(70);
     publish_all(&publisher, &events).await;
@@ -132,7 +135,10 @@ async fn relay_with_default_limits_holds_back_the_excess_without_dropping_it() {
 async fn copies_of_one_event_in_flight_each_get_their_answer() {
     // The same event often arrives through several subscriptions at once.
     let (_relay, url) = relays::local_relay(100_000).await;
-    let (publisher, _task) = Publisher::spawn(PublisherConfig::new(url.clone()), Metrics::new());
+    let (publisher, _task) = Publisher::spawn(
+        PublisherConfig::new(url.clone()),
+        PublisherMetrics::default(),
+    );
     let events = corpus(20);
     for e in &events {
         for _ in 0..3 {
@@ -152,14 +158,17 @@ async fn local_relay_requiring_auth_accepts_us_with_a_key_and_refuses_without() 
     let (_relay, url) = relays::auth_relay(RelayBuilderNip42Mode::Write).await;
     let events = corpus(30);
 
-    let (anonymous, _t) = Publisher::spawn(PublisherConfig::new(url.clone()), Metrics::new());
+    let (anonymous, _t) = Publisher::spawn(
+        PublisherConfig::new(url.clone()),
+        PublisherMetrics::default(),
+    );
     publish_all(&anonymous, &events[..5]).await;
     drained(&anonymous, Duration::from_secs(30)).await;
     assert_eq!(anonymous.stats().refused.load(Ordering::Relaxed), 5);
 
     let mut config = PublisherConfig::new(url.clone());
     config.auth_keys = Some(Keys::generate());
-    let (authed, _t) = Publisher::spawn(config, Metrics::new());
+    let (authed, _t) = Publisher::spawn(config, PublisherMetrics::default());
     publish_all(&authed, &events).await;
     drained(&authed, Duration::from_secs(30)).await;
     assert_eq!(authed.stats().accepted.load(Ordering::Relaxed), 30);
@@ -173,7 +182,7 @@ async fn several_connections_multiply_a_per_connection_limit() {
     let (_relay, url) = relays::default_local_relay().await;
     let mut config = PublisherConfig::new(url.clone());
     config.connections = 3;
-    let (publisher, _task) = Publisher::spawn(config, Metrics::new());
+    let (publisher, _task) = Publisher::spawn(config, PublisherMetrics::default());
     let events = corpus(150);
     publish_all(&publisher, &events).await;
     drained(&publisher, Duration::from_secs(30)).await;
@@ -189,7 +198,7 @@ async fn pace_adapts_to_a_rate_limited_local_relay() {
     })
     .await;
     let config = PublisherConfig::new(relay.url());
-    let metrics = Metrics::new();
+    let metrics = PublisherMetrics::default();
     let (publisher, _task) = Publisher::spawn(config, metrics.clone());
     let events = corpus(400);
     publish_all(&publisher, &events).await;

@@ -8,8 +8,9 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use grasp_sync::crd::Phase;
-use grasp_sync::worker::metrics::Metrics;
+use grasp_sync::worker::WorkerMetrics;
 use grasp_sync::worker::publisher::{Publisher, PublisherConfig};
+use grasp_sync::worker::session::metrics::SessionMetrics;
 use grasp_sync::worker::session::{self, SessionConfig, SessionHandle, SessionState, SyncSet};
 use nostr::{Event, EventBuilder, EventId, Filter, JsonUtil, Keys, Kind};
 use support::eventually;
@@ -41,13 +42,18 @@ struct Rig {
     local: grasp_sync::nostr::RelayUrl,
     _local_relay: nostr_relay_builder::prelude::LocalRelay,
     publisher: Publisher,
-    metrics: Metrics,
+    metrics: SessionMetrics,
 }
 
 async fn rig() -> Rig {
     let (local_relay, local) = relays::local_relay(1_000_000).await;
-    let metrics = Metrics::new();
-    let (publisher, _task) = Publisher::spawn(PublisherConfig::new(local.clone()), metrics.clone());
+    let WorkerMetrics {
+        session: metrics,
+        publisher: publisher_metrics,
+        ..
+    } = WorkerMetrics::default();
+    let (publisher, _task) =
+        Publisher::spawn(PublisherConfig::new(local.clone()), publisher_metrics);
     Rig {
         local,
         _local_relay: local_relay,
@@ -458,7 +464,7 @@ async fn nip42_relay_is_synced_with_a_key_and_reports_the_need_without_one() {
     // Seed it as an authenticated writer would.
     let mut seed_config = PublisherConfig::new(remote.clone());
     seed_config.auth_keys = Some(Keys::generate());
-    let (seeder, _t) = Publisher::spawn(seed_config, Metrics::new());
+    let (seeder, _t) = Publisher::spawn(seed_config, WorkerMetrics::default().publisher);
     for e in &f.expected {
         seeder.publish(e.clone(), None).await.unwrap();
     }
@@ -589,7 +595,7 @@ async fn a_relay_resolving_into_a_private_network_is_not_connected_to() {
     let remote = HostileRelay::start(Script::default()).await;
     let mut config = fast_config();
     // The default policy: loopback is refused (the relay is on 127.0.0.1).
-    config.addresses = Some(grasp_sync::controller::ssrf::AddressPolicy::default());
+    config.addresses = Some(grasp_sync::relay::address_policy::AddressPolicy::default());
     let h = rig.start(&remote.url(), SyncSet::default(), None, config);
     let mut rx = h.state();
     let s = eventually("a refusal in status", DEADLINE, || {

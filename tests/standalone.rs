@@ -8,9 +8,9 @@ mod support;
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use grasp_sync::controller::ssrf::AddressPolicy;
 use grasp_sync::crd::Phase;
-use grasp_sync::standalone::{self, StandaloneOptions};
+use grasp_sync::modes::standalone::{self, StandaloneOptions};
+use grasp_sync::relay::address_policy::AddressPolicy;
 use grasp_sync::store::RelaySyncStore;
 use nostr::EventId;
 use support::eventually;
@@ -105,7 +105,7 @@ async fn standalone_syncs_historic_live_and_later_discovered_repos() {
         .await
         .unwrap();
     assert!(metrics.contains("ngit_sync_relays_connected_total"));
-    let status: Vec<grasp_sync::http::StatusEntry> = serde_json::from_str(
+    let status: Vec<grasp_sync::observability::http::StatusEntry> = serde_json::from_str(
         &reqwest::get(format!("{base}/status"))
             .await
             .unwrap()

@@ -1,12 +1,6 @@
-//! Discovery (self-subscription, repo index, relay targets) and assignment (hash ring,
-//! worker leases, drain).
+//! The controller's half: discovery (the local relay's announcements → RelaySync specs) and
+//! assignment (RelaySyncs → worker labels over a hash ring, with drains). It meets the
+//! workers only through RelaySync objects and Leases.
 
-pub mod assigner;
 pub mod assignment;
-pub mod desired;
 pub mod discovery;
-pub mod index;
-pub mod leader;
-pub mod ring;
-pub mod ssrf;
-pub mod targets;

@@ -5,8 +5,7 @@ use std::str::FromStr;
 
 use thiserror::Error;
 
-/// Kind of a NIP-34 repository announcement.
-pub const REPO_ANNOUNCEMENT_KIND: u16 = 30617;
+use super::kinds::REPO_ANNOUNCEMENT_NUMBER;
 
 /// Longest `d` identifier we accept, in characters; also enforced by the CRD schema.
 pub const MAX_IDENTIFIER_CHARS: usize = 256;
@@ -45,7 +44,7 @@ pub struct RepoCoordinate {
 impl RepoCoordinate {
     /// Build from parts, checking them as [`RepoCoordinate::parse`] would.
     pub fn new(pubkey: &str, identifier: &str) -> Result<Self, CoordinateError> {
-        Self::parse(&format!("{REPO_ANNOUNCEMENT_KIND}:{pubkey}:{identifier}"))
+        Self::parse(&format!("{REPO_ANNOUNCEMENT_NUMBER}:{pubkey}:{identifier}"))
     }
 
     pub fn parse(input: &str) -> Result<Self, CoordinateError> {
@@ -98,7 +97,7 @@ impl fmt::Display for RepoCoordinate {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "{REPO_ANNOUNCEMENT_KIND}:{}:{}",
+            "{REPO_ANNOUNCEMENT_NUMBER}:{}:{}",
             self.pubkey, self.identifier
         )
     }

@@ -14,8 +14,8 @@ use std::collections::BTreeSet;
 use nostr::{Alphabet, EventId, Filter, Kind, PublicKey, SingleLetterTag, Timestamp};
 
 use super::RepoCoordinate;
+use super::kinds::REPO_ANNOUNCEMENT;
 
-pub const KIND_REPO_ANNOUNCEMENT: u16 = 30617;
 pub const KIND_REPO_STATE: u16 = 30618;
 /// Kinds whose events are Layer 3 roots.
 pub const ROOT_KINDS: [u16; 3] = [1617, 1618, 1621];
@@ -43,7 +43,7 @@ impl RepoScope {
 
 /// Layer 1: repository announcements.
 pub fn layer1() -> Filter {
-    Filter::new().kind(Kind::from(KIND_REPO_ANNOUNCEMENT))
+    Filter::new().kind(REPO_ANNOUNCEMENT)
 }
 
 /// Layer 2 filters for `repos`, `chunk` repos per filter.

@@ -1,8 +1,14 @@
-//! Nostr protocol logic that needs no I/O: NIP-34 coordinates, relay URL rules, filters.
+//! Nostr protocol logic that needs no I/O: event kinds, NIP-34 coordinates and
+//! announcements, relay URL rules, the L1/L2/L3 filters, the REQ pagination state machine,
+//! the negentropy initiator, and the OK/CLOSED/NOTICE prefix rules.
 
 pub mod coordinate;
 pub mod filters;
+pub mod kinds;
+pub mod negentropy;
 pub mod nip34;
+pub mod outcome;
+pub mod pagination;
 pub mod relay_url;
 
 pub use coordinate::{CoordinateError, RepoCoordinate};

@@ -4,8 +4,9 @@
 
 use std::collections::BTreeSet;
 
-use nostr::{Event, Kind, PublicKey, TagKind};
+use nostr::{Event, PublicKey, TagKind};
 
+use super::kinds::REPO_ANNOUNCEMENT;
 use super::{CoordinateError, RepoCoordinate};
 
 /// Most `relays`/`clone`/`maintainers` values read from one announcement.
@@ -36,7 +37,7 @@ pub enum AnnouncementError {
 
 impl Announcement {
     pub fn from_event(event: &Event) -> Result<Self, AnnouncementError> {
-        if event.kind != Kind::from(30617u16) {
+        if event.kind != REPO_ANNOUNCEMENT {
             return Err(AnnouncementError::Kind(event.kind.as_u16()));
         }
         let identifier = event
@@ -91,7 +92,7 @@ mod tests {
     use nostr::{EventBuilder, Keys, Tag};
 
     fn announce(keys: &Keys, tags: Vec<Tag>) -> Event {
-        EventBuilder::new(Kind::from(30617u16), "")
+        EventBuilder::new(REPO_ANNOUNCEMENT, "")
             .tags(tags)
             .sign_with_keys(keys)
             .unwrap()
@@ -132,7 +133,7 @@ mod tests {
     #[test]
     fn rejects_what_is_not_an_announcement() {
         let k = Keys::generate();
-        let note = EventBuilder::new(Kind::TextNote, "")
+        let note = EventBuilder::new(nostr::Kind::TextNote, "")
             .sign_with_keys(&k)
             .unwrap();
         assert_eq!(

@@ -105,7 +105,7 @@ impl KubeStore {
 /// A worker only returns an object to `Pending` when it releases it for reassignment.
 fn phase_reason(phase: Phase) -> &'static str {
     match phase {
-        Phase::Pending => "Released",
+        Phase::Pending => crate::crd::RELEASED,
         other => other.as_str(),
     }
 }

@@ -1,17 +1,11 @@
-//! Relay sessions, the sync engine, the publisher and the status reporter.
+//! The worker's half: one session per remote relay ([`session`]), the publisher that hands
+//! events to the local relay ([`publisher`]), the supervisor that turns the RelaySyncs this
+//! worker holds into sessions and their state into status ([`supervisor`], [`status`]).
 
-pub mod connection;
-pub mod feed;
-pub mod health;
-pub mod lease;
-pub mod local_index;
 pub mod metrics;
-pub mod negentropy;
-pub mod nip11;
-pub mod outcome;
-pub mod pacing;
-pub mod pagination;
 pub mod publisher;
-pub mod runtime;
 pub mod session;
 pub mod status;
+pub mod supervisor;
+
+pub use metrics::WorkerMetrics;

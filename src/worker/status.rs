@@ -9,7 +9,9 @@ use k8s_openapi::jiff::Timestamp;
 
 use super::session::SessionState;
 use crate::crd::conditions::{self, ASSIGNED, CONNECTED, HISTORIC_SYNCED, READY};
-use crate::crd::{ConditionStatus, Phase, RelaySyncStatus};
+#[cfg(test)]
+use crate::crd::is_released_by;
+use crate::crd::{ConditionStatus, Phase, RELEASED, RelaySyncStatus};
 
 fn time(t: SystemTime) -> Option<Time> {
     Timestamp::try_from(t).ok().map(Time)
@@ -114,9 +116,6 @@ pub fn status_from_session(
     }
 }
 
-/// Reason of the `Assigned=False` condition with which a worker acknowledges a drain.
-pub const RELEASED: &str = "Released";
-
 /// The final status a draining worker writes once its session is closed: the cursor and
 /// confirmation stay (the next worker resumes from them), and `Assigned=False/Released` tells
 /// the controller it may move the label.
@@ -158,16 +157,6 @@ pub fn released_status(
         );
     }
     status
-}
-
-/// Whether `worker` has acknowledged a drain of the object with this status.
-pub fn is_released_by(status: Option<&RelaySyncStatus>, worker: &str) -> bool {
-    status.is_some_and(|s| {
-        s.worker.as_deref() == Some(worker)
-            && s.conditions.iter().any(|c| {
-                c.type_ == ASSIGNED && c.status == ConditionStatus::False && c.reason == RELEASED
-            })
-    })
 }
 
 /// A cursor that moved less than this (and nothing else changed) is not worth a write.

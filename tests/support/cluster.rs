@@ -5,8 +5,8 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use grasp_sync::controller::leader::LEADER_LEASE;
-use grasp_sync::controller::ring::{DEFAULT_VNODES, Ring};
+use grasp_sync::controller::assignment::ring::{DEFAULT_VNODES, Ring};
+use grasp_sync::coordination::leader::LEADER_LEASE;
 use grasp_sync::crd::{DRAIN_LABEL, Phase, RelaySync, WORKER_LABEL};
 use grasp_sync::nostr::RelayUrl;
 use k8s_openapi::api::coordination::v1::Lease;

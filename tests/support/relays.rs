@@ -6,7 +6,7 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::time::Duration;
 
 use grasp_sync::nostr::RelayUrl;
-use grasp_sync::worker::connection::{self, ConnectOptions, Incoming};
+use grasp_sync::relay::connection::{self, ConnectOptions, Incoming};
 use nostr::{ClientMessage, Event, EventId, Filter, RelayMessage, SubscriptionId};
 use nostr_relay_builder::prelude::{
     LocalRelay, MemoryDatabase, MemoryDatabaseOptions, RateLimit, RelayBuilder, RelayBuilderNip42,

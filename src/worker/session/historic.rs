@@ -10,9 +10,9 @@ use nostr::{ClientMessage, EventId, Filter, SubscriptionId, Timestamp};
 
 use super::{Conn, Session, SyncSet};
 use crate::nostr::filters::{self, RepoScope};
-use crate::worker::local_index;
-use crate::worker::negentropy::NegSession;
-use crate::worker::pagination::Paginator;
+use crate::nostr::negentropy::NegSession;
+use crate::nostr::pagination::Paginator;
+use crate::relay::local_index;
 
 /// Items a historic batch confirms when all its filters are done.
 #[derive(Debug, Clone)]

@@ -17,20 +17,21 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
 mod historic;
+pub mod metrics;
 
 use historic::{Batch, FetchSub, HistoricSub, LocalDone, NegSub, Queued, Work};
 
-use super::connection::{self, ConnReader, ConnWriter, ConnectOptions, Incoming};
-use super::health::{Health, HealthConfig, HealthState};
-use super::metrics::Metrics;
-use super::negentropy::notice_means_unsupported;
-use super::nip11;
-use super::outcome::{Outcome, notice_means_rate_limited};
-use super::pagination::Step;
 use super::publisher::{Publisher, SourceCounters, validate};
 use crate::crd::{Phase, RelayCapabilities};
 use crate::nostr::RelayUrl;
 use crate::nostr::filters::{self, RepoScope};
+use crate::nostr::negentropy::notice_means_unsupported;
+use crate::nostr::outcome::{Outcome, notice_means_rate_limited};
+use crate::nostr::pagination::Step;
+use crate::relay::backoff::{Health, HealthConfig, HealthState};
+use crate::relay::connection::{self, ConnReader, ConnWriter, ConnectOptions, Incoming};
+use crate::relay::nip11;
+use metrics::SessionMetrics;
 
 #[derive(Debug, Clone)]
 pub struct SessionConfig {
@@ -67,7 +68,7 @@ pub struct SessionConfig {
     pub reconcile_every: (Duration, Duration),
     /// Checked (with a fresh DNS lookup) before every connection: a relay whose name now
     /// points into a private or cluster network is not connected to.
-    pub addresses: Option<crate::controller::ssrf::AddressPolicy>,
+    pub addresses: Option<crate::relay::address_policy::AddressPolicy>,
 }
 
 impl Default for SessionConfig {
@@ -204,7 +205,7 @@ pub fn spawn(
     cursor: Option<u64>,
     config: SessionConfig,
     publisher: Publisher,
-    metrics: Metrics,
+    metrics: SessionMetrics,
 ) -> SessionHandle {
     let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
     let state = SessionState {
@@ -255,7 +256,7 @@ struct Session {
     health: Health,
     publisher: Publisher,
     counters: Arc<SourceCounters>,
-    metrics: Metrics,
+    metrics: SessionMetrics,
     commands: mpsc::UnboundedReceiver<Command>,
     state: watch::Sender<SessionState>,
     received: u64,

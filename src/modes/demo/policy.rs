@@ -9,6 +9,7 @@ use std::sync::Mutex;
 use nostr::{Event, EventId, Kind, PublicKey, TagKind};
 use nostr_relay_builder::prelude::{BoxedFuture, PolicyResult, WritePolicy};
 
+use crate::nostr::kinds::REPO_ANNOUNCEMENT;
 use crate::nostr::nip34::Announcement;
 
 #[derive(Debug, Default)]
@@ -44,7 +45,7 @@ impl GraspPolicy {
 
     fn decide(&self, event: &Event) -> Result<(), String> {
         let mut acc = self.accepted.lock().unwrap_or_else(|e| e.into_inner());
-        if event.kind == Kind::from(30617u16) {
+        if event.kind == REPO_ANNOUNCEMENT {
             let a = Announcement::from_event(event).map_err(|e| e.to_string())?;
             if !(self.lists_us(&a.clones) && self.lists_us(&a.relays)) {
                 return Err("announcement does not list this service in clone and relays".into());

@@ -17,14 +17,15 @@ use nostr_relay_builder::prelude::{
 };
 use thiserror::Error;
 
-use crate::controller::ssrf::AddressPolicy;
+use crate::modes::standalone::{self, StandaloneOptions};
 use crate::nostr::RelayUrl;
-use crate::standalone::{self, StandaloneOptions};
+use crate::relay::address_policy::AddressPolicy;
+use crate::relay::connection::ConnectOptions;
+use crate::relay::local_index;
 use crate::store::RelaySyncStore;
 use crate::testing::nostr_rs_relay;
 use crate::testing::scripted_relay::{Script, ScriptedRelay};
-use crate::worker::connection::ConnectOptions;
-use crate::worker::{local_index, publisher};
+use crate::worker::publisher;
 
 #[derive(Debug, Clone)]
 pub struct DemoOptions {
@@ -115,7 +116,7 @@ async fn local_ids(url: &RelayUrl) -> Result<BTreeSet<EventId>, DemoError> {
 }
 
 pub async fn run(opts: DemoOptions) -> Result<DemoReport, DemoError> {
-    crate::tls::install_default_crypto();
+    crate::relay::tls::install_default_crypto();
     let say = |msg: String| {
         if opts.progress {
             eprintln!("{msg}");

@@ -12,15 +12,17 @@ use thiserror::Error;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+use crate::controller::discovery::metrics::DiscoveryMetrics;
 use crate::controller::discovery::{self, DiscoveryConfig};
-use crate::controller::ssrf::AddressPolicy;
 use crate::nostr::RelayUrl;
+use crate::observability::ProcessMetrics;
+use crate::relay::address_policy::AddressPolicy;
 use crate::store::StoreError;
 use crate::store::memory::MemoryStore;
-use crate::worker::metrics::Metrics;
+use crate::worker::WorkerMetrics;
 use crate::worker::publisher::{Publisher, PublisherConfig};
-use crate::worker::runtime::{self, RuntimeConfig};
 use crate::worker::session::SessionConfig;
+use crate::worker::supervisor::{self as runtime, RuntimeConfig};
 
 #[derive(Debug, Clone)]
 pub struct StandaloneOptions {
@@ -62,6 +64,8 @@ impl StandaloneOptions {
 pub enum StandaloneError {
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error("cannot register the metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
     #[error("cannot serve HTTP on {addr}: {source}")]
     Http {
         addr: SocketAddr,
@@ -74,7 +78,7 @@ pub enum StandaloneError {
 pub struct Standalone {
     pub http_addr: SocketAddr,
     pub store: Arc<MemoryStore>,
-    pub metrics: Metrics,
+    pub metrics: ProcessMetrics,
     pub publisher: Publisher,
     shutdown: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
@@ -85,23 +89,24 @@ pub async fn start(opts: StandaloneOptions) -> Result<Standalone, StandaloneErro
         Some(path) => MemoryStore::open(path)?,
         None => MemoryStore::new(),
     });
-    let metrics = Metrics::new();
+    let metrics = ProcessMetrics::new();
     metrics.set_role("standalone");
+    let worker_metrics = WorkerMetrics::register(&metrics.registry)?;
+    let discovery_metrics = DiscoveryMetrics::register(&metrics.registry)?;
     let (shutdown, rx) = watch::channel(false);
-    let (http_addr, http_task) =
-        crate::http::serve(opts.http_addr, metrics.clone(), store.clone(), rx.clone())
-            .await
-            .map_err(|source| StandaloneError::Http {
-                addr: opts.http_addr,
-                source,
-            })?;
+    let (http_addr, http_task) = super::serve_http(opts.http_addr, &metrics, &store, &rx)
+        .await
+        .map_err(|source| StandaloneError::Http {
+            addr: opts.http_addr,
+            source,
+        })?;
 
     let pc = PublisherConfig::with(
         opts.local_relay.clone(),
         opts.publisher_connections,
         opts.auth_keys.clone(),
     );
-    let (publisher, publisher_task) = Publisher::spawn(pc, metrics.clone());
+    let (publisher, publisher_task) = Publisher::spawn(pc, worker_metrics.publisher.clone());
 
     let dc = DiscoveryConfig::for_service(
         opts.local_relay.clone(),
@@ -113,7 +118,7 @@ pub async fn start(opts: StandaloneOptions) -> Result<Standalone, StandaloneErro
     let discovery_task = tokio::spawn(discovery::run(
         dc,
         store.clone(),
-        metrics.clone(),
+        discovery_metrics,
         rx.clone(),
     ));
 
@@ -129,7 +134,7 @@ pub async fn start(opts: StandaloneOptions) -> Result<Standalone, StandaloneErro
         rc,
         store.clone(),
         publisher.clone(),
-        metrics.clone(),
+        worker_metrics,
         rx,
     ));
     drop(publisher_task);

@@ -11,16 +11,22 @@ use std::time::{Duration, Instant};
 use nostr::{Filter, Kind};
 use tokio::sync::watch;
 
-use super::desired::{Action, Planner, desired_objects};
-use super::index::{Change, RepoIndex};
-use super::ssrf::AddressPolicy;
-use super::targets::TargetPolicy;
+pub mod desired;
+pub mod index;
+pub mod metrics;
+pub mod targets;
+
 use crate::nostr::RelayUrl;
+use crate::nostr::kinds::REPO_ANNOUNCEMENT;
 use crate::nostr::nip34::Announcement;
+use crate::relay::address_policy::AddressPolicy;
+use crate::relay::backoff::HealthConfig;
+use crate::relay::feed::{self, FeedEvent};
 use crate::store::{RelaySyncStore, StoreError};
-use crate::worker::feed::{self, FeedEvent};
-use crate::worker::health::HealthConfig;
-use crate::worker::metrics::Metrics;
+use desired::{Action, Planner, desired_objects};
+use index::{Change, RepoIndex};
+use metrics::DiscoveryMetrics;
+use targets::TargetPolicy;
 
 #[derive(Debug, Clone)]
 pub struct DiscoveryConfig {
@@ -41,7 +47,7 @@ impl DiscoveryConfig {
             local_relay,
             policy,
             bootstrap: BTreeSet::new(),
-            repos_per_object: super::desired::DEFAULT_REPOS_PER_OBJECT,
+            repos_per_object: desired::DEFAULT_REPOS_PER_OBJECT,
             grace: Duration::from_secs(15 * 60),
             debounce: Duration::from_millis(200),
             health: HealthConfig::default(),
@@ -73,11 +79,11 @@ impl DiscoveryConfig {
 pub async fn run<S: RelaySyncStore + 'static>(
     config: DiscoveryConfig,
     store: Arc<S>,
-    metrics: Metrics,
+    metrics: DiscoveryMetrics,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let filters = vec![
-        Filter::new().kind(Kind::from(30617u16)),
+        Filter::new().kind(REPO_ANNOUNCEMENT),
         Filter::new().kind(Kind::EventDeletion),
     ];
     let (_feed, mut events) =
@@ -143,7 +149,7 @@ async fn reconcile<S: RelaySyncStore>(
     index: &RepoIndex,
     planner: &mut Planner,
     store: &S,
-    metrics: &Metrics,
+    metrics: &DiscoveryMetrics,
 ) -> Result<(), StoreError> {
     let desired = desired_objects(
         &index.relay_map(),

@@ -9,9 +9,9 @@
 
 use std::collections::BTreeSet;
 
-use super::ssrf::{AddressPolicy, SsrfError};
 use crate::nostr::nip34::Announcement;
 use crate::nostr::{RelayUrl, RelayUrlError};
+use crate::relay::address_policy::{AddressPolicy, SsrfError};
 
 #[derive(Debug, Clone)]
 pub struct TargetPolicy {
@@ -90,10 +90,11 @@ impl TargetPolicy {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use nostr::{EventBuilder, Keys, Kind, Tag, TagKind};
+    use crate::nostr::kinds::REPO_ANNOUNCEMENT;
+    use nostr::{EventBuilder, Keys, Tag, TagKind};
 
     fn announcement(relays: &[&str], clones: &[&str]) -> Announcement {
-        let ev = EventBuilder::new(Kind::from(30617u16), "")
+        let ev = EventBuilder::new(REPO_ANNOUNCEMENT, "")
             .tag(Tag::identifier("repo"))
             .tag(Tag::custom(
                 TagKind::custom("relays"),

@@ -77,7 +77,7 @@ pub enum Nip11Error {
 
 /// Fetch and parse the relay's NIP-11 document.
 pub async fn fetch(url: &RelayUrl, timeout: Duration) -> Result<RelayCapabilities, Nip11Error> {
-    crate::tls::install_default_crypto();
+    crate::relay::tls::install_default_crypto();
     let http_url = if url.is_secure() {
         format!("https://{}", url.authority_and_path())
     } else {

@@ -154,7 +154,8 @@ impl RepoIndex {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::controller::ssrf::AddressPolicy;
+    use crate::nostr::kinds::REPO_ANNOUNCEMENT;
+    use crate::relay::address_policy::AddressPolicy;
     use nostr::{EventBuilder, Keys, Tag, Timestamp};
 
     fn policy() -> TargetPolicy {
@@ -165,7 +166,7 @@ mod tests {
     }
 
     fn announce(keys: &Keys, id: &str, relays: &[&str], at: u64) -> Event {
-        EventBuilder::new(Kind::from(30617u16), "")
+        EventBuilder::new(REPO_ANNOUNCEMENT, "")
             .tag(Tag::identifier(id))
             .tag(Tag::custom(
                 TagKind::custom("relays"),

@@ -12,10 +12,10 @@ use nostr::{ClientMessage, Event, EventId, Filter, RelayMessage, SubscriptionId,
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
+use super::backoff::{Health, HealthConfig};
 use super::connection::{self, ConnectOptions, Incoming};
-use super::health::{Health, HealthConfig};
-use super::pagination::{Paginator, Step};
 use crate::nostr::RelayUrl;
+use crate::nostr::pagination::{Paginator, Step};
 
 #[derive(Debug)]
 pub enum FeedEvent {

@@ -11,19 +11,23 @@ use futures::StreamExt;
 use nostr::{Event, EventId, Filter, Kind, PublicKey, TagKind};
 use tokio::sync::watch;
 
-use super::feed::{self, FeedEvent};
-use super::health::HealthConfig;
-use super::metrics::Metrics;
+use crate::relay::backoff::HealthConfig;
+use crate::relay::feed::{self, FeedEvent};
+pub mod metrics;
+
+use super::metrics::WorkerMetrics;
 use super::publisher::Publisher;
 use super::session::{self, SessionConfig, SessionHandle, SessionState, SyncSet};
-use super::status::{Coalescer, is_released_by, released_status, status_from_session};
-use crate::controller::ssrf::AddressPolicy;
-use crate::crd::Phase;
+use super::status::{Coalescer, released_status, status_from_session};
 use crate::crd::RelaySyncStatus;
+use crate::crd::{Phase, is_released_by};
 use crate::nostr::filters::{ROOT_KINDS, RepoScope};
+use crate::nostr::kinds::REPO_ANNOUNCEMENT;
 use crate::nostr::nip34::Announcement;
 use crate::nostr::{RelayUrl, RepoCoordinate};
+use crate::relay::address_policy::AddressPolicy;
 use crate::store::{RelaySyncStore, StoreError, StoredRelaySync};
+use metrics::SupervisorMetrics;
 
 /// Status writes in flight at once.
 const STATUS_WRITES_IN_FLIGHT: usize = 16;
@@ -80,7 +84,7 @@ struct RepoFacts {
 impl RepoFacts {
     /// Learn from one local event; true if anything changed.
     fn learn(&mut self, event: &Event, wanted: &BTreeSet<RepoCoordinate>) -> bool {
-        if event.kind == Kind::from(30617u16) {
+        if event.kind == REPO_ANNOUNCEMENT {
             let Ok(a) = Announcement::from_event(event) else {
                 return false;
             };
@@ -136,7 +140,7 @@ fn feed_filters(coords: &BTreeSet<RepoCoordinate>) -> Vec<Filter> {
             .collect();
         out.push(
             Filter::new()
-                .kind(Kind::from(30617u16))
+                .kind(REPO_ANNOUNCEMENT)
                 .authors(owners)
                 .identifiers(part.iter().map(|c| c.identifier().to_string())),
         );
@@ -157,7 +161,7 @@ pub async fn run<S: RelaySyncStore + 'static>(
     config: RuntimeConfig,
     store: Arc<S>,
     publisher: Publisher,
-    metrics: Metrics,
+    metrics: WorkerMetrics,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut changes = store.changes();
@@ -208,7 +212,7 @@ pub async fn run<S: RelaySyncStore + 'static>(
             &mut sessions,
             &mut released,
             store.as_ref(),
-            &metrics,
+            &metrics.supervisor,
         )
         .await;
         if dirty && feed_synced && last_apply.elapsed() >= APPLY_EVERY {
@@ -220,7 +224,7 @@ pub async fn run<S: RelaySyncStore + 'static>(
                 &facts,
                 &mut sessions,
                 &publisher,
-                &metrics,
+                &metrics.session,
             );
         }
         tokio::select! {
@@ -244,7 +248,7 @@ pub async fn run<S: RelaySyncStore + 'static>(
                 None => break,
             },
             _ = tick.tick() => {
-                report(&config, &objects, &sessions, &mut coalescers, store.as_ref(), &metrics).await;
+                report(&config, &objects, &sessions, &mut coalescers, store.as_ref(), &metrics.supervisor).await;
             }
             _ = shutdown.changed() => {
                 if *shutdown.borrow() {
@@ -276,7 +280,7 @@ pub async fn run<S: RelaySyncStore + 'static>(
             writes.push((name.clone(), status));
         }
     }
-    for (name, result) in write_statuses(store.as_ref(), &metrics, writes).await {
+    for (name, result) in write_statuses(store.as_ref(), &metrics.supervisor, writes).await {
         if let Err(e) = result {
             tracing::warn!(object = %name, error = %e, "final status write failed");
         }
@@ -286,7 +290,7 @@ pub async fn run<S: RelaySyncStore + 'static>(
 /// Write statuses concurrently (bounded); the results in no particular order.
 async fn write_statuses<S: RelaySyncStore>(
     store: &S,
-    metrics: &Metrics,
+    metrics: &SupervisorMetrics,
     writes: Vec<(String, RelaySyncStatus)>,
 ) -> Vec<(String, Result<(), StoreError>)> {
     let results: Vec<_> = futures::stream::iter(writes)
@@ -309,7 +313,7 @@ fn reconcile_sessions(
     facts: &RepoFacts,
     sessions: &mut HashMap<RelayUrl, Running>,
     publisher: &Publisher,
-    metrics: &Metrics,
+    metrics: &crate::worker::session::metrics::SessionMetrics,
 ) {
     // Group the objects by relay: split parts share one session.
     let mut by_url = group_by_url(objects);
@@ -390,7 +394,7 @@ fn group_by_url(
     by_url
 }
 
-fn count_write(metrics: &Metrics, ok: bool) {
+fn count_write(metrics: &SupervisorMetrics, ok: bool) {
     metrics
         .status_writes
         .with_label_values(&[if ok { "ok" } else { "error" }])
@@ -405,7 +409,7 @@ async fn release_drained<S: RelaySyncStore>(
     sessions: &mut HashMap<RelayUrl, Running>,
     released: &mut BTreeSet<String>,
     store: &S,
-    metrics: &Metrics,
+    metrics: &SupervisorMetrics,
 ) {
     released.retain(|name| objects.get(name).is_some_and(|o| o.draining));
     for (url, parts) in group_by_url(objects) {
@@ -479,7 +483,7 @@ async fn report<S: RelaySyncStore>(
     sessions: &HashMap<RelayUrl, Running>,
     coalescers: &mut HashMap<String, Coalescer>,
     store: &S,
-    metrics: &Metrics,
+    metrics: &SupervisorMetrics,
 ) {
     let now = Instant::now();
     coalescers.retain(|name, _| objects.contains_key(name));
@@ -496,7 +500,7 @@ async fn report<S: RelaySyncStore>(
             });
         *by_phase.entry(phase).or_default() += 1;
     }
-    for phase in super::metrics::PHASES {
+    for phase in metrics::PHASES {
         metrics
             .relays_by_phase
             .with_label_values(&[phase.as_str()])

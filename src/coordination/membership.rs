@@ -16,7 +16,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 pub const LEASE_PREFIX: &str = "grasp-sync-worker-";
-const MANAGER: &str = "grasp-sync-worker";
+use crate::crd::WORKER_MANAGER as MANAGER;
 
 #[derive(Debug, Clone)]
 pub struct LeaseConfig {

@@ -88,7 +88,7 @@ pub async fn connect(
     url: &RelayUrl,
     opts: &ConnectOptions,
 ) -> Result<(ConnWriter, ConnReader), ConnectionError> {
-    crate::tls::install_default_crypto();
+    crate::relay::tls::install_default_crypto();
     let config = WebSocketConfig::default()
         .max_message_size(Some(opts.max_message_bytes))
         .max_frame_size(Some(opts.max_message_bytes));

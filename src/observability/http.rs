@@ -15,9 +15,10 @@ use serde::Serialize;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use futures::future::BoxFuture;
+use prometheus::Registry;
+
 use crate::crd::{RelaySyncSpec, RelaySyncStatus};
-use crate::store::RelaySyncStore;
-use crate::worker::metrics::Metrics;
 
 /// One object as `/status` reports it (and `grasp-sync status` reads it).
 #[derive(Debug, Clone, Serialize, serde::Deserialize)]
@@ -29,11 +30,16 @@ pub struct StatusEntry {
     pub status: Option<RelaySyncStatus>,
 }
 
+/// Where `/status` reads its entries: the process's RelaySync store, wired by the mode.
+pub trait StatusSource: Send + Sync + 'static {
+    fn entries(&self) -> BoxFuture<'_, Result<Vec<StatusEntry>, String>>;
+}
+
 /// Bind `addr` (fails at once if it cannot) and serve until `shutdown` turns true.
-pub async fn serve<S: RelaySyncStore + 'static>(
+pub async fn serve(
     addr: SocketAddr,
-    metrics: Metrics,
-    store: Arc<S>,
+    metrics: Registry,
+    store: Arc<dyn StatusSource>,
     mut shutdown: watch::Receiver<bool>,
 ) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
     let listener = TcpListener::bind(addr).await?;
@@ -77,39 +83,28 @@ fn response(code: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Res
     r
 }
 
-async fn handle<S: RelaySyncStore>(
+async fn handle(
     req: Request<hyper::body::Incoming>,
-    metrics: &Metrics,
-    store: &S,
+    metrics: &Registry,
+    store: &dyn StatusSource,
 ) -> Response<Full<Bytes>> {
     match req.uri().path() {
         "/metrics" => response(
             StatusCode::OK,
             "text/plain; version=0.0.4",
-            metrics.render(),
+            super::metrics::render(metrics),
         ),
         "/healthz" => response(StatusCode::OK, "text/plain", "ok\n"),
-        "/status" => match store.list().await {
-            Ok(list) => {
-                let entries: Vec<StatusEntry> = list
-                    .into_iter()
-                    .map(|o| StatusEntry {
-                        name: o.name,
-                        generation: o.generation,
-                        spec: o.spec,
-                        status: o.status,
-                    })
-                    .collect();
-                match serde_json::to_vec_pretty(&entries) {
-                    Ok(body) => response(StatusCode::OK, "application/json", body),
-                    Err(e) => response(
-                        StatusCode::INTERNAL_SERVER_ERROR,
-                        "text/plain",
-                        e.to_string(),
-                    ),
-                }
-            }
-            Err(e) => response(StatusCode::SERVICE_UNAVAILABLE, "text/plain", e.to_string()),
+        "/status" => match store.entries().await {
+            Ok(entries) => match serde_json::to_vec_pretty(&entries) {
+                Ok(body) => response(StatusCode::OK, "application/json", body),
+                Err(e) => response(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "text/plain",
+                    e.to_string(),
+                ),
+            },
+            Err(e) => response(StatusCode::SERVICE_UNAVAILABLE, "text/plain", e),
         },
         _ => response(StatusCode::NOT_FOUND, "text/plain", "not found\n"),
     }

@@ -11,6 +11,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use crate::nostr::RelayUrl;
+use crate::nostr::kinds::REPO_ANNOUNCEMENT;
 
 pub struct CorpusConfig {
     pub repos: usize,
@@ -76,7 +77,7 @@ pub fn generate(cfg: &CorpusConfig) -> Corpus {
         let listed = [r % n, (r + 1) % n];
         let mut relays = vec![cfg.local_relay.to_string()];
         relays.extend(listed.iter().map(|i| cfg.sources[*i].to_string()));
-        let mut ann = EventBuilder::new(Kind::from(30617u16), "")
+        let mut ann = EventBuilder::new(REPO_ANNOUNCEMENT, "")
             .tag(Tag::identifier(&id))
             .tag(tag("name", [id.clone()]))
             .tag(tag(
@@ -222,7 +223,7 @@ pub fn generate(cfg: &CorpusConfig) -> Corpus {
             let other = Keys::generate();
             let oid = format!("elsewhere-{r}");
             let other_coord = format!("30617:{}:{oid}", other.public_key().to_hex());
-            let not_ours = EventBuilder::new(Kind::from(30617u16), "")
+            let not_ours = EventBuilder::new(REPO_ANNOUNCEMENT, "")
                 .tag(Tag::identifier(&oid))
                 .tag(tag(
                     "clone",
@@ -243,7 +244,7 @@ pub fn generate(cfg: &CorpusConfig) -> Corpus {
                 on: listed.to_vec(),
             });
             // The squatter announces the same identifier elsewhere.
-            let squat = EventBuilder::new(Kind::from(30617u16), "")
+            let squat = EventBuilder::new(REPO_ANNOUNCEMENT, "")
                 .tag(Tag::identifier(&id))
                 .tag(tag("relays", [cfg.sources[listed[0]].to_string()]));
             out.noise.push(Placed {

@@ -8,8 +8,8 @@ use std::time::Duration;
 use nostr::{ClientMessage, EventId, Filter, RelayMessage, SubscriptionId, Timestamp};
 
 use super::connection::{self, ConnectOptions, Incoming};
-use super::pagination::{Paginator, Step};
 use crate::nostr::RelayUrl;
+use crate::nostr::pagination::{Paginator, Step};
 
 /// Most items read for one filter; beyond that negentropy is not worth its memory and the
 /// caller falls back to REQ pagination against the remote.

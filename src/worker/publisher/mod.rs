@@ -23,10 +23,13 @@ use nostr::{ClientMessage, Event, EventBuilder, EventId, JsonUtil, Keys, RelayMe
 use thiserror::Error;
 use tokio::task::JoinHandle;
 
-use super::connection::{self, ConnectOptions, Incoming};
-use super::metrics::Metrics;
-use super::outcome::Outcome;
-use super::pacing::Pacer;
+use crate::nostr::outcome::Outcome;
+use crate::relay::connection::{self, ConnectOptions, Incoming};
+use metrics::PublisherMetrics;
+use pacing::Pacer;
+
+pub mod metrics;
+pub mod pacing;
 use crate::nostr::RelayUrl;
 
 #[derive(Debug, Clone)]
@@ -156,7 +159,10 @@ struct Gauges {
 impl Publisher {
     /// Start `config.connections` connections to the local relay; they share one queue. The
     /// handle finishes when every `Publisher` clone is dropped and all events are answered.
-    pub fn spawn(config: PublisherConfig, metrics: Metrics) -> (Publisher, JoinHandle<()>) {
+    pub fn spawn(
+        config: PublisherConfig,
+        metrics: PublisherMetrics,
+    ) -> (Publisher, JoinHandle<()>) {
         let (tx, rx) = async_channel::bounded(config.queue_capacity.max(1));
         let stats = Arc::new(PublisherStats::default());
         let gauges = Arc::new(Gauges::default());
@@ -221,7 +227,7 @@ struct InFlight {
 
 struct Worker {
     config: PublisherConfig,
-    metrics: Metrics,
+    metrics: PublisherMetrics,
     stats: Arc<PublisherStats>,
     gauges: Arc<Gauges>,
     /// What this worker last added to the shared gauges (retry, in flight).
@@ -595,7 +601,10 @@ pub async fn publish_all(
     url: &RelayUrl,
     events: impl IntoIterator<Item = Event>,
 ) -> Arc<PublisherStats> {
-    let (p, _task) = Publisher::spawn(PublisherConfig::new(url.clone()), Metrics::new());
+    let (p, _task) = Publisher::spawn(
+        PublisherConfig::new(url.clone()),
+        PublisherMetrics::default(),
+    );
     for e in events {
         if p.publish(e, None).await.is_err() {
             break;

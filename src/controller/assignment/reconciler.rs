@@ -1,5 +1,5 @@
 //! The assignment loop of the leading controller: watch RelaySyncs (a reflector) and worker
-//! Leases, plan with [`super::assignment::plan`] over the hash ring of live workers, and apply
+//! Leases, plan with [`super::plan::plan`] over the hash ring of live workers, and apply
 //! the steps as label changes by server-side apply (field manager `grasp-sync-assigner`, apart
 //! from discovery's spec writes so neither removes the other's fields).
 
@@ -16,21 +16,17 @@ use kube::{Client, ResourceExt};
 use serde_json::json;
 use tokio::sync::{Notify, watch};
 
-use super::assignment::{self, Assigned, Step};
+use super::metrics::AssignmentMetrics;
+use super::plan::{self, Assigned, Step};
 use super::ring::{DEFAULT_VNODES, Ring};
-use crate::crd::{DRAIN_LABEL, RelaySync, WORKER_LABEL};
-use crate::worker::lease;
-use crate::worker::metrics::Metrics;
-use crate::worker::status::is_released_by;
+use crate::coordination::membership;
+use crate::crd::{ASSIGNER_MANAGER, DRAIN_LABEL, RelaySync, WORKER_LABEL, is_released_by};
 
 static PARAMS: std::sync::LazyLock<PatchParams> =
     std::sync::LazyLock::new(|| PatchParams::apply(ASSIGNER_MANAGER).force());
 
 /// Label writes in flight at once.
 const LABEL_WRITES_IN_FLIGHT: usize = 16;
-
-/// Field manager of the assignment labels.
-pub const ASSIGNER_MANAGER: &str = "grasp-sync-assigner";
 
 #[derive(Debug, Clone)]
 pub struct AssignerConfig {
@@ -83,7 +79,7 @@ pub async fn run(
     objects: Store<RelaySync>,
     mut changes: watch::Receiver<u64>,
     config: AssignerConfig,
-    metrics: Metrics,
+    metrics: AssignmentMetrics,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let api: Api<RelaySync> = Api::namespaced(client.clone(), &namespace);
@@ -148,14 +144,14 @@ async fn pass(
     lease_reader: &Store<Lease>,
     reader: &Store<RelaySync>,
     config: &AssignerConfig,
-    metrics: &Metrics,
+    metrics: &AssignmentMetrics,
 ) -> kube::Result<()> {
     let list: Vec<Lease> = lease_reader
         .state()
         .iter()
         .map(|l| l.as_ref().clone())
         .collect();
-    let members = lease::membership(&list, Timestamp::now(), config.orphan_lease_after);
+    let members = membership::membership(&list, Timestamp::now(), config.orphan_lease_after);
     for name in &members.orphans {
         tracing::info!(lease = %name, "deleting the Lease of a long-dead worker");
         let _ = leases.delete(name, &DeleteParams::default()).await;
@@ -163,7 +159,7 @@ async fn pass(
     let ring = Ring::new(members.live.iter().cloned(), config.vnodes);
     let mut objects: Vec<Assigned> = reader.state().iter().map(|o| assigned(o)).collect();
     objects.sort_by(|a, b| a.name.cmp(&b.name));
-    let plan = assignment::plan(&objects, &members.live, &ring, config.max_moves);
+    let plan = plan::plan(&objects, &members.live, &ring, config.max_moves);
     metrics.workers_live.set(members.live.len() as i64);
     metrics.relays_unassigned.set(plan.unassigned as i64);
     metrics.relays_draining.set(plan.draining as i64);

@@ -109,7 +109,7 @@ pub fn plan(objects: &[Assigned], live: &BTreeSet<String>, ring: &Ring, max_move
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::controller::ring::DEFAULT_VNODES;
+    use crate::controller::assignment::ring::DEFAULT_VNODES;
 
     fn objects(n: usize) -> Vec<Assigned> {
         (0..n)

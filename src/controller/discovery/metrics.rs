@@ -1,0 +1,66 @@
+//! Metrics of discovery: the index, the objects it wants, its writes and the relay targets
+//! it refused.
+
+use prometheus::{IntCounterVec, IntGauge, Registry};
+
+use crate::observability::metrics::{init_values, int_counter_vec, int_gauge, register_all};
+
+#[derive(Clone)]
+pub struct DiscoveryMetrics {
+    /// Repositories in the discovery index.
+    pub discovery_repos: IntGauge,
+    /// RelaySync objects discovery wants.
+    pub discovery_objects: IntGauge,
+    /// Store writes by discovery, by action (apply | delete).
+    pub discovery_actions: IntCounterVec,
+    /// Relay URLs from announcements not used, by reason.
+    pub discovery_rejected_targets: IntCounterVec,
+}
+
+impl DiscoveryMetrics {
+    /// Unregistered metrics (tests); a process uses [`DiscoveryMetrics::register`].
+    pub fn new() -> Self {
+        let m = DiscoveryMetrics {
+            discovery_repos: int_gauge(
+                "grasp_sync_discovery_repos",
+                "Repositories in the discovery index",
+            ),
+            discovery_objects: int_gauge(
+                "grasp_sync_discovery_objects",
+                "RelaySync objects discovery wants",
+            ),
+            discovery_actions: int_counter_vec(
+                "grasp_sync_discovery_actions_total",
+                "Store writes by discovery",
+                &["action"],
+            ),
+            discovery_rejected_targets: int_counter_vec(
+                "grasp_sync_discovery_rejected_targets_total",
+                "Relay URLs from announcements not used, by reason",
+                &["reason"],
+            ),
+        };
+        init_values(&m.discovery_actions, &["apply", "delete"]);
+        m
+    }
+
+    pub fn register(registry: &Registry) -> prometheus::Result<Self> {
+        let m = Self::new();
+        register_all(
+            registry,
+            vec![
+                Box::new(m.discovery_repos.clone()),
+                Box::new(m.discovery_objects.clone()),
+                Box::new(m.discovery_actions.clone()),
+                Box::new(m.discovery_rejected_targets.clone()),
+            ],
+        )?;
+        Ok(m)
+    }
+}
+
+impl Default for DiscoveryMetrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

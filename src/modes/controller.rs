@@ -1,0 +1,101 @@
+//! The `controller` process: campaign for the lead; while leading, run discovery and
+//! assignment. Runs until `shutdown` turns true.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use kube::Client;
+use tokio::sync::watch;
+
+use super::kube::{KubeModeError, join_all, serve_http};
+use crate::controller::assignment::metrics::AssignmentMetrics;
+use crate::controller::assignment::reconciler::{self, AssignerConfig};
+use crate::controller::discovery::metrics::DiscoveryMetrics;
+use crate::controller::discovery::{self, DiscoveryConfig};
+use crate::coordination::leader::{self, LeaderConfig};
+use crate::nostr::RelayUrl;
+use crate::observability::ProcessMetrics;
+use crate::relay::address_policy::AddressPolicy;
+use crate::store::RelaySyncStore;
+use crate::store::kube::KubeStore;
+use std::sync::Arc;
+
+#[derive(Debug, Clone)]
+pub struct ControllerOptions {
+    pub identity: String,
+    pub local_relay: RelayUrl,
+    pub service_domain: String,
+    pub bootstrap: Vec<RelayUrl>,
+    pub addresses: AddressPolicy,
+    pub grace: Duration,
+    pub http_addr: SocketAddr,
+    pub leader: LeaderConfig,
+    pub assigner: AssignerConfig,
+}
+
+/// Run a controller replica: campaign for the lead; while leading, run discovery and
+/// assignment; on losing the lead stop both and campaign again.
+pub async fn run_controller(
+    opts: ControllerOptions,
+    client: Client,
+    namespace: String,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<(), KubeModeError> {
+    let metrics = ProcessMetrics::new();
+    metrics.set_role("controller");
+    let discovery_metrics = DiscoveryMetrics::register(&metrics.registry)?;
+    let assignment_metrics = AssignmentMetrics::register(&metrics.registry)?;
+    let store = Arc::new(KubeStore::new(client.clone(), &namespace));
+    let (http_addr, http_task) = serve_http(opts.http_addr, &metrics, &store, &shutdown).await?;
+    tracing::info!(identity = %opts.identity, %namespace, http = %http_addr, "controller started; campaigning for the lead");
+    let dc = DiscoveryConfig::for_service(
+        opts.local_relay.clone(),
+        &opts.service_domain,
+        opts.addresses.clone(),
+        &opts.bootstrap,
+        opts.grace,
+    );
+    let election = leader::campaign(client.clone(), &namespace, opts.leader.clone());
+    let mut leading = election.leading();
+    'outer: loop {
+        tokio::select! {
+            r = leading.wait_for(|l| *l) => if r.is_err() { break },
+            _ = shutdown.wait_for(|s| *s) => break,
+        }
+        metrics.leader.set(1);
+        let (stop, stop_rx) = watch::channel(false);
+        let tasks = vec![
+            tokio::spawn(discovery::run(
+                dc.clone(),
+                store.clone(),
+                discovery_metrics.clone(),
+                stop_rx.clone(),
+            )),
+            tokio::spawn(reconciler::run(
+                client.clone(),
+                namespace.clone(),
+                store.cache(),
+                store.changes(),
+                opts.assigner.clone(),
+                assignment_metrics.clone(),
+                stop_rx,
+            )),
+        ];
+        let quit = tokio::select! {
+            _ = leading.wait_for(|l| !*l) => {
+                tracing::warn!(identity = %opts.identity, "lost the lead; stopping discovery and assignment");
+                false
+            }
+            _ = shutdown.wait_for(|s| *s) => true,
+        };
+        let _ = stop.send(true);
+        join_all(tasks, Duration::from_secs(10)).await;
+        metrics.leader.set(0);
+        if quit {
+            break 'outer;
+        }
+    }
+    election.resign().await;
+    join_all(vec![http_task], Duration::from_secs(5)).await;
+    Ok(())
+}

@@ -1,0 +1,133 @@
+//! The `worker` process: hold this worker's Lease and, while it is held, run the sessions of
+//! the relays labelled with its name and report their status. Runs until `shutdown` turns
+//! true.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use kube::Client;
+use nostr::Keys;
+use tokio::sync::watch;
+
+use super::kube::{KubeModeError, check_worker_name, join_all, serve_http};
+use crate::coordination::membership::{self, LeaseConfig};
+use crate::crd::WORKER_LABEL;
+use crate::nostr::RelayUrl;
+use crate::observability::ProcessMetrics;
+use crate::relay::address_policy::AddressPolicy;
+use crate::store::kube::KubeStore;
+use crate::worker::WorkerMetrics;
+use crate::worker::publisher::{Publisher, PublisherConfig};
+use crate::worker::session::SessionConfig;
+use crate::worker::supervisor::{self as runtime, RuntimeConfig};
+
+#[derive(Debug, Clone)]
+pub struct WorkerOptions {
+    pub name: String,
+    pub local_relay: RelayUrl,
+    pub addresses: AddressPolicy,
+    pub status_interval: Duration,
+    pub publisher_connections: usize,
+    pub auth_keys: Option<Keys>,
+    pub http_addr: SocketAddr,
+    pub lease: LeaseConfig,
+    pub session: SessionConfig,
+}
+
+/// Run a worker: hold its Lease, and while it is held run the sessions of the relays
+/// labelled with its name. A Lease that cannot be renewed stops every session before it
+/// could expire; the worker then tries to get it back.
+pub async fn run_worker(
+    opts: WorkerOptions,
+    client: Client,
+    namespace: String,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<(), KubeModeError> {
+    check_worker_name(&opts.name)?;
+    let metrics = ProcessMetrics::new();
+    metrics.set_role("worker");
+    let worker_metrics = WorkerMetrics::register(&metrics.registry)?;
+    let selector = format!("{WORKER_LABEL}={}", opts.name);
+    let store = Arc::new(
+        KubeStore::with_selector(client.clone(), &namespace, Some(selector))
+            .with_events(client.clone(), &opts.name),
+    );
+    let (http_addr, http_task) = serve_http(opts.http_addr, &metrics, &store, &shutdown).await?;
+    let pc = PublisherConfig::with(
+        opts.local_relay.clone(),
+        opts.publisher_connections,
+        opts.auth_keys.clone(),
+    );
+    let (publisher, _publisher_task) = Publisher::spawn(pc, worker_metrics.publisher.clone());
+    let rc = RuntimeConfig::new(
+        opts.name.clone(),
+        opts.local_relay.clone(),
+        opts.session.clone(),
+        opts.status_interval,
+        opts.addresses.clone(),
+        opts.auth_keys.clone(),
+    );
+    tracing::info!(worker = %opts.name, %namespace, http = %http_addr, "worker started");
+    loop {
+        let held = match acquire(&client, &namespace, &opts, &mut shutdown).await {
+            Some(h) => h,
+            None => break,
+        };
+        metrics.lease_held.set(1);
+        tracing::info!(worker = %opts.name, "holding the worker Lease; starting sessions");
+        let (stop, stop_rx) = watch::channel(false);
+        let rt = tokio::spawn(runtime::run(
+            rc.clone(),
+            store.clone(),
+            publisher.clone(),
+            worker_metrics.clone(),
+            stop_rx,
+        ));
+        let mut held_rx = held.held();
+        let quit = tokio::select! {
+            _ = held_rx.wait_for(|h| !*h) => {
+                tracing::error!(worker = %opts.name, "cannot renew the worker Lease; closing every session before it expires");
+                false
+            }
+            _ = shutdown.wait_for(|s| *s) => true,
+        };
+        let _ = stop.send(true);
+        // Sessions close first (final status written), then the Lease goes, so the
+        // controller reassigns only relays nobody holds any more.
+        join_all(vec![rt], Duration::from_secs(30)).await;
+        held.release().await;
+        metrics.lease_held.set(0);
+        if quit {
+            break;
+        }
+    }
+    // Events already handed over get a moment to be accepted; anything left is fetched
+    // again after a restart (the cursor only covers what the local relay confirmed).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while publisher.stats().outstanding() > 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    join_all(vec![http_task], Duration::from_secs(5)).await;
+    Ok(())
+}
+
+async fn acquire(
+    client: &Client,
+    namespace: &str,
+    opts: &WorkerOptions,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Option<membership::LeaseHandle> {
+    loop {
+        match membership::hold(client.clone(), namespace, &opts.name, opts.lease.clone()).await {
+            Ok(h) => return Some(h),
+            Err(e) => {
+                tracing::warn!(worker = %opts.name, error = %e, "cannot take the worker Lease; retrying");
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(opts.lease.renew_every) => {}
+            _ = shutdown.wait_for(|s| *s) => return None,
+        }
+    }
+}

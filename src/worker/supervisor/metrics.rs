@@ -1,0 +1,78 @@
+//! Metrics of a worker's supervisor: the relays it holds by phase, and its writes to the
+//! store (status, drain acknowledgements, phase Events).
+
+use prometheus::{IntCounterVec, IntGaugeVec, Registry};
+
+use crate::crd::Phase;
+use crate::observability::metrics::{init_values, int_counter_vec, int_gauge_vec, register_all};
+
+/// Every phase, for per-phase gauges.
+pub const PHASES: [Phase; 9] = [
+    Phase::Pending,
+    Phase::Connecting,
+    Phase::Syncing,
+    Phase::Live,
+    Phase::LiveWithGaps,
+    Phase::Backoff,
+    Phase::RateLimited,
+    Phase::Dead,
+    Phase::Paused,
+];
+
+#[derive(Clone)]
+pub struct SupervisorMetrics {
+    /// Relays this worker holds, by phase.
+    pub relays_by_phase: IntGaugeVec,
+    /// Status writes by result (ok | error | timeout).
+    pub status_writes: IntCounterVec,
+    /// Kubernetes Events published for phase transitions, by result (ok | error | timeout).
+    pub phase_events: IntCounterVec,
+}
+
+impl SupervisorMetrics {
+    /// Unregistered metrics (tests); a process uses [`SupervisorMetrics::register`].
+    pub fn new() -> Self {
+        let m = SupervisorMetrics {
+            relays_by_phase: int_gauge_vec(
+                "grasp_sync_relays",
+                "Relays this worker holds, by phase",
+                &["phase"],
+            ),
+            status_writes: int_counter_vec(
+                "grasp_sync_status_writes_total",
+                "RelaySync status writes by result",
+                &["result"],
+            ),
+            phase_events: int_counter_vec(
+                "grasp_sync_phase_events_total",
+                "Kubernetes Events published on phase transitions, by result",
+                &["result"],
+            ),
+        };
+        init_values(&m.status_writes, &["ok", "error", "timeout"]);
+        init_values(&m.phase_events, &["ok", "error", "timeout"]);
+        for phase in PHASES {
+            m.relays_by_phase.with_label_values(&[phase.as_str()]);
+        }
+        m
+    }
+
+    pub fn register(registry: &Registry) -> prometheus::Result<Self> {
+        let m = Self::new();
+        register_all(
+            registry,
+            vec![
+                Box::new(m.relays_by_phase.clone()),
+                Box::new(m.status_writes.clone()),
+                Box::new(m.phase_events.clone()),
+            ],
+        )?;
+        Ok(m)
+    }
+}
+
+impl Default for SupervisorMetrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
