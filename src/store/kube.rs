@@ -127,7 +127,7 @@ fn map_err(name: &str, e: kube::Error) -> StoreError {
             name: name.to_string(),
             reason: s.message,
         },
-        other => StoreError::Backend(other.to_string()),
+        other => StoreError::Kube(Box::new(other)),
     }
 }
 

@@ -51,26 +51,32 @@ impl MemoryStore {
         let objects = match std::fs::read(&path) {
             Ok(bytes) => {
                 let state: StateFile = serde_json::from_slice(&bytes).map_err(|e| {
-                    StoreError::Backend(format!(
-                        "state file {} is not valid ({e}); move it away to start fresh",
-                        path.display()
-                    ))
+                    state_file_error(
+                        format!(
+                            "state file {} is not valid ({e}); move it away to start fresh",
+                            path.display()
+                        ),
+                        Some(Box::new(e)),
+                    )
                 })?;
                 if state.version != STATE_VERSION {
-                    return Err(StoreError::Backend(format!(
-                        "state file {} has version {}, this grasp-sync reads {STATE_VERSION}",
-                        path.display(),
-                        state.version
-                    )));
+                    return Err(state_file_error(
+                        format!(
+                            "state file {} has version {}, this grasp-sync reads {STATE_VERSION}",
+                            path.display(),
+                            state.version
+                        ),
+                        None,
+                    ));
                 }
                 state.objects
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => BTreeMap::new(),
             Err(e) => {
-                return Err(StoreError::Backend(format!(
-                    "reading state file {}: {e}",
-                    path.display()
-                )));
+                return Err(state_file_error(
+                    format!("reading state file {}: {e}", path.display()),
+                    Some(Box::new(e)),
+                ));
             }
         };
         Ok(MemoryStore {
@@ -85,7 +91,7 @@ impl MemoryStore {
     ) -> Result<std::sync::MutexGuard<'_, BTreeMap<String, StoredObject>>, StoreError> {
         self.objects
             .lock()
-            .map_err(|_| StoreError::Backend("store lock poisoned".into()))
+            .map_err(|_| StoreError::Poisoned)
     }
 
     /// Persist (when file-backed) and tell watchers. Called with the lock held so the file
@@ -111,12 +117,19 @@ impl Default for MemoryStore {
     }
 }
 
+fn state_file_error(
+    message: String,
+    source: Option<Box<dyn std::error::Error + Send + Sync>>,
+) -> StoreError {
+    StoreError::StateFile { message, source }
+}
+
 fn save_atomically(path: &Path, state: &StateFile) -> Result<(), StoreError> {
     let err = |what: &str, e: std::io::Error| {
-        StoreError::Backend(format!("{what} {}: {e}", path.display()))
+        state_file_error(format!("{what} {}: {e}", path.display()), Some(Box::new(e)))
     };
     let bytes = serde_json::to_vec_pretty(state)
-        .map_err(|e| StoreError::Backend(format!("encoding state: {e}")))?;
+        .map_err(|e| state_file_error(format!("encoding state: {e}"), Some(Box::new(e))))?;
     let tmp = path.with_extension("tmp");
     let mut f = std::fs::File::create(&tmp).map_err(|e| err("creating", e))?;
     f.write_all(&bytes).map_err(|e| err("writing", e))?;

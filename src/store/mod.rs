@@ -32,8 +32,18 @@ pub enum StoreError {
     NotFound(String),
     #[error("invalid RelaySync {name}: {reason}")]
     Invalid { name: String, reason: String },
+    /// The Kubernetes API failed (other than not found / invalid).
     #[error("store backend: {0}")]
-    Backend(String),
+    Kube(#[source] Box<::kube::Error>),
+    /// The state file of the in-memory store could not be read or written.
+    #[error("store backend: {message}")]
+    StateFile {
+        message: String,
+        #[source]
+        source: Option<Box<dyn std::error::Error + Send + Sync>>,
+    },
+    #[error("store backend: store lock poisoned")]
+    Poisoned,
 }
 
 /// Operations discovery and workers need. Writers own disjoint parts: `apply_spec` (the

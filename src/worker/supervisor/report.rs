@@ -1,0 +1,95 @@
+//! The pure step of status reporting: from the objects, the sessions' states and the
+//! coalescers, which status writes are due now. The writer applies them.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::time::SystemTime;
+
+use tokio::time::Instant;
+
+use super::sessions::Running;
+use super::writer::{PhaseEvent, Write, WriteKind};
+use crate::crd::Phase;
+use crate::nostr::RelayUrl;
+use crate::store::StoredRelaySync;
+use crate::worker::session::SessionState;
+use crate::worker::status::{Coalescer, status_from_session};
+
+/// The phase each object is in, as this worker sees it (for the per-phase gauge).
+pub(crate) fn phases(
+    objects: &BTreeMap<String, StoredRelaySync>,
+    sessions: &HashMap<RelayUrl, Running>,
+) -> HashMap<Phase, i64> {
+    let mut by_phase: HashMap<Phase, i64> = HashMap::new();
+    for o in objects.values() {
+        let phase = RelayUrl::parse(&o.spec.url)
+            .ok()
+            .and_then(|u| sessions.get(&u))
+            .map(|r| r.state.borrow().phase)
+            .unwrap_or(if o.spec.paused == Some(true) {
+                Phase::Paused
+            } else {
+                Phase::Pending
+            });
+        *by_phase.entry(phase).or_default() += 1;
+    }
+    by_phase
+}
+
+/// The status writes due at `now`, skipping objects with a write in flight (their result
+/// decides the coalescer's next step).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn due(
+    worker: &str,
+    objects: &BTreeMap<String, StoredRelaySync>,
+    sessions: &HashMap<RelayUrl, Running>,
+    coalescers: &mut HashMap<String, Coalescer>,
+    in_flight: &BTreeSet<String>,
+    status_interval: std::time::Duration,
+    now: Instant,
+    wall: SystemTime,
+) -> Vec<Write> {
+    coalescers.retain(|name, _| objects.contains_key(name));
+    let mut out = Vec::new();
+    for (name, o) in objects.iter().filter(|(_, o)| !o.draining) {
+        if in_flight.contains(name) {
+            continue;
+        }
+        let Ok(url) = RelayUrl::parse(&o.spec.url) else {
+            continue;
+        };
+        let state = match sessions.get(&url) {
+            Some(r) => r.state.borrow().clone(),
+            None if o.spec.paused == Some(true) => SessionState {
+                phase: Phase::Paused,
+                ..SessionState::default()
+            },
+            None => continue,
+        };
+        let status = status_from_session(&state, worker, o.generation, o.status.as_ref(), wall);
+        let c = coalescers
+            .entry(name.clone())
+            .or_insert_with(|| Coalescer::new(status_interval));
+        if c.due(&status, now.into_std()) {
+            tracing::debug!(object = %name, changed = ?c.changes(&status), "writing status");
+            let from = c
+                .last_phase()
+                .or_else(|| o.status.as_ref().and_then(|s| s.phase));
+            let event = status
+                .phase
+                .filter(|p| Some(*p) != from)
+                .map(|to| PhaseEvent {
+                    from,
+                    to,
+                    note: state.last_error.clone(),
+                });
+            out.push(Write {
+                name: name.clone(),
+                status,
+                kind: WriteKind::Report,
+                event,
+                decided_at: now,
+            });
+        }
+    }
+    out
+}

@@ -1,0 +1,194 @@
+//! The running sessions of a worker, one per relay URL (the split parts of one relay share
+//! it), and how the RelaySyncs it holds map onto them.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use futures::FutureExt;
+use futures::future::BoxFuture;
+use tokio::sync::watch;
+
+use super::facts::RepoFacts;
+use crate::nostr::{RelayUrl, RepoCoordinate};
+use crate::store::StoredRelaySync;
+use crate::worker::publisher::Publisher;
+use crate::worker::session::metrics::SessionMetrics;
+use crate::worker::session::{self, SessionConfig, SessionHandle, SessionState, SyncSet};
+
+/// What the supervisor needs of a running session.
+pub(crate) trait SessionControl: Send + Sync {
+    /// Replace what the session syncs.
+    fn set(&self, set: SyncSet);
+    fn state(&self) -> watch::Receiver<SessionState>;
+    /// Stop without waiting.
+    fn abort_soon(&self);
+    /// Close subscriptions and connection; the final state once the task has ended.
+    fn stop(self: Box<Self>) -> BoxFuture<'static, SessionState>;
+}
+
+impl SessionControl for SessionHandle {
+    fn set(&self, set: SyncSet) {
+        SessionHandle::set(self, set)
+    }
+    fn state(&self) -> watch::Receiver<SessionState> {
+        SessionHandle::state(self)
+    }
+    fn abort_soon(&self) {
+        SessionHandle::abort_soon(self)
+    }
+    fn stop(self: Box<Self>) -> BoxFuture<'static, SessionState> {
+        SessionHandle::stop(*self).boxed()
+    }
+}
+
+/// Starts sessions: the real relay sessions in a worker, scripted ones in the supervisor's
+/// unit tests.
+pub(crate) trait SessionStarter: Send + Sync {
+    fn start(
+        &self,
+        url: RelayUrl,
+        set: SyncSet,
+        cursor: Option<u64>,
+    ) -> Box<dyn SessionControl>;
+}
+
+/// Relay sessions publishing into the local relay through `publisher`.
+pub(crate) struct RelaySessions {
+    pub(crate) config: SessionConfig,
+    pub(crate) publisher: Publisher,
+    pub(crate) metrics: SessionMetrics,
+}
+
+impl SessionStarter for RelaySessions {
+    fn start(
+        &self,
+        url: RelayUrl,
+        set: SyncSet,
+        cursor: Option<u64>,
+    ) -> Box<dyn SessionControl> {
+        Box::new(session::spawn(
+            url,
+            set,
+            cursor,
+            self.config.clone(),
+            self.publisher.clone(),
+            self.metrics.clone(),
+        ))
+    }
+}
+
+pub(crate) struct Running {
+    pub(crate) control: Box<dyn SessionControl>,
+    pub(crate) state: watch::Receiver<SessionState>,
+    pub(crate) set: SyncSet,
+}
+
+pub(crate) fn group_by_url(
+    objects: &BTreeMap<String, StoredRelaySync>,
+) -> BTreeMap<RelayUrl, Vec<&StoredRelaySync>> {
+    let mut by_url: BTreeMap<RelayUrl, Vec<&StoredRelaySync>> = BTreeMap::new();
+    for o in objects.values() {
+        if let Ok(url) = RelayUrl::parse(&o.spec.url) {
+            by_url.entry(url).or_default().push(o);
+        }
+    }
+    by_url
+}
+
+/// The cursor a new session resumes from: the earliest of its parts', and only if every
+/// part's current spec was confirmed.
+pub(crate) fn resume_cursor(parts: &[&StoredRelaySync]) -> Option<u64> {
+    parts
+        .iter()
+        .map(|o| {
+            o.status.as_ref().and_then(|s| {
+                (s.confirmed_generation == Some(o.generation))
+                    .then_some(s.cursor)
+                    .flatten()
+            })
+        })
+        .collect::<Option<Vec<i64>>>()
+        .and_then(|c| c.into_iter().min())
+        .map(|c| c.max(0) as u64)
+}
+
+/// Bring the sessions in line with the objects: start what is missing (from the stored
+/// cursor), update changed sync sets, stop what is no longer wanted or paused. Relays being
+/// drained are left to the drain step.
+pub(crate) fn reconcile_sessions(
+    objects: &BTreeMap<String, StoredRelaySync>,
+    facts: &RepoFacts,
+    sessions: &mut HashMap<RelayUrl, Running>,
+    starter: &dyn SessionStarter,
+) {
+    let mut by_url = group_by_url(objects);
+    by_url.retain(|_, parts| !parts.iter().all(|o| o.draining));
+    sessions.retain(|url, r| {
+        let keep = by_url
+            .get(url)
+            .is_some_and(|parts| parts.iter().any(|o| o.spec.paused != Some(true)));
+        if !keep {
+            r.control.abort_soon();
+        }
+        keep
+    });
+    for (url, parts) in by_url {
+        if parts.iter().all(|o| o.spec.paused == Some(true)) {
+            continue;
+        }
+        let coords: BTreeSet<RepoCoordinate> = parts
+            .iter()
+            .flat_map(|o| o.spec.repos.iter())
+            .filter_map(|r| RepoCoordinate::parse(r).ok())
+            .collect();
+        let set = SyncSet {
+            repos: coords.iter().filter_map(|c| facts.scope(c)).collect(),
+            roots: coords
+                .iter()
+                .flat_map(|c| facts.roots.get(c).into_iter().flatten().copied())
+                .collect(),
+        };
+        match sessions.get_mut(&url) {
+            Some(r) => {
+                if r.set != set {
+                    r.control.set(set.clone());
+                    r.set = set;
+                }
+            }
+            None => {
+                let control = starter.start(url.clone(), set.clone(), resume_cursor(&parts));
+                let state = control.state();
+                sessions.insert(
+                    url,
+                    Running {
+                        control,
+                        state,
+                        set,
+                    },
+                );
+            }
+        }
+    }
+}
+
+/// Relays whose every part is draining, with the parts not yet acknowledged by `worker`
+/// (neither in status nor in `released`, the acknowledgements this supervisor wrote).
+pub(crate) fn drains_due<'a>(
+    objects: &'a BTreeMap<String, StoredRelaySync>,
+    released: &BTreeSet<String>,
+    worker: &str,
+) -> Vec<(RelayUrl, Vec<&'a StoredRelaySync>)> {
+    group_by_url(objects)
+        .into_iter()
+        .filter(|(_, parts)| parts.iter().all(|o| o.draining))
+        .filter_map(|(url, parts)| {
+            let pending: Vec<&StoredRelaySync> = parts
+                .into_iter()
+                .filter(|o| {
+                    !released.contains(&o.name)
+                        && !crate::crd::is_released_by(o.status.as_ref(), worker)
+                })
+                .collect();
+            (!pending.is_empty()).then_some((url, pending))
+        })
+        .collect()
+}
