@@ -89,9 +89,7 @@ impl MemoryStore {
     fn lock(
         &self,
     ) -> Result<std::sync::MutexGuard<'_, BTreeMap<String, StoredObject>>, StoreError> {
-        self.objects
-            .lock()
-            .map_err(|_| StoreError::Poisoned)
+        self.objects.lock().map_err(|_| StoreError::Poisoned)
     }
 
     /// Persist (when file-backed) and tell watchers. Called with the lock held so the file

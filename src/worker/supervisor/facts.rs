@@ -6,10 +6,10 @@ use std::collections::{BTreeSet, HashMap};
 
 use nostr::{Event, EventId, Filter, Kind, PublicKey, TagKind};
 
+use crate::nostr::RepoCoordinate;
 use crate::nostr::filters::{ROOT_KINDS, RepoScope};
 use crate::nostr::kinds::REPO_ANNOUNCEMENT;
 use crate::nostr::nip34::Announcement;
-use crate::nostr::RepoCoordinate;
 
 /// What the local relay says about the repos this worker syncs.
 #[derive(Default)]
@@ -87,4 +87,3 @@ pub(crate) fn feed_filters(coords: &BTreeSet<RepoCoordinate>) -> Vec<Filter> {
     }
     out
 }
-

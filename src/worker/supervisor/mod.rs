@@ -42,9 +42,9 @@ use writer::{PhaseEvent, StatusWriter, Write, WriteKind, WriteResult, Written};
 /// Most one change of a session's sync set per this interval.
 const APPLY_EVERY: Duration = Duration::from_millis(500);
 
-/// How long a draining session may take to close before the drain is retried (never
-/// acknowledged while the connection might still be open).
-const DRAIN_STOP_TIMEOUT: Duration = Duration::from_secs(10);
+/// A draining session still closing after this long is worth a warning (it is never
+/// acknowledged while its connection might still be open).
+const DRAIN_STOP_WARN: Duration = Duration::from_secs(10);
 
 #[derive(Debug, Clone)]
 pub struct RuntimeConfig {
@@ -86,7 +86,6 @@ impl RuntimeConfig {
         }
     }
 }
-
 
 /// Run until `shutdown` turns true; then stop every session and write final statuses.
 pub async fn run<S: RelaySyncStore + 'static>(
@@ -134,8 +133,11 @@ struct State {
     coalescers: HashMap<String, Coalescer>,
     /// Objects whose drain this supervisor acknowledged (until the label moves).
     released: BTreeSet<String>,
+    /// Draining sessions still closing: their tasks, awaited (never detached) before the
+    /// drain is acknowledged.
+    stopping: HashMap<RelayUrl, Stopping>,
     /// Final states of drained sessions, until every part's acknowledgement is written.
-    stopped: HashMap<RelayUrl, SessionState>,
+    stopped: HashMap<RelayUrl, Option<SessionState>>,
     /// Objects with a write at the writer: nothing more is decided for them until it ends.
     in_flight: BTreeSet<String>,
 }
@@ -156,6 +158,7 @@ pub(crate) async fn supervise<S: RelaySyncStore + 'static>(
         sessions: HashMap::new(),
         coalescers: HashMap::new(),
         released: BTreeSet::new(),
+        stopping: HashMap::new(),
         stopped: HashMap::new(),
         in_flight: BTreeSet::new(),
     };
@@ -193,10 +196,12 @@ pub(crate) async fn supervise<S: RelaySyncStore + 'static>(
         if dirty && feed_synced && last_apply.elapsed() >= APPLY_EVERY {
             dirty = false;
             last_apply = Instant::now();
+            let closing: BTreeSet<RelayUrl> = st.stopping.keys().cloned().collect();
             sessions::reconcile_sessions(
                 &st.objects,
                 &st.facts,
                 &mut st.sessions,
+                &closing,
                 inputs.starter.as_ref(),
             );
         }
@@ -265,6 +270,10 @@ pub(crate) async fn supervise<S: RelaySyncStore + 'static>(
         .map(|(url, r)| async move { (url, r.control.stop().await) });
     let finals: HashMap<RelayUrl, SessionState> =
         futures::future::join_all(stops).await.into_iter().collect();
+    // Drained sessions still closing end too (their objects belong to another worker now).
+    for (_, s) in st.stopping.drain() {
+        let _ = s.task.await;
+    }
     for (name, o) in st.objects.iter().filter(|(_, o)| !o.draining) {
         let Ok(url) = RelayUrl::parse(&o.spec.url) else {
             continue;
@@ -324,8 +333,15 @@ fn on_written(st: &mut State, written: Written) {
     }
 }
 
-/// Close the sessions of relays whose every part is draining and acknowledge each part with
-/// its final status.
+/// A draining session's stop, running in its own task so the loop never waits on it.
+struct Stopping {
+    task: tokio::task::JoinHandle<SessionState>,
+    since: Instant,
+    warned: bool,
+}
+
+/// Close the sessions of relays whose every part is draining and, once a session's task has
+/// ended, acknowledge each part with its final status.
 async fn release_drained(config: &RuntimeConfig, st: &mut State, writer: &StatusWriter) {
     st.released
         .retain(|name| st.objects.get(name).is_some_and(|o| o.draining));
@@ -340,17 +356,30 @@ async fn release_drained(config: &RuntimeConfig, st: &mut State, writer: &Status
         }
         if let Some(r) = st.sessions.remove(&url) {
             tracing::info!(relay = %url, "draining: closing the session for reassignment");
-            match tokio::time::timeout(DRAIN_STOP_TIMEOUT, r.control.stop()).await {
-                Ok(state) => {
-                    st.stopped.insert(url.clone(), state);
-                }
-                Err(_) => {
+            st.stopping.insert(
+                url.clone(),
+                Stopping {
+                    task: tokio::spawn(r.control.stop()),
+                    since: Instant::now(),
+                    warned: false,
+                },
+            );
+        }
+        if let Some(s) = st.stopping.get_mut(&url) {
+            if !s.task.is_finished() {
+                if !s.warned && s.since.elapsed() >= DRAIN_STOP_WARN {
+                    s.warned = true;
                     tracing::warn!(relay = %url, "session did not stop in time; not releasing yet");
-                    continue;
                 }
+                continue;
+            }
+            if let Some(s) = st.stopping.remove(&url) {
+                // A session task that panicked is gone with its connection: released with
+                // the stored status.
+                st.stopped.insert(url.clone(), s.task.await.ok());
             }
         }
-        let state = st.stopped.get(&url);
+        let state = st.stopped.get(&url).and_then(|s| s.as_ref());
         for o in pending {
             let status = released_status(
                 state,

@@ -43,12 +43,7 @@ impl SessionControl for SessionHandle {
 /// Starts sessions: the real relay sessions in a worker, scripted ones in the supervisor's
 /// unit tests.
 pub(crate) trait SessionStarter: Send + Sync {
-    fn start(
-        &self,
-        url: RelayUrl,
-        set: SyncSet,
-        cursor: Option<u64>,
-    ) -> Box<dyn SessionControl>;
+    fn start(&self, url: RelayUrl, set: SyncSet, cursor: Option<u64>) -> Box<dyn SessionControl>;
 }
 
 /// Relay sessions publishing into the local relay through `publisher`.
@@ -59,12 +54,7 @@ pub(crate) struct RelaySessions {
 }
 
 impl SessionStarter for RelaySessions {
-    fn start(
-        &self,
-        url: RelayUrl,
-        set: SyncSet,
-        cursor: Option<u64>,
-    ) -> Box<dyn SessionControl> {
+    fn start(&self, url: RelayUrl, set: SyncSet, cursor: Option<u64>) -> Box<dyn SessionControl> {
         Box::new(session::spawn(
             url,
             set,
@@ -113,15 +103,17 @@ pub(crate) fn resume_cursor(parts: &[&StoredRelaySync]) -> Option<u64> {
 
 /// Bring the sessions in line with the objects: start what is missing (from the stored
 /// cursor), update changed sync sets, stop what is no longer wanted or paused. Relays being
-/// drained are left to the drain step.
+/// drained are left to the drain step; a relay whose previous session is still `closing`
+/// gets a new one only after it closed (one connection per relay).
 pub(crate) fn reconcile_sessions(
     objects: &BTreeMap<String, StoredRelaySync>,
     facts: &RepoFacts,
     sessions: &mut HashMap<RelayUrl, Running>,
+    closing: &BTreeSet<RelayUrl>,
     starter: &dyn SessionStarter,
 ) {
     let mut by_url = group_by_url(objects);
-    by_url.retain(|_, parts| !parts.iter().all(|o| o.draining));
+    by_url.retain(|url, parts| !parts.iter().all(|o| o.draining) && !closing.contains(url));
     sessions.retain(|url, r| {
         let keep = by_url
             .get(url)

@@ -1,0 +1,413 @@
+//! The supervisor loop on an in-memory store with scripted sessions and paused time: no
+//! relay, no API server, every interval exact.
+
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use futures::FutureExt;
+use futures::future::BoxFuture;
+use tokio::sync::{Notify, mpsc, watch};
+use tokio::task::JoinHandle;
+
+use super::*;
+use crate::crd::{RelaySyncSpec, RelaySyncStatus, is_released_by};
+use crate::store::StoreError;
+use crate::store::memory::MemoryStore;
+use crate::worker::session::SyncSet;
+use sessions::SessionControl;
+
+const WORKER: &str = "w0";
+const INTERVAL: Duration = Duration::from_secs(30);
+
+/// A store over [`MemoryStore`] with the parts a memory store lacks: a drain flag per
+/// object, recorded phase Events, and a switch that makes status writes hang.
+#[derive(Default)]
+struct TestStore {
+    inner: MemoryStore,
+    draining: Mutex<BTreeSet<String>>,
+    events: Mutex<Vec<(String, Option<Phase>, Phase)>>,
+    stall_writes: AtomicBool,
+    writes: AtomicUsize,
+}
+
+impl TestStore {
+    /// Set the drain flag (as the assigner's label would) and move the revision, as the
+    /// label write would, by creating a scratch object.
+    async fn drain(&self, name: &str) {
+        self.draining.lock().unwrap().insert(name.to_string());
+        self.inner
+            .apply_spec("zz-scratch", &spec("wss://zz.example"))
+            .await
+            .unwrap();
+    }
+    fn status(&self, name: &str) -> Option<RelaySyncStatus> {
+        futures::executor::block_on(self.inner.get(name))
+            .unwrap()
+            .and_then(|o| o.status)
+    }
+}
+
+impl RelaySyncStore for TestStore {
+    async fn list(&self) -> Result<Vec<StoredRelaySync>, StoreError> {
+        let draining = self.draining.lock().unwrap().clone();
+        let mut list = self.inner.list().await?;
+        for o in &mut list {
+            o.draining = draining.contains(&o.name);
+        }
+        Ok(list)
+    }
+    async fn get(&self, name: &str) -> Result<Option<StoredRelaySync>, StoreError> {
+        self.inner.get(name).await
+    }
+    async fn apply_spec(
+        &self,
+        name: &str,
+        spec: &RelaySyncSpec,
+    ) -> Result<StoredRelaySync, StoreError> {
+        self.inner.apply_spec(name, spec).await
+    }
+    async fn apply_status(&self, name: &str, status: &RelaySyncStatus) -> Result<(), StoreError> {
+        if self.stall_writes.load(Ordering::SeqCst) {
+            std::future::pending::<()>().await;
+        }
+        self.writes.fetch_add(1, Ordering::SeqCst);
+        self.inner.apply_status(name, status).await
+    }
+    async fn delete(&self, name: &str) -> Result<(), StoreError> {
+        self.inner.delete(name).await
+    }
+    fn changes(&self) -> watch::Receiver<u64> {
+        self.inner.changes()
+    }
+    async fn record_phase(
+        &self,
+        name: &str,
+        from: Option<Phase>,
+        to: Phase,
+        _note: Option<&str>,
+    ) -> Result<bool, StoreError> {
+        self.events
+            .lock()
+            .unwrap()
+            .push((name.to_string(), from, to));
+        Ok(true)
+    }
+}
+
+/// A scripted session: its state is set by the test; `stop` waits for `release` when held.
+struct FakeSession {
+    state: watch::Receiver<SessionState>,
+    hold_stop: Arc<AtomicBool>,
+    release: Arc<Notify>,
+    stopped: Arc<AtomicBool>,
+}
+
+impl SessionControl for FakeSession {
+    fn set(&self, _set: SyncSet) {}
+    fn state(&self) -> watch::Receiver<SessionState> {
+        self.state.clone()
+    }
+    fn abort_soon(&self) {
+        self.stopped.store(true, Ordering::SeqCst);
+    }
+    fn stop(self: Box<Self>) -> BoxFuture<'static, SessionState> {
+        async move {
+            if self.hold_stop.load(Ordering::SeqCst) {
+                self.release.notified().await;
+            }
+            self.stopped.store(true, Ordering::SeqCst);
+            self.state.borrow().clone()
+        }
+        .boxed()
+    }
+}
+
+#[derive(Clone)]
+struct Started {
+    url: RelayUrl,
+    cursor: Option<u64>,
+    state: Arc<watch::Sender<SessionState>>,
+    stopped: Arc<AtomicBool>,
+}
+
+#[derive(Default, Clone)]
+struct FakeStarter {
+    started: Arc<Mutex<Vec<Started>>>,
+    hold_stop: Arc<AtomicBool>,
+    release: Arc<Notify>,
+}
+
+impl SessionStarter for FakeStarter {
+    fn start(&self, url: RelayUrl, _set: SyncSet, cursor: Option<u64>) -> Box<dyn SessionControl> {
+        let (tx, rx) = watch::channel(SessionState {
+            cursor,
+            ..SessionState::default()
+        });
+        let stopped = Arc::new(AtomicBool::new(false));
+        self.started.lock().unwrap().push(Started {
+            url,
+            cursor,
+            state: Arc::new(tx),
+            stopped: stopped.clone(),
+        });
+        Box::new(FakeSession {
+            state: rx,
+            hold_stop: self.hold_stop.clone(),
+            release: self.release.clone(),
+            stopped,
+        })
+    }
+}
+
+impl FakeStarter {
+    fn started(&self) -> Vec<Started> {
+        self.started.lock().unwrap().clone()
+    }
+}
+
+struct Rig {
+    starter: FakeStarter,
+    metrics: SupervisorMetrics,
+    feed: mpsc::Sender<FeedEvent>,
+    stop: watch::Sender<bool>,
+    task: JoinHandle<()>,
+}
+
+fn spec(url: &str) -> RelaySyncSpec {
+    RelaySyncSpec {
+        url: url.to_string(),
+        repos: vec![format!("30617:{}:repo", "a".repeat(64))],
+        bootstrap: None,
+        paused: None,
+    }
+}
+
+fn config() -> RuntimeConfig {
+    RuntimeConfig::new(
+        WORKER,
+        RelayUrl::parse("ws://127.0.0.1:7777").unwrap(),
+        SessionConfig::default(),
+        INTERVAL,
+        AddressPolicy::default(),
+        None,
+    )
+}
+
+async fn rig(store: Arc<TestStore>) -> Rig {
+    let starter = FakeStarter::default();
+    let metrics = SupervisorMetrics::new();
+    let (feed, local) = mpsc::channel(16);
+    let (stop, stop_rx) = watch::channel(false);
+    let inputs = Inputs {
+        local,
+        feed_filters: Box::new(|_| {}),
+        starter: Box::new(starter.clone()),
+    };
+    let task = tokio::spawn(supervise(
+        config(),
+        store.clone(),
+        inputs,
+        metrics.clone(),
+        stop_rx,
+    ));
+    // Sessions start only once the local relay's stored facts are in.
+    feed.send(FeedEvent::Synced).await.unwrap();
+    Rig {
+        starter,
+        metrics,
+        feed,
+        stop,
+        task,
+    }
+}
+
+/// Let the paused clock run `d` while every task gets to run.
+async fn pass(d: Duration) {
+    let step = Duration::from_millis(50);
+    let mut left = d;
+    while !left.is_zero() {
+        let s = step.min(left);
+        tokio::time::sleep(s).await;
+        left -= s;
+    }
+}
+
+fn writes(m: &SupervisorMetrics, result: &str) -> u64 {
+    m.status_writes.with_label_values(&[result]).get()
+}
+
+#[tokio::test(start_paused = true)]
+async fn one_session_per_relay_resuming_from_the_cursor_only_when_every_part_is_confirmed() {
+    let store = Arc::new(TestStore::default());
+    // Relay a: two parts, both confirmed at their generation; relay b: one unconfirmed part.
+    for (name, url) in [
+        ("a-1", "wss://a.example"),
+        ("a-2", "wss://a.example"),
+        ("b", "wss://b.example"),
+    ] {
+        store.apply_spec(name, &spec(url)).await.unwrap();
+    }
+    for (name, cursor, confirmed) in [("a-1", 1_000, true), ("a-2", 900, true), ("b", 800, false)] {
+        let generation = store.get(name).await.unwrap().unwrap().generation;
+        let status = RelaySyncStatus {
+            cursor: Some(cursor),
+            confirmed_generation: confirmed.then_some(generation),
+            ..RelaySyncStatus::default()
+        };
+        store.inner.apply_status(name, &status).await.unwrap();
+    }
+    let rig = rig(store).await;
+    pass(Duration::from_secs(1)).await;
+    let mut started: Vec<(String, Option<u64>)> = rig
+        .starter
+        .started()
+        .iter()
+        .map(|s| (s.url.to_string(), s.cursor))
+        .collect();
+    started.sort();
+    assert_eq!(
+        started,
+        vec![
+            ("wss://a.example".to_string(), Some(900)),
+            ("wss://b.example".to_string(), None)
+        ]
+    );
+    let _ = rig.stop.send(true);
+    rig.task.await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn phase_changes_are_written_at_once_and_the_rest_once_per_interval() {
+    let store = Arc::new(TestStore::default());
+    store
+        .apply_spec("a", &spec("wss://a.example"))
+        .await
+        .unwrap();
+    let rig = rig(store.clone()).await;
+    pass(Duration::from_secs(1)).await;
+    let session = rig.starter.started()[0].clone();
+    session.state.send_modify(|s| s.phase = Phase::Live);
+    pass(Duration::from_millis(500)).await;
+    assert_eq!(store.status("a").and_then(|s| s.phase), Some(Phase::Live));
+    assert!(
+        store
+            .events
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|(n, _, to)| n == "a" && *to == Phase::Live),
+        "a phase Event for the transition"
+    );
+    let after_phase = store.writes.load(Ordering::SeqCst);
+    // Counters alone: nothing before the interval, one write after it.
+    session.state.send_modify(|s| s.events_published = 42);
+    pass(INTERVAL / 2).await;
+    assert_eq!(store.writes.load(Ordering::SeqCst), after_phase);
+    pass(INTERVAL).await;
+    assert_eq!(store.writes.load(Ordering::SeqCst), after_phase + 1);
+    assert_eq!(store.status("a").and_then(|s| s.events_published), Some(42));
+    let _ = rig.stop.send(true);
+    rig.task.await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_stalled_store_times_out_counts_and_is_retried() {
+    let store = Arc::new(TestStore::default());
+    store
+        .apply_spec("a", &spec("wss://a.example"))
+        .await
+        .unwrap();
+    store.stall_writes.store(true, Ordering::SeqCst);
+    let rig = rig(store.clone()).await;
+    pass(Duration::from_secs(1)).await;
+    rig.starter.started()[0]
+        .state
+        .send_modify(|s| s.phase = Phase::Live);
+    // The writer gives up after its timeout; the supervisor keeps running meanwhile.
+    pass(Duration::from_secs(11)).await;
+    assert!(writes(&rig.metrics, "timeout") >= 1);
+    assert_eq!(store.status("a"), None);
+    store.stall_writes.store(false, Ordering::SeqCst);
+    // A write already hanging ends at its own timeout; the next one lands.
+    pass(Duration::from_secs(11)).await;
+    assert_eq!(store.status("a").and_then(|s| s.phase), Some(Phase::Live));
+    assert!(writes(&rig.metrics, "ok") >= 1);
+    let _ = rig.stop.send(true);
+    rig.task.await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_drain_is_acknowledged_only_after_the_session_has_stopped() {
+    let store = Arc::new(TestStore::default());
+    store
+        .apply_spec("a", &spec("wss://a.example"))
+        .await
+        .unwrap();
+    let rig = rig(store.clone()).await;
+    pass(Duration::from_secs(1)).await;
+    let session = rig.starter.started()[0].clone();
+    session.state.send_modify(|s| {
+        s.phase = Phase::Live;
+        s.cursor = Some(1_700_000_000);
+    });
+    pass(Duration::from_secs(1)).await;
+    // The session takes long to close: longer than the drain's stop timeout.
+    rig.starter.hold_stop.store(true, Ordering::SeqCst);
+    store.drain("a").await;
+    pass(Duration::from_secs(12)).await;
+    assert!(
+        !is_released_by(store.status("a").as_ref(), WORKER),
+        "acknowledged while the session was still open"
+    );
+    assert!(!session.stopped.load(Ordering::SeqCst));
+    rig.starter.hold_stop.store(false, Ordering::SeqCst);
+    rig.starter.release.notify_one();
+    pass(Duration::from_secs(1)).await;
+    assert!(session.stopped.load(Ordering::SeqCst));
+    let status = store.status("a");
+    assert!(is_released_by(status.as_ref(), WORKER));
+    assert_eq!(status.and_then(|s| s.cursor), Some(1_700_000_000));
+    assert!(
+        store
+            .events
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|(n, _, to)| n == "a" && *to == Phase::Pending)
+    );
+    let _ = rig.stop.send(true);
+    rig.task.await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_graceful_stop_writes_each_sessions_final_cursor() {
+    let store = Arc::new(TestStore::default());
+    store
+        .apply_spec("a", &spec("wss://a.example"))
+        .await
+        .unwrap();
+    let rig = rig(store.clone()).await;
+    pass(Duration::from_secs(1)).await;
+    let session = rig.starter.started()[0].clone();
+    session.state.send_modify(|s| s.phase = Phase::Live);
+    pass(Duration::from_secs(1)).await;
+    // A cursor step too small to be written on its own…
+    session
+        .state
+        .send_modify(|s| s.cursor = Some(1_700_000_123));
+    pass(Duration::from_secs(1)).await;
+    assert_ne!(
+        store.status("a").and_then(|s| s.cursor),
+        Some(1_700_000_123)
+    );
+    // …is written on stop.
+    let _ = rig.stop.send(true);
+    rig.task.await.unwrap();
+    assert!(session.stopped.load(Ordering::SeqCst));
+    assert_eq!(
+        store.status("a").and_then(|s| s.cursor),
+        Some(1_700_000_123)
+    );
+    drop(rig.feed);
+}

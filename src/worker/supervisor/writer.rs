@@ -91,20 +91,21 @@ impl StatusWriter {
     ) -> Self {
         let (submit, rx) = mpsc::unbounded_channel::<Write>();
         let (done, results) = mpsc::unbounded_channel();
-        let task = tokio::spawn(async move {
-            let writes = futures::stream::unfold(rx, |mut rx| async move {
-                rx.recv().await.map(|w| (w, rx))
+        let task =
+            tokio::spawn(async move {
+                let writes = futures::stream::unfold(rx, |mut rx| async move {
+                    rx.recv().await.map(|w| (w, rx))
+                });
+                writes
+                    .map(|w| apply(store.as_ref(), &metrics, timeout, w))
+                    .buffer_unordered(IN_FLIGHT)
+                    .for_each(|written| {
+                        // The supervisor may be gone on shutdown; nothing to tell then.
+                        let _ = done.send(written);
+                        async {}
+                    })
+                    .await;
             });
-            writes
-                .map(|w| apply(store.as_ref(), &metrics, timeout, w))
-                .buffer_unordered(IN_FLIGHT)
-                .for_each(|written| {
-                    // The supervisor may be gone on shutdown; nothing to tell then.
-                    let _ = done.send(written);
-                    async {}
-                })
-                .await;
-        });
         StatusWriter {
             submit,
             results,
