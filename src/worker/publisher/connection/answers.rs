@@ -1,0 +1,114 @@
+//! What the local relay answers on a connection: AUTH challenges, and the `OK` that settles
+//! (or sends back for retry) each event in flight.
+
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use nostr::RelayMessage;
+
+use super::PublisherConn;
+use crate::nostr::outcome::Outcome;
+
+impl PublisherConn {
+    pub(super) fn on_message(&mut self, msg: RelayMessage<'static>) {
+        let (event_id, status, message) = match msg {
+            RelayMessage::Auth { challenge } => {
+                self.challenge = Some(challenge.into_owned());
+                return;
+            }
+            RelayMessage::Ok {
+                event_id,
+                status,
+                message,
+            } => (event_id, status, message),
+            _ => return,
+        };
+        if self.auth_pending == Some(event_id) {
+            self.auth_pending = None;
+            if status {
+                tracing::info!(relay = %self.config.local_relay, "publisher authenticated (NIP-42)");
+                self.pause = None;
+            } else {
+                tracing::warn!(relay = %self.config.local_relay, reason = %message, "local relay refused our NIP-42 authentication");
+            }
+            return;
+        }
+        let Some(flight) = self.in_flight.remove(&event_id) else {
+            return;
+        };
+        self.metrics
+            .publish_latency_seconds
+            .observe(flight.sent_at.elapsed().as_secs_f64());
+        let outcome = Outcome::classify(status, &message);
+        self.metrics
+            .publish_outcomes
+            .with_label_values(&[outcome.label()])
+            .inc();
+        let sent_at = flight.sent_at;
+        let p = flight.pending;
+        let copies = p.origins.len() as u64;
+        let retry = match outcome {
+            Outcome::RateLimited => true,
+            Outcome::Error => p.attempts < self.config.max_error_attempts,
+            // With a key we answer the challenge and send again; without, it is final.
+            Outcome::AuthRequired => {
+                self.config.auth_keys.is_some() && p.attempts < self.config.max_error_attempts
+            }
+            _ => false,
+        };
+        let is_final = !retry;
+        if is_final {
+            for o in p.origins.iter().flatten() {
+                o.resolved.fetch_add(1, Ordering::Release);
+            }
+        }
+        match outcome {
+            Outcome::Accepted => {
+                self.pacer.on_accepted();
+                self.stats.accepted.fetch_add(1, Ordering::Relaxed);
+                // Later copies of the same event are duplicates of this one.
+                self.stats
+                    .duplicate
+                    .fetch_add(copies - 1, Ordering::Relaxed);
+                if let Some(Some(o)) = p.origins.first() {
+                    o.published.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            Outcome::Duplicate => {
+                self.stats.duplicate.fetch_add(copies, Ordering::Relaxed);
+            }
+            Outcome::RateLimited => {
+                self.pacer.on_rate_limited(Instant::now(), sent_at);
+                tracing::debug!(relay = %self.config.local_relay, pace = ?self.pacer.rate(), "local relay rate-limits us");
+                self.stats.retries.fetch_add(1, Ordering::Relaxed);
+                self.metrics.publish_retries.inc();
+                self.push_shared(p);
+            }
+            Outcome::Error | Outcome::AuthRequired if retry => {
+                if outcome == Outcome::AuthRequired {
+                    // Give the AUTH round trip a moment before resending.
+                    self.pause = Some(Instant::now() + self.config.auth_pause);
+                }
+                self.requeue(p)
+            }
+            Outcome::Error => {
+                self.stats.gave_up.fetch_add(copies, Ordering::Relaxed);
+                self.metrics
+                    .publish_outcomes
+                    .with_label_values(&["gave_up"])
+                    .inc();
+                for o in p.origins.iter().flatten() {
+                    o.rejected.fetch_add(1, Ordering::Relaxed);
+                }
+                tracing::warn!(id = %event_id, attempts = p.attempts, reason = %message, "local relay keeps failing on an event; giving up on it");
+            }
+            _ => {
+                self.stats.refused.fetch_add(copies, Ordering::Relaxed);
+                for o in p.origins.iter().flatten() {
+                    o.rejected.fetch_add(1, Ordering::Relaxed);
+                }
+                tracing::debug!(id = %event_id, kind = p.event.kind.as_u16(), reason = %message, "local relay refused event");
+            }
+        }
+    }
+}

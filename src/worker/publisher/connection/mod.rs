@@ -1,0 +1,315 @@
+//! One connection to the local relay. Connections share the queue and the events refused as
+//! rate-limited; the pace, the events in flight and other retries are per connection, because
+//! that is how a relay limits and answers.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use nostr::{ClientMessage, EventBuilder, EventId};
+
+use super::metrics::PublisherMetrics;
+use super::pacing::Pacer;
+use super::{Gauges, Pending, PublisherConfig, PublisherStats};
+use crate::relay::connection::{self, Incoming};
+
+mod answers;
+
+struct InFlight {
+    pending: Pending,
+    sent_at: Instant,
+}
+
+pub(super) struct PublisherConn {
+    config: PublisherConfig,
+    metrics: PublisherMetrics,
+    stats: Arc<PublisherStats>,
+    gauges: Arc<Gauges>,
+    /// What this connection last added to the shared gauges (retry, in flight).
+    reported: (i64, i64),
+    pacer: Pacer,
+    rx: async_channel::Receiver<Pending>,
+    /// Events any connection may send again (refused as rate-limited on one connection: another
+    /// may have room). Locked only for a push or pop, never across an await.
+    shared: Arc<Mutex<VecDeque<Pending>>>,
+    /// Events this connection must send again (no answer in time, transient errors, lost
+    /// connection, waiting for authentication).
+    retry: VecDeque<Pending>,
+    in_flight: HashMap<EventId, InFlight>,
+    pause: Option<Instant>,
+    /// The latest AUTH challenge on this connection, not yet answered.
+    challenge: Option<String>,
+    auth_pending: Option<EventId>,
+}
+
+enum Step {
+    Reconnect,
+    Finished,
+}
+
+impl PublisherConn {
+    pub(super) fn new(
+        config: PublisherConfig,
+        metrics: PublisherMetrics,
+        stats: Arc<PublisherStats>,
+        gauges: Arc<Gauges>,
+        rx: async_channel::Receiver<Pending>,
+        shared: Arc<Mutex<VecDeque<Pending>>>,
+    ) -> Self {
+        PublisherConn {
+            pacer: Pacer::new(config.max_rate, Instant::now()),
+            config,
+            metrics,
+            stats,
+            gauges,
+            reported: (0, 0),
+            rx,
+            shared,
+            retry: VecDeque::new(),
+            in_flight: HashMap::new(),
+            pause: None,
+            challenge: None,
+            auth_pending: None,
+        }
+    }
+
+    pub(super) async fn run(mut self) {
+        let mut delay = Duration::from_millis(200);
+        loop {
+            match connection::connect(&self.config.local_relay, &self.config.connect).await {
+                Ok((mut writer, mut reader)) => {
+                    delay = Duration::from_millis(200);
+                    self.challenge = None;
+                    self.auth_pending = None;
+                    tracing::debug!(relay = %self.config.local_relay, "publisher connected");
+                    // Whatever was in flight on the previous connection may never have arrived.
+                    let lost: Vec<_> = self.in_flight.drain().map(|(_, f)| f.pending).collect();
+                    for p in lost.into_iter().rev() {
+                        self.stats.retries.fetch_add(1, Ordering::Relaxed);
+                        self.metrics.publish_retries.inc();
+                        self.retry.push_front(p);
+                    }
+                    match self.serve(&mut writer, &mut reader).await {
+                        Step::Finished => {
+                            writer.close().await;
+                            return;
+                        }
+                        Step::Reconnect => {}
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(relay = %self.config.local_relay, error = %e, retry_in = ?delay, "local relay unreachable");
+                }
+            }
+            if self.rx.is_closed()
+                && self.rx.is_empty()
+                && self.retry.is_empty()
+                && self.in_flight.is_empty()
+            {
+                return;
+            }
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_secs(30));
+        }
+    }
+
+    async fn serve(
+        &mut self,
+        writer: &mut connection::ConnWriter,
+        reader: &mut connection::ConnReader,
+    ) -> Step {
+        let mut tick = tokio::time::interval(Duration::from_millis(250));
+        loop {
+            self.update_gauges();
+            let now = Instant::now();
+            if self.pause.is_some_and(|p| p <= now) {
+                self.pause = None;
+            }
+            if let Err(step) = self.answer_challenge(writer).await {
+                return step;
+            }
+            // Send what waits — this connection's retries, then shared ones — in order, while
+            // there is room and the pace allows.
+            let mut wake = self.pause;
+            while self.pause.is_none() && self.in_flight.len() < self.config.max_in_flight {
+                let Some(p) = self.retry.pop_front().or_else(|| self.pop_shared()) else {
+                    break;
+                };
+                if let Err(at) = self.pacer.take(now) {
+                    self.retry.push_front(p);
+                    wake = Some(at);
+                    break;
+                }
+                if let Err(step) = self.send(writer, p).await {
+                    return step;
+                }
+            }
+            // Take a new event only when it can go out at once: nothing waits here, the pace
+            // allows, there is room in flight. Otherwise it stays in the bounded queue, which
+            // pushes back on the sessions.
+            let ready = match self.pacer.peek(now) {
+                Ok(()) => true,
+                Err(at) => {
+                    wake = Some(wake.map_or(at, |w| w.min(at)));
+                    false
+                }
+            };
+            let can_take = ready
+                && self.retry.is_empty()
+                && self.pause.is_none()
+                && self.in_flight.len() < self.config.max_in_flight
+                && !(self.rx.is_closed() && self.rx.is_empty());
+            if self.rx.is_closed()
+                && self.rx.is_empty()
+                && self.retry.is_empty()
+                && self.in_flight.is_empty()
+                && self.shared_is_empty()
+            {
+                return Step::Finished;
+            }
+            tokio::select! {
+                incoming = reader.recv() => match incoming {
+                    Ok(Incoming::Message(msg)) => self.on_message(msg),
+                    Ok(Incoming::Malformed { .. }) => self.metrics.malformed_messages.inc(),
+                    Err(e) => {
+                        tracing::warn!(relay = %self.config.local_relay, error = %e, in_flight = self.in_flight.len(), "publisher connection lost");
+                        return Step::Reconnect;
+                    }
+                },
+                next = self.rx.recv(), if can_take => {
+                    if let Ok(p) = next {
+                        if self.pacer.take(Instant::now()).is_err() {
+                            self.retry.push_front(p);
+                        } else if let Err(step) = self.send(writer, p).await {
+                            return step;
+                        }
+                    }
+                }
+                _ = sleep_until_opt(wake), if wake.is_some() => {}
+                _ = tick.tick() => self.expire_in_flight(),
+            }
+        }
+    }
+
+    async fn send(
+        &mut self,
+        writer: &mut connection::ConnWriter,
+        mut p: Pending,
+    ) -> Result<(), Step> {
+        let id = p.event.id;
+        // Already on its way: share that attempt's answer instead of sending it twice (a
+        // second entry under the same id would overwrite the first and lose its answer).
+        if let Some(flight) = self.in_flight.get_mut(&id) {
+            flight.pending.origins.append(&mut p.origins);
+            return Ok(());
+        }
+        p.attempts += 1;
+        let msg = ClientMessage::event(p.event.clone());
+        let result = writer.send(&msg).await;
+        self.in_flight.insert(
+            id,
+            InFlight {
+                pending: p,
+                sent_at: Instant::now(),
+            },
+        );
+        match result {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                tracing::warn!(relay = %self.config.local_relay, error = %e, "publisher send failed");
+                Err(Step::Reconnect)
+            }
+        }
+    }
+
+    async fn answer_challenge(&mut self, writer: &mut connection::ConnWriter) -> Result<(), Step> {
+        let (Some(keys), Some(challenge)) = (&self.config.auth_keys, self.challenge.take()) else {
+            return Ok(());
+        };
+        let Ok(relay) = nostr::RelayUrl::parse(self.config.local_relay.as_str()) else {
+            return Ok(());
+        };
+        let Ok(event) = EventBuilder::auth(challenge, relay).sign_with_keys(keys) else {
+            return Ok(());
+        };
+        self.auth_pending = Some(event.id);
+        writer.send(&ClientMessage::auth(event)).await.map_err(|e| {
+            tracing::warn!(relay = %self.config.local_relay, error = %e, "publisher send failed");
+            Step::Reconnect
+        })
+    }
+
+    fn pop_shared(&self) -> Option<Pending> {
+        self.shared.lock().ok()?.pop_front()
+    }
+
+    fn push_shared(&mut self, p: Pending) {
+        match self.shared.lock() {
+            Ok(mut q) => q.push_back(p),
+            // A poisoned lock means another connection panicked; keep the event here.
+            Err(_) => self.retry.push_back(p),
+        }
+    }
+
+    fn shared_is_empty(&self) -> bool {
+        self.shared.lock().map(|q| q.is_empty()).unwrap_or(true)
+    }
+
+    fn shared_len(&self) -> usize {
+        self.shared.lock().map(|q| q.len()).unwrap_or(0)
+    }
+
+    fn requeue(&mut self, p: Pending) {
+        self.stats.retries.fetch_add(1, Ordering::Relaxed);
+        self.metrics.publish_retries.inc();
+        self.retry.push_back(p);
+    }
+
+    fn expire_in_flight(&mut self) {
+        let timeout = self.config.ok_timeout;
+        let expired: Vec<EventId> = self
+            .in_flight
+            .iter()
+            .filter(|(_, f)| f.sent_at.elapsed() >= timeout)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in expired {
+            if let Some(f) = self.in_flight.remove(&id) {
+                tracing::debug!(%id, "no OK from the local relay in time; resending");
+                self.requeue(f.pending);
+            }
+        }
+    }
+
+    fn update_gauges(&mut self) {
+        let now = (self.retry.len() as i64, self.in_flight.len() as i64);
+        let retry = self
+            .gauges
+            .retry
+            .fetch_add(now.0 - self.reported.0, Ordering::Relaxed)
+            + now.0
+            - self.reported.0;
+        let in_flight = self
+            .gauges
+            .in_flight
+            .fetch_add(now.1 - self.reported.1, Ordering::Relaxed)
+            + now.1
+            - self.reported.1;
+        self.reported = now;
+        self.metrics
+            .publish_queue_depth
+            .set(retry + (self.rx.len() + self.shared_len()) as i64);
+        self.metrics.publish_in_flight.set(in_flight);
+        if let Some(rate) = self.pacer.rate() {
+            self.metrics.publish_rate_limit.set(rate);
+        }
+    }
+}
+
+async fn sleep_until_opt(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
+    }
+}
