@@ -1,0 +1,225 @@
+//! Routing of what the relay sends: events to the publisher, EOSE/CLOSED/NEG-* to the
+//! subscription they belong to, AUTH and NOTICE to the connection's state.
+
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use nostr::{ClientMessage, Event, RelayMessage};
+
+use super::historic::{self, Queued, Work};
+use super::report::truncate;
+use super::{Conn, Session, SessionError};
+use crate::nostr::negentropy::notice_means_unsupported;
+use crate::nostr::outcome::{Outcome, notice_means_rate_limited};
+use crate::nostr::pagination::Step;
+use crate::worker::publisher::validate;
+
+impl Session {
+    pub(super) async fn on_message(
+        &mut self,
+        conn: &mut Conn,
+        msg: RelayMessage<'static>,
+    ) -> Result<(), SessionError> {
+        match msg {
+            RelayMessage::Event {
+                subscription_id,
+                event,
+            } => {
+                let event = event.into_owned();
+                let historic_source = if self.reconciling {
+                    "daily"
+                } else if self.cursor.is_some() {
+                    "reconnect"
+                } else {
+                    "startup"
+                };
+                let source = if let Some(h) = conn.historic.get_mut(subscription_id.as_ref()) {
+                    h.page.push((event.id, event.created_at));
+                    h.last_activity = Instant::now();
+                    historic_source
+                } else if let Some(f) = conn.fetches.get_mut(subscription_id.as_ref()) {
+                    f.requested.remove(&event.id);
+                    f.last_activity = Instant::now();
+                    historic_source
+                } else if conn.live.contains_key(subscription_id.as_ref()) {
+                    "live"
+                } else {
+                    // A late event for a subscription we already closed: still an event.
+                    "live"
+                };
+                self.received += 1;
+                self.metrics.events.with_label_values(&[source]).inc();
+                self.forward(event).await
+            }
+            RelayMessage::EndOfStoredEvents(id) => {
+                let id = id.into_owned();
+                if let Some(mut h) = conn.historic.remove(&id) {
+                    conn.writer
+                        .send(&ClientMessage::close(id))
+                        .await
+                        .map_err(SessionError::Write)?;
+                    let page = std::mem::take(&mut h.page);
+                    match h.paginator.on_page(&page) {
+                        Step::Next(_) => {
+                            self.send_page(conn, h.batch, h.paginator).await?;
+                        }
+                        Step::Done => {
+                            self.gaps += h.paginator.gaps().len() as u64;
+                            self.filter_done(conn, h.batch, false);
+                        }
+                    }
+                } else if let Some(f) = conn.fetches.remove(&id) {
+                    conn.writer
+                        .send(&ClientMessage::close(id))
+                        .await
+                        .map_err(SessionError::Write)?;
+                    if f.requested.is_empty() {
+                        self.filter_done(conn, f.batch, false);
+                    } else if !f.retried {
+                        // Relays are lossy with id lists; ask once more for the rest.
+                        conn.queue.push(Queued {
+                            batch: f.batch,
+                            work: Work::Fetch {
+                                filter: f.filter,
+                                ids: f.requested.into_iter().collect(),
+                                retried: true,
+                            },
+                            not_before: Instant::now(),
+                        });
+                    } else {
+                        // Still missing: page through the semantic filter instead. The
+                        // batch waits for that one unit of work in place of this fetch.
+                        let why = format!("{} ids never arrived", f.requested.len());
+                        self.fallback_to_req(conn, f.batch, f.filter, &why);
+                    }
+                }
+                Ok(())
+            }
+            RelayMessage::NegMsg {
+                subscription_id,
+                message,
+            } => {
+                self.on_neg_msg(conn, subscription_id.into_owned(), &message)
+                    .await
+            }
+            RelayMessage::NegErr {
+                subscription_id,
+                message,
+            } => {
+                if let Some(n) = conn.negs.remove(subscription_id.as_ref()) {
+                    // "closed:" is a timeout on their side; anything else means no negentropy
+                    // for this relay on this connection.
+                    if !message.starts_with("closed") {
+                        self.negentropy_unsupported(conn, &message);
+                    }
+                    self.fallback_to_req(conn, n.batch, n.filter, &message);
+                }
+                Ok(())
+            }
+            RelayMessage::Closed {
+                subscription_id,
+                message,
+            } => {
+                let id = subscription_id.into_owned();
+                let known = conn.historic.contains_key(&id)
+                    || conn.fetches.contains_key(&id)
+                    || conn.live.contains_key(&id);
+                if !known {
+                    // Some relays close a subscription after its EOSE; we are done with it.
+                    tracing::debug!(relay = %self.url, sub = %id, reason = %message, "CLOSED for a finished subscription");
+                    return Ok(());
+                }
+                let outcome = Outcome::classify(false, &message);
+                self.metrics
+                    .closed_subscriptions
+                    .with_label_values(&[outcome.label()])
+                    .inc();
+                tracing::info!(relay = %self.url, sub = %id, reason = %message, "relay closed a subscription");
+                if outcome == Outcome::RateLimited {
+                    self.health.on_rate_limited(Instant::now());
+                }
+                if outcome == Outcome::AuthRequired {
+                    self.publish_state(|s| {
+                        s.last_error = Some(format!(
+                            "relay requires NIP-42 authentication and no key is configured: {}",
+                            truncate(&message, 500)
+                        ))
+                    });
+                }
+                let retry_at = self
+                    .health
+                    .rate_limited_until(Instant::now())
+                    .unwrap_or_else(|| Instant::now() + self.config.batch_retry);
+                if let Some(h) = conn.historic.remove(&id) {
+                    // Retry the same page later; the paginator did not advance.
+                    historic::retry_later(conn, h.batch, Work::Page(h.paginator), retry_at);
+                } else if let Some(f) = conn.fetches.remove(&id) {
+                    historic::retry_later(conn, f.batch, f.into_work(), retry_at);
+                } else if conn.live.remove(&id).is_some() {
+                    // Live coverage is gone: rebuild all live subscriptions once the relay lets
+                    // us (after a cool-down, after authenticating, or after the retry delay),
+                    // never in a tight loop.
+                    conn.live_retry_at = Some(retry_at);
+                }
+                Ok(())
+            }
+            RelayMessage::Auth { challenge } => self.authenticate(conn, &challenge).await,
+            RelayMessage::Ok {
+                event_id,
+                status,
+                message,
+            } if conn.auth_pending == Some(event_id) => {
+                conn.auth_pending = None;
+                if status {
+                    tracing::info!(relay = %self.url, "authenticated (NIP-42)");
+                    conn.authenticated = true;
+                    // Whatever waited for authentication may go now.
+                    let now = Instant::now();
+                    for q in conn.queue.iter_mut() {
+                        q.not_before = q.not_before.min(now);
+                    }
+                    if conn.live_retry_at.is_some() {
+                        conn.live_retry_at = Some(now);
+                    }
+                } else {
+                    let err = format!("NIP-42 authentication refused: {}", truncate(&message, 500));
+                    self.publish_state(|s| s.last_error = Some(err));
+                }
+                Ok(())
+            }
+            RelayMessage::Notice(text) => {
+                if !conn.negs.is_empty() && notice_means_unsupported(&text) {
+                    self.negentropy_unsupported(conn, &text);
+                } else if notice_means_rate_limited(&text) {
+                    self.health.on_rate_limited(Instant::now());
+                    self.metrics
+                        .closed_subscriptions
+                        .with_label_values(&["notice-rate-limited"])
+                        .inc();
+                }
+                tracing::debug!(relay = %self.url, notice = %truncate(&text, 200), "NOTICE");
+                Ok(())
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Validate and hand an event to the publisher (waiting while its queue is full, which
+    /// stops us reading from the relay).
+    async fn forward(&mut self, event: Event) -> Result<(), SessionError> {
+        if let Err(rejection) = validate(&event, self.config.max_event_bytes) {
+            self.metrics
+                .events_rejected
+                .with_label_values(&[rejection.label()])
+                .inc();
+            self.counters.rejected.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(relay = %self.url, id = %event.id, reason = %rejection, "dropping invalid event");
+            return Ok(());
+        }
+        self.counters.submitted.fetch_add(1, Ordering::Release);
+        self.publisher
+            .publish(event, Some(self.counters.clone()))
+            .await
+            .map_err(SessionError::PublisherClosed)
+    }
+}

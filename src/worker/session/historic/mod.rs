@@ -1,0 +1,296 @@
+//! Historic sync of a session: batches of filters, each run by NIP-77 negentropy against
+//! the local relay's set (then fetched by id) or by paginated REQ/EOSE, with timeouts,
+//! retries and fallbacks; a batch confirms its items when all its work is done.
+
+mod negentropy;
+mod req;
+mod timeouts;
+
+use std::collections::HashSet;
+use std::time::Instant;
+
+use nostr::{EventId, Filter, Timestamp};
+
+use super::{Conn, Session, SessionError, SyncSet};
+use crate::crd::RelayCapabilities;
+use crate::nostr::filters::{self, RepoScope};
+use crate::nostr::negentropy::NegSession;
+use crate::nostr::pagination::Paginator;
+
+/// Items a historic batch confirms when all its filters are done.
+#[derive(Debug, Clone)]
+pub(super) enum Items {
+    Announcements,
+    Repos(Vec<RepoScope>),
+    Roots(Vec<EventId>),
+}
+
+pub(super) struct Batch {
+    pub(super) items: Items,
+    /// Units of work (filters, id fetches) not yet finished.
+    pub(super) open: usize,
+    pub(super) failed: bool,
+    pub(super) negentropy: bool,
+    pub(super) started: Instant,
+}
+
+/// A historic REQ in flight: one page of one filter.
+pub(super) struct HistoricSub {
+    pub(super) batch: u64,
+    pub(super) paginator: Paginator,
+    pub(super) page: Vec<(EventId, Timestamp)>,
+    pub(super) last_activity: Instant,
+}
+
+/// A negentropy reconciliation in flight.
+pub(super) struct NegSub {
+    pub(super) batch: u64,
+    pub(super) filter: Filter,
+    pub(super) neg: NegSession,
+    pub(super) last_activity: Instant,
+}
+
+/// A REQ by ids for events negentropy found missing.
+pub(super) struct FetchSub {
+    pub(super) batch: u64,
+    pub(super) filter: Filter,
+    pub(super) requested: HashSet<EventId>,
+    pub(super) retried: bool,
+    pub(super) last_activity: Instant,
+}
+
+pub(super) enum Work {
+    /// REQ/EOSE pagination of a filter.
+    Page(Paginator),
+    /// Negentropy for a filter (first reading the local relay's set for it).
+    Neg(Filter),
+    /// Fetch these ids; `filter` is the semantic filter to fall back to.
+    Fetch {
+        filter: Filter,
+        ids: Vec<EventId>,
+        retried: bool,
+    },
+}
+
+/// Historic work waiting for a free subscription slot (or a retry time).
+pub(super) struct Queued {
+    pub(super) batch: u64,
+    pub(super) work: Work,
+    pub(super) not_before: Instant,
+}
+
+pub(super) struct LocalDone {
+    pub(super) batch: u64,
+    pub(super) filter: Filter,
+    pub(super) result: Result<Vec<(EventId, Timestamp)>, String>,
+}
+
+impl FetchSub {
+    /// The same fetch again, for what has not arrived yet.
+    pub(super) fn into_work(self) -> Work {
+        Work::Fetch {
+            filter: self.filter,
+            ids: self.requested.into_iter().collect(),
+            retried: self.retried,
+        }
+    }
+}
+
+/// Queue `work` of `batch` again for `not_before`, marking the batch as having failed once.
+pub(super) fn retry_later(conn: &mut Conn, batch: u64, work: Work, not_before: Instant) {
+    if let Some(b) = conn.batches.get_mut(&batch) {
+        b.failed = true;
+    }
+    conn.queue.push(Queued {
+        batch,
+        work,
+        not_before,
+    });
+}
+
+impl Session {
+    /// Queue historic batches: with `only = None`, every layer for the whole set (items already
+    /// confirmed are fetched from `since` only); otherwise just the given items, in full.
+    pub(super) fn queue_historic(
+        &mut self,
+        conn: &mut Conn,
+        only: Option<SyncSet>,
+        layer1: bool,
+        since: Option<Timestamp>,
+    ) {
+        let (new, old) = match only {
+            Some(items) => (items, SyncSet::default()),
+            None => {
+                let new = SyncSet {
+                    repos: self
+                        .set
+                        .repos
+                        .difference(&self.confirmed.repos)
+                        .cloned()
+                        .collect(),
+                    roots: self
+                        .set
+                        .roots
+                        .difference(&self.confirmed.roots)
+                        .copied()
+                        .collect(),
+                };
+                let old = SyncSet {
+                    repos: self
+                        .set
+                        .repos
+                        .intersection(&self.confirmed.repos)
+                        .cloned()
+                        .collect(),
+                    roots: self
+                        .set
+                        .roots
+                        .intersection(&self.confirmed.roots)
+                        .copied()
+                        .collect(),
+                };
+                (new, old)
+            }
+        };
+        let limit = self.page_limit(&conn.caps);
+        if layer1 {
+            self.add_batch(
+                conn,
+                Items::Announcements,
+                vec![filters::layer1()],
+                since,
+                limit,
+            );
+        }
+        for (set, since) in [(new, None), (old, since)] {
+            let repos: Vec<RepoScope> = set.repos.into_iter().collect();
+            for part in repos.chunks(self.config.chunk.max(1)) {
+                let fs = filters::layer2(part, self.config.chunk);
+                self.add_batch(conn, Items::Repos(part.to_vec()), fs, since, limit);
+            }
+            let roots: Vec<EventId> = set.roots.into_iter().collect();
+            for part in roots.chunks(self.config.chunk.max(1)) {
+                let fs = filters::layer3(part, self.config.chunk);
+                self.add_batch(conn, Items::Roots(part.to_vec()), fs, since, limit);
+            }
+        }
+    }
+
+    fn add_batch(
+        &mut self,
+        conn: &mut Conn,
+        items: Items,
+        fs: Vec<Filter>,
+        since: Option<Timestamp>,
+        limit: usize,
+    ) {
+        conn.next_id += 1;
+        let batch = conn.next_id;
+        let fs = filters::with_since(fs, since);
+        let negentropy = self.use_negentropy(conn);
+        conn.batches.insert(
+            batch,
+            Batch {
+                items,
+                open: fs.len(),
+                failed: false,
+                negentropy,
+                started: Instant::now(),
+            },
+        );
+        for f in fs {
+            let work = if negentropy {
+                Work::Neg(f)
+            } else {
+                Work::Page(Paginator::new(f, limit))
+            };
+            conn.queue.push(Queued {
+                batch,
+                work,
+                not_before: Instant::now(),
+            });
+        }
+    }
+
+    fn use_negentropy(&self, conn: &Conn) -> bool {
+        self.config.negentropy
+            && self.config.local_relay.is_some()
+            && conn.neg_support != Some(false)
+    }
+
+    /// Start queued historic pages while subscription slots are free and we are not
+    /// cooling down.
+    pub(super) async fn pump_queue(&mut self, conn: &mut Conn) -> Result<(), SessionError> {
+        let now = Instant::now();
+        if self.health.rate_limited_until(now).is_some() {
+            return Ok(());
+        }
+        let mut budget = self.config.max_historic_subscriptions;
+        if let Some(max) = conn.caps.max_subscriptions {
+            budget = budget.min((max as usize).saturating_sub(conn.live.len()).max(1));
+        }
+        let limit = self.page_limit(&conn.caps);
+        while conn.active_historic() < budget {
+            let Some(pos) = conn.queue.iter().position(|q| q.not_before <= now) else {
+                break;
+            };
+            let q = conn.queue.swap_remove(pos);
+            match q.work {
+                Work::Page(p) => self.send_page(conn, q.batch, p).await?,
+                Work::Neg(f) if self.use_negentropy(conn) => {
+                    self.start_local_read(conn, q.batch, f)
+                }
+                Work::Neg(f) => {
+                    self.send_page(conn, q.batch, Paginator::new(f, limit))
+                        .await?
+                }
+                Work::Fetch {
+                    filter,
+                    ids,
+                    retried,
+                } => self.send_fetch(conn, q.batch, filter, ids, retried).await?,
+            }
+        }
+        self.metrics.subscriptions.set(
+            (conn.live.len() + conn.historic.len() + conn.negs.len() + conn.fetches.len()) as i64,
+        );
+        Ok(())
+    }
+
+    pub(super) fn filter_done(&mut self, conn: &mut Conn, batch: u64, failed: bool) {
+        let Some(b) = conn.batches.get_mut(&batch) else {
+            return;
+        };
+        b.failed |= failed;
+        b.open = b.open.saturating_sub(1);
+        if b.open > 0 {
+            return;
+        }
+        let b = conn.batches.remove(&batch).expect("present");
+        let outcome = if b.failed { "recovered" } else { "confirmed" };
+        self.metrics
+            .historic_batches
+            .with_label_values(&[outcome])
+            .inc();
+        let method = if b.negentropy { "negentropy" } else { "req" };
+        self.metrics
+            .historic_method
+            .with_label_values(&[method])
+            .inc();
+        self.metrics
+            .historic_batch_seconds
+            .with_label_values(&[method])
+            .observe(b.started.elapsed().as_secs_f64());
+        match b.items {
+            Items::Announcements => {}
+            Items::Repos(rs) => self.confirmed.repos.extend(rs),
+            Items::Roots(ids) => self.confirmed.roots.extend(ids),
+        }
+    }
+
+    fn page_limit(&self, caps: &RelayCapabilities) -> usize {
+        caps.max_limit
+            .map(|m| (m as usize).min(self.config.page_limit))
+            .unwrap_or(self.config.page_limit)
+    }
+}

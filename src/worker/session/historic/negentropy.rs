@@ -1,0 +1,198 @@
+//! NIP-77 for one filter: read the local relay's set, reconcile it with the remote, queue
+//! fetches by id for what is missing; fall back to REQ pagination whenever that fails.
+
+use std::borrow::Cow;
+use std::time::{Duration, Instant};
+
+use nostr::{ClientMessage, EventId, Filter, SubscriptionId};
+
+use super::{LocalDone, NegSub, Queued, Work};
+use crate::nostr::negentropy::NegSession;
+use crate::nostr::pagination::Paginator;
+use crate::relay::local_index;
+use crate::worker::session::{Conn, Session, SessionError};
+
+impl Session {
+    /// Read the local relay's set for `filter` in the background; the result comes back
+    /// through `conn.local_rx`.
+    pub(super) fn start_local_read(&self, conn: &mut Conn, batch: u64, filter: Filter) {
+        let Some(local) = self.config.local_relay.clone() else {
+            return;
+        };
+        let connect = self.config.connect.clone();
+        let timeout = self.config.batch_timeout.max(Duration::from_secs(30));
+        let tx = conn.local_tx.clone();
+        conn.locals_pending += 1;
+        tokio::spawn(async move {
+            let result =
+                local_index::local_items(&local, filter.clone(), 5_000, &connect, timeout).await;
+            let _ = tx.send(LocalDone {
+                batch,
+                filter,
+                result,
+            });
+        });
+    }
+
+    pub(in crate::worker::session) async fn on_local_done(
+        &mut self,
+        conn: &mut Conn,
+        done: LocalDone,
+    ) -> Result<(), SessionError> {
+        conn.locals_pending = conn.locals_pending.saturating_sub(1);
+        let items = match done.result {
+            Ok(items) if self.use_negentropy(conn) => items,
+            Ok(_) => {
+                self.fallback_to_req(conn, done.batch, done.filter, "negentropy unsupported");
+                return Ok(());
+            }
+            Err(e) => {
+                self.fallback_to_req(
+                    conn,
+                    done.batch,
+                    done.filter,
+                    &format!("local set unavailable: {e}"),
+                );
+                return Ok(());
+            }
+        };
+        let (neg, init) = match NegSession::open(&items, self.config.neg_frame_limit) {
+            Ok(x) => x,
+            Err(e) => {
+                self.fallback_to_req(conn, done.batch, done.filter, &e.to_string());
+                return Ok(());
+            }
+        };
+        conn.next_id += 1;
+        let id = SubscriptionId::new(format!("neg-{}", conn.next_id));
+        conn.writer
+            .send(&ClientMessage::NegOpen {
+                subscription_id: Cow::Owned(id.clone()),
+                filter: Cow::Owned(done.filter.clone()),
+                id_size: None,
+                initial_message: Cow::Owned(init),
+            })
+            .await
+            .map_err(SessionError::Write)?;
+        conn.negs.insert(
+            id,
+            NegSub {
+                batch: done.batch,
+                filter: done.filter,
+                neg,
+                last_activity: Instant::now(),
+            },
+        );
+        Ok(())
+    }
+
+    pub(in crate::worker::session) async fn on_neg_msg(
+        &mut self,
+        conn: &mut Conn,
+        id: SubscriptionId,
+        message: &str,
+    ) -> Result<(), SessionError> {
+        let Some(mut n) = conn.negs.remove(&id) else {
+            return Ok(());
+        };
+        n.last_activity = Instant::now();
+        match n.neg.on_message(message) {
+            Ok(Some(next)) => {
+                conn.writer
+                    .send(&ClientMessage::NegMsg {
+                        subscription_id: Cow::Owned(id.clone()),
+                        message: Cow::Owned(next),
+                    })
+                    .await
+                    .map_err(SessionError::Write)?;
+                conn.negs.insert(id, n);
+            }
+            Ok(None) => {
+                conn.writer
+                    .send(&ClientMessage::NegClose {
+                        subscription_id: Cow::Owned(id),
+                    })
+                    .await
+                    .map_err(SessionError::Write)?;
+                conn.neg_support = Some(true);
+                let need = n.neg.need();
+                self.neg_ids += need.len() as u64;
+                self.metrics
+                    .negentropy_ids_requested
+                    .inc_by(need.len() as u64);
+                if need.is_empty() {
+                    self.filter_done(conn, n.batch, false);
+                    return Ok(());
+                }
+                let chunks: Vec<Vec<EventId>> = need
+                    .chunks(self.config.id_chunk.max(1))
+                    .map(<[EventId]>::to_vec)
+                    .collect();
+                if let Some(b) = conn.batches.get_mut(&n.batch) {
+                    b.open += chunks.len() - 1;
+                }
+                for ids in chunks {
+                    conn.queue.push(Queued {
+                        batch: n.batch,
+                        work: Work::Fetch {
+                            filter: n.filter.clone(),
+                            ids,
+                            retried: false,
+                        },
+                        not_before: Instant::now(),
+                    });
+                }
+            }
+            Err(e) => {
+                let _ = conn
+                    .writer
+                    .send(&ClientMessage::NegClose {
+                        subscription_id: Cow::Owned(id),
+                    })
+                    .await;
+                self.fallback_to_req(conn, n.batch, n.filter, &e.to_string());
+            }
+        }
+        Ok(())
+    }
+
+    /// The relay does not do negentropy: every reconciliation in flight falls back.
+    pub(in crate::worker::session) fn negentropy_unsupported(
+        &mut self,
+        conn: &mut Conn,
+        why: &str,
+    ) {
+        if conn.neg_support != Some(false) {
+            tracing::info!(relay = %self.url, %why, "relay does not support NIP-77; using REQ pagination");
+        }
+        conn.neg_support = Some(false);
+        let open: Vec<NegSub> = conn.negs.drain().map(|(_, n)| n).collect();
+        for n in open {
+            self.fallback_to_req(conn, n.batch, n.filter, why);
+        }
+    }
+
+    /// Give up on negentropy for one filter and page through it with REQs instead.
+    pub(in crate::worker::session) fn fallback_to_req(
+        &mut self,
+        conn: &mut Conn,
+        batch: u64,
+        filter: Filter,
+        why: &str,
+    ) {
+        tracing::debug!(relay = %self.url, %why, "historic filter falls back to REQ pagination");
+        self.metrics
+            .historic_method
+            .with_label_values(&["req-fallback"])
+            .inc();
+        if let Some(b) = conn.batches.get_mut(&batch) {
+            b.negentropy = false;
+        }
+        let limit = self.page_limit(&conn.caps);
+        conn.queue.push(Queued {
+            batch,
+            work: Work::Page(Paginator::new(filter, limit)),
+            not_before: Instant::now(),
+        });
+    }
+}

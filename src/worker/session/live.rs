@@ -1,0 +1,74 @@
+//! Live subscriptions (Layers 1–3 from now on) and changes to what the session syncs.
+
+use nostr::{ClientMessage, EventId, SubscriptionId};
+
+use super::{Conn, Session, SessionError, SyncSet};
+use crate::crd::RelayCapabilities;
+use crate::nostr::filters::{self, RepoScope};
+
+impl Session {
+    /// (Re)open the live subscriptions for the whole set: new ones first, then close the old,
+    /// so no event falls between them.
+    pub(super) async fn open_live(&mut self, conn: &mut Conn) -> Result<(), SessionError> {
+        let repos: Vec<RepoScope> = self.set.repos.iter().cloned().collect();
+        let roots: Vec<EventId> = self.set.roots.iter().copied().collect();
+        // Leave room for historic work under the relay's subscription limit.
+        let max_reqs = conn.caps.max_subscriptions.map(|m| {
+            (m as usize).saturating_sub(self.config.max_historic_subscriptions.min(m as usize / 2))
+        });
+        let plan = filters::plan_live(
+            &repos,
+            &roots,
+            self.config.chunk,
+            self.max_filters(&conn.caps),
+            max_reqs,
+        );
+        let old: Vec<SubscriptionId> = conn.live.keys().cloned().collect();
+        conn.live.clear();
+        for req in plan {
+            conn.next_id += 1;
+            let id = SubscriptionId::new(format!("live-{}", conn.next_id));
+            conn.writer
+                .send(&ClientMessage::req(id.clone(), req))
+                .await
+                .map_err(SessionError::Write)?;
+            conn.live.insert(id, ());
+        }
+        for id in old {
+            conn.writer
+                .send(&ClientMessage::close(id))
+                .await
+                .map_err(SessionError::Write)?;
+        }
+        Ok(())
+    }
+
+    pub(super) async fn on_set(
+        &mut self,
+        conn: &mut Conn,
+        set: SyncSet,
+    ) -> Result<(), SessionError> {
+        if set == self.set {
+            return Ok(());
+        }
+        let added = SyncSet {
+            repos: set.repos.difference(&self.set.repos).cloned().collect(),
+            roots: set.roots.difference(&self.set.roots).copied().collect(),
+        };
+        // Removed items stop being synced: drop them from the confirmed set too, so that a
+        // later re-add fetches them in full.
+        self.confirmed.repos.retain(|r| set.repos.contains(r));
+        self.confirmed.roots.retain(|r| set.roots.contains(r));
+        self.set = set;
+        self.open_live(conn).await?;
+        self.queue_historic(conn, Some(added), false, None);
+        Ok(())
+    }
+
+    fn max_filters(&self, caps: &RelayCapabilities) -> usize {
+        caps.max_filters
+            .map(|n| n as usize)
+            .unwrap_or(self.config.default_max_filters)
+            .max(1)
+    }
+}

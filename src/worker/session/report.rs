@@ -1,0 +1,124 @@
+//! What the session tells the outside: the phase and counters in its `watch`, and the
+//! per-relay metrics.
+
+use std::sync::atomic::Ordering;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use super::{Conn, Session, SessionState};
+use crate::crd::Phase;
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+pub(super) fn to_system(at: Instant) -> SystemTime {
+    let now = Instant::now();
+    if at >= now {
+        SystemTime::now() + (at - now)
+    } else {
+        SystemTime::now() - (now - at)
+    }
+}
+
+impl Session {
+    pub(super) fn update_phase(&mut self, conn: &Conn) {
+        // The cursor moves forward while every historic batch is confirmed, the live
+        // subscriptions are open, and the publisher has answered for everything we gave it.
+        if conn.batches.is_empty() && conn.historic.is_empty() && self.counters.drained() {
+            self.cursor = Some(unix_now().max(self.cursor.unwrap_or(0)));
+        }
+        let now = Instant::now();
+        let failed = conn.batches.values().any(|b| b.failed);
+        let pending = !conn.batches.is_empty();
+        let phase = if self.health.rate_limited_until(now).is_some() {
+            Phase::RateLimited
+        } else if pending && failed {
+            Phase::LiveWithGaps
+        } else if pending {
+            Phase::Syncing
+        } else if self.gaps > 0 {
+            Phase::LiveWithGaps
+        } else {
+            Phase::Live
+        };
+        let code = match phase {
+            Phase::Syncing => 2,
+            Phase::Live => 3,
+            Phase::LiveWithGaps => 4,
+            _ => 5,
+        };
+        self.metrics
+            .relay_connected
+            .with_label_values(&[self.url.as_str()])
+            .set(code);
+        let subs = conn.live.len() + conn.historic.len() + conn.negs.len() + conn.fetches.len();
+        self.report_bytes(conn);
+        let bytes = self.bytes_before + conn.reader.bytes();
+        let neg_ids = self.neg_ids;
+        let (repos, roots) = (self.set.repos.len(), self.set.roots.len());
+        let confirmed_repos = self.set.repos.intersection(&self.confirmed.repos).count();
+        let confirmed_roots = self.set.roots.intersection(&self.confirmed.roots).count();
+        let cursor = self.cursor;
+        let (received, gaps) = (self.received, self.gaps);
+        let published = self.counters.published.load(Ordering::Relaxed);
+        let rejected = self.counters.rejected.load(Ordering::Relaxed);
+        let failures = self.health.consecutive_failures();
+        let pending_events = self.counters.pending();
+        self.publish_state(|s| {
+            s.phase = phase;
+            s.events_pending = pending_events;
+            s.subscriptions = subs;
+            s.repos = repos;
+            s.roots = roots;
+            s.confirmed_repos = confirmed_repos;
+            s.confirmed_roots = confirmed_roots;
+            s.cursor = cursor;
+            s.events_received = received;
+            s.events_published = published;
+            s.events_rejected = rejected;
+            s.historic_gaps = gaps;
+            s.bytes_received = bytes;
+            s.negentropy_ids_requested = neg_ids;
+            s.consecutive_failures = failures;
+            s.next_retry_at = None;
+        });
+    }
+
+    /// Add what the connection read since the last report to the bytes metric, labelled by
+    /// whether this relay does negentropy.
+    pub(super) fn report_bytes(&mut self, conn: &Conn) {
+        let read = conn.reader.bytes();
+        let method = if conn.neg_support == Some(true) {
+            "negentropy"
+        } else {
+            "req"
+        };
+        self.metrics
+            .bytes_received
+            .with_label_values(&[method])
+            .inc_by(read.saturating_sub(self.bytes_reported));
+        self.bytes_reported = read;
+    }
+
+    pub(super) fn publish_state(&self, f: impl FnOnce(&mut SessionState)) {
+        self.state.send_if_modified(|s| {
+            let before = s.clone();
+            f(s);
+            *s != before
+        });
+    }
+}
+
+pub(super) fn truncate(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_string();
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &s[..end])
+}

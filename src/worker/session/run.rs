@@ -1,0 +1,256 @@
+//! The session task: wait out backoff, connect, run the connection's event loop, and turn
+//! how it ended into the next backoff.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant, SystemTime};
+
+use nostr::{ClientMessage, Timestamp};
+use tokio::sync::mpsc;
+
+use super::report::{to_system, truncate};
+use super::{Command, Conn, End, Session, SessionError};
+use crate::crd::Phase;
+use crate::relay::backoff::HealthState;
+use crate::relay::connection::{self, Incoming};
+use crate::relay::nip11;
+
+impl Session {
+    pub(super) async fn run(mut self) {
+        let label = self.url.to_string();
+        self.metrics.relays_tracked.inc();
+        loop {
+            // Wait for the backoff / cool-down, handling commands meanwhile.
+            while !self.health.may_connect(Instant::now()) {
+                let wake = self
+                    .health
+                    .next_retry_at()
+                    .into_iter()
+                    .chain(self.health.rate_limited_until(Instant::now()))
+                    .max()
+                    .unwrap_or_else(Instant::now);
+                tokio::select! {
+                    _ = tokio::time::sleep_until(wake.into()) => {}
+                    cmd = self.commands.recv() => match cmd {
+                        Some(Command::Set(set)) => { self.set = set; self.publish_state(|_| {}); }
+                        Some(Command::Stop) | None => return self.finish(),
+                    }
+                }
+            }
+
+            self.publish_state(|s| s.phase = Phase::Connecting);
+            self.metrics
+                .relay_connected
+                .with_label_values(&[&label])
+                .set(1);
+            if let Some(policy) = &self.config.addresses
+                && let Err(e) = policy.check_resolved(&self.url).await
+            {
+                self.metrics
+                    .connection_attempts
+                    .with_label_values(&[&label, "refused"])
+                    .inc();
+                self.on_disconnect(SessionError::AddressRefused(e));
+                continue;
+            }
+            let caps = nip11::fetch(&self.url, self.config.nip11_timeout).await;
+            if let Err(e) = &caps {
+                tracing::debug!(relay = %self.url, error = %e, "no usable NIP-11 document; using defaults");
+            }
+            let nip11_doc = caps.as_ref().ok().cloned();
+            let caps = caps.unwrap_or_default();
+            let conn = match connection::connect(&self.url, &self.config.connect).await {
+                Ok((writer, reader)) => {
+                    let (local_tx, local_rx) = mpsc::unbounded_channel();
+                    Conn {
+                        writer,
+                        reader,
+                        caps,
+                        live: HashMap::new(),
+                        historic: HashMap::new(),
+                        queue: Vec::new(),
+                        batches: HashMap::new(),
+                        next_id: 0,
+                        neg_support: nip11_doc.map(|c| c.negentropy),
+                        negs: HashMap::new(),
+                        fetches: HashMap::new(),
+                        locals_pending: 0,
+                        local_tx,
+                        local_rx,
+                        authenticated: false,
+                        auth_pending: None,
+                        live_retry_at: None,
+                        reconcile_at: Instant::now() + self.reconcile_delay(),
+                    }
+                }
+                Err(e) => {
+                    self.metrics
+                        .connection_attempts
+                        .with_label_values(&[&label, "failure"])
+                        .inc();
+                    self.on_disconnect(SessionError::Connect(e));
+                    continue;
+                }
+            };
+            self.metrics
+                .connection_attempts
+                .with_label_values(&[&label, "success"])
+                .inc();
+            self.metrics.relays_connected.inc();
+            self.health.on_connected(Instant::now());
+            let caps = conn.caps.clone();
+            self.publish_state(|s| {
+                s.last_connected = Some(SystemTime::now());
+                s.capabilities = caps;
+                s.last_error = None;
+            });
+            let mut conn = conn;
+            let end = self.connected(&mut conn).await;
+            self.report_bytes(&conn);
+            self.bytes_before += conn.reader.bytes();
+            self.bytes_reported = 0;
+            self.metrics.relays_connected.dec();
+            self.metrics.subscriptions.set(0);
+            match end {
+                End::Stop => return self.finish(),
+                End::Lost(err) => self.on_disconnect(err),
+            }
+        }
+    }
+
+    fn finish(&mut self) {
+        self.metrics.relays_tracked.dec();
+        self.metrics
+            .relay_connected
+            .with_label_values(&[self.url.as_str()])
+            .set(0);
+        self.publish_state(|s| s.subscriptions = 0);
+    }
+
+    fn on_disconnect(&mut self, err: SessionError) {
+        let now = Instant::now();
+        let delay = self.health.on_failure(now, rand::random::<f64>());
+        let reason = err.to_string();
+        tracing::info!(relay = %self.url, %reason, cause = err.label(), retry_in = ?delay, "relay disconnected");
+        let phase = match self.health.state(now) {
+            HealthState::Dead => Phase::Dead,
+            HealthState::RateLimited => Phase::RateLimited,
+            _ => Phase::Backoff,
+        };
+        self.metrics
+            .relay_connected
+            .with_label_values(&[self.url.as_str()])
+            .set(5);
+        let failures = self.health.consecutive_failures();
+        let pending_events = self.counters.pending();
+        self.publish_state(|s| {
+            s.phase = phase;
+            s.events_pending = pending_events;
+            s.last_disconnected = Some(SystemTime::now());
+            s.consecutive_failures = failures;
+            s.next_retry_at = Some(to_system(now + delay));
+            s.last_error = Some(truncate(&reason, 1000));
+            s.subscriptions = 0;
+        });
+    }
+
+    /// The connected part of a session. Returns why it ended.
+    async fn connected(&mut self, conn: &mut Conn) -> End {
+        let since = self
+            .cursor
+            .map(|c| Timestamp::from(c.saturating_sub(self.config.slack.as_secs())));
+        // What a new connection must fetch: everything not confirmed, and — when resuming —
+        // what arrived for confirmed items while we were away.
+        if let Err(e) = self.open_live(conn).await {
+            return End::Lost(e);
+        }
+        self.queue_historic(conn, None, true, since);
+        let mut tick = tokio::time::interval(Duration::from_millis(250));
+        loop {
+            if let Err(e) = self.pump_queue(conn).await {
+                return End::Lost(e);
+            }
+            self.update_phase(conn);
+            tokio::select! {
+                incoming = conn.reader.recv() => {
+                    let msg = match incoming {
+                        Ok(Incoming::Message(m)) => m,
+                        Ok(Incoming::Malformed { len, error }) => {
+                            self.metrics.malformed_messages.inc();
+                            tracing::debug!(relay = %self.url, len, %error, "malformed message");
+                            continue;
+                        }
+                        Err(e) => return End::Lost(SessionError::Read(e)),
+                    };
+                    if let Err(e) = self.on_message(conn, msg).await {
+                        return End::Lost(e);
+                    }
+                }
+                cmd = self.commands.recv() => match cmd {
+                    Some(Command::Set(set)) => {
+                        if let Err(e) = self.on_set(conn, set).await {
+                            return End::Lost(e);
+                        }
+                    }
+                    Some(Command::Stop) | None => {
+                        let subs = conn.live.keys().chain(conn.historic.keys()).chain(conn.fetches.keys());
+                        for id in subs {
+                            let _ = conn.writer.send(&ClientMessage::close(id.clone())).await;
+                        }
+                        for id in conn.negs.keys() {
+                            let close = ClientMessage::NegClose {
+                                subscription_id: std::borrow::Cow::Borrowed(id),
+                            };
+                            let _ = conn.writer.send(&close).await;
+                        }
+                        conn.writer.close().await;
+                        return End::Stop;
+                    }
+                },
+                Some(done) = conn.local_rx.recv() => {
+                    if let Err(e) = self.on_local_done(conn, done).await {
+                        return End::Lost(e);
+                    }
+                }
+                _ = tick.tick() => {
+                    if let Err(e) = self.on_tick(conn).await {
+                        return End::Lost(e);
+                    }
+                }
+            }
+        }
+    }
+
+    fn reconcile_delay(&self) -> Duration {
+        let (lo, hi) = self.config.reconcile_every;
+        let hi = hi.max(lo);
+        lo + (hi - lo).mul_f64(rand::random::<f64>())
+    }
+
+    /// Periodic work on the connection: re-opening closed live subscriptions and the full
+    /// reconciliation.
+    async fn on_tick(&mut self, conn: &mut Conn) -> Result<(), SessionError> {
+        let now = Instant::now();
+        if conn.live_retry_at.is_some_and(|t| t <= now)
+            && self.health.rate_limited_until(now).is_none()
+        {
+            conn.live_retry_at = None;
+            self.open_live(conn).await?;
+        }
+        if self.reconciling && conn.batches.is_empty() {
+            self.reconciling = false;
+        }
+        if now >= conn.reconcile_at && conn.batches.is_empty() {
+            conn.reconcile_at = now + self.reconcile_delay();
+            tracing::info!(relay = %self.url, "full reconciliation");
+            self.metrics
+                .historic_batches
+                .with_label_values(&["reconciliation"])
+                .inc();
+            self.reconciling = true;
+            let all = self.set.clone();
+            self.queue_historic(conn, Some(all), true, None);
+        }
+        self.check_timeouts(conn).await;
+        Ok(())
+    }
+}
