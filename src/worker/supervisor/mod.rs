@@ -9,6 +9,7 @@
 
 pub mod metrics;
 
+mod drain;
 mod facts;
 mod report;
 mod sessions;
@@ -27,24 +28,20 @@ use tokio::time::Instant;
 use super::metrics::WorkerMetrics;
 use super::publisher::Publisher;
 use super::session::{SessionConfig, SessionState};
-use super::status::{Coalescer, released_status, status_from_session};
-use crate::crd::Phase;
+use super::status::{Coalescer, status_from_session};
 use crate::nostr::{RelayUrl, RepoCoordinate};
 use crate::relay::address_policy::AddressPolicy;
 use crate::relay::backoff::HealthConfig;
 use crate::relay::feed::{self, FeedEvent};
 use crate::store::{RelaySyncStore, StoredRelaySync};
+use drain::Stopping;
 use facts::{RepoFacts, feed_filters};
 use metrics::{PHASES, SupervisorMetrics};
 use sessions::{RelaySessions, Running, SessionStarter};
-use writer::{PhaseEvent, StatusWriter, Write, WriteKind, WriteResult, Written};
+use writer::{StatusWriter, Write, WriteKind, WriteResult, Written};
 
 /// Most one change of a session's sync set per this interval.
 const APPLY_EVERY: Duration = Duration::from_millis(500);
-
-/// A draining session still closing after this long is worth a warning (it is never
-/// acknowledged while its connection might still be open).
-const DRAIN_STOP_WARN: Duration = Duration::from_secs(10);
 
 #[derive(Debug, Clone)]
 pub struct RuntimeConfig {
@@ -190,7 +187,7 @@ pub(crate) async fn supervise<S: RelaySyncStore + 'static>(
         }
         // A drain is acknowledged only after the session closed, so two workers never hold
         // one relay's connection.
-        release_drained(&config, &mut st, &writer).await;
+        drain::release_drained(&config, &mut st, &writer).await;
         // Root events trickle in one by one while Layer 2 syncs: apply them in batches (at
         // most once per APPLY_EVERY), not one subscription change per event.
         if dirty && feed_synced && last_apply.elapsed() >= APPLY_EVERY {
@@ -331,84 +328,4 @@ fn on_written(st: &mut State, written: Written) {
         }
         WriteKind::Final => {}
     }
-}
-
-/// A draining session's stop, running in its own task so the loop never waits on it.
-struct Stopping {
-    task: tokio::task::JoinHandle<SessionState>,
-    since: Instant,
-    warned: bool,
-}
-
-/// Close the sessions of relays whose every part is draining and, once a session's task has
-/// ended, acknowledge each part with its final status.
-async fn release_drained(config: &RuntimeConfig, st: &mut State, writer: &StatusWriter) {
-    st.released
-        .retain(|name| st.objects.get(name).is_some_and(|o| o.draining));
-    let mut decided = Vec::new();
-    for (url, pending) in sessions::drains_due(&st.objects, &st.released, &config.worker) {
-        let pending: Vec<&StoredRelaySync> = pending
-            .into_iter()
-            .filter(|o| !st.in_flight.contains(&o.name))
-            .collect();
-        if pending.is_empty() {
-            continue;
-        }
-        if let Some(r) = st.sessions.remove(&url) {
-            tracing::info!(relay = %url, "draining: closing the session for reassignment");
-            st.stopping.insert(
-                url.clone(),
-                Stopping {
-                    task: tokio::spawn(r.control.stop()),
-                    since: Instant::now(),
-                    warned: false,
-                },
-            );
-        }
-        if let Some(s) = st.stopping.get_mut(&url) {
-            if !s.task.is_finished() {
-                if !s.warned && s.since.elapsed() >= DRAIN_STOP_WARN {
-                    s.warned = true;
-                    tracing::warn!(relay = %url, "session did not stop in time; not releasing yet");
-                }
-                continue;
-            }
-            if let Some(s) = st.stopping.remove(&url) {
-                // A session task that panicked is gone with its connection: released with
-                // the stored status.
-                st.stopped.insert(url.clone(), s.task.await.ok());
-            }
-        }
-        let state = st.stopped.get(&url).and_then(|s| s.as_ref());
-        for o in pending {
-            let status = released_status(
-                state,
-                &config.worker,
-                o.generation,
-                o.status.as_ref(),
-                SystemTime::now(),
-            );
-            decided.push(Write {
-                name: o.name.clone(),
-                status,
-                kind: WriteKind::Release,
-                event: Some(PhaseEvent {
-                    from: o.status.as_ref().and_then(|s| s.phase),
-                    to: Phase::Pending,
-                    note: Some("released for reassignment".into()),
-                }),
-                decided_at: Instant::now(),
-            });
-        }
-    }
-    for w in decided {
-        submit(st, writer, w);
-    }
-    // Keep a drained session's final state only while one of its parts still drains.
-    let draining: BTreeSet<RelayUrl> = sessions::group_by_url(&st.objects)
-        .into_iter()
-        .filter(|(_, parts)| parts.iter().all(|o| o.draining))
-        .map(|(url, _)| url)
-        .collect();
-    st.stopped.retain(|url, _| draining.contains(url));
 }

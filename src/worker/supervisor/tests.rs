@@ -11,7 +11,7 @@ use tokio::sync::{Notify, mpsc, watch};
 use tokio::task::JoinHandle;
 
 use super::*;
-use crate::crd::{RelaySyncSpec, RelaySyncStatus, is_released_by};
+use crate::crd::{Phase, RelaySyncSpec, RelaySyncStatus, is_released_by};
 use crate::store::StoreError;
 use crate::store::memory::MemoryStore;
 use crate::worker::session::SyncSet;

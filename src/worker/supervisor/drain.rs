@@ -1,0 +1,100 @@
+//! Drains: a relay moving to another worker. Its session is closed in a task of its own,
+//! awaited (never detached) before every part is acknowledged with its final status, so two
+//! workers never hold one relay's connection.
+
+use std::collections::BTreeSet;
+use std::time::{Duration, SystemTime};
+
+use tokio::time::Instant;
+
+use super::writer::{PhaseEvent, StatusWriter, Write, WriteKind};
+use super::{RuntimeConfig, State, sessions, submit};
+use crate::crd::Phase;
+use crate::nostr::RelayUrl;
+use crate::store::StoredRelaySync;
+use crate::worker::session::SessionState;
+use crate::worker::status::released_status;
+
+/// A draining session still closing after this long is worth a warning (it is never
+/// acknowledged while its connection might still be open).
+const DRAIN_STOP_WARN: Duration = Duration::from_secs(10);
+
+/// A draining session's stop, running in its own task so the loop never waits on it.
+pub(super) struct Stopping {
+    pub(super) task: tokio::task::JoinHandle<SessionState>,
+    since: Instant,
+    warned: bool,
+}
+
+/// Close the sessions of relays whose every part is draining and, once a session's task has
+/// ended, acknowledge each part with its final status.
+pub(super) async fn release_drained(config: &RuntimeConfig, st: &mut State, writer: &StatusWriter) {
+    st.released
+        .retain(|name| st.objects.get(name).is_some_and(|o| o.draining));
+    let mut decided = Vec::new();
+    for (url, pending) in sessions::drains_due(&st.objects, &st.released, &config.worker) {
+        let pending: Vec<&StoredRelaySync> = pending
+            .into_iter()
+            .filter(|o| !st.in_flight.contains(&o.name))
+            .collect();
+        if pending.is_empty() {
+            continue;
+        }
+        if let Some(r) = st.sessions.remove(&url) {
+            tracing::info!(relay = %url, "draining: closing the session for reassignment");
+            st.stopping.insert(
+                url.clone(),
+                Stopping {
+                    task: tokio::spawn(r.control.stop()),
+                    since: Instant::now(),
+                    warned: false,
+                },
+            );
+        }
+        if let Some(s) = st.stopping.get_mut(&url) {
+            if !s.task.is_finished() {
+                if !s.warned && s.since.elapsed() >= DRAIN_STOP_WARN {
+                    s.warned = true;
+                    tracing::warn!(relay = %url, "session did not stop in time; not releasing yet");
+                }
+                continue;
+            }
+            if let Some(s) = st.stopping.remove(&url) {
+                // A session task that panicked is gone with its connection: released with
+                // the stored status.
+                st.stopped.insert(url.clone(), s.task.await.ok());
+            }
+        }
+        let state = st.stopped.get(&url).and_then(|s| s.as_ref());
+        for o in pending {
+            let status = released_status(
+                state,
+                &config.worker,
+                o.generation,
+                o.status.as_ref(),
+                SystemTime::now(),
+            );
+            decided.push(Write {
+                name: o.name.clone(),
+                status,
+                kind: WriteKind::Release,
+                event: Some(PhaseEvent {
+                    from: o.status.as_ref().and_then(|s| s.phase),
+                    to: Phase::Pending,
+                    note: Some("released for reassignment".into()),
+                }),
+                decided_at: Instant::now(),
+            });
+        }
+    }
+    for w in decided {
+        submit(st, writer, w);
+    }
+    // Keep a drained session's final state only while one of its parts still drains.
+    let draining: BTreeSet<RelayUrl> = sessions::group_by_url(&st.objects)
+        .into_iter()
+        .filter(|(_, parts)| parts.iter().all(|o| o.draining))
+        .map(|(url, _)| url)
+        .collect();
+    st.stopped.retain(|url, _| draining.contains(url));
+}
