@@ -6,15 +6,19 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use nostr::{Filter, Kind};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
 
 pub mod desired;
 pub mod index;
 pub mod metrics;
 pub mod targets;
+
+#[cfg(test)]
+mod tests;
 
 use crate::nostr::RelayUrl;
 use crate::nostr::kinds::REPO_ANNOUNCEMENT;
@@ -80,14 +84,24 @@ pub async fn run<S: RelaySyncStore + 'static>(
     config: DiscoveryConfig,
     store: Arc<S>,
     metrics: DiscoveryMetrics,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
 ) {
     let filters = vec![
         Filter::new().kind(REPO_ANNOUNCEMENT),
         Filter::new().kind(Kind::EventDeletion),
     ];
-    let (_feed, mut events) =
-        feed::spawn(config.local_relay.clone(), filters, config.health.clone());
+    let (_feed, events) = feed::spawn(config.local_relay.clone(), filters, config.health.clone());
+    discover(config, events, store, metrics, shutdown).await
+}
+
+/// The discovery loop over a feed of the local relay's announcements and deletions.
+pub(crate) async fn discover<S: RelaySyncStore + 'static>(
+    config: DiscoveryConfig,
+    mut events: mpsc::Receiver<FeedEvent>,
+    store: Arc<S>,
+    metrics: DiscoveryMetrics,
+    mut shutdown: watch::Receiver<bool>,
+) {
     let mut index = RepoIndex::default();
     let mut planner = Planner::new(config.grace);
     let mut loaded = false;
@@ -164,7 +178,7 @@ async fn reconcile<S: RelaySyncStore>(
         .into_iter()
         .map(|o| (o.name, o.spec))
         .collect();
-    for action in planner.plan(&desired, &existing, Instant::now()) {
+    for action in planner.plan(&desired, &existing, Instant::now().into_std()) {
         match action {
             Action::Apply { name, spec } => {
                 tracing::info!(object = %name, url = %spec.url, repos = spec.repos.len(), "apply RelaySync");

@@ -1,0 +1,202 @@
+//! The discovery loop on an in-memory store, fed by hand, with paused time: debounce and
+//! grace are exact, and no relay is involved.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use nostr::{Event, EventBuilder, Keys, Tag, TagKind, Timestamp};
+use tokio::task::JoinHandle;
+
+use super::*;
+use crate::relay::address_policy::AddressPolicy;
+use crate::store::memory::MemoryStore;
+
+const GRACE: Duration = Duration::from_secs(15 * 60);
+
+fn announce(keys: &Keys, id: &str, relays: &[&str], at: u64) -> Event {
+    EventBuilder::new(REPO_ANNOUNCEMENT, "")
+        .tag(Tag::identifier(id))
+        .tag(Tag::custom(
+            TagKind::custom("relays"),
+            relays.iter().map(|s| s.to_string()),
+        ))
+        .custom_created_at(Timestamp::from(at))
+        .sign_with_keys(keys)
+        .unwrap()
+}
+
+fn delete(keys: &Keys, coordinate: &str) -> Event {
+    EventBuilder::new(Kind::EventDeletion, "")
+        .tag(Tag::parse(["a", coordinate]).unwrap())
+        .sign_with_keys(keys)
+        .unwrap()
+}
+
+struct Rig {
+    store: Arc<MemoryStore>,
+    metrics: DiscoveryMetrics,
+    feed: mpsc::Sender<FeedEvent>,
+    stop: watch::Sender<bool>,
+    task: JoinHandle<()>,
+}
+
+fn rig() -> Rig {
+    let policy = TargetPolicy {
+        service_domain: "git.ours.example".into(),
+        addresses: AddressPolicy::default(),
+    };
+    let mut config = DiscoveryConfig::new(RelayUrl::parse("ws://127.0.0.1:7777").unwrap(), policy);
+    config.bootstrap = BTreeSet::from([RelayUrl::parse("wss://boot.example").unwrap()]);
+    config.grace = GRACE;
+    let store = Arc::new(MemoryStore::new());
+    let metrics = DiscoveryMetrics::new();
+    let (feed, events) = mpsc::channel(64);
+    let (stop, stop_rx) = watch::channel(false);
+    let task = tokio::spawn(discover(
+        config,
+        events,
+        store.clone(),
+        metrics.clone(),
+        stop_rx,
+    ));
+    Rig {
+        store,
+        metrics,
+        feed,
+        stop,
+        task,
+    }
+}
+
+impl Rig {
+    async fn send(&self, ev: FeedEvent) {
+        self.feed.send(ev).await.unwrap();
+    }
+    async fn event(&self, e: Event) {
+        self.send(FeedEvent::Event(Box::new(e))).await;
+    }
+    /// url → repo identifiers, as the store holds them.
+    async fn objects(&self) -> BTreeMap<String, BTreeSet<String>> {
+        let mut out: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+        for o in self.store.list().await.unwrap() {
+            let entry = out.entry(o.spec.url.clone()).or_default();
+            for r in o.spec.repos {
+                entry.insert(r.rsplit(':').next().unwrap().to_string());
+            }
+        }
+        out
+    }
+    async fn stop(self) {
+        let _ = self.stop.send(true);
+        self.task.await.unwrap();
+    }
+}
+
+fn want(entries: &[(&str, &[&str])]) -> BTreeMap<String, BTreeSet<String>> {
+    entries
+        .iter()
+        .map(|(u, ids)| (u.to_string(), ids.iter().map(|s| s.to_string()).collect()))
+        .collect()
+}
+
+async fn pass(d: Duration) {
+    let step = Duration::from_millis(100);
+    let mut left = d;
+    while !left.is_zero() {
+        let s = step.min(left);
+        tokio::time::sleep(s).await;
+        left -= s;
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn nothing_is_written_before_the_stored_announcements_are_all_read() {
+    let rig = rig();
+    let alice = Keys::generate();
+    rig.event(announce(&alice, "alpha", &["wss://r1.example"], 100))
+        .await;
+    pass(Duration::from_secs(5)).await;
+    assert!(rig.objects().await.is_empty(), "a half-loaded index wrote");
+    rig.send(FeedEvent::Synced).await;
+    pass(Duration::from_secs(1)).await;
+    assert_eq!(
+        rig.objects().await,
+        want(&[
+            ("wss://boot.example", &[]),
+            ("wss://r1.example", &["alpha"])
+        ])
+    );
+    rig.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_relay_dropped_by_a_newer_announcement_goes_only_after_the_grace_period() {
+    let rig = rig();
+    let alice = Keys::generate();
+    rig.event(announce(
+        &alice,
+        "alpha",
+        &[
+            "wss://r1.example",
+            "wss://r2.example",
+            "wss://git.ours.example",
+        ],
+        100,
+    ))
+    .await;
+    rig.send(FeedEvent::Synced).await;
+    pass(Duration::from_secs(1)).await;
+    assert_eq!(
+        rig.objects().await,
+        want(&[
+            ("wss://boot.example", &[]),
+            ("wss://r1.example", &["alpha"]),
+            ("wss://r2.example", &["alpha"]),
+        ])
+    );
+    assert_eq!(
+        rig.metrics
+            .discovery_rejected_targets
+            .with_label_values(&["own_service"])
+            .get(),
+        1
+    );
+    // An older announcement changes nothing; a newer one drops r2.
+    rig.event(announce(&alice, "alpha", &["wss://r1.example"], 50))
+        .await;
+    rig.event(announce(&alice, "alpha", &["wss://r1.example"], 200))
+        .await;
+    pass(GRACE - Duration::from_secs(60)).await;
+    assert!(
+        rig.objects().await.contains_key("wss://r2.example"),
+        "removed before the grace period ran out"
+    );
+    pass(Duration::from_secs(120)).await;
+    assert_eq!(
+        rig.objects().await,
+        want(&[
+            ("wss://boot.example", &[]),
+            ("wss://r1.example", &["alpha"])
+        ])
+    );
+    rig.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_deleted_announcement_removes_its_relays_after_the_grace_period_but_never_bootstrap() {
+    let rig = rig();
+    let (alice, bob) = (Keys::generate(), Keys::generate());
+    let alpha = announce(&alice, "alpha", &["wss://r1.example"], 100);
+    rig.event(alpha).await;
+    rig.send(FeedEvent::Synced).await;
+    pass(Duration::from_secs(1)).await;
+    assert!(rig.objects().await.contains_key("wss://r1.example"));
+    let coordinate = format!("30617:{}:alpha", alice.public_key().to_hex());
+    // Somebody else's deletion does not count.
+    rig.event(delete(&bob, &coordinate)).await;
+    pass(GRACE + Duration::from_secs(60)).await;
+    assert!(rig.objects().await.contains_key("wss://r1.example"));
+    rig.event(delete(&alice, &coordinate)).await;
+    pass(GRACE + Duration::from_secs(60)).await;
+    assert_eq!(rig.objects().await, want(&[("wss://boot.example", &[])]));
+    rig.stop().await;
+}
