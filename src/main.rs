@@ -3,7 +3,6 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result};
 use clap::Parser;
-use tracing_subscriber::EnvFilter;
 
 mod cli;
 
@@ -11,6 +10,7 @@ use cli::{
     Cli, Command, ControllerArgs, LogFormat, LogOpts, PolicyOpts, StandaloneArgs, StatusArgs,
     SyncOpts, WorkerArgs,
 };
+use grasp_sync::observability::logging;
 use grasp_sync::relay::address_policy::AddressPolicy;
 
 fn main() -> ExitCode {
@@ -271,14 +271,10 @@ async fn demo(args: cli::DemoArgs) -> Result<()> {
 }
 
 fn init_tracing(opts: &LogOpts) -> Result<()> {
-    let filter = EnvFilter::try_new(&opts.log_level)
-        .with_context(|| format!("invalid --log-level {:?}", opts.log_level))?;
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match opts.log_format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
-    }
-    Ok(())
+    let format = match opts.log_format {
+        LogFormat::Text => logging::LogFormat::Text,
+        LogFormat::Json => logging::LogFormat::Json,
+    };
+    logging::init(&opts.log_level, format)
+        .with_context(|| format!("invalid --log-level {:?}", opts.log_level))
 }
