@@ -99,7 +99,7 @@ async fn announcements_become_relay_sync_objects_and_shrink_with_grace() {
     let store = Arc::new(MemoryStore::new());
     let mut cfg = config(local.clone());
     cfg.bootstrap = BTreeSet::from([RelayUrl::parse("wss://boot.example").unwrap()]);
-    let metrics = DiscoveryMetrics::new();
+    let metrics = DiscoveryMetrics::default();
     let (stop_tx, stop) = tokio::sync::watch::channel(false);
     let task = tokio::spawn(discovery::run(cfg, store.clone(), metrics.clone(), stop));
 
@@ -193,7 +193,7 @@ async fn an_unreachable_local_relay_is_waited_for() {
     let task = tokio::spawn(discovery::run(
         config(local.clone()),
         store.clone(),
-        DiscoveryMetrics::new(),
+        DiscoveryMetrics::default(),
         stop,
     ));
     tokio::time::sleep(Duration::from_millis(700)).await;

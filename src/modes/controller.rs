@@ -41,7 +41,7 @@ pub async fn run_controller(
     namespace: String,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), KubeModeError> {
-    let metrics = ProcessMetrics::new();
+    let metrics = ProcessMetrics::new()?;
     metrics.set_role("controller");
     let discovery_metrics = DiscoveryMetrics::register(&metrics.registry)?;
     let assignment_metrics = AssignmentMetrics::register(&metrics.registry)?;

@@ -55,3 +55,24 @@ pub(crate) async fn serve_http<S: RelaySyncStore + 'static>(
     )
     .await
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::controller::assignment::metrics::AssignmentMetrics;
+    use crate::controller::discovery::metrics::DiscoveryMetrics;
+    use crate::worker::WorkerMetrics;
+
+    #[test]
+    fn every_components_metrics_fit_in_one_registry() {
+        // Standalone runs discovery and a worker in one process; no name may be taken twice.
+        let process = ProcessMetrics::new().expect("process metrics");
+        WorkerMetrics::register(&process.registry).expect("worker metrics");
+        DiscoveryMetrics::register(&process.registry).expect("discovery metrics");
+        AssignmentMetrics::register(&process.registry).expect("assignment metrics");
+        assert!(
+            WorkerMetrics::register(&process.registry).is_err(),
+            "a second registration of the same names must fail"
+        );
+    }
+}

@@ -89,7 +89,7 @@ pub async fn start(opts: StandaloneOptions) -> Result<Standalone, StandaloneErro
         Some(path) => MemoryStore::open(path)?,
         None => MemoryStore::new(),
     });
-    let metrics = ProcessMetrics::new();
+    let metrics = ProcessMetrics::new()?;
     metrics.set_role("standalone");
     let worker_metrics = WorkerMetrics::register(&metrics.registry)?;
     let discovery_metrics = DiscoveryMetrics::register(&metrics.registry)?;

@@ -45,7 +45,7 @@ pub async fn run_worker(
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), KubeModeError> {
     check_worker_name(&opts.name)?;
-    let metrics = ProcessMetrics::new();
+    let metrics = ProcessMetrics::new()?;
     metrics.set_role("worker");
     let worker_metrics = WorkerMetrics::register(&metrics.registry)?;
     let selector = format!("{WORKER_LABEL}={}", opts.name);

@@ -23,34 +23,27 @@ pub struct ProcessMetrics {
 
 impl ProcessMetrics {
     /// A fresh registry holding the process metrics; components register into `registry`.
-    pub fn new() -> Self {
+    pub fn new() -> prometheus::Result<Self> {
         let registry = Registry::new();
-        let m = ProcessMetrics {
+        Ok(ProcessMetrics {
             info: int_gauge_vec(
+                &registry,
                 "grasp_sync_info",
                 "This process's role and version (always 1)",
                 &["role", "version"],
-            ),
+            )?,
             lease_held: int_gauge(
+                &registry,
                 "grasp_sync_worker_lease_held",
                 "1 while this worker holds its Lease",
-            ),
+            )?,
             leader: int_gauge(
+                &registry,
                 "grasp_sync_controller_leader",
                 "1 while this controller replica is the leader",
-            ),
+            )?,
             registry,
-        };
-        // Three distinct static names into a new registry: cannot collide.
-        let _ = register_all(
-            &m.registry,
-            vec![
-                Box::new(m.info.clone()),
-                Box::new(m.lease_held.clone()),
-                Box::new(m.leader.clone()),
-            ],
-        );
-        m
+        })
     }
 
     /// Declare the role of this process (`grasp_sync_info`).
@@ -66,29 +59,12 @@ impl ProcessMetrics {
     }
 }
 
-impl Default for ProcessMetrics {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
 /// Text exposition format of a registry.
 pub fn render(registry: &Registry) -> String {
     let encoder = prometheus::TextEncoder::new();
     encoder
         .encode_to_string(&registry.gather())
         .unwrap_or_default()
-}
-
-/// Register every collector; the first duplicate name fails.
-pub fn register_all(
-    registry: &Registry,
-    collectors: Vec<Box<dyn Collector>>,
-) -> prometheus::Result<()> {
-    for c in collectors {
-        registry.register(c)?;
-    }
-    Ok(())
 }
 
 /// Create the series of every known value of a bounded label (at 0), so dashboards and
@@ -99,34 +75,69 @@ pub fn init_values(vec: &IntCounterVec, values: &[&str]) {
     }
 }
 
-// Constructors for static metric definitions: names and label sets are compile-time
-// constants checked by the tests, so a failure here is a programming error.
+// Each constructor creates one metric and registers it, so a component declares each metric
+// once; a second metric of the same name in one registry is an error.
 
-pub fn int_counter(name: &str, help: &str) -> IntCounter {
-    IntCounter::new(name, help).expect("static metric")
+fn registered<M: Collector + Clone + 'static>(
+    registry: &Registry,
+    metric: prometheus::Result<M>,
+) -> prometheus::Result<M> {
+    let metric = metric?;
+    registry.register(Box::new(metric.clone()))?;
+    Ok(metric)
 }
 
-pub fn int_counter_vec(name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
-    IntCounterVec::new(Opts::new(name, help), labels).expect("static metric")
+pub fn int_counter(registry: &Registry, name: &str, help: &str) -> prometheus::Result<IntCounter> {
+    registered(registry, IntCounter::new(name, help))
 }
 
-pub fn int_gauge(name: &str, help: &str) -> IntGauge {
-    IntGauge::new(name, help).expect("static metric")
+pub fn int_counter_vec(
+    registry: &Registry,
+    name: &str,
+    help: &str,
+    labels: &[&str],
+) -> prometheus::Result<IntCounterVec> {
+    registered(registry, IntCounterVec::new(Opts::new(name, help), labels))
 }
 
-pub fn int_gauge_vec(name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
-    IntGaugeVec::new(Opts::new(name, help), labels).expect("static metric")
+pub fn int_gauge(registry: &Registry, name: &str, help: &str) -> prometheus::Result<IntGauge> {
+    registered(registry, IntGauge::new(name, help))
 }
 
-pub fn gauge(name: &str, help: &str) -> Gauge {
-    Gauge::new(name, help).expect("static metric")
+pub fn int_gauge_vec(
+    registry: &Registry,
+    name: &str,
+    help: &str,
+    labels: &[&str],
+) -> prometheus::Result<IntGaugeVec> {
+    registered(registry, IntGaugeVec::new(Opts::new(name, help), labels))
 }
 
-pub fn histogram(name: &str, help: &str, buckets: Vec<f64>) -> Histogram {
-    Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets)).expect("static metric")
+pub fn gauge(registry: &Registry, name: &str, help: &str) -> prometheus::Result<Gauge> {
+    registered(registry, Gauge::new(name, help))
 }
 
-pub fn histogram_vec(name: &str, help: &str, buckets: Vec<f64>, labels: &[&str]) -> HistogramVec {
-    HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets), labels)
-        .expect("static metric")
+pub fn histogram(
+    registry: &Registry,
+    name: &str,
+    help: &str,
+    buckets: Vec<f64>,
+) -> prometheus::Result<Histogram> {
+    registered(
+        registry,
+        Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets)),
+    )
+}
+
+pub fn histogram_vec(
+    registry: &Registry,
+    name: &str,
+    help: &str,
+    buckets: Vec<f64>,
+    labels: &[&str],
+) -> prometheus::Result<HistogramVec> {
+    registered(
+        registry,
+        HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets), labels),
+    )
 }

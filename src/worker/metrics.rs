@@ -9,8 +9,9 @@ use super::supervisor::metrics::SupervisorMetrics;
 use crate::observability::metrics::int_counter;
 
 /// `grasp_sync_malformed_messages_total`, counted by sessions and the publisher alike.
-pub fn malformed_messages() -> IntCounter {
+fn malformed_messages(registry: &Registry) -> prometheus::Result<IntCounter> {
     int_counter(
+        registry,
         "grasp_sync_malformed_messages_total",
         "Relay messages that could not be parsed",
     )
@@ -25,8 +26,7 @@ pub struct WorkerMetrics {
 
 impl WorkerMetrics {
     pub fn register(registry: &Registry) -> prometheus::Result<Self> {
-        let malformed = malformed_messages();
-        registry.register(Box::new(malformed.clone()))?;
+        let malformed = malformed_messages(registry)?;
         Ok(WorkerMetrics {
             session: SessionMetrics::register(registry, malformed.clone())?,
             publisher: PublisherMetrics::register(registry, malformed)?,
@@ -35,14 +35,10 @@ impl WorkerMetrics {
     }
 }
 
+/// Metrics in a registry of their own (tests, benchmarks).
 impl Default for WorkerMetrics {
     fn default() -> Self {
-        let malformed = malformed_messages();
-        WorkerMetrics {
-            session: SessionMetrics::new(malformed.clone()),
-            publisher: PublisherMetrics::new(malformed),
-            supervisor: SupervisorMetrics::new(),
-        }
+        Self::register(&Registry::new()).expect("a fresh registry takes every worker metric")
     }
 }
 

@@ -2,7 +2,7 @@
 
 use prometheus::{IntCounterVec, IntGauge, Registry};
 
-use crate::observability::metrics::{init_values, int_counter_vec, int_gauge, register_all};
+use crate::observability::metrics::{init_values, int_counter_vec, int_gauge};
 
 #[derive(Clone)]
 pub struct AssignmentMetrics {
@@ -18,23 +18,30 @@ pub struct AssignmentMetrics {
 }
 
 impl AssignmentMetrics {
-    /// Unregistered metrics (tests); a process uses [`AssignmentMetrics::register`].
-    pub fn new() -> Self {
+    /// Create every metric and register it into `registry`.
+    pub fn register(registry: &Registry) -> prometheus::Result<Self> {
         let m = AssignmentMetrics {
-            workers_live: int_gauge("grasp_sync_workers_live", "Workers whose Lease is fresh"),
+            workers_live: int_gauge(
+                registry,
+                "grasp_sync_workers_live",
+                "Workers whose Lease is fresh",
+            )?,
             relays_unassigned: int_gauge(
+                registry,
                 "grasp_sync_relays_unassigned",
                 "RelaySyncs with no live worker",
-            ),
+            )?,
             relays_draining: int_gauge(
+                registry,
                 "grasp_sync_relays_draining",
                 "RelaySyncs moving between two live workers",
-            ),
+            )?,
             assignment_moves: int_counter_vec(
+                registry,
                 "grasp_sync_assignment_moves_total",
                 "Assignment steps applied, by kind",
                 &["kind"],
-            ),
+            )?,
         };
         init_values(
             &m.assignment_moves,
@@ -46,26 +53,13 @@ impl AssignmentMetrics {
                 "reassign_dead",
             ],
         );
-        m
-    }
-
-    pub fn register(registry: &Registry) -> prometheus::Result<Self> {
-        let m = Self::new();
-        register_all(
-            registry,
-            vec![
-                Box::new(m.workers_live.clone()),
-                Box::new(m.relays_unassigned.clone()),
-                Box::new(m.relays_draining.clone()),
-                Box::new(m.assignment_moves.clone()),
-            ],
-        )?;
         Ok(m)
     }
 }
 
+/// Metrics in a registry of their own (tests, benchmarks).
 impl Default for AssignmentMetrics {
     fn default() -> Self {
-        Self::new()
+        Self::register(&Registry::new()).expect("a fresh registry takes every static metric")
     }
 }

@@ -152,7 +152,7 @@ impl RepoIndex {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use crate::nostr::kinds::REPO_ANNOUNCEMENT;
     use crate::relay::address_policy::AddressPolicy;
@@ -165,7 +165,8 @@ mod tests {
         }
     }
 
-    fn announce(keys: &Keys, id: &str, relays: &[&str], at: u64) -> Event {
+    /// A signed announcement of `id` by `keys`, listing `relays`, created at `at`.
+    pub(crate) fn announce(keys: &Keys, id: &str, relays: &[&str], at: u64) -> Event {
         EventBuilder::new(REPO_ANNOUNCEMENT, "")
             .tag(Tag::identifier(id))
             .tag(Tag::custom(

@@ -3,7 +3,7 @@
 
 use prometheus::{IntCounterVec, IntGauge, Registry};
 
-use crate::observability::metrics::{init_values, int_counter_vec, int_gauge, register_all};
+use crate::observability::metrics::{init_values, int_counter_vec, int_gauge};
 
 #[derive(Clone)]
 pub struct DiscoveryMetrics {
@@ -18,49 +18,40 @@ pub struct DiscoveryMetrics {
 }
 
 impl DiscoveryMetrics {
-    /// Unregistered metrics (tests); a process uses [`DiscoveryMetrics::register`].
-    pub fn new() -> Self {
+    /// Create every metric and register it into `registry`.
+    pub fn register(registry: &Registry) -> prometheus::Result<Self> {
         let m = DiscoveryMetrics {
             discovery_repos: int_gauge(
+                registry,
                 "grasp_sync_discovery_repos",
                 "Repositories in the discovery index",
-            ),
+            )?,
             discovery_objects: int_gauge(
+                registry,
                 "grasp_sync_discovery_objects",
                 "RelaySync objects discovery wants",
-            ),
+            )?,
             discovery_actions: int_counter_vec(
+                registry,
                 "grasp_sync_discovery_actions_total",
                 "Store writes by discovery",
                 &["action"],
-            ),
+            )?,
             discovery_rejected_targets: int_counter_vec(
+                registry,
                 "grasp_sync_discovery_rejected_targets_total",
                 "Relay URLs from announcements not used, by reason",
                 &["reason"],
-            ),
+            )?,
         };
         init_values(&m.discovery_actions, &["apply", "delete"]);
-        m
-    }
-
-    pub fn register(registry: &Registry) -> prometheus::Result<Self> {
-        let m = Self::new();
-        register_all(
-            registry,
-            vec![
-                Box::new(m.discovery_repos.clone()),
-                Box::new(m.discovery_objects.clone()),
-                Box::new(m.discovery_actions.clone()),
-                Box::new(m.discovery_rejected_targets.clone()),
-            ],
-        )?;
         Ok(m)
     }
 }
 
+/// Metrics in a registry of their own (tests, benchmarks).
 impl Default for DiscoveryMetrics {
     fn default() -> Self {
-        Self::new()
+        Self::register(&Registry::new()).expect("a fresh registry takes every static metric")
     }
 }

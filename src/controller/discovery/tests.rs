@@ -3,26 +3,15 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use nostr::{Event, EventBuilder, Keys, Tag, TagKind, Timestamp};
+use nostr::{Event, EventBuilder, Keys, Tag};
 use tokio::task::JoinHandle;
 
+use super::index::tests::announce;
 use super::*;
 use crate::relay::address_policy::AddressPolicy;
 use crate::store::memory::MemoryStore;
 
 const GRACE: Duration = Duration::from_secs(15 * 60);
-
-fn announce(keys: &Keys, id: &str, relays: &[&str], at: u64) -> Event {
-    EventBuilder::new(REPO_ANNOUNCEMENT, "")
-        .tag(Tag::identifier(id))
-        .tag(Tag::custom(
-            TagKind::custom("relays"),
-            relays.iter().map(|s| s.to_string()),
-        ))
-        .custom_created_at(Timestamp::from(at))
-        .sign_with_keys(keys)
-        .unwrap()
-}
 
 fn delete(keys: &Keys, coordinate: &str) -> Event {
     EventBuilder::new(Kind::EventDeletion, "")
@@ -48,7 +37,7 @@ fn rig() -> Rig {
     config.bootstrap = BTreeSet::from([RelayUrl::parse("wss://boot.example").unwrap()]);
     config.grace = GRACE;
     let store = Arc::new(MemoryStore::new());
-    let metrics = DiscoveryMetrics::new();
+    let metrics = DiscoveryMetrics::default();
     let (feed, events) = mpsc::channel(64);
     let (stop, stop_rx) = watch::channel(false);
     let task = tokio::spawn(discover(

@@ -3,7 +3,7 @@
 use prometheus::{Gauge, Histogram, IntCounter, IntCounterVec, IntGauge, Registry};
 
 use crate::observability::metrics::{
-    gauge, histogram, init_values, int_counter, int_counter_vec, int_gauge, register_all,
+    gauge, histogram, init_values, int_counter, int_counter_vec, int_gauge,
 };
 
 #[derive(Clone)]
@@ -38,64 +38,54 @@ pub const OUTCOMES: [&str; 13] = [
 ];
 
 impl PublisherMetrics {
-    /// Unregistered metrics (tests, tools); a process uses [`PublisherMetrics::register`].
-    pub fn new(malformed_messages: IntCounter) -> Self {
-        let m = PublisherMetrics {
-            publish_outcomes: int_counter_vec(
-                "grasp_sync_publish_outcomes_total",
-                "Local relay answers to published events, by outcome",
-                &["outcome"],
-            ),
-            publish_retries: int_counter(
-                "grasp_sync_publish_retries_total",
-                "Events sent to the local relay again after a transient refusal or a lost connection",
-            ),
-            publish_queue_depth: int_gauge(
-                "grasp_sync_publish_queue_depth",
-                "Events waiting to be published (retry queue)",
-            ),
-            publish_in_flight: int_gauge(
-                "grasp_sync_publish_in_flight",
-                "Events sent to the local relay and awaiting OK",
-            ),
-            publish_latency_seconds: histogram(
-                "grasp_sync_publish_latency_seconds",
-                "Time from EVENT sent to OK received from the local relay",
-                vec![0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0],
-            ),
-            publish_rate_limit: gauge(
-                "grasp_sync_publish_rate",
-                "Adaptive publish pace per connection (events/s) after the local relay pushed back",
-            ),
-            malformed_messages,
-        };
-        init_values(&m.publish_outcomes, &OUTCOMES);
-        m
-    }
-
-    /// Create and register into `registry` (the shared malformed-message counter excepted).
+    /// Create every metric and register it into `registry`.
     pub fn register(
         registry: &Registry,
         malformed_messages: IntCounter,
     ) -> prometheus::Result<Self> {
-        let m = Self::new(malformed_messages);
-        register_all(
-            registry,
-            vec![
-                Box::new(m.publish_outcomes.clone()),
-                Box::new(m.publish_retries.clone()),
-                Box::new(m.publish_queue_depth.clone()),
-                Box::new(m.publish_in_flight.clone()),
-                Box::new(m.publish_latency_seconds.clone()),
-                Box::new(m.publish_rate_limit.clone()),
-            ],
-        )?;
+        let m = PublisherMetrics {
+            publish_outcomes: int_counter_vec(
+                registry,
+                "grasp_sync_publish_outcomes_total",
+                "Local relay answers to published events, by outcome",
+                &["outcome"],
+            )?,
+            publish_retries: int_counter(
+                registry,
+                "grasp_sync_publish_retries_total",
+                "Events sent to the local relay again after a transient refusal or a lost connection",
+            )?,
+            publish_queue_depth: int_gauge(
+                registry,
+                "grasp_sync_publish_queue_depth",
+                "Events waiting to be published (retry queue)",
+            )?,
+            publish_in_flight: int_gauge(
+                registry,
+                "grasp_sync_publish_in_flight",
+                "Events sent to the local relay and awaiting OK",
+            )?,
+            publish_latency_seconds: histogram(
+                registry,
+                "grasp_sync_publish_latency_seconds",
+                "Time from EVENT sent to OK received from the local relay",
+                vec![0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0],
+            )?,
+            publish_rate_limit: gauge(
+                registry,
+                "grasp_sync_publish_rate",
+                "Adaptive publish pace per connection (events/s) after the local relay pushed back",
+            )?,
+            malformed_messages,
+        };
+        init_values(&m.publish_outcomes, &OUTCOMES);
         Ok(m)
     }
 }
 
+/// Metrics in a registry of their own (tests, benchmarks).
 impl Default for PublisherMetrics {
     fn default() -> Self {
-        Self::new(crate::worker::metrics::malformed_messages())
+        crate::worker::WorkerMetrics::default().publisher
     }
 }

@@ -5,7 +5,6 @@ use prometheus::{HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
 
 use crate::observability::metrics::{
     histogram_vec, init_values, int_counter, int_counter_vec, int_gauge, int_gauge_vec,
-    register_all,
 };
 
 #[derive(Clone)]
@@ -32,68 +31,87 @@ pub struct SessionMetrics {
 }
 
 impl SessionMetrics {
-    /// Unregistered metrics (tests, tools); a process uses [`SessionMetrics::register`].
-    pub fn new(malformed_messages: IntCounter) -> Self {
+    /// Create every metric and register it into `registry`.
+    pub fn register(
+        registry: &Registry,
+        malformed_messages: IntCounter,
+    ) -> prometheus::Result<Self> {
         let m = SessionMetrics {
             relay_connected: int_gauge_vec(
+                registry,
                 "ngit_sync_relay_connected",
                 "Connection status per relay (0 disconnected, 1 connecting, 2 syncing, 3 live, 4 live with gaps, 5 backoff)",
                 &["relay"],
-            ),
+            )?,
             connection_attempts: int_counter_vec(
+                registry,
                 "ngit_sync_connection_attempts_total",
                 "Connection attempts by result",
                 &["relay", "result"],
-            ),
+            )?,
             events: int_counter_vec(
+                registry,
                 "ngit_sync_events_total",
                 "Events received from remote relays, by phase",
                 &["source"],
-            ),
-            relays_tracked: int_gauge("ngit_sync_relays_tracked_total", "Relays with a session"),
+            )?,
+            relays_tracked: int_gauge(
+                registry,
+                "ngit_sync_relays_tracked_total",
+                "Relays with a session",
+            )?,
             relays_connected: int_gauge(
+                registry,
                 "ngit_sync_relays_connected_total",
                 "Relays currently connected",
-            ),
+            )?,
             events_rejected: int_counter_vec(
+                registry,
                 "grasp_sync_events_rejected_total",
                 "Events from remotes dropped before publishing, by reason",
                 &["reason"],
-            ),
+            )?,
             historic_batches: int_counter_vec(
+                registry,
                 "grasp_sync_historic_batches_total",
                 "Historic batches by outcome",
                 &["outcome"],
-            ),
+            )?,
             historic_batch_seconds: histogram_vec(
+                registry,
                 "grasp_sync_historic_batch_duration_seconds",
                 "Historic batch duration",
                 vec![0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0],
                 &["method"],
-            ),
+            )?,
             subscriptions: int_gauge(
+                registry,
                 "grasp_sync_subscriptions",
                 "Open subscriptions on remote relays",
-            ),
+            )?,
             historic_method: int_counter_vec(
+                registry,
                 "grasp_sync_historic_method_total",
                 "Historic batches by method (negentropy | req)",
                 &["method"],
-            ),
+            )?,
             negentropy_ids_requested: int_counter(
+                registry,
                 "grasp_sync_negentropy_ids_requested_total",
                 "Event ids fetched after negentropy reconciliation",
-            ),
+            )?,
             bytes_received: int_counter_vec(
+                registry,
                 "grasp_sync_bytes_received_total",
                 "Bytes of relay messages received, by method",
                 &["method"],
-            ),
+            )?,
             closed_subscriptions: int_counter_vec(
+                registry,
                 "grasp_sync_closed_subscriptions_total",
                 "Subscriptions closed by remote relays, by reason",
                 &["reason"],
-            ),
+            )?,
             malformed_messages,
         };
         init_values(
@@ -105,40 +123,13 @@ impl SessionMetrics {
             &["confirmed", "recovered", "timeout", "reconciliation"],
         );
         init_values(&m.events, &["startup", "reconnect", "daily", "live"]);
-        m
-    }
-
-    /// Create and register into `registry` (the malformed-message counter is registered by
-    /// its owner, [`crate::worker::metrics::WorkerMetrics`]).
-    pub fn register(
-        registry: &Registry,
-        malformed_messages: IntCounter,
-    ) -> prometheus::Result<Self> {
-        let m = Self::new(malformed_messages);
-        register_all(
-            registry,
-            vec![
-                Box::new(m.relay_connected.clone()),
-                Box::new(m.connection_attempts.clone()),
-                Box::new(m.events.clone()),
-                Box::new(m.relays_tracked.clone()),
-                Box::new(m.relays_connected.clone()),
-                Box::new(m.events_rejected.clone()),
-                Box::new(m.historic_batches.clone()),
-                Box::new(m.historic_batch_seconds.clone()),
-                Box::new(m.subscriptions.clone()),
-                Box::new(m.historic_method.clone()),
-                Box::new(m.negentropy_ids_requested.clone()),
-                Box::new(m.bytes_received.clone()),
-                Box::new(m.closed_subscriptions.clone()),
-            ],
-        )?;
         Ok(m)
     }
 }
 
+/// Metrics in a registry of their own (tests, benchmarks).
 impl Default for SessionMetrics {
     fn default() -> Self {
-        Self::new(crate::worker::metrics::malformed_messages())
+        crate::worker::WorkerMetrics::default().session
     }
 }

@@ -29,6 +29,12 @@ pub(super) struct Stopping {
 /// Close the sessions of relays whose every part is draining and, once a session's task has
 /// ended, acknowledge each part with its final status.
 pub(super) async fn release_drained(config: &RuntimeConfig, st: &mut State, writer: &StatusWriter) {
+    // This runs on every pass of the loop; drains are rare.
+    if st.stopping.is_empty() && !st.objects.values().any(|o| o.draining) {
+        st.released.clear();
+        st.stopped.clear();
+        return;
+    }
     st.released
         .retain(|name| st.objects.get(name).is_some_and(|o| o.draining));
     let mut decided = Vec::new();

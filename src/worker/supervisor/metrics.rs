@@ -4,7 +4,7 @@
 use prometheus::{IntCounterVec, IntGaugeVec, Registry};
 
 use crate::crd::Phase;
-use crate::observability::metrics::{init_values, int_counter_vec, int_gauge_vec, register_all};
+use crate::observability::metrics::{init_values, int_counter_vec, int_gauge_vec};
 
 /// Every phase, for per-phase gauges.
 pub const PHASES: [Phase; 9] = [
@@ -30,49 +30,40 @@ pub struct SupervisorMetrics {
 }
 
 impl SupervisorMetrics {
-    /// Unregistered metrics (tests); a process uses [`SupervisorMetrics::register`].
-    pub fn new() -> Self {
+    /// Create every metric and register it into `registry`.
+    pub fn register(registry: &Registry) -> prometheus::Result<Self> {
         let m = SupervisorMetrics {
             relays_by_phase: int_gauge_vec(
+                registry,
                 "grasp_sync_relays",
                 "Relays this worker holds, by phase",
                 &["phase"],
-            ),
+            )?,
             status_writes: int_counter_vec(
+                registry,
                 "grasp_sync_status_writes_total",
                 "RelaySync status writes by result",
                 &["result"],
-            ),
+            )?,
             phase_events: int_counter_vec(
+                registry,
                 "grasp_sync_phase_events_total",
                 "Kubernetes Events published on phase transitions, by result",
                 &["result"],
-            ),
+            )?,
         };
         init_values(&m.status_writes, &["ok", "error", "timeout"]);
         init_values(&m.phase_events, &["ok", "error", "timeout"]);
         for phase in PHASES {
             m.relays_by_phase.with_label_values(&[phase.as_str()]);
         }
-        m
-    }
-
-    pub fn register(registry: &Registry) -> prometheus::Result<Self> {
-        let m = Self::new();
-        register_all(
-            registry,
-            vec![
-                Box::new(m.relays_by_phase.clone()),
-                Box::new(m.status_writes.clone()),
-                Box::new(m.phase_events.clone()),
-            ],
-        )?;
         Ok(m)
     }
 }
 
+/// Metrics in a registry of their own (tests, benchmarks).
 impl Default for SupervisorMetrics {
     fn default() -> Self {
-        Self::new()
+        Self::register(&Registry::new()).expect("a fresh registry takes every static metric")
     }
 }

@@ -232,12 +232,11 @@ pub(crate) async fn supervise<S: RelaySyncStore + 'static>(
                         .set(by_phase.get(&phase).copied().unwrap_or(0));
                 }
                 let due = report::due(
-                    &config.worker,
+                    &config,
                     &st.objects,
                     &st.sessions,
                     &mut st.coalescers,
                     &st.in_flight,
-                    config.status_interval,
                     Instant::now(),
                     SystemTime::now(),
                 );

@@ -6,6 +6,7 @@ use std::time::SystemTime;
 
 use tokio::time::Instant;
 
+use super::RuntimeConfig;
 use super::sessions::Running;
 use super::writer::{PhaseEvent, Write, WriteKind};
 use crate::crd::Phase;
@@ -37,14 +38,12 @@ pub(crate) fn phases(
 
 /// The status writes due at `now`, skipping objects with a write in flight (their result
 /// decides the coalescer's next step).
-#[allow(clippy::too_many_arguments)]
 pub(crate) fn due(
-    worker: &str,
+    config: &RuntimeConfig,
     objects: &BTreeMap<String, StoredRelaySync>,
     sessions: &HashMap<RelayUrl, Running>,
     coalescers: &mut HashMap<String, Coalescer>,
     in_flight: &BTreeSet<String>,
-    status_interval: std::time::Duration,
     now: Instant,
     wall: SystemTime,
 ) -> Vec<Write> {
@@ -65,10 +64,16 @@ pub(crate) fn due(
             },
             None => continue,
         };
-        let status = status_from_session(&state, worker, o.generation, o.status.as_ref(), wall);
+        let status = status_from_session(
+            &state,
+            &config.worker,
+            o.generation,
+            o.status.as_ref(),
+            wall,
+        );
         let c = coalescers
             .entry(name.clone())
-            .or_insert_with(|| Coalescer::new(status_interval));
+            .or_insert_with(|| Coalescer::new(config.status_interval));
         if c.due(&status, now.into_std()) {
             tracing::debug!(object = %name, changed = ?c.changes(&status), "writing status");
             let from = c

@@ -196,7 +196,7 @@ fn config() -> RuntimeConfig {
 
 async fn rig(store: Arc<TestStore>) -> Rig {
     let starter = FakeStarter::default();
-    let metrics = SupervisorMetrics::new();
+    let metrics = SupervisorMetrics::default();
     let (feed, local) = mpsc::channel(16);
     let (stop, stop_rx) = watch::channel(false);
     let inputs = Inputs {
@@ -235,6 +235,20 @@ async fn pass(d: Duration) {
 
 fn writes(m: &SupervisorMetrics, result: &str) -> u64 {
     m.status_writes.with_label_values(&[result]).get()
+}
+
+/// One relay "a" held, its session started; status writes hang from the start if `stalled`.
+async fn one_relay(stalled: bool) -> (Arc<TestStore>, Rig, Started) {
+    let store = Arc::new(TestStore::default());
+    store
+        .apply_spec("a", &spec("wss://a.example"))
+        .await
+        .unwrap();
+    store.stall_writes.store(stalled, Ordering::SeqCst);
+    let rig = rig(store.clone()).await;
+    pass(Duration::from_secs(1)).await;
+    let session = rig.starter.started()[0].clone();
+    (store, rig, session)
 }
 
 #[tokio::test(start_paused = true)]
@@ -279,14 +293,7 @@ async fn one_session_per_relay_resuming_from_the_cursor_only_when_every_part_is_
 
 #[tokio::test(start_paused = true)]
 async fn phase_changes_are_written_at_once_and_the_rest_once_per_interval() {
-    let store = Arc::new(TestStore::default());
-    store
-        .apply_spec("a", &spec("wss://a.example"))
-        .await
-        .unwrap();
-    let rig = rig(store.clone()).await;
-    pass(Duration::from_secs(1)).await;
-    let session = rig.starter.started()[0].clone();
+    let (store, rig, session) = one_relay(false).await;
     session.state.send_modify(|s| s.phase = Phase::Live);
     pass(Duration::from_millis(500)).await;
     assert_eq!(store.status("a").and_then(|s| s.phase), Some(Phase::Live));
@@ -313,17 +320,8 @@ async fn phase_changes_are_written_at_once_and_the_rest_once_per_interval() {
 
 #[tokio::test(start_paused = true)]
 async fn a_stalled_store_times_out_counts_and_is_retried() {
-    let store = Arc::new(TestStore::default());
-    store
-        .apply_spec("a", &spec("wss://a.example"))
-        .await
-        .unwrap();
-    store.stall_writes.store(true, Ordering::SeqCst);
-    let rig = rig(store.clone()).await;
-    pass(Duration::from_secs(1)).await;
-    rig.starter.started()[0]
-        .state
-        .send_modify(|s| s.phase = Phase::Live);
+    let (store, rig, session) = one_relay(true).await;
+    session.state.send_modify(|s| s.phase = Phase::Live);
     // The writer gives up after its timeout; the supervisor keeps running meanwhile.
     pass(Duration::from_secs(11)).await;
     assert!(writes(&rig.metrics, "timeout") >= 1);
@@ -339,14 +337,7 @@ async fn a_stalled_store_times_out_counts_and_is_retried() {
 
 #[tokio::test(start_paused = true)]
 async fn a_drain_is_acknowledged_only_after_the_session_has_stopped() {
-    let store = Arc::new(TestStore::default());
-    store
-        .apply_spec("a", &spec("wss://a.example"))
-        .await
-        .unwrap();
-    let rig = rig(store.clone()).await;
-    pass(Duration::from_secs(1)).await;
-    let session = rig.starter.started()[0].clone();
+    let (store, rig, session) = one_relay(false).await;
     session.state.send_modify(|s| {
         s.phase = Phase::Live;
         s.cursor = Some(1_700_000_000);
@@ -382,14 +373,7 @@ async fn a_drain_is_acknowledged_only_after_the_session_has_stopped() {
 
 #[tokio::test(start_paused = true)]
 async fn a_graceful_stop_writes_each_sessions_final_cursor() {
-    let store = Arc::new(TestStore::default());
-    store
-        .apply_spec("a", &spec("wss://a.example"))
-        .await
-        .unwrap();
-    let rig = rig(store.clone()).await;
-    pass(Duration::from_secs(1)).await;
-    let session = rig.starter.started()[0].clone();
+    let (store, rig, session) = one_relay(false).await;
     session.state.send_modify(|s| s.phase = Phase::Live);
     pass(Duration::from_secs(1)).await;
     // A cursor step too small to be written on its own…
