@@ -22,7 +22,7 @@ use crate::store::memory::MemoryStore;
 use crate::worker::WorkerMetrics;
 use crate::worker::publisher::{Publisher, PublisherConfig};
 use crate::worker::session::SessionConfig;
-use crate::worker::supervisor::{self as runtime, RuntimeConfig};
+use crate::worker::supervisor::{self, SupervisorConfig};
 
 #[derive(Debug, Clone)]
 pub struct StandaloneOptions {
@@ -122,7 +122,7 @@ pub async fn start(opts: StandaloneOptions) -> Result<Standalone, StandaloneErro
         rx.clone(),
     ));
 
-    let rc = RuntimeConfig::new(
+    let rc = SupervisorConfig::new(
         opts.worker_name.clone(),
         opts.local_relay.clone(),
         opts.session.clone(),
@@ -130,7 +130,7 @@ pub async fn start(opts: StandaloneOptions) -> Result<Standalone, StandaloneErro
         opts.addresses.clone(),
         opts.auth_keys.clone(),
     );
-    let runtime_task = tokio::spawn(runtime::run(
+    let supervisor_task = tokio::spawn(supervisor::run(
         rc,
         store.clone(),
         publisher.clone(),
@@ -144,7 +144,7 @@ pub async fn start(opts: StandaloneOptions) -> Result<Standalone, StandaloneErro
         metrics,
         publisher,
         shutdown,
-        tasks: vec![runtime_task, discovery_task, http_task],
+        tasks: vec![supervisor_task, discovery_task, http_task],
     })
 }
 

@@ -20,7 +20,7 @@ use crate::store::kube::KubeStore;
 use crate::worker::WorkerMetrics;
 use crate::worker::publisher::{Publisher, PublisherConfig};
 use crate::worker::session::SessionConfig;
-use crate::worker::supervisor::{self as runtime, RuntimeConfig};
+use crate::worker::supervisor::{self, SupervisorConfig};
 
 #[derive(Debug, Clone)]
 pub struct WorkerOptions {
@@ -60,7 +60,7 @@ pub async fn run_worker(
         opts.auth_keys.clone(),
     );
     let (publisher, _publisher_task) = Publisher::spawn(pc, worker_metrics.publisher.clone());
-    let rc = RuntimeConfig::new(
+    let rc = SupervisorConfig::new(
         opts.name.clone(),
         opts.local_relay.clone(),
         opts.session.clone(),
@@ -77,7 +77,7 @@ pub async fn run_worker(
         metrics.lease_held.set(1);
         tracing::info!(worker = %opts.name, "holding the worker Lease; starting sessions");
         let (stop, stop_rx) = watch::channel(false);
-        let rt = tokio::spawn(runtime::run(
+        let rt = tokio::spawn(supervisor::run(
             rc.clone(),
             store.clone(),
             publisher.clone(),

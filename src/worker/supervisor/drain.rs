@@ -8,7 +8,7 @@ use std::time::{Duration, SystemTime};
 use tokio::time::Instant;
 
 use super::writer::{PhaseEvent, StatusWriter, Write, WriteKind};
-use super::{RuntimeConfig, State, sessions, submit};
+use super::{State, SupervisorConfig, sessions, submit};
 use crate::crd::Phase;
 use crate::nostr::RelayUrl;
 use crate::store::StoredRelaySync;
@@ -28,7 +28,11 @@ pub(super) struct Stopping {
 
 /// Close the sessions of relays whose every part is draining and, once a session's task has
 /// ended, acknowledge each part with its final status.
-pub(super) async fn release_drained(config: &RuntimeConfig, st: &mut State, writer: &StatusWriter) {
+pub(super) async fn release_drained(
+    config: &SupervisorConfig,
+    st: &mut State,
+    writer: &StatusWriter,
+) {
     // This runs on every pass of the loop; drains are rare.
     if st.stopping.is_empty() && !st.objects.values().any(|o| o.draining) {
         st.released.clear();

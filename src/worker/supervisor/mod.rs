@@ -44,7 +44,7 @@ use writer::{StatusWriter, Write, WriteKind, WriteResult, Written};
 const APPLY_EVERY: Duration = Duration::from_millis(500);
 
 #[derive(Debug, Clone)]
-pub struct RuntimeConfig {
+pub struct SupervisorConfig {
     /// This worker's name, written into status.
     pub worker: String,
     pub local_relay: RelayUrl,
@@ -56,7 +56,7 @@ pub struct RuntimeConfig {
     pub write_timeout: Duration,
 }
 
-impl RuntimeConfig {
+impl SupervisorConfig {
     /// A worker's configuration: sessions authenticate with `auth_keys` and connect only
     /// where `addresses` allows; the local-relay feed reconnects quickly (it is nearby).
     pub fn new(
@@ -69,7 +69,7 @@ impl RuntimeConfig {
     ) -> Self {
         session.auth_keys = auth_keys;
         session.addresses = Some(addresses);
-        RuntimeConfig {
+        SupervisorConfig {
             worker: worker.into(),
             local_relay,
             session,
@@ -86,7 +86,7 @@ impl RuntimeConfig {
 
 /// Run until `shutdown` turns true; then stop every session and write final statuses.
 pub async fn run<S: RelaySyncStore + 'static>(
-    config: RuntimeConfig,
+    config: SupervisorConfig,
     store: Arc<S>,
     publisher: Publisher,
     metrics: WorkerMetrics,
@@ -140,7 +140,7 @@ struct State {
 }
 
 pub(crate) async fn supervise<S: RelaySyncStore + 'static>(
-    config: RuntimeConfig,
+    config: SupervisorConfig,
     store: Arc<S>,
     mut inputs: Inputs,
     metrics: SupervisorMetrics,

@@ -6,7 +6,7 @@ use std::time::SystemTime;
 
 use tokio::time::Instant;
 
-use super::RuntimeConfig;
+use super::SupervisorConfig;
 use super::sessions::Running;
 use super::writer::{PhaseEvent, Write, WriteKind};
 use crate::crd::Phase;
@@ -39,7 +39,7 @@ pub(crate) fn phases(
 /// The status writes due at `now`, skipping objects with a write in flight (their result
 /// decides the coalescer's next step).
 pub(crate) fn due(
-    config: &RuntimeConfig,
+    config: &SupervisorConfig,
     objects: &BTreeMap<String, StoredRelaySync>,
     sessions: &HashMap<RelayUrl, Running>,
     coalescers: &mut HashMap<String, Coalescer>,

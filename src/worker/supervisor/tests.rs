@@ -183,8 +183,8 @@ fn spec(url: &str) -> RelaySyncSpec {
     }
 }
 
-fn config() -> RuntimeConfig {
-    RuntimeConfig::new(
+fn config() -> SupervisorConfig {
+    SupervisorConfig::new(
         WORKER,
         RelayUrl::parse("ws://127.0.0.1:7777").unwrap(),
         SessionConfig::default(),
