@@ -188,6 +188,11 @@ impl SessionHandle {
         let _ = self.commands.send(Command::Stop);
     }
 
+    /// The session's task has ended although it was not stopped: it panicked.
+    pub fn has_ended(&self) -> bool {
+        self.task.is_finished()
+    }
+
     /// Close subscriptions and the connection; returns the final state.
     pub async fn stop(self) -> SessionState {
         let _ = self.commands.send(Command::Stop);

@@ -50,7 +50,7 @@ pub(super) async fn release_drained(
         if pending.is_empty() {
             continue;
         }
-        if let Some(r) = st.sessions.remove(&url) {
+        if let Some(r) = st.sessions.running.remove(&url) {
             tracing::info!(relay = %url, "draining: closing the session for reassignment");
             st.stopping.insert(
                 url.clone(),

@@ -1,10 +1,10 @@
 //! Metrics of a worker's supervisor: the relays it holds by phase, and its writes to the
 //! store (status, drain acknowledgements, phase Events).
 
-use prometheus::{IntCounterVec, IntGaugeVec, Registry};
+use prometheus::{IntCounter, IntCounterVec, IntGaugeVec, Registry};
 
 use crate::crd::Phase;
-use crate::observability::metrics::{init_values, int_counter_vec, int_gauge_vec};
+use crate::observability::metrics::{init_values, int_counter, int_counter_vec, int_gauge_vec};
 
 /// Every phase, for per-phase gauges.
 pub const PHASES: [Phase; 9] = [
@@ -27,6 +27,8 @@ pub struct SupervisorMetrics {
     pub status_writes: IntCounterVec,
     /// Kubernetes Events published for phase transitions, by result (ok | error | timeout).
     pub phase_events: IntCounterVec,
+    /// Session tasks that ended without being stopped (panicked) and were started again.
+    pub session_restarts: IntCounter,
 }
 
 impl SupervisorMetrics {
@@ -50,6 +52,11 @@ impl SupervisorMetrics {
                 "grasp_sync_phase_events_total",
                 "Kubernetes Events published on phase transitions, by result",
                 &["result"],
+            )?,
+            session_restarts: int_counter(
+                registry,
+                "grasp_sync_session_restarts_total",
+                "Session tasks that ended without being stopped (a panic) and were started again",
             )?,
         };
         init_values(&m.status_writes, &["ok", "error", "timeout"]);

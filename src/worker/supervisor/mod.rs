@@ -37,7 +37,7 @@ use crate::store::{RelaySyncStore, StoredRelaySync};
 use drain::Stopping;
 use facts::{RepoFacts, feed_filters};
 use metrics::{PHASES, SupervisorMetrics};
-use sessions::{RelaySessions, Running, SessionStarter};
+use sessions::{RelaySessions, SessionStarter, Sessions};
 use writer::{StatusWriter, Write, WriteKind, WriteResult, Written};
 
 /// Most one change of a session's sync set per this interval.
@@ -126,7 +126,7 @@ struct State {
     /// The repos of `objects`, kept with them: every local event is checked against it.
     wanted: BTreeSet<RepoCoordinate>,
     facts: RepoFacts,
-    sessions: HashMap<RelayUrl, Running>,
+    sessions: Sessions,
     coalescers: HashMap<String, Coalescer>,
     /// Objects whose drain this supervisor acknowledged (until the label moves).
     released: BTreeSet<String>,
@@ -152,7 +152,7 @@ pub(crate) async fn supervise<S: RelaySyncStore + 'static>(
         objects: BTreeMap::new(),
         wanted: BTreeSet::new(),
         facts: RepoFacts::default(),
-        sessions: HashMap::new(),
+        sessions: Sessions::default(),
         coalescers: HashMap::new(),
         released: BTreeSet::new(),
         stopping: HashMap::new(),
@@ -193,12 +193,13 @@ pub(crate) async fn supervise<S: RelaySyncStore + 'static>(
         if dirty && feed_synced && last_apply.elapsed() >= APPLY_EVERY {
             dirty = false;
             last_apply = Instant::now();
-            let closing: BTreeSet<RelayUrl> = st.stopping.keys().cloned().collect();
+            let mut hold = st.sessions.held_off(Instant::now());
+            hold.extend(st.stopping.keys().cloned());
             sessions::reconcile_sessions(
                 &st.objects,
                 &st.facts,
                 &mut st.sessions,
-                &closing,
+                &hold,
                 inputs.starter.as_ref(),
             );
         }
@@ -224,6 +225,11 @@ pub(crate) async fn supervise<S: RelaySyncStore + 'static>(
             },
             Some(written) = writer.results.recv() => on_written(&mut st, written),
             _ = tick.tick() => {
+                let died = st.sessions.reap(Instant::now(), SystemTime::now());
+                if died > 0 {
+                    metrics.session_restarts.inc_by(died as u64);
+                }
+                dirty |= st.sessions.restart_due(Instant::now());
                 let by_phase = report::phases(&st.objects, &st.sessions);
                 for phase in PHASES {
                     metrics
@@ -262,6 +268,7 @@ pub(crate) async fn supervise<S: RelaySyncStore + 'static>(
     // Close every session (all at once), then write the final state (cursor included).
     let stops = st
         .sessions
+        .running
         .drain()
         .map(|(url, r)| async move { (url, r.control.stop().await) });
     let finals: HashMap<RelayUrl, SessionState> =

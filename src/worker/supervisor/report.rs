@@ -7,7 +7,7 @@ use std::time::SystemTime;
 use tokio::time::Instant;
 
 use super::SupervisorConfig;
-use super::sessions::Running;
+use super::sessions::Sessions;
 use super::writer::{PhaseEvent, Write, WriteKind};
 use crate::crd::Phase;
 use crate::nostr::RelayUrl;
@@ -18,14 +18,13 @@ use crate::worker::status::{Coalescer, status_from_session};
 /// The phase each object is in, as this worker sees it (for the per-phase gauge).
 pub(crate) fn phases(
     objects: &BTreeMap<String, StoredRelaySync>,
-    sessions: &HashMap<RelayUrl, Running>,
+    sessions: &Sessions,
 ) -> HashMap<Phase, i64> {
     let mut by_phase: HashMap<Phase, i64> = HashMap::new();
     for o in objects.values() {
         let phase = RelayUrl::parse(&o.spec.url)
             .ok()
-            .and_then(|u| sessions.get(&u))
-            .map(|r| r.state.borrow().phase)
+            .and_then(|u| sessions.phase(&u))
             .unwrap_or(if o.spec.paused == Some(true) {
                 Phase::Paused
             } else {
@@ -41,7 +40,7 @@ pub(crate) fn phases(
 pub(crate) fn due(
     config: &SupervisorConfig,
     objects: &BTreeMap<String, StoredRelaySync>,
-    sessions: &HashMap<RelayUrl, Running>,
+    sessions: &Sessions,
     coalescers: &mut HashMap<String, Coalescer>,
     in_flight: &BTreeSet<String>,
     now: Instant,
@@ -56,8 +55,8 @@ pub(crate) fn due(
         let Ok(url) = RelayUrl::parse(&o.spec.url) else {
             continue;
         };
-        let state = match sessions.get(&url) {
-            Some(r) => r.state.borrow().clone(),
+        let state = match sessions.state(&url) {
+            Some(state) => state,
             None if o.spec.paused == Some(true) => SessionState {
                 phase: Phase::Paused,
                 ..SessionState::default()

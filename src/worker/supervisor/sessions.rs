@@ -2,12 +2,15 @@
 //! it), and how the RelaySyncs it holds map onto them.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::time::{Duration, SystemTime};
 
 use futures::FutureExt;
 use futures::future::BoxFuture;
 use tokio::sync::watch;
+use tokio::time::Instant;
 
 use super::facts::RepoFacts;
+use crate::crd::Phase;
 use crate::nostr::{RelayUrl, RepoCoordinate};
 use crate::store::StoredRelaySync;
 use crate::worker::publisher::Publisher;
@@ -23,6 +26,8 @@ pub(crate) trait SessionControl: Send + Sync {
     fn abort_soon(&self);
     /// Close subscriptions and connection; the final state once the task has ended.
     fn stop(self: Box<Self>) -> BoxFuture<'static, SessionState>;
+    /// The task has ended without being stopped (it panicked).
+    fn has_ended(&self) -> bool;
 }
 
 impl SessionControl for SessionHandle {
@@ -37,6 +42,9 @@ impl SessionControl for SessionHandle {
     }
     fn stop(self: Box<Self>) -> BoxFuture<'static, SessionState> {
         SessionHandle::stop(*self).boxed()
+    }
+    fn has_ended(&self) -> bool {
+        SessionHandle::has_ended(self)
     }
 }
 
@@ -72,6 +80,106 @@ pub(crate) struct Running {
     pub(crate) set: SyncSet,
 }
 
+/// First wait before a dead session is started again; it doubles with each death of the
+/// same relay's session, up to [`RESTART_MAX`].
+pub(crate) const RESTART_BASE: Duration = Duration::from_secs(1);
+pub(crate) const RESTART_MAX: Duration = Duration::from_secs(300);
+
+/// A relay whose session task ended without being stopped (it panicked).
+pub(crate) struct Restart {
+    pub(crate) attempts: u32,
+    pub(crate) not_before: Instant,
+    /// What to report until the new session runs: the last state, in `Backoff`.
+    pub(crate) state: SessionState,
+    /// No new session started yet.
+    pub(crate) waiting: bool,
+}
+
+/// A worker's sessions: those running, and those waiting to be started again.
+#[derive(Default)]
+pub(crate) struct Sessions {
+    pub(crate) running: HashMap<RelayUrl, Running>,
+    pub(crate) restarts: HashMap<RelayUrl, Restart>,
+}
+
+impl Sessions {
+    /// The state to report for `url`, if it has a session.
+    pub(crate) fn state(&self, url: &RelayUrl) -> Option<SessionState> {
+        match self.running.get(url) {
+            Some(r) => Some(r.state.borrow().clone()),
+            None => self
+                .restarts
+                .get(url)
+                .filter(|r| r.waiting)
+                .map(|r| r.state.clone()),
+        }
+    }
+
+    pub(crate) fn phase(&self, url: &RelayUrl) -> Option<Phase> {
+        match self.running.get(url) {
+            Some(r) => Some(r.state.borrow().phase),
+            None => self
+                .restarts
+                .get(url)
+                .filter(|r| r.waiting)
+                .map(|r| r.state.phase),
+        }
+    }
+
+    /// Take out the sessions whose task has ended on its own and schedule their restart with
+    /// a growing delay; their last state is reported meanwhile. Returns how many died.
+    pub(crate) fn reap(&mut self, now: Instant, wall: SystemTime) -> usize {
+        let dead: Vec<RelayUrl> = self
+            .running
+            .iter()
+            .filter(|(_, r)| r.control.has_ended())
+            .map(|(url, _)| url.clone())
+            .collect();
+        for url in &dead {
+            let Some(r) = self.running.remove(url) else {
+                continue;
+            };
+            let attempts = self.restarts.get(url).map_or(0, |x| x.attempts) + 1;
+            let delay = RESTART_BASE
+                .saturating_mul(1 << (attempts - 1).min(16))
+                .min(RESTART_MAX);
+            let mut state = r.state.borrow().clone();
+            state.phase = Phase::Backoff;
+            state.subscriptions = 0;
+            state.last_disconnected = Some(wall);
+            state.next_retry_at = Some(wall + delay);
+            state.last_error = Some("the session task ended unexpectedly; restarting".into());
+            tracing::error!(relay = %url, attempts, ?delay, "session task ended unexpectedly; restarting it");
+            self.restarts.insert(
+                url.clone(),
+                Restart {
+                    attempts,
+                    not_before: now + delay,
+                    state,
+                    waiting: true,
+                },
+            );
+        }
+        dead.len()
+    }
+
+    /// Relays whose restart is still waiting at `now`.
+    pub(crate) fn held_off(&self, now: Instant) -> BTreeSet<RelayUrl> {
+        self.restarts
+            .iter()
+            .filter(|(_, r)| r.waiting && r.not_before > now)
+            .map(|(url, _)| url.clone())
+            .collect()
+    }
+
+    /// A restart is due: a pass of `reconcile_sessions` should run.
+    pub(crate) fn restart_due(&self, now: Instant) -> bool {
+        self.restarts
+            .values()
+            .any(|r| r.waiting && r.not_before <= now)
+    }
+}
+
 pub(crate) fn group_by_url(
     objects: &BTreeMap<String, StoredRelaySync>,
 ) -> BTreeMap<RelayUrl, Vec<&StoredRelaySync>> {
@@ -103,17 +211,19 @@ pub(crate) fn resume_cursor(parts: &[&StoredRelaySync]) -> Option<u64> {
 
 /// Bring the sessions in line with the objects: start what is missing (from the stored
 /// cursor), update changed sync sets, stop what is no longer wanted or paused. Relays being
-/// drained are left to the drain step; a relay whose previous session is still `closing`
-/// gets a new one only after it closed (one connection per relay).
+/// drained are left to the drain step; a relay in `hold` (its previous session still
+/// closing, or a restart still waiting) gets a new session only later.
 pub(crate) fn reconcile_sessions(
     objects: &BTreeMap<String, StoredRelaySync>,
     facts: &RepoFacts,
-    sessions: &mut HashMap<RelayUrl, Running>,
-    closing: &BTreeSet<RelayUrl>,
+    all: &mut Sessions,
+    hold: &BTreeSet<RelayUrl>,
     starter: &dyn SessionStarter,
 ) {
     let mut by_url = group_by_url(objects);
-    by_url.retain(|url, parts| !parts.iter().all(|o| o.draining) && !closing.contains(url));
+    all.restarts.retain(|url, _| by_url.contains_key(url));
+    by_url.retain(|url, parts| !parts.iter().all(|o| o.draining) && !hold.contains(url));
+    let sessions = &mut all.running;
     sessions.retain(|url, r| {
         let keep = by_url
             .get(url)
@@ -147,6 +257,9 @@ pub(crate) fn reconcile_sessions(
                 }
             }
             None => {
+                if let Some(r) = all.restarts.get_mut(&url) {
+                    r.waiting = false;
+                }
                 let control = starter.start(url.clone(), set.clone(), resume_cursor(&parts));
                 let state = control.state();
                 sessions.insert(

@@ -101,9 +101,13 @@ struct FakeSession {
     hold_stop: Arc<AtomicBool>,
     release: Arc<Notify>,
     stopped: Arc<AtomicBool>,
+    crashed: Arc<AtomicBool>,
 }
 
 impl SessionControl for FakeSession {
+    fn has_ended(&self) -> bool {
+        self.crashed.load(Ordering::SeqCst)
+    }
     fn set(&self, _set: SyncSet) {}
     fn state(&self) -> watch::Receiver<SessionState> {
         self.state.clone()
@@ -129,6 +133,8 @@ struct Started {
     cursor: Option<u64>,
     state: Arc<watch::Sender<SessionState>>,
     stopped: Arc<AtomicBool>,
+    /// Set by a test: the session's task has ended on its own (a panic).
+    crashed: Arc<AtomicBool>,
 }
 
 #[derive(Default, Clone)]
@@ -145,17 +151,20 @@ impl SessionStarter for FakeStarter {
             ..SessionState::default()
         });
         let stopped = Arc::new(AtomicBool::new(false));
+        let crashed = Arc::new(AtomicBool::new(false));
         self.started.lock().unwrap().push(Started {
             url,
             cursor,
             state: Arc::new(tx),
             stopped: stopped.clone(),
+            crashed: crashed.clone(),
         });
         Box::new(FakeSession {
             state: rx,
             hold_stop: self.hold_stop.clone(),
             release: self.release.clone(),
             stopped,
+            crashed,
         })
     }
 }
@@ -394,4 +403,44 @@ async fn a_graceful_stop_writes_each_sessions_final_cursor() {
         Some(1_700_000_123)
     );
     drop(rig.feed);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_session_task_that_died_is_reported_and_restarted_with_backoff() {
+    let (store, rig, first) = one_relay(false).await;
+    first.state.send_modify(|s| s.phase = Phase::Live);
+    pass(Duration::from_secs(1)).await;
+    assert_eq!(store.status("a").and_then(|s| s.phase), Some(Phase::Live));
+    // The task panics: its last state still says Live.
+    first.crashed.store(true, Ordering::SeqCst);
+    pass(Duration::from_millis(500)).await;
+    let status = store.status("a").expect("status");
+    assert_eq!(
+        status.phase,
+        Some(Phase::Backoff),
+        "a dead session still reported"
+    );
+    assert!(
+        status
+            .last_error
+            .is_some_and(|e| e.contains("ended unexpectedly"))
+    );
+    assert_eq!(rig.metrics.session_restarts.get(), 1);
+    assert_eq!(
+        rig.starter.started().len(),
+        1,
+        "restarted before its backoff"
+    );
+    pass(Duration::from_secs(1)).await;
+    let started = rig.starter.started();
+    assert_eq!(started.len(), 2, "not restarted");
+    // A second death waits twice as long.
+    started[1].crashed.store(true, Ordering::SeqCst);
+    pass(Duration::from_millis(1500)).await;
+    assert_eq!(rig.starter.started().len(), 2, "the backoff did not grow");
+    pass(Duration::from_secs(1)).await;
+    assert_eq!(rig.starter.started().len(), 3);
+    assert_eq!(rig.metrics.session_restarts.get(), 2);
+    let _ = rig.stop.send(true);
+    rig.task.await.unwrap();
 }
