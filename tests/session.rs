@@ -5,6 +5,7 @@
 mod support;
 
 use std::collections::BTreeSet;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use grasp_sync::crd::Phase;
@@ -519,6 +520,40 @@ async fn reconciliation_finds_what_live_delivery_missed() {
             >= 1
     );
     assert!(rig.metrics.events.with_label_values(&["daily"]).get() >= 1);
+    h.stop().await;
+}
+
+/// The daily reconciliation is the safety net for whatever live delivery missed; a relay
+/// that drops the connection more often than the reconciliation period must not postpone it
+/// for ever (its timer belongs to the session, not to one connection).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconciliation_runs_on_a_relay_that_keeps_dropping_the_connection() {
+    let rig = rig().await;
+    let f = nip34::fixture("flappy");
+    let remote = HostileRelay::start(Script {
+        close_after: Some(Duration::from_millis(1500)),
+        ..Script::default()
+    })
+    .await;
+    remote.add(f.expected.iter().cloned());
+    let mut config = fast_config();
+    config.health.max_backoff = Duration::from_millis(300);
+    config.reconcile_every = (Duration::from_secs(3), Duration::from_secs(4));
+    let h = rig.start(&remote.url(), set_for(&[&f]), None, config);
+    rig.holds_exactly(&nip34::ids(&f.expected)).await;
+    eventually("a reconciliation", Duration::from_secs(20), || async {
+        (rig.metrics
+            .historic_batches
+            .with_label_values(&["reconciliation"])
+            .get()
+            >= 1)
+            .then_some(())
+    })
+    .await;
+    assert!(
+        remote.counters().connections.load(Ordering::SeqCst) >= 2,
+        "the relay did not drop the connection before the reconciliation was due"
+    );
     h.stop().await;
 }
 

@@ -36,6 +36,9 @@ pub struct Script {
     pub ok_rate_per_sec: Option<f64>,
     /// Close the connection after sending this many stored events, once per relay.
     pub disconnect_after_events: Option<usize>,
+    /// Close every connection this long after it opened: a relay (or a NAT) that keeps
+    /// dropping sessions.
+    pub close_after: Option<std::time::Duration>,
     /// Sent to every new connection, N times.
     pub notice_storm: Option<(String, usize)>,
     /// Raw event JSON appended to every REQ answer whose filters match the parsed event
@@ -278,8 +281,20 @@ async fn serve(ws: Ws, s: Arc<Shared>) {
         }
     }
 
+    let close_at = s
+        .script
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .close_after
+        .map(|d| tokio::time::Instant::now() + d);
     'conn: loop {
         tokio::select! {
+            _ = async {
+                match close_at {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            } => break 'conn,
             frame = rx.next() => {
                 let Some(Ok(Message::Text(text))) = frame else { break };
                 let Ok(msg) = ClientMessage::from_json(text.as_str()) else { continue };

@@ -225,6 +225,7 @@ pub fn spawn(
     } else {
         SyncSet::default()
     };
+    let reconcile_at = Instant::now() + run::reconcile_delay(config.reconcile_every);
     let session = Session {
         health: Health::new(config.health.clone()),
         config,
@@ -241,6 +242,7 @@ pub fn spawn(
         gaps: 0,
         neg_ids: 0,
         reconciling: false,
+        reconcile_at,
         bytes_before: 0,
         bytes_reported: 0,
     };
@@ -269,6 +271,10 @@ struct Session {
     neg_ids: u64,
     /// A full reconciliation is running (its events count as `daily`).
     reconciling: bool,
+    /// When the next full reconciliation is due. It belongs to the session, not to a
+    /// connection: a relay that reconnects more often than the period must not postpone
+    /// the safety net for ever.
+    reconcile_at: Instant,
     /// Bytes read on earlier connections.
     bytes_before: u64,
     /// Bytes of the current connection already added to the metric.
@@ -301,7 +307,6 @@ struct Conn {
     auth_pending: Option<EventId>,
     /// Live subscriptions were closed by the relay; re-open them at this time.
     live_retry_at: Option<Instant>,
-    reconcile_at: Instant,
 }
 
 impl Conn {

@@ -79,7 +79,6 @@ impl Session {
                         authenticated: false,
                         auth_pending: None,
                         live_retry_at: None,
-                        reconcile_at: Instant::now() + self.reconcile_delay(),
                     }
                 }
                 Err(e) => {
@@ -220,12 +219,6 @@ impl Session {
         }
     }
 
-    fn reconcile_delay(&self) -> Duration {
-        let (lo, hi) = self.config.reconcile_every;
-        let hi = hi.max(lo);
-        lo + (hi - lo).mul_f64(rand::random::<f64>())
-    }
-
     /// Periodic work on the connection: re-opening closed live subscriptions and the full
     /// reconciliation.
     async fn on_tick(&mut self, conn: &mut Conn) -> Result<(), SessionError> {
@@ -239,8 +232,8 @@ impl Session {
         if self.reconciling && conn.batches.is_empty() {
             self.reconciling = false;
         }
-        if now >= conn.reconcile_at && conn.batches.is_empty() {
-            conn.reconcile_at = now + self.reconcile_delay();
+        if now >= self.reconcile_at && conn.batches.is_empty() {
+            self.reconcile_at = now + reconcile_delay(self.config.reconcile_every);
             tracing::info!(relay = %self.url, "full reconciliation");
             self.metrics
                 .historic_batches
@@ -253,4 +246,10 @@ impl Session {
         self.check_timeouts(conn).await;
         Ok(())
     }
+}
+
+/// A random moment in `[lo, hi]` from now, so relays do not reconcile in step.
+pub(super) fn reconcile_delay((lo, hi): (Duration, Duration)) -> Duration {
+    let hi = hi.max(lo);
+    lo + (hi - lo).mul_f64(rand::random::<f64>())
 }
