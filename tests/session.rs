@@ -523,6 +523,42 @@ async fn reconciliation_finds_what_live_delivery_missed() {
     h.stop().await;
 }
 
+/// A live subscription the relay closed leaves a gap until it is open again; what was
+/// published in the gap must still arrive (backfilled), not only what comes after.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_live_gap_left_by_a_closed_subscription_is_backfilled() {
+    let rig = rig().await;
+    let f = nip34::fixture("gap");
+    let remote = HostileRelay::start(Script::default()).await;
+    remote.add(f.expected.iter().cloned());
+    let mut config = fast_config();
+    config.batch_retry = Duration::from_secs(1);
+    // No reconciliation during the test: it would mask the gap.
+    config.reconcile_every = (Duration::from_secs(3600), Duration::from_secs(3600));
+    let h = rig.start(&remote.url(), set_for(&[&f]), None, config);
+    rig.holds_exactly(&nip34::ids(&f.expected)).await;
+    wait_phase(&h, Phase::Live).await;
+    remote.close_subscriptions("error: subscription backend restarted");
+    eventually(
+        "the relay closing the live subscriptions",
+        DEADLINE,
+        || async { (remote.counters().closed_by_relay.load(Ordering::SeqCst) >= 1).then_some(()) },
+    )
+    .await;
+    // Published while no live subscription is open: only a backfill can find it.
+    let in_gap = nip34::comment_now(f.root.id, "in the gap");
+    remote.add([in_gap.clone()]);
+    let mut want = nip34::ids(&f.expected);
+    want.insert(in_gap.id);
+    rig.holds_exactly(&want).await;
+    // And what comes after the gap is live again.
+    let after = nip34::comment_now(f.root.id, "after the gap");
+    remote.add([after.clone()]);
+    want.insert(after.id);
+    rig.holds_exactly(&want).await;
+    h.stop().await;
+}
+
 /// The daily reconciliation is the safety net for whatever live delivery missed; a relay
 /// that drops the connection more often than the reconciliation period must not postpone it
 /// for ever (its timer belongs to the session, not to one connection).

@@ -56,6 +56,8 @@ pub struct Counters {
     pub live_connections: AtomicUsize,
     /// Most connections open at once since start (or since reset to the current count).
     pub max_live_connections: AtomicUsize,
+    /// Subscriptions this relay closed on its own (`close_subscriptions`).
+    pub closed_by_relay: AtomicUsize,
 }
 
 impl Counters {
@@ -77,6 +79,8 @@ struct Shared {
     /// `Script::raw_events`, each with its parse (if it parses).
     raw: Mutex<Vec<(String, Option<Event>)>>,
     live: broadcast::Sender<Event>,
+    /// `CLOSED` reasons to send for every open subscription of every connection.
+    closes: broadcast::Sender<String>,
     counters: Counters,
     disconnected_once: Mutex<bool>,
 }
@@ -108,6 +112,7 @@ impl ScriptedRelay {
             store: Mutex::new(Stored::default()),
             raw: Mutex::new(raw),
             live: broadcast::channel(10_000).0,
+            closes: broadcast::channel(16).0,
             counters: Counters::default(),
             disconnected_once: Mutex::new(false),
         });
@@ -168,6 +173,13 @@ impl ScriptedRelay {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone()
+    }
+
+    /// Close every open subscription on every connection with `CLOSED <reason>`, as a relay
+    /// does when it sheds load or restarts a subscription backend. Counted in
+    /// `closed_by_relay` once sent.
+    pub fn close_subscriptions(&self, reason: &str) {
+        let _ = self.shared.closes.send(reason.to_string());
     }
 
     pub fn set_script(&self, script: Script) {
@@ -261,6 +273,7 @@ async fn serve(ws: Ws, s: Arc<Shared>) {
         .fetch_max(now, Ordering::SeqCst);
     let (mut tx, mut rx) = ws.split();
     let mut live_rx = s.live.subscribe();
+    let mut closes_rx = s.closes.subscribe();
     let mut subs: HashMap<SubscriptionId, Vec<Filter>> = HashMap::new();
 
     let storm = s
@@ -306,6 +319,14 @@ async fn serve(ws: Ws, s: Arc<Shared>) {
                         }
                         Reply::Disconnect => break 'conn,
                     }
+                }
+            }
+            reason = closes_rx.recv() => {
+                let Ok(reason) = reason else { continue };
+                for id in std::mem::take(&mut subs).into_keys() {
+                    let text = RelayMessage::closed(id, reason.clone()).as_json();
+                    if tx.send(Message::text(text)).await.is_err() { break 'conn; }
+                    s.counters.closed_by_relay.fetch_add(1, Ordering::SeqCst);
                 }
             }
             ev = live_rx.recv() => {

@@ -110,6 +110,14 @@ pub fn comments(root: EventId, n: usize, same_second: usize) -> Vec<Event> {
         .collect()
 }
 
+/// A comment on `root` created now (`text` makes it distinct).
+pub fn comment_now(root: EventId, text: &str) -> Event {
+    sign(
+        EventBuilder::new(Kind::from(1111), text).tag(tag("E", root.to_hex())),
+        &Keys::generate(),
+    )
+}
+
 pub fn ids<'a>(events: impl IntoIterator<Item = &'a Event>) -> BTreeSet<EventId> {
     events.into_iter().map(|e| e.id).collect()
 }

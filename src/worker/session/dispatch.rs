@@ -160,6 +160,7 @@ impl Session {
                     // us (after a cool-down, after authenticating, or after the retry delay),
                     // never in a tight loop.
                     conn.live_retry_at = Some(retry_at);
+                    conn.live_gap_since.get_or_insert(super::report::unix_now());
                 }
                 Ok(())
             }

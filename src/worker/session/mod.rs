@@ -307,6 +307,9 @@ struct Conn {
     auth_pending: Option<EventId>,
     /// Live subscriptions were closed by the relay; re-open them at this time.
     live_retry_at: Option<Instant>,
+    /// Unix time since which live coverage has a gap (a live subscription was closed);
+    /// backfilled from there when the subscriptions are open again.
+    live_gap_since: Option<u64>,
 }
 
 impl Conn {

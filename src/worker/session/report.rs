@@ -7,7 +7,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use super::{Conn, Session, SessionState};
 use crate::crd::Phase;
 
-fn unix_now() -> u64 {
+pub(super) fn unix_now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
@@ -26,8 +26,14 @@ pub(super) fn to_system(at: Instant) -> SystemTime {
 impl Session {
     pub(super) fn update_phase(&mut self, conn: &Conn) {
         // The cursor moves forward while every historic batch is confirmed, the live
-        // subscriptions are open, and the publisher has answered for everything we gave it.
-        if conn.batches.is_empty() && conn.historic.is_empty() && self.counters.drained() {
+        // subscriptions are open (a gap holds it until its backfill is done), and the
+        // publisher has answered for everything we gave it.
+        if conn.batches.is_empty()
+            && conn.historic.is_empty()
+            && conn.live_retry_at.is_none()
+            && conn.live_gap_since.is_none()
+            && self.counters.drained()
+        {
             self.cursor = Some(unix_now().max(self.cursor.unwrap_or(0)));
         }
         let now = Instant::now();
@@ -39,7 +45,8 @@ impl Session {
             Phase::LiveWithGaps
         } else if pending {
             Phase::Syncing
-        } else if self.gaps > 0 {
+        } else if self.gaps > 0 || conn.live_retry_at.is_some() {
+            // Pagination gaps, or live subscriptions the relay closed and not yet reopened.
             Phase::LiveWithGaps
         } else {
             Phase::Live

@@ -79,6 +79,7 @@ impl Session {
                         authenticated: false,
                         auth_pending: None,
                         live_retry_at: None,
+                        live_gap_since: None,
                     }
                 }
                 Err(e) => {
@@ -228,6 +229,11 @@ impl Session {
         {
             conn.live_retry_at = None;
             self.open_live(conn).await?;
+            if let Some(gap) = conn.live_gap_since.take() {
+                let since = gap.saturating_sub(self.config.slack.as_secs());
+                tracing::info!(relay = %self.url, since, "backfilling the live gap");
+                self.backfill(conn, Timestamp::from(since));
+            }
         }
         if self.reconciling && conn.batches.is_empty() {
             self.reconciling = false;

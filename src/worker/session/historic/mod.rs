@@ -21,6 +21,9 @@ use crate::nostr::pagination::Paginator;
 #[derive(Debug, Clone)]
 pub(super) enum Items {
     Announcements,
+    /// A backfill of a live gap: it confirms nothing (an unconfirmed item still needs its
+    /// full history), but the cursor waits for it like for any batch.
+    Backfill,
     Repos(Vec<RepoScope>),
     Roots(Vec<EventId>),
 }
@@ -176,6 +179,22 @@ impl Session {
         }
     }
 
+    /// Fetch again, from `since`, everything the set's live subscriptions would have
+    /// delivered while they were not open (a live gap).
+    pub(in crate::worker::session) fn backfill(&mut self, conn: &mut Conn, since: Timestamp) {
+        let limit = self.page_limit(&conn.caps);
+        let repos: Vec<RepoScope> = self.set.repos.iter().cloned().collect();
+        let roots: Vec<EventId> = self.set.roots.iter().copied().collect();
+        let mut fs = vec![filters::layer1()];
+        for part in repos.chunks(self.config.chunk.max(1)) {
+            fs.extend(filters::layer2(part, self.config.chunk));
+        }
+        for part in roots.chunks(self.config.chunk.max(1)) {
+            fs.extend(filters::layer3(part, self.config.chunk));
+        }
+        self.add_batch(conn, Items::Backfill, fs, Some(since), limit);
+    }
+
     fn add_batch(
         &mut self,
         conn: &mut Conn,
@@ -282,7 +301,7 @@ impl Session {
             .with_label_values(&[method])
             .observe(b.started.elapsed().as_secs_f64());
         match b.items {
-            Items::Announcements => {}
+            Items::Announcements | Items::Backfill => {}
             Items::Repos(rs) => self.confirmed.repos.extend(rs),
             Items::Roots(ids) => self.confirmed.roots.extend(ids),
         }
