@@ -559,6 +559,40 @@ async fn a_live_gap_left_by_a_closed_subscription_is_backfilled() {
     h.stop().await;
 }
 
+/// A connection that goes silent without FIN (NAT idle drop, crashed remote) is found dead
+/// by its unanswered ping, and the session reconnects and fetches what it missed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_connection_is_detected_and_replaced() {
+    let rig = rig().await;
+    let f = nip34::fixture("silent");
+    let remote = HostileRelay::start(Script::default()).await;
+    remote.add(f.expected.iter().cloned());
+    let mut config = fast_config();
+    config.connect.ping_every = Duration::from_millis(500);
+    config.connect.pong_timeout = Duration::from_millis(500);
+    config.reconcile_every = (Duration::from_secs(3600), Duration::from_secs(3600));
+    let h = rig.start(&remote.url(), set_for(&[&f]), None, config);
+    rig.holds_exactly(&nip34::ids(&f.expected)).await;
+    wait_phase(&h, Phase::Live).await;
+    remote.silence_connections();
+    eventually("the connection going silent", DEADLINE, || async {
+        (remote.counters().live_connections.load(Ordering::SeqCst) == 0).then_some(())
+    })
+    .await;
+    // Published while the old connection is silent: it never reaches us there.
+    let missed = nip34::comment_now(f.root.id, "while silent");
+    remote.add([missed.clone()]);
+    let mut want = nip34::ids(&f.expected);
+    want.insert(missed.id);
+    rig.holds_exactly(&want).await;
+    assert!(remote.counters().connections.load(Ordering::SeqCst) >= 2);
+    assert!(
+        h.state().borrow().last_disconnected.is_some(),
+        "the silent connection was never given up"
+    );
+    h.stop().await;
+}
+
 /// The daily reconciliation is the safety net for whatever live delivery missed; a relay
 /// that drops the connection more often than the reconciliation period must not postpone it
 /// for ever (its timer belongs to the session, not to one connection).

@@ -2,7 +2,14 @@
 //! send while it waits for messages. Reading is pull-based: when the session stops reading
 //! (its publisher queue is full) the socket is not read, and TCP flow control slows the
 //! remote down — nothing is buffered without bound.
+//!
+//! A connection proves it is alive: a reader that has seen nothing for `ping_every` sends a
+//! ping, and one that then sees nothing for `pong_timeout` fails with
+//! [`ConnectionError::Unresponsive`] (a NAT that dropped the flow, a remote that crashed
+//! without FIN). Every write has a deadline, so a remote that accepts and never reads
+//! cannot block its session.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures::stream::{SplitSink, SplitStream};
@@ -10,6 +17,8 @@ use futures::{SinkExt, StreamExt};
 use nostr::{ClientMessage, JsonUtil, RelayMessage};
 use thiserror::Error;
 use tokio::net::TcpStream;
+use tokio::sync::Mutex;
+use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
@@ -23,6 +32,12 @@ pub struct ConnectOptions {
     pub connect_timeout: Duration,
     /// Largest websocket message accepted from the relay; larger ones end the connection.
     pub max_message_bytes: usize,
+    /// Ping a connection that has been silent this long.
+    pub ping_every: Duration,
+    /// A pinged connection that stays silent this long is dead.
+    pub pong_timeout: Duration,
+    /// A write (EVENT, REQ, ping, …) that has not gone out after this long fails.
+    pub write_timeout: Duration,
 }
 
 impl Default for ConnectOptions {
@@ -30,6 +45,9 @@ impl Default for ConnectOptions {
         ConnectOptions {
             connect_timeout: Duration::from_secs(10),
             max_message_bytes: 1024 * 1024,
+            ping_every: Duration::from_secs(30),
+            pong_timeout: Duration::from_secs(15),
+            write_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -48,6 +66,10 @@ pub enum ConnectionError {
     Websocket(#[from] Box<tokio_tungstenite::tungstenite::Error>),
     #[error("the relay closed the connection")]
     Closed,
+    #[error("the connection is silent: no answer to a ping within {0:?}")]
+    Unresponsive(Duration),
+    #[error("a write did not go out within {0:?}")]
+    WriteTimeout(Duration),
 }
 
 impl ConnectionError {
@@ -58,6 +80,8 @@ impl ConnectionError {
             ConnectionError::Connect { .. } => "connect",
             ConnectionError::Websocket(_) => "websocket",
             ConnectionError::Closed => "closed",
+            ConnectionError::Unresponsive(_) => "unresponsive",
+            ConnectionError::WriteTimeout(_) => "write_timeout",
         }
     }
 }
@@ -75,13 +99,45 @@ pub enum Incoming {
     },
 }
 
+type Sink = Arc<Mutex<SplitSink<Ws, Message>>>;
+
 pub struct ConnReader {
     stream: SplitStream<Ws>,
     bytes: u64,
+    /// Shared with the writer: the reader sends the pings.
+    sink: Sink,
+    liveness: Liveness,
 }
 
 pub struct ConnWriter {
-    sink: SplitSink<Ws, Message>,
+    sink: Sink,
+    write_timeout: Duration,
+}
+
+/// When the reader last saw a frame and whether it is waiting for an answer to a ping. Kept
+/// in the reader, not in `recv`'s future, so a `recv` cancelled by `select!` loses nothing.
+struct Liveness {
+    ping_every: Duration,
+    pong_timeout: Duration,
+    write_timeout: Duration,
+    last_seen: Instant,
+    pinged_at: Option<Instant>,
+}
+
+impl Liveness {
+    fn deadline(&self) -> Instant {
+        match self.pinged_at {
+            Some(at) => at + self.pong_timeout,
+            None => self.last_seen + self.ping_every,
+        }
+    }
+}
+
+async fn write(sink: &Sink, msg: Message, within: Duration) -> Result<(), ConnectionError> {
+    match tokio::time::timeout(within, async { sink.lock().await.send(msg).await }).await {
+        Ok(r) => r.map_err(|e| ConnectionError::Websocket(Box::new(e))),
+        Err(_) => Err(ConnectionError::WriteTimeout(within)),
+    }
 }
 
 pub async fn connect(
@@ -104,7 +160,26 @@ pub async fn connect(
             source: Box::new(e),
         })?;
     let (sink, stream) = ws.split();
-    Ok((ConnWriter { sink }, ConnReader { stream, bytes: 0 }))
+    let sink = Arc::new(Mutex::new(sink));
+    let liveness = Liveness {
+        ping_every: opts.ping_every,
+        pong_timeout: opts.pong_timeout,
+        write_timeout: opts.write_timeout,
+        last_seen: Instant::now(),
+        pinged_at: None,
+    };
+    Ok((
+        ConnWriter {
+            sink: sink.clone(),
+            write_timeout: opts.write_timeout,
+        },
+        ConnReader {
+            stream,
+            bytes: 0,
+            sink,
+            liveness,
+        },
+    ))
 }
 
 impl ConnReader {
@@ -113,14 +188,33 @@ impl ConnReader {
         self.bytes
     }
 
-    /// The next relay message. `Err(Closed)` once the connection has ended.
+    /// The next relay message. `Err(Closed)` once the connection has ended,
+    /// `Err(Unresponsive)` once it stopped answering pings. Cancel-safe.
     pub async fn recv(&mut self) -> Result<Incoming, ConnectionError> {
         loop {
-            let frame = match self.stream.next().await {
+            let deadline = self.liveness.deadline();
+            let next = tokio::select! {
+                // Frames already buffered count before any deadline: a reader that was not
+                // polled for a while (back-pressure) is not a dead connection.
+                biased;
+                next = self.stream.next() => next,
+                _ = tokio::time::sleep_until(deadline) => {
+                    if self.liveness.pinged_at.is_some() {
+                        return Err(ConnectionError::Unresponsive(self.liveness.pong_timeout));
+                    }
+                    write(&self.sink, Message::Ping(Default::default()), self.liveness.write_timeout)
+                        .await?;
+                    self.liveness.pinged_at = Some(Instant::now());
+                    continue;
+                }
+            };
+            let frame = match next {
                 None => return Err(ConnectionError::Closed),
                 Some(Err(e)) => return Err(ConnectionError::Websocket(Box::new(e))),
                 Some(Ok(frame)) => frame,
             };
+            self.liveness.last_seen = Instant::now();
+            self.liveness.pinged_at = None;
             let text = match frame {
                 Message::Text(t) => {
                     self.bytes += t.len() as u64;
@@ -144,13 +238,13 @@ impl ConnReader {
 
 impl ConnWriter {
     pub async fn send(&mut self, msg: &ClientMessage<'_>) -> Result<(), ConnectionError> {
-        self.sink
-            .send(Message::text(msg.as_json()))
-            .await
-            .map_err(|e| ConnectionError::Websocket(Box::new(e)))
+        write(&self.sink, Message::text(msg.as_json()), self.write_timeout).await
     }
 
     pub async fn close(&mut self) {
-        let _ = self.sink.close().await;
+        let _ = tokio::time::timeout(self.write_timeout, async {
+            self.sink.lock().await.close().await
+        })
+        .await;
     }
 }

@@ -81,6 +81,8 @@ struct Shared {
     live: broadcast::Sender<Event>,
     /// `CLOSED` reasons to send for every open subscription of every connection.
     closes: broadcast::Sender<String>,
+    /// Connections open now go silent: nothing read or written again, no FIN.
+    silence: broadcast::Sender<()>,
     counters: Counters,
     disconnected_once: Mutex<bool>,
 }
@@ -113,6 +115,7 @@ impl ScriptedRelay {
             raw: Mutex::new(raw),
             live: broadcast::channel(10_000).0,
             closes: broadcast::channel(16).0,
+            silence: broadcast::channel(16).0,
             counters: Counters::default(),
             disconnected_once: Mutex::new(false),
         });
@@ -180,6 +183,13 @@ impl ScriptedRelay {
     /// `closed_by_relay` once sent.
     pub fn close_subscriptions(&self, reason: &str) {
         let _ = self.shared.closes.send(reason.to_string());
+    }
+
+    /// Every connection open now goes silent without closing: it reads nothing (so answers
+    /// no ping) and sends nothing, as after a NAT idle drop or a crash without FIN. New
+    /// connections are served normally.
+    pub fn silence_connections(&self) {
+        let _ = self.shared.silence.send(());
     }
 
     pub fn set_script(&self, script: Script) {
@@ -274,6 +284,7 @@ async fn serve(ws: Ws, s: Arc<Shared>) {
     let (mut tx, mut rx) = ws.split();
     let mut live_rx = s.live.subscribe();
     let mut closes_rx = s.closes.subscribe();
+    let mut silence_rx = s.silence.subscribe();
     let mut subs: HashMap<SubscriptionId, Vec<Filter>> = HashMap::new();
 
     let storm = s
@@ -320,6 +331,11 @@ async fn serve(ws: Ws, s: Arc<Shared>) {
                         Reply::Disconnect => break 'conn,
                     }
                 }
+            }
+            _ = silence_rx.recv() => {
+                s.counters.live_connections.fetch_sub(1, Ordering::SeqCst);
+                // Hold the socket open and never touch it again.
+                std::future::pending::<()>().await;
             }
             reason = closes_rx.recv() => {
                 let Ok(reason) = reason else { continue };
