@@ -213,6 +213,14 @@ pub struct SyncOpts {
     /// relays and to the local relay.
     #[arg(long, env = "GRASP_SYNC_AUTH_KEY_FILE")]
     pub auth_key_file: Option<PathBuf>,
+    /// Ping a connection (to a remote relay, or a publisher connection to the local relay)
+    /// that has been silent this long.
+    #[arg(long, env = "GRASP_SYNC_PING_INTERVAL", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub ping_interval: Duration,
+    /// Give a pinged connection up as dead (and reconnect) after this long without an
+    /// answer: NAT idle drops and remotes that crashed without closing are found this way.
+    #[arg(long, env = "GRASP_SYNC_PONG_TIMEOUT", default_value = "15s", value_parser = humantime::parse_duration)]
+    pub pong_timeout: Duration,
 }
 
 #[derive(Debug, Args)]

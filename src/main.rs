@@ -91,6 +91,17 @@ fn auth_keys(sync: &SyncOpts) -> Result<Option<nostr::Keys>> {
     Ok(Some(keys))
 }
 
+/// Session settings from the command line; the publisher's connections share the liveness.
+fn session_config(sync: &SyncOpts) -> Result<grasp_sync::worker::session::SessionConfig> {
+    if sync.ping_interval.is_zero() || sync.pong_timeout.is_zero() {
+        anyhow::bail!("--ping-interval and --pong-timeout must be longer than zero");
+    }
+    let mut c = grasp_sync::worker::session::SessionConfig::default();
+    c.connect.ping_every = sync.ping_interval;
+    c.connect.pong_timeout = sync.pong_timeout;
+    Ok(c)
+}
+
 async fn standalone(args: StandaloneArgs) -> Result<()> {
     let mut opts = grasp_sync::modes::standalone::StandaloneOptions::new(
         args.relays.local_relay.clone(),
@@ -104,6 +115,7 @@ async fn standalone(args: StandaloneArgs) -> Result<()> {
     opts.status_interval = args.sync.status_interval;
     opts.publisher_connections = args.sync.publisher_connections;
     opts.auth_keys = auth_keys(&args.sync)?;
+    opts.session = session_config(&args.sync)?;
     let running = grasp_sync::modes::standalone::start(opts)
         .await
         .context("starting standalone mode")?;
@@ -189,7 +201,7 @@ async fn worker(args: WorkerArgs) -> Result<()> {
             duration: args.lease_duration,
             renew_every: args.lease_renew,
         },
-        session: grasp_sync::worker::session::SessionConfig::default(),
+        session: session_config(&args.sync)?,
     };
     grasp_sync::modes::worker::run_worker(opts, client, namespace, shutdown_on_signal()).await?;
     Ok(())

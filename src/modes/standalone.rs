@@ -101,11 +101,13 @@ pub async fn start(opts: StandaloneOptions) -> Result<Standalone, StandaloneErro
             source,
         })?;
 
-    let pc = PublisherConfig::with(
+    let mut pc = PublisherConfig::with(
         opts.local_relay.clone(),
         opts.publisher_connections,
         opts.auth_keys.clone(),
     );
+    pc.connect.ping_every = opts.session.connect.ping_every;
+    pc.connect.pong_timeout = opts.session.connect.pong_timeout;
     let (publisher, publisher_task) = Publisher::spawn(pc, worker_metrics.publisher.clone());
 
     let dc = DiscoveryConfig::for_service(

@@ -54,11 +54,13 @@ pub async fn run_worker(
             .with_events(client.clone(), &opts.name),
     );
     let (http_addr, http_task) = serve_http(opts.http_addr, &metrics, &store, &shutdown).await?;
-    let pc = PublisherConfig::with(
+    let mut pc = PublisherConfig::with(
         opts.local_relay.clone(),
         opts.publisher_connections,
         opts.auth_keys.clone(),
     );
+    pc.connect.ping_every = opts.session.connect.ping_every;
+    pc.connect.pong_timeout = opts.session.connect.pong_timeout;
     let (publisher, _publisher_task) = Publisher::spawn(pc, worker_metrics.publisher.clone());
     let rc = SupervisorConfig::new(
         opts.name.clone(),
