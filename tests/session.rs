@@ -593,6 +593,36 @@ async fn a_silent_connection_is_detected_and_replaced() {
     h.stop().await;
 }
 
+/// A relay that refuses the session's filters on policy grounds is asked again on a growing
+/// delay, not every few seconds for ever; the refusal shows in status; and once the relay
+/// serves the filters again the sync completes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscriptions_refused_on_policy_grounds_are_retried_on_a_growing_delay() {
+    let rig = rig().await;
+    let f = nip34::fixture("refused");
+    let remote = HostileRelay::start(Script {
+        closed_with: Some("blocked: these filters are not allowed here".into()),
+        ..Script::default()
+    })
+    .await;
+    remote.add(f.expected.iter().cloned());
+    let mut config = fast_config();
+    config.batch_retry = Duration::from_millis(200);
+    config.health.max_backoff = Duration::from_secs(3);
+    let h = rig.start(&remote.url(), set_for(&[&f]), None, config);
+    let state = h.state();
+    eventually("the refusal delay to grow to its cap", DEADLINE, || {
+        let last = state.borrow().last_error.clone().unwrap_or_default();
+        async move { (last.contains("retry in 3s") && last.contains("blocked:")).then_some(()) }
+    })
+    .await;
+    assert_eq!(state.borrow().phase, Phase::LiveWithGaps);
+    remote.set_script(Script::default());
+    rig.holds_exactly(&nip34::ids(&f.expected)).await;
+    wait_phase(&h, Phase::Live).await;
+    h.stop().await;
+}
+
 /// The daily reconciliation is the safety net for whatever live delivery missed; a relay
 /// that drops the connection more often than the reconciliation period must not postpone it
 /// for ever (its timer belongs to the session, not to one connection).

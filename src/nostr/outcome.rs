@@ -52,6 +52,20 @@ impl Outcome {
         matches!(self, Outcome::RateLimited | Outcome::Error)
     }
 
+    /// A refusal on policy grounds (`blocked:`, `invalid:`, `restricted:`, …): asking again
+    /// the same way will most likely get the same answer.
+    pub fn is_refusal(self) -> bool {
+        matches!(
+            self,
+            Outcome::Blocked
+                | Outcome::Invalid
+                | Outcome::Restricted
+                | Outcome::Pow
+                | Outcome::Mute
+                | Outcome::Unsupported
+        )
+    }
+
     /// Bounded label for metrics.
     pub fn label(self) -> &'static str {
         match self {
@@ -113,6 +127,28 @@ mod tests {
         assert!(Outcome::Error.is_transient());
         assert!(!Outcome::Blocked.is_transient());
         assert!(!Outcome::Invalid.is_transient());
+    }
+
+    #[test]
+    fn policy_refusals_are_not_transient() {
+        for msg in [
+            "blocked: no",
+            "invalid: bad filter",
+            "restricted: members only",
+            "unsupported: #q",
+        ] {
+            let o = Outcome::classify(false, msg);
+            assert!(o.is_refusal(), "{msg}");
+            assert!(!o.is_transient(), "{msg}");
+        }
+        for msg in [
+            "rate-limited: slow down",
+            "error: db",
+            "auth-required: who",
+            "closed for no reason",
+        ] {
+            assert!(!Outcome::classify(false, msg).is_refusal(), "{msg}");
+        }
     }
 
     #[test]

@@ -27,6 +27,9 @@ pub struct Script {
     pub page_cap: Option<usize>,
     /// The first N REQs are answered `CLOSED "rate-limited: …"`.
     pub closed_rate_limited_first: usize,
+    /// Every REQ is answered `CLOSED` with this reason (a relay refusing the filters on
+    /// policy grounds, e.g. `blocked: …`).
+    pub closed_with: Option<String>,
     /// Never send EOSE.
     pub no_eose: bool,
     /// The first N EVENTs published to this relay get `OK false "rate-limited: …"`.
@@ -406,6 +409,11 @@ fn handle(
         } => {
             s.counters.reqs.fetch_add(1, Ordering::SeqCst);
             let sub_id = subscription_id.into_owned();
+            if let Some(reason) = &script.closed_with {
+                return vec![Reply::Send(
+                    RelayMessage::closed(sub_id, reason.clone()).as_json(),
+                )];
+            }
             if script.closed_rate_limited_first > 0 {
                 script.closed_rate_limited_first -= 1;
                 return vec![Reply::Send(

@@ -146,10 +146,27 @@ impl Session {
                         ))
                     });
                 }
-                let retry_at = self
-                    .health
-                    .rate_limited_until(Instant::now())
-                    .unwrap_or_else(|| Instant::now() + self.config.batch_retry);
+                let retry_at = match self.health.rate_limited_until(Instant::now()) {
+                    Some(t) => t,
+                    None if outcome.is_refusal() => {
+                        // The relay will not serve this filter as it is: asking again every
+                        // few seconds only adds load. Retry on a growing delay, and say so.
+                        self.refusals = self.refusals.saturating_add(1);
+                        let delay = self
+                            .config
+                            .batch_retry
+                            .saturating_mul(1 << (self.refusals - 1).min(16))
+                            .min(self.config.health.max_backoff);
+                        let err = format!(
+                            "relay refused a subscription (retry in {}s): {}",
+                            delay.as_secs(),
+                            truncate(&message, 500)
+                        );
+                        self.publish_state(|s| s.last_error = Some(err));
+                        Instant::now() + delay
+                    }
+                    None => Instant::now() + self.config.batch_retry,
+                };
                 if let Some(h) = conn.historic.remove(&id) {
                     // Retry the same page later; the paginator did not advance.
                     historic::retry_later(conn, h.batch, Work::Page(h.paginator), retry_at);

@@ -242,6 +242,7 @@ pub fn spawn(
         gaps: 0,
         neg_ids: 0,
         reconciling: false,
+        refusals: 0,
         reconcile_at,
         bytes_before: 0,
         bytes_reported: 0,
@@ -271,6 +272,9 @@ struct Session {
     neg_ids: u64,
     /// A full reconciliation is running (its events count as `daily`).
     reconciling: bool,
+    /// Subscriptions refused on policy grounds since a batch last completed: the delay
+    /// before asking again doubles with each.
+    refusals: u32,
     /// When the next full reconciliation is due. It belongs to the session, not to a
     /// connection: a relay that reconnects more often than the period must not postpone
     /// the safety net for ever.
