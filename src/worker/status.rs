@@ -31,8 +31,9 @@ pub fn status_from_session(
         state.phase,
         Phase::Syncing | Phase::Live | Phase::LiveWithGaps
     );
-    let historic_done =
-        state.repos == state.confirmed_repos && state.roots == state.confirmed_roots;
+    let historic_done = !state.set_pending
+        && state.repos == state.confirmed_repos
+        && state.roots == state.confirmed_roots;
     let live = state.phase == Phase::Live;
     let mut conds = previous.map(|p| p.conditions.clone()).unwrap_or_default();
     let g = Some(generation);

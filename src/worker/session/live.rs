@@ -47,10 +47,21 @@ impl Session {
         &mut self,
         conn: &mut Conn,
         set: SyncSet,
+        seq: u64,
     ) -> Result<(), SessionError> {
-        if set == self.set {
+        let changed = set != self.set;
+        let added = self.replace_set(set, seq);
+        if !changed {
             return Ok(());
         }
+        self.open_live(conn).await?;
+        self.queue_historic(conn, Some(added), false, None);
+        Ok(())
+    }
+
+    /// Take `set` as what the session syncs (connected or not) and report it applied, with
+    /// counts that describe it; returns the items it adds.
+    pub(super) fn replace_set(&mut self, set: SyncSet, seq: u64) -> SyncSet {
         let added = SyncSet {
             repos: set.repos.difference(&self.set.repos).cloned().collect(),
             roots: set.roots.difference(&self.set.roots).copied().collect(),
@@ -60,9 +71,17 @@ impl Session {
         self.confirmed.repos.retain(|r| set.repos.contains(r));
         self.confirmed.roots.retain(|r| set.roots.contains(r));
         self.set = set;
-        self.open_live(conn).await?;
-        self.queue_historic(conn, Some(added), false, None);
-        Ok(())
+        let (repos, roots) = (self.set.repos.len(), self.set.roots.len());
+        let confirmed_repos = self.set.repos.intersection(&self.confirmed.repos).count();
+        let confirmed_roots = self.set.roots.intersection(&self.confirmed.roots).count();
+        self.publish_state(|s| {
+            s.applied_set = seq;
+            s.repos = repos;
+            s.roots = roots;
+            s.confirmed_repos = confirmed_repos;
+            s.confirmed_roots = confirmed_roots;
+        });
+        added
     }
 
     fn max_filters(&self, caps: &RelayCapabilities) -> usize {

@@ -133,6 +133,12 @@ pub struct SessionState {
     /// Event ids requested after negentropy reconciliation.
     pub negentropy_ids_requested: u64,
     pub historic_gaps: u64,
+    /// Sequence number of the last sync set handed over by [`SessionHandle::set`] that the
+    /// session has applied (0: the one it was started with).
+    pub applied_set: u64,
+    /// Not reported by the session: its supervisor sets it when a newer spec exists than the
+    /// set this state describes, so no status built from it claims that spec confirmed.
+    pub set_pending: bool,
 }
 
 impl Default for SessionState {
@@ -158,25 +164,34 @@ impl Default for SessionState {
             bytes_received: 0,
             negentropy_ids_requested: 0,
             historic_gaps: 0,
+            applied_set: 0,
+            set_pending: false,
         }
     }
 }
 
 enum Command {
-    Set(SyncSet),
+    /// A new sync set, with its hand-over sequence number.
+    Set(SyncSet, u64),
     Stop,
 }
 
 pub struct SessionHandle {
     commands: mpsc::UnboundedSender<Command>,
+    /// Sequence number of the last set handed over.
+    sets: std::sync::atomic::AtomicU64,
     state: watch::Receiver<SessionState>,
     task: JoinHandle<()>,
 }
 
 impl SessionHandle {
-    /// Replace what the session syncs; only new items get historic batches.
-    pub fn set(&self, set: SyncSet) {
-        let _ = self.commands.send(Command::Set(set));
+    /// Replace what the session syncs; only new items get historic batches. Returns the
+    /// hand-over's sequence number: [`SessionState::applied_set`] reaches it once the
+    /// session works on this set (until then its state describes the previous one).
+    pub fn set(&self, set: SyncSet) -> u64 {
+        let seq = self.sets.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+        let _ = self.commands.send(Command::Set(set, seq));
+        seq
     }
 
     pub fn state(&self) -> watch::Receiver<SessionState> {
@@ -249,6 +264,7 @@ pub fn spawn(
     };
     SessionHandle {
         commands: cmd_tx,
+        sets: std::sync::atomic::AtomicU64::new(0),
         state: state_rx,
         task: tokio::spawn(session.run()),
     }

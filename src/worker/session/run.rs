@@ -31,7 +31,11 @@ impl Session {
                 tokio::select! {
                     _ = tokio::time::sleep_until(wake.into()) => {}
                     cmd = self.commands.recv() => match cmd {
-                        Some(Command::Set(set)) => { self.set = set; self.publish_state(|_| {}); }
+                        Some(Command::Set(set, seq)) => {
+                            // Added items are unconfirmed, so the next connection fetches them
+                            // in full.
+                            self.replace_set(set, seq);
+                        }
                         Some(Command::Stop) | None => return self.finish(),
                     }
                 }
@@ -186,8 +190,8 @@ impl Session {
                     }
                 }
                 cmd = self.commands.recv() => match cmd {
-                    Some(Command::Set(set)) => {
-                        if let Err(e) = self.on_set(conn, set).await {
+                    Some(Command::Set(set, seq)) => {
+                        if let Err(e) = self.on_set(conn, set, seq).await {
                             return End::Lost(e);
                         }
                     }

@@ -7,6 +7,7 @@ use std::time::{Duration, SystemTime};
 
 use tokio::time::Instant;
 
+use super::sessions::Given;
 use super::writer::{PhaseEvent, StatusWriter, Write, WriteKind};
 use super::{State, SupervisorConfig, sessions, submit};
 use crate::crd::Phase;
@@ -22,6 +23,8 @@ const DRAIN_STOP_WARN: Duration = Duration::from_secs(10);
 /// A draining session's stop, running in its own task so the loop never waits on it.
 pub(super) struct Stopping {
     pub(super) task: tokio::task::JoinHandle<SessionState>,
+    /// What the session had been given, to judge which specs its final state speaks for.
+    given: Given,
     since: Instant,
     warned: bool,
 }
@@ -56,6 +59,7 @@ pub(super) async fn release_drained(
                 url.clone(),
                 Stopping {
                     task: tokio::spawn(r.control.stop()),
+                    given: r.given,
                     since: Instant::now(),
                     warned: false,
                 },
@@ -72,13 +76,16 @@ pub(super) async fn release_drained(
             if let Some(s) = st.stopping.remove(&url) {
                 // A session task that panicked is gone with its connection: released with
                 // the stored status.
-                st.stopped.insert(url.clone(), s.task.await.ok());
+                let given = s.given;
+                st.stopped
+                    .insert(url.clone(), s.task.await.ok().map(|state| (state, given)));
             }
         }
-        let state = st.stopped.get(&url).and_then(|s| s.as_ref());
+        let stopped = st.stopped.get(&url).and_then(|s| s.as_ref());
         for o in pending {
+            let state = stopped.map(|(state, given)| given.state_for(state, o));
             let status = released_status(
-                state,
+                state.as_ref(),
                 &config.worker,
                 o.generation,
                 o.status.as_ref(),

@@ -134,7 +134,7 @@ struct State {
     /// drain is acknowledged.
     stopping: HashMap<RelayUrl, Stopping>,
     /// Final states of drained sessions, until every part's acknowledgement is written.
-    stopped: HashMap<RelayUrl, Option<SessionState>>,
+    stopped: HashMap<RelayUrl, Option<(SessionState, sessions::Given)>>,
     /// Objects with a write at the writer: nothing more is decided for them until it ends.
     in_flight: BTreeSet<String>,
 }
@@ -266,12 +266,11 @@ pub(crate) async fn supervise<S: RelaySyncStore + 'static>(
         }
     }
     // Close every session (all at once), then write the final state (cursor included).
-    let stops = st
-        .sessions
-        .running
-        .drain()
-        .map(|(url, r)| async move { (url, r.control.stop().await) });
-    let finals: HashMap<RelayUrl, SessionState> =
+    let stops = st.sessions.running.drain().map(|(url, r)| async move {
+        let given = r.given;
+        (url, (r.control.stop().await, given))
+    });
+    let finals: HashMap<RelayUrl, (SessionState, sessions::Given)> =
         futures::future::join_all(stops).await.into_iter().collect();
     // Drained sessions still closing end too (their objects belong to another worker now).
     for (_, s) in st.stopping.drain() {
@@ -281,9 +280,9 @@ pub(crate) async fn supervise<S: RelaySyncStore + 'static>(
         let Ok(url) = RelayUrl::parse(&o.spec.url) else {
             continue;
         };
-        if let Some(state) = finals.get(&url) {
+        if let Some((state, given)) = finals.get(&url) {
             let status = status_from_session(
-                state,
+                &given.state_for(state, o),
                 &config.worker,
                 o.generation,
                 o.status.as_ref(),

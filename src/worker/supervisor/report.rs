@@ -55,7 +55,7 @@ pub(crate) fn due(
         let Ok(url) = RelayUrl::parse(&o.spec.url) else {
             continue;
         };
-        let state = match sessions.state(&url) {
+        let state = match sessions.state_for(&url, o) {
             Some(state) => state,
             None if o.spec.paused == Some(true) => SessionState {
                 phase: Phase::Paused,

@@ -19,8 +19,9 @@ use crate::worker::session::{self, SessionConfig, SessionHandle, SessionState, S
 
 /// What the supervisor needs of a running session.
 pub(crate) trait SessionControl: Send + Sync {
-    /// Replace what the session syncs.
-    fn set(&self, set: SyncSet);
+    /// Replace what the session syncs; returns the hand-over's sequence number, which the
+    /// session's state reports back (`applied_set`) once applied.
+    fn set(&self, set: SyncSet) -> u64;
     fn state(&self) -> watch::Receiver<SessionState>;
     /// Stop without waiting.
     fn abort_soon(&self);
@@ -31,7 +32,7 @@ pub(crate) trait SessionControl: Send + Sync {
 }
 
 impl SessionControl for SessionHandle {
-    fn set(&self, set: SyncSet) {
+    fn set(&self, set: SyncSet) -> u64 {
         SessionHandle::set(self, set)
     }
     fn state(&self) -> watch::Receiver<SessionState> {
@@ -78,6 +79,27 @@ pub(crate) struct Running {
     pub(crate) control: Box<dyn SessionControl>,
     pub(crate) state: watch::Receiver<SessionState>,
     pub(crate) set: SyncSet,
+    pub(crate) given: Given,
+}
+
+/// What a session was last given: the hand-over number of its set, and the generation of
+/// each part (object) that set was built from.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Given {
+    pub(crate) set: u64,
+    pub(crate) generations: BTreeMap<String, i64>,
+}
+
+impl Given {
+    /// `state` as it may be reported for `o`: while the session has not applied the last set
+    /// handed to it, or that set was built from an older spec of `o`, it says nothing about
+    /// `o`'s current spec being confirmed.
+    pub(crate) fn state_for(&self, state: &SessionState, o: &StoredRelaySync) -> SessionState {
+        let mut s = state.clone();
+        s.set_pending =
+            state.applied_set < self.set || self.generations.get(&o.name) != Some(&o.generation);
+        s
+    }
 }
 
 /// First wait before a dead session is started again; it doubles with each death of the
@@ -103,15 +125,18 @@ pub(crate) struct Sessions {
 }
 
 impl Sessions {
-    /// The state to report for `url`, if it has a session.
-    pub(crate) fn state(&self, url: &RelayUrl) -> Option<SessionState> {
+    /// The state to report for `o` (of relay `url`), if it has a session.
+    pub(crate) fn state_for(&self, url: &RelayUrl, o: &StoredRelaySync) -> Option<SessionState> {
         match self.running.get(url) {
-            Some(r) => Some(r.state.borrow().clone()),
+            Some(r) => Some(r.given.state_for(&r.state.borrow(), o)),
             None => self
                 .restarts
                 .get(url)
                 .filter(|r| r.waiting)
-                .map(|r| r.state.clone()),
+                .map(|r| SessionState {
+                    set_pending: true,
+                    ..r.state.clone()
+                }),
         }
     }
 
@@ -249,12 +274,17 @@ pub(crate) fn reconcile_sessions(
                 .flat_map(|c| facts.roots.get(c).into_iter().flatten().copied())
                 .collect(),
         };
+        let generations: BTreeMap<String, i64> = parts
+            .iter()
+            .map(|o| (o.name.clone(), o.generation))
+            .collect();
         match sessions.get_mut(&url) {
             Some(r) => {
                 if r.set != set {
-                    r.control.set(set.clone());
+                    r.given.set = r.control.set(set.clone());
                     r.set = set;
                 }
+                r.given.generations = generations;
             }
             None => {
                 if let Some(r) = all.restarts.get_mut(&url) {
@@ -268,6 +298,10 @@ pub(crate) fn reconcile_sessions(
                         control,
                         state,
                         set,
+                        given: Given {
+                            set: 0,
+                            generations,
+                        },
                     },
                 );
             }

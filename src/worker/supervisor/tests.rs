@@ -102,13 +102,20 @@ struct FakeSession {
     release: Arc<Notify>,
     stopped: Arc<AtomicBool>,
     crashed: Arc<AtomicBool>,
+    sets: Arc<Mutex<Vec<u64>>>,
 }
 
 impl SessionControl for FakeSession {
     fn has_ended(&self) -> bool {
         self.crashed.load(Ordering::SeqCst)
     }
-    fn set(&self, _set: SyncSet) {}
+    /// Records the hand-over; the test decides when the session has applied it.
+    fn set(&self, _set: SyncSet) -> u64 {
+        let mut sets = self.sets.lock().unwrap();
+        let seq = sets.len() as u64 + 1;
+        sets.push(seq);
+        seq
+    }
     fn state(&self) -> watch::Receiver<SessionState> {
         self.state.clone()
     }
@@ -135,6 +142,8 @@ struct Started {
     stopped: Arc<AtomicBool>,
     /// Set by a test: the session's task has ended on its own (a panic).
     crashed: Arc<AtomicBool>,
+    /// Sequence numbers of the sync sets handed over by `set`.
+    sets: Arc<Mutex<Vec<u64>>>,
 }
 
 #[derive(Default, Clone)]
@@ -152,12 +161,14 @@ impl SessionStarter for FakeStarter {
         });
         let stopped = Arc::new(AtomicBool::new(false));
         let crashed = Arc::new(AtomicBool::new(false));
+        let sets = Arc::new(Mutex::new(Vec::new()));
         self.started.lock().unwrap().push(Started {
             url,
             cursor,
             state: Arc::new(tx),
             stopped: stopped.clone(),
             crashed: crashed.clone(),
+            sets: sets.clone(),
         });
         Box::new(FakeSession {
             state: rx,
@@ -165,6 +176,7 @@ impl SessionStarter for FakeStarter {
             release: self.release.clone(),
             stopped,
             crashed,
+            sets,
         })
     }
 }
@@ -441,6 +453,66 @@ async fn a_session_task_that_died_is_reported_and_restarted_with_backoff() {
     pass(Duration::from_secs(1)).await;
     assert_eq!(rig.starter.started().len(), 3);
     assert_eq!(rig.metrics.session_restarts.get(), 2);
+    let _ = rig.stop.send(true);
+    rig.task.await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_new_spec_is_confirmed_only_once_the_session_has_applied_its_set() {
+    let coordinate = |id: &str| {
+        format!(
+            "30617:{}:{id}",
+            nostr::Keys::generate().public_key().to_hex()
+        )
+    };
+    let (first, second) = (coordinate("one"), coordinate("two"));
+    let store = Arc::new(TestStore::default());
+    let mut s = spec("wss://a.example");
+    s.repos = vec![first.clone()];
+    let g1 = store.apply_spec("a", &s).await.unwrap().generation;
+    let rig = rig(store.clone()).await;
+    pass(Duration::from_secs(1)).await;
+    let session = rig.starter.started()[0].clone();
+    session.state.send_modify(|st| {
+        st.phase = Phase::Live;
+        (st.repos, st.confirmed_repos) = (1, 1);
+    });
+    pass(Duration::from_secs(1)).await;
+    assert_eq!(
+        store.status("a").and_then(|s| s.confirmed_generation),
+        Some(g1)
+    );
+    // A second repo: the session gets a new set, but is busy and has not applied it yet
+    // (its state still counts the old set, all confirmed).
+    s.repos = vec![first, second];
+    let g2 = store.apply_spec("a", &s).await.unwrap().generation;
+    pass(Duration::from_secs(1)).await;
+    assert_eq!(
+        session.sets.lock().unwrap().len(),
+        1,
+        "the new set was handed over"
+    );
+    // Something else changes, so a status write is due.
+    session.state.send_modify(|st| st.phase = Phase::Syncing);
+    pass(Duration::from_secs(1)).await;
+    let status = store.status("a").expect("status");
+    assert_eq!(status.observed_generation, Some(g2));
+    assert_eq!(
+        status.confirmed_generation,
+        Some(g1),
+        "confirmed a spec whose set the session never applied"
+    );
+    // Applied and synced: now the new generation is confirmed.
+    session.state.send_modify(|st| {
+        st.applied_set = 1;
+        st.phase = Phase::Live;
+        (st.repos, st.confirmed_repos) = (2, 2);
+    });
+    pass(Duration::from_secs(1)).await;
+    assert_eq!(
+        store.status("a").and_then(|s| s.confirmed_generation),
+        Some(g2)
+    );
     let _ = rig.stop.send(true);
     rig.task.await.unwrap();
 }
