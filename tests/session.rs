@@ -9,6 +9,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use grasp_sync::crd::Phase;
+use grasp_sync::testing::scripted_relay::CapRefusal;
 use grasp_sync::worker::WorkerMetrics;
 use grasp_sync::worker::publisher::{Publisher, PublisherConfig};
 use grasp_sync::worker::session::metrics::SessionMetrics;
@@ -621,6 +622,59 @@ async fn subscriptions_refused_on_policy_grounds_are_retried_on_a_growing_delay(
     rig.holds_exactly(&nip34::ids(&f.expected)).await;
     wait_phase(&h, Phase::Live).await;
     h.stop().await;
+}
+
+/// A relay that caps subscriptions per connection without publishing the cap refuses the
+/// REQs over it; the session must notice (NOTICE without a subscription id, as
+/// nostr-rs-relay sends, or CLOSED, as nostr-relay-builder sends), re-plan within the cap,
+/// and still get every historic and every live event.
+async fn subscription_cap_is_learned_and_respected(refusal: CapRefusal) {
+    let rig = rig().await;
+    let fixtures: Vec<Fixture> = (0..6)
+        .map(|i| nip34::fixture(&format!("capped{i}")))
+        .collect();
+    let remote = HostileRelay::start(Script {
+        max_subscriptions: Some(5),
+        cap_refusal: refusal,
+        ..Script::default()
+    })
+    .await;
+    let mut want = BTreeSet::new();
+    for f in &fixtures {
+        remote.add(f.expected.iter().cloned());
+        want.extend(nip34::ids(&f.expected));
+    }
+    let mut config = fast_config();
+    // One value per filter and one filter per REQ: far more live REQs than the cap.
+    config.chunk = 1;
+    config.default_max_filters = 1;
+    config.reconcile_every = (Duration::from_secs(3600), Duration::from_secs(3600));
+    let refs: Vec<&Fixture> = fixtures.iter().collect();
+    let h = rig.start(&remote.url(), set_for(&refs), None, config);
+    rig.holds_exactly(&want).await;
+    wait_phase(&h, Phase::Live).await;
+    assert!(
+        remote.counters().cap_refusals.load(Ordering::SeqCst) >= 1,
+        "the relay never had to refuse a REQ"
+    );
+    // Every live subscription is really open: a new event on each root arrives.
+    for f in &fixtures {
+        let e = nip34::comment_now(f.root.id, "after the cap");
+        want.insert(e.id);
+        remote.add([e]);
+    }
+    rig.holds_exactly(&want).await;
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscription_cap_refused_by_notice_is_learned() {
+    subscription_cap_is_learned_and_respected(CapRefusal::Notice).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscription_cap_refused_by_closed_is_learned() {
+    subscription_cap_is_learned_and_respected(CapRefusal::Closed).await;
 }
 
 /// The daily reconciliation is the safety net for whatever live delivery missed; a relay

@@ -85,6 +85,20 @@ impl Outcome {
     }
 }
 
+/// A NOTICE or CLOSED text that says the connection holds as many subscriptions as the
+/// relay allows: nostr-rs-relay's "Subscription error: Maximum concurrent subscription
+/// count reached", nostr-relay-builder's "rate-limited: too many REQs", and the "too many
+/// subscriptions" / "too many concurrent REQs" of others.
+pub fn means_subscription_cap(text: &str) -> bool {
+    let n = text.to_ascii_lowercase();
+    let subs = n.contains("subscription") || n.contains("reqs");
+    subs && (n.contains("too many")
+        || n.contains("maximum")
+        || n.contains("max ")
+        || n.contains("limit exceeded")
+        || n.contains("limit reached"))
+}
+
 /// NOTICE texts that mean "slow down" (relays are not consistent about it).
 pub fn notice_means_rate_limited(notice: &str) -> bool {
     let n = notice.to_ascii_lowercase();
@@ -127,6 +141,27 @@ mod tests {
         assert!(Outcome::Error.is_transient());
         assert!(!Outcome::Blocked.is_transient());
         assert!(!Outcome::Invalid.is_transient());
+    }
+
+    #[test]
+    fn subscription_caps_are_recognised() {
+        for text in [
+            "Subscription error: Maximum concurrent subscription count reached",
+            "rate-limited: too many REQs",
+            "error: too many concurrent REQs",
+            "too many subscriptions",
+            "blocked: max subscriptions reached",
+        ] {
+            assert!(means_subscription_cap(text), "{text}");
+        }
+        for text in [
+            "rate-limited: slow down",
+            "error: could not connect to upstream",
+            "blocked: you are banned",
+            "invalid: subscription id too long",
+        ] {
+            assert!(!means_subscription_cap(text), "{text}");
+        }
     }
 
     #[test]

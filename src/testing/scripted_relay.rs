@@ -25,11 +25,15 @@ use tokio_tungstenite::tungstenite::Message;
 pub struct Script {
     /// Most events one REQ returns, whatever its `limit`.
     pub page_cap: Option<usize>,
-    /// The first N REQs are answered `CLOSED "rate-limited: …"`.
+    /// The first N REQs are answered `CLOSED "rate-limited: slow down"` (load, not a cap).
     pub closed_rate_limited_first: usize,
     /// Every REQ is answered `CLOSED` with this reason (a relay refusing the filters on
     /// policy grounds, e.g. `blocked: …`).
     pub closed_with: Option<String>,
+    /// At most this many subscriptions per connection, not published in NIP-11. A REQ over
+    /// it is refused the way `cap_refusal` says.
+    pub max_subscriptions: Option<usize>,
+    pub cap_refusal: CapRefusal,
     /// Never send EOSE.
     pub no_eose: bool,
     /// The first N EVENTs published to this relay get `OK false "rate-limited: …"`.
@@ -49,6 +53,17 @@ pub struct Script {
     pub raw_events: Vec<String>,
 }
 
+/// How a relay refuses a REQ over its subscription cap.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum CapRefusal {
+    /// nostr-rs-relay: `NOTICE "Subscription error: Maximum concurrent subscription count
+    /// reached"`, naming no subscription.
+    #[default]
+    Notice,
+    /// nostr-relay-builder: `CLOSED <id> "rate-limited: too many REQs"`.
+    Closed,
+}
+
 #[derive(Debug, Default)]
 pub struct Counters {
     pub connections: AtomicUsize,
@@ -61,6 +76,8 @@ pub struct Counters {
     pub max_live_connections: AtomicUsize,
     /// Subscriptions this relay closed on its own (`close_subscriptions`).
     pub closed_by_relay: AtomicUsize,
+    /// REQs refused for the subscription cap.
+    pub cap_refusals: AtomicUsize,
 }
 
 impl Counters {
@@ -409,6 +426,21 @@ fn handle(
         } => {
             s.counters.reqs.fetch_add(1, Ordering::SeqCst);
             let sub_id = subscription_id.into_owned();
+            if let Some(max) = script.max_subscriptions
+                && !subs.contains_key(&sub_id)
+                && subs.len() >= max
+            {
+                s.counters.cap_refusals.fetch_add(1, Ordering::SeqCst);
+                let msg = match script.cap_refusal {
+                    CapRefusal::Notice => RelayMessage::notice(
+                        "Subscription error: Maximum concurrent subscription count reached",
+                    ),
+                    CapRefusal::Closed => {
+                        RelayMessage::closed(sub_id, "rate-limited: too many REQs")
+                    }
+                };
+                return vec![Reply::Send(msg.as_json())];
+            }
             if let Some(reason) = &script.closed_with {
                 return vec![Reply::Send(
                     RelayMessage::closed(sub_id, reason.clone()).as_json(),
@@ -417,7 +449,7 @@ fn handle(
             if script.closed_rate_limited_first > 0 {
                 script.closed_rate_limited_first -= 1;
                 return vec![Reply::Send(
-                    RelayMessage::closed(sub_id, "rate-limited: too many subscriptions").as_json(),
+                    RelayMessage::closed(sub_id, "rate-limited: slow down").as_json(),
                 )];
             }
             let filters: Vec<Filter> = filters.into_iter().map(|f| f.into_owned()).collect();

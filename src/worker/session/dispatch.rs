@@ -10,7 +10,7 @@ use super::historic::{self, Queued, Work};
 use super::report::truncate;
 use super::{Conn, Session, SessionError};
 use crate::nostr::negentropy::notice_means_unsupported;
-use crate::nostr::outcome::{Outcome, notice_means_rate_limited};
+use crate::nostr::outcome::{Outcome, means_subscription_cap, notice_means_rate_limited};
 use crate::nostr::pagination::Step;
 use crate::worker::publisher::validate;
 
@@ -25,6 +25,7 @@ impl Session {
                 subscription_id,
                 event,
             } => {
+                conn.answered(subscription_id.as_ref());
                 let event = event.into_owned();
                 let historic_source = if self.reconciling {
                     "daily"
@@ -53,6 +54,7 @@ impl Session {
             }
             RelayMessage::EndOfStoredEvents(id) => {
                 let id = id.into_owned();
+                conn.answered(&id);
                 if let Some(mut h) = conn.historic.remove(&id) {
                     conn.writer
                         .send(&ClientMessage::close(id))
@@ -121,6 +123,7 @@ impl Session {
                 message,
             } => {
                 let id = subscription_id.into_owned();
+                conn.answered(&id);
                 let known = conn.historic.contains_key(&id)
                     || conn.fetches.contains_key(&id)
                     || conn.live.contains_key(&id);
@@ -128,6 +131,9 @@ impl Session {
                     // Some relays close a subscription after its EOSE; we are done with it.
                     tracing::debug!(relay = %self.url, sub = %id, reason = %message, "CLOSED for a finished subscription");
                     return Ok(());
+                }
+                if means_subscription_cap(&message) {
+                    return self.on_subscription_cap(conn, Some(id), &message).await;
                 }
                 let outcome = Outcome::classify(false, &message);
                 self.metrics
@@ -206,6 +212,11 @@ impl Session {
                 Ok(())
             }
             RelayMessage::Notice(text) => {
+                if means_subscription_cap(&text) {
+                    // In order: the oldest REQ not yet answered is the one refused.
+                    let refused = conn.unanswered.pop_front().map(|(id, _)| id);
+                    return self.on_subscription_cap(conn, refused, &text).await;
+                }
                 if !conn.negs.is_empty() && notice_means_unsupported(&text) {
                     self.negentropy_unsupported(conn, &text);
                 } else if notice_means_rate_limited(&text) {

@@ -7,24 +7,47 @@ use crate::crd::RelayCapabilities;
 use crate::nostr::filters::{self, RepoScope};
 
 impl Session {
-    /// (Re)open the live subscriptions for the whole set: new ones first, then close the old,
-    /// so no event falls between them.
+    /// (Re)open the live subscriptions for the whole set. Without a known subscription cap:
+    /// new ones first, then close the old, so no event falls between them. Under a cap:
+    /// close first (never more than the relay allows), then open, and backfill the moment
+    /// between. Any live gap is backfilled once the new subscriptions are out.
     pub(super) async fn open_live(&mut self, conn: &mut Conn) -> Result<(), SessionError> {
         let repos: Vec<RepoScope> = self.set.repos.iter().cloned().collect();
         let roots: Vec<EventId> = self.set.roots.iter().copied().collect();
+        let cap = self.subscription_cap(conn);
         // Leave room for historic work under the relay's subscription limit.
-        let max_reqs = conn.caps.max_subscriptions.map(|m| {
-            (m as usize).saturating_sub(self.config.max_historic_subscriptions.min(m as usize / 2))
+        let max_reqs = cap.map(|m| {
+            m.saturating_sub(self.config.max_historic_subscriptions.min(m / 2))
+                .max(1)
         });
-        let plan = filters::plan_live(
+        let mut plan = filters::plan_live(
             &repos,
             &roots,
             self.config.chunk,
             self.max_filters(&conn.caps),
             max_reqs,
         );
+        if let Some(max) = max_reqs
+            && plan.len() > max
+            && conn.caps.max_filters.is_none()
+        {
+            // The relay publishes no filter limit: more filters per REQ rather than more
+            // REQs than it takes.
+            let all: Vec<_> = plan.into_iter().flatten().collect();
+            let per_req = all.len().div_ceil(max);
+            plan = filters::pack(all, per_req);
+        }
         let old: Vec<SubscriptionId> = conn.live.keys().cloned().collect();
         conn.live.clear();
+        if cap.is_some() && !old.is_empty() {
+            conn.live_gap_since.get_or_insert(super::report::unix_now());
+            for id in &old {
+                conn.writer
+                    .send(&ClientMessage::close(id.clone()))
+                    .await
+                    .map_err(SessionError::Write)?;
+            }
+        }
         for req in plan {
             conn.next_id += 1;
             let id = SubscriptionId::new(format!("live-{}", conn.next_id));
@@ -32,13 +55,21 @@ impl Session {
                 .send(&ClientMessage::req(id.clone(), req))
                 .await
                 .map_err(SessionError::Write)?;
+            conn.sent_req(&id);
             conn.live.insert(id, ());
         }
-        for id in old {
-            conn.writer
-                .send(&ClientMessage::close(id))
-                .await
-                .map_err(SessionError::Write)?;
+        if cap.is_none() {
+            for id in old {
+                conn.writer
+                    .send(&ClientMessage::close(id))
+                    .await
+                    .map_err(SessionError::Write)?;
+            }
+        }
+        if let Some(gap) = conn.live_gap_since.take() {
+            let since = gap.saturating_sub(self.config.slack.as_secs());
+            tracing::info!(relay = %self.url, since, "backfilling the live gap");
+            self.backfill(conn, nostr::Timestamp::from(since));
         }
         Ok(())
     }

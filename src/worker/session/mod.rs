@@ -14,6 +14,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
 mod auth;
+mod cap;
 mod dispatch;
 mod error;
 mod historic;
@@ -258,6 +259,7 @@ pub fn spawn(
         neg_ids: 0,
         reconciling: false,
         refusals: 0,
+        sub_cap: None,
         reconcile_at,
         bytes_before: 0,
         bytes_reported: 0,
@@ -291,6 +293,9 @@ struct Session {
     /// Subscriptions refused on policy grounds since a batch last completed: the delay
     /// before asking again doubles with each.
     refusals: u32,
+    /// The relay's subscription cap per connection, learned from its refusals (kept across
+    /// connections: it is the relay's policy).
+    sub_cap: Option<usize>,
     /// When the next full reconciliation is due. It belongs to the session, not to a
     /// connection: a relay that reconnects more often than the period must not postpone
     /// the safety net for ever.
@@ -330,9 +335,29 @@ struct Conn {
     /// Unix time since which live coverage has a gap (a live subscription was closed);
     /// backfilled from there when the subscriptions are open again.
     live_gap_since: Option<u64>,
+    /// REQs the relay has not answered yet (no EOSE, event or CLOSED), oldest first, with
+    /// when they were sent. Relays answer a connection's messages in order, so a refusal
+    /// that names no subscription (a NOTICE) belongs to the oldest.
+    unanswered: std::collections::VecDeque<(SubscriptionId, Instant)>,
 }
 
 impl Conn {
+    /// Record a REQ just sent.
+    fn sent_req(&mut self, id: &SubscriptionId) {
+        self.unanswered.push_back((id.clone(), Instant::now()));
+    }
+
+    /// The relay answered `id` (EOSE, an event, CLOSED).
+    fn answered(&mut self, id: &SubscriptionId) {
+        match self.unanswered.front() {
+            Some((front, _)) if front == id => {
+                self.unanswered.pop_front();
+            }
+            Some(_) => self.unanswered.retain(|(x, _)| x != id),
+            None => {}
+        }
+    }
+
     fn active_historic(&self) -> usize {
         self.historic.len() + self.negs.len() + self.fetches.len() + self.locals_pending
     }

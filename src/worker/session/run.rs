@@ -84,6 +84,7 @@ impl Session {
                         auth_pending: None,
                         live_retry_at: None,
                         live_gap_since: None,
+                        unanswered: std::collections::VecDeque::new(),
                     }
                 }
                 Err(e) => {
@@ -233,12 +234,23 @@ impl Session {
         {
             conn.live_retry_at = None;
             self.open_live(conn).await?;
-            if let Some(gap) = conn.live_gap_since.take() {
-                let since = gap.saturating_sub(self.config.slack.as_secs());
-                tracing::info!(relay = %self.url, since, "backfilling the live gap");
-                self.backfill(conn, Timestamp::from(since));
-            }
         }
+        // A REQ still unanswered long after it was given up (closed, timed out) will not
+        // be answered: it no longer counts.
+        let stale = self.config.batch_timeout * 2;
+        let Conn {
+            unanswered,
+            live,
+            historic,
+            fetches,
+            ..
+        } = conn;
+        unanswered.retain(|(id, at)| {
+            at.elapsed() < stale
+                || live.contains_key(id)
+                || historic.contains_key(id)
+                || fetches.contains_key(id)
+        });
         if self.reconciling && conn.batches.is_empty() {
             self.reconciling = false;
         }

@@ -245,8 +245,8 @@ impl Session {
             return Ok(());
         }
         let mut budget = self.config.max_historic_subscriptions;
-        if let Some(max) = conn.caps.max_subscriptions {
-            budget = budget.min((max as usize).saturating_sub(conn.live.len()).max(1));
+        if let Some(max) = self.subscription_cap(conn) {
+            budget = budget.min(max.saturating_sub(conn.live.len()).max(1));
         }
         let limit = self.page_limit(&conn.caps);
         while conn.active_historic() < budget {

@@ -21,6 +21,7 @@ impl Session {
             .send(&ClientMessage::req(id.clone(), vec![paginator.current()]))
             .await
             .map_err(SessionError::Write)?;
+        conn.sent_req(&id);
         conn.historic.insert(
             id,
             HistoricSub {
@@ -48,6 +49,7 @@ impl Session {
             .send(&ClientMessage::req(id.clone(), vec![req]))
             .await
             .map_err(SessionError::Write)?;
+        conn.sent_req(&id);
         conn.fetches.insert(
             id,
             FetchSub {
