@@ -677,6 +677,55 @@ async fn a_subscription_cap_refused_by_closed_is_learned() {
     subscription_cap_is_learned_and_respected(CapRefusal::Closed).await;
 }
 
+/// A local relay that accepts slowly holds the session up in the publisher; the time it does
+/// not read is not the remote's silence, so no historic page may time out because of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publisher_back_pressure_does_not_time_out_historic_pages() {
+    // A local relay that takes four events a second, one waiting in the queue.
+    let slow = HostileRelay::start(Script {
+        ok_rate_per_sec: Some(4.0),
+        ..Script::default()
+    })
+    .await;
+    let local = slow.url();
+    let WorkerMetrics {
+        session: metrics,
+        publisher: publisher_metrics,
+        ..
+    } = WorkerMetrics::default();
+    let mut pc = PublisherConfig::new(local.clone());
+    pc.queue_capacity = 1;
+    pc.max_in_flight = 1;
+    let (publisher, _task) = Publisher::spawn(pc, publisher_metrics);
+    let f = nip34::fixture("slow-local");
+    let remote = HostileRelay::start(Script::default()).await;
+    let mut events = f.expected.clone();
+    events.extend(nip34::comments(f.root.id, 6, 0));
+    remote.add(events.iter().cloned());
+    let mut config = fast_config();
+    config.local_relay = Some(local.clone());
+    config.negentropy = false;
+    config.batch_timeout = Duration::from_millis(300);
+    let h = session::spawn(
+        remote.url(),
+        set_for(&[&f]),
+        None,
+        config,
+        publisher,
+        metrics.clone(),
+    );
+    relays::holds_exactly(&local, &nip34::ids(&events), DEADLINE).await;
+    assert_eq!(
+        metrics
+            .historic_batches
+            .with_label_values(&["timeout"])
+            .get(),
+        0,
+        "a page timed out while the session was held up by the publisher"
+    );
+    h.stop().await;
+}
+
 /// The daily reconciliation is the safety net for whatever live delivery missed; a relay
 /// that drops the connection more often than the reconciliation period must not postpone it
 /// for ever (its timer belongs to the session, not to one connection).

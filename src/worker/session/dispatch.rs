@@ -2,7 +2,10 @@
 //! subscription they belong to, AUTH and NOTICE to the connection's state.
 
 use std::sync::atomic::Ordering;
-use std::time::Instant;
+use std::time::{Duration, Instant};
+
+/// A hand-over to the publisher that took this long means it was full (back-pressure).
+const BLOCKED: Duration = Duration::from_millis(50);
 
 use nostr::{ClientMessage, Event, RelayMessage};
 
@@ -246,9 +249,19 @@ impl Session {
             return Ok(());
         }
         self.counters.submitted.fetch_add(1, Ordering::Release);
-        self.publisher
+        let started = Instant::now();
+        let handed = self
+            .publisher
             .publish(event, Some(self.counters.clone()))
-            .await
-            .map_err(SessionError::PublisherClosed)
+            .await;
+        if started.elapsed() >= BLOCKED {
+            // We stopped reading while the publisher was full: the relay was not idle.
+            self.unblocked_at = Instant::now();
+        }
+        handed.map_err(|e| {
+            // Never handed over, so never answered: it must not count as pending.
+            self.counters.submitted.fetch_sub(1, Ordering::Release);
+            SessionError::PublisherClosed(e)
+        })
     }
 }

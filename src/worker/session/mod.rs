@@ -260,6 +260,7 @@ pub fn spawn(
         reconciling: false,
         refusals: 0,
         sub_cap: None,
+        unblocked_at: Instant::now(),
         reconcile_at,
         bytes_before: 0,
         bytes_reported: 0,
@@ -296,6 +297,9 @@ struct Session {
     /// The relay's subscription cap per connection, learned from its refusals (kept across
     /// connections: it is the relay's policy).
     sub_cap: Option<usize>,
+    /// When the session last resumed reading after the publisher held it up: timeouts
+    /// measure the relay's silence, not our back-pressure, so none counts from before.
+    unblocked_at: Instant,
     /// When the next full reconciliation is due. It belongs to the session, not to a
     /// connection: a relay that reconnects more often than the period must not postpone
     /// the safety net for ever.

@@ -12,10 +12,13 @@ impl Session {
     pub(in crate::worker::session) async fn check_timeouts(&mut self, conn: &mut Conn) {
         let now = Instant::now();
         let timeout = self.config.batch_timeout;
+        // Silence while we were not reading (publisher back-pressure) is not the relay's.
+        let unblocked = self.unblocked_at;
+        let idle = |last: Instant| now.duration_since(last.max(unblocked));
         let stale: Vec<SubscriptionId> = conn
             .historic
             .iter()
-            .filter(|(_, h)| now.duration_since(h.last_activity) >= timeout)
+            .filter(|(_, h)| idle(h.last_activity) >= timeout)
             .map(|(id, _)| id.clone())
             .collect();
         for id in stale {
@@ -43,7 +46,7 @@ impl Session {
         let stale: Vec<SubscriptionId> = conn
             .negs
             .iter()
-            .filter(|(_, n)| now.duration_since(n.last_activity) >= timeout)
+            .filter(|(_, n)| idle(n.last_activity) >= timeout)
             .map(|(id, _)| id.clone())
             .collect();
         for id in stale {
@@ -65,7 +68,7 @@ impl Session {
         let stale: Vec<SubscriptionId> = conn
             .fetches
             .iter()
-            .filter(|(_, f)| now.duration_since(f.last_activity) >= timeout)
+            .filter(|(_, f)| idle(f.last_activity) >= timeout)
             .map(|(id, _)| id.clone())
             .collect();
         for id in stale {
