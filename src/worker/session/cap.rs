@@ -23,42 +23,38 @@ impl Session {
         }
     }
 
-    /// The relay refused `refused` for its cap (`None`: a refusal we cannot place).
-    ///
-    /// Relays answer a connection's messages in order, so when the refusal arrives every
-    /// subscription we hold that the relay has answered was open when it refused: their
-    /// number is a lower bound of the cap (negentropy sessions are not counted: relays keep
-    /// them apart from REQs). The largest such bound is kept (a conservative cap costs some
-    /// parallelism, never events).
+    /// The relay refused a REQ for its cap: `named` when it said which (CLOSED), otherwise
+    /// (a NOTICE) the newest REQ it has not answered — a relay checks the cap when a REQ
+    /// arrives but may answer earlier REQs later (nostr-rs-relay sends EOSE from its query
+    /// pool), so a refusal is for the latest ones. That subscription is taken back, and the
+    /// cap is the number still believed open: refusals of a burst arrive one by one, each
+    /// lowering it, so the smallest value seen is kept.
     pub(super) async fn on_subscription_cap(
         &mut self,
         conn: &mut Conn,
-        refused: Option<SubscriptionId>,
+        named: Option<SubscriptionId>,
         text: &str,
     ) -> Result<(), SessionError> {
         self.metrics
             .closed_subscriptions
             .with_label_values(&["subscription-cap"])
             .inc();
+        let believed_open = |c: &Conn, id: &SubscriptionId| {
+            c.live.contains_key(id) || c.historic.contains_key(id) || c.fetches.contains_key(id)
+        };
+        let refused = named.or_else(|| {
+            conn.unanswered
+                .iter()
+                .rev()
+                .map(|(id, _)| id)
+                .find(|id| believed_open(conn, id))
+                .cloned()
+        });
         let Some(refused) = refused else {
-            tracing::debug!(relay = %self.url, notice = %truncate(text, 200), "subscription cap notice with no REQ outstanding");
+            tracing::debug!(relay = %self.url, notice = %truncate(text, 200), "subscription cap refusal with no REQ outstanding");
             return Ok(());
         };
-        let open =
-            |id: &SubscriptionId| *id != refused && !conn.unanswered.iter().any(|(x, _)| x == id);
-        let held = conn.live.keys().filter(|id| open(id)).count()
-            + conn.historic.keys().filter(|id| open(id)).count()
-            + conn.fetches.keys().filter(|id| open(id)).count();
-        let learned = self.sub_cap.unwrap_or(0).max(held).max(1);
-        if self.sub_cap != Some(learned) {
-            tracing::info!(relay = %self.url, cap = learned, reason = %truncate(text, 200), "relay caps subscriptions per connection; re-planning within it");
-            self.sub_cap = Some(learned);
-        }
-        let err = format!(
-            "relay refused a subscription over its cap (about {learned}): {}",
-            truncate(text, 300)
-        );
-        self.publish_state(|s| s.last_error = Some(err));
+        conn.answered(&refused);
         // Historic work waits a moment: the live re-plan (next tick) frees what it needs.
         let now = Instant::now();
         let retry_at = now + self.config.batch_retry;
@@ -71,6 +67,23 @@ impl Session {
         } else if let Some(f) = conn.fetches.remove(&refused) {
             historic::retry_later(conn, f.batch, f.into_work(), retry_at);
         }
+        let open = conn.live.len() + conn.historic.len() + conn.fetches.len();
+        let learned = self.sub_cap.map_or(open, |c| c.min(open)).max(1);
+        match self.sub_cap {
+            None => {
+                tracing::info!(relay = %self.url, cap = learned, reason = %truncate(text, 200), "relay caps subscriptions per connection; re-planning within it")
+            }
+            Some(c) if c != learned => {
+                tracing::debug!(relay = %self.url, cap = learned, "subscription cap lowered")
+            }
+            Some(_) => {}
+        }
+        self.sub_cap = Some(learned);
+        let err = format!(
+            "relay refused a subscription over its cap (about {learned}): {}",
+            truncate(text, 300)
+        );
+        self.publish_state(|s| s.last_error = Some(err));
         Ok(())
     }
 }

@@ -216,9 +216,7 @@ impl Session {
             }
             RelayMessage::Notice(text) => {
                 if means_subscription_cap(&text) {
-                    // In order: the oldest REQ not yet answered is the one refused.
-                    let refused = conn.unanswered.pop_front().map(|(id, _)| id);
-                    return self.on_subscription_cap(conn, refused, &text).await;
+                    return self.on_subscription_cap(conn, None, &text).await;
                 }
                 if !conn.negs.is_empty() && notice_means_unsupported(&text) {
                     self.negentropy_unsupported(conn, &text);

@@ -32,9 +32,13 @@ impl Session {
             && conn.caps.max_filters.is_none()
         {
             // The relay publishes no filter limit: more filters per REQ rather than more
-            // REQs than it takes.
+            // REQs than it takes — up to twice our default, since a relay also limits the
+            // size of a message (a REQ too large for it costs the connection).
             let all: Vec<_> = plan.into_iter().flatten().collect();
-            let per_req = all.len().div_ceil(max);
+            let per_req = all
+                .len()
+                .div_ceil(max)
+                .min(self.config.default_max_filters.max(1) * 2);
             plan = filters::pack(all, per_req);
         }
         let old: Vec<SubscriptionId> = conn.live.keys().cloned().collect();

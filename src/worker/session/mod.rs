@@ -340,8 +340,8 @@ struct Conn {
     /// backfilled from there when the subscriptions are open again.
     live_gap_since: Option<u64>,
     /// REQs the relay has not answered yet (no EOSE, event or CLOSED), oldest first, with
-    /// when they were sent. Relays answer a connection's messages in order, so a refusal
-    /// that names no subscription (a NOTICE) belongs to the oldest.
+    /// when they were sent: a refusal that names no subscription (a NOTICE) is for one of
+    /// them.
     unanswered: std::collections::VecDeque<(SubscriptionId, Instant)>,
 }
 
