@@ -129,6 +129,33 @@ pub fn plan_live(
     }
 }
 
+/// Group filters into REQs of at most `max_filters_per_req` filters and (unless a single
+/// filter is larger) at most `max_bytes` of JSON each: relays bound the size of a message
+/// or frame, and one over it costs the connection.
+pub fn pack_within(
+    filters: Vec<Filter>,
+    max_filters_per_req: usize,
+    max_bytes: usize,
+) -> Vec<Vec<Filter>> {
+    let per_req = max_filters_per_req.max(1);
+    let mut out: Vec<Vec<Filter>> = Vec::new();
+    let mut current: Vec<Filter> = Vec::new();
+    let mut bytes = 0;
+    for f in filters {
+        let size = nostr::JsonUtil::as_json(&f).len() + 1;
+        if !current.is_empty() && (current.len() >= per_req || bytes + size > max_bytes) {
+            out.push(std::mem::take(&mut current));
+            bytes = 0;
+        }
+        bytes += size;
+        current.push(f);
+    }
+    if !current.is_empty() {
+        out.push(current);
+    }
+    out
+}
+
 /// Group filters into REQs of at most `max_filters_per_req` filters each.
 pub fn pack(filters: Vec<Filter>, max_filters_per_req: usize) -> Vec<Vec<Filter>> {
     let per_req = max_filters_per_req.max(1);
@@ -238,6 +265,30 @@ mod tests {
             .map(|v| v.len())
             .sum();
         assert_eq!(total, 250);
+    }
+
+    #[test]
+    fn packing_within_a_byte_budget_keeps_every_filter() {
+        let keys = Keys::generate();
+        let repos: Vec<_> = (0..300).map(|i| scope(&keys, &format!("r{i}"))).collect();
+        let filters = layer2(&repos, 100);
+        let total = filters.len();
+        let budget = 20_000;
+        let reqs = pack_within(filters.clone(), 10, budget);
+        assert_eq!(reqs.iter().map(Vec::len).sum::<usize>(), total);
+        for req in &reqs {
+            let size: usize = req.iter().map(|f| f.as_json().len() + 1).sum();
+            assert!(
+                req.len() == 1 || size <= budget,
+                "{size} bytes in {} filters",
+                req.len()
+            );
+            assert!(req.len() <= 10);
+        }
+        assert!(
+            reqs.len() > pack(filters, 10).len(),
+            "the budget split some REQs"
+        );
     }
 
     #[test]

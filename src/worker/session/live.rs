@@ -41,6 +41,28 @@ impl Session {
                 .min(self.config.default_max_filters.max(1) * 2);
             plan = filters::pack(all, per_req);
         }
+        let per_req = plan.iter().map(Vec::len).max().unwrap_or(1);
+        let mut plan = filters::pack_within(
+            plan.into_iter().flatten().collect(),
+            per_req,
+            self.config.max_req_bytes,
+        );
+        // More than the relay takes on one connection: open what fits and keep the rest as a
+        // standing gap (it holds the cursor) rather than have the excess refused.
+        conn.live_overflow = match max_reqs {
+            Some(max) if plan.len() > max => plan.split_off(max).len(),
+            _ => 0,
+        };
+        if conn.live_overflow > 0 {
+            let err = format!(
+                "the live set needs {} subscriptions; the relay allows about {} per connection: {} not open",
+                plan.len() + conn.live_overflow,
+                cap.unwrap_or(0),
+                conn.live_overflow
+            );
+            tracing::warn!(relay = %self.url, overflow = conn.live_overflow, "live set larger than the relay's subscription cap");
+            self.publish_state(|s| s.last_error = Some(err));
+        }
         let old: Vec<SubscriptionId> = conn.live.keys().cloned().collect();
         conn.live.clear();
         if cap.is_some() && !old.is_empty() {

@@ -47,6 +47,9 @@ pub struct SessionConfig {
     pub chunk: usize,
     /// Filters per REQ when NIP-11 does not say.
     pub default_max_filters: usize,
+    /// Largest REQ sent, in bytes of JSON: relays bound message and frame sizes (nostr-rs-relay:
+    /// 256 KiB frames by default) and drop the connection over them.
+    pub max_req_bytes: usize,
     /// Historic REQs open at once.
     pub max_historic_subscriptions: usize,
     /// A reconnect resumes from `cursor - slack`.
@@ -82,6 +85,7 @@ impl Default for SessionConfig {
             page_limit: 500,
             chunk: filters::DEFAULT_CHUNK,
             default_max_filters: 10,
+            max_req_bytes: 64 * 1024,
             max_historic_subscriptions: 8,
             slack: Duration::from_secs(15 * 60),
             max_event_bytes: 256 * 1024,
@@ -336,6 +340,9 @@ struct Conn {
     auth_pending: Option<EventId>,
     /// Live subscriptions were closed by the relay; re-open them at this time.
     live_retry_at: Option<Instant>,
+    /// Live REQs of the plan not opened because the relay's cap would refuse them: a
+    /// standing gap that holds the cursor.
+    live_overflow: usize,
     /// Unix time since which live coverage has a gap (a live subscription was closed);
     /// backfilled from there when the subscriptions are open again.
     live_gap_since: Option<u64>,

@@ -32,6 +32,7 @@ impl Session {
             && conn.historic.is_empty()
             && conn.live_retry_at.is_none()
             && conn.live_gap_since.is_none()
+            && conn.live_overflow == 0
             && self.counters.drained()
         {
             self.cursor = Some(unix_now().max(self.cursor.unwrap_or(0)));
@@ -45,7 +46,7 @@ impl Session {
             Phase::LiveWithGaps
         } else if pending {
             Phase::Syncing
-        } else if self.gaps > 0 || conn.live_retry_at.is_some() {
+        } else if self.gaps > 0 || conn.live_retry_at.is_some() || conn.live_overflow > 0 {
             // Pagination gaps, or live subscriptions the relay closed and not yet reopened.
             Phase::LiveWithGaps
         } else {

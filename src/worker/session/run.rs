@@ -84,6 +84,7 @@ impl Session {
                         auth_pending: None,
                         live_retry_at: None,
                         live_gap_since: None,
+                        live_overflow: 0,
                         unanswered: std::collections::VecDeque::new(),
                     }
                 }
