@@ -23,12 +23,14 @@ impl Session {
         }
     }
 
-    /// The relay refused a REQ for its cap: `named` when it said which (CLOSED), otherwise
-    /// (a NOTICE) the newest REQ it has not answered — a relay checks the cap when a REQ
-    /// arrives but may answer earlier REQs later (nostr-rs-relay sends EOSE from its query
-    /// pool), so a refusal is for the latest ones. That subscription is taken back, and the
-    /// cap is the number still believed open: refusals of a burst arrive one by one, each
-    /// lowering it, so the smallest value seen is kept.
+    /// The relay refused a REQ for its cap: `named` when it said which (CLOSED); `None` for
+    /// a NOTICE, which names none. A relay checks the cap when a REQ arrives but may answer
+    /// earlier REQs later (nostr-rs-relay sends EOSE from its query pool), so a NOTICE cannot
+    /// be placed: no subscription is taken back on a guess (a wrong guess would leave one of
+    /// the relay's slots held by a subscription we no longer track). Instead the refusals are
+    /// counted against what we believe open, the live subscriptions are re-planned within
+    /// the cap (a refused live REQ is among them or not: the re-plan covers both), and a
+    /// refused historic page times out and is retried within the cap.
     pub(super) async fn on_subscription_cap(
         &mut self,
         conn: &mut Conn,
@@ -39,35 +41,28 @@ impl Session {
             .closed_subscriptions
             .with_label_values(&["subscription-cap"])
             .inc();
-        let believed_open = |c: &Conn, id: &SubscriptionId| {
-            c.live.contains_key(id) || c.historic.contains_key(id) || c.fetches.contains_key(id)
-        };
-        let refused = named.or_else(|| {
-            conn.unanswered
-                .iter()
-                .rev()
-                .map(|(id, _)| id)
-                .find(|id| believed_open(conn, id))
-                .cloned()
-        });
-        let Some(refused) = refused else {
-            tracing::debug!(relay = %self.url, notice = %truncate(text, 200), "subscription cap refusal with no REQ outstanding");
-            return Ok(());
-        };
-        conn.answered(&refused);
-        // Historic work waits a moment: the live re-plan (next tick) frees what it needs.
         let now = Instant::now();
-        let retry_at = now + self.config.batch_retry;
-        if conn.live.remove(&refused).is_some() {
-            // Live coverage has a hole: re-plan within the cap at once, then backfill.
-            conn.live_gap_since.get_or_insert(super::report::unix_now());
-            conn.live_retry_at = Some(now);
-        } else if let Some(h) = conn.historic.remove(&refused) {
-            historic::retry_later(conn, h.batch, Work::Page(h.paginator), retry_at);
-        } else if let Some(f) = conn.fetches.remove(&refused) {
-            historic::retry_later(conn, f.batch, f.into_work(), retry_at);
+        match named {
+            Some(refused) => {
+                // Historic work waits a moment: the live re-plan frees what it needs.
+                let retry_at = now + self.config.batch_retry;
+                if conn.live.remove(&refused).is_some() {
+                    conn.live_gap_since.get_or_insert(super::report::unix_now());
+                    conn.live_retry_at = Some(now);
+                } else if let Some(h) = conn.historic.remove(&refused) {
+                    historic::retry_later(conn, h.batch, Work::Page(h.paginator), retry_at);
+                } else if let Some(f) = conn.fetches.remove(&refused) {
+                    historic::retry_later(conn, f.batch, f.into_work(), retry_at);
+                }
+            }
+            None => {
+                conn.unplaced_refusals += 1;
+                conn.live_gap_since.get_or_insert(super::report::unix_now());
+                conn.live_retry_at = Some(now);
+            }
         }
-        let open = conn.live.len() + conn.historic.len() + conn.fetches.len();
+        let open = (conn.live.len() + conn.historic.len() + conn.fetches.len())
+            .saturating_sub(conn.unplaced_refusals);
         let learned = self.sub_cap.map_or(open, |c| c.min(open)).max(1);
         match self.sub_cap {
             None => {

@@ -97,6 +97,14 @@ impl Session {
                         let why = format!("{} ids never arrived", f.requested.len());
                         self.fallback_to_req(conn, f.batch, f.filter, &why);
                     }
+                } else if !conn.live.contains_key(&id) {
+                    // A subscription we no longer track (taken back as refused, or replaced)
+                    // that the relay did open: close it, or it holds one of the relay's
+                    // slots for the rest of the connection.
+                    conn.writer
+                        .send(&ClientMessage::close(id))
+                        .await
+                        .map_err(SessionError::Write)?;
                 }
                 Ok(())
             }
