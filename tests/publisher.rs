@@ -101,6 +101,39 @@ async fn rate_limited_local_relay_loses_nothing() {
     );
 }
 
+/// Transient failures of the local relay, with or without a standard prefix, are retried
+/// (after a pause), not taken as final refusals: every event ends up stored.
+async fn transient_failures_are_retried(text: &str) {
+    let relay = HostileRelay::start(Script {
+        ok_failed_first: Some((6, text.to_string())),
+        ..Script::default()
+    })
+    .await;
+    let metrics = PublisherMetrics::default();
+    let (publisher, _task) = Publisher::spawn(PublisherConfig::new(relay.url()), metrics.clone());
+    let events = corpus(20);
+    publish_all(&publisher, &events).await;
+    drained(&publisher, Duration::from_secs(60)).await;
+    assert_eq!(
+        relay.ids().into_iter().collect::<BTreeSet<_>>(),
+        ids(&events),
+        "an event refused transiently ({text}) was never stored"
+    );
+    let s = publisher.stats();
+    assert_eq!(s.accepted.load(Ordering::Relaxed), 20);
+    assert_eq!(s.gave_up.load(Ordering::Relaxed), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unprefixed_failures_of_the_local_relay_are_retried() {
+    transient_failures_are_retried("Database query failed: connection pool exhausted").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn error_failures_of_the_local_relay_are_retried() {
+    transient_failures_are_retried("error: database is locked").await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn relay_with_default_limits_holds_back_the_excess_without_dropping_it() {
     // nostr-relay-builder's defaults (ngit-grasp's too): 60 events per minute per connection.

@@ -38,6 +38,10 @@ pub struct Script {
     pub no_eose: bool,
     /// The first N EVENTs published to this relay get `OK false "rate-limited: …"`.
     pub ok_rate_limited_first: usize,
+    /// The first N EVENTs published to this relay get `OK false` with this message (a
+    /// transient failure: real GRASP relays send e.g. "Database query failed: …" with no
+    /// standard prefix, or `error: …`).
+    pub ok_failed_first: Option<(usize, String)>,
     /// Accept at most this many EVENTs per second (token bucket, burst of one second);
     /// the excess gets `OK false "rate-limited: …"`.
     pub ok_rate_per_sec: Option<f64>,
@@ -394,6 +398,14 @@ fn handle(
         ClientMessage::Event(ev) => {
             let ev = ev.into_owned();
             s.counters.events_received.fetch_add(1, Ordering::SeqCst);
+            if let Some((n, text)) = &mut script.ok_failed_first
+                && *n > 0
+            {
+                *n -= 1;
+                return vec![Reply::Send(
+                    RelayMessage::ok(ev.id, false, text.clone()).as_json(),
+                )];
+            }
             if script.ok_rate_limited_first > 0 {
                 script.ok_rate_limited_first -= 1;
                 return vec![Reply::Send(

@@ -44,9 +44,16 @@ pub struct PublisherConfig {
     pub max_in_flight: usize,
     /// An event without `OK` after this long is sent again.
     pub ok_timeout: Duration,
-    /// Attempts for `error:` answers before giving up on an event (counted as `gave_up`).
+    /// Attempts for `auth-required:` answers before giving up on an event.
     /// `rate-limited:` is retried without limit: it is about pace, not content.
     pub max_error_attempts: u32,
+    /// A transient failure (`error:`, or a refusal with no standard prefix, as real relays
+    /// send for a busy database) is retried after this pause, doubling with each failure of
+    /// the same event up to a minute…
+    pub error_backoff: Duration,
+    /// …until this long after its first failure; then it is given up (`gave_up`; a later
+    /// reconciliation offers it again).
+    pub max_error_age: Duration,
     /// Pause after `auth-required:` so our AUTH is answered before we resend.
     pub auth_pause: Duration,
     pub connect: ConnectOptions,
@@ -67,6 +74,8 @@ impl PublisherConfig {
             max_in_flight: 64,
             ok_timeout: Duration::from_secs(15),
             max_error_attempts: 5,
+            error_backoff: Duration::from_millis(500),
+            max_error_age: Duration::from_secs(600),
             auth_pause: Duration::from_millis(500),
             connect: ConnectOptions::default(),
             auth_keys: None,
@@ -140,6 +149,9 @@ pub struct PublisherClosed;
 struct Pending {
     event: Event,
     attempts: u32,
+    /// Transient failures so far, and when the first one came.
+    failures: u32,
+    first_failure: Option<std::time::Instant>,
     /// One entry per `publish` call for this event: the same event often arrives through
     /// several subscriptions, and each delivery must get its answer.
     origins: Vec<Option<Arc<SourceCounters>>>,
@@ -202,6 +214,8 @@ impl Publisher {
             .send(Pending {
                 event,
                 attempts: 0,
+                failures: 0,
+                first_failure: None,
                 origins: vec![origin],
             })
             .await

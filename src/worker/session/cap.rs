@@ -1,8 +1,8 @@
 //! The relay's subscription cap, learned from its refusals. Many relays cap concurrent
-//! subscriptions per connection without publishing it (nostr-rs-relay: 32, refused by a
-//! NOTICE naming no subscription; nostr-relay-builder: 500, refused by `CLOSED
-//! "rate-limited: too many REQs"`). A refused REQ believed open is a silent loss, so each
-//! refusal takes that subscription back and re-plans within what the relay was seen to hold.
+//! subscriptions per connection without publishing it (nostr-relay-builder: 500, refused by
+//! `CLOSED "rate-limited: too many REQs"`). A refused REQ believed open is a silent loss, so
+//! each refusal takes that subscription back and re-plans within what the relay was seen to
+//! hold.
 
 use std::time::Instant;
 
@@ -23,18 +23,15 @@ impl Session {
         }
     }
 
-    /// The relay refused a REQ for its cap: `named` when it said which (CLOSED); `None` for
-    /// a NOTICE, which names none. A relay checks the cap when a REQ arrives but may answer
-    /// earlier REQs later (nostr-rs-relay sends EOSE from its query pool), so a NOTICE cannot
-    /// be placed: no subscription is taken back on a guess (a wrong guess would leave one of
-    /// the relay's slots held by a subscription we no longer track). Instead the refusals are
-    /// counted against what we believe open, the live subscriptions are re-planned within
-    /// the cap (a refused live REQ is among them or not: the re-plan covers both), and a
-    /// refused historic page times out and is retried within the cap.
+    /// The relay refused the REQ `refused` for its cap (a CLOSED naming it). The
+    /// subscription is taken back and the cap is the number still believed open: the
+    /// refusals of a burst arrive one by one, each lowering it, so the smallest value seen
+    /// is kept. (A NOTICE refusal names no REQ and, since relays may answer earlier REQs
+    /// after refusing later ones, cannot be placed; it is not handled yet.)
     pub(super) async fn on_subscription_cap(
         &mut self,
         conn: &mut Conn,
-        named: Option<SubscriptionId>,
+        refused: SubscriptionId,
         text: &str,
     ) -> Result<(), SessionError> {
         self.metrics
@@ -42,27 +39,17 @@ impl Session {
             .with_label_values(&["subscription-cap"])
             .inc();
         let now = Instant::now();
-        match named {
-            Some(refused) => {
-                // Historic work waits a moment: the live re-plan frees what it needs.
-                let retry_at = now + self.config.batch_retry;
-                if conn.live.remove(&refused).is_some() {
-                    conn.live_gap_since.get_or_insert(super::report::unix_now());
-                    conn.live_retry_at = Some(now);
-                } else if let Some(h) = conn.historic.remove(&refused) {
-                    historic::retry_later(conn, h.batch, Work::Page(h.paginator), retry_at);
-                } else if let Some(f) = conn.fetches.remove(&refused) {
-                    historic::retry_later(conn, f.batch, f.into_work(), retry_at);
-                }
-            }
-            None => {
-                conn.unplaced_refusals += 1;
-                conn.live_gap_since.get_or_insert(super::report::unix_now());
-                conn.live_retry_at = Some(now);
-            }
+        // Historic work waits a moment: the live re-plan frees what it needs.
+        let retry_at = now + self.config.batch_retry;
+        if conn.live.remove(&refused).is_some() {
+            conn.live_gap_since.get_or_insert(super::report::unix_now());
+            conn.live_retry_at = Some(now);
+        } else if let Some(h) = conn.historic.remove(&refused) {
+            historic::retry_later(conn, h.batch, Work::Page(h.paginator), retry_at);
+        } else if let Some(f) = conn.fetches.remove(&refused) {
+            historic::retry_later(conn, f.batch, f.into_work(), retry_at);
         }
-        let open = (conn.live.len() + conn.historic.len() + conn.fetches.len())
-            .saturating_sub(conn.unplaced_refusals);
+        let open = conn.live.len() + conn.historic.len() + conn.fetches.len();
         let learned = self.sub_cap.map_or(open, |c| c.min(open)).max(1);
         match self.sub_cap {
             None => {

@@ -144,7 +144,7 @@ impl Session {
                     return Ok(());
                 }
                 if means_subscription_cap(&message) {
-                    return self.on_subscription_cap(conn, Some(id), &message).await;
+                    return self.on_subscription_cap(conn, id, &message).await;
                 }
                 let outcome = Outcome::classify(false, &message);
                 self.metrics
@@ -223,9 +223,6 @@ impl Session {
                 Ok(())
             }
             RelayMessage::Notice(text) => {
-                if means_subscription_cap(&text) {
-                    return self.on_subscription_cap(conn, None, &text).await;
-                }
                 if !conn.negs.is_empty() && notice_means_unsupported(&text) {
                     self.negentropy_unsupported(conn, &text);
                 } else if notice_means_rate_limited(&text) {

@@ -65,8 +65,6 @@ impl Session {
         }
         let old: Vec<SubscriptionId> = conn.live.keys().cloned().collect();
         conn.live.clear();
-        // Refusals not placed before this re-plan are answered by it.
-        conn.unplaced_refusals = 0;
         if cap.is_some() && !old.is_empty() {
             conn.live_gap_since.get_or_insert(super::report::unix_now());
             for id in &old {

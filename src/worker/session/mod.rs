@@ -340,9 +340,6 @@ struct Conn {
     auth_pending: Option<EventId>,
     /// Live subscriptions were closed by the relay; re-open them at this time.
     live_retry_at: Option<Instant>,
-    /// Cap refusals (NOTICEs) not placed on a subscription since the live re-plan: that many
-    /// of the subscriptions we believe open are not.
-    unplaced_refusals: usize,
     /// Live REQs of the plan not opened because the relay's cap would refuse them: a
     /// standing gap that holds the cursor.
     live_overflow: usize,

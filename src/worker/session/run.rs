@@ -85,7 +85,6 @@ impl Session {
                         live_retry_at: None,
                         live_gap_since: None,
                         live_overflow: 0,
-                        unplaced_refusals: 0,
                         unanswered: std::collections::VecDeque::new(),
                     }
                 }

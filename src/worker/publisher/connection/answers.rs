@@ -45,11 +45,20 @@ impl PublisherConn {
             .with_label_values(&[outcome.label()])
             .inc();
         let sent_at = flight.sent_at;
-        let p = flight.pending;
+        let mut p = flight.pending;
         let copies = p.origins.len() as u64;
+        // No standard prefix on a refusal: real relays send those for failures of their own
+        // ("Database query failed: …"), so it is treated like `error:`.
+        let transient = outcome == Outcome::Error || (outcome == Outcome::Other && !status);
+        if transient {
+            p.failures += 1;
+            p.first_failure.get_or_insert_with(Instant::now);
+        }
         let retry = match outcome {
             Outcome::RateLimited => true,
-            Outcome::Error => p.attempts < self.config.max_error_attempts,
+            _ if transient => p
+                .first_failure
+                .is_some_and(|t| t.elapsed() < self.config.max_error_age),
             // With a key we answer the challenge and send again; without, it is final.
             Outcome::AuthRequired => {
                 self.config.auth_keys.is_some() && p.attempts < self.config.max_error_attempts
@@ -84,14 +93,21 @@ impl PublisherConn {
                 self.metrics.publish_retries.inc();
                 self.push_shared(p);
             }
-            Outcome::Error | Outcome::AuthRequired if retry => {
-                if outcome == Outcome::AuthRequired {
-                    // Give the AUTH round trip a moment before resending.
-                    self.pause = Some(Instant::now() + self.config.auth_pause);
-                }
+            _ if transient && retry => {
+                let delay = self
+                    .config
+                    .error_backoff
+                    .saturating_mul(1 << (p.failures - 1).min(16))
+                    .min(std::time::Duration::from_secs(60));
+                tracing::debug!(id = %event_id, failures = p.failures, ?delay, reason = %message, "local relay failed on an event; retrying");
+                self.requeue_after(p, Instant::now() + delay);
+            }
+            Outcome::AuthRequired if retry => {
+                // Give the AUTH round trip a moment before resending.
+                self.pause = Some(Instant::now() + self.config.auth_pause);
                 self.requeue(p)
             }
-            Outcome::Error => {
+            _ if transient => {
                 self.stats.gave_up.fetch_add(copies, Ordering::Relaxed);
                 self.metrics
                     .publish_outcomes

@@ -36,6 +36,8 @@ pub(super) struct PublisherConn {
     /// Events this connection must send again (no answer in time, transient errors, lost
     /// connection, waiting for authentication).
     retry: VecDeque<Pending>,
+    /// Retries after a transient failure, each not before its time.
+    delayed: Vec<(Instant, Pending)>,
     in_flight: HashMap<EventId, InFlight>,
     pause: Option<Instant>,
     /// The latest AUTH challenge on this connection, not yet answered.
@@ -67,6 +69,7 @@ impl PublisherConn {
             rx,
             shared,
             retry: VecDeque::new(),
+            delayed: Vec::new(),
             in_flight: HashMap::new(),
             pause: None,
             challenge: None,
@@ -105,6 +108,7 @@ impl PublisherConn {
             if self.rx.is_closed()
                 && self.rx.is_empty()
                 && self.retry.is_empty()
+                && self.delayed.is_empty()
                 && self.in_flight.is_empty()
             {
                 return;
@@ -129,9 +133,22 @@ impl PublisherConn {
             if let Err(step) = self.answer_challenge(writer).await {
                 return step;
             }
+            // Retries whose pause is over join the others.
+            let mut i = 0;
+            while i < self.delayed.len() {
+                if self.delayed[i].0 <= now {
+                    let (_, p) = self.delayed.swap_remove(i);
+                    self.retry.push_back(p);
+                } else {
+                    i += 1;
+                }
+            }
             // Send what waits — this connection's retries, then shared ones — in order, while
             // there is room and the pace allows.
-            let mut wake = self.pause;
+            let mut wake = [self.pause, self.delayed.iter().map(|(at, _)| *at).min()]
+                .into_iter()
+                .flatten()
+                .min();
             while self.pause.is_none() && self.in_flight.len() < self.config.max_in_flight {
                 let Some(p) = self.retry.pop_front().or_else(|| self.pop_shared()) else {
                     break;
@@ -163,6 +180,7 @@ impl PublisherConn {
             if self.rx.is_closed()
                 && self.rx.is_empty()
                 && self.retry.is_empty()
+                && self.delayed.is_empty()
                 && self.in_flight.is_empty()
                 && self.shared_is_empty()
             {
@@ -266,6 +284,12 @@ impl PublisherConn {
         self.retry.push_back(p);
     }
 
+    fn requeue_after(&mut self, p: Pending, at: Instant) {
+        self.stats.retries.fetch_add(1, Ordering::Relaxed);
+        self.metrics.publish_retries.inc();
+        self.delayed.push((at, p));
+    }
+
     fn expire_in_flight(&mut self) {
         let timeout = self.config.ok_timeout;
         let expired: Vec<EventId> = self
@@ -283,7 +307,10 @@ impl PublisherConn {
     }
 
     fn update_gauges(&mut self) {
-        let now = (self.retry.len() as i64, self.in_flight.len() as i64);
+        let now = (
+            (self.retry.len() + self.delayed.len()) as i64,
+            self.in_flight.len() as i64,
+        );
         let retry = self
             .gauges
             .retry
