@@ -15,7 +15,7 @@ use grasp_sync::nostr::filters::RepoScope;
 use grasp_sync::nostr::{RelayUrl, RepoCoordinate};
 use grasp_sync::worker::WorkerMetrics;
 use grasp_sync::worker::publisher::{Publisher, PublisherConfig};
-use grasp_sync::worker::session::{self, SessionConfig, SyncSet};
+use grasp_sync::worker::session::{self, Resume, SessionConfig, SyncSet};
 use nostr_relay_builder::prelude::*;
 
 fn rss_kib(field: &str) -> u64 {
@@ -116,7 +116,7 @@ async fn run(label: &str, corpus: &Corpus, negentropy: bool, local_share: f64) {
     let h = session::spawn(
         remote_url,
         set,
-        None,
+        Resume::fresh(),
         config,
         publisher.clone(),
         metrics.session.clone(),

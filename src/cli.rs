@@ -221,6 +221,29 @@ pub struct SyncOpts {
     /// answer: NAT idle drops and remotes that crashed without closing are found this way.
     #[arg(long, env = "GRASP_SYNC_PONG_TIMEOUT", default_value = "15s", value_parser = humantime::parse_duration)]
     pub pong_timeout: Duration,
+    /// A session that reconnects (or restarts) asks again for everything dated from this long
+    /// before its cursor: covers clock skew between relays and events that reached a relay
+    /// a little after their `created_at`.
+    #[arg(long, env = "GRASP_SYNC_RESUME_OVERLAP", default_value = "15m", value_parser = humantime::parse_duration)]
+    pub resume_overlap: Duration,
+    /// A historic page that gets neither an event nor EOSE for this long fails its batch
+    /// (waiting on our own local relay does not count).
+    #[arg(long, env = "GRASP_SYNC_BATCH_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
+    pub batch_timeout: Duration,
+    /// A failed historic batch is asked for again after this long.
+    #[arg(long, env = "GRASP_SYNC_BATCH_RETRY", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub batch_retry: Duration,
+    /// Pause after a relay says we are rate-limited (a `rate-limited:` CLOSED or NOTICE)
+    /// before asking it again.
+    #[arg(long, env = "GRASP_SYNC_RATE_LIMIT_COOLDOWN", default_value = "65s", value_parser = humantime::parse_duration)]
+    pub rate_limit_cooldown: Duration,
+    /// First reconnect delay after a relay failed; doubles with each consecutive failure.
+    #[arg(long, env = "GRASP_SYNC_RECONNECT_DELAY", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub reconnect_delay: Duration,
+    /// A full reconciliation of every repo and root runs about this often (±1/24, so relays
+    /// do not all reconcile at once): the safety net under live delivery.
+    #[arg(long, env = "GRASP_SYNC_RECONCILE_EVERY", default_value = "24h", value_parser = humantime::parse_duration)]
+    pub reconcile_every: Duration,
 }
 
 #[derive(Debug, Args)]

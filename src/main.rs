@@ -96,9 +96,19 @@ fn session_config(sync: &SyncOpts) -> Result<grasp_sync::worker::session::Sessio
     if sync.ping_interval.is_zero() || sync.pong_timeout.is_zero() {
         anyhow::bail!("--ping-interval and --pong-timeout must be longer than zero");
     }
+    if sync.batch_timeout.is_zero() || sync.reconcile_every.is_zero() {
+        anyhow::bail!("--batch-timeout and --reconcile-every must be longer than zero");
+    }
     let mut c = grasp_sync::worker::session::SessionConfig::default();
     c.connect.ping_every = sync.ping_interval;
     c.connect.pong_timeout = sync.pong_timeout;
+    c.slack = sync.resume_overlap;
+    c.batch_timeout = sync.batch_timeout;
+    c.batch_retry = sync.batch_retry;
+    c.health.base_backoff = sync.reconnect_delay;
+    c.health.rate_limit_cooldown = sync.rate_limit_cooldown;
+    let period = sync.reconcile_every;
+    c.reconcile_every = (period / 24 * 23, period / 24 * 25);
     Ok(c)
 }
 

@@ -6,14 +6,17 @@ mod support;
 
 use std::collections::BTreeSet;
 use std::sync::atomic::Ordering;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use grasp_sync::crd::Phase;
+use grasp_sync::nostr::root_digest::RootDigest;
 use grasp_sync::testing::scripted_relay::CapRefusal;
 use grasp_sync::worker::WorkerMetrics;
 use grasp_sync::worker::publisher::{Publisher, PublisherConfig};
 use grasp_sync::worker::session::metrics::SessionMetrics;
-use grasp_sync::worker::session::{self, SessionConfig, SessionHandle, SessionState, SyncSet};
+use grasp_sync::worker::session::{
+    self, Resume, SessionConfig, SessionHandle, SessionState, SyncSet,
+};
 use nostr::{Event, EventBuilder, EventId, Filter, JsonUtil, Keys, Kind};
 use support::eventually;
 use support::hostile_relay::{HostileRelay, Script};
@@ -69,14 +72,14 @@ impl Rig {
         &self,
         remote: &grasp_sync::nostr::RelayUrl,
         set: SyncSet,
-        cursor: Option<u64>,
+        resume: Resume,
         mut config: SessionConfig,
     ) -> SessionHandle {
         config.local_relay = Some(self.local.clone());
         session::spawn(
             remote.clone(),
             set,
-            cursor,
+            resume,
             config,
             self.publisher.clone(),
             self.metrics.clone(),
@@ -116,7 +119,7 @@ async fn historic_and_live(remote: grasp_sync::nostr::RelayUrl) {
     seed.push(announcement.clone());
     relays::publish(&remote, &seed).await;
 
-    let h = rig.start(&remote, set_for(&[&a, &b]), None, fast_config());
+    let h = rig.start(&remote, set_for(&[&a, &b]), Resume::fresh(), fast_config());
     let mut want = nip34::ids(a.expected.iter().chain(&b.expected));
     want.insert(announcement.id); // Layer 1: every announcement
     rig.holds_exactly(&want).await;
@@ -169,7 +172,12 @@ async fn pagination_through_a_capped_relay_with_a_crowded_second() {
     .await;
     let comments = nip34::comments(f.root.id, 240, 40);
     remote.add(f.expected.iter().cloned().chain(comments.iter().cloned()));
-    let h = rig.start(&remote.url(), set_for(&[&f]), None, fast_config());
+    let h = rig.start(
+        &remote.url(),
+        set_for(&[&f]),
+        Resume::fresh(),
+        fast_config(),
+    );
     let want = nip34::ids(f.expected.iter().chain(&comments));
     rig.holds_exactly(&want).await;
     let s = wait_phase(&h, Phase::Live).await;
@@ -189,7 +197,12 @@ async fn disconnect_in_the_middle_of_historic_sync_resumes_without_loss() {
     .await;
     let comments = nip34::comments(f.root.id, 300, 0);
     remote.add(f.expected.iter().cloned().chain(comments.iter().cloned()));
-    let h = rig.start(&remote.url(), set_for(&[&f]), None, fast_config());
+    let h = rig.start(
+        &remote.url(),
+        set_for(&[&f]),
+        Resume::fresh(),
+        fast_config(),
+    );
     rig.holds_exactly(&nip34::ids(f.expected.iter().chain(&comments)))
         .await;
     let s = wait_phase(&h, Phase::Live).await;
@@ -215,7 +228,12 @@ async fn closed_rate_limited_cools_down_and_completes() {
     })
     .await;
     remote.add(f.expected.iter().cloned());
-    let h = rig.start(&remote.url(), set_for(&[&f]), None, fast_config());
+    let h = rig.start(
+        &remote.url(),
+        set_for(&[&f]),
+        Resume::fresh(),
+        fast_config(),
+    );
     rig.holds_exactly(&nip34::ids(&f.expected)).await;
     wait_phase(&h, Phase::Live).await;
     assert!(
@@ -238,7 +256,12 @@ async fn missing_eose_times_out_visibly_and_is_retried() {
     })
     .await;
     remote.add(f.expected.iter().cloned());
-    let h = rig.start(&remote.url(), set_for(&[&f]), None, fast_config());
+    let h = rig.start(
+        &remote.url(),
+        set_for(&[&f]),
+        Resume::fresh(),
+        fast_config(),
+    );
     let mut rx = h.state();
     eventually("a timeout in status", DEADLINE, || {
         let s = rx.borrow_and_update().clone();
@@ -296,7 +319,12 @@ async fn invalid_and_oversize_events_are_counted_not_published() {
     })
     .await;
     remote.add(f.expected.iter().cloned().chain([good.clone()]));
-    let h = rig.start(&remote.url(), set_for(&[&f]), None, fast_config());
+    let h = rig.start(
+        &remote.url(),
+        set_for(&[&f]),
+        Resume::fresh(),
+        fast_config(),
+    );
     let want = nip34::ids(f.expected.iter().chain([&good]));
     rig.holds_exactly(&want).await;
     wait_phase(&h, Phase::Live).await;
@@ -332,7 +360,12 @@ async fn adding_and_removing_items_on_a_live_session() {
     let b = nip34::fixture("second");
     let remote = HostileRelay::start(Script::default()).await;
     remote.add(a.expected.iter().chain(&b.expected).cloned());
-    let h = rig.start(&remote.url(), set_for(&[&a]), None, fast_config());
+    let h = rig.start(
+        &remote.url(),
+        set_for(&[&a]),
+        Resume::fresh(),
+        fast_config(),
+    );
     rig.holds_exactly(&nip34::ids(&a.expected)).await;
     wait_phase(&h, Phase::Live).await;
     let reqs_before = remote
@@ -405,7 +438,7 @@ async fn negentropy_fetches_only_what_the_local_relay_lacks() {
         .collect();
     relays::publish(&rig.local, &present).await;
 
-    let h = rig.start(&remote, set_for(&[&f]), None, fast_config());
+    let h = rig.start(&remote, set_for(&[&f]), Resume::fresh(), fast_config());
     rig.holds_exactly(&nip34::ids(&on_remote)).await;
     let s = wait_phase(&h, Phase::Live).await;
     assert_eq!(
@@ -436,7 +469,12 @@ async fn relay_without_negentropy_falls_back_to_req() {
     let f = nip34::fixture("plain");
     let remote = HostileRelay::start(Script::default()).await;
     remote.add(f.expected.iter().cloned());
-    let h = rig.start(&remote.url(), set_for(&[&f]), None, fast_config());
+    let h = rig.start(
+        &remote.url(),
+        set_for(&[&f]),
+        Resume::fresh(),
+        fast_config(),
+    );
     rig.holds_exactly(&nip34::ids(&f.expected)).await;
     let s = wait_phase(&h, Phase::Live).await;
     assert_eq!(s.negentropy_ids_requested, 0);
@@ -476,7 +514,7 @@ async fn nip42_relay_is_synced_with_a_key_and_reports_the_need_without_one() {
     .await;
 
     // Without a key: nothing synced, and the status says why.
-    let h = rig.start(&remote, set_for(&[&f]), None, fast_config());
+    let h = rig.start(&remote, set_for(&[&f]), Resume::fresh(), fast_config());
     let mut rx = h.state();
     eventually("an authentication error in status", DEADLINE, || {
         let s = rx.borrow_and_update().clone();
@@ -489,7 +527,7 @@ async fn nip42_relay_is_synced_with_a_key_and_reports_the_need_without_one() {
     // With a key: synced exactly.
     let mut config = fast_config();
     config.auth_keys = Some(Keys::generate());
-    let h = rig.start(&remote, set_for(&[&f]), None, config);
+    let h = rig.start(&remote, set_for(&[&f]), Resume::fresh(), config);
     rig.holds_exactly(&nip34::ids(&f.expected)).await;
     wait_phase(&h, Phase::Live).await;
     h.stop().await;
@@ -503,7 +541,7 @@ async fn reconciliation_finds_what_live_delivery_missed() {
     remote.add(f.expected.iter().cloned());
     let mut config = fast_config();
     config.reconcile_every = (Duration::from_secs(2), Duration::from_secs(3));
-    let h = rig.start(&remote.url(), set_for(&[&f]), None, config);
+    let h = rig.start(&remote.url(), set_for(&[&f]), Resume::fresh(), config);
     rig.holds_exactly(&nip34::ids(&f.expected)).await;
     wait_phase(&h, Phase::Live).await;
 
@@ -536,7 +574,7 @@ async fn a_live_gap_left_by_a_closed_subscription_is_backfilled() {
     config.batch_retry = Duration::from_secs(1);
     // No reconciliation during the test: it would mask the gap.
     config.reconcile_every = (Duration::from_secs(3600), Duration::from_secs(3600));
-    let h = rig.start(&remote.url(), set_for(&[&f]), None, config);
+    let h = rig.start(&remote.url(), set_for(&[&f]), Resume::fresh(), config);
     rig.holds_exactly(&nip34::ids(&f.expected)).await;
     wait_phase(&h, Phase::Live).await;
     remote.close_subscriptions("error: subscription backend restarted");
@@ -572,7 +610,7 @@ async fn a_silent_connection_is_detected_and_replaced() {
     config.connect.ping_every = Duration::from_millis(500);
     config.connect.pong_timeout = Duration::from_millis(500);
     config.reconcile_every = (Duration::from_secs(3600), Duration::from_secs(3600));
-    let h = rig.start(&remote.url(), set_for(&[&f]), None, config);
+    let h = rig.start(&remote.url(), set_for(&[&f]), Resume::fresh(), config);
     rig.holds_exactly(&nip34::ids(&f.expected)).await;
     wait_phase(&h, Phase::Live).await;
     remote.silence_connections();
@@ -610,7 +648,7 @@ async fn subscriptions_refused_on_policy_grounds_are_retried_on_a_growing_delay(
     let mut config = fast_config();
     config.batch_retry = Duration::from_millis(200);
     config.health.max_backoff = Duration::from_secs(3);
-    let h = rig.start(&remote.url(), set_for(&[&f]), None, config);
+    let h = rig.start(&remote.url(), set_for(&[&f]), Resume::fresh(), config);
     let state = h.state();
     eventually("the refusal delay to grow to its cap", DEADLINE, || {
         let last = state.borrow().last_error.clone().unwrap_or_default();
@@ -649,7 +687,7 @@ async fn subscription_cap_is_learned_and_respected(refusal: CapRefusal) {
     config.default_max_filters = 2;
     config.reconcile_every = (Duration::from_secs(3600), Duration::from_secs(3600));
     let refs: Vec<&Fixture> = fixtures.iter().collect();
-    let h = rig.start(&remote.url(), set_for(&refs), None, config);
+    let h = rig.start(&remote.url(), set_for(&refs), Resume::fresh(), config);
     rig.holds_exactly(&want).await;
     wait_phase(&h, Phase::Live).await;
     assert!(
@@ -703,7 +741,7 @@ async fn publisher_back_pressure_does_not_time_out_historic_pages() {
     let h = session::spawn(
         remote.url(),
         set_for(&[&f]),
-        None,
+        Resume::fresh(),
         config,
         publisher,
         metrics.clone(),
@@ -736,7 +774,7 @@ async fn reconciliation_runs_on_a_relay_that_keeps_dropping_the_connection() {
     let mut config = fast_config();
     config.health.max_backoff = Duration::from_millis(300);
     config.reconcile_every = (Duration::from_secs(3), Duration::from_secs(4));
-    let h = rig.start(&remote.url(), set_for(&[&f]), None, config);
+    let h = rig.start(&remote.url(), set_for(&[&f]), Resume::fresh(), config);
     rig.holds_exactly(&nip34::ids(&f.expected)).await;
     eventually("a reconciliation", Duration::from_secs(20), || async {
         (rig.metrics
@@ -754,6 +792,67 @@ async fn reconciliation_runs_on_a_relay_that_keeps_dropping_the_connection() {
     h.stop().await;
 }
 
+/// Defect 2, across restarts: the reconciliation is scheduled from the persisted
+/// `lastReconciled`, so a worker restarted more often than the period still reconciles. A
+/// fresh session's full sync counts as one and is reported.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_reconciliation_schedule_survives_a_restart() {
+    let rig = rig().await;
+    let f = nip34::fixture("persisted-schedule");
+    let remote = HostileRelay::start(Script::default()).await;
+    remote.add(f.expected.iter().cloned());
+    let mut config = fast_config();
+    config.reconcile_every = (Duration::from_secs(1800), Duration::from_secs(1800));
+
+    let first = rig.start(
+        &remote.url(),
+        set_for(&[&f]),
+        Resume::fresh(),
+        config.clone(),
+    );
+    rig.holds_exactly(&nip34::ids(&f.expected)).await;
+    let mut rx = first.state();
+    let s = eventually(
+        "the initial sync reported as a reconciliation",
+        DEADLINE,
+        || {
+            let s = rx.borrow_and_update().clone();
+            async move { s.last_reconciled.map(|_| s) }
+        },
+    )
+    .await;
+    let state = first.stop().await;
+    assert!(state.last_reconciled >= s.last_reconciled);
+
+    // Restarted with a status saying the last reconciliation was over a period ago: it is due.
+    let reconciliations = || {
+        rig.metrics
+            .historic_batches
+            .with_label_values(&["reconciliation"])
+            .get()
+    };
+    let before = reconciliations();
+    let set = set_for(&[&f]);
+    let long_ago = SystemTime::now() - Duration::from_secs(3600);
+    let resume = Resume {
+        cursor: state.cursor,
+        confirmed_roots: vec![RootDigest::of(&set.roots)],
+        last_reconciled: Some(long_ago),
+    };
+    let second = rig.start(&remote.url(), set, resume, config);
+    eventually("the overdue reconciliation", DEADLINE, || async {
+        (reconciliations() > before).then_some(())
+    })
+    .await;
+    let mut rx = second.state();
+    eventually("a new lastReconciled", DEADLINE, || {
+        let s = rx.borrow_and_update().clone();
+        async move { s.last_reconciled.filter(|t| *t > long_ago).map(|_| ()) }
+    })
+    .await;
+    second.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_reconciliation_with_negentropy_requests_nothing() {
     let rig = rig().await;
@@ -764,7 +863,7 @@ async fn an_idle_reconciliation_with_negentropy_requests_nothing() {
     relays::publish(&remote, &all).await;
     let mut config = fast_config();
     config.reconcile_every = (Duration::from_secs(1), Duration::from_secs(2));
-    let h = rig.start(&remote, set_for(&[&f]), None, config);
+    let h = rig.start(&remote, set_for(&[&f]), Resume::fresh(), config);
     rig.holds_exactly(&nip34::ids(&all)).await;
     let first = wait_phase(&h, Phase::Live).await;
     let requested_before = first.negentropy_ids_requested;
@@ -812,12 +911,69 @@ async fn a_session_with_a_cursor_resumes_instead_of_resyncing() {
 
     // The status said: everything confirmed up to ten minutes ago (slack is 15 minutes).
     let cursor = now - 600;
-    let h = rig.start(&remote.url(), set_for(&[&f]), Some(cursor), fast_config());
+    let set = set_for(&[&f]);
+    let resume = Resume {
+        cursor: Some(cursor),
+        confirmed_roots: vec![RootDigest::of(&set.roots)],
+        last_reconciled: None,
+    };
+    let h = rig.start(&remote.url(), set, resume, fast_config());
     rig.holds_exactly(&nip34::ids(&new)).await;
     let s = wait_phase(&h, Phase::Live).await;
     assert_eq!((s.confirmed_repos, s.confirmed_roots), (1, 1));
     // Bounded re-download: nothing older than cursor - slack was asked for.
     assert_eq!(remote.served_ids(), nip34::ids(&new).into_iter().collect());
+    h.stop().await;
+}
+
+/// Defect 5 of the correctness issue: a root accepted on our relay shortly before a crash is
+/// in the set the restarted session learns from the local relay, but its history was never
+/// fetched. Only the roots the persisted digest vouches for resume from the cursor; this one
+/// is fetched in full.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_root_not_confirmed_before_a_restart_is_fetched_in_full() {
+    let rig = rig().await;
+    let f = nip34::fixture("resume-roots");
+    let now = nostr::Timestamp::now().as_secs();
+    let comment_on = |root: EventId, text: &str, at: u64| {
+        EventBuilder::new(Kind::from(1111), text)
+            .tag(nostr::Tag::custom(
+                nostr::TagKind::custom("E"),
+                [root.to_hex()],
+            ))
+            .custom_created_at(nostr::Timestamp::from(at))
+            .sign_with_keys(&Keys::generate())
+            .unwrap()
+    };
+    let late_root = nip34::comment_now(f.root.id, "stands in for an issue accepted late").id;
+    // A day old: before cursor - slack for both roots.
+    let old_confirmed: Vec<Event> = (0..5)
+        .map(|i| comment_on(f.root.id, &format!("confirmed {i}"), now - 86_400 - i))
+        .collect();
+    let old_late: Vec<Event> = (0..5)
+        .map(|i| comment_on(late_root, &format!("late {i}"), now - 86_400 - i))
+        .collect();
+    let remote = HostileRelay::start(Script::default()).await;
+    remote.add(old_confirmed.iter().chain(&old_late).cloned());
+
+    // Status: confirmed up to ten minutes ago, with only the fixture's root confirmed.
+    let before = set_for(&[&f]);
+    let mut set = before.clone();
+    set.roots.insert(late_root);
+    let resume = Resume {
+        cursor: Some(now - 600),
+        confirmed_roots: vec![RootDigest::of(&before.roots)],
+        last_reconciled: None,
+    };
+    let h = rig.start(&remote.url(), set, resume, fast_config());
+    rig.holds_exactly(&nip34::ids(&old_late)).await;
+    let s = wait_phase(&h, Phase::Live).await;
+    assert_eq!(s.confirmed_roots, 2);
+    // The confirmed root's old history was not asked for again.
+    assert_eq!(
+        remote.served_ids(),
+        nip34::ids(&old_late).into_iter().collect()
+    );
     h.stop().await;
 }
 
@@ -828,7 +984,7 @@ async fn a_relay_resolving_into_a_private_network_is_not_connected_to() {
     let mut config = fast_config();
     // The default policy: loopback is refused (the relay is on 127.0.0.1).
     config.addresses = Some(grasp_sync::relay::address_policy::AddressPolicy::default());
-    let h = rig.start(&remote.url(), SyncSet::default(), None, config);
+    let h = rig.start(&remote.url(), SyncSet::default(), Resume::fresh(), config);
     let mut rx = h.state();
     let s = eventually("a refusal in status", DEADLINE, || {
         let s = rx.borrow_and_update().clone();
@@ -848,5 +1004,62 @@ async fn a_relay_resolving_into_a_private_network_is_not_connected_to() {
             .load(std::sync::atomic::Ordering::SeqCst),
         0
     );
+    h.stop().await;
+}
+
+/// Found by the fault-schedule test: items were marked confirmed as soon as the remote had
+/// served their history, while our relay had not yet answered for those events (here it
+/// fails them transiently). A status written then — and a crash — resumed them as done from
+/// the cursor, and their history was lost. Confirmation now waits for every answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn items_count_as_confirmed_only_once_our_relay_has_answered() {
+    let local = HostileRelay::start(Script {
+        ok_failed_first: Some((15, "error: database busy".into())),
+        ..Script::default()
+    })
+    .await;
+    let WorkerMetrics {
+        session: metrics,
+        publisher: publisher_metrics,
+        ..
+    } = WorkerMetrics::default();
+    let (publisher, _task) = Publisher::spawn(PublisherConfig::new(local.url()), publisher_metrics);
+    let f = nip34::fixture("confirm-after-answers");
+    let remote = HostileRelay::start(Script::default()).await;
+    remote.add(f.expected.iter().cloned());
+    let mut config = fast_config();
+    config.local_relay = Some(local.url());
+    config.negentropy = false;
+    let h = session::spawn(
+        remote.url(),
+        set_for(&[&f]),
+        Resume::fresh(),
+        config,
+        publisher,
+        metrics,
+    );
+    let mut rx = h.state();
+    // The remote has served everything; our relay is still failing some of it.
+    let s = eventually("served, not yet answered", DEADLINE, || {
+        let s = rx.borrow_and_update().clone();
+        let served = remote.served_ids().len() >= f.expected.len();
+        async move { (served && s.events_pending > 0).then_some(s) }
+    })
+    .await;
+    assert_eq!(
+        (s.confirmed_repos, s.confirmed_roots),
+        (0, 0),
+        "confirmed while {} events still await our relay's answer",
+        s.events_pending
+    );
+    assert_ne!(s.phase, Phase::Live);
+    let s = eventually("answered and confirmed", DEADLINE, || {
+        let s = rx.borrow_and_update().clone();
+        async move { (s.confirmed_repos == 1 && s.confirmed_roots == 1).then_some(s) }
+    })
+    .await;
+    assert_eq!(s.events_pending, 0);
+    let held: BTreeSet<EventId> = local.ids().into_iter().collect();
+    assert!(held.is_superset(&nip34::ids(&f.expected)));
     h.stop().await;
 }

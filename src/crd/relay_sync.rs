@@ -148,6 +148,11 @@ pub struct RelaySyncStatus {
     pub last_connected: Option<Time>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_disconnected: Option<Time>,
+    /// When the last full reconciliation of every repo and root on this relay (or the
+    /// initial full sync) completed. The next is due about one reconciliation period later,
+    /// however often the connection or the worker restarts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_reconciled: Option<Time>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub consecutive_failures: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -169,6 +174,13 @@ pub struct RelaySyncStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0))]
     pub cursor: Option<i64>,
+    /// Which root events (issues, patches, PRs) had their history confirmed when this status
+    /// was written, as 64 bucket digests (hex). A session resuming from `cursor` fetches in
+    /// full every root not vouched for here — roots accepted shortly before a crash or a
+    /// move included.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 1024))]
+    pub confirmed_roots_digest: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub capabilities: Option<RelayCapabilities>,
     /// Open subscriptions on the relay.

@@ -10,6 +10,7 @@ pub mod nip34;
 pub mod outcome;
 pub mod pagination;
 pub mod relay_url;
+pub mod root_digest;
 
 pub use coordinate::{CoordinateError, RepoCoordinate};
 pub use relay_url::{RelayUrl, RelayUrlError};

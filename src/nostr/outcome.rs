@@ -90,9 +90,6 @@ impl Outcome {
 /// count reached", nostr-relay-builder's "rate-limited: too many REQs", and the "too many
 /// subscriptions" / "too many concurrent REQs" of others.
 pub fn means_subscription_cap(text: &str) -> bool {
-    if std::env::var_os("NOCAP").is_some() {
-        return false;
-    }
     let n = text.to_ascii_lowercase();
     let subs = n.contains("subscription") || n.contains("reqs");
     subs && (n.contains("too many")

@@ -183,6 +183,13 @@ pub async fn connect(
 }
 
 impl ConnReader {
+    /// When the relay was last heard from (any frame, pongs included). Everything it sent
+    /// before that moment has been read, so this is the latest moment the connection is
+    /// proven to have delivered.
+    pub fn last_seen(&self) -> Instant {
+        self.liveness.last_seen
+    }
+
     /// Bytes of text frames read so far.
     pub fn bytes(&self) -> u64 {
         self.bytes

@@ -94,7 +94,12 @@ impl Counters {
     }
 }
 
+/// Decides whether an EVENT published to the relay is stored: `Err(reason)` refuses it
+/// with `OK false "blocked: <reason>"`, as nostr-relay-builder does for its write policies.
+pub type AcceptPolicy = Arc<dyn Fn(&Event) -> Result<(), String> + Send + Sync>;
+
 struct Shared {
+    policy: Mutex<Option<AcceptPolicy>>,
     served: Mutex<std::collections::HashSet<EventId>>,
     script: Mutex<Script>,
     /// (tokens, last refill) for `ok_rate_per_sec`.
@@ -129,6 +134,7 @@ impl ScriptedRelay {
         let addr = listener.local_addr()?;
         let raw = parse_raw(&script.raw_events);
         let shared = Arc::new(Shared {
+            policy: Mutex::new(None),
             served: Mutex::new(Default::default()),
             bucket: Mutex::new((
                 script.ok_rate_per_sec.unwrap_or(0.0),
@@ -219,6 +225,12 @@ impl ScriptedRelay {
     pub fn set_script(&self, script: Script) {
         *self.shared.raw.lock().unwrap_or_else(|e| e.into_inner()) = parse_raw(&script.raw_events);
         *self.shared.script.lock().unwrap_or_else(|e| e.into_inner()) = script;
+    }
+
+    /// Refuse published EVENTs that `policy` refuses (a relay with acceptance rules, such
+    /// as a GRASP relay in front of its repositories).
+    pub fn set_policy(&self, policy: AcceptPolicy) {
+        *self.shared.policy.lock().unwrap_or_else(|e| e.into_inner()) = Some(policy);
     }
 
     pub fn counters(&self) -> &Counters {
@@ -344,7 +356,12 @@ async fn serve(ws: Ws, s: Arc<Shared>) {
                 }
             } => break 'conn,
             frame = rx.next() => {
-                let Some(Ok(Message::Text(text))) = frame else { break };
+                let text = match frame {
+                    Some(Ok(Message::Text(text))) => text,
+                    // Pings are answered by tungstenite itself; nothing else carries NIP-01.
+                    Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Binary(_) | Message::Frame(_))) => continue,
+                    _ => break,
+                };
                 let Ok(msg) = ClientMessage::from_json(text.as_str()) else { continue };
                 let replies = handle(&s, &mut subs, msg);
                 for reply in replies {
@@ -423,6 +440,12 @@ fn handle(
                     )];
                 }
                 b.0 -= 1.0;
+            }
+            let policy = s.policy.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            if let Some(Err(reason)) = policy.map(|p| p(&ev)) {
+                return vec![Reply::Send(
+                    RelayMessage::ok(ev.id, false, format!("blocked: {reason}")).as_json(),
+                )];
             }
             let ok = RelayMessage::ok(ev.id, true, "").as_json();
             let mut store = s.store.lock().unwrap_or_else(|e| e.into_inner());

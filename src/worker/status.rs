@@ -98,6 +98,10 @@ pub fn status_from_session(
         observed_generation: Some(generation),
         phase: Some(state.phase),
         last_connected: state.last_connected.and_then(time),
+        last_reconciled: state
+            .last_reconciled
+            .and_then(time)
+            .or_else(|| previous.and_then(|p| p.last_reconciled.clone())),
         last_disconnected: state.last_disconnected.and_then(time),
         consecutive_failures: Some(state.consecutive_failures),
         next_retry_at: state.next_retry_at.and_then(time),
@@ -109,6 +113,10 @@ pub fn status_from_session(
         confirmed_generation,
         confirmed_repos: Some(state.confirmed_repos as u32),
         cursor: state.cursor.map(|c| c as i64),
+        confirmed_roots_digest: state
+            .confirmed_roots_digest
+            .clone()
+            .or_else(|| previous.and_then(|p| p.confirmed_roots_digest.clone())),
         capabilities: Some(state.capabilities.clone()),
         subscriptions: Some(state.subscriptions as u32),
         events_published: Some(state.events_published),

@@ -24,7 +24,11 @@ impl GraspSync {
             .open(&log)
             .expect("log file");
         let err = out.try_clone().expect("log file");
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_grasp-sync"));
+        // GRASP_SYNC_BIN runs another build (e.g. a copy kept stable during long runs).
+        let bin = std::env::var_os("GRASP_SYNC_BIN")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_grasp-sync")));
+        let mut cmd = Command::new(bin);
         cmd.args(args)
             .env("GRASP_SYNC_LOG", "info,grasp_sync=debug")
             .stdin(Stdio::null())

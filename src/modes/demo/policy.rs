@@ -43,7 +43,8 @@ impl GraspPolicy {
         })
     }
 
-    fn decide(&self, event: &Event) -> Result<(), String> {
+    /// Accept (and remember) `event`, or say why not.
+    pub fn decide(&self, event: &Event) -> Result<(), String> {
         let mut acc = self.accepted.lock().unwrap_or_else(|e| e.into_inner());
         if event.kind == REPO_ANNOUNCEMENT {
             let a = Announcement::from_event(event).map_err(|e| e.to_string())?;

@@ -127,6 +127,8 @@ impl Session {
         // later re-add fetches them in full.
         self.confirmed.repos.retain(|r| set.repos.contains(r));
         self.confirmed.roots.retain(|r| set.roots.contains(r));
+        self.fetched.repos.retain(|r| set.repos.contains(r));
+        self.fetched.roots.retain(|r| set.roots.contains(r));
         self.set = set;
         let (repos, roots) = (self.set.repos.len(), self.set.roots.len());
         let confirmed_repos = self.set.repos.intersection(&self.confirmed.repos).count();

@@ -30,6 +30,7 @@ use super::publisher::{Publisher, SourceCounters};
 use crate::crd::{Phase, RelayCapabilities};
 use crate::nostr::RelayUrl;
 use crate::nostr::filters::{self, RepoScope};
+use crate::nostr::root_digest::RootDigest;
 use crate::relay::backoff::{Health, HealthConfig};
 use crate::relay::connection::{ConnReader, ConnWriter, ConnectOptions};
 use metrics::SessionMetrics;
@@ -111,6 +112,12 @@ pub struct SyncSet {
     pub roots: BTreeSet<EventId>,
 }
 
+impl SyncSet {
+    pub fn is_empty(&self) -> bool {
+        self.repos.is_empty() && self.roots.is_empty()
+    }
+}
+
 /// A snapshot for status reporting.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SessionState {
@@ -126,6 +133,10 @@ pub struct SessionState {
     pub confirmed_roots: usize,
     /// Unix seconds up to which everything matching the filters is known synced.
     pub cursor: Option<u64>,
+    /// When the last full reconciliation (or the initial full sync) completed.
+    pub last_reconciled: Option<SystemTime>,
+    /// [`RootDigest`] (hex) of the roots whose history is confirmed.
+    pub confirmed_roots_digest: Option<String>,
     pub capabilities: RelayCapabilities,
     pub subscriptions: usize,
     pub events_received: u64,
@@ -159,6 +170,8 @@ impl Default for SessionState {
             confirmed_repos: 0,
             roots: 0,
             confirmed_roots: 0,
+            confirmed_roots_digest: None,
+            last_reconciled: None,
             cursor: None,
             capabilities: RelayCapabilities::default(),
             subscriptions: 0,
@@ -221,37 +234,70 @@ impl SessionHandle {
     }
 }
 
-/// Start a session for `url`. With a `cursor`, every item of `set` is taken as confirmed up to
-/// it (pass one only when the whole set was confirmed, e.g. `confirmedGeneration` equals the
-/// spec's generation) and is fetched again from `cursor - slack` only.
+/// Where a new session starts: from nothing, or from a persisted cursor.
+#[derive(Debug, Clone, Default)]
+pub struct Resume {
+    /// Pass one only when the whole spec was confirmed (`confirmedGeneration` equals the
+    /// spec's generation): every repo is then taken as confirmed up to it and fetched again
+    /// from `cursor - slack` only.
+    pub cursor: Option<u64>,
+    /// The confirmed-roots digests persisted with the cursor (one per part of the relay's
+    /// spec). Roots they do not all vouch for are fetched in full.
+    pub confirmed_roots: Vec<RootDigest>,
+    /// When the relay was last reconciled in full: the next reconciliation is due one period
+    /// after it. Unknown: one period from now.
+    pub last_reconciled: Option<SystemTime>,
+}
+
+impl Resume {
+    /// A fresh start: everything is fetched in full.
+    pub fn fresh() -> Resume {
+        Resume::default()
+    }
+}
+
+/// Start a session for `url`, from scratch or resuming (see [`Resume`]).
 pub fn spawn(
     url: RelayUrl,
     set: SyncSet,
-    cursor: Option<u64>,
+    resume: Resume,
     config: SessionConfig,
     publisher: Publisher,
     metrics: SessionMetrics,
 ) -> SessionHandle {
+    let cursor = resume.cursor;
     let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
     let state = SessionState {
         cursor,
+        last_reconciled: resume.last_reconciled,
         repos: set.repos.len(),
         roots: set.roots.len(),
         ..SessionState::default()
     };
     let (state_tx, state_rx) = watch::channel(state);
     let confirmed = if cursor.is_some() {
-        set.clone()
+        SyncSet {
+            repos: set.repos.clone(),
+            roots: RootDigest::confirmed_among(&set.roots, &resume.confirmed_roots),
+        }
     } else {
         SyncSet::default()
     };
-    let reconcile_at = Instant::now() + run::reconcile_delay(config.reconcile_every);
+    let delay = run::reconcile_delay(config.reconcile_every);
+    let reconcile_at = match resume.last_reconciled {
+        Some(at) => {
+            let due = at + delay;
+            Instant::now() + due.duration_since(SystemTime::now()).unwrap_or_default()
+        }
+        None => Instant::now() + delay,
+    };
     let session = Session {
         health: Health::new(config.health.clone()),
         config,
         url,
         set,
         confirmed,
+        fetched: SyncSet::default(),
         cursor,
         publisher,
         counters: Arc::new(SourceCounters::default()),
@@ -266,6 +312,10 @@ pub fn spawn(
         sub_cap: None,
         unblocked_at: Instant::now(),
         reconcile_at,
+        last_reconciled: resume.last_reconciled,
+        neg_learned: None,
+        // A fresh start fetches everything in full: that counts as a reconciliation.
+        initial_sync: cursor.is_none(),
         bytes_before: 0,
         bytes_reported: 0,
     };
@@ -283,6 +333,9 @@ struct Session {
     set: SyncSet,
     /// Items whose historic sync is confirmed (on this or an earlier connection).
     confirmed: SyncSet,
+    /// Items whose history the relay has served in full, waiting for our relay to answer
+    /// for every event handed over before they count as confirmed.
+    fetched: SyncSet,
     cursor: Option<u64>,
     health: Health,
     publisher: Publisher,
@@ -308,6 +361,11 @@ struct Session {
     /// connection: a relay that reconnects more often than the period must not postpone
     /// the safety net for ever.
     reconcile_at: Instant,
+    last_reconciled: Option<SystemTime>,
+    /// Whether the relay answered negentropy, as learned on an earlier connection.
+    neg_learned: Option<bool>,
+    /// The first full sync of a fresh start has not completed yet.
+    initial_sync: bool,
     /// Bytes read on earlier connections.
     bytes_before: u64,
     /// Bytes of the current connection already added to the metric.

@@ -6,6 +6,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use super::{Conn, Session, SessionState};
 use crate::crd::Phase;
+use crate::nostr::root_digest::RootDigest;
 
 pub(super) fn unix_now() -> u64 {
     SystemTime::now()
@@ -25,6 +26,11 @@ pub(super) fn to_system(at: Instant) -> SystemTime {
 
 impl Session {
     pub(super) fn update_phase(&mut self, conn: &Conn) {
+        if self.counters.drained() && !self.fetched.is_empty() {
+            let fetched = std::mem::take(&mut self.fetched);
+            self.confirmed.repos.extend(fetched.repos);
+            self.confirmed.roots.extend(fetched.roots);
+        }
         // The cursor moves forward while every historic batch is confirmed, the live
         // subscriptions are open (a gap holds it until its backfill is done), and the
         // publisher has answered for everything we gave it.
@@ -35,11 +41,19 @@ impl Session {
             && conn.live_overflow == 0
             && self.counters.drained()
         {
-            self.cursor = Some(unix_now().max(self.cursor.unwrap_or(0)));
+            // Not past the last moment the relay was heard from: a connection that died
+            // without a FIN looks open until the pong deadline, and what the relay served in
+            // that time never reached us.
+            let heard = to_system(conn.reader.last_seen().into_std())
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0);
+            self.cursor = Some(unix_now().min(heard).max(self.cursor.unwrap_or(0)));
         }
         let now = Instant::now();
         let failed = conn.batches.values().any(|b| b.failed);
-        let pending = !conn.batches.is_empty();
+        // Served in full but not yet answered for by our relay: still syncing.
+        let pending = !conn.batches.is_empty() || !self.fetched.is_empty();
         let phase = if self.health.rate_limited_until(now).is_some() {
             Phase::RateLimited
         } else if pending && failed {
@@ -69,6 +83,8 @@ impl Session {
         let (repos, roots) = (self.set.repos.len(), self.set.roots.len());
         let confirmed_repos = self.set.repos.intersection(&self.confirmed.repos).count();
         let confirmed_roots = self.set.roots.intersection(&self.confirmed.roots).count();
+        let roots_digest =
+            RootDigest::of(self.set.roots.intersection(&self.confirmed.roots)).to_hex();
         let cursor = self.cursor;
         let (received, gaps) = (self.received, self.gaps);
         let published = self.counters.published.load(Ordering::Relaxed);
@@ -83,6 +99,7 @@ impl Session {
             s.roots = roots;
             s.confirmed_repos = confirmed_repos;
             s.confirmed_roots = confirmed_roots;
+            s.confirmed_roots_digest = Some(roots_digest);
             s.cursor = cursor;
             s.events_received = received;
             s.events_published = published;

@@ -74,7 +74,9 @@ impl Session {
                         queue: Vec::new(),
                         batches: HashMap::new(),
                         next_id: 0,
-                        neg_support: nip11_doc.map(|c| c.negentropy),
+                        // What an earlier connection learned counts when NIP-11 is silent:
+                        // it decides whether a gap is reconciled over the whole range.
+                        neg_support: nip11_doc.map(|c| c.negentropy).or(self.neg_learned),
                         negs: HashMap::new(),
                         fetches: HashMap::new(),
                         locals_pending: 0,
@@ -163,7 +165,8 @@ impl Session {
     async fn connected(&mut self, conn: &mut Conn) -> End {
         let since = self
             .cursor
-            .map(|c| Timestamp::from(c.saturating_sub(self.config.slack.as_secs())));
+            .map(|c| Timestamp::from(c.saturating_sub(self.config.slack.as_secs())))
+            .filter(|_| !self.whole_range_after_gap(conn));
         // What a new connection must fetch: everything not confirmed, and — when resuming —
         // what arrived for confirmed items while we were away.
         if let Err(e) = self.open_live(conn).await {
@@ -252,8 +255,12 @@ impl Session {
                 || historic.contains_key(id)
                 || fetches.contains_key(id)
         });
-        if self.reconciling && conn.batches.is_empty() {
+        if (self.reconciling || self.initial_sync) && conn.batches.is_empty() {
             self.reconciling = false;
+            self.initial_sync = false;
+            let at = SystemTime::now();
+            self.last_reconciled = Some(at);
+            self.publish_state(|s| s.last_reconciled = Some(at));
         }
         if now >= self.reconcile_at && conn.batches.is_empty() {
             self.reconcile_at = now + reconcile_delay(self.config.reconcile_every);

@@ -11,11 +11,12 @@ use tokio::time::Instant;
 
 use super::facts::RepoFacts;
 use crate::crd::Phase;
+use crate::nostr::root_digest::RootDigest;
 use crate::nostr::{RelayUrl, RepoCoordinate};
 use crate::store::StoredRelaySync;
 use crate::worker::publisher::Publisher;
 use crate::worker::session::metrics::SessionMetrics;
-use crate::worker::session::{self, SessionConfig, SessionHandle, SessionState, SyncSet};
+use crate::worker::session::{self, Resume, SessionConfig, SessionHandle, SessionState, SyncSet};
 
 /// What the supervisor needs of a running session.
 pub(crate) trait SessionControl: Send + Sync {
@@ -52,7 +53,7 @@ impl SessionControl for SessionHandle {
 /// Starts sessions: the real relay sessions in a worker, scripted ones in the supervisor's
 /// unit tests.
 pub(crate) trait SessionStarter: Send + Sync {
-    fn start(&self, url: RelayUrl, set: SyncSet, cursor: Option<u64>) -> Box<dyn SessionControl>;
+    fn start(&self, url: RelayUrl, set: SyncSet, resume: Resume) -> Box<dyn SessionControl>;
 }
 
 /// Relay sessions publishing into the local relay through `publisher`.
@@ -63,11 +64,11 @@ pub(crate) struct RelaySessions {
 }
 
 impl SessionStarter for RelaySessions {
-    fn start(&self, url: RelayUrl, set: SyncSet, cursor: Option<u64>) -> Box<dyn SessionControl> {
+    fn start(&self, url: RelayUrl, set: SyncSet, resume: Resume) -> Box<dyn SessionControl> {
         Box::new(session::spawn(
             url,
             set,
-            cursor,
+            resume,
             self.config.clone(),
             self.publisher.clone(),
             self.metrics.clone(),
@@ -217,10 +218,11 @@ pub(crate) fn group_by_url(
     by_url
 }
 
-/// The cursor a new session resumes from: the earliest of its parts', and only if every
-/// part's current spec was confirmed.
-pub(crate) fn resume_cursor(parts: &[&StoredRelaySync]) -> Option<u64> {
-    parts
+/// How a new session resumes: the earliest of its parts' cursors, only if every part's
+/// current spec was confirmed, and each part's digest of the roots it had confirmed (a part
+/// without a readable digest vouches for no root).
+pub(crate) fn resume_from(parts: &[&StoredRelaySync]) -> Resume {
+    let cursor = parts
         .iter()
         .map(|o| {
             o.status.as_ref().and_then(|s| {
@@ -231,7 +233,31 @@ pub(crate) fn resume_cursor(parts: &[&StoredRelaySync]) -> Option<u64> {
         })
         .collect::<Option<Vec<i64>>>()
         .and_then(|c| c.into_iter().min())
-        .map(|c| c.max(0) as u64)
+        .map(|c| c.max(0) as u64);
+    let digests: Option<Vec<RootDigest>> = parts
+        .iter()
+        .map(|o| {
+            o.status
+                .as_ref()
+                .and_then(|s| s.confirmed_roots_digest.as_deref())
+                .and_then(RootDigest::from_hex)
+        })
+        .collect();
+    // The earliest part's: a reconciliation is due when any part's is.
+    let last_reconciled: Option<Vec<SystemTime>> = parts
+        .iter()
+        .map(|o| {
+            o.status
+                .as_ref()
+                .and_then(|s| s.last_reconciled.as_ref())
+                .map(|t| SystemTime::from(t.0))
+        })
+        .collect();
+    Resume {
+        cursor,
+        confirmed_roots: digests.unwrap_or_default(),
+        last_reconciled: last_reconciled.and_then(|t| t.into_iter().min()),
+    }
 }
 
 /// Bring the sessions in line with the objects: start what is missing (from the stored
@@ -290,7 +316,7 @@ pub(crate) fn reconcile_sessions(
                 if let Some(r) = all.restarts.get_mut(&url) {
                     r.waiting = false;
                 }
-                let control = starter.start(url.clone(), set.clone(), resume_cursor(&parts));
+                let control = starter.start(url.clone(), set.clone(), resume_from(&parts));
                 let state = control.state();
                 sessions.insert(
                     url,

@@ -14,6 +14,7 @@ use super::*;
 use crate::crd::{Phase, RelaySyncSpec, RelaySyncStatus, is_released_by};
 use crate::store::StoreError;
 use crate::store::memory::MemoryStore;
+use crate::worker::session::Resume;
 use crate::worker::session::SyncSet;
 use sessions::SessionControl;
 
@@ -154,7 +155,8 @@ struct FakeStarter {
 }
 
 impl SessionStarter for FakeStarter {
-    fn start(&self, url: RelayUrl, _set: SyncSet, cursor: Option<u64>) -> Box<dyn SessionControl> {
+    fn start(&self, url: RelayUrl, _set: SyncSet, resume: Resume) -> Box<dyn SessionControl> {
+        let cursor = resume.cursor;
         let (tx, rx) = watch::channel(SessionState {
             cursor,
             ..SessionState::default()

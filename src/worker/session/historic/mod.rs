@@ -182,6 +182,7 @@ impl Session {
     /// Fetch again, from `since`, everything the set's live subscriptions would have
     /// delivered while they were not open (a live gap).
     pub(in crate::worker::session) fn backfill(&mut self, conn: &mut Conn, since: Timestamp) {
+        let since = (!self.whole_range_after_gap(conn)).then_some(since);
         let limit = self.page_limit(&conn.caps);
         let repos: Vec<RepoScope> = self.set.repos.iter().cloned().collect();
         let roots: Vec<EventId> = self.set.roots.iter().copied().collect();
@@ -192,7 +193,15 @@ impl Session {
         for part in roots.chunks(self.config.chunk.max(1)) {
             fs.extend(filters::layer3(part, self.config.chunk));
         }
-        self.add_batch(conn, Items::Backfill, fs, Some(since), limit);
+        self.add_batch(conn, Items::Backfill, fs, since, limit);
+    }
+
+    /// After a gap, reconcile over the whole range rather than from the gap's start: `since`
+    /// filters on `created_at`, so an event dated before the gap but first served during it
+    /// (a late rebroadcast) would escape. Only on a relay known to speak NIP-77, where only
+    /// the differences cross the wire; elsewhere that is the full reconciliation's job.
+    pub(in crate::worker::session) fn whole_range_after_gap(&self, conn: &Conn) -> bool {
+        conn.neg_support == Some(true) && self.use_negentropy(conn)
     }
 
     fn add_batch(
@@ -304,8 +313,10 @@ impl Session {
             .observe(b.started.elapsed().as_secs_f64());
         match b.items {
             Items::Announcements | Items::Backfill => {}
-            Items::Repos(rs) => self.confirmed.repos.extend(rs),
-            Items::Roots(ids) => self.confirmed.roots.extend(ids),
+            // Served in full, but confirmed only once our relay has answered for every event
+            // handed over: a crash before that must not resume these as done.
+            Items::Repos(rs) => self.fetched.repos.extend(rs),
+            Items::Roots(ids) => self.fetched.roots.extend(ids),
         }
     }
 

@@ -115,7 +115,9 @@ impl Session {
                     .await
                     .map_err(SessionError::Write)?;
                 conn.neg_support = Some(true);
+                self.neg_learned = Some(true);
                 let need = n.neg.need();
+                tracing::debug!(relay = %self.url, filter = %nostr::JsonUtil::as_json(&n.filter), need = need.len(), "negentropy reconciliation done");
                 self.neg_ids += need.len() as u64;
                 self.metrics
                     .negentropy_ids_requested
@@ -166,6 +168,7 @@ impl Session {
             tracing::info!(relay = %self.url, %why, "relay does not support NIP-77; using REQ pagination");
         }
         conn.neg_support = Some(false);
+        self.neg_learned = Some(false);
         let open: Vec<NegSub> = conn.negs.drain().map(|(_, n)| n).collect();
         for n in open {
             self.fallback_to_req(conn, n.batch, n.filter, why);
