@@ -388,19 +388,19 @@ async fn adding_and_removing_items_on_a_live_session() {
     );
 
     // Remove a: new events for a are no longer synced, b's still are. (Wait until the relay
-    // has processed the CLOSE of the old live subscriptions, or a's event could still be in
-    // flight on them.)
-    let closes_before = remote
+    // has processed the REQs that replace the live subscriptions in place, or a's event
+    // could still be in flight on the old filters.)
+    let reqs_before = remote
         .counters()
-        .closes
+        .reqs
         .load(std::sync::atomic::Ordering::SeqCst);
     h.set(set_for(&[&b]));
-    eventually("old live subscriptions closed", DEADLINE, || async {
+    eventually("live subscriptions replaced", DEADLINE, || async {
         (remote
             .counters()
-            .closes
+            .reqs
             .load(std::sync::atomic::Ordering::SeqCst)
-            > closes_before)
+            >= reqs_before + 2)
             .then_some(())
     })
     .await;
@@ -1061,5 +1061,53 @@ async fn items_count_as_confirmed_only_once_our_relay_has_answered() {
     assert_eq!(s.events_pending, 0);
     let held: BTreeSet<EventId> = local.ids().into_iter().collect();
     assert!(held.is_superset(&nip34::ids(&f.expected)));
+    h.stop().await;
+}
+
+/// The live plan is keyed by hash buckets: adding a root to a large set re-sends the one
+/// live REQ that holds its bucket (in place, same subscription id), not every REQ. Events on
+/// old and new roots keep arriving across the change.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn adding_a_root_re_sends_only_the_live_req_it_changes() {
+    let rig = rig().await;
+    let f = nip34::fixture("diffed-live");
+    let remote = HostileRelay::start(Script::default()).await;
+    remote.add(f.expected.iter().cloned());
+    let mut set = set_for(&[&f]);
+    // Many roots (ids nobody has published), so the plan spans many REQs.
+    for i in 0..2_000u32 {
+        set.roots
+            .insert(nip34::comment_now(f.root.id, &format!("placeholder {i}")).id);
+    }
+    let mut config = fast_config();
+    config.reconcile_every = (Duration::from_secs(3600), Duration::from_secs(3600));
+    let h = rig.start(&remote.url(), set.clone(), Resume::fresh(), config);
+    rig.holds_exactly(&nip34::ids(&f.expected)).await;
+    wait_phase(&h, Phase::Live).await;
+    let initial = rig.metrics.live_req_bytes.get();
+    assert!(initial > 100_000, "{initial} bytes of live REQs");
+
+    let new_root = nip34::comment_now(f.root.id, "a root added later");
+    set.roots.insert(new_root.id);
+    h.set(set);
+    let mut rx = h.state();
+    eventually("the new set applied", DEADLINE, || {
+        let s = rx.borrow_and_update().clone();
+        async move { (s.roots == 2_002 && s.phase == Phase::Live).then_some(()) }
+    })
+    .await;
+    let resent = rig.metrics.live_req_bytes.get() - initial;
+    assert!(
+        resent * 10 < initial,
+        "adding one root re-sent {resent} of {initial} bytes of live REQs"
+    );
+    // Live delivery works on the new root and on an old one.
+    let on_new = nip34::comment_now(new_root.id, "on the new root");
+    let on_old = nip34::comment_now(f.root.id, "on the old root");
+    remote.add([on_new.clone(), on_old.clone()]);
+    let mut want = nip34::ids(&f.expected);
+    want.insert(on_new.id);
+    want.insert(on_old.id);
+    rig.holds_exactly(&want).await;
     h.stop().await;
 }

@@ -117,6 +117,8 @@ pub async fn start(opts: StandaloneOptions) -> Result<Standalone, StandaloneErro
         &opts.bootstrap,
         opts.grace,
     );
+    let mut dc = dc;
+    dc.connect = opts.session.connect.clone();
     let discovery_task = tokio::spawn(discovery::run(
         dc,
         store.clone(),

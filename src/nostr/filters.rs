@@ -102,33 +102,6 @@ pub fn with_since(filters: Vec<Filter>, since: Option<Timestamp>) -> Vec<Filter>
 /// Most values one tag filter may carry when widening chunks to fit a relay's limits.
 pub const MAX_CHUNK: usize = 1000;
 
-/// The live subscriptions for a whole sync set, packed into at most `max_reqs` REQs when
-/// possible: chunks are widened (up to [`MAX_CHUNK`] values per filter) until the packing
-/// fits. If even that does not fit, the widest packing is returned; the relay will refuse
-/// the excess with `CLOSED`, which the session reports.
-pub fn plan_live(
-    repos: &[RepoScope],
-    roots: &[EventId],
-    chunk: usize,
-    max_filters_per_req: usize,
-    max_reqs: Option<usize>,
-) -> Vec<Vec<Filter>> {
-    let mut chunk = chunk.max(1);
-    loop {
-        let mut all = vec![layer1()];
-        all.extend(layer2(repos, chunk));
-        all.extend(layer3(roots, chunk));
-        let all: Vec<Filter> = all.into_iter().map(|f| f.limit(0)).collect();
-        let reqs = pack(all, max_filters_per_req);
-        match max_reqs {
-            Some(max) if reqs.len() > max.max(1) && chunk < MAX_CHUNK => {
-                chunk = (chunk * 2).min(MAX_CHUNK);
-            }
-            _ => return reqs,
-        }
-    }
-}
-
 /// Group filters into REQs of at most `max_filters_per_req` filters and (unless a single
 /// filter is larger) at most `max_bytes` of JSON each: relays bound the size of a message
 /// or frame, and one over it costs the connection.
@@ -289,38 +262,6 @@ mod tests {
             reqs.len() > pack(filters, 10).len(),
             "the budget split some REQs"
         );
-    }
-
-    #[test]
-    fn live_plan_widens_chunks_to_fit_max_subscriptions() {
-        let keys = Keys::generate();
-        let repos: Vec<_> = (0..300).map(|i| scope(&keys, &format!("r{i}"))).collect();
-        let roots: Vec<EventId> = (0..900u32)
-            .map(|i| {
-                let mut b = [0u8; 32];
-                b[..4].copy_from_slice(&i.to_be_bytes());
-                EventId::from_byte_array(b)
-            })
-            .collect();
-        // One filter per REQ, as strict relays allow: 1 + 12 + 27 = 40 REQs at chunk 100.
-        assert_eq!(plan_live(&repos, &roots, 100, 1, None).len(), 40);
-        let fitted = plan_live(&repos, &roots, 100, 1, Some(10));
-        assert!(fitted.len() <= 10, "{} REQs", fitted.len());
-        // Nothing is lost by widening: every repo and root is still covered.
-        let a = SingleLetterTag::lowercase(Alphabet::A);
-        let e = SingleLetterTag::lowercase(Alphabet::E);
-        let count = |t: &SingleLetterTag| -> usize {
-            fitted
-                .iter()
-                .flatten()
-                .filter_map(|f| f.generic_tags.get(t))
-                .map(|v| v.len())
-                .sum()
-        };
-        assert_eq!((count(&a), count(&e)), (300, 900));
-        assert!(fitted.iter().flatten().all(|f| f.limit == Some(0)));
-        // Impossible limits: the widest plan comes back rather than an endless loop.
-        assert!(!plan_live(&repos, &roots, 100, 1, Some(1)).is_empty());
     }
 
     #[test]

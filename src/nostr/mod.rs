@@ -5,6 +5,7 @@
 pub mod coordinate;
 pub mod filters;
 pub mod kinds;
+pub mod live_plan;
 pub mod negentropy;
 pub mod nip34;
 pub mod outcome;

@@ -64,10 +64,11 @@ pub fn spawn(
     url: RelayUrl,
     filters: Vec<Filter>,
     health: HealthConfig,
+    connect: ConnectOptions,
 ) -> (FeedHandle, mpsc::Receiver<FeedEvent>) {
     let (tx, rx) = mpsc::channel(1024);
     let (ftx, frx) = watch::channel(filters);
-    let task = tokio::spawn(run(url, frx, health, tx));
+    let task = tokio::spawn(run(url, frx, health, connect, tx));
     (FeedHandle { filters: ftx, task }, rx)
 }
 
@@ -75,10 +76,10 @@ async fn run(
     url: RelayUrl,
     mut filters: watch::Receiver<Vec<Filter>>,
     health: HealthConfig,
+    connect: ConnectOptions,
     tx: mpsc::Sender<FeedEvent>,
 ) {
     let mut health = Health::new(health);
-    let connect = ConnectOptions::default();
     loop {
         if let Some(at) = health.next_retry_at() {
             tokio::time::sleep_until(at.into()).await;

@@ -25,6 +25,7 @@ use crate::nostr::kinds::REPO_ANNOUNCEMENT;
 use crate::nostr::nip34::Announcement;
 use crate::relay::address_policy::AddressPolicy;
 use crate::relay::backoff::HealthConfig;
+use crate::relay::connection::ConnectOptions;
 use crate::relay::feed::{self, FeedEvent};
 use crate::store::{RelaySyncStore, StoreError};
 use desired::{Action, Planner, desired_objects};
@@ -43,6 +44,9 @@ pub struct DiscoveryConfig {
     /// Changes arriving within this window are written together.
     pub debounce: Duration,
     pub health: HealthConfig,
+    /// Connection settings for reading the local relay (liveness: ping interval and pong
+    /// deadline).
+    pub connect: ConnectOptions,
 }
 
 impl DiscoveryConfig {
@@ -54,7 +58,13 @@ impl DiscoveryConfig {
             repos_per_object: desired::DEFAULT_REPOS_PER_OBJECT,
             grace: Duration::from_secs(15 * 60),
             debounce: Duration::from_millis(200),
-            health: HealthConfig::default(),
+            // Our own relay: reconnect soon, and not much later however often it failed.
+            health: HealthConfig {
+                base_backoff: Duration::from_millis(500),
+                max_backoff: Duration::from_secs(30),
+                ..HealthConfig::default()
+            },
+            connect: ConnectOptions::default(),
         }
     }
 
@@ -90,7 +100,12 @@ pub async fn run<S: RelaySyncStore + 'static>(
         Filter::new().kind(REPO_ANNOUNCEMENT),
         Filter::new().kind(Kind::EventDeletion),
     ];
-    let (_feed, events) = feed::spawn(config.local_relay.clone(), filters, config.health.clone());
+    let (_feed, events) = feed::spawn(
+        config.local_relay.clone(),
+        filters,
+        config.health.clone(),
+        config.connect.clone(),
+    );
     discover(config, events, store, metrics, shutdown).await
 }
 

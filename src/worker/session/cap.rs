@@ -24,14 +24,16 @@ impl Session {
     }
 
     /// The relay refused the REQ `refused` for its cap (a CLOSED naming it). The
-    /// subscription is taken back and the cap is the number still believed open: the
-    /// refusals of a burst arrive one by one, each lowering it, so the smallest value seen
-    /// is kept. (A NOTICE refusal names no REQ and, since relays may answer earlier REQs
+    /// subscription is taken back and the cap is at most the number believed open when that
+    /// REQ was sent (`open_before`; an over-estimate while refusals are still on their way,
+    /// never an under-estimate): the refusals of a burst arrive one by one, so the smallest
+    /// value seen is kept. (A NOTICE refusal names no REQ and, since relays may answer earlier REQs
     /// after refusing later ones, cannot be placed; it is not handled yet.)
     pub(super) async fn on_subscription_cap(
         &mut self,
         conn: &mut Conn,
         refused: SubscriptionId,
+        open_before: Option<usize>,
         text: &str,
     ) -> Result<(), SessionError> {
         self.metrics
@@ -49,7 +51,8 @@ impl Session {
         } else if let Some(f) = conn.fetches.remove(&refused) {
             historic::retry_later(conn, f.batch, f.into_work(), retry_at);
         }
-        let open = conn.live.len() + conn.historic.len() + conn.fetches.len();
+        let open = open_before
+            .unwrap_or_else(|| conn.live.len() + conn.historic.len() + conn.fetches.len());
         let learned = self.sub_cap.map_or(open, |c| c.min(open)).max(1);
         match self.sub_cap {
             None => {

@@ -57,6 +57,7 @@ impl Session {
             }
             RelayMessage::EndOfStoredEvents(id) => {
                 let id = id.into_owned();
+                conn.req_answered(&id);
                 conn.answered(&id);
                 if let Some(mut h) = conn.historic.remove(&id) {
                     conn.writer
@@ -134,6 +135,7 @@ impl Session {
                 message,
             } => {
                 let id = subscription_id.into_owned();
+                let open_before = conn.req_answered(&id);
                 conn.answered(&id);
                 let known = conn.historic.contains_key(&id)
                     || conn.fetches.contains_key(&id)
@@ -144,7 +146,9 @@ impl Session {
                     return Ok(());
                 }
                 if means_subscription_cap(&message) {
-                    return self.on_subscription_cap(conn, id, &message).await;
+                    return self
+                        .on_subscription_cap(conn, id, open_before, &message)
+                        .await;
                 }
                 let outcome = Outcome::classify(false, &message);
                 self.metrics

@@ -1,16 +1,21 @@
 //! Live subscriptions (Layers 1–3 from now on) and changes to what the session syncs.
 
-use nostr::{ClientMessage, EventId, SubscriptionId};
+use std::collections::BTreeMap;
+
+use nostr::{ClientMessage, EventId, Filter, SubscriptionId};
 
 use super::{Conn, Session, SessionError, SyncSet};
 use crate::crd::RelayCapabilities;
-use crate::nostr::filters::{self, RepoScope};
+use crate::nostr::filters::RepoScope;
+use crate::nostr::live_plan::{self, LiveKey};
 
 impl Session {
-    /// (Re)open the live subscriptions for the whole set. Without a known subscription cap:
-    /// new ones first, then close the old, so no event falls between them. Under a cap:
-    /// close first (never more than the relay allows), then open, and backfill the moment
-    /// between. Any live gap is backfilled once the new subscriptions are out.
+    /// Bring the live subscriptions in line with the whole set, re-sending only what changed:
+    /// the plan is keyed and stable ([`live_plan`]), a changed REQ replaces its open
+    /// subscription in place (same id), REQs no longer planned are closed first, so the
+    /// count never exceeds the plan and a set change opens no gap. REQs that are not open
+    /// (refused, closed by the relay, or a new connection) are sent afresh. Any live gap is
+    /// backfilled once they are out.
     pub(super) async fn open_live(&mut self, conn: &mut Conn) -> Result<(), SessionError> {
         let repos: Vec<RepoScope> = self.set.repos.iter().cloned().collect();
         let roots: Vec<EventId> = self.set.roots.iter().copied().collect();
@@ -20,32 +25,25 @@ impl Session {
             m.saturating_sub(self.config.max_historic_subscriptions.min(m / 2))
                 .max(1)
         });
-        let mut plan = filters::plan_live(
+        let max_filters = self.max_filters(&conn.caps);
+        // A relay that publishes no filter limit may take more filters per REQ rather than
+        // more REQs — up to twice our default, since a REQ too large for its message limit
+        // costs the connection.
+        let stretch = if conn.caps.max_filters.is_none() {
+            max_filters.max(self.config.default_max_filters.max(1) * 2)
+        } else {
+            max_filters
+        };
+        let mut plan = live_plan::plan(
             &repos,
             &roots,
-            self.config.chunk,
-            self.max_filters(&conn.caps),
-            max_reqs,
-        );
-        if let Some(max) = max_reqs
-            && plan.len() > max
-            && conn.caps.max_filters.is_none()
-        {
-            // The relay publishes no filter limit: more filters per REQ rather than more
-            // REQs than it takes — up to twice our default, since a relay also limits the
-            // size of a message (a REQ too large for it costs the connection).
-            let all: Vec<_> = plan.into_iter().flatten().collect();
-            let per_req = all
-                .len()
-                .div_ceil(max)
-                .min(self.config.default_max_filters.max(1) * 2);
-            plan = filters::pack(all, per_req);
-        }
-        let per_req = plan.iter().map(Vec::len).max().unwrap_or(1);
-        let mut plan = filters::pack_within(
-            plan.into_iter().flatten().collect(),
-            per_req,
-            self.config.max_req_bytes,
+            live_plan::Limits {
+                chunk: self.config.chunk,
+                max_filters,
+                max_filters_stretch: stretch,
+                max_reqs,
+                max_bytes: self.config.max_req_bytes,
+            },
         );
         // More than the relay takes on one connection: open what fits and keep the rest as a
         // standing gap (it holds the cursor) rather than have the excess refused.
@@ -63,35 +61,48 @@ impl Session {
             tracing::warn!(relay = %self.url, overflow = conn.live_overflow, "live set larger than the relay's subscription cap");
             self.publish_state(|s| s.last_error = Some(err));
         }
-        let old: Vec<SubscriptionId> = conn.live.keys().cloned().collect();
-        conn.live.clear();
-        if cap.is_some() && !old.is_empty() {
-            conn.live_gap_since.get_or_insert(super::report::unix_now());
-            for id in &old {
-                conn.writer
-                    .send(&ClientMessage::close(id.clone()))
-                    .await
-                    .map_err(SessionError::Write)?;
-            }
-        }
-        for req in plan {
-            conn.next_id += 1;
-            let id = SubscriptionId::new(format!("live-{}", conn.next_id));
-            conn.writer
-                .send(&ClientMessage::req(id.clone(), req))
-                .await
-                .map_err(SessionError::Write)?;
-            conn.sent_req(&id);
-            conn.live.insert(id, ());
-        }
-        if cap.is_none() {
-            for id in old {
+        // What is planned and open now; a planned REQ whose subscription is gone (refused,
+        // closed by the relay) no longer counts as open.
+        let Conn {
+            live, live_plan, ..
+        } = conn;
+        live_plan.retain(|_, (id, _)| live.contains_key(id));
+        let wanted: BTreeMap<LiveKey, Vec<Filter>> = plan.into_iter().collect();
+        let stale: Vec<LiveKey> = conn
+            .live_plan
+            .keys()
+            .filter(|k| !wanted.contains_key(k))
+            .copied()
+            .collect();
+        for key in stale {
+            if let Some((id, _)) = conn.live_plan.remove(&key) {
+                conn.live.remove(&id);
                 conn.writer
                     .send(&ClientMessage::close(id))
                     .await
                     .map_err(SessionError::Write)?;
             }
         }
+        let mut sent = 0usize;
+        for (key, req) in wanted {
+            let print = live_plan::fingerprint(&req);
+            let id = match conn.live_plan.get(&key) {
+                Some((_, p)) if *p == print => continue,
+                // Replaced in place: the relay overwrites the subscription with this id.
+                Some((id, _)) => id.clone(),
+                None => {
+                    conn.next_id += 1;
+                    SubscriptionId::new(format!("live-{}", conn.next_id))
+                }
+            };
+            let msg = ClientMessage::req(id.clone(), req);
+            sent += nostr::JsonUtil::as_json(&msg).len();
+            conn.writer.send(&msg).await.map_err(SessionError::Write)?;
+            conn.sent_req(&id);
+            conn.live.insert(id.clone(), ());
+            conn.live_plan.insert(key, (id, print));
+        }
+        self.metrics.live_req_bytes.inc_by(sent as u64);
         if let Some(gap) = conn.live_gap_since.take() {
             let since = gap.saturating_sub(self.config.slack.as_secs());
             tracing::info!(relay = %self.url, since, "backfilling the live gap");
@@ -112,7 +123,7 @@ impl Session {
             return Ok(());
         }
         self.open_live(conn).await?;
-        self.queue_historic(conn, Some(added), false, None);
+        self.queue_historic(conn, Some(added), false, None, false);
         Ok(())
     }
 

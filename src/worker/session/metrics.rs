@@ -26,6 +26,8 @@ pub struct SessionMetrics {
     pub negentropy_ids_requested: IntCounter,
     pub bytes_received: IntCounterVec,
     pub closed_subscriptions: IntCounterVec,
+    /// Bytes of live REQs sent (a set change re-sends only the REQs it changed).
+    pub live_req_bytes: IntCounter,
     /// Relay messages that could not be parsed (shared with the publisher: one series).
     pub malformed_messages: IntCounter,
 }
@@ -111,6 +113,11 @@ impl SessionMetrics {
                 "grasp_sync_closed_subscriptions_total",
                 "Subscriptions closed by remote relays, by reason",
                 &["reason"],
+            )?,
+            live_req_bytes: int_counter(
+                registry,
+                "grasp_sync_live_req_bytes_total",
+                "Bytes of live subscription REQs sent to remote relays",
             )?,
             malformed_messages,
         };

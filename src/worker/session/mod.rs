@@ -382,6 +382,8 @@ struct Conn {
     reader: ConnReader,
     caps: RelayCapabilities,
     live: HashMap<SubscriptionId, ()>,
+    /// The live plan as sent: each key's subscription and the fingerprint of its filters.
+    live_plan: std::collections::BTreeMap<crate::nostr::live_plan::LiveKey, (SubscriptionId, u64)>,
     historic: HashMap<SubscriptionId, HistoricSub>,
     queue: Vec<Queued>,
     batches: HashMap<u64, Batch>,
@@ -408,12 +410,35 @@ struct Conn {
     /// when they were sent: a refusal that names no subscription (a NOTICE) is for one of
     /// them.
     unanswered: std::collections::VecDeque<(SubscriptionId, Instant)>,
+    /// For each unanswered REQ, the subscriptions believed open when it was sent. The relay
+    /// handles messages in order, so a REQ refused for the cap proves the cap is at most
+    /// that many (closes sent later do not count, as they do at the time the refusal is
+    /// read).
+    open_before: HashMap<SubscriptionId, std::collections::VecDeque<usize>>,
 }
 
 impl Conn {
-    /// Record a REQ just sent.
+    /// Record a REQ just sent, with how many subscriptions we believed open before it.
     fn sent_req(&mut self, id: &SubscriptionId) {
         self.unanswered.push_back((id.clone(), Instant::now()));
+        let open = self.live.len() + self.historic.len() + self.fetches.len();
+        let open = open - usize::from(self.live.contains_key(id));
+        self.open_before
+            .entry(id.clone())
+            .or_default()
+            .push_back(open);
+    }
+
+    /// The relay answered a REQ of `id` for good (EOSE or CLOSED): that REQ's count of
+    /// subscriptions believed open when it was sent. REQs of one id (a subscription replaced
+    /// in place) are answered in order.
+    fn req_answered(&mut self, id: &SubscriptionId) -> Option<usize> {
+        let queue = self.open_before.get_mut(id)?;
+        let open = queue.pop_front();
+        if queue.is_empty() {
+            self.open_before.remove(id);
+        }
+        open
     }
 
     /// The relay answered `id` (EOSE, an event, CLOSED).

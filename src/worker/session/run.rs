@@ -70,6 +70,8 @@ impl Session {
                         reader,
                         caps,
                         live: HashMap::new(),
+                        live_plan: Default::default(),
+                        open_before: HashMap::new(),
                         historic: HashMap::new(),
                         queue: Vec::new(),
                         batches: HashMap::new(),
@@ -165,14 +167,14 @@ impl Session {
     async fn connected(&mut self, conn: &mut Conn) -> End {
         let since = self
             .cursor
-            .map(|c| Timestamp::from(c.saturating_sub(self.config.slack.as_secs())))
-            .filter(|_| !self.whole_range_after_gap(conn));
+            .map(|c| Timestamp::from(c.saturating_sub(self.config.slack.as_secs())));
         // What a new connection must fetch: everything not confirmed, and — when resuming —
         // what arrived for confirmed items while we were away.
         if let Err(e) = self.open_live(conn).await {
             return End::Lost(e);
         }
-        self.queue_historic(conn, None, true, since);
+        // A (re)connection follows a gap: negentropy covers the whole range.
+        self.queue_historic(conn, None, true, since, true);
         let mut tick = tokio::time::interval(Duration::from_millis(250));
         loop {
             if let Err(e) = self.pump_queue(conn).await {
@@ -255,6 +257,15 @@ impl Session {
                 || historic.contains_key(id)
                 || fetches.contains_key(id)
         });
+        if conn.open_before.len() > conn.unanswered.len() {
+            // REQs never answered (given up above): their counts go with them.
+            let Conn {
+                unanswered,
+                open_before,
+                ..
+            } = conn;
+            open_before.retain(|id, _| unanswered.iter().any(|(x, _)| x == id));
+        }
         if (self.reconciling || self.initial_sync) && conn.batches.is_empty() {
             self.reconciling = false;
             self.initial_sync = false;
@@ -271,7 +282,7 @@ impl Session {
                 .inc();
             self.reconciling = true;
             let all = self.set.clone();
-            self.queue_historic(conn, Some(all), true, None);
+            self.queue_historic(conn, Some(all), true, None, false);
         }
         self.check_timeouts(conn).await;
         Ok(())

@@ -96,6 +96,7 @@ pub async fn run<S: RelaySyncStore + 'static>(
         config.local_relay.clone(),
         Vec::new(),
         config.feed_health.clone(),
+        config.session.connect.clone(),
     );
     let mut session_config = config.session.clone();
     session_config.local_relay = Some(config.local_relay.clone());

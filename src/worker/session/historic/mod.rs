@@ -35,6 +35,8 @@ pub(super) struct Batch {
     pub(super) failed: bool,
     pub(super) negentropy: bool,
     pub(super) started: Instant,
+    /// Where a fall-back to REQ pagination starts when negentropy covers the whole range.
+    pub(super) fallback_since: Option<Timestamp>,
 }
 
 /// A historic REQ in flight: one page of one filter.
@@ -120,6 +122,7 @@ impl Session {
         only: Option<SyncSet>,
         layer1: bool,
         since: Option<Timestamp>,
+        whole_range: bool,
     ) {
         let (new, old) = match only {
             Some(items) => (items, SyncSet::default()),
@@ -163,18 +166,33 @@ impl Session {
                 vec![filters::layer1()],
                 since,
                 limit,
+                whole_range,
             );
         }
         for (set, since) in [(new, None), (old, since)] {
             let repos: Vec<RepoScope> = set.repos.into_iter().collect();
             for part in repos.chunks(self.config.chunk.max(1)) {
                 let fs = filters::layer2(part, self.config.chunk);
-                self.add_batch(conn, Items::Repos(part.to_vec()), fs, since, limit);
+                self.add_batch(
+                    conn,
+                    Items::Repos(part.to_vec()),
+                    fs,
+                    since,
+                    limit,
+                    whole_range,
+                );
             }
             let roots: Vec<EventId> = set.roots.into_iter().collect();
             for part in roots.chunks(self.config.chunk.max(1)) {
                 let fs = filters::layer3(part, self.config.chunk);
-                self.add_batch(conn, Items::Roots(part.to_vec()), fs, since, limit);
+                self.add_batch(
+                    conn,
+                    Items::Roots(part.to_vec()),
+                    fs,
+                    since,
+                    limit,
+                    whole_range,
+                );
             }
         }
     }
@@ -182,7 +200,6 @@ impl Session {
     /// Fetch again, from `since`, everything the set's live subscriptions would have
     /// delivered while they were not open (a live gap).
     pub(in crate::worker::session) fn backfill(&mut self, conn: &mut Conn, since: Timestamp) {
-        let since = (!self.whole_range_after_gap(conn)).then_some(since);
         let limit = self.page_limit(&conn.caps);
         let repos: Vec<RepoScope> = self.set.repos.iter().cloned().collect();
         let roots: Vec<EventId> = self.set.roots.iter().copied().collect();
@@ -193,17 +210,15 @@ impl Session {
         for part in roots.chunks(self.config.chunk.max(1)) {
             fs.extend(filters::layer3(part, self.config.chunk));
         }
-        self.add_batch(conn, Items::Backfill, fs, since, limit);
+        self.add_batch(conn, Items::Backfill, fs, Some(since), limit, true);
     }
 
-    /// After a gap, reconcile over the whole range rather than from the gap's start: `since`
+    /// Queue one batch of `fs` from `since`. With `whole_range` (the batch covers a gap: a
+    /// reconnect, a restart, a live-gap backfill) negentropy reconciles the filters over
+    /// their whole range, and only a fall-back to REQ pagination reads from `since`: `since`
     /// filters on `created_at`, so an event dated before the gap but first served during it
-    /// (a late rebroadcast) would escape. Only on a relay known to speak NIP-77, where only
-    /// the differences cross the wire; elsewhere that is the full reconciliation's job.
-    pub(in crate::worker::session) fn whole_range_after_gap(&self, conn: &Conn) -> bool {
-        conn.neg_support == Some(true) && self.use_negentropy(conn)
-    }
-
+    /// (a late rebroadcast) would escape it, while negentropy moves only the differences.
+    /// On a relay without NIP-77 that is the full reconciliation's job.
     fn add_batch(
         &mut self,
         conn: &mut Conn,
@@ -211,11 +226,17 @@ impl Session {
         fs: Vec<Filter>,
         since: Option<Timestamp>,
         limit: usize,
+        whole_range: bool,
     ) {
         conn.next_id += 1;
         let batch = conn.next_id;
-        let fs = filters::with_since(fs, since);
         let negentropy = self.use_negentropy(conn);
+        let (since, fallback_since) = if negentropy && whole_range {
+            (None, since)
+        } else {
+            (since, None)
+        };
+        let fs = filters::with_since(fs, since);
         conn.batches.insert(
             batch,
             Batch {
@@ -224,6 +245,7 @@ impl Session {
                 failed: false,
                 negentropy,
                 started: Instant::now(),
+                fallback_since,
             },
         );
         for f in fs {

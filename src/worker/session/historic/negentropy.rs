@@ -117,7 +117,7 @@ impl Session {
                 conn.neg_support = Some(true);
                 self.neg_learned = Some(true);
                 let need = n.neg.need();
-                tracing::debug!(relay = %self.url, filter = %nostr::JsonUtil::as_json(&n.filter), need = need.len(), "negentropy reconciliation done");
+                tracing::debug!(relay = %self.url, batch = n.batch, need = need.len(), "negentropy reconciliation done");
                 self.neg_ids += need.len() as u64;
                 self.metrics
                     .negentropy_ids_requested
@@ -188,8 +188,12 @@ impl Session {
             .historic_method
             .with_label_values(&["req-fallback"])
             .inc();
+        let mut filter = filter;
         if let Some(b) = conn.batches.get_mut(&batch) {
             b.negentropy = false;
+            if let Some(since) = b.fallback_since {
+                filter = filter.since(since);
+            }
         }
         let limit = self.page_limit(&conn.caps);
         conn.queue.push(Queued {

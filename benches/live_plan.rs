@@ -1,0 +1,74 @@
+//! REQ bytes a set change costs on a live session: before (every live REQ re-sent) and with
+//! the keyed, hash-bucketed plan (only the REQs whose content changed).
+//!
+//! `cargo bench --bench live_plan`
+
+use std::collections::BTreeMap;
+
+use grasp_sync::nostr::RepoCoordinate;
+use grasp_sync::nostr::filters::{DEFAULT_CHUNK, RepoScope};
+use grasp_sync::nostr::live_plan::{self, Limits, LiveKey};
+use nostr::{ClientMessage, EventId, JsonUtil, Keys, SubscriptionId};
+
+fn id(n: u32) -> EventId {
+    use sha2::Digest;
+    EventId::from_byte_array(sha2::Sha256::digest(n.to_le_bytes()).into())
+}
+
+fn req_bytes(filters: &[nostr::Filter]) -> usize {
+    ClientMessage::req(SubscriptionId::new("live-1234"), filters.to_vec())
+        .as_json()
+        .len()
+}
+
+fn main() {
+    let limits = Limits {
+        chunk: DEFAULT_CHUNK,
+        max_filters: 10,
+        max_filters_stretch: 20,
+        max_reqs: None,
+        max_bytes: 64 * 1024,
+    };
+    let owner = Keys::generate().public_key().to_hex();
+    println!(
+        "repos  roots   live REQs  full plan (bytes)  re-sent per added root (bytes, mean of 100)  ratio"
+    );
+    for (n_repos, n_roots) in [(1_000usize, 4_000u32), (5_000, 20_000), (5_000, 60_000)] {
+        let repos: Vec<RepoScope> = (0..n_repos)
+            .map(|i| {
+                RepoScope::owned(RepoCoordinate::new(&owner, &format!("repo-{i}")).unwrap())
+                    .unwrap()
+            })
+            .collect();
+        let mut roots: Vec<EventId> = (0..n_roots).map(id).collect();
+        roots.sort();
+        let mut plan: BTreeMap<LiveKey, Vec<nostr::Filter>> =
+            live_plan::plan(&repos, &roots, limits)
+                .into_iter()
+                .collect();
+        let full: usize = plan.values().map(|f| req_bytes(f)).sum();
+        let reqs = plan.len();
+        let mut resent = 0usize;
+        let adds = 100u32;
+        for a in 0..adds {
+            let new = id(10_000_000 + a);
+            let pos = roots.binary_search(&new).unwrap_or_else(|p| p);
+            roots.insert(pos, new);
+            let next: BTreeMap<LiveKey, Vec<nostr::Filter>> =
+                live_plan::plan(&repos, &roots, limits)
+                    .into_iter()
+                    .collect();
+            for (k, f) in &next {
+                if plan.get(k) != Some(f) {
+                    resent += req_bytes(f);
+                }
+            }
+            plan = next;
+        }
+        let per_add = resent / adds as usize;
+        println!(
+            "{n_repos:>5}  {n_roots:>6}  {reqs:>9}  {full:>17}  {per_add:>44}  {:>5.0}x",
+            full as f64 / per_add.max(1) as f64
+        );
+    }
+}
