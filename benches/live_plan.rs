@@ -21,6 +21,15 @@ fn req_bytes(filters: &[nostr::Filter]) -> usize {
         .len()
 }
 
+fn old_plan_reqs(repos: &[RepoScope], roots: &[EventId]) -> usize {
+    use grasp_sync::nostr::filters;
+    let mut all = vec![filters::layer1()];
+    all.extend(filters::layer2(repos, DEFAULT_CHUNK));
+    all.extend(filters::layer3(roots, DEFAULT_CHUNK));
+    let all: Vec<nostr::Filter> = all.into_iter().map(|f| f.limit(0)).collect();
+    filters::pack_within(all, 10, 64 * 1024).len()
+}
+
 fn main() {
     let limits = Limits {
         chunk: DEFAULT_CHUNK,
@@ -33,7 +42,12 @@ fn main() {
     println!(
         "repos  roots   live REQs  full plan (bytes)  re-sent per added root (bytes, mean of 100)  ratio"
     );
-    for (n_repos, n_roots) in [(1_000usize, 4_000u32), (5_000, 20_000), (5_000, 60_000)] {
+    for (n_repos, n_roots) in [
+        (1_000usize, 4_000u32),
+        (3_333, 11_700),
+        (5_000, 20_000),
+        (5_000, 60_000),
+    ] {
         let repos: Vec<RepoScope> = (0..n_repos)
             .map(|i| {
                 RepoScope::owned(RepoCoordinate::new(&owner, &format!("repo-{i}")).unwrap())
@@ -47,6 +61,10 @@ fn main() {
                 .into_iter()
                 .collect();
         let full: usize = plan.values().map(|f| req_bytes(f)).sum();
+        eprintln!(
+            "old positional plan: {} REQs",
+            old_plan_reqs(&repos, &roots)
+        );
         let reqs = plan.len();
         let mut resent = 0usize;
         let adds = 100u32;

@@ -237,6 +237,16 @@ pub struct SyncOpts {
     /// before asking it again.
     #[arg(long, env = "GRASP_SYNC_RATE_LIMIT_COOLDOWN", default_value = "65s", value_parser = humantime::parse_duration)]
     pub rate_limit_cooldown: Duration,
+    /// Subscriptions per connection assumed for a remote relay that neither publishes
+    /// `max_subscriptions` in NIP-11 nor has refused one yet (strfry's default is 20,
+    /// nostr-rs-relay's 32; nostr-rs-relay refuses with a NOTICE that names no REQ). Live
+    /// REQs beyond what fits are reported as a standing gap (LiveWithGaps). 0: assume none.
+    #[arg(
+        long,
+        env = "GRASP_SYNC_ASSUMED_SUBSCRIPTION_CAP",
+        default_value_t = 20
+    )]
+    pub assumed_subscription_cap: usize,
     /// First reconnect delay after a relay failed; doubles with each consecutive failure.
     #[arg(long, env = "GRASP_SYNC_RECONNECT_DELAY", default_value = "5s", value_parser = humantime::parse_duration)]
     pub reconnect_delay: Duration,

@@ -107,6 +107,8 @@ fn session_config(sync: &SyncOpts) -> Result<grasp_sync::worker::session::Sessio
     c.batch_retry = sync.batch_retry;
     c.health.base_backoff = sync.reconnect_delay;
     c.health.rate_limit_cooldown = sync.rate_limit_cooldown;
+    c.assumed_subscription_cap =
+        (sync.assumed_subscription_cap > 0).then_some(sync.assumed_subscription_cap);
     let period = sync.reconcile_every;
     c.reconcile_every = (period / 24 * 23, period / 24 * 25);
     Ok(c)

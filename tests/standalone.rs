@@ -115,6 +115,13 @@ async fn standalone_syncs_historic_live_and_later_discovered_repos() {
     )
     .unwrap();
     assert_eq!(status.len(), 4);
+    // /healthz names the loops it watches, all running.
+    let health = reqwest::get(format!("{base}/healthz")).await.unwrap();
+    assert_eq!(health.status(), 200);
+    let body = health.text().await.unwrap();
+    for task in ["publisher", "discovery", "supervisor"] {
+        assert!(body.contains(&format!("{task}: running")), "{body}");
+    }
 
     // A graceful stop saves every relay's cursor.
     running.stop().await;

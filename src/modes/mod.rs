@@ -51,6 +51,7 @@ pub(crate) async fn serve_http<S: RelaySyncStore + 'static>(
         addr,
         metrics.registry.clone(),
         Arc::new(StoreStatus(store.clone())),
+        metrics.liveness.clone(),
         shutdown.clone(),
     )
     .await

@@ -141,6 +141,10 @@ pub async fn start(opts: StandaloneOptions) -> Result<Standalone, StandaloneErro
         worker_metrics,
         rx,
     ));
+    let liveness = &metrics.liveness;
+    liveness.task("publisher", publisher_task.abort_handle());
+    liveness.task("discovery", discovery_task.abort_handle());
+    liveness.task("supervisor", supervisor_task.abort_handle());
     drop(publisher_task);
     Ok(Standalone {
         http_addr,

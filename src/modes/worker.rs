@@ -61,7 +61,11 @@ pub async fn run_worker(
     );
     pc.connect.ping_every = opts.session.connect.ping_every;
     pc.connect.pong_timeout = opts.session.connect.pong_timeout;
-    let (publisher, _publisher_task) = Publisher::spawn(pc, worker_metrics.publisher.clone());
+    let (publisher, publisher_task) = Publisher::spawn(pc, worker_metrics.publisher.clone());
+    // A publisher task that ended (a panic) loses every event handed to it: restart the pod.
+    metrics
+        .liveness
+        .task("publisher", publisher_task.abort_handle());
     let rc = SupervisorConfig::new(
         opts.name.clone(),
         opts.local_relay.clone(),

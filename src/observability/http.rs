@@ -18,6 +18,7 @@ use tokio::sync::watch;
 use futures::future::BoxFuture;
 use prometheus::Registry;
 
+use super::liveness::Liveness;
 use crate::crd::{RelaySyncSpec, RelaySyncStatus};
 
 /// One object as `/status` reports it (and `grasp-sync status` reads it).
@@ -40,6 +41,7 @@ pub async fn serve(
     addr: SocketAddr,
     metrics: Registry,
     store: Arc<dyn StatusSource>,
+    liveness: Liveness,
     mut shutdown: watch::Receiver<bool>,
 ) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
     let listener = TcpListener::bind(addr).await?;
@@ -59,11 +61,14 @@ pub async fn serve(
                     continue;
                 }
             };
-            let (metrics, store) = (metrics.clone(), store.clone());
+            let (metrics, store, liveness) = (metrics.clone(), store.clone(), liveness.clone());
             tokio::spawn(async move {
                 let svc = service_fn(move |req| {
-                    let (metrics, store) = (metrics.clone(), store.clone());
-                    async move { Ok::<_, Infallible>(handle(req, &metrics, store.as_ref()).await) }
+                    let (metrics, store, liveness) =
+                        (metrics.clone(), store.clone(), liveness.clone());
+                    async move {
+                        Ok::<_, Infallible>(handle(req, &metrics, store.as_ref(), &liveness).await)
+                    }
                 });
                 let _ = hyper::server::conn::http1::Builder::new()
                     .serve_connection(TokioIo::new(stream), svc)
@@ -87,6 +92,7 @@ async fn handle(
     req: Request<hyper::body::Incoming>,
     metrics: &Registry,
     store: &dyn StatusSource,
+    liveness: &Liveness,
 ) -> Response<Full<Bytes>> {
     match req.uri().path() {
         "/metrics" => response(
@@ -94,7 +100,10 @@ async fn handle(
             "text/plain; version=0.0.4",
             super::metrics::render(metrics),
         ),
-        "/healthz" => response(StatusCode::OK, "text/plain", "ok\n"),
+        "/healthz" => match liveness.check() {
+            Ok(body) => response(StatusCode::OK, "text/plain", body),
+            Err(body) => response(StatusCode::SERVICE_UNAVAILABLE, "text/plain", body),
+        },
         "/status" => match store.entries().await {
             Ok(entries) => match serde_json::to_vec_pretty(&entries) {
                 Ok(body) => response(StatusCode::OK, "application/json", body),

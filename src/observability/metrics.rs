@@ -19,6 +19,8 @@ pub struct ProcessMetrics {
     pub lease_held: IntGauge,
     /// 1 while this controller replica leads.
     pub leader: IntGauge,
+    /// The loops `/healthz` watches.
+    pub liveness: super::liveness::Liveness,
 }
 
 impl ProcessMetrics {
@@ -43,6 +45,7 @@ impl ProcessMetrics {
                 "1 while this controller replica is the leader",
             )?,
             registry,
+            liveness: super::liveness::Liveness::default(),
         })
     }
 

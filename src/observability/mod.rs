@@ -2,6 +2,7 @@
 //! set-up, and the HTTP endpoints (`/metrics`, `/status`, `/healthz`).
 
 pub mod http;
+pub mod liveness;
 pub mod logging;
 pub mod metrics;
 

@@ -15,6 +15,14 @@ use crate::nostr::pagination::{Paginator, Step};
 /// caller falls back to REQ pagination against the remote.
 pub const MAX_ITEMS: usize = 2_000_000;
 
+const TOO_LARGE: &str = "local set exceeds";
+
+/// Whether a [`local_items`] error says the set is too large to reconcile (as opposed to the
+/// local relay being unreachable for now).
+pub fn is_too_large(error: &str) -> bool {
+    error.starts_with(TOO_LARGE)
+}
+
 pub async fn local_items(
     local: &RelayUrl,
     filter: Filter,
@@ -66,7 +74,7 @@ pub async fn local_items(
                 }
             }
             if items.len() > MAX_ITEMS {
-                return Err(format!("local set exceeds {MAX_ITEMS} events"));
+                return Err(format!("{TOO_LARGE} {MAX_ITEMS} events"));
             }
             if paginator.on_page(&page) == Step::Done {
                 break;

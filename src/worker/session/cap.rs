@@ -19,6 +19,10 @@ impl Session {
         let published = conn.caps.max_subscriptions.map(|m| m as usize);
         match (self.sub_cap, published) {
             (Some(a), Some(b)) => Some(a.min(b)),
+            // Neither published nor learned: assume the smallest common default. A relay
+            // that refuses with a NOTICE names no REQ, so going over its cap would go
+            // unnoticed and starve historic work.
+            (None, None) => self.config.assumed_subscription_cap,
             (a, b) => a.or(b),
         }
     }

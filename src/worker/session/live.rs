@@ -47,6 +47,7 @@ impl Session {
         );
         // More than the relay takes on one connection: open what fits and keep the rest as a
         // standing gap (it holds the cursor) rather than have the excess refused.
+        let overflow_before = conn.live_overflow;
         conn.live_overflow = match max_reqs {
             Some(max) if plan.len() > max => plan.split_off(max).len(),
             _ => 0,
@@ -58,7 +59,11 @@ impl Session {
                 cap.unwrap_or(0),
                 conn.live_overflow
             );
-            tracing::warn!(relay = %self.url, overflow = conn.live_overflow, "live set larger than the relay's subscription cap");
+            if overflow_before == 0 {
+                tracing::warn!(relay = %self.url, overflow = conn.live_overflow, "live set larger than the relay's subscription cap");
+            } else {
+                tracing::debug!(relay = %self.url, overflow = conn.live_overflow, "live set still larger than the relay's subscription cap");
+            }
             self.publish_state(|s| s.last_error = Some(err));
         }
         // What is planned and open now; a planned REQ whose subscription is gone (refused,

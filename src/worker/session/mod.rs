@@ -53,6 +53,10 @@ pub struct SessionConfig {
     pub max_req_bytes: usize,
     /// Historic REQs open at once.
     pub max_historic_subscriptions: usize,
+    /// Subscriptions per connection assumed for a relay that neither publishes
+    /// `max_subscriptions` (NIP-11) nor has refused one (strfry's default is 20,
+    /// nostr-rs-relay's 32). `None`: no limit assumed.
+    pub assumed_subscription_cap: Option<usize>,
     /// A reconnect resumes from `cursor - slack`.
     pub slack: Duration,
     pub max_event_bytes: usize,
@@ -88,6 +92,7 @@ impl Default for SessionConfig {
             default_max_filters: 10,
             max_req_bytes: 64 * 1024,
             max_historic_subscriptions: 8,
+            assumed_subscription_cap: Some(20),
             slack: Duration::from_secs(15 * 60),
             max_event_bytes: 256 * 1024,
             batch_retry: Duration::from_secs(30),

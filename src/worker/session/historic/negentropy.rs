@@ -46,13 +46,22 @@ impl Session {
                 self.fallback_to_req(conn, done.batch, done.filter, "negentropy unsupported");
                 return Ok(());
             }
-            Err(e) => {
+            Err(e) if local_index::is_too_large(&e) => {
                 self.fallback_to_req(
                     conn,
                     done.batch,
                     done.filter,
                     &format!("local set unavailable: {e}"),
                 );
+                return Ok(());
+            }
+            Err(e) => {
+                // Our relay is unreachable for now: ask again later rather than fall back to
+                // a `since` query, which would miss what a whole-range reconciliation is for
+                // (and nothing can be published meanwhile anyway).
+                tracing::debug!(relay = %self.url, error = %e, "local set unavailable; reconciling later");
+                let at = Instant::now() + self.config.batch_retry;
+                super::retry_later(conn, done.batch, Work::Neg(done.filter), at);
                 return Ok(());
             }
         };
