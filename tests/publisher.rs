@@ -250,3 +250,53 @@ async fn pace_adapts_to_a_rate_limited_local_relay() {
     let pace = metrics.publish_rate_limit.get();
     assert!(pace > 0.0 && pace < 400.0, "pace {pace}");
 }
+
+/// Defect 7 of the correctness issue (the poison pill): an event over the local relay's frame
+/// limit (but under ours) makes it drop the connection every time. It used to be re-queued at
+/// the front for ever, and everything behind it never went out. Now the events in flight at
+/// a loss are sent again one at a time; the one the relay drops the connection on twice,
+/// alone, is set aside (counted, never answered so its cursor holds) and the rest flows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_that_keeps_breaking_the_connection_is_set_aside_and_the_rest_flows() {
+    let relay = HostileRelay::start(Script {
+        max_frame_bytes: Some(4_000),
+        ..Script::default()
+    })
+    .await;
+    let metrics = PublisherMetrics::default();
+    let (publisher, _task) = Publisher::spawn(PublisherConfig::new(relay.url()), metrics.clone());
+    let before = corpus(10);
+    let poison = EventBuilder::new(Kind::from(1111), "x".repeat(10_000))
+        .sign_with_keys(&Keys::generate())
+        .unwrap();
+    let after = corpus(30);
+    publish_all(&publisher, &before).await;
+    publisher.publish(poison.clone(), None).await.unwrap();
+    publish_all(&publisher, &after).await;
+    let mut want = ids(&before);
+    want.extend(ids(&after));
+    eventually(
+        "every other event stored",
+        Duration::from_secs(60),
+        || async {
+            let have: BTreeSet<EventId> = relay.ids().into_iter().collect();
+            have.is_superset(&want).then_some(())
+        },
+    )
+    .await;
+    eventually("the poison set aside", Duration::from_secs(30), || async {
+        (publisher.stats().quarantined.load(Ordering::Relaxed) == 1).then_some(())
+    })
+    .await;
+    assert!(!relay.ids().contains(&poison.id));
+    assert_eq!(
+        metrics
+            .publish_outcomes
+            .with_label_values(&["quarantined"])
+            .get(),
+        1
+    );
+    // It broke a handful of connections, not an endless stream of them.
+    let connections = relay.counters().connections.load(Ordering::SeqCst);
+    assert!(connections <= 6, "{connections} connections");
+}

@@ -50,6 +50,9 @@ pub struct Script {
     /// Close every connection this long after it opened: a relay (or a NAT) that keeps
     /// dropping sessions.
     pub close_after: Option<std::time::Duration>,
+    /// Drop the connection (no close handshake) on any frame longer than this, as relays do
+    /// over their message limit.
+    pub max_frame_bytes: Option<usize>,
     /// Sent to every new connection, N times.
     pub notice_storm: Option<(String, usize)>,
     /// Raw event JSON appended to every REQ answer whose filters match the parsed event
@@ -357,7 +360,13 @@ async fn serve(ws: Ws, s: Arc<Shared>) {
             } => break 'conn,
             frame = rx.next() => {
                 let text = match frame {
-                    Some(Ok(Message::Text(text))) => text,
+                    Some(Ok(Message::Text(text))) => {
+                        let limit = s.script.lock().unwrap_or_else(|e| e.into_inner()).max_frame_bytes;
+                        if limit.is_some_and(|max| text.len() > max) {
+                            break 'conn;
+                        }
+                        text
+                    }
                     // Pings are answered by tungstenite itself; nothing else carries NIP-01.
                     Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Binary(_) | Message::Frame(_))) => continue,
                     _ => break,

@@ -21,7 +21,7 @@ pub struct PublisherMetrics {
 }
 
 /// Every outcome label value the publisher counts.
-pub const OUTCOMES: [&str; 13] = [
+pub const OUTCOMES: [&str; 14] = [
     "accepted",
     "duplicate",
     "blocked",
@@ -35,6 +35,7 @@ pub const OUTCOMES: [&str; 13] = [
     "error",
     "other",
     "gave_up",
+    "quarantined",
 ];
 
 impl PublisherMetrics {

@@ -129,6 +129,9 @@ pub struct PublisherStats {
     pub refused: AtomicU64,
     pub gave_up: AtomicU64,
     pub retries: AtomicU64,
+    /// Events set aside because the local relay dropped the connection every time one was
+    /// sent alone (see `connection`); never answered, so their relays' cursors hold.
+    pub quarantined: AtomicU64,
 }
 
 impl PublisherStats {
@@ -137,7 +140,8 @@ impl PublisherStats {
         let done = self.accepted.load(Ordering::Relaxed)
             + self.duplicate.load(Ordering::Relaxed)
             + self.refused.load(Ordering::Relaxed)
-            + self.gave_up.load(Ordering::Relaxed);
+            + self.gave_up.load(Ordering::Relaxed)
+            + self.quarantined.load(Ordering::Relaxed);
         self.submitted.load(Ordering::Relaxed).saturating_sub(done)
     }
 }
@@ -152,6 +156,8 @@ struct Pending {
     /// Transient failures so far, and when the first one came.
     failures: u32,
     first_failure: Option<std::time::Instant>,
+    /// Connections lost while this event was the only one in flight.
+    strikes: u32,
     /// One entry per `publish` call for this event: the same event often arrives through
     /// several subscriptions, and each delivery must get its answer.
     origins: Vec<Option<Arc<SourceCounters>>>,
@@ -216,6 +222,7 @@ impl Publisher {
                 attempts: 0,
                 failures: 0,
                 first_failure: None,
+                strikes: 0,
                 origins: vec![origin],
             })
             .await

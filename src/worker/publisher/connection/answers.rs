@@ -36,6 +36,7 @@ impl PublisherConn {
         let Some(flight) = self.in_flight.remove(&event_id) else {
             return;
         };
+        self.single = self.single.saturating_sub(1);
         self.metrics
             .publish_latency_seconds
             .observe(flight.sent_at.elapsed().as_secs_f64());

@@ -39,11 +39,18 @@ pub(super) struct PublisherConn {
     /// Retries after a transient failure, each not before its time.
     delayed: Vec<(Instant, Pending)>,
     in_flight: HashMap<EventId, InFlight>,
+    /// After a lost connection, this many sends go out one at a time: if the relay drops the
+    /// connection again, the event alone in flight is the likely cause (a frame over its
+    /// limit, an event that crashes it).
+    single: usize,
     pause: Option<Instant>,
     /// The latest AUTH challenge on this connection, not yet answered.
     challenge: Option<String>,
     auth_pending: Option<EventId>,
 }
+
+/// Connections lost with an event alone in flight before it is set aside.
+const QUARANTINE_STRIKES: u32 = 2;
 
 enum Step {
     Reconnect,
@@ -71,6 +78,7 @@ impl PublisherConn {
             retry: VecDeque::new(),
             delayed: Vec::new(),
             in_flight: HashMap::new(),
+            single: 0,
             pause: None,
             challenge: None,
             auth_pending: None,
@@ -88,7 +96,20 @@ impl PublisherConn {
                     tracing::debug!(relay = %self.config.local_relay, "publisher connected");
                     // Whatever was in flight on the previous connection may never have arrived.
                     let lost: Vec<_> = self.in_flight.drain().map(|(_, f)| f.pending).collect();
-                    for p in lost.into_iter().rev() {
+                    // Lost while sending one event alone: that event gets a strike.
+                    let alone = self.single > 0 && lost.len() == 1;
+                    if !alone && !lost.is_empty() {
+                        self.single = lost.len();
+                    }
+                    for mut p in lost.into_iter().rev() {
+                        if alone {
+                            p.strikes += 1;
+                            if p.strikes >= QUARANTINE_STRIKES {
+                                self.quarantine(p);
+                                self.single = self.single.saturating_sub(1);
+                                continue;
+                            }
+                        }
                         self.stats.retries.fetch_add(1, Ordering::Relaxed);
                         self.metrics.publish_retries.inc();
                         self.retry.push_front(p);
@@ -149,7 +170,12 @@ impl PublisherConn {
                 .into_iter()
                 .flatten()
                 .min();
-            while self.pause.is_none() && self.in_flight.len() < self.config.max_in_flight {
+            let max_in_flight = if self.single > 0 {
+                1
+            } else {
+                self.config.max_in_flight
+            };
+            while self.pause.is_none() && self.in_flight.len() < max_in_flight {
                 let Some(p) = self.retry.pop_front().or_else(|| self.pop_shared()) else {
                     break;
                 };
@@ -175,7 +201,7 @@ impl PublisherConn {
             let can_take = ready
                 && self.retry.is_empty()
                 && self.pause.is_none()
-                && self.in_flight.len() < self.config.max_in_flight
+                && self.in_flight.len() < max_in_flight
                 && !(self.rx.is_closed() && self.rx.is_empty());
             if self.rx.is_closed()
                 && self.rx.is_empty()
@@ -288,6 +314,25 @@ impl PublisherConn {
         self.stats.retries.fetch_add(1, Ordering::Relaxed);
         self.metrics.publish_retries.inc();
         self.delayed.push((at, p));
+    }
+
+    /// Set `p` aside: the local relay dropped the connection each time it was sent alone.
+    /// Its senders get no answer, so their cursors do not pass it; a restart (or a later
+    /// reconciliation) offers it again.
+    fn quarantine(&mut self, p: Pending) {
+        self.stats.quarantined.fetch_add(1, Ordering::Relaxed);
+        self.metrics
+            .publish_outcomes
+            .with_label_values(&["quarantined"])
+            .inc();
+        tracing::warn!(
+            relay = %self.config.local_relay,
+            id = %p.event.id,
+            kind = p.event.kind.as_u16(),
+            bytes = nostr::JsonUtil::as_json(&p.event).len(),
+            strikes = p.strikes,
+            "the local relay drops the connection whenever this event is sent; set aside (its relays' cursors hold until a restart)"
+        );
     }
 
     fn expire_in_flight(&mut self) {
