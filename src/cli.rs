@@ -247,6 +247,10 @@ pub struct SyncOpts {
         default_value_t = 20
     )]
     pub assumed_subscription_cap: usize,
+    /// Live subscriptions that do not fit under a relay's subscription cap are polled this
+    /// often instead (a historic query over their filters).
+    #[arg(long, env = "GRASP_SYNC_OVERFLOW_POLL", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub overflow_poll: Duration,
     /// First reconnect delay after a relay failed; doubles with each consecutive failure.
     #[arg(long, env = "GRASP_SYNC_RECONNECT_DELAY", default_value = "5s", value_parser = humantime::parse_duration)]
     pub reconnect_delay: Duration,

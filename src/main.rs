@@ -105,6 +105,7 @@ fn session_config(sync: &SyncOpts) -> Result<grasp_sync::worker::session::Sessio
     c.slack = sync.resume_overlap;
     c.batch_timeout = sync.batch_timeout;
     c.batch_retry = sync.batch_retry;
+    c.overflow_poll = sync.overflow_poll;
     c.health.base_backoff = sync.reconnect_delay;
     c.health.rate_limit_cooldown = sync.rate_limit_cooldown;
     c.assumed_subscription_cap =

@@ -360,6 +360,8 @@ impl World {
             "200ms",
             "--rate-limit-cooldown",
             "2s",
+            "--overflow-poll",
+            "1s",
             "--reconcile-every",
             "1000h",
             "--grace",

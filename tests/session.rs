@@ -1113,3 +1113,37 @@ async fn adding_a_root_re_sends_only_the_live_req_it_changes() {
     rig.holds_exactly(&want).await;
     h.stop().await;
 }
+
+/// Found by the fault-schedule test (seed 167): under a cap too small for the live plan, the
+/// REQs that do not fit were a standing gap — the cursor held, honestly, but live events on
+/// those filters never arrived. They are now polled as historic queries.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_filters_over_the_cap_are_polled() {
+    let rig = rig().await;
+    let f = nip34::fixture("over-the-cap");
+    let remote = HostileRelay::start(Script {
+        max_subscriptions: Some(3),
+        cap_refusal: CapRefusal::Closed,
+        ..Script::default()
+    })
+    .await;
+    remote.add(f.expected.iter().cloned());
+    let mut config = fast_config();
+    config.reconcile_every = (Duration::from_secs(3600), Duration::from_secs(3600));
+    config.overflow_poll = Duration::from_millis(300);
+    let h = rig.start(&remote.url(), set_for(&[&f]), Resume::fresh(), config);
+    rig.holds_exactly(&nip34::ids(&f.expected)).await;
+    let mut rx = h.state();
+    eventually("a standing gap reported", DEADLINE, || {
+        let s = rx.borrow_and_update().clone();
+        async move { s.last_error.filter(|e| e.contains("not open")).map(|_| ()) }
+    })
+    .await;
+    // Live events on every layer arrive, whether their REQ is open or polled.
+    let comment = nip34::comment_now(f.root.id, "on a root, under the cap");
+    remote.add([comment.clone()]);
+    let mut want = nip34::ids(&f.expected);
+    want.insert(comment.id);
+    rig.holds_exactly(&want).await;
+    h.stop().await;
+}

@@ -68,6 +68,14 @@ impl Session {
             Some(_) => {}
         }
         self.sub_cap = Some(learned);
+        // Live may hold every slot (the refused REQ was historic): re-plan it within the cap
+        // so historic work gets its share.
+        let live_budget = learned
+            .saturating_sub(self.config.max_historic_subscriptions.min(learned / 2))
+            .max(1);
+        if conn.live.len() > live_budget {
+            conn.live_retry_at.get_or_insert(now);
+        }
         let err = format!(
             "relay refused a subscription over its cap (about {learned}): {}",
             truncate(text, 300)

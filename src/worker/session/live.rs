@@ -48,10 +48,21 @@ impl Session {
         // More than the relay takes on one connection: open what fits and keep the rest as a
         // standing gap (it holds the cursor) rather than have the excess refused.
         let overflow_before = conn.live_overflow;
-        conn.live_overflow = match max_reqs {
-            Some(max) if plan.len() > max => plan.split_off(max).len(),
-            _ => 0,
+        let overflow = match max_reqs {
+            Some(max) if plan.len() > max => plan.split_off(max),
+            _ => Vec::new(),
         };
+        conn.live_overflow = overflow.len();
+        // What does not fit is polled instead (`poll_overflow`): the same filters, as
+        // historic queries.
+        conn.overflow_filters = overflow
+            .into_iter()
+            .flat_map(|(_, filters)| filters)
+            .map(|mut f| {
+                f.limit = None;
+                f
+            })
+            .collect();
         if conn.live_overflow > 0 {
             let err = format!(
                 "the live set needs {} subscriptions; the relay allows about {} per connection: {} not open",
@@ -114,6 +125,27 @@ impl Session {
             self.backfill(conn, nostr::Timestamp::from(since));
         }
         Ok(())
+    }
+
+    /// Live REQs that do not fit under the relay's cap are polled: every `overflow_poll`, a
+    /// historic batch over their filters from the previous poll's start (less the slack).
+    /// The standing gap still holds the cursor; this keeps the events coming.
+    pub(super) fn poll_overflow(&mut self, conn: &mut Conn, now: std::time::Instant) {
+        let running = conn
+            .overflow_batch
+            .is_some_and(|b| conn.batches.contains_key(&b));
+        if conn.overflow_filters.is_empty() || now < conn.overflow_poll_at || running {
+            return;
+        }
+        conn.overflow_poll_at = now + self.config.overflow_poll;
+        let start = super::report::unix_now();
+        let from = conn
+            .overflow_polled_from
+            .replace(start)
+            .unwrap_or(conn.connected_at);
+        let since = nostr::Timestamp::from(from.saturating_sub(self.config.slack.as_secs()));
+        let fs = conn.overflow_filters.clone();
+        conn.overflow_batch = Some(self.poll_batch(conn, fs, since));
     }
 
     pub(super) async fn on_set(

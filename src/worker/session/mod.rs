@@ -9,7 +9,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use nostr::{EventId, Keys, SubscriptionId};
+use nostr::{EventId, Filter, Keys, SubscriptionId};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
@@ -62,6 +62,8 @@ pub struct SessionConfig {
     pub max_event_bytes: usize,
     /// A failed batch is retried after this long.
     pub batch_retry: Duration,
+    /// Live filters that do not fit under a relay's subscription cap are polled this often.
+    pub overflow_poll: Duration,
     /// The local relay, whose set negentropy reconciles against. Without it (or with
     /// `negentropy` off) historic sync uses REQ pagination only.
     pub local_relay: Option<RelayUrl>,
@@ -96,6 +98,7 @@ impl Default for SessionConfig {
             slack: Duration::from_secs(15 * 60),
             max_event_bytes: 256 * 1024,
             batch_retry: Duration::from_secs(30),
+            overflow_poll: Duration::from_secs(30),
             local_relay: None,
             negentropy: true,
             id_chunk: 100,
@@ -408,6 +411,15 @@ struct Conn {
     /// Live REQs of the plan not opened because the relay's cap would refuse them: a
     /// standing gap that holds the cursor.
     live_overflow: usize,
+    /// The filters of those REQs, polled instead.
+    overflow_filters: Vec<Filter>,
+    overflow_poll_at: Instant,
+    /// The overflow poll running now, if any (one at a time).
+    overflow_batch: Option<u64>,
+    /// Unix time the last overflow poll started (the next one reads from there).
+    overflow_polled_from: Option<u64>,
+    /// Unix time this connection was established.
+    connected_at: u64,
     /// Unix time since which live coverage has a gap (a live subscription was closed);
     /// backfilled from there when the subscriptions are open again.
     live_gap_since: Option<u64>,

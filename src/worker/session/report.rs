@@ -53,7 +53,12 @@ impl Session {
         let now = Instant::now();
         let failed = conn.batches.values().any(|b| b.failed);
         // Served in full but not yet answered for by our relay: still syncing.
-        let pending = !conn.batches.is_empty() || !self.fetched.is_empty();
+        // (Backfills and overflow polls are upkeep, not syncing: they hold the cursor only.)
+        let pending = conn
+            .batches
+            .values()
+            .any(|b| !matches!(b.items, super::historic::Items::Backfill))
+            || !self.fetched.is_empty();
         let phase = if self.health.rate_limited_until(now).is_some() {
             Phase::RateLimited
         } else if pending && failed {

@@ -89,6 +89,11 @@ impl Session {
                         live_retry_at: None,
                         live_gap_since: None,
                         live_overflow: 0,
+                        overflow_filters: Vec::new(),
+                        overflow_poll_at: Instant::now(),
+                        overflow_batch: None,
+                        overflow_polled_from: None,
+                        connected_at: super::report::unix_now(),
                         unanswered: std::collections::VecDeque::new(),
                     }
                 }
@@ -284,6 +289,7 @@ impl Session {
             let all = self.set.clone();
             self.queue_historic(conn, Some(all), true, None, false);
         }
+        self.poll_overflow(conn, now);
         self.check_timeouts(conn).await;
         Ok(())
     }

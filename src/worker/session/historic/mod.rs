@@ -213,6 +213,19 @@ impl Session {
         self.add_batch(conn, Items::Backfill, fs, Some(since), limit, true);
     }
 
+    /// A batch polling live filters that do not fit under the relay's cap (see
+    /// `poll_overflow`); it confirms nothing.
+    pub(in crate::worker::session) fn poll_batch(
+        &mut self,
+        conn: &mut Conn,
+        fs: Vec<Filter>,
+        since: Timestamp,
+    ) -> u64 {
+        let limit = self.page_limit(&conn.caps);
+        self.add_batch(conn, Items::Backfill, fs, Some(since), limit, false);
+        conn.next_id
+    }
+
     /// Queue one batch of `fs` from `since`. With `whole_range` (the batch covers a gap: a
     /// reconnect, a restart, a live-gap backfill) negentropy reconciles the filters over
     /// their whole range, and only a fall-back to REQ pagination reads from `since`: `since`
