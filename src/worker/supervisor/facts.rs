@@ -53,6 +53,11 @@ impl RepoFacts {
         changed
     }
 
+    /// Whether the repo's announcement (its maintainers) has been read from the local relay.
+    pub(crate) fn knows(&self, c: &RepoCoordinate) -> bool {
+        self.authors.contains_key(c)
+    }
+
     pub(crate) fn scope(&self, c: &RepoCoordinate) -> Option<RepoScope> {
         let mut scope = RepoScope::owned(c.clone()).ok()?;
         if let Some((_, authors)) = self.authors.get(c) {

@@ -300,9 +300,21 @@ pub(crate) fn reconcile_sessions(
                 .flat_map(|c| facts.roots.get(c).into_iter().flatten().copied())
                 .collect(),
         };
+        // A part with a repo whose maintainers are not known yet (its announcement not read
+        // from the local relay: a new repo, our relay restarting) is synced with its owner
+        // only, so that set does not stand for the part's generation: no status may claim
+        // it confirmed (a maintainer's state event would be missing).
         let generations: BTreeMap<String, i64> = parts
             .iter()
-            .map(|o| (o.name.clone(), o.generation))
+            .map(|o| {
+                let complete = o
+                    .spec
+                    .repos
+                    .iter()
+                    .filter_map(|r| RepoCoordinate::parse(r).ok())
+                    .all(|c| facts.knows(&c));
+                (o.name.clone(), if complete { o.generation } else { -1 })
+            })
             .collect();
         match sessions.get_mut(&url) {
             Some(r) => {

@@ -459,20 +459,39 @@ async fn a_session_task_that_died_is_reported_and_restarted_with_backoff() {
     rig.task.await.unwrap();
 }
 
+/// A repo and the announcement (signed by its owner), naming a maintainer or not.
+fn repo(id: &str, with_maintainer: bool) -> (String, nostr::Event) {
+    let keys = nostr::Keys::generate();
+    let coordinate = format!("30617:{}:{id}", keys.public_key().to_hex());
+    let maintainers: Vec<String> = if with_maintainer {
+        vec![nostr::Keys::generate().public_key().to_hex()]
+    } else {
+        Vec::new()
+    };
+    let announcement = nostr::EventBuilder::new(crate::nostr::kinds::REPO_ANNOUNCEMENT, "")
+        .tag(nostr::Tag::identifier(id))
+        .tag(nostr::Tag::custom(
+            nostr::TagKind::custom("maintainers"),
+            maintainers,
+        ))
+        .sign_with_keys(&keys)
+        .unwrap();
+    (coordinate, announcement)
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_new_spec_is_confirmed_only_once_the_session_has_applied_its_set() {
-    let coordinate = |id: &str| {
-        format!(
-            "30617:{}:{id}",
-            nostr::Keys::generate().public_key().to_hex()
-        )
-    };
-    let (first, second) = (coordinate("one"), coordinate("two"));
+    let ((first, first_ann), (second, second_ann)) = (repo("one", false), repo("two", false));
     let store = Arc::new(TestStore::default());
     let mut s = spec("wss://a.example");
     s.repos = vec![first.clone()];
     let g1 = store.apply_spec("a", &s).await.unwrap().generation;
     let rig = rig(store.clone()).await;
+    pass(Duration::from_secs(1)).await;
+    rig.feed
+        .send(FeedEvent::Event(Box::new(first_ann)))
+        .await
+        .unwrap();
     pass(Duration::from_secs(1)).await;
     let session = rig.starter.started()[0].clone();
     session.state.send_modify(|st| {
@@ -488,6 +507,11 @@ async fn a_new_spec_is_confirmed_only_once_the_session_has_applied_its_set() {
     // (its state still counts the old set, all confirmed).
     s.repos = vec![first, second];
     let g2 = store.apply_spec("a", &s).await.unwrap().generation;
+    pass(Duration::from_secs(1)).await;
+    rig.feed
+        .send(FeedEvent::Event(Box::new(second_ann)))
+        .await
+        .unwrap();
     pass(Duration::from_secs(1)).await;
     assert_eq!(
         session.sets.lock().unwrap().len(),
@@ -514,6 +538,58 @@ async fn a_new_spec_is_confirmed_only_once_the_session_has_applied_its_set() {
     assert_eq!(
         store.status("a").and_then(|s| s.confirmed_generation),
         Some(g2)
+    );
+    let _ = rig.stop.send(true);
+    rig.task.await.unwrap();
+}
+
+/// Found by the fault-schedule test (seed 132): a repo whose announcement the worker has not
+/// read yet from the local relay (it was restarting) is synced with its owner only, so a
+/// maintainer's state event is not asked for. A status must not claim that spec confirmed
+/// until the maintainers are known.
+#[tokio::test(start_paused = true)]
+async fn a_spec_is_not_confirmed_while_a_repos_maintainers_are_unknown() {
+    let (coordinate, announcement) = repo("unread", true);
+    let store = Arc::new(TestStore::default());
+    let mut s = spec("wss://a.example");
+    s.repos = vec![coordinate];
+    let g = store.apply_spec("a", &s).await.unwrap().generation;
+    let rig = rig(store.clone()).await;
+    pass(Duration::from_secs(1)).await;
+    let session = rig.starter.started()[0].clone();
+    session.state.send_modify(|st| {
+        st.phase = Phase::Live;
+        (st.repos, st.confirmed_repos) = (1, 1);
+    });
+    pass(Duration::from_secs(1)).await;
+    let status = store.status("a").expect("status written");
+    assert_eq!(status.observed_generation, Some(g));
+    assert_eq!(
+        status.confirmed_generation, None,
+        "confirmed before the repo's maintainers were known"
+    );
+    // The announcement arrives: the set is handed over with the maintainers, and once the
+    // session reports it applied, the spec is confirmed.
+    rig.feed
+        .send(FeedEvent::Event(Box::new(announcement)))
+        .await
+        .unwrap();
+    pass(Duration::from_secs(1)).await;
+    assert_eq!(
+        session.sets.lock().unwrap().len(),
+        1,
+        "the set was handed over"
+    );
+    session.state.send_modify(|st| {
+        st.applied_set = 1;
+        st.phase = Phase::Syncing;
+    });
+    pass(Duration::from_secs(1)).await;
+    session.state.send_modify(|st| st.phase = Phase::Live);
+    pass(Duration::from_secs(1)).await;
+    assert_eq!(
+        store.status("a").and_then(|s| s.confirmed_generation),
+        Some(g)
     );
     let _ = rig.stop.send(true);
     rig.task.await.unwrap();
