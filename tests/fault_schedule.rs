@@ -147,6 +147,8 @@ struct World {
     rng: StdRng,
     dir: std::path::PathBuf,
     local: ScriptedRelay,
+    /// Our relay's acceptance policy (users' announcements go through it directly).
+    policy: Arc<GraspPolicy>,
     local_proxy: FaultProxy,
     _nip77: LocalRelay,
     nip77_url: RelayUrl,
@@ -180,7 +182,8 @@ impl World {
         let local_proxy = FaultProxy::start(&local.url()).await;
         let service = local_proxy.host_port();
         let policy = Arc::new(GraspPolicy::new(service.clone()));
-        local.set_policy(Arc::new(move |e: &Event| policy.decide(e)));
+        let p = policy.clone();
+        local.set_policy(Arc::new(move |e: &Event| p.decide(e)));
 
         let (nip77, nip77_url) = relays::local_relay(1_000_000).await;
         // The scripted source refuses REQs over a small cap with CLOSED in half the seeds.
@@ -214,6 +217,7 @@ impl World {
             rng,
             dir,
             local,
+            policy,
             local_proxy,
             _nip77: nip77,
             nip77_url,
@@ -284,7 +288,7 @@ impl World {
         for a in &late {
             self.learn(a, Vec::new());
         }
-        relays::publish(&self.local.url(), &early).await;
+        self.announce(&early);
         self.announced = early
             .iter()
             .map(|a| self.coords[a.tags.identifier().unwrap_or_default()].clone())
@@ -498,9 +502,20 @@ impl World {
 
     async fn announce_next(&mut self) {
         let a = self.corpus.announcements[self.announced.len()].clone();
-        relays::publish(&self.local.url(), std::slice::from_ref(&a)).await;
+        self.announce(std::slice::from_ref(&a));
         let d = a.tags.identifier().unwrap_or_default().to_string();
         self.announced.push(self.coords[&d].clone());
+    }
+
+    /// Users announce repositories to our relay: through its policy, but not through the
+    /// faults scripted for the syncer's connections (a harness publish must not time out).
+    fn announce(&self, announcements: &[Event]) {
+        for a in announcements {
+            self.policy
+                .decide(a)
+                .expect("our relay accepts the corpus' announcements");
+        }
+        self.local.add(announcements.iter().cloned());
     }
 
     /// Publish a few live events on the sources: new issues, comments on roots published
