@@ -131,9 +131,15 @@ impl Session {
     /// historic batch over their filters from the previous poll's start (less the slack).
     /// The standing gap still holds the cursor; this keeps the events coming.
     pub(super) fn poll_overflow(&mut self, conn: &mut Conn, now: std::time::Instant) {
+        // One poll at a time, and none while historic batches run: they fetch up to now and
+        // hold the cursor anyway; the first poll after them reads from the connection's start.
         let running = conn
             .overflow_batch
-            .is_some_and(|b| conn.batches.contains_key(&b));
+            .is_some_and(|b| conn.batches.contains_key(&b))
+            || conn
+                .batches
+                .values()
+                .any(|b| !matches!(b.items, super::historic::Items::Backfill));
         if conn.overflow_filters.is_empty() || now < conn.overflow_poll_at || running {
             return;
         }
