@@ -69,11 +69,17 @@ fn bucket_count(n: usize, chunk: usize) -> usize {
     n.div_ceil(chunk.max(1)).max(1).next_power_of_two()
 }
 
+const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+
 /// A stable 64-bit hash (FNV-1a): the layout must not change between processes or versions.
 fn fnv(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-        (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
-    })
+    fnv_from(FNV_OFFSET, bytes)
+}
+
+fn fnv_from(h: u64, bytes: &[u8]) -> u64 {
+    bytes
+        .iter()
+        .fold(h, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3))
 }
 
 fn layout(
@@ -85,16 +91,9 @@ fn layout(
 ) -> Vec<(LiveKey, Vec<Filter>)> {
     let mut out = vec![(LiveKey::Announcements, vec![filters::layer1().limit(0)])];
     // Repos: one bucket is 4 filters (state, #a, #A, #q); roots: 3 (#e, #E, #q).
-    let repo_buckets = bucket_count(repos.len(), chunk);
-    let mut by_bucket: Vec<Vec<RepoScope>> = vec![Vec::new(); repo_buckets];
-    for r in repos {
-        let b = fnv(r.coordinate.to_string().as_bytes()) as usize % repo_buckets;
-        by_bucket[b].push(r.clone());
-    }
-    by_bucket.iter_mut().for_each(|b| b.sort());
-    let group = (per_req / 4).max(1);
-    for (g, buckets) in by_bucket.chunks(group).enumerate() {
-        let fs: Vec<Filter> = buckets
+    let repos = buckets(repos, chunk, |r| fnv(r.coordinate.to_string().as_bytes()));
+    for (g, group) in repos.chunks((per_req / 4).max(1)).enumerate() {
+        let fs = group
             .iter()
             .filter(|b| !b.is_empty())
             .flat_map(|b| filters::layer2(b, usize::MAX))
@@ -104,16 +103,9 @@ fn layout(
             part,
         });
     }
-    let root_buckets = bucket_count(roots.len(), chunk);
-    let mut by_bucket: Vec<Vec<EventId>> = vec![Vec::new(); root_buckets];
-    for id in roots {
-        let b = fnv(id.as_bytes()) as usize % root_buckets;
-        by_bucket[b].push(*id);
-    }
-    by_bucket.iter_mut().for_each(|b| b.sort());
-    let group = (per_req / 3).max(1);
-    for (g, buckets) in by_bucket.chunks(group).enumerate() {
-        let fs: Vec<Filter> = buckets
+    let roots = buckets(roots, chunk, |id| fnv(id.as_bytes()));
+    for (g, group) in roots.chunks((per_req / 3).max(1)).enumerate() {
+        let fs = group
             .iter()
             .filter(|b| !b.is_empty())
             .flat_map(|b| filters::layer3(b, usize::MAX))
@@ -123,6 +115,18 @@ fn layout(
             part,
         });
     }
+    out
+}
+
+/// `items` in `bucket_count` buckets by `hash`, each sorted (the layout must not depend on
+/// the order items come in).
+fn buckets<T: Ord + Clone>(items: &[T], chunk: usize, hash: impl Fn(&T) -> u64) -> Vec<Vec<T>> {
+    let n = bucket_count(items.len(), chunk);
+    let mut out: Vec<Vec<T>> = vec![Vec::new(); n];
+    for item in items {
+        out[hash(item) as usize % n].push(item.clone());
+    }
+    out.iter_mut().for_each(|b| b.sort());
     out
 }
 
@@ -147,15 +151,9 @@ fn push_group(
 
 /// A fingerprint of a REQ's filters: equal plans send nothing.
 pub fn fingerprint(filters: &[Filter]) -> u64 {
-    let mut h = 0u64;
-    for f in filters {
-        h = fnv(&[
-            h.to_le_bytes().as_slice(),
-            nostr::JsonUtil::as_json(f).as_bytes(),
-        ]
-        .concat());
-    }
-    h
+    filters.iter().fold(FNV_OFFSET, |h, f| {
+        fnv_from(h ^ 0xff, nostr::JsonUtil::as_json(f).as_bytes())
+    })
 }
 
 #[cfg(test)]

@@ -184,6 +184,7 @@ impl Session {
         self.fetched.repos.retain(|r| set.repos.contains(r));
         self.fetched.roots.retain(|r| set.roots.contains(r));
         self.set = set;
+        self.roots_digest = None;
         let (repos, roots) = (self.set.repos.len(), self.set.roots.len());
         let confirmed_repos = self.set.repos.intersection(&self.confirmed.repos).count();
         let confirmed_roots = self.set.roots.intersection(&self.confirmed.roots).count();

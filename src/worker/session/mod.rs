@@ -306,6 +306,7 @@ pub fn spawn(
         set,
         confirmed,
         fetched: SyncSet::default(),
+        roots_digest: None,
         cursor,
         publisher,
         counters: Arc::new(SourceCounters::default()),
@@ -341,6 +342,8 @@ struct Session {
     set: SyncSet,
     /// Items whose historic sync is confirmed (on this or an earlier connection).
     confirmed: SyncSet,
+    /// Hex [`RootDigest`] of the confirmed roots of the set; `None` when stale.
+    roots_digest: Option<String>,
     /// Items whose history the relay has served in full, waiting for our relay to answer
     /// for every event handed over before they count as confirmed.
     fetched: SyncSet,

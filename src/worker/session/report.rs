@@ -30,6 +30,7 @@ impl Session {
             let fetched = std::mem::take(&mut self.fetched);
             self.confirmed.repos.extend(fetched.repos);
             self.confirmed.roots.extend(fetched.roots);
+            self.roots_digest = None;
         }
         // The cursor moves forward while every historic batch is confirmed, the live
         // subscriptions are open (a gap holds it until its backfill is done), and the
@@ -88,8 +89,13 @@ impl Session {
         let (repos, roots) = (self.set.repos.len(), self.set.roots.len());
         let confirmed_repos = self.set.repos.intersection(&self.confirmed.repos).count();
         let confirmed_roots = self.set.roots.intersection(&self.confirmed.roots).count();
-        let roots_digest =
-            RootDigest::of(self.set.roots.intersection(&self.confirmed.roots)).to_hex();
+        // Recomputed only when the confirmed roots or the set changed (this runs per message).
+        let roots_digest = self
+            .roots_digest
+            .get_or_insert_with(|| {
+                RootDigest::of(self.set.roots.intersection(&self.confirmed.roots)).to_hex()
+            })
+            .clone();
         let cursor = self.cursor;
         let (received, gaps) = (self.received, self.gaps);
         let published = self.counters.published.load(Ordering::Relaxed);
