@@ -53,6 +53,27 @@ async fn remotes(n: usize) -> Vec<ScriptedRelay> {
     out
 }
 
+/// `n` remotes of which at least one goes to `newcomer` once it joins `workers` on the
+/// ring, so a scale-out to it must move relays. Remote ports are random: left to chance, the
+/// newcomer gets none of twelve relays in about 3% of runs.
+async fn remotes_with_one_for(n: usize, workers: &[&str], newcomer: &str) -> Vec<ScriptedRelay> {
+    let ring = Ring::new(workers.iter().copied().chain([newcomer]), DEFAULT_VNODES);
+    let owner = |r: &ScriptedRelay| ring.owner(r.url().as_str()) == Some(newcomer);
+    let mut out = remotes(n - 1).await;
+    if out.iter().any(owner) {
+        out.extend(remotes(1).await);
+        return out;
+    }
+    for _ in 0..200 {
+        let r = remotes(1).await.pop().expect("one remote");
+        if owner(&r) {
+            out.push(r);
+            return out;
+        }
+    }
+    panic!("no loopback port in 200 maps to {newcomer}");
+}
+
 fn by_url(objects: &[RelaySync]) -> BTreeMap<String, String> {
     objects
         .iter()
@@ -63,7 +84,7 @@ fn by_url(objects: &[RelaySync]) -> BTreeMap<String, String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn workers_share_relays_fail_over_scale_out_through_drains_and_survive_a_leader_loss() {
     let cluster = Cluster::start("shard").await;
-    let remotes = remotes(12).await;
+    let remotes = remotes_with_one_for(12, &["w0", "w1", "w2"], "w3").await;
     let want = repos_on(&cluster, &remotes).await;
 
     let mut controllers = BTreeMap::new();
@@ -87,22 +108,21 @@ async fn workers_share_relays_fail_over_scale_out_through_drains_and_survive_a_l
         assert_eq!(r.counters().live_connections.load(Ordering::SeqCst), 1);
     }
 
-    // Scale 3 → 4: pick a fourth worker the ring gives some relays, so moves happen.
+    // Scale 3 → 4: the ring gives the fourth worker some relays (see remotes_with_one_for),
+    // so moves happen.
     let objects = cluster.objects().await;
     let urls = by_url(&objects);
-    let (fourth, moved) = ["w3", "w4"]
-        .into_iter()
-        .map(|w| {
-            let ring = Ring::new(["w0", "w1", "w2", w], DEFAULT_VNODES);
-            let moved: BTreeSet<String> = urls
-                .iter()
-                .filter(|(u, _)| ring.owner(u) == Some(w))
-                .map(|(_, n)| n.clone())
-                .collect();
-            (w, moved)
-        })
-        .find(|(_, m)| !m.is_empty())
-        .expect("one of two candidate names takes relays");
+    let fourth = "w3";
+    let ring = Ring::new(["w0", "w1", "w2", fourth], DEFAULT_VNODES);
+    let moved: BTreeSet<String> = urls
+        .iter()
+        .filter(|(u, _)| ring.owner(u) == Some(fourth))
+        .map(|(_, n)| n.clone())
+        .collect();
+    assert!(
+        !moved.is_empty(),
+        "the ring gives {fourth} relays: {urls:?}"
+    );
     for r in &remotes {
         r.counters().reset_max();
     }
