@@ -239,8 +239,8 @@ pub struct SyncOpts {
     pub rate_limit_cooldown: Duration,
     /// Subscriptions per connection assumed for a remote relay that neither publishes
     /// `max_subscriptions` in NIP-11 nor has refused one yet (strfry's default is 20,
-    /// nostr-rs-relay's 32; nostr-rs-relay refuses with a NOTICE that names no REQ). Live
-    /// REQs beyond what fits are reported as a standing gap (LiveWithGaps). 0: assume none.
+    /// nostr-rs-relay's 32); refusals by CLOSED or NOTICE then teach the real cap. Live REQs
+    /// beyond what fits are reported as a standing gap (LiveWithGaps). 0: assume none.
     #[arg(
         long,
         env = "GRASP_SYNC_ASSUMED_SUBSCRIPTION_CAP",

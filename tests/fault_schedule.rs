@@ -6,7 +6,8 @@
 //! sources (some back-dated, on the NIP-77 source: late rebroadcasts), and injects faults —
 //! connections dropped or silenced without FIN (a proxy in front of every relay), sources
 //! down for a while, subscriptions closed by the relay (rate-limited, `error:`, unprefixed),
-//! a per-connection subscription cap refused with `CLOSED`, the local relay failing
+//! a source that sends no EOSE or drops every connection after a moment, a per-connection
+//! subscription cap refused with `CLOSED` or with a NOTICE naming no REQ, the local relay failing
 //! transiently (`error:`, unprefixed), rate-limiting or restarting, and SIGKILL of the
 //! syncer followed by a restart from its state file.
 //!
@@ -153,6 +154,8 @@ struct World {
     _nip77: LocalRelay,
     nip77_url: RelayUrl,
     scripted: ScriptedRelay,
+    /// The scripted source's standing script (its cap, its forgeries); faults vary it.
+    scripted_base: Script,
     proxies: Vec<FaultProxy>,
     corpus: Corpus,
     known: HashMap<EventId, Known>,
@@ -186,11 +189,17 @@ impl World {
         local.set_policy(Arc::new(move |e: &Event| p.decide(e)));
 
         let (nip77, nip77_url) = relays::local_relay(1_000_000).await;
-        // The scripted source refuses REQs over a small cap with CLOSED in half the seeds.
+        // The scripted source refuses REQs over a small cap in half the seeds, by CLOSED
+        // (nostr-relay-builder) or by a NOTICE naming no REQ (nostr-rs-relay).
         let cap = rng.random_bool(0.5).then(|| rng.random_range(3..=6usize));
+        let cap_refusal = if rng.random_bool(0.5) {
+            CapRefusal::Closed
+        } else {
+            CapRefusal::Notice
+        };
         let scripted = ScriptedRelay::start(Script {
             max_subscriptions: cap,
-            cap_refusal: CapRefusal::Closed,
+            cap_refusal,
             ..Script::default()
         })
         .await
@@ -206,12 +215,13 @@ impl World {
             sources: proxies.iter().map(|p| p.url()).collect(),
             seed,
         });
-        scripted.set_script(Script {
+        let scripted_base = Script {
             max_subscriptions: cap,
-            cap_refusal: CapRefusal::Closed,
+            cap_refusal,
             raw_events: corpus.forged.clone(),
             ..Script::default()
-        });
+        };
+        scripted.set_script(scripted_base.clone());
         let mut world = World {
             seed,
             rng,
@@ -222,6 +232,7 @@ impl World {
             _nip77: nip77,
             nip77_url,
             scripted,
+            scripted_base,
             proxies,
             known: HashMap::new(),
             expected: corpus.expected.clone(),
@@ -237,8 +248,10 @@ impl World {
             cursor_checks: 0,
             violation: None,
         };
-        if cap.is_some() {
-            world.faults.push(format!("subscription cap {cap:?}"));
+        if let Some(cap) = cap {
+            world
+                .faults
+                .push(format!("subscription cap {cap} refused by {cap_refusal:?}"));
         }
         world.seed_history().await;
         world
@@ -451,7 +464,26 @@ impl World {
                 self.proxies[source].set_down(true);
                 Some((at, Restore::Source(source)))
             }
-            58..=65 => {
+            58..=59 => {
+                self.fault(format!("scripted source sends no EOSE for {hold:?}"));
+                self.scripted.set_script(Script {
+                    no_eose: true,
+                    ..self.scripted_base.clone()
+                });
+                Some((at, Restore::Scripted))
+            }
+            60..=61 => {
+                let every = Duration::from_millis(self.rng.random_range(200..1000));
+                self.fault(format!(
+                    "scripted source drops every connection after {every:?}, for {hold:?}"
+                ));
+                self.scripted.set_script(Script {
+                    close_after: Some(every),
+                    ..self.scripted_base.clone()
+                });
+                Some((at, Restore::Scripted))
+            }
+            62..=65 => {
                 let reason = [
                     "rate-limited: slow down",
                     "error: shutting down subscription backend",
@@ -770,6 +802,7 @@ impl World {
 enum Restore {
     Source(usize),
     Local,
+    Scripted,
 }
 
 impl Restore {
@@ -777,6 +810,7 @@ impl Restore {
         match self {
             Restore::Source(i) => w.proxies[*i].set_down(false),
             Restore::Local => w.local_proxy.set_down(false),
+            Restore::Scripted => w.scripted.set_script(w.scripted_base.clone()),
         }
     }
 }

@@ -681,13 +681,13 @@ async fn subscription_cap_is_learned_and_respected(refusal: CapRefusal) {
         remote.add(f.expected.iter().cloned());
         want.extend(nip34::ids(&f.expected));
     }
-    let mut config = fast_config();
-    // One value per filter and one filter per REQ: far more live REQs than the cap.
-    config.chunk = 1;
-    config.default_max_filters = 2;
-    config.reconcile_every = (Duration::from_secs(3600), Duration::from_secs(3600));
     let refs: Vec<&Fixture> = fixtures.iter().collect();
-    let h = rig.start(&remote.url(), set_for(&refs), Resume::fresh(), config);
+    let h = rig.start(
+        &remote.url(),
+        set_for(&refs),
+        Resume::fresh(),
+        capped_config(2),
+    );
     rig.holds_exactly(&want).await;
     wait_phase(&h, Phase::Live).await;
     assert!(
@@ -704,9 +704,66 @@ async fn subscription_cap_is_learned_and_respected(refusal: CapRefusal) {
     h.stop().await;
 }
 
+/// One value per filter and `filters` filters per REQ: far more live REQs than a cap, and
+/// nothing assumed about the cap, so it is learned from the refusals alone.
+fn capped_config(filters: usize) -> SessionConfig {
+    let mut config = fast_config();
+    config.chunk = 1;
+    config.default_max_filters = filters;
+    config.reconcile_every = (Duration::from_secs(3600), Duration::from_secs(3600));
+    config.assumed_subscription_cap = None;
+    config
+}
+
+/// The real thing: nostr-rs-relay holds 32 subscriptions per connection, does not say so in
+/// NIP-11 and refuses the 33rd with a NOTICE naming no subscription.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nostr_rs_relay_s_subscription_cap_is_learned_from_its_notices() {
+    let rig = rig().await;
+    let remote = support::nostr_rs_relay::NostrRsRelay::start().await;
+    let fixtures: Vec<Fixture> = (0..40)
+        .map(|i| nip34::fixture(&format!("nrr-capped{i}")))
+        .collect();
+    let seed: Vec<Event> = fixtures.iter().flat_map(|f| f.expected.clone()).collect();
+    relays::publish(&remote.url(), &seed).await;
+    let mut want = nip34::ids(&seed);
+    let refs: Vec<&Fixture> = fixtures.iter().collect();
+    let h = rig.start(
+        &remote.url(),
+        set_for(&refs),
+        Resume::fresh(),
+        capped_config(1),
+    );
+    rig.holds_exactly(&want).await;
+    wait_phase(&h, Phase::Live).await;
+    assert!(
+        rig.metrics
+            .closed_subscriptions
+            .with_label_values(&["subscription-cap"])
+            .get()
+            >= 1,
+        "no REQ was refused for the cap: the test does not reach it"
+    );
+    let live: Vec<Event> = fixtures
+        .iter()
+        .map(|f| nip34::comment_now(f.root.id, "after the cap"))
+        .collect();
+    relays::publish(&remote.url(), &live).await;
+    want.extend(nip34::ids(&live));
+    rig.holds_exactly(&want).await;
+    h.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_subscription_cap_refused_by_closed_is_learned() {
     subscription_cap_is_learned_and_respected(CapRefusal::Closed).await;
+}
+
+/// nostr-rs-relay refuses a REQ over its cap with a NOTICE that names no subscription (and
+/// does not publish the cap in NIP-11); the refused REQ must not be believed open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscription_cap_refused_by_notice_is_learned() {
+    subscription_cap_is_learned_and_respected(CapRefusal::Notice).await;
 }
 
 /// A local relay that accepts slowly holds the session up in the publisher; the time it does

@@ -3,10 +3,20 @@
 //! `CLOSED "rate-limited: too many REQs"`). A refused REQ believed open is a silent loss, so
 //! each refusal takes that subscription back and re-plans within what the relay was seen to
 //! hold.
+//!
+//! A refusal by NOTICE (nostr-rs-relay: "Subscription error: Maximum concurrent subscription
+//! count reached") names no REQ, and nostr-rs-relay answers an accepted `limit: 0` REQ with
+//! nothing at all, so an unanswered REQ is not a refused one. The relay handles a
+//! connection's messages in order and refuses at once, so: no new REQ is sent while NOTICEs
+//! are being placed; after a short grace every NOTICE about what was sent has arrived. If as
+//! many REQs sent shortly before are unanswered as there were refusals, those are the refused
+//! ones; otherwise all of them are closed and sent again within the new cap, so none is
+//! believed open on a guess. The relay holds what we believe open less the refusals: that is
+//! the cap learned.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use nostr::SubscriptionId;
+use nostr::{ClientMessage, SubscriptionId};
 
 use super::historic::{self, Work};
 use super::report::truncate;
@@ -27,12 +37,60 @@ impl Session {
         }
     }
 
+    /// Place the NOTICE refusals once they can be placed (see the module's note).
+    pub(super) async fn place_notice_refusals(
+        &mut self,
+        conn: &mut Conn,
+    ) -> Result<(), SessionError> {
+        let recent: Vec<(SubscriptionId, Instant)> = conn
+            .unanswered
+            .iter()
+            .filter(|(id, _)| {
+                conn.live.contains_key(id)
+                    || conn.historic.contains_key(id)
+                    || conn.fetches.contains_key(id)
+            })
+            .cloned()
+            .collect();
+        let believed_open = conn.live.len() + conn.historic.len() + conn.fetches.len();
+        let Some(placed) = conn.notice_refusals.place(
+            Instant::now(),
+            NOTICE_GRACE,
+            self.config.batch_timeout,
+            &recent,
+            believed_open,
+        ) else {
+            return Ok(());
+        };
+        self.metrics
+            .closed_subscriptions
+            .with_label_values(&["subscription-cap"])
+            .inc_by(placed.refusals as u64);
+        let retry_at = Instant::now() + self.config.batch_retry;
+        for id in &placed.unsure {
+            // Possibly open: closed, so that what we count is what the relay holds.
+            conn.writer
+                .send(&ClientMessage::close(id.clone()))
+                .await
+                .map_err(SessionError::Write)?;
+        }
+        for id in placed.refused.iter().chain(&placed.unsure) {
+            conn.req_answered(id);
+            conn.answered(id);
+            take_back(conn, id, retry_at);
+        }
+        tracing::debug!(relay = %self.url, refusals = placed.refusals, refused = placed.refused.len(), resent = placed.unsure.len(), "placed subscription-cap NOTICEs");
+        self.learn_cap(conn, placed.held, &placed.text);
+        // Whatever waited for the placement may go now.
+        conn.live_retry_at.get_or_insert(Instant::now());
+        Ok(())
+    }
+
     /// The relay refused the REQ `refused` for its cap (a CLOSED naming it). The
     /// subscription is taken back and the cap is at most the number believed open when that
     /// REQ was sent (`open_before`; an over-estimate while refusals are still on their way,
     /// never an under-estimate): the refusals of a burst arrive one by one, so the smallest
-    /// value seen is kept. (A NOTICE refusal names no REQ and, since relays may answer earlier REQs
-    /// after refusing later ones, cannot be placed; it is not handled yet.)
+    /// value seen is kept. (NOTICE refusals: [`Session::place_notice_refusals`].)
     pub(super) async fn on_subscription_cap(
         &mut self,
         conn: &mut Conn,
@@ -46,18 +104,18 @@ impl Session {
             .inc();
         let now = Instant::now();
         // Historic work waits a moment: the live re-plan frees what it needs.
-        let retry_at = now + self.config.batch_retry;
-        if conn.live.remove(&refused).is_some() {
-            conn.live_gap_since.get_or_insert(super::report::unix_now());
-            conn.live_retry_at = Some(now);
-        } else if let Some(h) = conn.historic.remove(&refused) {
-            historic::retry_later(conn, h.batch, Work::Page(h.paginator), retry_at);
-        } else if let Some(f) = conn.fetches.remove(&refused) {
-            historic::retry_later(conn, f.batch, f.into_work(), retry_at);
-        }
+        take_back(conn, &refused, now + self.config.batch_retry);
         let open = open_before
             .unwrap_or_else(|| conn.live.len() + conn.historic.len() + conn.fetches.len());
-        let learned = self.sub_cap.map_or(open, |c| c.min(open)).max(1);
+        self.learn_cap(conn, open, text);
+        Ok(())
+    }
+
+    /// The relay holds at most `bound` subscriptions per connection: keep the smallest bound
+    /// seen and re-plan within it.
+    fn learn_cap(&mut self, conn: &mut Conn, bound: usize, text: &str) {
+        let now = Instant::now();
+        let learned = self.sub_cap.map_or(bound, |c| c.min(bound)).max(1);
         match self.sub_cap {
             None => {
                 tracing::info!(relay = %self.url, cap = learned, reason = %truncate(text, 200), "relay caps subscriptions per connection; re-planning within it")
@@ -81,6 +139,181 @@ impl Session {
             truncate(text, 300)
         );
         self.publish_state(|s| s.last_error = Some(err));
-        Ok(())
+    }
+}
+
+/// Take back a subscription the relay does not hold (any more): live coverage has a gap from
+/// now and the live plan is rebuilt at once; historic work is retried at `retry_at`.
+fn take_back(conn: &mut Conn, id: &SubscriptionId, retry_at: Instant) {
+    if conn.live.remove(id).is_some() {
+        conn.live_gap_since.get_or_insert(super::report::unix_now());
+        conn.live_retry_at = Some(Instant::now());
+    } else if let Some(h) = conn.historic.remove(id) {
+        historic::retry_later(conn, h.batch, Work::Page(h.paginator), retry_at);
+    } else if let Some(f) = conn.fetches.remove(id) {
+        historic::retry_later(conn, f.batch, f.into_work(), retry_at);
+    }
+}
+
+/// How long after the first cap NOTICE the others about REQs already sent have arrived.
+const NOTICE_GRACE: Duration = Duration::from_secs(1);
+
+/// Cap refusals read as NOTICEs and not yet placed on the REQs they refused. While any are
+/// pending, no REQ is sent.
+#[derive(Debug, Default)]
+pub(super) struct NoticeRefusals {
+    count: usize,
+    /// When the first unplaced NOTICE was read.
+    since: Option<Instant>,
+    /// The last NOTICE's text.
+    text: String,
+}
+
+/// NOTICE refusals placed on REQs.
+#[derive(Debug, PartialEq)]
+pub(super) struct Placed {
+    pub refusals: usize,
+    /// REQs the relay refused.
+    pub refused: Vec<SubscriptionId>,
+    /// REQs it may have refused: to be closed and sent again.
+    pub unsure: Vec<SubscriptionId>,
+    /// Subscriptions the relay holds: the cap is at most this.
+    pub held: usize,
+    pub text: String,
+}
+
+impl NoticeRefusals {
+    pub fn on_notice(&mut self, text: &str, now: Instant) {
+        self.count += 1;
+        self.since.get_or_insert(now);
+        self.text = truncate(text, 300).to_string();
+    }
+
+    pub fn pending(&self) -> bool {
+        self.count > 0
+    }
+
+    /// Place the refusals on `unanswered` (REQs still ours and unanswered, oldest first, with
+    /// when they were sent), of which those sent within `window` before the first NOTICE are
+    /// suspects: at once if no more suspects are left than refusals (then they are the
+    /// refused ones), else after `grace` (then all of them are unsure). `believed_open` is
+    /// how many subscriptions we count as open.
+    pub fn place(
+        &mut self,
+        now: Instant,
+        grace: Duration,
+        window: Duration,
+        unanswered: &[(SubscriptionId, Instant)],
+        believed_open: usize,
+    ) -> Option<Placed> {
+        let since = self.since?;
+        let mut suspects: Vec<SubscriptionId> = Vec::new();
+        for (id, at) in unanswered {
+            if *at + window >= since && !suspects.contains(id) {
+                suspects.push(id.clone());
+            }
+        }
+        let exact = suspects.len() <= self.count;
+        if !exact && now < since + grace {
+            return None;
+        }
+        let (refused, unsure) = if exact {
+            (suspects, Vec::new())
+        } else {
+            (Vec::new(), suspects)
+        };
+        let placed = Placed {
+            refusals: self.count,
+            refused,
+            unsure,
+            held: believed_open.saturating_sub(self.count).max(1),
+            text: std::mem::take(&mut self.text),
+        };
+        self.count = 0;
+        self.since = None;
+        Some(placed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GRACE: Duration = Duration::from_secs(1);
+    const WINDOW: Duration = Duration::from_secs(10);
+
+    fn sent(names: &[&str], at: Instant) -> Vec<(SubscriptionId, Instant)> {
+        names
+            .iter()
+            .map(|n| (SubscriptionId::new(*n), at))
+            .collect()
+    }
+
+    fn ids(names: &[&str]) -> Vec<SubscriptionId> {
+        names.iter().map(|n| SubscriptionId::new(*n)).collect()
+    }
+
+    #[test]
+    fn nothing_to_place_without_a_notice() {
+        let mut n = NoticeRefusals::default();
+        assert!(!n.pending());
+        let t0 = Instant::now();
+        assert_eq!(n.place(t0, GRACE, WINDOW, &sent(&["a"], t0), 5), None);
+    }
+
+    #[test]
+    fn as_many_unanswered_as_refusals_are_the_refused_ones() {
+        let t0 = Instant::now();
+        let mut n = NoticeRefusals::default();
+        n.on_notice("max subscriptions", t0);
+        n.on_notice("max subscriptions", t0);
+        assert!(n.pending());
+        let p = n
+            .place(t0, GRACE, WINDOW, &sent(&["c", "d"], t0), 10)
+            .expect("placed at once");
+        assert_eq!(p.refused, ids(&["c", "d"]));
+        assert!(p.unsure.is_empty());
+        assert_eq!((p.refusals, p.held), (2, 8));
+        assert!(!n.pending());
+    }
+
+    #[test]
+    fn more_unanswered_than_refusals_waits_for_the_grace_then_all_are_unsure() {
+        let t0 = Instant::now();
+        let mut n = NoticeRefusals::default();
+        n.on_notice("too many subscriptions", t0);
+        // a and b accepted and never answered (limit 0 on nostr-rs-relay), c refused.
+        let unanswered = sent(&["a", "b", "c"], t0);
+        assert_eq!(n.place(t0 + GRACE / 2, GRACE, WINDOW, &unanswered, 3), None);
+        let p = n
+            .place(t0 + GRACE, GRACE, WINDOW, &unanswered, 3)
+            .expect("placed");
+        assert!(p.refused.is_empty());
+        assert_eq!(p.unsure, ids(&["a", "b", "c"]));
+        assert_eq!(p.held, 2);
+    }
+
+    #[test]
+    fn reqs_sent_long_before_the_notice_are_not_suspects() {
+        let t0 = Instant::now();
+        let mut unanswered = sent(&["old"], t0);
+        let later = t0 + WINDOW * 2;
+        unanswered.extend(sent(&["new"], later));
+        let mut n = NoticeRefusals::default();
+        n.on_notice("too many subscriptions", later);
+        let p = n
+            .place(later, GRACE, WINDOW, &unanswered, 2)
+            .expect("placed at once");
+        assert_eq!(p.refused, ids(&["new"]));
+    }
+
+    #[test]
+    fn a_notice_with_nothing_unanswered_still_lowers_the_cap() {
+        let t0 = Instant::now();
+        let mut n = NoticeRefusals::default();
+        n.on_notice("too many subscriptions", t0);
+        let p = n.place(t0, GRACE, WINDOW, &[], 4).expect("settled at once");
+        assert!(p.refused.is_empty() && p.unsure.is_empty());
+        assert_eq!(p.held, 3);
     }
 }

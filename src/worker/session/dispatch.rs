@@ -23,6 +23,18 @@ impl Session {
         conn: &mut Conn,
         msg: RelayMessage<'static>,
     ) -> Result<(), SessionError> {
+        self.route(conn, msg).await?;
+        if conn.notice_refusals.pending() {
+            self.place_notice_refusals(conn).await?;
+        }
+        Ok(())
+    }
+
+    async fn route(
+        &mut self,
+        conn: &mut Conn,
+        msg: RelayMessage<'static>,
+    ) -> Result<(), SessionError> {
         match msg {
             RelayMessage::Event {
                 subscription_id,
@@ -227,7 +239,10 @@ impl Session {
                 Ok(())
             }
             RelayMessage::Notice(text) => {
-                if !conn.negs.is_empty() && notice_means_unsupported(&text) {
+                if means_subscription_cap(&text) {
+                    // Counted as "subscription-cap" once placed.
+                    conn.notice_refusals.on_notice(&text, Instant::now());
+                } else if !conn.negs.is_empty() && notice_means_unsupported(&text) {
                     self.negentropy_unsupported(conn, &text);
                 } else if notice_means_rate_limited(&text) {
                     self.health.on_rate_limited(Instant::now());

@@ -17,6 +17,10 @@ impl Session {
     /// (refused, closed by the relay, or a new connection) are sent afresh. Any live gap is
     /// backfilled once they are out.
     pub(super) async fn open_live(&mut self, conn: &mut Conn) -> Result<(), SessionError> {
+        if conn.notice_refusals.pending() {
+            // Sent once the refusals are placed (which sets `live_retry_at`).
+            return Ok(());
+        }
         let repos: Vec<RepoScope> = self.set.repos.iter().cloned().collect();
         let roots: Vec<EventId> = self.set.roots.iter().copied().collect();
         let cap = self.subscription_cap(conn);

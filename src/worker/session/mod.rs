@@ -435,6 +435,8 @@ struct Conn {
     /// that many (closes sent later do not count, as they do at the time the refusal is
     /// read).
     open_before: HashMap<SubscriptionId, std::collections::VecDeque<usize>>,
+    /// Cap refusals by NOTICE not yet placed on the REQs they refused.
+    notice_refusals: cap::NoticeRefusals,
 }
 
 impl Conn {

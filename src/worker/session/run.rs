@@ -95,6 +95,7 @@ impl Session {
                         overflow_polled_from: None,
                         connected_at: super::report::unix_now(),
                         unanswered: std::collections::VecDeque::new(),
+                        notice_refusals: Default::default(),
                     }
                 }
                 Err(e) => {
@@ -239,6 +240,9 @@ impl Session {
     /// Periodic work on the connection: re-opening closed live subscriptions and the full
     /// reconciliation.
     async fn on_tick(&mut self, conn: &mut Conn) -> Result<(), SessionError> {
+        if conn.notice_refusals.pending() {
+            self.place_notice_refusals(conn).await?;
+        }
         let now = Instant::now();
         if conn.live_retry_at.is_some_and(|t| t <= now)
             && self.health.rate_limited_until(now).is_none()

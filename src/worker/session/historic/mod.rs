@@ -285,7 +285,8 @@ impl Session {
     /// cooling down.
     pub(super) async fn pump_queue(&mut self, conn: &mut Conn) -> Result<(), SessionError> {
         let now = Instant::now();
-        if self.health.rate_limited_until(now).is_some() {
+        // While cap NOTICEs are being placed, nothing new may blur the count.
+        if self.health.rate_limited_until(now).is_some() || conn.notice_refusals.pending() {
             return Ok(());
         }
         let mut budget = self.config.max_historic_subscriptions;
