@@ -19,26 +19,34 @@
 //!   reach, because it is a safety net, not the mechanism — our relay holds exactly the
 //!   expected set: nothing missing, nothing extra (noise and forgeries never arrive).
 //!
+//! A second test runs a subset in Kubernetes mode: a controller and two workers against a real
+//! API server, any of them SIGKILLed and restarted, cursors read from the RelaySyncs' status.
+//!
 //! `scripts/test.sh` runs a fixed set of seeds. More: `GRASP_SYNC_FAULT_SEEDS=1..=300` (a
-//! range, one seed `17`, or a list `4,17`). A failing seed names itself; run it alone to
+//! range, one seed `17`, or a list `4,17`); `GRASP_SYNC_FAULT_KUBE_SEEDS` likewise for the
+//! Kubernetes mode. A failing seed names itself; run it alone to
 //! reproduce (the schedule is a function of the seed; timing on the machine is not).
 
 mod support;
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use grasp_sync::crd::RelaySync;
 use grasp_sync::modes::demo::corpus::{self, Corpus, CorpusConfig};
 use grasp_sync::modes::demo::policy::GraspPolicy;
 use grasp_sync::nostr::RelayUrl;
 use grasp_sync::nostr::root_digest::RootDigest;
 use grasp_sync::observability::http::StatusEntry;
 use grasp_sync::testing::scripted_relay::{CapRefusal, Script, ScriptedRelay};
+use kube::ResourceExt;
+use kube::api::{Api, ListParams};
 use nostr::{Event, EventBuilder, EventId, Keys, Kind, Tag, TagKind};
 use nostr_relay_builder::prelude::LocalRelay;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+use support::cluster::Cluster;
 use support::fault_proxy::FaultProxy;
 use support::procs::GraspSync;
 use support::relays;
@@ -66,8 +74,8 @@ fn now_f() -> f64 {
         .unwrap_or(0.0)
 }
 
-fn seeds() -> Vec<u64> {
-    let spec = std::env::var("GRASP_SYNC_FAULT_SEEDS").unwrap_or_else(|_| "1..=12".into());
+fn seeds(var: &str, default: &str) -> Vec<u64> {
+    let spec = std::env::var(var).unwrap_or_else(|_| default.into());
     let spec = spec.trim();
     if let Some((a, b)) = spec.split_once("..") {
         let inclusive = b.starts_with('=');
@@ -87,32 +95,61 @@ fn seeds() -> Vec<u64> {
     }
 }
 
+/// The two tests share two cores: one runs at a time, so neither's timing starves the other.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fault_schedule_keeps_every_promise() {
-    let seeds = seeds();
+    let _one = ONE_AT_A_TIME.lock().await;
+    run_seeds(Mode::Standalone, seeds("GRASP_SYNC_FAULT_SEEDS", "1..=12")).await;
+}
+
+/// The subset in Kubernetes mode: a controller and two workers against a real API server;
+/// SIGKILL hits any of them; cursors are read from the RelaySync objects' status.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fault_schedule_in_kubernetes_mode_keeps_every_promise() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    run_seeds(Mode::Kube, seeds("GRASP_SYNC_FAULT_KUBE_SEEDS", "1..=3")).await;
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Mode {
+    Standalone,
+    Kube,
+}
+
+/// The Kubernetes-mode processes (killed and restarted under these names).
+const CONTROLLER: &str = "c0";
+const KUBE_WORKERS: [&str; 2] = ["w0", "w1"];
+
+async fn run_seeds(mode: Mode, seeds: Vec<u64>) {
     let start = Instant::now();
     let mut passed = 0;
     let mut failed = Vec::new();
+    let var = match mode {
+        Mode::Standalone => "GRASP_SYNC_FAULT_SEEDS",
+        Mode::Kube => "GRASP_SYNC_FAULT_KUBE_SEEDS",
+    };
     for seed in &seeds {
         let t = Instant::now();
         let dir = tempfile::Builder::new()
             .prefix("grasp-sync-faults-")
             .tempdir()
             .expect("temp dir");
-        let world = World::start(*seed, dir.path().to_path_buf()).await;
+        let world = World::start(*seed, dir.path().to_path_buf(), mode).await;
         match world.run().await {
             Ok(stats) => {
                 passed += 1;
                 eprintln!(
-                    "seed {seed}: ok in {:.1}s ({stats})",
+                    "{mode:?} seed {seed}: ok in {:.1}s ({stats})",
                     t.elapsed().as_secs_f64()
                 );
             }
             Err(failure) => {
                 eprintln!(
-                    "seed {seed}: FAILED: {failure}\n\
-                     syncer log and state kept in {}\n\
-                     reproduce: GRASP_SYNC_FAULT_SEEDS={seed} cargo test --test fault_schedule -- --nocapture",
+                    "{mode:?} seed {seed}: FAILED: {failure}\n\
+                     process logs and state kept in {}\n\
+                     reproduce: {var}={seed} cargo test --test fault_schedule -- --nocapture",
                     dir.keep().display()
                 );
                 failed.push(*seed);
@@ -120,13 +157,13 @@ async fn fault_schedule_keeps_every_promise() {
         }
     }
     eprintln!(
-        "{passed}/{} seeds passed in {:.1}s",
+        "{mode:?}: {passed}/{} seeds passed in {:.1}s",
         seeds.len(),
         start.elapsed().as_secs_f64()
     );
     assert!(
         failed.is_empty(),
-        "failing seeds: {failed:?} (details above)"
+        "failing seeds ({mode:?}): {failed:?} (details above)"
     );
 }
 
@@ -165,7 +202,11 @@ struct World {
     /// Announced on our relay so far (coordinates), and the roots published live.
     announced: Vec<String>,
     live_roots: Vec<(EventId, String)>,
-    syncer: Option<GraspSync>,
+    mode: Mode,
+    /// Standalone: the syncer. Kubernetes mode: the controller and the workers.
+    procs: BTreeMap<&'static str, GraspSync>,
+    /// Kubernetes mode: the API server holding the RelaySyncs.
+    cluster: Option<Cluster>,
     metrics_port: u16,
     service: String,
     kills: usize,
@@ -177,8 +218,12 @@ struct World {
 }
 
 impl World {
-    async fn start(seed: u64, dir: std::path::PathBuf) -> World {
+    async fn start(seed: u64, dir: std::path::PathBuf, mode: Mode) -> World {
         let mut rng = StdRng::seed_from_u64(seed);
+        let cluster = match mode {
+            Mode::Standalone => None,
+            Mode::Kube => Some(Cluster::start(&format!("faults-{seed}")).await),
+        };
         let local = ScriptedRelay::start(Script::default())
             .await
             .expect("local relay");
@@ -240,7 +285,9 @@ impl World {
             announced: Vec::new(),
             live_roots: Vec::new(),
             corpus,
-            syncer: None,
+            mode,
+            procs: BTreeMap::new(),
+            cluster,
             metrics_port: 0,
             service,
             kills: 0,
@@ -347,20 +394,11 @@ impl World {
         entry.on.extend(on);
     }
 
-    fn spawn_syncer(&mut self) {
-        self.metrics_port = support::free_port();
-        let args: Vec<String> = [
-            "standalone",
+    /// The syncer's time constants, scaled down (shared by standalone and worker).
+    fn sync_flags(&self) -> Vec<String> {
+        [
             "--local-relay",
             self.local_proxy.url().as_str(),
-            "--service-domain",
-            &self.service,
-            "--state-file",
-            &self.dir.join("state.json").to_string_lossy(),
-            "--metrics-addr",
-            &format!("127.0.0.1:{}", self.metrics_port),
-            "--allow",
-            "127.0.0.1",
             "--status-interval",
             "200ms",
             "--ping-interval",
@@ -381,22 +419,74 @@ impl World {
             "1s",
             "--reconcile-every",
             "1000h",
-            "--grace",
-            "1h",
         ]
         .iter()
         .map(|s| s.to_string())
-        .collect();
-        self.syncer = Some(GraspSync::spawn(
-            "standalone",
-            &self.dir,
-            &args,
-            &[("GRASP_SYNC_LOG", "info,grasp_sync=debug".to_string())],
-        ));
+        .collect()
+    }
+
+    /// Start whatever is not running: the standalone syncer, or the controller and workers.
+    fn spawn_missing(&mut self) {
+        match self.mode {
+            Mode::Standalone => {
+                if !self.procs.contains_key("standalone") {
+                    self.spawn("standalone");
+                }
+            }
+            Mode::Kube => {
+                for name in std::iter::once(CONTROLLER).chain(KUBE_WORKERS) {
+                    if !self.procs.contains_key(name) {
+                        self.spawn(name);
+                    }
+                }
+            }
+        }
+    }
+
+    fn spawn(&mut self, name: &'static str) {
+        let proc = match self.mode {
+            Mode::Standalone => {
+                self.metrics_port = support::free_port();
+                let mut args: Vec<String> = [
+                    "standalone",
+                    "--service-domain",
+                    &self.service,
+                    "--state-file",
+                    &self.dir.join("state.json").to_string_lossy(),
+                    "--metrics-addr",
+                    &format!("127.0.0.1:{}", self.metrics_port),
+                    "--allow",
+                    "127.0.0.1",
+                    "--grace",
+                    "1h",
+                ]
+                .iter()
+                .map(|s| s.to_string())
+                .collect();
+                args.extend(self.sync_flags());
+                GraspSync::spawn(name, &self.dir, &args, &[])
+            }
+            Mode::Kube => {
+                let cluster = self.cluster.as_ref().expect("a cluster in Kubernetes mode");
+                let local = self.local_proxy.url().to_string();
+                if name == CONTROLLER {
+                    cluster.controller_logging_to(
+                        &self.dir,
+                        name,
+                        &["--local-relay", &local, "--service-domain", &self.service],
+                    )
+                } else {
+                    let flags = self.sync_flags();
+                    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+                    cluster.worker_logging_to(&self.dir, name, &flags)
+                }
+            }
+        };
+        self.procs.insert(name, proc);
     }
 
     async fn run(mut self) -> Result<String, String> {
-        self.spawn_syncer();
+        self.spawn_missing();
         let steps = self.rng.random_range(10..=20);
         let mut restore: Vec<(Instant, Restore)> = Vec::new();
         for _ in 0..steps {
@@ -426,9 +516,8 @@ impl World {
         while self.announced.len() < REPOS {
             self.announce_next().await;
         }
-        if self.syncer.as_mut().is_none_or(|s| !s.running()) {
-            self.spawn_syncer();
-        }
+        self.procs.retain(|_, p| p.running());
+        self.spawn_missing();
         self.quiet().await
     }
 
@@ -516,12 +605,14 @@ impl World {
                 None
             }
             _ => {
-                if let Some(s) = self.syncer.take() {
+                let names: Vec<&'static str> = self.procs.keys().copied().collect();
+                let victim = names[self.rng.random_range(0..names.len())];
+                if let Some(p) = self.procs.remove(victim) {
                     self.kills += 1;
-                    self.fault("SIGKILL the syncer".into());
-                    s.kill();
+                    self.fault(format!("SIGKILL {victim}"));
+                    p.kill();
                     tokio::time::sleep(Duration::from_millis(self.rng.random_range(0..500))).await;
-                    self.spawn_syncer();
+                    self.spawn(victim);
                 }
                 None
             }
@@ -716,6 +807,26 @@ impl World {
     }
 
     async fn status(&mut self) -> Option<Vec<StatusEntry>> {
+        if let Some(cluster) = &self.cluster {
+            let api = Api::<RelaySync>::namespaced(cluster.admin.clone(), &cluster.ns);
+            let params = ListParams::default();
+            let objects = tokio::time::timeout(Duration::from_secs(2), api.list(&params))
+                .await
+                .ok()?
+                .ok()?;
+            return Some(
+                objects
+                    .items
+                    .into_iter()
+                    .map(|o| StatusEntry {
+                        name: o.name_any(),
+                        generation: o.metadata.generation.unwrap_or(0),
+                        spec: o.spec,
+                        status: o.status,
+                    })
+                    .collect(),
+            );
+        }
         let url = format!("http://127.0.0.1:{}/status", self.metrics_port);
         let resp = tokio::time::timeout(Duration::from_secs(2), reqwest::get(&url))
             .await
@@ -791,10 +902,11 @@ impl World {
 
     fn log_tail(&self) -> String {
         let _ = self.seed;
-        self.syncer
-            .as_ref()
-            .map(|s| s.log_tail(40))
-            .unwrap_or_default()
+        self.procs
+            .values()
+            .map(|p| format!("--- {} ---\n{}", p.name, p.log_tail(30)))
+            .collect::<Vec<_>>()
+            .join("\n")
     }
 }
 

@@ -109,6 +109,16 @@ impl Cluster {
 
     /// A controller replica with fast leader election; `extra` flags are appended.
     pub fn controller(&self, id: &str, extra: &[&str]) -> GraspSync {
+        self.controller_logging_to(self.dir.path(), id, extra)
+    }
+
+    /// [`Cluster::controller`], its log in `dir`.
+    pub fn controller_logging_to(
+        &self,
+        dir: &std::path::Path,
+        id: &str,
+        extra: &[&str],
+    ) -> GraspSync {
         let mut args: Vec<String> = [
             "controller",
             "--identity",
@@ -130,12 +140,22 @@ impl Cluster {
         .map(|s| s.to_string())
         .collect();
         override_flags(&mut args, extra);
-        GraspSync::spawn(id, self.dir.path(), &args, &self.envs())
+        GraspSync::spawn(id, dir, &args, &self.envs())
     }
 
     /// A worker authenticated as its own user; `extra` flag/value pairs replace the
     /// defaults or are appended.
     pub fn worker(&self, name: &str, extra: &[&str]) -> GraspSync {
+        self.worker_logging_to(self.dir.path(), name, extra)
+    }
+
+    /// [`Cluster::worker`], its log in `dir`.
+    pub fn worker_logging_to(
+        &self,
+        dir: &std::path::Path,
+        name: &str,
+        extra: &[&str],
+    ) -> GraspSync {
         let ctx = user(name);
         let mut args: Vec<String> = [
             "worker",
@@ -156,7 +176,7 @@ impl Cluster {
         .map(|s| s.to_string())
         .collect();
         override_flags(&mut args, extra);
-        GraspSync::spawn(name, self.dir.path(), &args, &self.envs())
+        GraspSync::spawn(name, dir, &args, &self.envs())
     }
 
     pub async fn objects(&self) -> Vec<RelaySync> {
