@@ -6,7 +6,8 @@
 //! sources (some back-dated, on the NIP-77 source: late rebroadcasts), and injects faults —
 //! connections dropped or silenced without FIN (a proxy in front of every relay), sources
 //! down for a while, subscriptions closed by the relay (rate-limited, `error:`, unprefixed),
-//! a source that sends no EOSE or drops every connection after a moment, a per-connection
+//! delivery delayed by a latency, a source that sends no EOSE or drops every connection after
+//! a moment, a per-connection
 //! subscription cap refused with `CLOSED` or with a NOTICE naming no REQ, the local relay failing
 //! transiently (`error:`, unprefixed), rate-limiting or restarting, and SIGKILL of the
 //! syncer followed by a restart from its state file.
@@ -528,17 +529,27 @@ impl World {
         let hold = Duration::from_millis(self.rng.random_range(300..2500));
         let at = Instant::now() + hold;
         match roll {
-            0..=29 => {
+            0..=27 => {
                 self.publish_live().await;
                 None
             }
-            30..=37 => {
+            28..=35 => {
                 if self.announced.len() < REPOS {
                     self.announce_next().await;
                 }
                 None
             }
-            38..=44 => {
+            36..=39 => {
+                // Within the oracle's δ: latency beyond it is what the resume overlap
+                // (15 min in production) absorbs.
+                let delay = Duration::from_millis(self.rng.random_range(50..=600));
+                self.fault(format!(
+                    "source {source} delivers {delay:?} late for {hold:?}"
+                ));
+                self.proxies[source].set_delay(delay);
+                Some((at, Restore::Delay(source)))
+            }
+            40..=44 => {
                 self.fault(format!("silence source {source}"));
                 self.proxies[source].silence_connections();
                 None
@@ -915,6 +926,7 @@ enum Restore {
     Source(usize),
     Local,
     Scripted,
+    Delay(usize),
 }
 
 impl Restore {
@@ -923,6 +935,7 @@ impl Restore {
             Restore::Source(i) => w.proxies[*i].set_down(false),
             Restore::Local => w.local_proxy.set_down(false),
             Restore::Scripted => w.scripted.set_script(w.scripted_base.clone()),
+            Restore::Delay(i) => w.proxies[*i].set_delay(Duration::ZERO),
         }
     }
 }

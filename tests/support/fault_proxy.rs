@@ -1,16 +1,19 @@
 //! A TCP proxy in front of any relay (nostr-relay-builder, nostr-rs-relay, our scripted
 //! relay, the local relay) that injects the transport faults real networks show: every
 //! connection dropped at once (a relay restart), connections gone silent without a FIN (a NAT
-//! idle drop, a remote that crashed), and a relay that is down for a while (connections are
-//! accepted and closed before the websocket handshake).
+//! idle drop, a remote that crashed), a relay that is down for a while (connections are
+//! accepted and closed before the websocket handshake), and delivery delayed by a latency
+//! (what the relay sends reaches the client that much later, in order).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
 
 use grasp_sync::nostr::RelayUrl;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::broadcast;
+use tokio::sync::{broadcast, mpsc};
 use tokio::task::JoinHandle;
 
 #[derive(Debug, Clone, Copy)]
@@ -27,6 +30,8 @@ struct State {
     open: AtomicUsize,
     /// Connections refused while down.
     refused: AtomicUsize,
+    /// Latency added to what the relay sends, in milliseconds.
+    delay_ms: AtomicU64,
 }
 
 pub struct FaultProxy {
@@ -59,6 +64,7 @@ impl FaultProxy {
             faults: broadcast::channel(64).0,
             open: AtomicUsize::new(0),
             refused: AtomicUsize::new(0),
+            delay_ms: AtomicU64::new(0),
         });
         let s = state.clone();
         let task = tokio::spawn(async move {
@@ -102,6 +108,13 @@ impl FaultProxy {
         }
     }
 
+    /// What the relay sends from now on reaches the client `delay` later (zero: at once).
+    pub fn set_delay(&self, delay: Duration) {
+        self.state
+            .delay_ms
+            .store(delay.as_millis() as u64, Ordering::SeqCst);
+    }
+
     pub fn open_connections(&self) -> usize {
         self.state.open.load(Ordering::SeqCst)
     }
@@ -113,8 +126,13 @@ async fn pipe(mut client: TcpStream, s: Arc<State>) {
         return;
     };
     s.open.fetch_add(1, Ordering::SeqCst);
+    let (mut client_rd, mut client_wr) = client.split();
+    let (mut up_rd, mut up_wr) = upstream.split();
+    let to_relay = tokio::io::copy(&mut client_rd, &mut up_wr);
+    let to_client = delayed_copy(&mut up_rd, &mut client_wr, &s.delay_ms);
     let fault = tokio::select! {
-        _ = tokio::io::copy_bidirectional(&mut client, &mut upstream) => None,
+        _ = to_relay => None,
+        _ = to_client => None,
         f = faults.recv() => f.ok(),
     };
     s.open.fetch_sub(1, Ordering::SeqCst);
@@ -127,4 +145,38 @@ async fn pipe(mut client: TcpStream, s: Arc<State>) {
             }
         }
     }
+}
+
+/// Copy `from` to `to`, each chunk held until `delay_ms` after it was read (order kept).
+async fn delayed_copy<R, W>(from: &mut R, to: &mut W, delay_ms: &AtomicU64)
+where
+    R: tokio::io::AsyncRead + Unpin,
+    W: tokio::io::AsyncWrite + Unpin,
+{
+    let (tx, mut rx) = mpsc::unbounded_channel::<(Instant, Vec<u8>)>();
+    let read = async move {
+        let mut buf = vec![0u8; 16 * 1024];
+        loop {
+            match from.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    let due =
+                        Instant::now() + Duration::from_millis(delay_ms.load(Ordering::SeqCst));
+                    if tx.send((due, buf[..n].to_vec())).is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+    };
+    let write = async move {
+        while let Some((due, chunk)) = rx.recv().await {
+            tokio::time::sleep_until(due.into()).await;
+            if to.write_all(&chunk).await.is_err() {
+                return;
+            }
+        }
+        let _ = to.shutdown().await;
+    };
+    tokio::join!(read, write);
 }
