@@ -6,8 +6,8 @@
 //! sources (some back-dated, on the NIP-77 source: late rebroadcasts), and injects faults —
 //! connections dropped or silenced without FIN (a proxy in front of every relay), sources
 //! down for a while, subscriptions closed by the relay (rate-limited, `error:`, unprefixed),
-//! delivery delayed by a latency, a source that sends no EOSE or drops every connection after
-//! a moment, a per-connection
+//! delivery delayed by a latency, a source that sends no EOSE, drops every connection after
+//! a moment or refuses every REQ on policy grounds (`blocked:`) for a while, a per-connection
 //! subscription cap refused with `CLOSED` or with a NOTICE naming no REQ, the local relay failing
 //! transiently (`error:`, unprefixed), rate-limiting or restarting, and SIGKILL of the
 //! syncer followed by a restart from its state file.
@@ -583,7 +583,17 @@ impl World {
                 });
                 Some((at, Restore::Scripted))
             }
-            62..=65 => {
+            62..=63 => {
+                self.fault(format!(
+                    "scripted source refuses every REQ (blocked:) for {hold:?}"
+                ));
+                self.scripted.set_script(Script {
+                    closed_with: Some("blocked: not on this relay today".into()),
+                    ..self.scripted_base.clone()
+                });
+                Some((at, Restore::Scripted))
+            }
+            64..=65 => {
                 let reason = [
                     "rate-limited: slow down",
                     "error: shutting down subscription backend",

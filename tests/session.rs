@@ -662,6 +662,51 @@ async fn subscriptions_refused_on_policy_grounds_are_retried_on_a_growing_delay(
     h.stop().await;
 }
 
+/// The refusal delay belongs to the filter refused, and a filter the relay serves again
+/// starts afresh: a burst of refusals long ago (every REQ of a set refused at once) must not
+/// make the next refusal wait the maximum backoff.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_refusals_does_not_slow_later_retries() {
+    let rig = rig().await;
+    let fixtures: Vec<Fixture> = (0..4)
+        .map(|i| nip34::fixture(&format!("burst{i}")))
+        .collect();
+    let remote = HostileRelay::start(Script {
+        closed_with: Some("blocked: these filters are not allowed here".into()),
+        ..Script::default()
+    })
+    .await;
+    let mut want = BTreeSet::new();
+    for f in &fixtures {
+        remote.add(f.expected.iter().cloned());
+        want.extend(nip34::ids(&f.expected));
+    }
+    let mut config = capped_config(1);
+    config.batch_retry = Duration::from_millis(200);
+    config.health.max_backoff = Duration::from_secs(120);
+    let refs: Vec<&Fixture> = fixtures.iter().collect();
+    let h = rig.start(&remote.url(), set_for(&refs), Resume::fresh(), config);
+    // Refused a few rounds: each filter's delay has grown to at least 1.6 s.
+    let state = h.state();
+    eventually("refusals", DEADLINE, || {
+        let last = state.borrow().last_error.clone().unwrap_or_default();
+        async move { last.contains("blocked:").then_some(()) }
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    remote.set_script(Script::default());
+    relays::holds_exactly(&rig.local, &want, Duration::from_secs(15)).await;
+    wait_phase(&h, Phase::Live).await;
+    // One refusal now: the live subscriptions are closed once, then served again. A new
+    // event arrives after a short delay, not after the two minutes a global count reaches.
+    remote.close_subscriptions("blocked: maintenance");
+    let e = nip34::comment_now(fixtures[0].root.id, "after the refusal");
+    want.insert(e.id);
+    remote.add([e]);
+    relays::holds_exactly(&rig.local, &want, Duration::from_secs(10)).await;
+    h.stop().await;
+}
+
 /// A relay that caps subscriptions per connection without publishing the cap refuses the
 /// REQs over it with CLOSED (as nostr-relay-builder does); the session must notice, re-plan
 /// within the cap, and still get every historic and every live event.

@@ -71,6 +71,12 @@ impl Session {
                 let id = id.into_owned();
                 conn.req_answered(&id);
                 conn.answered(&id);
+                if !self.refusal_streaks.is_empty()
+                    && let Some(print) = conn.filter_print(&id)
+                {
+                    // Served: a later refusal of this filter starts from the shortest delay.
+                    self.refusal_streaks.remove(&print);
+                }
                 if let Some(mut h) = conn.historic.remove(&id) {
                     conn.writer
                         .send(&ClientMessage::close(id))
@@ -184,11 +190,21 @@ impl Session {
                     None if outcome.is_refusal() => {
                         // The relay will not serve this filter as it is: asking again every
                         // few seconds only adds load. Retry on a growing delay, and say so.
-                        self.refusals = self.refusals.saturating_add(1);
+                        let streak = match conn.filter_print(&id) {
+                            Some(print) => {
+                                if self.refusal_streaks.len() >= super::MAX_REFUSAL_STREAKS {
+                                    self.refusal_streaks.clear();
+                                }
+                                let n = self.refusal_streaks.entry(print).or_insert(0);
+                                *n = n.saturating_add(1);
+                                *n
+                            }
+                            None => 1,
+                        };
                         let delay = self
                             .config
                             .batch_retry
-                            .saturating_mul(1 << (self.refusals - 1).min(16))
+                            .saturating_mul(1 << (streak - 1).min(16))
                             .min(self.config.health.max_backoff);
                         let err = format!(
                             "relay refused a subscription (retry in {}s): {}",

@@ -317,7 +317,7 @@ pub fn spawn(
         gaps: 0,
         neg_ids: 0,
         reconciling: false,
-        refusals: 0,
+        refusal_streaks: HashMap::new(),
         sub_cap: None,
         unblocked_at: Instant::now(),
         reconcile_at,
@@ -359,9 +359,10 @@ struct Session {
     neg_ids: u64,
     /// A full reconciliation is running (its events count as `daily`).
     reconciling: bool,
-    /// Subscriptions refused on policy grounds since a batch last completed: the delay
-    /// before asking again doubles with each.
-    refusals: u32,
+    /// For each filter (its fingerprint) the relay refused on policy grounds, how many
+    /// times in a row: the delay before asking again doubles with each; the relay serving
+    /// that filter (EOSE) clears it. Bounded by [`MAX_REFUSAL_STREAKS`].
+    refusal_streaks: HashMap<u64, u32>,
     /// The relay's subscription cap per connection, learned from its refusals (kept across
     /// connections: it is the relay's policy).
     sub_cap: Option<usize>,
@@ -387,6 +388,10 @@ enum End {
     Stop,
     Lost(SessionError),
 }
+
+/// Filters with a refusal streak remembered at most; past it the memory starts afresh (the
+/// delays shrink; nothing is lost).
+const MAX_REFUSAL_STREAKS: usize = 4096;
 
 struct Conn {
     writer: ConnWriter,
@@ -472,6 +477,24 @@ impl Conn {
             Some(_) => self.unanswered.retain(|(x, _)| x != id),
             None => {}
         }
+    }
+
+    /// The fingerprint of the filters subscription `id` asked for, if it is ours.
+    fn filter_print(&self, id: &SubscriptionId) -> Option<u64> {
+        if let Some(h) = self.historic.get(id) {
+            return Some(crate::nostr::live_plan::fingerprint(&[h
+                .paginator
+                .current()]));
+        }
+        if let Some(f) = self.fetches.get(id) {
+            return Some(crate::nostr::live_plan::fingerprint(std::slice::from_ref(
+                &f.filter,
+            )));
+        }
+        self.live_plan
+            .values()
+            .find(|(sid, _)| sid == id)
+            .map(|(_, print)| *print)
     }
 
     fn active_historic(&self) -> usize {

@@ -331,8 +331,6 @@ impl Session {
             return;
         }
         let b = conn.batches.remove(&batch).expect("present");
-        // Every filter of the batch was served, the once-refused ones included.
-        self.refusals = 0;
         let outcome = if b.failed { "recovered" } else { "confirmed" };
         self.metrics
             .historic_batches
