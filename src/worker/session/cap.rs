@@ -76,8 +76,8 @@ impl Session {
         }
         for id in placed.refused.iter().chain(&placed.unsure) {
             conn.req_answered(id);
-            conn.answered(id);
-            take_back(conn, id, retry_at);
+            let sent_at = conn.answered(id);
+            take_back(conn, id, retry_at, sent_at);
         }
         tracing::debug!(relay = %self.url, refusals = placed.refusals, refused = placed.refused.len(), resent = placed.unsure.len(), "placed subscription-cap NOTICEs");
         self.learn_cap(conn, placed.held, &placed.text);
@@ -96,6 +96,7 @@ impl Session {
         conn: &mut Conn,
         refused: SubscriptionId,
         open_before: Option<usize>,
+        sent_at: Option<Instant>,
         text: &str,
     ) -> Result<(), SessionError> {
         self.metrics
@@ -104,7 +105,7 @@ impl Session {
             .inc();
         let now = Instant::now();
         // Historic work waits a moment: the live re-plan frees what it needs.
-        take_back(conn, &refused, now + self.config.batch_retry);
+        take_back(conn, &refused, now + self.config.batch_retry, sent_at);
         let open = open_before
             .unwrap_or_else(|| conn.live.len() + conn.historic.len() + conn.fetches.len());
         self.learn_cap(conn, open, text);
@@ -142,11 +143,15 @@ impl Session {
     }
 }
 
-/// Take back a subscription the relay does not hold (any more): live coverage has a gap from
-/// now and the live plan is rebuilt at once; historic work is retried at `retry_at`.
-fn take_back(conn: &mut Conn, id: &SubscriptionId, retry_at: Instant) {
+/// Take back a subscription the relay does not hold: a live one leaves a gap from when its
+/// REQ was sent (`sent_at`; a refused REQ never covered anything), and the live plan is
+/// rebuilt at once; historic work is retried at `retry_at`.
+fn take_back(conn: &mut Conn, id: &SubscriptionId, retry_at: Instant, sent_at: Option<Instant>) {
     if conn.live.remove(id).is_some() {
-        conn.live_gap_since.get_or_insert(super::report::unix_now());
+        let ago = sent_at.map_or(0, |t| t.elapsed().as_secs_f64().ceil() as u64);
+        let from = super::report::unix_now().saturating_sub(ago);
+        let gap = conn.live_gap_since.get_or_insert(from);
+        *gap = (*gap).min(from);
         conn.live_retry_at = Some(Instant::now());
     } else if let Some(h) = conn.historic.remove(id) {
         historic::retry_later(conn, h.batch, Work::Page(h.paginator), retry_at);
@@ -155,8 +160,9 @@ fn take_back(conn: &mut Conn, id: &SubscriptionId, retry_at: Instant) {
     }
 }
 
-/// How long after the first cap NOTICE the others about REQs already sent have arrived.
-const NOTICE_GRACE: Duration = Duration::from_secs(1);
+/// How long after the first cap NOTICE the others about REQs already sent have arrived; and
+/// how long a REQ must go unrefused before it counts as open for the cursor.
+pub(super) const NOTICE_GRACE: Duration = Duration::from_secs(1);
 
 /// Cap refusals read as NOTICEs and not yet placed on the REQs they refused. While any are
 /// pending, no REQ is sent.

@@ -154,7 +154,7 @@ impl Session {
             } => {
                 let id = subscription_id.into_owned();
                 let open_before = conn.req_answered(&id);
-                conn.answered(&id);
+                let sent_at = conn.answered(&id);
                 let known = conn.historic.contains_key(&id)
                     || conn.fetches.contains_key(&id)
                     || conn.live.contains_key(&id);
@@ -165,7 +165,7 @@ impl Session {
                 }
                 if means_subscription_cap(&message) {
                     return self
-                        .on_subscription_cap(conn, id, open_before, &message)
+                        .on_subscription_cap(conn, id, open_before, sent_at, &message)
                         .await;
                 }
                 let outcome = Outcome::classify(false, &message);

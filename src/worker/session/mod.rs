@@ -468,14 +468,27 @@ impl Conn {
         open
     }
 
-    /// The relay answered `id` (EOSE, an event, CLOSED).
-    fn answered(&mut self, id: &SubscriptionId) {
+    /// The relay answered `id` (EOSE, an event, CLOSED): when the earliest REQ of it still
+    /// unanswered was sent.
+    fn answered(&mut self, id: &SubscriptionId) -> Option<Instant> {
         match self.unanswered.front() {
-            Some((front, _)) if front == id => {
+            Some((front, at)) if front == id => {
+                let at = *at;
                 self.unanswered.pop_front();
+                Some(at)
             }
-            Some(_) => self.unanswered.retain(|(x, _)| x != id),
-            None => {}
+            Some(_) => {
+                let at = self
+                    .unanswered
+                    .iter()
+                    .find(|(x, _)| x == id)
+                    .map(|(_, at)| *at);
+                if at.is_some() {
+                    self.unanswered.retain(|(x, _)| x != id);
+                }
+                at
+            }
+            None => None,
         }
     }
 

@@ -40,6 +40,7 @@ impl Session {
             && conn.live_retry_at.is_none()
             && conn.live_gap_since.is_none()
             && conn.live_overflow == 0
+            && !conn.notice_refusals.pending()
             && self.counters.drained()
         {
             // Not past the last moment the relay was heard from: a connection that died
@@ -49,7 +50,20 @@ impl Session {
                 .duration_since(UNIX_EPOCH)
                 .map(|d| d.as_secs())
                 .unwrap_or(0);
-            self.cursor = Some(unix_now().min(heard).max(self.cursor.unwrap_or(0)));
+            // Nor past a REQ sent too recently for a refusal to have come back: a
+            // subscription counts as open only once the relay has had its chance to refuse.
+            let unacknowledged = conn
+                .unanswered
+                .iter()
+                .rev()
+                .take_while(|(_, at)| at.elapsed() < super::cap::NOTICE_GRACE)
+                .map(|(_, at)| *at)
+                .min()
+                .map(|at| unix_now().saturating_sub(at.elapsed().as_secs_f64().ceil() as u64));
+            let upto = unix_now()
+                .min(heard)
+                .min(unacknowledged.unwrap_or(u64::MAX));
+            self.cursor = Some(upto.max(self.cursor.unwrap_or(0)));
         }
         let now = Instant::now();
         let failed = conn.batches.values().any(|b| b.failed);
