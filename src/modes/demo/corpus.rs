@@ -32,6 +32,8 @@ pub struct Placed {
 pub struct Corpus {
     /// Accepted repositories' announcements (users publish them to our relay).
     pub announcements: Vec<Event>,
+    /// Their owners' keys, in the same order (to announce a repository again).
+    pub owners: Vec<Keys>,
     /// Related events on the sources.
     pub events: Vec<Placed>,
     /// Valid events on the sources that must not arrive.
@@ -63,6 +65,7 @@ pub fn generate(cfg: &CorpusConfig) -> Corpus {
     let contributors: Vec<Keys> = (0..8).map(|_| Keys::generate()).collect();
     let mut out = Corpus {
         announcements: Vec::new(),
+        owners: Vec::new(),
         events: Vec::new(),
         noise: Vec::new(),
         forged: Vec::new(),
@@ -91,6 +94,7 @@ pub fn generate(cfg: &CorpusConfig) -> Corpus {
         let ann = sign(ann, &owner);
         out.expected.insert(ann.id);
         out.announcements.push(ann.clone());
+        out.owners.push(owner.clone());
         let place = |out: &mut Corpus, event: Event, rng: &mut StdRng| {
             let on = if rng.random_bool(0.25) {
                 listed.to_vec()
