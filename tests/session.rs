@@ -681,7 +681,9 @@ async fn a_burst_of_refusals_does_not_slow_later_retries() {
         remote.add(f.expected.iter().cloned());
         want.extend(nip34::ids(&f.expected));
     }
-    let mut config = capped_config(1);
+    let mut config = fast_config();
+    config.chunk = 1;
+    config.default_max_filters = 1;
     config.batch_retry = Duration::from_millis(200);
     config.health.max_backoff = Duration::from_secs(120);
     let refs: Vec<&Fixture> = fixtures.iter().collect();
@@ -721,64 +723,42 @@ async fn subscription_cap_is_learned_and_respected(refusal: CapRefusal) {
         ..Script::default()
     })
     .await;
-    let mut want = BTreeSet::new();
     for f in &fixtures {
         remote.add(f.expected.iter().cloned());
-        want.extend(nip34::ids(&f.expected));
     }
-    let refs: Vec<&Fixture> = fixtures.iter().collect();
-    let h = rig.start(
-        &remote.url(),
-        set_for(&refs),
-        Resume::fresh(),
-        capped_config(2),
-    );
-    rig.holds_exactly(&want).await;
-    wait_phase(&h, Phase::Live).await;
+    cap_is_learned(&rig, &remote.url(), &fixtures, 2, async |live| {
+        remote.add(live)
+    })
+    .await;
     assert!(
         remote.counters().cap_refusals.load(Ordering::SeqCst) >= 1,
         "the relay never had to refuse a REQ"
     );
-    // Every live subscription is really open: a new event on each root arrives.
-    for f in &fixtures {
-        let e = nip34::comment_now(f.root.id, "after the cap");
-        want.insert(e.id);
-        remote.add([e]);
-    }
-    rig.holds_exactly(&want).await;
-    h.stop().await;
 }
 
-/// One value per filter and `filters` filters per REQ: far more live REQs than a cap, and
-/// nothing assumed about the cap, so it is learned from the refusals alone.
-fn capped_config(filters: usize) -> SessionConfig {
+/// A session over `fixtures` (their history already on `remote`), with one value per filter
+/// and `filters` filters per REQ — far more live REQs than a cap — and nothing assumed about
+/// the cap: the history arrives, the session gets Live having been refused for the cap, and
+/// every live subscription is really open: a new event on each root (given to `add_live`)
+/// arrives.
+async fn cap_is_learned(
+    rig: &Rig,
+    remote: &grasp_sync::nostr::RelayUrl,
+    fixtures: &[Fixture],
+    filters: usize,
+    add_live: impl AsyncFnOnce(Vec<Event>),
+) {
     let mut config = fast_config();
     config.chunk = 1;
     config.default_max_filters = filters;
     config.reconcile_every = (Duration::from_secs(3600), Duration::from_secs(3600));
     config.assumed_subscription_cap = None;
-    config
-}
-
-/// The real thing: nostr-rs-relay holds 32 subscriptions per connection, does not say so in
-/// NIP-11 and refuses the 33rd with a NOTICE naming no subscription.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn nostr_rs_relay_s_subscription_cap_is_learned_from_its_notices() {
-    let rig = rig().await;
-    let remote = support::nostr_rs_relay::NostrRsRelay::start().await;
-    let fixtures: Vec<Fixture> = (0..40)
-        .map(|i| nip34::fixture(&format!("nrr-capped{i}")))
-        .collect();
-    let seed: Vec<Event> = fixtures.iter().flat_map(|f| f.expected.clone()).collect();
-    relays::publish(&remote.url(), &seed).await;
-    let mut want = nip34::ids(&seed);
     let refs: Vec<&Fixture> = fixtures.iter().collect();
-    let h = rig.start(
-        &remote.url(),
-        set_for(&refs),
-        Resume::fresh(),
-        capped_config(1),
-    );
+    let h = rig.start(remote, set_for(&refs), Resume::fresh(), config);
+    let mut want: BTreeSet<EventId> = fixtures
+        .iter()
+        .flat_map(|f| nip34::ids(&f.expected))
+        .collect();
     rig.holds_exactly(&want).await;
     wait_phase(&h, Phase::Live).await;
     assert!(
@@ -793,10 +773,28 @@ async fn nostr_rs_relay_s_subscription_cap_is_learned_from_its_notices() {
         .iter()
         .map(|f| nip34::comment_now(f.root.id, "after the cap"))
         .collect();
-    relays::publish(&remote.url(), &live).await;
     want.extend(nip34::ids(&live));
+    add_live(live).await;
     rig.holds_exactly(&want).await;
     h.stop().await;
+}
+
+/// The real thing: nostr-rs-relay holds 32 subscriptions per connection, does not say so in
+/// NIP-11 and refuses the 33rd with a NOTICE naming no subscription.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nostr_rs_relay_s_subscription_cap_is_learned_from_its_notices() {
+    let rig = rig().await;
+    let remote = support::nostr_rs_relay::NostrRsRelay::start().await;
+    let fixtures: Vec<Fixture> = (0..40)
+        .map(|i| nip34::fixture(&format!("nrr-capped{i}")))
+        .collect();
+    let seed: Vec<Event> = fixtures.iter().flat_map(|f| f.expected.clone()).collect();
+    relays::publish(&remote.url(), &seed).await;
+    let url = remote.url();
+    cap_is_learned(&rig, &url, &fixtures, 1, async |live| {
+        relays::publish(&url, &live).await
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
