@@ -3,7 +3,8 @@
 //!
 //! Each seed builds a small NIP-34 corpus (repositories with history on two sources), then
 //! for a few seconds: announces more repositories to our relay (and some again, dropping a
-//! source: what only that source holds becomes optional), publishes live events on the
+//! source: what only that source holds becomes optional, and so does what hangs off such a
+//! root), publishes live events on the
 //! sources (some back-dated, on the NIP-77 source: late rebroadcasts), and injects faults —
 //! connections dropped or silenced without FIN (a proxy in front of every relay), sources
 //! down for a while, subscriptions closed by the relay (rate-limited, `error:`, unprefixed),
@@ -203,7 +204,7 @@ struct World {
     known: HashMap<EventId, Known>,
     expected: BTreeSet<EventId>,
     /// Related events that may arrive or not: those only on a source their repository no
-    /// longer lists (a re-announcement dropped it).
+    /// longer lists (a re-announcement dropped it), and what hangs off such a root.
     optional: BTreeSet<EventId>,
     /// Sources each repository (coordinate) no longer lists.
     removed: HashMap<String, BTreeSet<usize>>,
@@ -726,23 +727,32 @@ impl World {
         self.learn(&again, Vec::new());
         self.expected.insert(again.id);
         self.announce(std::slice::from_ref(&again));
-        let now_optional: Vec<EventId> = self
-            .expected
-            .iter()
-            .filter(|id| self.only_on_dropped_sources(id))
-            .copied()
-            .collect();
-        for id in now_optional {
-            self.expected.remove(&id);
-            self.optional.insert(id);
+        // Roots first: what hangs off a root that need not arrive need not arrive either.
+        for roots_pass in [true, false] {
+            let now_optional: Vec<EventId> = self
+                .expected
+                .iter()
+                .filter(|id| self.known.get(id).is_some_and(|k| k.root.is_none()) == roots_pass)
+                .filter(|id| self.need_not_arrive(id))
+                .copied()
+                .collect();
+            for id in now_optional {
+                self.expected.remove(&id);
+                self.optional.insert(id);
+            }
         }
     }
 
-    /// Held only by sources its repository no longer lists.
-    fn only_on_dropped_sources(&self, id: &EventId) -> bool {
+    /// Held only by sources its repository no longer lists, or hanging off a root that is:
+    /// the syncer learns roots from our relay, so it asks no source for the comments of a
+    /// root that never reached it.
+    fn need_not_arrive(&self, id: &EventId) -> bool {
         let Some(k) = self.known.get(id) else {
             return false;
         };
+        if k.root.is_some_and(|r| self.optional.contains(&r)) {
+            return true;
+        }
         let Some(dropped) = self.removed.get(&k.repo) else {
             return false;
         };
@@ -836,7 +846,7 @@ impl World {
             let t = now_f();
             if related {
                 self.learn(&event, on.iter().map(|i| (*i, t)).collect());
-                if self.only_on_dropped_sources(&event.id) {
+                if self.need_not_arrive(&event.id) {
                     self.optional.insert(event.id);
                 } else {
                     self.expected.insert(event.id);
