@@ -743,6 +743,29 @@ impl World {
         }
     }
 
+    /// What must be on our relay given what is: the expected set, and the optional events
+    /// of an optional root that did arrive which a source still listed holds (once the root
+    /// is ours, the syncer asks the listed sources for what hangs off it).
+    fn required(&self, have: &BTreeSet<EventId>) -> BTreeSet<EventId> {
+        let mut required = self.expected.clone();
+        for id in &self.optional {
+            let Some(k) = self.known.get(id) else {
+                continue;
+            };
+            if !k.root.is_some_and(|r| have.contains(&r)) {
+                continue;
+            }
+            let dropped = self.removed.get(&k.repo);
+            if k.on
+                .iter()
+                .any(|(i, _)| dropped.is_none_or(|d| !d.contains(i)))
+            {
+                required.insert(*id);
+            }
+        }
+        required
+    }
+
     /// Held only by sources its repository no longer lists, or hanging off a root that is:
     /// the syncer learns roots from our relay, so it asks no source for the comments of a
     /// root that never reached it.
@@ -975,11 +998,12 @@ impl World {
         loop {
             self.check_cursors().await?;
             let have: BTreeSet<EventId> = self.local.ids().into_iter().collect();
-            if have.is_superset(&self.expected) {
+            let required = self.required(&have);
+            if have.is_superset(&required) {
                 break;
             }
             if start.elapsed() > QUIET_DEADLINE {
-                let missing: Vec<_> = self.expected.difference(&have).collect();
+                let missing: Vec<_> = required.difference(&have).collect();
                 let detail: Vec<String> = missing
                     .iter()
                     .take(10)
