@@ -37,6 +37,11 @@ pub enum RelayUrlError {
     Query { input: String },
     #[error("relay URL is {len} bytes long after normalisation; the limit is {MAX_RELAY_URL_LEN}")]
     TooLong { len: usize },
+    #[error(
+        "relay URL {input:?} has no stable normal form (its host reads differently once \
+         normalised, e.g. a name ending in a number and empty labels)"
+    )]
+    Unstable { input: String },
 }
 
 /// A relay URL in canonical form: `ws[s]://host[:port][/path]`, host lower-case and in
@@ -45,63 +50,78 @@ pub enum RelayUrlError {
 pub struct RelayUrl(String);
 
 impl RelayUrl {
-    /// Normalise `input`, rejecting anything that is not a plain websocket relay URL.
+    /// Normalise `input`, rejecting anything that is not a plain websocket relay URL. The
+    /// normal form is its own normal form; an input whose form would change again is refused.
     pub fn parse(input: &str) -> Result<Self, RelayUrlError> {
-        let trimmed = input.trim();
-        if trimmed.is_empty() {
-            return Err(RelayUrlError::Empty);
+        let once = normalise(input)?;
+        match normalise(&once) {
+            Ok(twice) if twice == once => Ok(RelayUrl(once)),
+            _ => Err(RelayUrlError::Unstable {
+                input: input.trim().to_string(),
+            }),
         }
-        let owned = || trimmed.to_string();
-        // ws and wss are "special" schemes in the WHATWG URL standard, so the parser
-        // already lower-cases the host, applies IDNA (punycode), canonicalises IPv4/IPv6
-        // literals (including decimal/hex IPv4 forms) and drops the default port.
-        let url = Url::parse(trimmed).map_err(|reason| RelayUrlError::Parse {
-            input: owned(),
-            reason,
-        })?;
-        match url.scheme() {
-            "ws" | "wss" => {}
-            other => {
-                return Err(RelayUrlError::Scheme {
-                    input: owned(),
-                    scheme: other.to_string(),
-                });
-            }
-        }
-        if !url.username().is_empty() || url.password().is_some() {
-            return Err(RelayUrlError::UserInfo { input: owned() });
-        }
-        if url.fragment().is_some() {
-            return Err(RelayUrlError::Fragment { input: owned() });
-        }
-        if url.query().is_some() {
-            return Err(RelayUrlError::Query { input: owned() });
-        }
-        let host = match url.host_str() {
-            Some(h) if !h.is_empty() => h,
-            _ => return Err(RelayUrlError::NoHost { input: owned() }),
-        };
-        // "relay.example." and "relay.example" are the same host.
-        let host = host.strip_suffix('.').unwrap_or(host);
-        if host.is_empty() {
-            return Err(RelayUrlError::NoHost { input: owned() });
-        }
+    }
+}
 
-        let mut out = String::with_capacity(trimmed.len());
-        out.push_str(url.scheme());
-        out.push_str("://");
-        out.push_str(host);
-        if let Some(port) = url.port() {
-            out.push(':');
-            out.push_str(&port.to_string());
+/// One normalisation pass (see [`RelayUrl::parse`]).
+fn normalise(input: &str) -> Result<String, RelayUrlError> {
+    let trimmed = input.trim();
+    if trimmed.is_empty() {
+        return Err(RelayUrlError::Empty);
+    }
+    let owned = || trimmed.to_string();
+    // ws and wss are "special" schemes in the WHATWG URL standard, so the parser
+    // already lower-cases the host, applies IDNA (punycode), canonicalises IPv4/IPv6
+    // literals (including decimal/hex IPv4 forms) and drops the default port.
+    let url = Url::parse(trimmed).map_err(|reason| RelayUrlError::Parse {
+        input: owned(),
+        reason,
+    })?;
+    match url.scheme() {
+        "ws" | "wss" => {}
+        other => {
+            return Err(RelayUrlError::Scheme {
+                input: owned(),
+                scheme: other.to_string(),
+            });
         }
-        out.push_str(url.path().trim_end_matches('/'));
-        if out.len() > MAX_RELAY_URL_LEN {
-            return Err(RelayUrlError::TooLong { len: out.len() });
-        }
-        Ok(RelayUrl(out))
+    }
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err(RelayUrlError::UserInfo { input: owned() });
+    }
+    if url.fragment().is_some() {
+        return Err(RelayUrlError::Fragment { input: owned() });
+    }
+    if url.query().is_some() {
+        return Err(RelayUrlError::Query { input: owned() });
+    }
+    let host = match url.host_str() {
+        Some(h) if !h.is_empty() => h,
+        _ => return Err(RelayUrlError::NoHost { input: owned() }),
+    };
+    // "relay.example." and "relay.example" are the same host (and so is "relay.example..",
+    // which must not normalise to a name that normalises again).
+    let host = host.trim_end_matches('.');
+    if host.is_empty() {
+        return Err(RelayUrlError::NoHost { input: owned() });
     }
 
+    let mut out = String::with_capacity(trimmed.len());
+    out.push_str(url.scheme());
+    out.push_str("://");
+    out.push_str(host);
+    if let Some(port) = url.port() {
+        out.push(':');
+        out.push_str(&port.to_string());
+    }
+    out.push_str(url.path().trim_end_matches('/'));
+    if out.len() > MAX_RELAY_URL_LEN {
+        return Err(RelayUrlError::TooLong { len: out.len() });
+    }
+    Ok(out)
+}
+
+impl RelayUrl {
     pub fn as_str(&self) -> &str {
         &self.0
     }
@@ -164,6 +184,7 @@ mod tests {
             ("wss://relay.example:80", "wss://relay.example:80"),
             ("wss://relay.example:7777/", "wss://relay.example:7777"),
             ("wss://relay.example.", "wss://relay.example"),
+            ("wss://relay.example..", "wss://relay.example"),
             ("wss://relay.example/nostr/", "wss://relay.example/nostr"),
             ("wss://relay.example/nostr//", "wss://relay.example/nostr"),
             (
@@ -196,6 +217,10 @@ mod tests {
         let cases: &[(&str, Check)] = &[
             ("", |e| matches!(e, RelayUrlError::Empty)),
             ("   ", |e| matches!(e, RelayUrlError::Empty)),
+            // A domain while it ends in empty labels, an invalid IPv4 address without them.
+            ("ws://a.0..", |e| {
+                matches!(e, RelayUrlError::Unstable { .. })
+            }),
             ("relay.damus.io", |e| {
                 matches!(e, RelayUrlError::Parse { .. })
             }),
@@ -280,6 +305,20 @@ mod tests {
         ];
         for (input, host) in cases {
             assert_eq!(RelayUrl::parse(input).unwrap().host(), *host, "{input}");
+        }
+    }
+
+    proptest::proptest! {
+        /// Normalising is idempotent: a normalised URL is its own normal form, so every
+        /// spelling of a relay lands on one object, one ring position and one metric series.
+        #[test]
+        fn normalising_twice_changes_nothing(
+            input in "(ws|wss|WS|Wss)://([a-zA-Z0-9-]{1,8}|xn--[a-z0-9]{1,6}|b\u{fc}cher|[0-9]{1,3})(\\.([a-zA-Z0-9-]{1,8}|[0-9]{1,3})){0,3}\\.{0,3}(:[0-9]{1,5})?(/[a-zA-Z0-9._~%!$&'()*+,;=:@-]{0,6}){0,3}/{0,2}"
+        ) {
+            if let Ok(once) = RelayUrl::parse(&input) {
+                let twice = RelayUrl::parse(once.as_str());
+                proptest::prop_assert_eq!(twice.as_ref(), Ok(&once), "{}", input);
+            }
         }
     }
 }

@@ -25,6 +25,8 @@ pub enum Blocked {
     SharedAddressSpace,
     #[error("unspecified, broadcast or multicast address")]
     NotUnicast,
+    #[error("reserved or special-purpose address (documentation, benchmarking, future use)")]
+    Reserved,
     #[error("address in a configured cluster range")]
     ClusterRange,
     #[error("local or cluster-internal host name")]
@@ -40,6 +42,7 @@ impl Blocked {
             Blocked::UniqueLocal => "unique_local",
             Blocked::SharedAddressSpace => "shared_address_space",
             Blocked::NotUnicast => "not_unicast",
+            Blocked::Reserved => "reserved",
             Blocked::ClusterRange => "cluster_range",
             Blocked::LocalName => "local_name",
         }
@@ -136,7 +139,8 @@ impl AddressPolicy {
         if bare.parse::<IpAddr>().is_ok() {
             return Ok(()); // literal, already checked
         }
-        let addrs = tokio::net::lookup_host((bare, 443))
+        let name = absolute(bare);
+        let addrs = tokio::net::lookup_host((name.as_str(), 443))
             .await
             .map_err(|e| SsrfError::Dns {
                 host: host.to_string(),
@@ -155,13 +159,16 @@ impl AddressPolicy {
 }
 
 /// Names that resolve inside the host or cluster rather than on the internet: `localhost`,
-/// mDNS and internal suffixes, and single-label names (which a cluster resolver completes
-/// with its search domains, e.g. `redis` → `redis.default.svc.cluster.local`).
+/// mDNS and internal suffixes, single-label names (which a cluster resolver completes with its
+/// search domains, e.g. `redis` → `redis.default.svc.cluster.local`), and names whose last
+/// label is a Kubernetes namespace or an internal pseudo-TLD rather than a public TLD (`redis.default`
+/// → `redis.default.svc.cluster.local`). Other names are resolved as absolute names (see
+/// [`absolute`]), so no search domain is ever appended to them.
 fn is_local_name(host: &str) -> bool {
     let h = host.trim_end_matches('.').to_ascii_lowercase();
-    if !h.contains('.') {
+    let Some((_, last)) = h.rsplit_once('.') else {
         return true;
-    }
+    };
     const SUFFIXES: [&str; 7] = [
         ".localhost",
         ".local",
@@ -171,40 +178,106 @@ fn is_local_name(host: &str) -> bool {
         ".home.arpa",
         ".localdomain",
     ];
+    // Not public TLDs, but a namespace or site name a resolver's search list completes.
+    const INTERNAL_LAST_LABELS: [&str; 12] = [
+        "default",
+        "kube-system",
+        "kube-public",
+        "kube-node-lease",
+        "cluster",
+        "lan",
+        "home",
+        "corp",
+        "intranet",
+        "private",
+        "localdomain",
+        "test",
+    ];
     SUFFIXES.iter().any(|s| h.ends_with(s))
+        || INTERNAL_LAST_LABELS.contains(&last)
+        // A TLD is letters (or punycode): a numeric or empty last label is no public name.
+        || last.is_empty()
+        || last.bytes().all(|b| b.is_ascii_digit())
+}
+
+/// `host` as an absolute DNS name (a trailing dot), so the resolver does not try it with
+/// the search domains first: in a pod (`ndots: 5`) `nos.lol` would otherwise be looked up
+/// as `nos.lol.<namespace>.svc.cluster.local` before the public name.
+pub fn absolute(host: &str) -> String {
+    format!("{}.", host.trim_end_matches('.'))
+}
+
+fn classify_v4(v4: std::net::Ipv4Addr) -> Result<(), Blocked> {
+    let o = v4.octets();
+    if v4.is_loopback() {
+        Err(Blocked::Loopback)
+    } else if v4.is_private() {
+        Err(Blocked::Private)
+    } else if v4.is_link_local() {
+        Err(Blocked::LinkLocal)
+    } else if o[0] == 100 && (o[1] & 0xc0) == 64 {
+        Err(Blocked::SharedAddressSpace)
+    } else if v4.is_unspecified() || v4.is_multicast() || o[0] == 0 {
+        Err(Blocked::NotUnicast)
+    } else if o[0] >= 240 // 240.0.0.0/4, future use, and the broadcast address
+        || (o[0] == 192 && o[1] == 0 && o[2] == 0) // 192.0.0.0/24, IETF protocol assignments
+        || (o[0] == 198 && (o[1] & 0xfe) == 18) // 198.18.0.0/15, benchmarking
+        || v4.is_documentation()
+    {
+        Err(Blocked::Reserved)
+    } else {
+        Ok(())
+    }
 }
 
 fn classify(ip: IpAddr) -> Result<(), Blocked> {
     match ip {
-        IpAddr::V4(v4) => {
-            let o = v4.octets();
-            if v4.is_loopback() {
-                Err(Blocked::Loopback)
-            } else if v4.is_private() {
-                Err(Blocked::Private)
-            } else if v4.is_link_local() {
-                Err(Blocked::LinkLocal)
-            } else if o[0] == 100 && (o[1] & 0xc0) == 64 {
-                Err(Blocked::SharedAddressSpace)
-            } else if v4.is_unspecified() || v4.is_broadcast() || v4.is_multicast() || o[0] == 0 {
-                Err(Blocked::NotUnicast)
-            } else {
-                Ok(())
-            }
-        }
+        IpAddr::V4(v4) => classify_v4(v4),
         IpAddr::V6(v6) => {
-            if let Some(v4) = v6.to_ipv4_mapped() {
-                return classify(IpAddr::V4(v4));
-            }
             let seg = v6.segments();
+            let low32 = std::net::Ipv4Addr::new(
+                (seg[6] >> 8) as u8,
+                seg[6] as u8,
+                (seg[7] >> 8) as u8,
+                seg[7] as u8,
+            );
+            if let Some(v4) = v6.to_ipv4_mapped() {
+                return classify_v4(v4);
+            }
             if v6.is_loopback() {
-                Err(Blocked::Loopback)
-            } else if v6.is_unspecified() || v6.is_multicast() {
-                Err(Blocked::NotUnicast)
-            } else if (seg[0] & 0xffc0) == 0xfe80 {
+                return Err(Blocked::Loopback);
+            }
+            if v6.is_unspecified() || v6.is_multicast() {
+                return Err(Blocked::NotUnicast);
+            }
+            // Addresses that carry an IPv4 address reach it: judge that address.
+            // IPv4-compatible ::a.b.c.d (deprecated, still routed by some stacks) and
+            // NAT64 64:ff9b::/96 (with DNS64 in an IPv6-only cluster it reaches 10/8).
+            if seg[..6] == [0; 6] || seg[..6] == [0x64, 0xff9b, 0, 0, 0, 0] {
+                return classify_v4(low32);
+            }
+            // 6to4 2002::/16 carries it in bits 16–47.
+            if seg[0] == 0x2002 {
+                let v4 = std::net::Ipv4Addr::new(
+                    (seg[1] >> 8) as u8,
+                    seg[1] as u8,
+                    (seg[2] >> 8) as u8,
+                    seg[2] as u8,
+                );
+                return classify_v4(v4);
+            }
+            if (seg[0] & 0xffc0) == 0xfe80 {
                 Err(Blocked::LinkLocal)
             } else if (seg[0] & 0xfe00) == 0xfc00 {
                 Err(Blocked::UniqueLocal)
+            } else if (seg[0] == 0x64 && seg[1] == 0xff9b && seg[2] == 1) // 64:ff9b:1::/48 local NAT64
+                || (seg[0] == 0x2001 && seg[1] == 0) // Teredo 2001::/32
+                || (seg[0] == 0x2001 && seg[1] == 0xdb8) // documentation
+                || (seg[0] == 0x100 && seg[1..4] == [0, 0, 0]) // discard-only 100::/64
+                || (seg[0] == 0x3fff && seg[1] < 0x1000)
+            // documentation 3fff::/20
+            {
+                Err(Blocked::Reserved)
             } else {
                 Ok(())
             }
@@ -256,6 +329,26 @@ mod tests {
             ("ws://grasp.default.svc.cluster.local", Blocked::LocalName),
             ("ws://metadata.google.internal", Blocked::LocalName),
             ("ws://redis", Blocked::LocalName),
+            ("ws://redis.default", Blocked::LocalName),
+            ("ws://api.kube-system", Blocked::LocalName),
+            ("ws://nas.lan", Blocked::LocalName),
+            ("ws://relay.test", Blocked::LocalName),
+            ("ws://[64:ff9b::a00:1]", Blocked::Private), // NAT64 of 10.0.0.1
+            ("ws://[64:ff9b::7f00:1]", Blocked::Loopback),
+            ("ws://[64:ff9b:1::1]", Blocked::Reserved), // local-use NAT64
+            ("ws://[::7f00:1]", Blocked::Loopback),     // IPv4-compatible ::127.0.0.1
+            ("ws://[::a9fe:a9fe]", Blocked::LinkLocal), // ::169.254.169.254
+            ("ws://[2002:a00:1::1]", Blocked::Private), // 6to4 of 10.0.0.1
+            ("ws://[2001:0:1::1]", Blocked::Reserved),  // Teredo
+            ("ws://[2001:db8::1]", Blocked::Reserved),
+            ("ws://[100::1]", Blocked::Reserved),
+            ("ws://240.0.0.1", Blocked::Reserved),
+            ("ws://255.255.255.255", Blocked::Reserved),
+            ("ws://198.18.0.1", Blocked::Reserved),
+            ("ws://198.19.255.1", Blocked::Reserved),
+            ("ws://192.0.0.8", Blocked::Reserved),
+            ("ws://192.0.2.1", Blocked::Reserved),
+            ("ws://203.0.113.7", Blocked::Reserved),
         ];
         for (url, want) in cases {
             assert_eq!(check(&p, url), Err(*want), "{url}");
@@ -272,7 +365,15 @@ mod tests {
             "ws://172.32.0.1",
             "ws://100.128.0.1",
             "wss://[2001:4860:4860::8888]",
+            "wss://[64:ff9b::808:808]", // NAT64 of 8.8.8.8
+            "wss://[2002:808:808::1]",  // 6to4 of 8.8.8.8
             "wss://xn--bcher-kva.example",
+            "ws://198.20.0.1",
+            "ws://192.0.1.1",
+            "ws://223.255.255.1",
+            "wss://nos.lol",
+            "wss://relay.nostr.band",
+            "wss://xn--80ak6aa92e.xn--p1ai",
         ] {
             assert_eq!(check(&p, url), Ok(()), "{url}");
         }
