@@ -11,8 +11,10 @@
 //! are being placed; after a short grace every NOTICE about what was sent has arrived. If as
 //! many REQs sent shortly before are unanswered as there were refusals, those are the refused
 //! ones; otherwise all of them are closed and sent again within the new cap, so none is
-//! believed open on a guess. The relay holds what we believe open less the refusals: that is
-//! the cap learned.
+//! believed open on a guess. Every refused REQ found at least the cap open, so with k
+//! refusals the cap is at most the k-th largest count of subscriptions believed open when a
+//! suspect was sent. While placing, no page continues and a set change leaves a live gap
+//! (its historic work may run before its live REQs).
 
 use std::time::{Duration, Instant};
 
@@ -42,22 +44,21 @@ impl Session {
         &mut self,
         conn: &mut Conn,
     ) -> Result<(), SessionError> {
-        let recent: Vec<(SubscriptionId, Instant)> = conn
+        let unanswered: Vec<Sent> = conn
             .unanswered
             .iter()
-            .filter(|(id, _)| {
-                conn.live.contains_key(id)
-                    || conn.historic.contains_key(id)
-                    || conn.fetches.contains_key(id)
+            .map(|u| Sent {
+                id: u.id.clone(),
+                at: u.sent_at,
+                open_before: u.open_before,
             })
-            .cloned()
             .collect();
         let believed_open = conn.live.len() + conn.historic.len() + conn.fetches.len();
         let Some(placed) = conn.notice_refusals.place(
             Instant::now(),
             NOTICE_GRACE,
             self.config.batch_timeout,
-            &recent,
+            &unanswered,
             believed_open,
         ) else {
             return Ok(());
@@ -67,19 +68,23 @@ impl Session {
             .with_label_values(&["subscription-cap"])
             .inc_by(placed.refusals as u64);
         let retry_at = Instant::now() + self.config.batch_retry;
-        for id in &placed.unsure {
-            // Possibly open: closed, so that what we count is what the relay holds.
+        for id in placed.refused.iter().chain(&placed.unsure) {
+            let req = conn.answered(id);
+            let ours = conn.live.contains_key(id)
+                || conn.historic.contains_key(id)
+                || conn.fetches.contains_key(id);
+            if !ours {
+                continue; // closed by us already
+            }
+            // Possibly open (unsure), or refused: a CLOSE is harmless then, and what we
+            // count stays what the relay holds.
             conn.writer
                 .send(&ClientMessage::close(id.clone()))
                 .await
                 .map_err(SessionError::Write)?;
+            take_back(conn, id, retry_at, req.map(|u| u.sent_at));
         }
-        for id in placed.refused.iter().chain(&placed.unsure) {
-            conn.req_answered(id);
-            let sent_at = conn.answered(id);
-            take_back(conn, id, retry_at, sent_at);
-        }
-        tracing::debug!(relay = %self.url, refusals = placed.refusals, refused = placed.refused.len(), resent = placed.unsure.len(), "placed subscription-cap NOTICEs");
+        tracing::debug!(relay = %self.url, refusals = placed.refusals, refused = placed.refused.len(), resent = placed.unsure.len(), cap = placed.held, "placed subscription-cap NOTICEs");
         self.learn_cap(conn, placed.held, &placed.text);
         // Whatever waited for the placement may go now.
         conn.live_retry_at.get_or_insert(Instant::now());
@@ -95,8 +100,7 @@ impl Session {
         &mut self,
         conn: &mut Conn,
         refused: SubscriptionId,
-        open_before: Option<usize>,
-        sent_at: Option<Instant>,
+        req: Option<super::Unanswered>,
         text: &str,
     ) -> Result<(), SessionError> {
         self.metrics
@@ -105,8 +109,14 @@ impl Session {
             .inc();
         let now = Instant::now();
         // Historic work waits a moment: the live re-plan frees what it needs.
-        take_back(conn, &refused, now + self.config.batch_retry, sent_at);
-        let open = open_before
+        take_back(
+            conn,
+            &refused,
+            now + self.config.batch_retry,
+            req.as_ref().map(|u| u.sent_at),
+        );
+        let open = req
+            .map(|u| u.open_before)
             .unwrap_or_else(|| conn.live.len() + conn.historic.len() + conn.fetches.len());
         self.learn_cap(conn, open, text);
         Ok(())
@@ -175,6 +185,15 @@ pub(super) struct NoticeRefusals {
     text: String,
 }
 
+/// A REQ sent and not answered yet, as placement sees it.
+#[derive(Debug, Clone)]
+pub(super) struct Sent {
+    pub id: SubscriptionId,
+    pub at: Instant,
+    /// Subscriptions believed open when it was sent.
+    pub open_before: usize,
+}
+
 /// NOTICE refusals placed on REQs.
 #[derive(Debug, PartialEq)]
 pub(super) struct Placed {
@@ -183,7 +202,7 @@ pub(super) struct Placed {
     pub refused: Vec<SubscriptionId>,
     /// REQs it may have refused: to be closed and sent again.
     pub unsure: Vec<SubscriptionId>,
-    /// Subscriptions the relay holds: the cap is at most this.
+    /// The relay holds at most this many subscriptions.
     pub held: usize,
     pub text: String,
 }
@@ -199,40 +218,53 @@ impl NoticeRefusals {
         self.count > 0
     }
 
-    /// Place the refusals on `unanswered` (REQs still ours and unanswered, oldest first, with
-    /// when they were sent), of which those sent within `window` before the first NOTICE are
-    /// suspects: at once if no more suspects are left than refusals (then they are the
-    /// refused ones), else after `grace` (then all of them are unsure). `believed_open` is
-    /// how many subscriptions we count as open.
+    /// Place the refusals on `unanswered` (every REQ not answered yet, ours or already
+    /// closed by us, oldest first), of which those sent within `window` before the first
+    /// NOTICE are suspects: at once if no more suspects are left than refusals (then they
+    /// are the refused ones), else after `grace` (then all of them are unsure).
+    ///
+    /// The cap: every refused REQ found at least the cap open, and we believed at least as
+    /// many open when we sent it, so with k refusals among the suspects the cap is at most
+    /// the k-th largest count among them. (Counting at placement would under-count what we
+    /// closed meanwhile, and a cap learned too low is never raised.) With no suspect left,
+    /// `believed_open` less the refusals.
     pub fn place(
         &mut self,
         now: Instant,
         grace: Duration,
         window: Duration,
-        unanswered: &[(SubscriptionId, Instant)],
+        unanswered: &[Sent],
         believed_open: usize,
     ) -> Option<Placed> {
         let since = self.since?;
-        let mut suspects: Vec<SubscriptionId> = Vec::new();
-        for (id, at) in unanswered {
-            if *at + window >= since && !suspects.contains(id) {
-                suspects.push(id.clone());
+        let mut suspects: Vec<&Sent> = Vec::new();
+        for u in unanswered {
+            if u.at + window >= since && !suspects.iter().any(|s| s.id == u.id) {
+                suspects.push(u);
             }
         }
         let exact = suspects.len() <= self.count;
         if !exact && now < since + grace {
             return None;
         }
-        let (refused, unsure) = if exact {
-            (suspects, Vec::new())
+        let held = if suspects.is_empty() {
+            believed_open.saturating_sub(self.count)
         } else {
-            (Vec::new(), suspects)
+            let mut counts: Vec<usize> = suspects.iter().map(|s| s.open_before).collect();
+            counts.sort_unstable_by(|a, b| b.cmp(a));
+            counts[self.count.min(counts.len()) - 1]
+        };
+        let ids: Vec<SubscriptionId> = suspects.iter().map(|s| s.id.clone()).collect();
+        let (refused, unsure) = if exact {
+            (ids, Vec::new())
+        } else {
+            (Vec::new(), ids)
         };
         let placed = Placed {
             refusals: self.count,
             refused,
             unsure,
-            held: believed_open.saturating_sub(self.count).max(1),
+            held: held.max(1),
             text: std::mem::take(&mut self.text),
         };
         self.count = 0;
@@ -248,10 +280,16 @@ mod tests {
     const GRACE: Duration = Duration::from_secs(1);
     const WINDOW: Duration = Duration::from_secs(10);
 
-    fn sent(names: &[&str], at: Instant) -> Vec<(SubscriptionId, Instant)> {
+    /// REQs sent at `at`, each believing `open` subscriptions open (then one more each).
+    fn sent(names: &[&str], at: Instant, open: usize) -> Vec<Sent> {
         names
             .iter()
-            .map(|n| (SubscriptionId::new(*n), at))
+            .enumerate()
+            .map(|(i, n)| Sent {
+                id: SubscriptionId::new(*n),
+                at,
+                open_before: open + i,
+            })
             .collect()
     }
 
@@ -264,7 +302,7 @@ mod tests {
         let mut n = NoticeRefusals::default();
         assert!(!n.pending());
         let t0 = Instant::now();
-        assert_eq!(n.place(t0, GRACE, WINDOW, &sent(&["a"], t0), 5), None);
+        assert_eq!(n.place(t0, GRACE, WINDOW, &sent(&["a"], t0, 0), 5), None);
     }
 
     #[test]
@@ -274,8 +312,9 @@ mod tests {
         n.on_notice("max subscriptions", t0);
         n.on_notice("max subscriptions", t0);
         assert!(n.pending());
+        // c found 8 open, d 9: the cap is at most 8.
         let p = n
-            .place(t0, GRACE, WINDOW, &sent(&["c", "d"], t0), 10)
+            .place(t0, GRACE, WINDOW, &sent(&["c", "d"], t0, 8), 10)
             .expect("placed at once");
         assert_eq!(p.refused, ids(&["c", "d"]));
         assert!(p.unsure.is_empty());
@@ -289,28 +328,48 @@ mod tests {
         let mut n = NoticeRefusals::default();
         n.on_notice("too many subscriptions", t0);
         // a and b accepted and never answered (limit 0 on nostr-rs-relay), c refused.
-        let unanswered = sent(&["a", "b", "c"], t0);
+        let unanswered = sent(&["a", "b", "c"], t0, 0);
         assert_eq!(n.place(t0 + GRACE / 2, GRACE, WINDOW, &unanswered, 3), None);
         let p = n
             .place(t0 + GRACE, GRACE, WINDOW, &unanswered, 3)
             .expect("placed");
         assert!(p.refused.is_empty());
         assert_eq!(p.unsure, ids(&["a", "b", "c"]));
+        // One refusal: the REQ that found the most open (c, 2) is the bound.
         assert_eq!(p.held, 2);
+    }
+
+    #[test]
+    fn what_we_closed_before_the_placement_does_not_lower_the_cap() {
+        let t0 = Instant::now();
+        let mut n = NoticeRefusals::default();
+        // 20 REQs, the last 4 refused by a cap of 16; 3 pages ended while waiting, so only
+        // 17 are believed open at placement. The cap learned must not fall below 16.
+        let names: Vec<String> = (0..20).map(|i| format!("r{i}")).collect();
+        let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+        let unanswered = sent(&refs, t0, 0);
+        for _ in 0..4 {
+            n.on_notice("too many subscriptions", t0);
+        }
+        let p = n
+            .place(t0 + GRACE, GRACE, WINDOW, &unanswered, 17)
+            .expect("placed");
+        assert_eq!(p.held, 16);
     }
 
     #[test]
     fn reqs_sent_long_before_the_notice_are_not_suspects() {
         let t0 = Instant::now();
-        let mut unanswered = sent(&["old"], t0);
+        let mut unanswered = sent(&["old"], t0, 0);
         let later = t0 + WINDOW * 2;
-        unanswered.extend(sent(&["new"], later));
+        unanswered.extend(sent(&["new"], later, 1));
         let mut n = NoticeRefusals::default();
         n.on_notice("too many subscriptions", later);
         let p = n
             .place(later, GRACE, WINDOW, &unanswered, 2)
             .expect("placed at once");
         assert_eq!(p.refused, ids(&["new"]));
+        assert_eq!(p.held, 1);
     }
 
     #[test]

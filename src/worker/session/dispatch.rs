@@ -40,7 +40,7 @@ impl Session {
                 subscription_id,
                 event,
             } => {
-                conn.answered(subscription_id.as_ref());
+                conn.answered_by_event(subscription_id.as_ref());
                 let event = event.into_owned();
                 let historic_source = if self.reconciling {
                     "daily"
@@ -69,7 +69,6 @@ impl Session {
             }
             RelayMessage::EndOfStoredEvents(id) => {
                 let id = id.into_owned();
-                conn.req_answered(&id);
                 conn.answered(&id);
                 if !self.refusal_streaks.is_empty()
                     && let Some(print) = conn.filter_print(&id)
@@ -84,6 +83,14 @@ impl Session {
                         .map_err(SessionError::Write)?;
                     let page = std::mem::take(&mut h.page);
                     match h.paginator.on_page(&page) {
+                        // While cap NOTICEs are being placed, no REQ goes out.
+                        Step::Next(_) if conn.notice_refusals.pending() => {
+                            conn.queue.push(Queued {
+                                batch: h.batch,
+                                work: Work::Page(h.paginator),
+                                not_before: Instant::now(),
+                            });
+                        }
                         Step::Next(_) => {
                             self.send_page(conn, h.batch, h.paginator).await?;
                         }
@@ -153,8 +160,7 @@ impl Session {
                 message,
             } => {
                 let id = subscription_id.into_owned();
-                let open_before = conn.req_answered(&id);
-                let sent_at = conn.answered(&id);
+                let req = conn.answered(&id);
                 let known = conn.historic.contains_key(&id)
                     || conn.fetches.contains_key(&id)
                     || conn.live.contains_key(&id);
@@ -164,9 +170,7 @@ impl Session {
                     return Ok(());
                 }
                 if means_subscription_cap(&message) {
-                    return self
-                        .on_subscription_cap(conn, id, open_before, sent_at, &message)
-                        .await;
+                    return self.on_subscription_cap(conn, id, req, &message).await;
                 }
                 let outcome = Outcome::classify(false, &message);
                 self.metrics

@@ -18,7 +18,9 @@ impl Session {
     /// backfilled once they are out.
     pub(super) async fn open_live(&mut self, conn: &mut Conn) -> Result<(), SessionError> {
         if conn.notice_refusals.pending() {
-            // Sent once the refusals are placed (which sets `live_retry_at`).
+            // Sent once the refusals are placed (which sets `live_retry_at`). Historic work
+            // for items added meanwhile may run first: what it misses until then is a gap.
+            conn.live_gap_since.get_or_insert(super::report::unix_now());
             return Ok(());
         }
         let repos: Vec<RepoScope> = self.set.repos.iter().cloned().collect();

@@ -431,64 +431,53 @@ struct Conn {
     /// Unix time since which live coverage has a gap (a live subscription was closed);
     /// backfilled from there when the subscriptions are open again.
     live_gap_since: Option<u64>,
-    /// REQs the relay has not answered yet (no EOSE, event or CLOSED), oldest first, with
-    /// when they were sent: a refusal that names no subscription (a NOTICE) is for one of
-    /// them.
-    unanswered: std::collections::VecDeque<(SubscriptionId, Instant)>,
-    /// For each unanswered REQ, the subscriptions believed open when it was sent. The relay
+    /// REQs the relay has not answered yet (no EOSE, event or CLOSED), oldest first: when
+    /// each was sent (a refusal that names no subscription, a NOTICE, is for one of those
+    /// sent just before it) and how many subscriptions we believed open then (the relay
     /// handles messages in order, so a REQ refused for the cap proves the cap is at most
-    /// that many (closes sent later do not count, as they do at the time the refusal is
-    /// read).
-    open_before: HashMap<SubscriptionId, std::collections::VecDeque<usize>>,
+    /// that many; closes sent later do not count, as they would when the refusal is read).
+    unanswered: std::collections::VecDeque<Unanswered>,
     /// Cap refusals by NOTICE not yet placed on the REQs they refused.
     notice_refusals: cap::NoticeRefusals,
+}
+
+/// A REQ sent and not answered yet.
+#[derive(Debug, Clone)]
+struct Unanswered {
+    id: SubscriptionId,
+    sent_at: Instant,
+    open_before: usize,
 }
 
 impl Conn {
     /// Record a REQ just sent, with how many subscriptions we believed open before it.
     fn sent_req(&mut self, id: &SubscriptionId) {
-        self.unanswered.push_back((id.clone(), Instant::now()));
         let open = self.live.len() + self.historic.len() + self.fetches.len();
         let open = open - usize::from(self.live.contains_key(id));
-        self.open_before
-            .entry(id.clone())
-            .or_default()
-            .push_back(open);
+        self.unanswered.push_back(Unanswered {
+            id: id.clone(),
+            sent_at: Instant::now(),
+            open_before: open,
+        });
     }
 
-    /// The relay answered a REQ of `id` for good (EOSE or CLOSED): that REQ's count of
-    /// subscriptions believed open when it was sent. REQs of one id (a subscription replaced
-    /// in place) are answered in order.
-    fn req_answered(&mut self, id: &SubscriptionId) -> Option<usize> {
-        let queue = self.open_before.get_mut(id)?;
-        let open = queue.pop_front();
-        if queue.is_empty() {
-            self.open_before.remove(id);
-        }
-        open
+    /// The relay answered the earliest REQ of `id` still unanswered (EOSE or CLOSED; REQs
+    /// of one id, a subscription replaced in place, are answered in order).
+    fn answered(&mut self, id: &SubscriptionId) -> Option<Unanswered> {
+        let i = self.unanswered.iter().position(|u| u.id == *id)?;
+        self.unanswered.remove(i)
     }
 
-    /// The relay answered `id` (EOSE, an event, CLOSED): when the earliest REQ of it still
-    /// unanswered was sent.
-    fn answered(&mut self, id: &SubscriptionId) -> Option<Instant> {
-        match self.unanswered.front() {
-            Some((front, at)) if front == id => {
-                let at = *at;
-                self.unanswered.pop_front();
-                Some(at)
-            }
-            Some(_) => {
-                let at = self
-                    .unanswered
-                    .iter()
-                    .find(|(x, _)| x == id)
-                    .map(|(_, at)| *at);
-                if at.is_some() {
-                    self.unanswered.retain(|(x, _)| x != id);
-                }
-                at
-            }
-            None => None,
+    /// An event arrived on `id`: it answers the REQ only if that is the one pending for the
+    /// id (with a replacement pending too, the event may be for either filter).
+    fn answered_by_event(&mut self, id: &SubscriptionId) {
+        let mut pending = self
+            .unanswered
+            .iter()
+            .enumerate()
+            .filter(|(_, u)| u.id == *id);
+        if let (Some((i, _)), None) = (pending.next(), pending.next()) {
+            self.unanswered.remove(i);
         }
     }
 

@@ -56,8 +56,8 @@ impl Session {
                 .unanswered
                 .iter()
                 .rev()
-                .take_while(|(_, at)| at.elapsed() < super::cap::NOTICE_GRACE)
-                .map(|(_, at)| *at)
+                .take_while(|u| u.sent_at.elapsed() < super::cap::NOTICE_GRACE)
+                .map(|u| u.sent_at)
                 .min()
                 .map(|at| unix_now().saturating_sub(at.elapsed().as_secs_f64().ceil() as u64));
             let upto = unix_now()

@@ -71,7 +71,6 @@ impl Session {
                         caps,
                         live: HashMap::new(),
                         live_plan: Default::default(),
-                        open_before: HashMap::new(),
                         historic: HashMap::new(),
                         queue: Vec::new(),
                         batches: HashMap::new(),
@@ -250,31 +249,11 @@ impl Session {
             conn.live_retry_at = None;
             self.open_live(conn).await?;
         }
-        // A REQ still unanswered long after it was given up (closed, timed out) will not
-        // be answered: it no longer counts.
+        // A REQ unanswered for this long is past every use of the record (a NOTICE refers
+        // to what was sent just before it; a live REQ counts as open after the grace), and
+        // a relay that never answers an accepted `limit: 0` REQ would grow it without end.
         let stale = self.config.batch_timeout * 2;
-        let Conn {
-            unanswered,
-            live,
-            historic,
-            fetches,
-            ..
-        } = conn;
-        unanswered.retain(|(id, at)| {
-            at.elapsed() < stale
-                || live.contains_key(id)
-                || historic.contains_key(id)
-                || fetches.contains_key(id)
-        });
-        if conn.open_before.len() > conn.unanswered.len() {
-            // REQs never answered (given up above): their counts go with them.
-            let Conn {
-                unanswered,
-                open_before,
-                ..
-            } = conn;
-            open_before.retain(|id, _| unanswered.iter().any(|(x, _)| x == id));
-        }
+        conn.unanswered.retain(|u| u.sent_at.elapsed() < stale);
         if (self.reconciling || self.initial_sync) && conn.batches.is_empty() {
             self.reconciling = false;
             self.initial_sync = false;
