@@ -662,6 +662,47 @@ async fn subscriptions_refused_on_policy_grounds_are_retried_on_a_growing_delay(
     h.stop().await;
 }
 
+/// A relay that answers every subscription with everything it holds: what a subscription did
+/// not ask for is dropped and counted, never published, and does not steer pagination.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_outside_the_subscription_s_filter_are_dropped_and_counted() {
+    let rig = rig().await;
+    let f = nip34::fixture("flooded");
+    let remote = HostileRelay::start(Script {
+        ignore_filters: true,
+        ..Script::default()
+    })
+    .await;
+    remote.add(f.expected.iter().cloned().chain(f.noise.iter().cloned()));
+    let unrelated: Vec<Event> = (0..20)
+        .map(|i| {
+            EventBuilder::new(Kind::TextNote, format!("chatter {i}"))
+                .sign_with_keys(&Keys::generate())
+                .unwrap()
+        })
+        .collect();
+    remote.add(unrelated.iter().cloned());
+    let h = rig.start(
+        &remote.url(),
+        set_for(&[&f]),
+        Resume::fresh(),
+        fast_config(),
+    );
+    rig.holds_exactly(&nip34::ids(&f.expected)).await;
+    wait_phase(&h, Phase::Live).await;
+    assert!(
+        rig.metrics
+            .events_rejected
+            .with_label_values(&["outside_filter"])
+            .get()
+            >= unrelated.len() as u64,
+        "unrelated events were not counted"
+    );
+    // And nothing unrelated arrives later either.
+    rig.holds_exactly(&nip34::ids(&f.expected)).await;
+    h.stop().await;
+}
+
 /// The refusal delay belongs to the filter refused, and a filter the relay serves again
 /// starts afresh: a burst of refusals long ago (every REQ of a set refused at once) must not
 /// make the next refusal wait the maximum backoff.

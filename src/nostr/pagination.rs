@@ -52,6 +52,15 @@ impl Paginator {
     }
 
     /// The filter of the current page.
+    /// Whether `event` answers the current page's request (its filter and `until`; the
+    /// limit is no condition on an event).
+    pub fn matches(&self, event: &nostr::Event) -> bool {
+        self.until.is_none_or(|u| event.created_at <= u)
+            && self
+                .base
+                .match_event(event, nostr::filter::MatchEventOptions::default())
+    }
+
     pub fn current(&self) -> Filter {
         let mut f = self.base.clone().limit(self.limit);
         if let Some(u) = self.until {

@@ -55,6 +55,9 @@ pub struct Script {
     pub max_frame_bytes: Option<usize>,
     /// Sent to every new connection, N times.
     pub notice_storm: Option<(String, usize)>,
+    /// Answer every REQ with every stored event, whatever its filters ask (a broken or
+    /// hostile relay flooding subscriptions with unrelated, validly signed events).
+    pub ignore_filters: bool,
     /// Raw event JSON appended to every REQ answer whose filters match the parsed event
     /// (signatures are not checked: that is the point).
     pub raw_events: Vec<String>,
@@ -499,6 +502,13 @@ fn handle(
             let filters: Vec<Filter> = filters.into_iter().map(|f| f.into_owned()).collect();
             let mut out = Vec::new();
             let store = s.store.lock().unwrap_or_else(|e| e.into_inner());
+            if script.ignore_filters {
+                for e in &store.events {
+                    out.push(Reply::Send(
+                        RelayMessage::event(sub_id.clone(), e.clone()).as_json(),
+                    ));
+                }
+            }
             for f in &filters {
                 // `limit: 0` asks for live events only: nothing stored to look at.
                 if f.limit == Some(0) {

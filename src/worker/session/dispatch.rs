@@ -7,7 +7,8 @@ use std::time::{Duration, Instant};
 /// A hand-over to the publisher that took this long means it was full (back-pressure).
 const BLOCKED: Duration = Duration::from_millis(50);
 
-use nostr::{ClientMessage, Event, RelayMessage};
+use nostr::filter::MatchEventOptions;
+use nostr::{ClientMessage, Event, Filter, RelayMessage};
 
 use super::historic::{self, Queued, Work};
 use super::report::truncate;
@@ -49,19 +50,39 @@ impl Session {
                 } else {
                     "startup"
                 };
-                let source = if let Some(h) = conn.historic.get_mut(subscription_id.as_ref()) {
-                    h.page.push((event.id, event.created_at));
+                // Only what the subscription asked for is taken: anything else a relay sends
+                // (validly signed or not) is not ours to publish, nor may it steer pagination.
+                let matches = |fs: &[Filter]| {
+                    fs.iter()
+                        .any(|f| f.match_event(&event, MatchEventOptions::default()))
+                };
+                let sid = subscription_id.as_ref();
+                let source = if let Some(h) = conn.historic.get_mut(sid) {
                     h.last_activity = Instant::now();
-                    historic_source
-                } else if let Some(f) = conn.fetches.get_mut(subscription_id.as_ref()) {
-                    f.requested.remove(&event.id);
+                    h.paginator.matches(&event).then(|| {
+                        h.page.push((event.id, event.created_at));
+                        historic_source
+                    })
+                } else if let Some(f) = conn.fetches.get_mut(sid) {
                     f.last_activity = Instant::now();
-                    historic_source
-                } else if conn.live.contains_key(subscription_id.as_ref()) {
-                    "live"
+                    let asked =
+                        f.requested.remove(&event.id) || matches(std::slice::from_ref(&f.filter));
+                    asked.then_some(historic_source)
+                } else if let Some(fs) = conn.live.get(sid) {
+                    matches(fs).then_some("live")
                 } else {
-                    // A late event for a subscription we already closed: still an event.
-                    "live"
+                    // A late event for a subscription we already closed: taken if the live
+                    // plan would take it.
+                    conn.live.values().any(|fs| matches(fs)).then_some("live")
+                };
+                let Some(source) = source else {
+                    self.metrics
+                        .events_rejected
+                        .with_label_values(&["outside_filter"])
+                        .inc();
+                    self.counters.rejected.fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(relay = %self.url, id = %event.id, sub = %sid, "dropping an event outside its subscription's filter");
+                    return Ok(());
                 };
                 self.received += 1;
                 self.metrics.events.with_label_values(&[source]).inc();

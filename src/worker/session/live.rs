@@ -117,11 +117,11 @@ impl Session {
                     SubscriptionId::new(format!("live-{}", conn.next_id))
                 }
             };
-            let msg = ClientMessage::req(id.clone(), req);
+            let msg = ClientMessage::req(id.clone(), req.clone());
             sent += nostr::JsonUtil::as_json(&msg).len();
             conn.writer.send(&msg).await.map_err(SessionError::Write)?;
             conn.sent_req(&id);
-            conn.live.insert(id.clone(), ());
+            conn.live.insert(id.clone(), req);
             conn.live_plan.insert(key, (id, print));
         }
         self.metrics.live_req_bytes.inc_by(sent as u64);

@@ -397,7 +397,8 @@ struct Conn {
     writer: ConnWriter,
     reader: ConnReader,
     caps: RelayCapabilities,
-    live: HashMap<SubscriptionId, ()>,
+    /// Live subscriptions believed open, with their filters (what they may deliver).
+    live: HashMap<SubscriptionId, Vec<Filter>>,
     /// The live plan as sent: each key's subscription and the fingerprint of its filters.
     live_plan: std::collections::BTreeMap<crate::nostr::live_plan::LiveKey, (SubscriptionId, u64)>,
     historic: HashMap<SubscriptionId, HistoricSub>,
