@@ -16,11 +16,12 @@
 //! suspect was sent. While placing, no page continues and a set change leaves a live gap
 //! (its historic work may run before its live REQs).
 
+use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use nostr::{ClientMessage, SubscriptionId};
 
-use super::historic::{self, Work};
+use super::Unanswered;
 use super::report::truncate;
 use super::{Conn, Session, SessionError};
 
@@ -44,21 +45,12 @@ impl Session {
         &mut self,
         conn: &mut Conn,
     ) -> Result<(), SessionError> {
-        let unanswered: Vec<Sent> = conn
-            .unanswered
-            .iter()
-            .map(|u| Sent {
-                id: u.id.clone(),
-                at: u.sent_at,
-                open_before: u.open_before,
-            })
-            .collect();
         let believed_open = conn.live.len() + conn.historic.len() + conn.fetches.len();
         let Some(placed) = conn.notice_refusals.place(
             Instant::now(),
             NOTICE_GRACE,
             self.config.batch_timeout,
-            &unanswered,
+            &conn.unanswered,
             believed_open,
         ) else {
             return Ok(());
@@ -82,7 +74,7 @@ impl Session {
                 .send(&ClientMessage::close(id.clone()))
                 .await
                 .map_err(SessionError::Write)?;
-            take_back(conn, id, retry_at, req.map(|u| u.sent_at));
+            conn.take_back(id, retry_at, Instant::now(), req.map(|u| u.sent_at));
         }
         tracing::debug!(relay = %self.url, refusals = placed.refusals, refused = placed.refused.len(), resent = placed.unsure.len(), cap = placed.held, "placed subscription-cap NOTICEs");
         self.learn_cap(conn, placed.held, &placed.text);
@@ -109,10 +101,10 @@ impl Session {
             .inc();
         let now = Instant::now();
         // Historic work waits a moment: the live re-plan frees what it needs.
-        take_back(
-            conn,
+        conn.take_back(
             &refused,
             now + self.config.batch_retry,
+            now,
             req.as_ref().map(|u| u.sent_at),
         );
         let open = req
@@ -153,23 +145,6 @@ impl Session {
     }
 }
 
-/// Take back a subscription the relay does not hold: a live one leaves a gap from when its
-/// REQ was sent (`sent_at`; a refused REQ never covered anything), and the live plan is
-/// rebuilt at once; historic work is retried at `retry_at`.
-fn take_back(conn: &mut Conn, id: &SubscriptionId, retry_at: Instant, sent_at: Option<Instant>) {
-    if conn.live.remove(id).is_some() {
-        let ago = sent_at.map_or(0, |t| t.elapsed().as_secs_f64().ceil() as u64);
-        let from = super::report::unix_now().saturating_sub(ago);
-        let gap = conn.live_gap_since.get_or_insert(from);
-        *gap = (*gap).min(from);
-        conn.live_retry_at = Some(Instant::now());
-    } else if let Some(h) = conn.historic.remove(id) {
-        historic::retry_later(conn, h.batch, Work::Page(h.paginator), retry_at);
-    } else if let Some(f) = conn.fetches.remove(id) {
-        historic::retry_later(conn, f.batch, f.into_work(), retry_at);
-    }
-}
-
 /// How long after the first cap NOTICE the others about REQs already sent have arrived; and
 /// how long a REQ must go unrefused before it counts as open for the cursor.
 pub(super) const NOTICE_GRACE: Duration = Duration::from_secs(1);
@@ -183,15 +158,6 @@ pub(super) struct NoticeRefusals {
     since: Option<Instant>,
     /// The last NOTICE's text.
     text: String,
-}
-
-/// A REQ sent and not answered yet, as placement sees it.
-#[derive(Debug, Clone)]
-pub(super) struct Sent {
-    pub id: SubscriptionId,
-    pub at: Instant,
-    /// Subscriptions believed open when it was sent.
-    pub open_before: usize,
 }
 
 /// NOTICE refusals placed on REQs.
@@ -233,13 +199,13 @@ impl NoticeRefusals {
         now: Instant,
         grace: Duration,
         window: Duration,
-        unanswered: &[Sent],
+        unanswered: &VecDeque<Unanswered>,
         believed_open: usize,
     ) -> Option<Placed> {
         let since = self.since?;
-        let mut suspects: Vec<&Sent> = Vec::new();
+        let mut suspects: Vec<&Unanswered> = Vec::new();
         for u in unanswered {
-            if u.at + window >= since && !suspects.iter().any(|s| s.id == u.id) {
+            if u.sent_at + window >= since && !suspects.iter().any(|s| s.id == u.id) {
                 suspects.push(u);
             }
         }
@@ -281,13 +247,13 @@ mod tests {
     const WINDOW: Duration = Duration::from_secs(10);
 
     /// REQs sent at `at`, each believing `open` subscriptions open (then one more each).
-    fn sent(names: &[&str], at: Instant, open: usize) -> Vec<Sent> {
+    fn sent(names: &[&str], at: Instant, open: usize) -> VecDeque<Unanswered> {
         names
             .iter()
             .enumerate()
-            .map(|(i, n)| Sent {
+            .map(|(i, n)| Unanswered {
                 id: SubscriptionId::new(*n),
-                at,
+                sent_at: at,
                 open_before: open + i,
             })
             .collect()
@@ -377,7 +343,9 @@ mod tests {
         let t0 = Instant::now();
         let mut n = NoticeRefusals::default();
         n.on_notice("too many subscriptions", t0);
-        let p = n.place(t0, GRACE, WINDOW, &[], 4).expect("settled at once");
+        let p = n
+            .place(t0, GRACE, WINDOW, &VecDeque::new(), 4)
+            .expect("settled at once");
         assert!(p.refused.is_empty() && p.unsure.is_empty());
         assert_eq!(p.held, 3);
     }

@@ -10,7 +10,7 @@ const BLOCKED: Duration = Duration::from_millis(50);
 use nostr::filter::MatchEventOptions;
 use nostr::{ClientMessage, Event, Filter, RelayMessage};
 
-use super::historic::{self, Queued, Work};
+use super::historic::{Queued, Work};
 use super::report::truncate;
 use super::{Conn, Session, SessionError};
 use crate::nostr::negentropy::notice_means_unsupported;
@@ -241,18 +241,10 @@ impl Session {
                     }
                     None => Instant::now() + self.config.batch_retry,
                 };
-                if let Some(h) = conn.historic.remove(&id) {
-                    // Retry the same page later; the paginator did not advance.
-                    historic::retry_later(conn, h.batch, Work::Page(h.paginator), retry_at);
-                } else if let Some(f) = conn.fetches.remove(&id) {
-                    historic::retry_later(conn, f.batch, f.into_work(), retry_at);
-                } else if conn.live.remove(&id).is_some() {
-                    // Live coverage is gone: rebuild all live subscriptions once the relay lets
-                    // us (after a cool-down, after authenticating, or after the retry delay),
-                    // never in a tight loop.
-                    conn.live_retry_at = Some(retry_at);
-                    conn.live_gap_since.get_or_insert(super::report::unix_now());
-                }
+                // The same page is retried (the paginator did not advance); live coverage is
+                // gone from now and rebuilt once the relay lets us (after a cool-down, after
+                // authenticating, or after the retry delay), never in a tight loop.
+                conn.take_back(&id, retry_at, retry_at, None);
                 Ok(())
             }
             RelayMessage::Auth { challenge } => self.authenticate(conn, &challenge).await,

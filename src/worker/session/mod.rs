@@ -447,6 +447,7 @@ struct Conn {
 struct Unanswered {
     id: SubscriptionId,
     sent_at: Instant,
+    /// Subscriptions believed open when it was sent.
     open_before: usize,
 }
 
@@ -479,6 +480,30 @@ impl Conn {
             .filter(|(_, u)| u.id == *id);
         if let (Some((i, _)), None) = (pending.next(), pending.next()) {
             self.unanswered.remove(i);
+        }
+    }
+
+    /// Take back a subscription the relay does not hold (any more): historic work is
+    /// retried at `retry_at`; a live one leaves a gap from when its REQ was sent (`sent_at`;
+    /// a refused REQ never covered anything) or from now, and the live plan is rebuilt at
+    /// `live_at`.
+    fn take_back(
+        &mut self,
+        id: &SubscriptionId,
+        retry_at: Instant,
+        live_at: Instant,
+        sent_at: Option<Instant>,
+    ) {
+        if self.live.remove(id).is_some() {
+            let ago = sent_at.map_or(0, |t| t.elapsed().as_secs_f64().ceil() as u64);
+            let from = report::unix_now().saturating_sub(ago);
+            let gap = self.live_gap_since.get_or_insert(from);
+            *gap = (*gap).min(from);
+            self.live_retry_at = Some(live_at);
+        } else if let Some(h) = self.historic.remove(id) {
+            historic::retry_later(self, h.batch, historic::Work::Page(h.paginator), retry_at);
+        } else if let Some(f) = self.fetches.remove(id) {
+            historic::retry_later(self, f.batch, f.into_work(), retry_at);
         }
     }
 
