@@ -145,6 +145,15 @@ impl RelayUrl {
     pub fn is_secure(&self) -> bool {
         self.0.starts_with("wss://")
     }
+
+    /// The port connected to: the explicit one, else 443 for `wss` and 80 for `ws`.
+    pub fn port(&self) -> u16 {
+        let rest = &self.authority_and_path()[self.host().len()..];
+        rest.strip_prefix(':')
+            .map(|r| &r[..r.find('/').unwrap_or(r.len())])
+            .and_then(|p| p.parse().ok())
+            .unwrap_or(if self.is_secure() { 443 } else { 80 })
+    }
 }
 
 impl fmt::Display for RelayUrl {
@@ -169,6 +178,17 @@ impl AsRef<str> for RelayUrl {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ports_explicit_and_default() {
+        let port = |u: &str| RelayUrl::parse(u).unwrap().port();
+        assert_eq!(port("wss://relay.example"), 443);
+        assert_eq!(port("ws://relay.example/path"), 80);
+        assert_eq!(port("wss://relay.example:7777/nostr"), 7777);
+        assert_eq!(port("ws://[::1]:7000"), 7000);
+        assert_eq!(port("wss://[2001:db8::1]/x"), 443);
+        assert_eq!(port("ws://127.0.0.1:80"), 80);
+    }
 
     #[test]
     fn normalises_equivalent_spellings() {

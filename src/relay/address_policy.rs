@@ -1,7 +1,7 @@
 //! Which relay hosts we may connect to. Relay URLs come from announcements — untrusted
 //! input — so without this check anyone could make the syncer open connections into the
 //! cluster or the host's private network. Checked when a relay is discovered and again at
-//! connect time (DNS answers change).
+//! connect time, on the very addresses connected to (`relay::resolve`).
 
 use std::collections::BTreeSet;
 use std::net::IpAddr;
@@ -89,7 +89,7 @@ impl AddressPolicy {
         }
     }
 
-    fn host_allowed(&self, host: &str) -> bool {
+    pub(crate) fn host_allowed(&self, host: &str) -> bool {
         self.allow_hosts.contains(&host.to_ascii_lowercase())
     }
 
@@ -124,35 +124,6 @@ impl AddressPolicy {
         }
         if is_local_name(host) {
             return Err(blocked(Blocked::LocalName));
-        }
-        Ok(())
-    }
-
-    /// Check a URL including what its host resolves to now: every address must pass.
-    pub async fn check_resolved(&self, url: &RelayUrl) -> Result<(), SsrfError> {
-        self.check_host(url)?;
-        let host = url.host();
-        if self.host_allowed(host) {
-            return Ok(());
-        }
-        let bare = host.trim_start_matches('[').trim_end_matches(']');
-        if bare.parse::<IpAddr>().is_ok() {
-            return Ok(()); // literal, already checked
-        }
-        let name = absolute(bare);
-        let addrs = tokio::net::lookup_host((name.as_str(), 443))
-            .await
-            .map_err(|e| SsrfError::Dns {
-                host: host.to_string(),
-                error: e.to_string(),
-            })?;
-        for addr in addrs {
-            self.check_ip(addr.ip())
-                .map_err(|reason| SsrfError::Resolved {
-                    host: host.to_string(),
-                    ip: addr.ip(),
-                    reason,
-                })?;
         }
         Ok(())
     }
@@ -392,18 +363,5 @@ mod tests {
         assert_eq!(check(&p, "ws://10.0.0.1"), Err(Blocked::Private));
         assert_eq!(check(&p, "ws://34.118.230.1"), Err(Blocked::ClusterRange));
         assert_eq!(check(&p, "ws://34.118.240.1"), Ok(()));
-    }
-
-    #[tokio::test]
-    async fn resolution_is_checked_too() {
-        let p = AddressPolicy {
-            allow_hosts: BTreeSet::new(),
-            ..AddressPolicy::default()
-        };
-        // `localhost.` style names are refused by name; an allow-listed name is not resolved.
-        let url = RelayUrl::parse("ws://localhost:1").unwrap();
-        assert!(p.check_resolved(&url).await.is_err());
-        let open = AddressPolicy::allow_all();
-        assert!(open.check_resolved(&url).await.is_ok());
     }
 }

@@ -9,6 +9,7 @@
 //! without FIN). Every write has a deadline, so a remote that accepts and never reads
 //! cannot block its session.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -24,6 +25,7 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 use crate::nostr::RelayUrl;
+use crate::relay::resolve::Resolver;
 
 type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
@@ -62,6 +64,8 @@ pub enum ConnectionError {
         #[source]
         source: Box<tokio_tungstenite::tungstenite::Error>,
     },
+    #[error("resolving {url}: {error}")]
+    Resolve { url: String, error: String },
     #[error("websocket error: {0}")]
     Websocket(#[from] Box<tokio_tungstenite::tungstenite::Error>),
     #[error("the relay closed the connection")]
@@ -78,6 +82,7 @@ impl ConnectionError {
         match self {
             ConnectionError::ConnectTimeout { .. } => "timeout",
             ConnectionError::Connect { .. } => "connect",
+            ConnectionError::Resolve { .. } => "resolve",
             ConnectionError::Websocket(_) => "websocket",
             ConnectionError::Closed => "closed",
             ConnectionError::Unresponsive(_) => "unresponsive",
@@ -140,15 +145,58 @@ async fn write(sink: &Sink, msg: Message, within: Duration) -> Result<(), Connec
     }
 }
 
+/// Connect to `url`, resolving its host with the system resolver and no address checks: for
+/// the local relay, which the operator configured. Remote relays go through [`connect_to`]
+/// with the addresses the policy checked.
 pub async fn connect(
     url: &RelayUrl,
+    opts: &ConnectOptions,
+) -> Result<(ConnWriter, ConnReader), ConnectionError> {
+    let addrs = tokio::time::timeout(opts.connect_timeout, Resolver::system().pin(url, None))
+        .await
+        .map_err(|_| ConnectionError::ConnectTimeout {
+            url: url.to_string(),
+            after: opts.connect_timeout,
+        })?
+        .map_err(|e| ConnectionError::Resolve {
+            url: url.to_string(),
+            error: e.to_string(),
+        })?;
+    connect_to(url, &addrs, opts).await
+}
+
+/// Connect to `url` at exactly one of `addrs` (tried in order), then shake hands with the
+/// URL's own host for TLS (SNI, certificate) and the `Host` header. No name is resolved here.
+pub async fn connect_to(
+    url: &RelayUrl,
+    addrs: &[SocketAddr],
     opts: &ConnectOptions,
 ) -> Result<(ConnWriter, ConnReader), ConnectionError> {
     crate::relay::tls::install_default_crypto();
     let config = WebSocketConfig::default()
         .max_message_size(Some(opts.max_message_bytes))
         .max_frame_size(Some(opts.max_message_bytes));
-    let fut = tokio_tungstenite::connect_async_with_config(url.as_str(), Some(config), false);
+    let fut = async {
+        let mut last = None;
+        let mut tcp = None;
+        for addr in addrs {
+            match TcpStream::connect(addr).await {
+                Ok(s) => {
+                    tcp = Some(s);
+                    break;
+                }
+                Err(e) => last = Some(e),
+            }
+        }
+        let tcp = tcp.ok_or_else(|| {
+            tokio_tungstenite::tungstenite::Error::Io(last.unwrap_or_else(|| {
+                std::io::Error::new(std::io::ErrorKind::NotFound, "no address to connect to")
+            }))
+        })?;
+        // Small frames (REQ, CLOSE, pings) go out at once.
+        let _ = tcp.set_nodelay(true);
+        tokio_tungstenite::client_async_tls_with_config(url.as_str(), tcp, Some(config), None).await
+    };
     let (ws, _response) = tokio::time::timeout(opts.connect_timeout, fut)
         .await
         .map_err(|_| ConnectionError::ConnectTimeout {

@@ -8,4 +8,5 @@ pub mod connection;
 pub mod feed;
 pub mod local_index;
 pub mod nip11;
+pub mod resolve;
 pub mod tls;

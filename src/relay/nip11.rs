@@ -1,5 +1,6 @@
 //! NIP-11 relay information: what a relay supports and how much it lets us ask for.
 
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -75,18 +76,29 @@ pub enum Nip11Error {
     Json(#[from] serde_json::Error),
 }
 
-/// Fetch and parse the relay's NIP-11 document.
-pub async fn fetch(url: &RelayUrl, timeout: Duration) -> Result<RelayCapabilities, Nip11Error> {
+/// Fetch and parse the relay's NIP-11 document from exactly `addrs` (the addresses the policy
+/// checked; the name is not resolved again), with no proxy from the environment and no
+/// redirects: either could send the request somewhere the policy never saw.
+pub async fn fetch(
+    url: &RelayUrl,
+    addrs: &[SocketAddr],
+    timeout: Duration,
+) -> Result<RelayCapabilities, Nip11Error> {
     crate::relay::tls::install_default_crypto();
     let http_url = if url.is_secure() {
         format!("https://{}", url.authority_and_path())
     } else {
         format!("http://{}", url.authority_and_path())
     };
-    let client = reqwest::Client::builder()
+    let mut builder = reqwest::Client::builder()
         .timeout(timeout)
-        .redirect(reqwest::redirect::Policy::none())
-        .build()?;
+        .no_proxy()
+        .redirect(reqwest::redirect::Policy::none());
+    let host = url.host();
+    if !host.starts_with('[') && host.parse::<std::net::IpAddr>().is_err() {
+        builder = builder.resolve_to_addrs(host, addrs);
+    }
+    let client = builder.build()?;
     let mut resp = client
         .get(http_url)
         .header("Accept", "application/nostr+json")

@@ -80,6 +80,9 @@ pub struct SessionConfig {
     /// Checked (with a fresh DNS lookup) before every connection: a relay whose name now
     /// points into a private or cluster network is not connected to.
     pub addresses: Option<crate::relay::address_policy::AddressPolicy>,
+    /// Resolves a relay's host once per connection attempt; the websocket and NIP-11 go to
+    /// exactly the addresses it answered (and the policy checked).
+    pub resolver: crate::relay::resolve::Resolver,
 }
 
 impl Default for SessionConfig {
@@ -109,6 +112,7 @@ impl Default for SessionConfig {
                 Duration::from_secs(25 * 3600),
             ),
             addresses: None,
+            resolver: Default::default(),
         }
     }
 }

@@ -10,6 +10,7 @@ use tokio::sync::mpsc;
 use super::report::{to_system, truncate};
 use super::{Command, Conn, End, Session, SessionError};
 use crate::crd::Phase;
+use crate::relay::address_policy::SsrfError;
 use crate::relay::backoff::HealthState;
 use crate::relay::connection::{self, Incoming};
 use crate::relay::nip11;
@@ -46,23 +47,35 @@ impl Session {
                 .relay_connected
                 .with_label_values(&[&label])
                 .set(1);
-            if let Some(policy) = &self.config.addresses
-                && let Err(e) = policy.check_resolved(&self.url).await
+            let addrs = match self
+                .config
+                .resolver
+                .pin(&self.url, self.config.addresses.as_ref())
+                .await
             {
-                self.metrics
-                    .connection_attempts
-                    .with_label_values(&[&label, "refused"])
-                    .inc();
-                self.on_disconnect(SessionError::AddressRefused(e));
-                continue;
-            }
-            let caps = nip11::fetch(&self.url, self.config.nip11_timeout).await;
+                Ok(addrs) => addrs,
+                Err(e) => {
+                    // A name that does not resolve is a failed attempt; one that resolves
+                    // where we do not go is a refusal.
+                    let result = match e {
+                        SsrfError::Dns { .. } => "failure",
+                        _ => "refused",
+                    };
+                    self.metrics
+                        .connection_attempts
+                        .with_label_values(&[&label, result])
+                        .inc();
+                    self.on_disconnect(SessionError::AddressRefused(e));
+                    continue;
+                }
+            };
+            let caps = nip11::fetch(&self.url, &addrs, self.config.nip11_timeout).await;
             if let Err(e) = &caps {
                 tracing::debug!(relay = %self.url, error = %e, "no usable NIP-11 document; using defaults");
             }
             let nip11_doc = caps.as_ref().ok().cloned();
             let caps = caps.unwrap_or_default();
-            let conn = match connection::connect(&self.url, &self.config.connect).await {
+            let conn = match connection::connect_to(&self.url, &addrs, &self.config.connect).await {
                 Ok((writer, reader)) => {
                     let (local_tx, local_rx) = mpsc::unbounded_channel();
                     Conn {
