@@ -120,6 +120,24 @@ pub struct PolicyOpts {
     pub deny_nets: Vec<ipnet::IpNet>,
 }
 
+/// How much announcements (untrusted: anyone can publish one) can make us sync. What a cap
+/// leaves out is counted in `grasp_sync_discovery_capped_relays` and
+/// `grasp_sync_discovery_rejected_targets_total{reason="announcement_cap"}`, and logged.
+#[derive(Debug, Args)]
+pub struct DiscoveryOpts {
+    /// Relays taken from one announcement (its first ones, in tag order).
+    #[arg(long, env = "GRASP_SYNC_MAX_RELAYS_PER_ANNOUNCEMENT", default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_relays_per_announcement: u32,
+    /// Relay URLs (ports, paths) synced on one host; those named by the most repositories
+    /// are kept.
+    #[arg(long, env = "GRASP_SYNC_MAX_RELAYS_PER_HOST", default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_relays_per_host: u32,
+    /// Relays synced in all, bootstrap relays included (and always kept); those named by the
+    /// most repositories are kept.
+    #[arg(long, env = "GRASP_SYNC_MAX_RELAYS", default_value_t = 5000, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_relays: u32,
+}
+
 #[derive(Debug, Args)]
 pub struct ControllerArgs {
     #[command(flatten)]
@@ -128,6 +146,8 @@ pub struct ControllerArgs {
     pub kube: KubeOpts,
     #[command(flatten)]
     pub policy: PolicyOpts,
+    #[command(flatten)]
+    pub discovery: DiscoveryOpts,
     /// This replica's identity in leader election (default: the host name).
     #[arg(long, env = "POD_NAME")]
     pub identity: Option<String>,
@@ -191,6 +211,8 @@ pub struct StandaloneArgs {
     pub metrics_addr: SocketAddr,
     #[command(flatten)]
     pub policy: PolicyOpts,
+    #[command(flatten)]
+    pub discovery: DiscoveryOpts,
     /// How long a repo or relay must stay out of every announcement before it stops being
     /// synced.
     #[arg(long, env = "GRASP_SYNC_GRACE", default_value = "15m", value_parser = humantime::parse_duration)]

@@ -115,6 +115,17 @@ fn session_config(sync: &SyncOpts) -> Result<grasp_sync::worker::session::Sessio
     Ok(c)
 }
 
+fn discovery_limits(d: &cli::DiscoveryOpts) -> grasp_sync::controller::discovery::DiscoveryLimits {
+    use grasp_sync::controller::discovery::{DiscoveryLimits, caps::RelayCaps};
+    DiscoveryLimits {
+        per_announcement: d.max_relays_per_announcement as usize,
+        caps: RelayCaps {
+            per_host: d.max_relays_per_host as usize,
+            total: d.max_relays as usize,
+        },
+    }
+}
+
 async fn standalone(args: StandaloneArgs) -> Result<()> {
     let mut opts = grasp_sync::modes::standalone::StandaloneOptions::new(
         args.relays.local_relay.clone(),
@@ -125,6 +136,7 @@ async fn standalone(args: StandaloneArgs) -> Result<()> {
     opts.http_addr = args.metrics_addr;
     opts.addresses = address_policy(&args.policy);
     opts.grace = args.grace;
+    opts.limits = discovery_limits(&args.discovery);
     opts.status_interval = args.sync.status_interval;
     opts.publisher_connections = args.sync.publisher_connections;
     opts.auth_keys = auth_keys(&args.sync)?;
@@ -187,6 +199,7 @@ async fn controller(args: ControllerArgs) -> Result<()> {
         bootstrap: args.relays.bootstrap.clone(),
         addresses: address_policy(&args.policy),
         grace: args.grace,
+        limits: discovery_limits(&args.discovery),
         http_addr: args.kube.metrics_addr,
         leader,
         assigner,

@@ -61,6 +61,7 @@ fn config(local: RelayUrl) -> DiscoveryConfig {
         TargetPolicy {
             service_domain: "git.ours.example".into(),
             addresses: AddressPolicy::default(),
+            max_relays: 16,
         },
     );
     c.grace = Duration::from_millis(1500);

@@ -495,3 +495,39 @@ fn promtool_accepts_the_alert_rules() {
     );
     assert!(text.contains("SUCCESS: 6 rules found"), "{text}");
 }
+
+/// clap ignores environment variables it does not know, so a chart that sets a misspelt or
+/// removed one would deploy silently with the default. Every variable the chart gives a
+/// container must be one its subcommand reads (`--help` lists them as `[env: NAME=`).
+#[test]
+fn every_variable_the_chart_sets_is_one_the_binary_reads() {
+    let objects = with_required(&[
+        "--set",
+        "auth.existingSecret=relay-key",
+        "--set",
+        "bootstrapRelays={wss://relay.example}",
+        "--set",
+        "allow={10.1.0.0/16}",
+        "--set",
+        "denyNets={10.96.0.0/12}",
+    ]);
+    for (kind, name) in [
+        ("Deployment", "gs-grasp-sync-controller"),
+        ("StatefulSet", "gs-grasp-sync-worker"),
+    ] {
+        let workload = find(&objects, kind, name);
+        let container = &workload["spec"]["template"]["spec"]["containers"][0];
+        let subcommand = container["args"][0].as_str().unwrap();
+        let out = Command::new(env!("CARGO_BIN_EXE_grasp-sync"))
+            .args([subcommand, "--help"])
+            .output()
+            .unwrap();
+        let help = String::from_utf8_lossy(&out.stdout);
+        for (var, _) in env_of(workload) {
+            assert!(
+                help.contains(&format!("[env: {var}=")),
+                "{name} sets {var}, which `grasp-sync {subcommand}` does not read"
+            );
+        }
+    }
+}

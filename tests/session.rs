@@ -140,7 +140,25 @@ async fn historic_and_live(remote: grasp_sync::nostr::RelayUrl) {
     relays::publish(&remote, &[live[0].clone(), noise]).await;
     want.insert(live[0].id);
     rig.holds_exactly(&want).await;
+    assert!(
+        relay_series(&rig.metrics) >= 2,
+        "connected + successful attempts"
+    );
     h.stop().await;
+    // Relays come and go with announcements: a finished session leaves no series behind.
+    assert_eq!(relay_series(&rig.metrics), 0);
+}
+
+/// Series labelled with a relay URL.
+fn relay_series(m: &SessionMetrics) -> usize {
+    use prometheus::core::Collector;
+    let count = |c: &dyn Collector| {
+        c.collect()
+            .iter()
+            .map(|f| f.get_metric().len())
+            .sum::<usize>()
+    };
+    count(&m.relay_connected) + count(&m.connection_attempts)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

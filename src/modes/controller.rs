@@ -11,7 +11,7 @@ use super::kube::{KubeModeError, join_all, serve_http};
 use crate::controller::assignment::metrics::AssignmentMetrics;
 use crate::controller::assignment::reconciler::{self, AssignerConfig};
 use crate::controller::discovery::metrics::DiscoveryMetrics;
-use crate::controller::discovery::{self, DiscoveryConfig};
+use crate::controller::discovery::{self, DiscoveryConfig, DiscoveryLimits};
 use crate::coordination::leader::{self, LeaderConfig};
 use crate::nostr::RelayUrl;
 use crate::observability::ProcessMetrics;
@@ -28,6 +28,8 @@ pub struct ControllerOptions {
     pub bootstrap: Vec<RelayUrl>,
     pub addresses: AddressPolicy,
     pub grace: Duration,
+    /// Bounds on what announcements make us sync.
+    pub limits: DiscoveryLimits,
     pub http_addr: SocketAddr,
     pub leader: LeaderConfig,
     pub assigner: AssignerConfig,
@@ -54,6 +56,7 @@ pub async fn run_controller(
         opts.addresses.clone(),
         &opts.bootstrap,
         opts.grace,
+        opts.limits,
     );
     let election = leader::campaign(client.clone(), &namespace, opts.leader.clone());
     let mut leading = election.leading();

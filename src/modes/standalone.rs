@@ -13,7 +13,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::controller::discovery::metrics::DiscoveryMetrics;
-use crate::controller::discovery::{self, DiscoveryConfig};
+use crate::controller::discovery::{self, DiscoveryConfig, DiscoveryLimits};
 use crate::nostr::RelayUrl;
 use crate::observability::ProcessMetrics;
 use crate::relay::address_policy::AddressPolicy;
@@ -36,6 +36,8 @@ pub struct StandaloneOptions {
     pub worker_name: String,
     pub status_interval: Duration,
     pub grace: Duration,
+    /// Bounds on what announcements make us sync.
+    pub limits: DiscoveryLimits,
     pub publisher_connections: usize,
     pub auth_keys: Option<Keys>,
     pub session: SessionConfig,
@@ -53,6 +55,7 @@ impl StandaloneOptions {
             worker_name: "standalone".into(),
             status_interval: Duration::from_secs(30),
             grace: Duration::from_secs(15 * 60),
+            limits: DiscoveryLimits::default(),
             publisher_connections: 1,
             auth_keys: None,
             session: SessionConfig::default(),
@@ -116,6 +119,7 @@ pub async fn start(opts: StandaloneOptions) -> Result<Standalone, StandaloneErro
         opts.addresses.clone(),
         &opts.bootstrap,
         opts.grace,
+        opts.limits,
     );
     let mut dc = dc;
     dc.connect = opts.session.connect.clone();

@@ -18,7 +18,7 @@ pub struct Announcement {
     pub coordinate: RepoCoordinate,
     pub created_at: u64,
     pub event_id: nostr::EventId,
-    /// `relays` tag values, as written (not yet normalised or checked).
+    /// `relays` tag values, as written and in that order (not yet normalised or checked).
     pub relays: Vec<String>,
     /// `clone` tag values, as written.
     pub clones: Vec<String>,
@@ -47,20 +47,19 @@ impl Announcement {
             .and_then(|t| t.content())
             .ok_or(AnnouncementError::MissingIdentifier)?;
         let coordinate = RepoCoordinate::new(&event.pubkey.to_hex(), identifier)?;
+        // In the order written (authors list their preferred relays first), without repeats.
         let values = |name: &str| -> Vec<String> {
-            let mut out: Vec<String> = event
+            let mut seen = std::collections::HashSet::new();
+            event
                 .tags
                 .iter()
                 .filter(|t| t.kind() == TagKind::custom(name))
                 .flat_map(|t| t.as_slice().iter().skip(1))
                 .map(|v| v.trim())
-                .filter(|v| !v.is_empty() && v.len() <= 2048)
+                .filter(|v| !v.is_empty() && v.len() <= 2048 && seen.insert(*v))
+                .take(MAX_VALUES_PER_TAG)
                 .map(str::to_string)
-                .collect();
-            out.sort();
-            out.dedup();
-            out.truncate(MAX_VALUES_PER_TAG);
-            out
+                .collect()
         };
         let maintainers = values("maintainers")
             .iter()

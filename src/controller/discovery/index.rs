@@ -162,6 +162,7 @@ pub(super) mod tests {
         TargetPolicy {
             service_domain: "git.ours.example".into(),
             addresses: AddressPolicy::default(),
+            max_relays: 16,
         }
     }
 

@@ -1,9 +1,9 @@
 //! Metrics of discovery: the index, the objects it wants, its writes and the relay targets
 //! it refused.
 
-use prometheus::{IntCounterVec, IntGauge, Registry};
+use prometheus::{IntCounterVec, IntGauge, IntGaugeVec, Registry};
 
-use crate::observability::metrics::{init_values, int_counter_vec, int_gauge};
+use crate::observability::metrics::{init_values, int_counter_vec, int_gauge, int_gauge_vec};
 
 #[derive(Clone)]
 pub struct DiscoveryMetrics {
@@ -15,6 +15,8 @@ pub struct DiscoveryMetrics {
     pub discovery_actions: IntCounterVec,
     /// Relay URLs from announcements not used, by reason.
     pub discovery_rejected_targets: IntCounterVec,
+    /// Relays named by announcements but left out by a cap, by cap (per_host | total).
+    pub discovery_capped_relays: IntGaugeVec,
 }
 
 impl DiscoveryMetrics {
@@ -43,8 +45,19 @@ impl DiscoveryMetrics {
                 "Relay URLs from announcements not used, by reason",
                 &["reason"],
             )?,
+            discovery_capped_relays: int_gauge_vec(
+                registry,
+                "grasp_sync_discovery_capped_relays",
+                "Relays named by announcements but left out by a cap",
+                &["cap"],
+            )?,
         };
         init_values(&m.discovery_actions, &["apply", "delete"]);
+        for why in super::caps::LeftOut::ALL {
+            m.discovery_capped_relays
+                .with_label_values(&[why.label()])
+                .set(0);
+        }
         Ok(m)
     }
 }

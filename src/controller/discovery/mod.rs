@@ -12,6 +12,7 @@ use nostr::{Filter, Kind};
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
+pub mod caps;
 pub mod desired;
 pub mod index;
 pub mod metrics;
@@ -28,6 +29,7 @@ use crate::relay::backoff::HealthConfig;
 use crate::relay::connection::ConnectOptions;
 use crate::relay::feed::{self, FeedEvent};
 use crate::store::{RelaySyncStore, StoreError};
+use caps::{LeftOut, RelayCaps, cap_relays};
 use desired::{Action, Planner, desired_objects};
 use index::{Change, RepoIndex};
 use metrics::DiscoveryMetrics;
@@ -47,6 +49,8 @@ pub struct DiscoveryConfig {
     /// Connection settings for reading the local relay (liveness: ping interval and pong
     /// deadline).
     pub connect: ConnectOptions,
+    /// Relays per host and in total (relays per announcement: `policy.max_relays`).
+    pub caps: RelayCaps,
 }
 
 impl DiscoveryConfig {
@@ -65,26 +69,47 @@ impl DiscoveryConfig {
                 ..HealthConfig::default()
             },
             connect: ConnectOptions::default(),
+            caps: RelayCaps::default(),
         }
     }
 
     /// Discovery for a relay serving `service_domain`, with the operator's address policy,
-    /// bootstrap relays and grace period.
+    /// bootstrap relays, grace period and caps.
     pub fn for_service(
         local_relay: RelayUrl,
         service_domain: &str,
         addresses: AddressPolicy,
         bootstrap: &[RelayUrl],
         grace: Duration,
+        limits: DiscoveryLimits,
     ) -> Self {
         let policy = TargetPolicy {
             service_domain: service_domain.to_string(),
             addresses,
+            max_relays: limits.per_announcement,
         };
         DiscoveryConfig {
             bootstrap: bootstrap.iter().cloned().collect(),
             grace,
+            caps: limits.caps,
             ..DiscoveryConfig::new(local_relay, policy)
+        }
+    }
+}
+
+/// Every bound on what announcements make us sync, as the operator sets them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DiscoveryLimits {
+    /// Relays taken from one announcement.
+    pub per_announcement: usize,
+    pub caps: RelayCaps,
+}
+
+impl Default for DiscoveryLimits {
+    fn default() -> Self {
+        DiscoveryLimits {
+            per_announcement: caps::DEFAULT_PER_ANNOUNCEMENT,
+            caps: RelayCaps::default(),
         }
     }
 }
@@ -119,6 +144,7 @@ pub(crate) async fn discover<S: RelaySyncStore + 'static>(
 ) {
     let mut index = RepoIndex::default();
     let mut planner = Planner::new(config.grace);
+    let mut left_out = BTreeMap::new();
     let mut loaded = false;
     let mut dirty = true;
     let mut tick = tokio::time::interval(config.debounce.max(Duration::from_millis(10)));
@@ -157,7 +183,7 @@ pub(crate) async fn discover<S: RelaySyncStore + 'static>(
             },
             _ = tick.tick() => {
                 if loaded && (dirty || last_pass.elapsed() >= sweep) {
-                    match reconcile(&config, &index, &mut planner, store.as_ref(), &metrics).await {
+                    match reconcile(&config, &index, &mut planner, &mut left_out, store.as_ref(), &metrics).await {
                         Ok(()) => dirty = false,
                         Err(e) => tracing::warn!(error = %e, "discovery could not update the store; will retry"),
                     }
@@ -177,14 +203,13 @@ async fn reconcile<S: RelaySyncStore>(
     config: &DiscoveryConfig,
     index: &RepoIndex,
     planner: &mut Planner,
+    left_out: &mut BTreeMap<LeftOut, usize>,
     store: &S,
     metrics: &DiscoveryMetrics,
 ) -> Result<(), StoreError> {
-    let desired = desired_objects(
-        &index.relay_map(),
-        &config.bootstrap,
-        config.repos_per_object,
-    );
+    let capped = cap_relays(&index.relay_map(), &config.bootstrap, config.caps);
+    report_caps(config.caps, &capped, left_out, metrics);
+    let desired = desired_objects(&capped.relays, &config.bootstrap, config.repos_per_object);
     metrics.discovery_repos.set(index.len() as i64);
     metrics.discovery_objects.set(desired.len() as i64);
     let existing: BTreeMap<String, _> = store
@@ -214,4 +239,46 @@ async fn reconcile<S: RelaySyncStore>(
         }
     }
     Ok(())
+}
+
+/// Metrics for the relays the caps leave out, and a warning whenever their number changes
+/// (not on every pass: the operator needs to see the change, not a stream).
+fn report_caps(
+    caps: RelayCaps,
+    capped: &caps::Capped,
+    last: &mut BTreeMap<LeftOut, usize>,
+    metrics: &DiscoveryMetrics,
+) {
+    for why in LeftOut::ALL {
+        let n = capped.count(why);
+        metrics
+            .discovery_capped_relays
+            .with_label_values(&[why.label()])
+            .set(n as i64);
+        if last.insert(why, n).unwrap_or(0) == n {
+            continue;
+        }
+        if n == 0 {
+            tracing::info!(
+                reason = why.label(),
+                "no relay is left out by this cap any more"
+            );
+            continue;
+        }
+        let examples: Vec<&str> = capped
+            .left_out
+            .iter()
+            .filter(|(_, w)| **w == why)
+            .map(|(u, _)| u.as_str())
+            .take(5)
+            .collect();
+        tracing::warn!(
+            reason = why.label(),
+            left_out = n,
+            per_host = caps.per_host,
+            total = caps.total,
+            ?examples,
+            "relays left out by a discovery cap (raise --max-relays-per-host / --max-relays to sync them)"
+        );
+    }
 }

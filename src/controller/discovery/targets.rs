@@ -18,6 +18,8 @@ pub struct TargetPolicy {
     /// Our relay's public host (optionally `host:port`): never a sync source.
     pub service_domain: String,
     pub addresses: AddressPolicy,
+    /// Relays taken from one announcement (its first ones, in tag order).
+    pub max_relays: usize,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -28,6 +30,8 @@ pub enum TargetRejection {
     OwnService,
     #[error(transparent)]
     Address(#[from] SsrfError),
+    #[error("the announcement already names {max} relays (the most taken from one)")]
+    AnnouncementCap { max: usize },
 }
 
 impl TargetRejection {
@@ -36,6 +40,7 @@ impl TargetRejection {
             TargetRejection::Url(_) => "invalid_url",
             TargetRejection::OwnService => "own_service",
             TargetRejection::Address(_) => "address_refused",
+            TargetRejection::AnnouncementCap { .. } => "announcement_cap",
         }
     }
 }
@@ -77,6 +82,13 @@ impl TargetPolicy {
         let mut t = Targets::default();
         for value in &announcement.relays {
             match self.check(value) {
+                Ok(url) if t.relays.contains(&url) => {}
+                Ok(_) if t.relays.len() >= self.max_relays => t.rejected.push((
+                    value.clone(),
+                    TargetRejection::AnnouncementCap {
+                        max: self.max_relays,
+                    },
+                )),
                 Ok(url) => {
                     t.relays.insert(url);
                 }
@@ -90,6 +102,7 @@ impl TargetPolicy {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::controller::discovery::caps::DEFAULT_PER_ANNOUNCEMENT;
     use crate::nostr::kinds::REPO_ANNOUNCEMENT;
     use nostr::{EventBuilder, Keys, Tag, TagKind};
 
@@ -113,6 +126,7 @@ mod tests {
         TargetPolicy {
             service_domain: "git.ours.example".into(),
             addresses: AddressPolicy::default(),
+            max_relays: DEFAULT_PER_ANNOUNCEMENT,
         }
     }
 
@@ -163,10 +177,37 @@ mod tests {
     }
 
     #[test]
+    fn only_the_first_relays_of_an_announcement_are_taken() {
+        let listed: Vec<String> = (0..40).map(|i| format!("wss://r{i}.example")).collect();
+        // Duplicates and refused values do not use up the cap.
+        let mut values = vec!["wss://r0.example/".to_string(), "ws://10.0.0.1".to_string()];
+        values.extend(listed.iter().cloned());
+        let refs: Vec<&str> = values.iter().map(|s| s.as_str()).collect();
+        let a = announcement(&refs, &[]);
+        let p = TargetPolicy {
+            max_relays: 5,
+            ..policy()
+        };
+        let t = p.targets(&a);
+        let want: BTreeSet<RelayUrl> = listed[..5]
+            .iter()
+            .map(|u| RelayUrl::parse(u).unwrap())
+            .collect();
+        assert_eq!(t.relays, want);
+        let capped = t
+            .rejected
+            .iter()
+            .filter(|(_, why)| why.label() == "announcement_cap")
+            .count();
+        assert_eq!(capped, 35);
+    }
+
+    #[test]
     fn own_service_with_and_without_port() {
         let p = TargetPolicy {
             service_domain: "git.ours.example:8443".into(),
             addresses: AddressPolicy::default(),
+            max_relays: DEFAULT_PER_ANNOUNCEMENT,
         };
         assert!(p.is_own_service(&RelayUrl::parse("wss://git.ours.example:8443").unwrap()));
         assert!(!p.is_own_service(&RelayUrl::parse("wss://git.ours.example").unwrap()));

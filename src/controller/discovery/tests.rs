@@ -10,6 +10,7 @@ use super::index::tests::announce;
 use super::*;
 use crate::relay::address_policy::AddressPolicy;
 use crate::store::memory::MemoryStore;
+use caps::RelayCaps;
 
 const GRACE: Duration = Duration::from_secs(15 * 60);
 
@@ -29,13 +30,19 @@ struct Rig {
 }
 
 fn rig() -> Rig {
+    rig_with(|_| {})
+}
+
+fn rig_with(adjust: impl FnOnce(&mut DiscoveryConfig)) -> Rig {
     let policy = TargetPolicy {
         service_domain: "git.ours.example".into(),
         addresses: AddressPolicy::default(),
+        max_relays: 16,
     };
     let mut config = DiscoveryConfig::new(RelayUrl::parse("ws://127.0.0.1:7777").unwrap(), policy);
     config.bootstrap = BTreeSet::from([RelayUrl::parse("wss://boot.example").unwrap()]);
     config.grace = GRACE;
+    adjust(&mut config);
     let store = Arc::new(MemoryStore::new());
     let metrics = DiscoveryMetrics::default();
     let (feed, events) = mpsc::channel(64);
@@ -187,5 +194,64 @@ async fn a_deleted_announcement_removes_its_relays_after_the_grace_period_but_ne
     rig.event(delete(&alice, &coordinate)).await;
     pass(GRACE + Duration::from_secs(60)).await;
     assert_eq!(rig.objects().await, want(&[("wss://boot.example", &[])]));
+    rig.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn caps_bound_what_announcements_make_us_sync_and_are_counted() {
+    let rig = rig_with(|c| {
+        c.policy.max_relays = 3;
+        c.caps = RelayCaps {
+            per_host: 2,
+            total: 5,
+        };
+    });
+    let flood = Keys::generate();
+    // One announcement listing many relays: only its first three are taken.
+    let many: Vec<String> = (0..10).map(|i| format!("wss://m{i}.example")).collect();
+    let many: Vec<&str> = many.iter().map(|s| s.as_str()).collect();
+    rig.event(announce(&flood, "many", &many, 100)).await;
+    // Paths on one host: two are kept, the ones more repositories name.
+    for (i, path) in ["a", "b", "c"].iter().enumerate() {
+        let relays = [format!("wss://paths.example/{path}")];
+        let relays: Vec<&str> = relays.iter().map(|s| s.as_str()).collect();
+        rig.event(announce(&flood, &format!("p{i}"), &relays, 100))
+            .await;
+    }
+    let alice = Keys::generate();
+    rig.event(announce(&alice, "x", &["wss://paths.example/c"], 100))
+        .await;
+    rig.event(announce(&alice, "y", &["wss://paths.example/b"], 100))
+        .await;
+    rig.send(FeedEvent::Synced).await;
+    pass(Duration::from_secs(1)).await;
+    let objects = rig.objects().await;
+    // 5 in all: the bootstrap relay, the two most-named paths, then two of m0..m2 (equal
+    // counts: the smaller URLs).
+    assert_eq!(
+        objects.keys().map(|s| s.as_str()).collect::<Vec<_>>(),
+        [
+            "wss://boot.example",
+            "wss://m0.example",
+            "wss://m1.example",
+            "wss://paths.example/b",
+            "wss://paths.example/c",
+        ]
+    );
+    let gauge = |cap: &str| {
+        rig.metrics
+            .discovery_capped_relays
+            .with_label_values(&[cap])
+            .get()
+    };
+    assert_eq!(gauge("per_host"), 1, "paths.example/a");
+    assert_eq!(gauge("total"), 1, "m2");
+    assert_eq!(
+        rig.metrics
+            .discovery_rejected_targets
+            .with_label_values(&["announcement_cap"])
+            .get(),
+        7
+    );
     rig.stop().await;
 }

@@ -132,7 +132,22 @@ impl SessionMetrics {
         init_values(&m.events, &["startup", "reconnect", "daily", "live"]);
         Ok(m)
     }
+
+    /// Remove a relay's series once its session has ended: relays come and go with
+    /// announcements (untrusted), and a series kept for every relay ever seen would grow
+    /// without bound.
+    pub fn forget_relay(&self, relay: &str) {
+        let _ = self.relay_connected.remove_label_values(&[relay]);
+        for result in CONNECTION_RESULTS {
+            let _ = self
+                .connection_attempts
+                .remove_label_values(&[relay, result]);
+        }
+    }
 }
+
+/// Every `result` of `ngit_sync_connection_attempts_total`.
+pub const CONNECTION_RESULTS: [&str; 3] = ["success", "failure", "refused"];
 
 /// Metrics in a registry of their own (tests, benchmarks).
 impl Default for SessionMetrics {

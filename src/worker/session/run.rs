@@ -147,10 +147,7 @@ impl Session {
 
     fn finish(&mut self) {
         self.metrics.relays_tracked.dec();
-        self.metrics
-            .relay_connected
-            .with_label_values(&[self.url.as_str()])
-            .set(0);
+        self.metrics.forget_relay(self.url.as_str());
         self.publish_state(|s| s.subscriptions = 0);
     }
 
