@@ -51,14 +51,19 @@ struct Rig {
 }
 
 async fn rig() -> Rig {
+    rig_with(|_| {}).await
+}
+
+async fn rig_with(adjust: impl FnOnce(&mut PublisherConfig)) -> Rig {
     let (local_relay, local) = relays::local_relay(1_000_000).await;
     let WorkerMetrics {
         session: metrics,
         publisher: publisher_metrics,
         ..
     } = WorkerMetrics::default();
-    let (publisher, _task) =
-        Publisher::spawn(PublisherConfig::new(local.clone()), publisher_metrics);
+    let mut config = PublisherConfig::new(local.clone());
+    adjust(&mut config);
+    let (publisher, _task) = Publisher::spawn(config, publisher_metrics);
     Rig {
         local,
         _local_relay: local_relay,
@@ -368,6 +373,67 @@ async fn invalid_and_oversize_events_are_counted_not_published() {
             >= 1
     );
     assert!(h.state().borrow().events_rejected >= 3);
+    h.stop().await;
+}
+
+/// A relay that sends mostly forgeries costs a signature check per event: it is cut off and
+/// retried on a growing backoff (connections that lasted do not reset it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_sending_mostly_invalid_events_is_cut_off_with_backoff() {
+    let rig = rig().await;
+    let f = nip34::fixture("forged");
+    let root = f.root.id.to_hex();
+    let someone = EventBuilder::new(Kind::from(1111), "someone")
+        .sign_with_keys(&Keys::generate())
+        .unwrap();
+    let forgeries: Vec<String> = (0..300)
+        .map(|i| {
+            let victim = EventBuilder::new(Kind::from(1111), format!("impersonated {i}"))
+                .tag(nostr::Tag::custom(
+                    nostr::TagKind::custom("E"),
+                    [root.clone()],
+                ))
+                .sign_with_keys(&Keys::generate())
+                .unwrap();
+            let mut v: serde_json::Value = serde_json::from_str(&victim.as_json()).unwrap();
+            v["sig"] = someone.sig.to_string().into();
+            v.to_string()
+        })
+        .collect();
+    let remote = HostileRelay::start(Script {
+        raw_events: forgeries,
+        ..Script::default()
+    })
+    .await;
+    remote.add(f.expected.iter().cloned());
+    let mut config = fast_config();
+    config.health.stability_period = Duration::ZERO; // every connection counts as stable
+    config.health.max_backoff = Duration::from_secs(60);
+    let h = rig.start(&remote.url(), set_for(&[&f]), Resume::fresh(), config);
+    let mut rx = h.state();
+    let s = eventually("three cut-offs", DEADLINE, || {
+        let s = rx.borrow_and_update().clone();
+        async move { (s.consecutive_failures >= 3).then_some(s) }
+    })
+    .await;
+    assert!(
+        s.last_error
+            .as_deref()
+            .is_some_and(|e| e.contains("mostly invalid")),
+        "{:?}",
+        s.last_error
+    );
+    // Each connection was cut off early, not read to the end.
+    let rejected = rig
+        .metrics
+        .events_rejected
+        .with_label_values(&["invalid_signature"])
+        .get();
+    let connections = remote.counters().connections.load(Ordering::SeqCst) as u64;
+    assert!(
+        rejected <= connections * 200,
+        "{rejected} forgeries checked over {connections} connections"
+    );
     h.stop().await;
 }
 
@@ -719,6 +785,75 @@ async fn events_outside_the_subscription_s_filter_are_dropped_and_counted() {
     // And nothing unrelated arrives later either.
     rig.holds_exactly(&nip34::ids(&f.expected)).await;
     h.stop().await;
+}
+
+/// A relay that floods (here: thousands of valid, matching events) fills only its own share
+/// of the publisher's queue: a polite relay beside it reaches Live and its live events land
+/// about as fast as with no flood, while the flood is still far from done.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flooding_relay_does_not_hold_up_a_polite_one() {
+    const RATE: f64 = 100.0; // the local relay's pace: the flood backs up behind it
+    const FLOOD: usize = 4000;
+    let rig = rig_with(|c| c.max_rate = Some(RATE)).await;
+    let loud = nip34::fixture("loud");
+    let flooder = HostileRelay::start(Script::default()).await;
+    flooder.add(loud.expected.iter().cloned());
+    flooder.add(nip34::comments(loud.root.id, FLOOD, 0));
+    let flood = rig.start(
+        &flooder.url(),
+        set_for(&[&loud]),
+        Resume::fresh(),
+        fast_config(),
+    );
+    // The flood fills the queue before the polite relay starts.
+    eventually("the flood backs up", DEADLINE, || {
+        let n = rig.publisher.stats().outstanding();
+        async move { (n >= 250).then_some(()) }
+    })
+    .await;
+
+    let quiet = nip34::fixture("quiet");
+    let polite = HostileRelay::start(Script::default()).await;
+    polite.add(quiet.expected.iter().cloned());
+    let started = std::time::Instant::now();
+    let h = rig.start(
+        &polite.url(),
+        set_for(&[&quiet]),
+        Resume::fresh(),
+        fast_config(),
+    );
+    wait_phase(&h, Phase::Live).await;
+    let to_live = started.elapsed();
+    let live = nip34::comment_now(quiet.root.id, "while the flood goes on");
+    let sent = std::time::Instant::now();
+    polite.add([live.clone()]);
+    eventually("the polite relay's live event", DEADLINE, || {
+        let local = rig.local.clone();
+        async move {
+            relays::fetch_ids(&local, Filter::new().id(live.id))
+                .await
+                .contains(&live.id)
+                .then_some(())
+        }
+    })
+    .await;
+    let latency = sent.elapsed();
+    let flooded = rig.publisher.stats().accepted.load(Ordering::Relaxed) as usize;
+    // One FIFO queue made each wait for ~1,000 flood events ahead (10 s at this pace).
+    assert!(
+        to_live < Duration::from_secs(4),
+        "the polite relay took {to_live:?} to be Live"
+    );
+    assert!(
+        latency < Duration::from_secs(2),
+        "its live event took {latency:?}"
+    );
+    assert!(
+        flooded < FLOOD / 2,
+        "the flood was mostly through ({flooded}): nothing was contended"
+    );
+    h.stop().await;
+    flood.stop().await;
 }
 
 /// The refusal delay belongs to the filter refused, and a filter the relay serves again

@@ -94,6 +94,12 @@ impl Health {
         self.next_retry_at = None;
     }
 
+    /// We end this connection for the relay's misconduct: however long it lasted, it does
+    /// not count as stable, so the next failure backs off further instead of starting over.
+    pub fn on_misconduct(&mut self) {
+        self.connected_since = None;
+    }
+
     /// The connection attempt failed or an established connection dropped. Returns the delay
     /// before the next attempt. A connection that dropped before the stability period counts
     /// as a failure, so a relay that accepts and then drops does not get hammered every
@@ -203,6 +209,25 @@ mod tests {
         assert_eq!(h.state(t0), HealthState::Backoff);
         assert!(!h.may_connect(t0));
         assert!(h.may_connect(t0 + secs(3600)));
+    }
+
+    #[test]
+    fn misconduct_keeps_backing_off_however_long_each_connection_lasted() {
+        let t0 = Instant::now();
+        let mut h = Health::new(no_jitter());
+        let mut delays = Vec::new();
+        let mut now = t0;
+        for _ in 0..4 {
+            h.on_connected(now);
+            now += secs(3600); // far past the stability period
+            h.on_misconduct();
+            delays.push(h.on_failure(now, 0.5).as_secs());
+        }
+        assert_eq!(delays, [5, 10, 20, 40]);
+        // A stable connection without misconduct starts over.
+        h.on_connected(now);
+        now += secs(3600);
+        assert_eq!(h.on_failure(now, 0.5).as_secs(), 5);
     }
 
     #[test]

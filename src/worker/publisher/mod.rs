@@ -2,8 +2,9 @@
 //!
 //! The local relay is the authority (it applies its own write policy) and often the
 //! bottleneck (per-connection ingress limits). So the publisher:
-//! - takes events through a bounded queue; a session that cannot enqueue stops reading from
-//!   its remote (backpressure instead of unbounded buffering);
+//! - takes events through a bounded queue, fair between sessions (see [`fair`]): each has its
+//!   own, served in turn, so one relay's flood slows only that relay; a session that cannot
+//!   enqueue stops reading from its remote (backpressure instead of unbounded buffering);
 //! - keeps a bounded number of events in flight and matches each `OK` to its event;
 //! - paces itself with a token bucket per connection that adapts to `rate-limited:` answers
 //!   (see [`super::pacing`]), and hands refused events to whichever connection has room;
@@ -29,6 +30,7 @@ use connection::PublisherConn;
 use metrics::PublisherMetrics;
 
 mod connection;
+mod fair;
 pub mod metrics;
 mod pacing;
 mod validate;
@@ -38,8 +40,13 @@ pub use validate::{EventRejection, validate};
 #[derive(Debug, Clone)]
 pub struct PublisherConfig {
     pub local_relay: RelayUrl,
-    /// Events that may wait in the queue before senders block.
+    /// Events that may wait in the queue before senders block (each session may still add
+    /// up to `queue_reserve`).
     pub queue_capacity: usize,
+    /// Most events one session may have queued.
+    pub queue_per_source: usize,
+    /// Events a session may always queue, however full the queue is.
+    pub queue_reserve: usize,
     /// Events sent and not yet answered.
     pub max_in_flight: usize,
     /// An event without `OK` after this long is sent again.
@@ -71,6 +78,8 @@ impl PublisherConfig {
         PublisherConfig {
             local_relay,
             queue_capacity: 1024,
+            queue_per_source: 256,
+            queue_reserve: 16,
             max_in_flight: 64,
             ok_timeout: Duration::from_secs(15),
             max_error_attempts: 5,
@@ -166,7 +175,7 @@ struct Pending {
 /// Cheap to clone; every session holds one.
 #[derive(Clone)]
 pub struct Publisher {
-    tx: async_channel::Sender<Pending>,
+    tx: fair::FairSender<Pending>,
     stats: Arc<PublisherStats>,
 }
 
@@ -184,7 +193,11 @@ impl Publisher {
         config: PublisherConfig,
         metrics: PublisherMetrics,
     ) -> (Publisher, JoinHandle<()>) {
-        let (tx, rx) = async_channel::bounded(config.queue_capacity.max(1));
+        let (tx, rx) = fair::channel(
+            config.queue_capacity,
+            config.queue_per_source,
+            config.queue_reserve,
+        );
         let stats = Arc::new(PublisherStats::default());
         let gauges = Arc::new(Gauges::default());
         let shared = Arc::new(Mutex::new(VecDeque::new()));
@@ -216,15 +229,20 @@ impl Publisher {
         origin: Option<Arc<SourceCounters>>,
     ) -> Result<(), PublisherClosed> {
         self.stats.submitted.fetch_add(1, Ordering::Relaxed);
+        // Events without an origin (seeding, tests) share one source.
+        let source = origin.as_ref().map_or(0, |o| Arc::as_ptr(o) as usize);
         self.tx
-            .send(Pending {
-                event,
-                attempts: 0,
-                failures: 0,
-                first_failure: None,
-                strikes: 0,
-                origins: vec![origin],
-            })
+            .send(
+                source,
+                Pending {
+                    event,
+                    attempts: 0,
+                    failures: 0,
+                    first_failure: None,
+                    strikes: 0,
+                    origins: vec![origin],
+                },
+            )
             .await
             .map_err(|_| {
                 self.stats.submitted.fetch_sub(1, Ordering::Relaxed);

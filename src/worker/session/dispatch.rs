@@ -7,6 +7,10 @@ use std::time::{Duration, Instant};
 /// A hand-over to the publisher that took this long means it was full (back-pressure).
 const BLOCKED: Duration = Duration::from_millis(50);
 
+/// Invalid events (bad id or signature) on one connection before it may be cut off for
+/// sending more invalid than valid ones.
+const INVALID_TOLERATED: u64 = 128;
+
 use nostr::filter::MatchEventOptions;
 use nostr::{ClientMessage, Event, Filter, RelayMessage};
 
@@ -16,7 +20,7 @@ use super::{Conn, Session, SessionError};
 use crate::nostr::negentropy::notice_means_unsupported;
 use crate::nostr::outcome::{Outcome, means_subscription_cap, notice_means_rate_limited};
 use crate::nostr::pagination::Step;
-use crate::worker::publisher::validate;
+use crate::worker::publisher::{EventRejection, validate};
 
 impl Session {
     pub(super) async fn on_message(
@@ -301,8 +305,21 @@ impl Session {
                 .inc();
             self.counters.rejected.fetch_add(1, Ordering::Relaxed);
             tracing::debug!(relay = %self.url, id = %event.id, reason = %rejection, "dropping invalid event");
+            if !matches!(rejection, EventRejection::Oversize { .. }) {
+                self.conn_invalid += 1;
+                // Each costs a signature check; a relay sending mostly forgeries is cut off
+                // and retried on a growing backoff rather than read for ever.
+                if self.conn_invalid >= INVALID_TOLERATED && self.conn_invalid > self.conn_valid {
+                    self.health.on_misconduct();
+                    return Err(SessionError::MostlyInvalid {
+                        invalid: self.conn_invalid,
+                        valid: self.conn_valid,
+                    });
+                }
+            }
             return Ok(());
         }
+        self.conn_valid += 1;
         self.counters.submitted.fetch_add(1, Ordering::Release);
         let started = Instant::now();
         let handed = self

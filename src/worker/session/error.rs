@@ -28,6 +28,11 @@ pub(super) enum SessionError {
     AuthUrl(nostr::types::url::Error),
     #[error(transparent)]
     AuthSign(nostr::event::builder::Error),
+    /// The relay sends mostly events that fail validation: we stop spending CPU on it.
+    #[error(
+        "the relay sent mostly invalid events ({invalid} invalid, {valid} valid on this connection)"
+    )]
+    MostlyInvalid { invalid: u64, valid: u64 },
 }
 
 impl SessionError {
@@ -41,6 +46,7 @@ impl SessionError {
             SessionError::PublisherClosed(_) => "publisher_closed",
             SessionError::AuthUrl(_) => "auth_url_invalid",
             SessionError::AuthSign(_) => "auth_sign_failed",
+            SessionError::MostlyInvalid { .. } => "mostly_invalid",
         }
     }
 }

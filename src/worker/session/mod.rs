@@ -318,6 +318,8 @@ pub fn spawn(
         commands: cmd_rx,
         state: state_tx,
         received: 0,
+        conn_valid: 0,
+        conn_invalid: 0,
         gaps: 0,
         neg_ids: 0,
         reconciling: false,
@@ -359,6 +361,9 @@ struct Session {
     commands: mpsc::UnboundedReceiver<Command>,
     state: watch::Sender<SessionState>,
     received: u64,
+    /// Events on this connection that passed and failed validation (id or signature).
+    conn_valid: u64,
+    conn_invalid: u64,
     gaps: u64,
     neg_ids: u64,
     /// A full reconciliation is running (its events count as `daily`).

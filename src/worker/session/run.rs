@@ -125,6 +125,7 @@ impl Session {
                 .inc();
             self.metrics.relays_connected.inc();
             self.health.on_connected(Instant::now());
+            (self.conn_valid, self.conn_invalid) = (0, 0);
             let caps = conn.caps.clone();
             self.publish_state(|s| {
                 s.last_connected = Some(SystemTime::now());

@@ -29,7 +29,7 @@ pub(super) struct PublisherConn {
     /// What this connection last added to the shared gauges (retry, in flight).
     reported: (i64, i64),
     pacer: Pacer,
-    rx: async_channel::Receiver<Pending>,
+    rx: super::fair::FairReceiver<Pending>,
     /// Events any connection may send again (refused as rate-limited on one connection: another
     /// may have room). Locked only for a push or pop, never across an await.
     shared: Arc<Mutex<VecDeque<Pending>>>,
@@ -63,7 +63,7 @@ impl PublisherConn {
         metrics: PublisherMetrics,
         stats: Arc<PublisherStats>,
         gauges: Arc<Gauges>,
-        rx: async_channel::Receiver<Pending>,
+        rx: super::fair::FairReceiver<Pending>,
         shared: Arc<Mutex<VecDeque<Pending>>>,
     ) -> Self {
         PublisherConn {
@@ -222,7 +222,7 @@ impl PublisherConn {
                     }
                 },
                 next = self.rx.recv(), if can_take => {
-                    if let Ok(p) = next {
+                    if let Some(p) = next {
                         if self.pacer.take(Instant::now()).is_err() {
                             self.retry.push_front(p);
                         } else if let Err(step) = self.send(writer, p).await {
