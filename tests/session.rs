@@ -437,6 +437,44 @@ async fn a_relay_sending_mostly_invalid_events_is_cut_off_with_backoff() {
     h.stop().await;
 }
 
+/// A relay that never ends a page but keeps it alive with a trickle of matching events is
+/// never silent long enough to time out; the page's absolute deadline ends it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_page_that_trickles_without_end_meets_its_deadline() {
+    let rig = rig().await;
+    let f = nip34::fixture("trickle");
+    let remote = HostileRelay::start(Script {
+        no_eose: true,
+        ..Script::default()
+    })
+    .await;
+    remote.add(f.expected.iter().cloned());
+    let mut config = fast_config(); // 2 s without an event times a page out
+    config.page_deadline = Duration::from_secs(4);
+    let h = rig.start(&remote.url(), set_for(&[&f]), Resume::fresh(), config);
+    let root = f.root.id;
+    let remote = std::sync::Arc::new(remote);
+    let dripping = remote.clone();
+    let trickle = tokio::spawn(async move {
+        for i in 0.. {
+            dripping.add([nip34::comment_now(root, &format!("drip {i}"))]);
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    });
+    let mut rx = h.state();
+    eventually("the page's deadline", DEADLINE, || {
+        let s = rx.borrow_and_update().clone();
+        async move {
+            s.last_error
+                .filter(|e| e.contains("not finished within"))
+                .map(|_| ())
+        }
+    })
+    .await;
+    trickle.abort();
+    h.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn adding_and_removing_items_on_a_live_session() {
     let rig = rig().await;

@@ -13,6 +13,8 @@ pub enum NegError {
     Hex,
     #[error("negentropy went on for more than {0} rounds")]
     TooManyRounds(u32),
+    #[error("the relay has more than {0} events we lack for this filter")]
+    TooManyNeeded(usize),
 }
 
 impl From<negentropy::Error> for NegError {
@@ -23,6 +25,10 @@ impl From<negentropy::Error> for NegError {
 
 /// Rounds after which a reconciliation is abandoned (a relay that never converges).
 pub const MAX_ROUNDS: u32 = 500;
+
+/// Ids we lack after which a reconciliation is abandoned for REQ pagination, which streams:
+/// a relay (honest with a huge history, or lying) must not make us hold millions of ids.
+pub const MAX_NEED: usize = 50_000;
 
 pub struct NegSession {
     neg: Negentropy<'static, NegentropyStorageVector>,
@@ -65,6 +71,9 @@ impl NegSession {
         let next = self
             .neg
             .reconcile_with_ids(&msg, &mut have, &mut self.need)?;
+        if self.need.len() > MAX_NEED {
+            return Err(NegError::TooManyNeeded(MAX_NEED));
+        }
         Ok(next.map(hex::encode))
     }
 
@@ -164,6 +173,31 @@ mod tests {
         assert!(need.is_empty());
         let (need, _) = reconcile(&[], &theirs[..10], 0);
         assert_eq!(need.len(), 10);
+    }
+
+    #[test]
+    fn a_relay_claiming_too_much_we_lack_ends_the_reconciliation() {
+        let theirs: Vec<_> = (0..MAX_NEED as u32 + 10)
+            .map(|i| item(i, 1_000 + i as u64))
+            .collect();
+        let mut storage = NegentropyStorageVector::new();
+        for (id, at) in &theirs {
+            storage
+                .insert(at.as_secs(), Id::from_byte_array(id.to_bytes()))
+                .unwrap();
+        }
+        storage.seal().unwrap();
+        let mut relay = Negentropy::owned(storage, 0).unwrap();
+        let (mut s, init) = NegSession::open(&[], 0).unwrap();
+        let mut msg = relay.reconcile(&hex::decode(init).unwrap()).unwrap();
+        let err = loop {
+            match s.on_message(&hex::encode(&msg)) {
+                Ok(Some(next)) => msg = relay.reconcile(&hex::decode(next).unwrap()).unwrap(),
+                Ok(None) => panic!("finished holding {} ids", s.need().len()),
+                Err(e) => break e,
+            }
+        };
+        assert!(matches!(err, NegError::TooManyNeeded(MAX_NEED)), "{err}");
     }
 
     #[test]

@@ -25,6 +25,19 @@ pub struct Paginator {
     received: u64,
     new_events: u64,
     gaps: Vec<Timestamp>,
+    page: PageState,
+}
+
+/// What the page in progress has brought, as far as deciding the next page needs.
+#[derive(Debug, Clone, Default)]
+struct PageState {
+    count: usize,
+    fresh: usize,
+    oldest: Option<Timestamp>,
+    /// Ids at `oldest` (at most [`Paginator::max_second_ids`]).
+    at_oldest: HashSet<EventId>,
+    /// `oldest` held more ids than that.
+    overfull: bool,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -48,6 +61,7 @@ impl Paginator {
             received: 0,
             new_events: 0,
             gaps: Vec::new(),
+            page: PageState::default(),
         }
     }
 
@@ -69,22 +83,56 @@ impl Paginator {
         f
     }
 
-    /// Record a completed page (every event received for it, in any order) and decide what
-    /// to request next.
-    pub fn on_page(&mut self, events: &[(EventId, Timestamp)]) -> Step {
+    /// Start (or restart) the page for [`Paginator::current`]: whatever an abandoned page
+    /// brought is forgotten.
+    pub fn start_page(&mut self) {
+        self.page = PageState::default();
+    }
+
+    /// Record one event of the current page (in any order). Only what deciding the next page
+    /// needs is kept — counts, the oldest second and the ids at it, the latter bounded — so a
+    /// relay that ignores `limit` or never ends a page cannot grow memory.
+    pub fn page_event(&mut self, id: EventId, at: Timestamp) {
+        let max_ids = self.max_second_ids();
+        let page = &mut self.page;
+        page.count += 1;
+        if Some(at) != self.until || !self.boundary_seen.contains(&id) {
+            page.fresh += 1;
+        }
+        match page.oldest {
+            Some(o) if at > o => return,
+            Some(o) if at == o => {}
+            _ => {
+                page.oldest = Some(at);
+                page.at_oldest.clear();
+                page.overfull = false;
+            }
+        }
+        if page.at_oldest.len() < max_ids {
+            page.at_oldest.insert(id);
+        } else {
+            page.overfull = true;
+        }
+    }
+
+    /// Most ids remembered for one second: a second holding more than a few pages is
+    /// skipped as a gap rather than remembered.
+    fn max_second_ids(&self) -> usize {
+        self.limit.saturating_mul(4).max(2_000)
+    }
+
+    /// The current page is complete (EOSE): decide what to request next.
+    pub fn end_page(&mut self) -> Step {
+        let page = std::mem::take(&mut self.page);
         self.pages += 1;
-        self.received += events.len() as u64;
-        self.largest_page = self.largest_page.max(events.len());
-        let Some(oldest) = events.iter().map(|(_, t)| *t).min() else {
+        self.received += page.count as u64;
+        self.largest_page = self.largest_page.max(page.count);
+        let Some(oldest) = page.oldest else {
             return Step::Done;
         };
-        let fresh: Vec<&(EventId, Timestamp)> = events
-            .iter()
-            .filter(|(id, t)| Some(*t) != self.until || !self.boundary_seen.contains(id))
-            .collect();
-        self.new_events += fresh.len() as u64;
+        self.new_events += page.fresh as u64;
 
-        if fresh.is_empty() {
+        if page.fresh == 0 {
             // Everything was at the boundary second and already seen. A page shorter than
             // any the relay has served means it has nothing else there or below. Otherwise
             // it may be capping pages: step past this second so older events still come.
@@ -93,29 +141,46 @@ impl Paginator {
             let Some(until) = self.until else {
                 return Step::Done;
             };
-            let possibly_capped = events.len() >= self.limit || events.len() == self.largest_page;
+            let possibly_capped = page.count >= self.limit || page.count == self.largest_page;
             if !possibly_capped || until.as_secs() == 0 {
                 return Step::Done;
             }
-            if events.len() >= self.limit {
+            if page.count >= self.limit {
                 self.gaps.push(until);
             }
-            self.until = Some(Timestamp::from(until.as_secs() - 1));
-            self.boundary_seen.clear();
-            return Step::Next(self.current());
+            return self.step_past(until);
         }
 
         if Some(oldest) != self.until {
             self.boundary_seen.clear();
         }
-        self.boundary_seen.extend(
-            events
-                .iter()
-                .filter(|(_, t)| *t == oldest)
-                .map(|(id, _)| *id),
-        );
+        self.boundary_seen.extend(page.at_oldest);
+        if page.overfull || self.boundary_seen.len() > self.max_second_ids() {
+            // More ids in one second than we remember: step past it, recorded as a gap.
+            self.gaps.push(oldest);
+            if oldest.as_secs() == 0 {
+                return Step::Done;
+            }
+            return self.step_past(oldest);
+        }
         self.until = Some(oldest);
         Step::Next(self.current())
+    }
+
+    fn step_past(&mut self, second: Timestamp) -> Step {
+        self.until = Some(Timestamp::from(second.as_secs() - 1));
+        self.boundary_seen.clear();
+        Step::Next(self.current())
+    }
+
+    /// Record a completed page (every event received for it, in any order) and decide what
+    /// to request next.
+    pub fn on_page(&mut self, events: &[(EventId, Timestamp)]) -> Step {
+        self.start_page();
+        for (id, at) in events {
+            self.page_event(*id, *at);
+        }
+        self.end_page()
     }
 
     pub fn pages(&self) -> u32 {
@@ -242,6 +307,54 @@ mod tests {
         let one = [(id(1), Timestamp::from(7))];
         let (got, _) = run(&one, 10, 10);
         assert_eq!(got, all(&one));
+    }
+
+    #[test]
+    fn a_relay_ignoring_limit_is_paged_with_bounded_memory() {
+        // 10,000 events in one second, all sent on every page whatever the limit: the
+        // paginator remembers a bounded number of ids, records the second as a gap and moves
+        // on to the older events instead of looping or growing.
+        let mut store: Vec<_> = (0..10_000)
+            .map(|i| (id(i), Timestamp::from(7_000)))
+            .collect();
+        store.extend((10_000..10_050).map(|i| (id(i), Timestamp::from(i as u64))));
+        let mut p = Paginator::new(Filter::new(), 50);
+        let mut got = BTreeSet::new();
+        let mut filter = p.current();
+        let mut pages = 0;
+        loop {
+            pages += 1;
+            assert!(pages < 100, "no end");
+            p.start_page();
+            for (i, t) in serve(&store, &filter, usize::MAX).iter().chain(
+                store
+                    .iter()
+                    .filter(|(_, t)| filter.until.is_none_or(|u| *t <= u)),
+            ) {
+                p.page_event(*i, *t);
+                got.insert(*i);
+            }
+            assert!(p.page.at_oldest.len() <= p.max_second_ids());
+            match p.end_page() {
+                Step::Next(f) => filter = f,
+                Step::Done => break,
+            }
+        }
+        assert_eq!(p.gaps(), [Timestamp::from(7_000)]);
+        assert_eq!(got, all(&store), "everything sent was taken");
+    }
+
+    #[test]
+    fn an_abandoned_page_is_forgotten() {
+        let mut p = Paginator::new(Filter::new(), 10);
+        p.start_page();
+        p.page_event(id(1), Timestamp::from(5));
+        p.start_page(); // sent again after a timeout
+        assert_eq!(
+            p.end_page(),
+            Step::Done,
+            "the restarted page brought nothing"
+        );
     }
 
     #[test]

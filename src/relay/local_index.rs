@@ -2,7 +2,6 @@
 //! set for negentropy against a remote. Read with paginated REQs (loopback, and the local
 //! relay is ours); only ids and timestamps are kept.
 
-use std::collections::HashSet;
 use std::time::Duration;
 
 use nostr::{ClientMessage, EventId, Filter, RelayMessage, SubscriptionId, Timestamp};
@@ -11,9 +10,14 @@ use super::connection::{self, ConnectOptions, Incoming};
 use crate::nostr::RelayUrl;
 use crate::nostr::pagination::{Paginator, Step};
 
-/// Most items read for one filter; beyond that negentropy is not worth its memory and the
-/// caller falls back to REQ pagination against the remote.
-pub const MAX_ITEMS: usize = 2_000_000;
+/// Most items read for one filter (about 10 MiB); beyond that negentropy is not worth its
+/// memory and the caller falls back to REQ pagination against the remote, which streams.
+pub const MAX_ITEMS: usize = 250_000;
+
+/// Reads running at once in this process: each holds up to `MAX_ITEMS` items, and the
+/// sessions of a worker would otherwise start one per historic slot of every relay.
+const CONCURRENT_READS: usize = 4;
+static READS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(CONCURRENT_READS);
 
 const TOO_LARGE: &str = "local set exceeds";
 
@@ -31,11 +35,12 @@ pub async fn local_items(
     timeout: Duration,
 ) -> Result<Vec<(EventId, Timestamp)>, String> {
     let work = async {
+        // Waiting for a turn counts against the timeout: the caller retries later.
+        let _turn = READS.acquire().await.map_err(|e| e.to_string())?;
         let (mut w, mut r) = connection::connect(local, connect)
             .await
             .map_err(|e| e.to_string())?;
         let mut paginator = Paginator::new(filter, page_limit);
-        let mut seen = HashSet::new();
         let mut items = Vec::new();
         let mut n = 0u64;
         loop {
@@ -44,14 +49,15 @@ pub async fn local_items(
             w.send(&ClientMessage::req(sub.clone(), vec![paginator.current()]))
                 .await
                 .map_err(|e| e.to_string())?;
-            let mut page = Vec::new();
+            paginator.start_page();
             loop {
                 match r.recv().await.map_err(|e| e.to_string())? {
                     Incoming::Message(RelayMessage::Event {
                         subscription_id,
                         event,
                     }) if subscription_id.as_ref() == &sub => {
-                        page.push((event.id, event.created_at));
+                        paginator.page_event(event.id, event.created_at);
+                        items.push((event.id, event.created_at));
                     }
                     Incoming::Message(RelayMessage::EndOfStoredEvents(id))
                         if id.as_ref() == &sub =>
@@ -68,19 +74,20 @@ pub async fn local_items(
                 }
             }
             let _ = w.send(&ClientMessage::close(sub)).await;
-            for item in &page {
-                if seen.insert(item.0) {
-                    items.push(*item);
-                }
-            }
-            if items.len() > MAX_ITEMS {
+            // Pages overlap at their boundary second: repeats are removed at the end.
+            if items.len() > MAX_ITEMS + page_limit {
                 return Err(format!("{TOO_LARGE} {MAX_ITEMS} events"));
             }
-            if paginator.on_page(&page) == Step::Done {
+            if paginator.end_page() == Step::Done {
                 break;
             }
         }
         w.close().await;
+        items.sort_unstable();
+        items.dedup();
+        if items.len() > MAX_ITEMS {
+            return Err(format!("{TOO_LARGE} {MAX_ITEMS} events"));
+        }
         Ok(items)
     };
     tokio::time::timeout(timeout, work)

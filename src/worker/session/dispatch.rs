@@ -1,6 +1,7 @@
 //! Routing of what the relay sends: events to the publisher, EOSE/CLOSED/NEG-* to the
 //! subscription they belong to, AUTH and NOTICE to the connection's state.
 
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
@@ -64,13 +65,13 @@ impl Session {
                 let source = if let Some(h) = conn.historic.get_mut(sid) {
                     h.last_activity = Instant::now();
                     h.paginator.matches(&event).then(|| {
-                        h.page.push((event.id, event.created_at));
+                        h.paginator.page_event(event.id, event.created_at);
                         historic_source
                     })
                 } else if let Some(f) = conn.fetches.get_mut(sid) {
                     f.last_activity = Instant::now();
                     let asked =
-                        f.requested.remove(&event.id) || matches(std::slice::from_ref(&f.filter));
+                        f.requested.remove(&event.id) || matches(std::slice::from_ref(&*f.filter));
                     asked.then_some(historic_source)
                 } else if let Some(fs) = conn.live.get(sid) {
                     matches(fs).then_some("live")
@@ -106,8 +107,7 @@ impl Session {
                         .send(&ClientMessage::close(id))
                         .await
                         .map_err(SessionError::Write)?;
-                    let page = std::mem::take(&mut h.page);
-                    match h.paginator.on_page(&page) {
+                    match h.paginator.end_page() {
                         // While cap NOTICEs are being placed, no REQ goes out.
                         Step::Next(_) if conn.notice_refusals.pending() => {
                             conn.queue.push(Queued {
@@ -146,7 +146,7 @@ impl Session {
                         // Still missing: page through the semantic filter instead. The
                         // batch waits for that one unit of work in place of this fetch.
                         let why = format!("{} ids never arrived", f.requested.len());
-                        self.fallback_to_req(conn, f.batch, f.filter, &why);
+                        self.fallback_to_req(conn, f.batch, Arc::unwrap_or_clone(f.filter), &why);
                     }
                 } else if !conn.live.contains_key(&id) {
                     // A subscription we no longer track (taken back as refused, or replaced)

@@ -42,6 +42,9 @@ pub struct SessionConfig {
     pub nip11_timeout: Duration,
     /// A historic page without EOSE (or any event) for this long fails its batch.
     pub batch_timeout: Duration,
+    /// A historic page not finished this long after its REQ fails its batch however
+    /// steadily events trickle in (time the publisher held us up does not count).
+    pub page_deadline: Duration,
     /// Our `limit` per historic page (capped by the relay's `max_limit`).
     pub page_limit: usize,
     /// Items (repos or root ids) per filter.
@@ -92,6 +95,7 @@ impl Default for SessionConfig {
             connect: ConnectOptions::default(),
             nip11_timeout: Duration::from_secs(5),
             batch_timeout: Duration::from_secs(60),
+            page_deadline: Duration::from_secs(600),
             page_limit: 500,
             chunk: filters::DEFAULT_CHUNK,
             default_max_filters: 10,

@@ -7,6 +7,7 @@ mod req;
 mod timeouts;
 
 use std::collections::HashSet;
+use std::sync::Arc;
 use std::time::Instant;
 
 use nostr::{EventId, Filter, Timestamp};
@@ -42,9 +43,12 @@ pub(super) struct Batch {
 /// A historic REQ in flight: one page of one filter.
 pub(super) struct HistoricSub {
     pub(super) batch: u64,
+    /// Also holds what the page in progress has brought so far (bounded).
     pub(super) paginator: Paginator,
-    pub(super) page: Vec<(EventId, Timestamp)>,
     pub(super) last_activity: Instant,
+    /// When the page was requested: a relay that trickles events never times out by
+    /// silence, so a page also has an absolute deadline.
+    pub(super) opened_at: Instant,
 }
 
 /// A negentropy reconciliation in flight.
@@ -58,20 +62,24 @@ pub(super) struct NegSub {
 /// A REQ by ids for events negentropy found missing.
 pub(super) struct FetchSub {
     pub(super) batch: u64,
-    pub(super) filter: Filter,
+    pub(super) filter: Arc<Filter>,
     pub(super) requested: HashSet<EventId>,
     pub(super) retried: bool,
     pub(super) last_activity: Instant,
 }
 
+// A few per connection, moved a handful of times each: boxing the paginator would only add
+// an allocation.
+#[allow(clippy::large_enum_variant)]
 pub(super) enum Work {
     /// REQ/EOSE pagination of a filter.
     Page(Paginator),
     /// Negentropy for a filter (first reading the local relay's set for it).
     Neg(Filter),
-    /// Fetch these ids; `filter` is the semantic filter to fall back to.
+    /// Fetch these ids; `filter` is the semantic filter to fall back to (shared by every
+    /// chunk of one reconciliation's ids: it can be large).
     Fetch {
-        filter: Filter,
+        filter: Arc<Filter>,
         ids: Vec<EventId>,
         retried: bool,
     },

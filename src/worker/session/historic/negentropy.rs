@@ -142,11 +142,12 @@ impl Session {
                 if let Some(b) = conn.batches.get_mut(&n.batch) {
                     b.open += chunks.len() - 1;
                 }
+                let filter = std::sync::Arc::new(n.filter);
                 for ids in chunks {
                     conn.queue.push(Queued {
                         batch: n.batch,
                         work: Work::Fetch {
-                            filter: n.filter.clone(),
+                            filter: filter.clone(),
                             ids,
                             retried: false,
                         },

@@ -13,8 +13,9 @@ impl Session {
         &mut self,
         conn: &mut Conn,
         batch: u64,
-        paginator: Paginator,
+        mut paginator: Paginator,
     ) -> Result<(), SessionError> {
+        paginator.start_page();
         conn.next_id += 1;
         let id = SubscriptionId::new(format!("hist-{}", conn.next_id));
         conn.writer
@@ -27,8 +28,8 @@ impl Session {
             HistoricSub {
                 batch,
                 paginator,
-                page: Vec::new(),
                 last_activity: Instant::now(),
+                opened_at: Instant::now(),
             },
         );
         Ok(())
@@ -38,7 +39,7 @@ impl Session {
         &mut self,
         conn: &mut Conn,
         batch: u64,
-        filter: Filter,
+        filter: std::sync::Arc<Filter>,
         ids: Vec<EventId>,
         retried: bool,
     ) -> Result<(), SessionError> {

@@ -15,10 +15,13 @@ impl Session {
         // Silence while we were not reading (publisher back-pressure) is not the relay's.
         let unblocked = self.unblocked_at;
         let idle = |last: Instant| now.duration_since(last.max(unblocked));
+        // A page that keeps trickling is never silent: it also has an absolute deadline
+        // (from its REQ, or from when back-pressure last held us up).
+        let deadline = self.config.page_deadline;
         let stale: Vec<SubscriptionId> = conn
             .historic
             .iter()
-            .filter(|(_, h)| idle(h.last_activity) >= timeout)
+            .filter(|(_, h)| idle(h.last_activity) >= timeout || idle(h.opened_at) >= deadline)
             .map(|(id, _)| id.clone())
             .collect();
         for id in stale {
@@ -30,12 +33,13 @@ impl Session {
                 .historic_batches
                 .with_label_values(&["timeout"])
                 .inc();
-            tracing::warn!(relay = %self.url, sub = %id, "historic batch got no EOSE in time; will retry");
-            self.publish_state(|s| {
-                s.last_error = Some(format!(
-                    "historic batch timed out after {timeout:?} without EOSE"
-                ))
-            });
+            let why = if idle(h.last_activity) >= timeout {
+                format!("historic batch timed out after {timeout:?} without EOSE")
+            } else {
+                format!("historic page not finished within {deadline:?} (events trickle, no EOSE)")
+            };
+            tracing::warn!(relay = %self.url, sub = %id, %why, "historic batch will be retried");
+            self.publish_state(|s| s.last_error = Some(why));
             retry_later(
                 conn,
                 h.batch,
