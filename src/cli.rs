@@ -231,10 +231,15 @@ pub struct SyncOpts {
     /// connection).
     #[arg(long, env = "GRASP_SYNC_PUBLISHER_CONNECTIONS", default_value_t = 1)]
     pub publisher_connections: usize,
-    /// File holding a nostr secret key (nsec or hex) for NIP-42 authentication, to remote
-    /// relays and to the local relay.
+    /// File holding a nostr secret key (nsec or hex) for NIP-42 authentication to the local
+    /// relay (the key your relay may exempt from its limits). Never used with remote relays.
     #[arg(long, env = "GRASP_SYNC_AUTH_KEY_FILE")]
     pub auth_key_file: Option<PathBuf>,
+    /// File holding the nostr secret key for remote relays that require NIP-42 (e.g. one
+    /// they allow-list). Default: a key generated for this process, so remotes never see a
+    /// signature of the key your relay exempts.
+    #[arg(long, env = "GRASP_SYNC_REMOTE_AUTH_KEY_FILE")]
+    pub remote_auth_key_file: Option<PathBuf>,
     /// Ping a connection (to a remote relay, or a publisher connection to the local relay)
     /// that has been silent this long.
     #[arg(long, env = "GRASP_SYNC_PING_INTERVAL", default_value = "30s", value_parser = humantime::parse_duration)]

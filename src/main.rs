@@ -77,18 +77,30 @@ fn address_policy(opts: &PolicyOpts) -> AddressPolicy {
 }
 
 fn auth_keys(sync: &SyncOpts) -> Result<Option<nostr::Keys>> {
-    let Some(path) = &sync.auth_key_file else {
-        return Ok(None);
-    };
+    sync.auth_key_file
+        .as_deref()
+        .map(|p| read_key(p, "--auth-key-file"))
+        .transpose()
+}
+
+/// The key remote relays' AUTH challenges are answered with: the configured one, or one
+/// generated now (never the local relay's key).
+fn remote_auth_keys(sync: &SyncOpts) -> Result<nostr::Keys> {
+    match &sync.remote_auth_key_file {
+        Some(p) => read_key(p, "--remote-auth-key-file"),
+        None => Ok(nostr::Keys::generate()),
+    }
+}
+
+fn read_key(path: &std::path::Path, flag: &str) -> Result<nostr::Keys> {
     let text = std::fs::read_to_string(path)
-        .with_context(|| format!("reading --auth-key-file {}", path.display()))?;
-    let keys = nostr::Keys::parse(text.trim()).with_context(|| {
+        .with_context(|| format!("reading {flag} {}", path.display()))?;
+    nostr::Keys::parse(text.trim()).with_context(|| {
         format!(
             "{} does not hold a nostr secret key (nsec or hex)",
             path.display()
         )
-    })?;
-    Ok(Some(keys))
+    })
 }
 
 /// Session settings from the command line; the publisher's connections share the liveness.
@@ -140,6 +152,7 @@ async fn standalone(args: StandaloneArgs) -> Result<()> {
     opts.status_interval = args.sync.status_interval;
     opts.publisher_connections = args.sync.publisher_connections;
     opts.auth_keys = auth_keys(&args.sync)?;
+    opts.remote_auth_keys = Some(remote_auth_keys(&args.sync)?);
     opts.session = session_config(&args.sync)?;
     let running = grasp_sync::modes::standalone::start(opts)
         .await
@@ -222,6 +235,7 @@ async fn worker(args: WorkerArgs) -> Result<()> {
         status_interval: args.sync.status_interval,
         publisher_connections: args.sync.publisher_connections,
         auth_keys: auth_keys(&args.sync)?,
+        remote_auth_keys: Some(remote_auth_keys(&args.sync)?),
         http_addr: args.kube.metrics_addr,
         lease: grasp_sync::coordination::membership::LeaseConfig {
             duration: args.lease_duration,

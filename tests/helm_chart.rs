@@ -505,6 +505,8 @@ fn every_variable_the_chart_sets_is_one_the_binary_reads() {
         "--set",
         "auth.existingSecret=relay-key",
         "--set",
+        "auth.remoteSecretKey=remote",
+        "--set",
         "bootstrapRelays={wss://relay.example}",
         "--set",
         "allow={10.1.0.0/16}",
@@ -523,7 +525,21 @@ fn every_variable_the_chart_sets_is_one_the_binary_reads() {
             .output()
             .unwrap();
         let help = String::from_utf8_lossy(&out.stdout);
-        for (var, _) in env_of(workload) {
+        let env = env_of(workload);
+        // The endpoint listens on the pod's IP; Kubernetes expands only variables defined
+        // earlier in the list.
+        let at = |name: &str| env.iter().position(|(n, _)| n == name);
+        assert_eq!(
+            env_value(workload, "GRASP_SYNC_METRICS_ADDR").as_deref(),
+            Some("$(POD_IP):9090")
+        );
+        assert!(at("POD_IP") < at("GRASP_SYNC_METRICS_ADDR") && at("POD_IP").is_some());
+        for (var, _) in &env {
+            // Set only for Kubernetes to expand in another variable, e.g. `$(POD_IP):9090`.
+            let reference = format!("$({var})");
+            if env.iter().any(|(_, value)| value.contains(&reference)) {
+                continue;
+            }
             assert!(
                 help.contains(&format!("[env: {var}=")),
                 "{name} sets {var}, which `grasp-sync {subcommand}` does not read"

@@ -761,8 +761,13 @@ async fn a_silent_connection_is_detected_and_replaced() {
 async fn subscriptions_refused_on_policy_grounds_are_retried_on_a_growing_delay() {
     let rig = rig().await;
     let f = nip34::fixture("refused");
+    // The reason is remote text: a forged log line, a terminal escape, 100 KB.
+    let reason = format!(
+        "blocked: these filters are not allowed here\nlevel=ERROR forged\u{1b}[2J{}",
+        "x".repeat(100_000)
+    );
     let remote = HostileRelay::start(Script {
-        closed_with: Some("blocked: these filters are not allowed here".into()),
+        closed_with: Some(reason),
         ..Script::default()
     })
     .await;
@@ -772,11 +777,16 @@ async fn subscriptions_refused_on_policy_grounds_are_retried_on_a_growing_delay(
     config.health.max_backoff = Duration::from_secs(3);
     let h = rig.start(&remote.url(), set_for(&[&f]), Resume::fresh(), config);
     let state = h.state();
-    eventually("the refusal delay to grow to its cap", DEADLINE, || {
+    let last = eventually("the refusal delay to grow to its cap", DEADLINE, || {
         let last = state.borrow().last_error.clone().unwrap_or_default();
-        async move { (last.contains("retry in 3s") && last.contains("blocked:")).then_some(()) }
+        async move { (last.contains("retry in 3s") && last.contains("blocked:")).then_some(last) }
     })
     .await;
+    assert!(
+        !last.chars().any(char::is_control) && last.len() < 2000,
+        "remote text reached status as sent: {:?}",
+        &last[..last.len().min(300)]
+    );
     assert_eq!(state.borrow().phase, Phase::LiveWithGaps);
     remote.set_script(Script::default());
     rig.holds_exactly(&nip34::ids(&f.expected)).await;

@@ -130,3 +130,43 @@ async fn standalone_syncs_historic_live_and_later_discovered_repos() {
         assert!(s.cursor.is_some(), "{} has no cursor", o.name);
     }
 }
+
+/// The key the local relay may exempt from its limits is the publisher's alone: a remote
+/// relay's AUTH challenge is answered with the remote key (by default one generated per
+/// process), so no remote ever holds a signature of the exempted key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn remote_relays_never_see_the_local_relay_s_key() {
+    let (_local_relay, local) = relays::local_relay(1_000_000).await;
+    let remote = HostileRelay::start(Script {
+        auth_challenge: true,
+        ..Script::default()
+    })
+    .await;
+    let f = nip34::fixture("authed");
+    remote.add(f.expected.iter().cloned());
+    let ann = nip34::announcement(&f, &[remote.url().to_string()]);
+    relays::publish(&local, std::slice::from_ref(&ann)).await;
+
+    let local_key = nostr::Keys::generate();
+    let remote_key = nostr::Keys::generate();
+    let mut opts = StandaloneOptions::new(local.clone(), "git.ours.example");
+    opts.addresses = AddressPolicy::allow_all();
+    opts.http_addr = "127.0.0.1:0".parse().unwrap();
+    opts.auth_keys = Some(local_key.clone());
+    opts.remote_auth_keys = Some(remote_key.clone());
+    let running = standalone::start(opts).await.expect("standalone starts");
+    let mut want = nip34::ids(&f.expected);
+    want.insert(ann.id);
+    relays::holds_exactly(&local, &want, DEADLINE).await;
+    let keys = eventually("an answered challenge", DEADLINE, || {
+        let keys = remote.authenticated_keys();
+        async move { (!keys.is_empty()).then_some(keys) }
+    })
+    .await;
+    assert!(
+        keys.iter().all(|k| *k == remote_key.public_key()),
+        "the remote saw {keys:?}; the local relay's key is {}",
+        local_key.public_key()
+    );
+    running.stop().await;
+}

@@ -25,7 +25,8 @@ struct StoreStatus<S>(Arc<S>);
 impl<S: RelaySyncStore + 'static> StatusSource for StoreStatus<S> {
     fn entries(&self) -> BoxFuture<'_, Result<Vec<StatusEntry>, String>> {
         async move {
-            let list = self.0.list().await.map_err(|e| e.to_string())?;
+            // From the store's watch cache: a request must not cost an API LIST.
+            let list = self.0.snapshot().await.map_err(|e| e.to_string())?;
             Ok(list
                 .into_iter()
                 .map(|o| StatusEntry {

@@ -39,7 +39,10 @@ pub struct StandaloneOptions {
     /// Bounds on what announcements make us sync.
     pub limits: DiscoveryLimits,
     pub publisher_connections: usize,
+    /// NIP-42 key for the local relay (the publisher).
     pub auth_keys: Option<Keys>,
+    /// NIP-42 key for remote relays (the sessions); never the local relay's.
+    pub remote_auth_keys: Option<Keys>,
     pub session: SessionConfig,
 }
 
@@ -58,6 +61,7 @@ impl StandaloneOptions {
             limits: DiscoveryLimits::default(),
             publisher_connections: 1,
             auth_keys: None,
+            remote_auth_keys: None,
             session: SessionConfig::default(),
         }
     }
@@ -136,7 +140,7 @@ pub async fn start(opts: StandaloneOptions) -> Result<Standalone, StandaloneErro
         opts.session.clone(),
         opts.status_interval,
         opts.addresses.clone(),
-        opts.auth_keys.clone(),
+        opts.remote_auth_keys.clone(),
     );
     let supervisor_task = tokio::spawn(supervisor::run(
         rc,

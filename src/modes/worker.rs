@@ -29,7 +29,10 @@ pub struct WorkerOptions {
     pub addresses: AddressPolicy,
     pub status_interval: Duration,
     pub publisher_connections: usize,
+    /// NIP-42 key for the local relay (the publisher).
     pub auth_keys: Option<Keys>,
+    /// NIP-42 key for remote relays (the sessions); never the local relay's.
+    pub remote_auth_keys: Option<Keys>,
     pub http_addr: SocketAddr,
     pub lease: LeaseConfig,
     pub session: SessionConfig,
@@ -72,7 +75,7 @@ pub async fn run_worker(
         opts.session.clone(),
         opts.status_interval,
         opts.addresses.clone(),
-        opts.auth_keys.clone(),
+        opts.remote_auth_keys.clone(),
     );
     tracing::info!(worker = %opts.name, %namespace, http = %http_addr, "worker started");
     loop {

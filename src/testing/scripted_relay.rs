@@ -61,6 +61,9 @@ pub struct Script {
     /// Raw event JSON appended to every REQ answer whose filters match the parsed event
     /// (signatures are not checked: that is the point).
     pub raw_events: Vec<String>,
+    /// Send a NIP-42 AUTH challenge to every new connection and record the keys that answer
+    /// it (`authenticated_keys`).
+    pub auth_challenge: bool,
 }
 
 /// How a relay refuses a REQ over its subscription cap.
@@ -120,6 +123,8 @@ struct Shared {
     silence: broadcast::Sender<()>,
     counters: Counters,
     disconnected_once: Mutex<bool>,
+    /// Keys that answered an AUTH challenge with a valid event.
+    authenticated: Mutex<Vec<nostr::PublicKey>>,
 }
 
 pub struct ScriptedRelay {
@@ -154,6 +159,7 @@ impl ScriptedRelay {
             silence: broadcast::channel(16).0,
             counters: Counters::default(),
             disconnected_once: Mutex::new(false),
+            authenticated: Mutex::new(Vec::new()),
         });
         let s = shared.clone();
         let task = tokio::spawn(async move {
@@ -241,6 +247,15 @@ impl ScriptedRelay {
 
     pub fn counters(&self) -> &Counters {
         &self.shared.counters
+    }
+
+    /// Keys that answered this relay's AUTH challenges (`Script::auth_challenge`).
+    pub fn authenticated_keys(&self) -> Vec<nostr::PublicKey> {
+        self.shared
+            .authenticated
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 }
 
@@ -345,6 +360,16 @@ async fn serve(ws: Ws, s: Arc<Shared>) {
                 break;
             }
         }
+    }
+
+    let challenge = s
+        .script
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .auth_challenge;
+    if challenge {
+        let text = RelayMessage::auth(format!("challenge-{now}")).as_json();
+        let _ = tx.send(Message::text(text)).await;
     }
 
     let close_at = s
@@ -571,6 +596,20 @@ fn handle(
         ClientMessage::NegOpen { .. } => {
             vec![Reply::Send(
                 RelayMessage::notice("ERROR: bad msg: unknown cmd").as_json(),
+            )]
+        }
+        ClientMessage::Auth(ev) => {
+            let ev = ev.into_owned();
+            let valid = ev.kind == Kind::Authentication && ev.verify().is_ok();
+            if valid {
+                s.authenticated
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push(ev.pubkey);
+            }
+            let message = if valid { "" } else { "invalid: bad AUTH event" };
+            vec![Reply::Send(
+                RelayMessage::ok(ev.id, valid, message).as_json(),
             )]
         }
         ClientMessage::Close(id) => {

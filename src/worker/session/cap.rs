@@ -22,8 +22,8 @@ use std::time::{Duration, Instant};
 use nostr::{ClientMessage, SubscriptionId};
 
 use super::Unanswered;
-use super::report::truncate;
 use super::{Conn, Session, SessionError};
+use crate::nostr::remote_text::clean;
 
 impl Session {
     /// The most subscriptions the relay takes on one connection, if known (learned or
@@ -121,7 +121,7 @@ impl Session {
         let learned = self.sub_cap.map_or(bound, |c| c.min(bound)).max(1);
         match self.sub_cap {
             None => {
-                tracing::info!(relay = %self.url, cap = learned, reason = %truncate(text, 200), "relay caps subscriptions per connection; re-planning within it")
+                tracing::info!(relay = %self.url, cap = learned, reason = %clean(text, 200), "relay caps subscriptions per connection; re-planning within it")
             }
             Some(c) if c != learned => {
                 tracing::debug!(relay = %self.url, cap = learned, "subscription cap lowered")
@@ -139,7 +139,7 @@ impl Session {
         }
         let err = format!(
             "relay refused a subscription over its cap (about {learned}): {}",
-            truncate(text, 300)
+            clean(text, 300)
         );
         self.publish_state(|s| s.last_error = Some(err));
     }
@@ -177,7 +177,7 @@ impl NoticeRefusals {
     pub fn on_notice(&mut self, text: &str, now: Instant) {
         self.count += 1;
         self.since.get_or_insert(now);
-        self.text = truncate(text, 300).to_string();
+        self.text = clean(text, 300).to_string();
     }
 
     pub fn pending(&self) -> bool {

@@ -16,11 +16,11 @@ use nostr::filter::MatchEventOptions;
 use nostr::{ClientMessage, Event, Filter, RelayMessage};
 
 use super::historic::{Queued, Work};
-use super::report::truncate;
 use super::{Conn, Session, SessionError};
 use crate::nostr::negentropy::notice_means_unsupported;
 use crate::nostr::outcome::{Outcome, means_subscription_cap, notice_means_rate_limited};
 use crate::nostr::pagination::Step;
+use crate::nostr::remote_text::clean;
 use crate::worker::publisher::{EventRejection, validate};
 
 impl Session {
@@ -191,7 +191,7 @@ impl Session {
                     || conn.live.contains_key(&id);
                 if !known {
                     // Some relays close a subscription after its EOSE; we are done with it.
-                    tracing::debug!(relay = %self.url, sub = %id, reason = %message, "CLOSED for a finished subscription");
+                    tracing::debug!(relay = %self.url, sub = %id, reason = %clean(&message, 300), "CLOSED for a finished subscription");
                     return Ok(());
                 }
                 if means_subscription_cap(&message) {
@@ -202,7 +202,7 @@ impl Session {
                     .closed_subscriptions
                     .with_label_values(&[outcome.label()])
                     .inc();
-                tracing::info!(relay = %self.url, sub = %id, reason = %message, "relay closed a subscription");
+                tracing::info!(relay = %self.url, sub = %id, reason = %clean(&message, 300), "relay closed a subscription");
                 if outcome == Outcome::RateLimited {
                     self.health.on_rate_limited(Instant::now());
                 }
@@ -210,7 +210,7 @@ impl Session {
                     self.publish_state(|s| {
                         s.last_error = Some(format!(
                             "relay requires NIP-42 authentication and no key is configured: {}",
-                            truncate(&message, 500)
+                            clean(&message, 500)
                         ))
                     });
                 }
@@ -238,7 +238,7 @@ impl Session {
                         let err = format!(
                             "relay refused a subscription (retry in {}s): {}",
                             delay.as_secs(),
-                            truncate(&message, 500)
+                            clean(&message, 500)
                         );
                         self.publish_state(|s| s.last_error = Some(err));
                         Instant::now() + delay
@@ -270,7 +270,7 @@ impl Session {
                         conn.live_retry_at = Some(now);
                     }
                 } else {
-                    let err = format!("NIP-42 authentication refused: {}", truncate(&message, 500));
+                    let err = format!("NIP-42 authentication refused: {}", clean(&message, 500));
                     self.publish_state(|s| s.last_error = Some(err));
                 }
                 Ok(())
@@ -288,7 +288,7 @@ impl Session {
                         .with_label_values(&["notice-rate-limited"])
                         .inc();
                 }
-                tracing::debug!(relay = %self.url, notice = %truncate(&text, 200), "NOTICE");
+                tracing::debug!(relay = %self.url, notice = %clean(&text, 200), "NOTICE");
                 Ok(())
             }
             _ => Ok(()),

@@ -7,9 +7,10 @@ use std::time::{Duration, Instant, SystemTime};
 use nostr::{ClientMessage, Timestamp};
 use tokio::sync::mpsc;
 
-use super::report::{to_system, truncate};
+use super::report::to_system;
 use super::{Command, Conn, End, Session, SessionError};
 use crate::crd::Phase;
+use crate::nostr::remote_text::clean;
 use crate::relay::address_policy::SsrfError;
 use crate::relay::backoff::HealthState;
 use crate::relay::connection::{self, Incoming};
@@ -174,7 +175,7 @@ impl Session {
             s.last_disconnected = Some(SystemTime::now());
             s.consecutive_failures = failures;
             s.next_retry_at = Some(to_system(now + delay));
-            s.last_error = Some(truncate(&reason, 1000));
+            s.last_error = Some(clean(&reason, 1000));
             s.subscriptions = 0;
         });
     }

@@ -57,7 +57,8 @@ pub struct SupervisorConfig {
 }
 
 impl SupervisorConfig {
-    /// A worker's configuration: sessions authenticate with `auth_keys` and connect only
+    /// A worker's configuration: sessions authenticate to remote relays with `auth_keys` (not
+    /// the publisher's key for the local relay) and connect only
     /// where `addresses` allows; the local-relay feed reconnects quickly (it is nearby).
     pub fn new(
         worker: impl Into<String>,

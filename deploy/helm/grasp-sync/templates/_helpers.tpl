@@ -62,8 +62,17 @@ app.kubernetes.io/instance: {{ .Release.Name }}
       fieldPath: metadata.namespace
 - name: GRASP_SYNC_LOCAL_RELAY
   value: {{ .Values.localRelay | quote }}
+{{- if .Values.metrics.bindPodIP }}
+- name: POD_IP
+  valueFrom:
+    fieldRef:
+      fieldPath: status.podIP
+- name: GRASP_SYNC_METRICS_ADDR
+  value: {{ printf "$(POD_IP):%d" (int .Values.metrics.port) | quote }}
+{{- else }}
 - name: GRASP_SYNC_METRICS_ADDR
   value: {{ printf "0.0.0.0:%d" (int .Values.metrics.port) | quote }}
+{{- end }}
 - name: GRASP_SYNC_LOG
   value: {{ .Values.log.level | quote }}
 - name: GRASP_SYNC_LOG_FORMAT

@@ -1,6 +1,7 @@
 //! What the local relay answers on a connection: AUTH challenges, and the `OK` that settles
 //! (or sends back for retry) each event in flight.
 
+use crate::nostr::remote_text::clean;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
@@ -29,7 +30,7 @@ impl PublisherConn {
                 tracing::info!(relay = %self.config.local_relay, "publisher authenticated (NIP-42)");
                 self.pause = None;
             } else {
-                tracing::warn!(relay = %self.config.local_relay, reason = %message, "local relay refused our NIP-42 authentication");
+                tracing::warn!(relay = %self.config.local_relay, reason = %clean(&message, 300), "local relay refused our NIP-42 authentication");
             }
             return;
         }
@@ -100,7 +101,7 @@ impl PublisherConn {
                     .error_backoff
                     .saturating_mul(1 << (p.failures - 1).min(16))
                     .min(std::time::Duration::from_secs(60));
-                tracing::debug!(id = %event_id, failures = p.failures, ?delay, reason = %message, "local relay failed on an event; retrying");
+                tracing::debug!(id = %event_id, failures = p.failures, ?delay, reason = %clean(&message, 300), "local relay failed on an event; retrying");
                 self.requeue_after(p, Instant::now() + delay);
             }
             Outcome::AuthRequired if retry => {
@@ -117,14 +118,14 @@ impl PublisherConn {
                 for o in p.origins.iter().flatten() {
                     o.rejected.fetch_add(1, Ordering::Relaxed);
                 }
-                tracing::warn!(id = %event_id, attempts = p.attempts, reason = %message, "local relay keeps failing on an event; giving up on it");
+                tracing::warn!(id = %event_id, attempts = p.attempts, reason = %clean(&message, 300), "local relay keeps failing on an event; giving up on it");
             }
             _ => {
                 self.stats.refused.fetch_add(copies, Ordering::Relaxed);
                 for o in p.origins.iter().flatten() {
                     o.rejected.fetch_add(1, Ordering::Relaxed);
                 }
-                tracing::debug!(id = %event_id, kind = p.event.kind.as_u16(), reason = %message, "local relay refused event");
+                tracing::debug!(id = %event_id, kind = p.event.kind.as_u16(), reason = %clean(&message, 300), "local relay refused event");
             }
         }
     }
