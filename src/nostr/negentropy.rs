@@ -223,4 +223,34 @@ mod tests {
         }
         assert!(!notice_means_unsupported("rate-limited: slow down"));
     }
+
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Whatever a relay sends as NEG-MSG (hex or not, any bytes), at any point of a
+        /// reconciliation: an answer or an error, never a panic.
+        #[test]
+        fn prop_any_relay_message_is_answered_or_refused(
+            ours in prop::collection::vec((any::<u32>(), 0u64..50), 0..40),
+            msgs in prop::collection::vec(
+                prop_oneof![
+                    prop::collection::vec(any::<u8>(), 0..96).prop_map(hex::encode),
+                    prop::collection::vec(any::<u8>(), 0..16)
+                        .prop_map(|b| format!("61{}", hex::encode(b))),
+                    "\\PC{0,24}",
+                ],
+                1..6,
+            ),
+        ) {
+            let items: Vec<_> = ours.iter().map(|(n, at)| item(*n, *at)).collect();
+            let (mut s, init) = NegSession::open(&items, 0).unwrap();
+            prop_assert!(hex::decode(init).is_ok());
+            for m in &msgs {
+                if s.on_message(m).is_err() {
+                    break;
+                }
+                prop_assert!(s.need().len() <= MAX_NEED);
+            }
+        }
+    }
 }

@@ -161,4 +161,58 @@ mod tests {
             MAX_VALUES_PER_TAG
         );
     }
+
+    use proptest::prelude::*;
+    use std::sync::LazyLock;
+
+    static KEYS: LazyLock<Keys> = LazyLock::new(Keys::generate);
+
+    proptest! {
+        /// Announcements with any tags: read or refused, never a panic; values keep their
+        /// first-seen order, without repeats or blanks, bounded in number.
+        #[test]
+        fn prop_any_tags_read_as_a_bounded_announcement(
+            tags in prop::collection::vec(
+                (
+                    prop_oneof![Just("d"), Just("relays"), Just("clone"), Just("maintainers"), Just("r"), Just("x")],
+                    prop::collection::vec(
+                        prop_oneof!["\\PC{0,12}", "wss://[a-c]{1,2}\\.example", " wss://a\\.example "],
+                        0..8,
+                    ),
+                ),
+                0..20,
+            ),
+        ) {
+            let tags: Vec<Tag> = tags
+                .into_iter()
+                .map(|(name, values)| {
+                    let mut all = vec![name.to_string()];
+                    all.extend(values);
+                    Tag::parse(all).unwrap()
+                })
+                .collect();
+            let ev = announce(&KEYS, tags);
+            let Ok(a) = Announcement::from_event(&ev) else { return Ok(()) };
+            for values in [&a.relays, &a.clones] {
+                prop_assert!(values.len() <= MAX_VALUES_PER_TAG);
+                prop_assert!(values.iter().all(|v| !v.is_empty() && v.trim() == v));
+                let distinct: std::collections::HashSet<_> = values.iter().collect();
+                prop_assert_eq!(distinct.len(), values.len());
+            }
+            let written: Vec<String> = ev.tags.iter()
+                .filter(|t| t.kind() == TagKind::custom("relays"))
+                .flat_map(|t| t.as_slice().iter().skip(1))
+                .map(|v| v.trim().to_string())
+                .filter(|v| !v.is_empty() && v.len() <= 2048)
+                .collect();
+            let mut first_seen: Vec<String> = Vec::new();
+            for v in written {
+                if !first_seen.contains(&v) {
+                    first_seen.push(v);
+                }
+            }
+            first_seen.truncate(MAX_VALUES_PER_TAG);
+            prop_assert_eq!(&a.relays, &first_seen);
+        }
+    }
 }

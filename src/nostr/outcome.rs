@@ -201,4 +201,37 @@ mod tests {
             assert!(!notice_means_rate_limited(n), "{n}");
         }
     }
+
+    use crate::nostr::remote_text::clean;
+    use nostr::{JsonUtil, RelayMessage};
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Anything a relay may send as a frame: a message or a parse error, and the texts it
+        /// carries classify and clean without a panic, into bounded printable text.
+        #[test]
+        fn prop_relay_frames_and_their_texts(
+            frame in prop_oneof![
+                "\\PC{0,120}",
+                ("(EVENT|EOSE|CLOSED|NOTICE|OK|AUTH|NEG-MSG|NEG-ERR|COUNT)", "\\PC{0,40}", "\\PC{0,40}")
+                    .prop_map(|(k, a, b)| serde_json::json!([k, a, b]).to_string()),
+                ("\\PC{0,40}", any::<bool>(), "\\PC{0,60}")
+                    .prop_map(|(id, ok, m)| serde_json::json!(["OK", id, ok, m]).to_string()),
+            ],
+            text in "\\PC{0,300}|[\\x00-\\x1f\\u{202a}-\\u{202e}a-z:]{0,300}",
+            max in 0usize..200,
+        ) {
+            let _ = RelayMessage::from_json(&frame);
+            let _ = Outcome::classify(true, &text);
+            let o = Outcome::classify(false, &text);
+            let _ = (o.is_transient(), o.is_refusal(), o.label());
+            let _ = (means_subscription_cap(&text), notice_means_rate_limited(&text));
+            let c = clean(&text, max);
+            prop_assert!(!c.chars().any(|ch| ch.is_control()));
+            prop_assert!(c.len() <= max + '…'.len_utf8());
+            if text.len() <= max && !text.chars().any(|ch| ch.is_control() || ('\u{202a}'..='\u{202e}').contains(&ch) || ('\u{2066}'..='\u{2069}').contains(&ch) || ch == '\u{200e}' || ch == '\u{200f}' || ch == '\u{61c}') {
+                prop_assert_eq!(c, text);
+            }
+        }
+    }
 }

@@ -142,11 +142,15 @@ impl Paginator {
                 return Step::Done;
             };
             let possibly_capped = page.count >= self.limit || page.count == self.largest_page;
-            if !possibly_capped || until.as_secs() == 0 {
+            if !possibly_capped {
                 return Step::Done;
             }
             if page.count >= self.limit {
                 self.gaps.push(until);
+            }
+            // Nothing is older than second 0.
+            if until.as_secs() == 0 {
+                return Step::Done;
             }
             return self.step_past(until);
         }
@@ -364,5 +368,49 @@ mod tests {
         assert_eq!(f.limit, Some(2));
         assert_eq!(f.since, Some(Timestamp::from(100)));
         assert_eq!(f.until, None);
+    }
+
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Against any store (crowded seconds included) and a relay that caps pages or ignores
+        /// limits: pagination ends, remembers a bounded number of ids, and, where the relay
+        /// honours our limit, misses nothing outside the seconds it records as gaps.
+        #[test]
+        fn prop_pagination_ends_and_misses_only_recorded_gaps(
+            times in prop::collection::vec(0u64..40, 0..150),
+            limit in 2usize..30,
+            cap in 1usize..40,
+            ignore_limit in any::<bool>(),
+        ) {
+            let store: Vec<_> = times.iter().enumerate()
+                .map(|(i, t)| (id(i as u32), Timestamp::from(*t))).collect();
+            let mut p = Paginator::new(Filter::new(), limit);
+            let mut got = BTreeSet::new();
+            let mut filter = p.current();
+            let mut ended = false;
+            for _ in 0..(store.len() * 4 + 10) {
+                let page = serve(&store, &filter, if ignore_limit { usize::MAX } else { cap });
+                let page: Vec<_> = if ignore_limit {
+                    store.iter().filter(|(_, t)| filter.until.is_none_or(|u| *t <= u)).copied().collect()
+                } else { page };
+                p.start_page();
+                for (i, t) in &page {
+                    p.page_event(*i, *t);
+                    got.insert(*i);
+                }
+                prop_assert!(p.page.at_oldest.len() <= p.max_second_ids());
+                match p.end_page() {
+                    Step::Next(f) => filter = f,
+                    Step::Done => { ended = true; break; }
+                }
+            }
+            prop_assert!(ended, "pagination did not end");
+            if ignore_limit || cap >= limit {
+                for (i, t) in &store {
+                    prop_assert!(got.contains(i) || p.gaps().contains(t), "missed {:?} at {:?}", i, t);
+                }
+            }
+        }
     }
 }

@@ -332,12 +332,26 @@ mod tests {
         /// Normalising is idempotent: a normalised URL is its own normal form, so every
         /// spelling of a relay lands on one object, one ring position and one metric series.
         #[test]
-        fn normalising_twice_changes_nothing(
+        fn prop_normalising_twice_changes_nothing(
             input in "(ws|wss|WS|Wss)://([a-zA-Z0-9-]{1,8}|xn--[a-z0-9]{1,6}|b\u{fc}cher|[0-9]{1,3})(\\.([a-zA-Z0-9-]{1,8}|[0-9]{1,3})){0,3}\\.{0,3}(:[0-9]{1,5})?(/[a-zA-Z0-9._~%!$&'()*+,;=:@-]{0,6}){0,3}/{0,2}"
         ) {
             if let Ok(once) = RelayUrl::parse(&input) {
                 let twice = RelayUrl::parse(once.as_str());
                 proptest::prop_assert_eq!(twice.as_ref(), Ok(&once), "{}", input);
+            }
+        }
+
+        /// Any text at all: an error or a URL that is its own normal form, never a panic;
+        /// the host and port it reports are the ones in its text.
+        #[test]
+        fn prop_any_text_parses_or_fails_cleanly(tail in "\\PC{0,80}", secure in proptest::bool::ANY) {
+            let input = format!("{}://{tail}", if secure { "wss" } else { "ws" });
+            if let Ok(url) = RelayUrl::parse(&input) {
+                let again = RelayUrl::parse(url.as_str());
+                proptest::prop_assert_eq!(again.as_ref(), Ok(&url));
+                proptest::prop_assert!(!url.host().is_empty());
+                proptest::prop_assert!(url.as_str().contains(url.host()));
+                let _ = url.port();
             }
         }
     }

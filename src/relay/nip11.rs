@@ -143,4 +143,66 @@ mod tests {
         assert!(c.is_err() || c.unwrap().max_filters.is_none());
         assert!(parse(b"<html>").is_err());
     }
+
+    use proptest::prelude::*;
+
+    /// A JSON scalar of any kind.
+    fn leaf() -> impl Strategy<Value = serde_json::Value> {
+        prop_oneof![
+            Just(serde_json::Value::Null),
+            any::<bool>().prop_map(serde_json::Value::from),
+            any::<i64>().prop_map(serde_json::Value::from),
+            any::<u32>().prop_map(serde_json::Value::from),
+            (0u32..100_000).prop_map(serde_json::Value::from),
+            any::<f64>().prop_map(serde_json::Value::from),
+            "\\PC{0,12}".prop_map(serde_json::Value::from),
+            "[0-9 ]{0,6}".prop_map(serde_json::Value::from),
+        ]
+    }
+
+    /// Any JSON value, nested a little.
+    fn json() -> impl Strategy<Value = serde_json::Value> {
+        leaf().prop_recursive(2, 16, 6, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..6).prop_map(serde_json::Value::from),
+                prop::collection::btree_map("[a-z_]{1,8}", inner, 0..4)
+                    .prop_map(|m| serde_json::Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    proptest! {
+        /// Bytes from the network: parsed or refused, never a panic.
+        #[test]
+        fn prop_any_bytes_parse_or_fail_cleanly(body in prop::collection::vec(any::<u8>(), 0..256)) {
+            let _ = parse(&body);
+        }
+
+        /// Documents of any shape: what is read is sane, whatever the relay wrote.
+        #[test]
+        fn prop_any_document_yields_sane_capabilities(
+            nips in prop::collection::vec(leaf(), 0..300),
+            subs in json(), filters in json(), limit in json(), msg in json(), auth in json(),
+        ) {
+            let doc = serde_json::json!({
+                "supported_nips": nips,
+                "limitation": {
+                    "max_subscriptions": subs, "max_filters": filters, "max_limit": limit,
+                    "max_message_length": msg, "auth_required": auth,
+                },
+            });
+            // `auth_required` must be a boolean: anything else refuses the document.
+            let Ok(c) = parse(doc.to_string().as_bytes()) else {
+                prop_assert!(!doc["limitation"]["auth_required"].is_boolean()
+                    && !doc["limitation"]["auth_required"].is_null());
+                return Ok(());
+            };
+            prop_assert!(c.supported_nips.len() <= 256);
+            prop_assert!(c.supported_nips.windows(2).all(|w| w[0] < w[1]));
+            prop_assert_eq!(c.negentropy, c.supported_nips.contains(&77));
+            for n in [c.max_subscriptions, c.max_filters, c.max_limit, c.max_message_length] {
+                prop_assert!(n.is_none_or(|n| n > 0));
+            }
+        }
+    }
 }
