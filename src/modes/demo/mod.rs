@@ -199,6 +199,8 @@ pub async fn run(opts: DemoOptions) -> Result<DemoReport, DemoError> {
     // Sync.
     let mut sopts = StandaloneOptions::new(local.clone(), service.clone());
     sopts.addresses = AddressPolicy::allow_all();
+    // Every source shares the loopback host.
+    sopts.limits.caps.per_host = usize::MAX;
     sopts.http_addr = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
     sopts.status_interval = Duration::from_millis(500);
     sopts.session.nip11_timeout = Duration::from_secs(1);
