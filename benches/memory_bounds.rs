@@ -95,6 +95,18 @@ struct Run {
     accepted: u64,
 }
 
+impl Run {
+    fn print(&self, label: &str, note: &str) {
+        println!(
+            "  {label} peak RSS {:6.1} MiB, {:6.1} MiB at the end; {} events in {:.1}s{note}",
+            self.peak_kib as f64 / 1024.0,
+            self.settled_kib as f64 / 1024.0,
+            self.accepted,
+            self.secs
+        );
+    }
+}
+
 async fn run(hostile: bool, flood: usize) -> Run {
     let (_local, local) = local_relay().await;
     let mut sources = Vec::new();
@@ -232,20 +244,11 @@ fn main() {
         grasp_sync::relay::tls::install_default_crypto();
         println!("memory_bounds: {SOURCES} source relays, 200 repositories");
         let polite = run(false, 0).await;
-        println!(
-            "  polite:  peak RSS {:6.1} MiB, {:6.1} MiB at the end; {} events in {:.1}s",
-            polite.peak_kib as f64 / 1024.0,
-            polite.settled_kib as f64 / 1024.0,
-            polite.accepted,
-            polite.secs
-        );
+        polite.print("polite: ", "");
         let hostile = run(true, flood).await;
-        println!(
-            "  hostile: peak RSS {:6.1} MiB, {:6.1} MiB at the end; {} events in {:.1}s (one source floods {flood}, one never sends EOSE)",
-            hostile.peak_kib as f64 / 1024.0,
-            hostile.settled_kib as f64 / 1024.0,
-            hostile.accepted,
-            hostile.secs
+        hostile.print(
+            "hostile:",
+            &format!(" (one source floods {flood}, one never sends EOSE)"),
         );
         let delta = (hostile.peak_kib as f64 - polite.peak_kib as f64) / 1024.0;
         println!("  peak difference: {delta:+.1} MiB (bound: {LIMIT_MIB} MiB)");

@@ -154,15 +154,19 @@ pub async fn connect(
 ) -> Result<(ConnWriter, ConnReader), ConnectionError> {
     let addrs = tokio::time::timeout(opts.connect_timeout, Resolver::system().pin(url, None))
         .await
-        .map_err(|_| ConnectionError::ConnectTimeout {
-            url: url.to_string(),
-            after: opts.connect_timeout,
-        })?
+        .map_err(|_| timed_out(url, opts))?
         .map_err(|e| ConnectionError::Resolve {
             url: url.to_string(),
             error: e.to_string(),
         })?;
     connect_to(url, &addrs, opts).await
+}
+
+fn timed_out(url: &RelayUrl, opts: &ConnectOptions) -> ConnectionError {
+    ConnectionError::ConnectTimeout {
+        url: url.to_string(),
+        after: opts.connect_timeout,
+    }
 }
 
 /// Connect to `url` at exactly one of `addrs` (tried in order), then shake hands with the
@@ -199,10 +203,7 @@ pub async fn connect_to(
     };
     let (ws, _response) = tokio::time::timeout(opts.connect_timeout, fut)
         .await
-        .map_err(|_| ConnectionError::ConnectTimeout {
-            url: url.to_string(),
-            after: opts.connect_timeout,
-        })?
+        .map_err(|_| timed_out(url, opts))?
         .map_err(|e| ConnectionError::Connect {
             url: url.to_string(),
             source: Box::new(e),
