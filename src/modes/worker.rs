@@ -12,7 +12,6 @@ use tokio::sync::watch;
 
 use super::kube::{KubeModeError, check_worker_name, join_all, serve_http};
 use crate::coordination::membership::{self, LeaseConfig};
-use crate::crd::WORKER_LABEL;
 use crate::nostr::RelayUrl;
 use crate::observability::ProcessMetrics;
 use crate::relay::address_policy::AddressPolicy;
@@ -51,9 +50,8 @@ pub async fn run_worker(
     let metrics = ProcessMetrics::new()?;
     metrics.set_role("worker");
     let worker_metrics = WorkerMetrics::register(&metrics.registry)?;
-    let selector = format!("{WORKER_LABEL}={}", opts.name);
     let store = Arc::new(
-        KubeStore::with_selector(client.clone(), &namespace, Some(selector))
+        KubeStore::for_worker(client.clone(), &namespace, &opts.name)
             .with_events(client.clone(), &opts.name),
     );
     let (http_addr, http_task) = serve_http(opts.http_addr, &metrics, &store, &shutdown).await?;

@@ -1,6 +1,7 @@
 //! RelaySync store on the Kubernetes API: the controller writes spec by server-side apply as
-//! `grasp-sync-controller`, workers write status by server-side apply as
-//! `grasp-sync-worker`; a watch turns every change into a revision bump.
+//! `grasp-sync-controller`; a worker writes status as `grasp-sync-worker` by a JSON patch
+//! that first tests the object's worker label (so only the current holder's write lands); a
+//! watch turns every change into a revision bump.
 //!
 //! A worker's store is narrowed by a label selector (its own name). The raw watch stream
 //! reports an object leaving the selector (label moved) as a deletion, so the next list no
@@ -21,13 +22,16 @@ use tokio::task::JoinHandle;
 use super::{RelaySyncStore, StoreError, StoredRelaySync};
 use crate::crd::{
     CONTROLLER_MANAGER, DRAIN_LABEL, Phase, RelaySync, RelaySyncSpec, RelaySyncStatus,
-    WORKER_MANAGER,
+    WORKER_LABEL, WORKER_MANAGER,
 };
 
 pub struct KubeStore {
     api: Api<RelaySync>,
     namespace: String,
     selector: Option<String>,
+    /// The worker whose store this is: status is written only while the object's worker
+    /// label still names it.
+    holder: Option<String>,
     recorder: Option<Recorder>,
     cache: Store<RelaySync>,
     revision: watch::Sender<u64>,
@@ -78,6 +82,7 @@ impl KubeStore {
             api,
             namespace: namespace.to_string(),
             selector,
+            holder: None,
             recorder: None,
             cache,
             revision,
@@ -88,6 +93,17 @@ impl KubeStore {
     /// The objects as the watch last saw them (shared, not copied).
     pub fn cache(&self) -> Store<RelaySync> {
         self.cache.clone()
+    }
+
+    /// The store of worker `worker`: its watch sees only the objects labelled for it, and a
+    /// status write succeeds only while the object is still labelled for it (checked by the
+    /// API server in the same request), so a worker that lost an object — moved, or presumed
+    /// dead during a stall — cannot overwrite the new holder's status.
+    pub fn for_worker(client: Client, namespace: &str, worker: &str) -> Self {
+        let mut store =
+            Self::with_selector(client, namespace, Some(format!("{WORKER_LABEL}={worker}")));
+        store.holder = Some(worker.to_string());
+        store
     }
 
     /// Publish Kubernetes Events on phase changes, reported as `instance` (the worker).
@@ -191,20 +207,56 @@ impl RelaySyncStore for KubeStore {
     }
 
     async fn apply_status(&self, name: &str, status: &RelaySyncStatus) -> Result<(), StoreError> {
-        let patch = json!({
-            "apiVersion": "grasp-sync.dev/v1alpha1",
-            "kind": "RelaySync",
-            "status": status,
-        });
-        self.api
-            .patch_status(
-                name,
-                &PatchParams::apply(WORKER_MANAGER).force(),
-                &Patch::Apply(&patch),
-            )
+        let Some(worker) = &self.holder else {
+            let patch = json!({
+                "apiVersion": "grasp-sync.dev/v1alpha1",
+                "kind": "RelaySync",
+                "status": status,
+            });
+            self.api
+                .patch_status(
+                    name,
+                    &PatchParams::apply(WORKER_MANAGER).force(),
+                    &Patch::Apply(&patch),
+                )
+                .await
+                .map_err(|e| map_err(name, e))?;
+            return Ok(());
+        };
+        // A JSON patch is atomic: the label test and the status replacement succeed or fail
+        // together, against the object as the API server holds it now.
+        let label = WORKER_LABEL.replace('~', "~0").replace('/', "~1");
+        let ops: json_patch::Patch = serde_json::from_value(json!([
+            { "op": "test", "path": format!("/metadata/labels/{label}"), "value": worker },
+            { "op": "add", "path": "/status", "value": status },
+        ]))
+        .map_err(|e| StoreError::Invalid {
+            name: name.to_string(),
+            reason: e.to_string(),
+        })?;
+        let params = PatchParams {
+            field_manager: Some(WORKER_MANAGER.to_string()),
+            ..PatchParams::default()
+        };
+        match self
+            .api
+            .patch_status(name, &params, &Patch::<()>::Json(ops))
             .await
-            .map_err(|e| map_err(name, e))?;
-        Ok(())
+        {
+            Ok(_) => Ok(()),
+            // The API server reports a patch it could not apply (our `test` failed, or the
+            // label is gone) as 422 without details; a status failing the schema names the
+            // object and its causes.
+            Err(kube::Error::Api(s))
+                if s.code == 422
+                    && s.details
+                        .as_ref()
+                        .is_none_or(|d| d.kind.is_empty() && d.causes.is_empty()) =>
+            {
+                Err(StoreError::NotHeld(name.to_string()))
+            }
+            Err(e) => Err(map_err(name, e)),
+        }
     }
 
     async fn delete(&self, name: &str) -> Result<(), StoreError> {

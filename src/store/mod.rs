@@ -44,6 +44,10 @@ pub enum StoreError {
     },
     #[error("store backend: store lock poisoned")]
     Poisoned,
+    /// A status write refused because the object is no longer assigned to this worker (its
+    /// label moved on): the new holder's status, cursor included, must not be overwritten.
+    #[error("RelaySync {0} is no longer assigned to this worker")]
+    NotHeld(String),
 }
 
 /// Operations discovery and workers need. Writers own disjoint parts: `apply_spec` (the
@@ -72,7 +76,8 @@ pub trait RelaySyncStore: Send + Sync {
         spec: &RelaySyncSpec,
     ) -> impl Future<Output = Result<StoredRelaySync, StoreError>> + Send;
 
-    /// Replace the status of an existing object.
+    /// Replace the status of an existing object — in a worker's store, only while the object
+    /// is still assigned to that worker (`StoreError::NotHeld` otherwise).
     fn apply_status(
         &self,
         name: &str,

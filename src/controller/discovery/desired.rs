@@ -31,24 +31,58 @@ pub fn desired_objects(
             .map(|c| c.to_string())
             .collect();
         let is_bootstrap = bootstrap.contains(url).then_some(true);
-        let parts: Vec<&[String]> = if repos.is_empty() {
-            vec![&[]]
-        } else {
-            repos.chunks(cap).collect()
-        };
-        for (i, part) in parts.into_iter().enumerate() {
+        for (i, part) in split(repos, cap).into_iter().enumerate() {
+            // Parts are hash buckets: an empty one has no object (part 0 always has one,
+            // so a relay without repos keeps its object).
+            if part.is_empty() && i > 0 {
+                continue;
+            }
             out.insert(
                 object_name_part(url, i),
                 RelaySyncSpec {
                     url: url.to_string(),
                     bootstrap: is_bootstrap,
-                    repos: part.to_vec(),
+                    repos: part,
                     paused: None,
                 },
             );
         }
     }
     out
+}
+
+/// Most hash buckets one relay's repos are spread over.
+const MAX_BUCKETS: usize = 1 << 16;
+
+/// `repos` (sorted) in parts of at most `cap`, by a stable hash of each coordinate: adding or
+/// removing a repo changes only its own part (so only that object's generation moves and
+/// only its session restarts), except when the number of parts doubles or halves. The
+/// bucket count starts at about twice what the cap needs and doubles while a bucket is over
+/// the cap (coordinates are chosen by their authors, who could aim at one bucket).
+fn split(repos: Vec<String>, cap: usize) -> Vec<Vec<String>> {
+    if repos.len() <= cap {
+        return vec![repos];
+    }
+    let hashes: Vec<u64> = repos.iter().map(|r| bucket_hash(r)).collect();
+    let mut buckets = (repos.len() * 2).div_ceil(cap).next_power_of_two();
+    while buckets <= MAX_BUCKETS {
+        let mut parts = vec![Vec::new(); buckets];
+        for (r, h) in repos.iter().zip(&hashes) {
+            parts[(*h as usize) & (buckets - 1)].push(r.clone());
+        }
+        if parts.iter().all(|p| p.len() <= cap) {
+            return parts;
+        }
+        buckets *= 2;
+    }
+    // Unreachable in practice (65,536 buckets); positional parts still respect the cap.
+    repos.chunks(cap).map(<[String]>::to_vec).collect()
+}
+
+fn bucket_hash(coordinate: &str) -> u64 {
+    use sha2::{Digest, Sha256};
+    let d = Sha256::digest(coordinate.as_bytes());
+    u64::from_le_bytes([d[0], d[1], d[2], d[3], d[4], d[5], d[6], d[7]])
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -194,14 +228,55 @@ mod tests {
             &BTreeSet::new(),
             10,
         );
-        assert_eq!(d.len(), 3 + 1);
         let a_parts: Vec<&RelaySyncSpec> =
             d.values().filter(|s| s.url == "wss://a.example").collect();
+        assert!(a_parts.len() >= 3, "{} parts", a_parts.len());
+        assert_eq!(d.len(), a_parts.len() + 1);
         assert_eq!(a_parts.iter().map(|s| s.repos.len()).sum::<usize>(), 25);
         assert!(a_parts.iter().all(|s| s.repos.len() <= 10));
         for s in d.values() {
             assert!(s.repos.windows(2).all(|w| w[0] < w[1]), "sorted and unique");
         }
+    }
+
+    #[test]
+    fn adding_a_repo_to_a_split_relay_changes_one_part() {
+        let ids: Vec<String> = (0..2500).map(|i| format!("r{i:04}")).collect();
+        let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
+        let before = desired_objects(&map(&[("wss://a.example", &refs)]), &BTreeSet::new(), 1000);
+        assert!(before.len() > 2);
+        assert!(before.values().all(|s| s.repos.len() <= 1000));
+        for extra in ["new-1", "new-2", "zzz"] {
+            let mut more = refs.clone();
+            more.push(extra);
+            let after =
+                desired_objects(&map(&[("wss://a.example", &more)]), &BTreeSet::new(), 1000);
+            assert_eq!(
+                after.keys().collect::<Vec<_>>(),
+                before.keys().collect::<Vec<_>>()
+            );
+            let changed = after.iter().filter(|(n, s)| before[*n] != **s).count();
+            assert_eq!(changed, 1, "adding {extra} rewrote {changed} parts");
+        }
+    }
+
+    #[test]
+    fn coordinates_aimed_at_one_bucket_still_fit_the_cap() {
+        // Identifiers chosen so their hashes share the low bits: the split doubles its
+        // buckets until none is over the cap.
+        let mut ids = Vec::new();
+        let mut i = 0u64;
+        while ids.len() < 300 {
+            let id = format!("aim{i}");
+            if bucket_hash(&c(&id).to_string()) & 0b111 == 0 {
+                ids.push(id);
+            }
+            i += 1;
+        }
+        let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
+        let d = desired_objects(&map(&[("wss://a.example", &refs)]), &BTreeSet::new(), 100);
+        assert!(d.values().all(|s| s.repos.len() <= 100));
+        assert_eq!(d.values().map(|s| s.repos.len()).sum::<usize>(), 300);
     }
 
     #[test]

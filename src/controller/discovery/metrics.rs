@@ -13,6 +13,8 @@ pub struct DiscoveryMetrics {
     pub discovery_objects: IntGauge,
     /// Store writes by discovery, by action (apply | delete).
     pub discovery_actions: IntCounterVec,
+    /// Store writes by discovery that failed, by action (retried on the next pass).
+    pub discovery_write_errors: IntCounterVec,
     /// Relay URLs from announcements not used, by reason.
     pub discovery_rejected_targets: IntCounterVec,
     /// Relays named by announcements but left out by a cap, by cap (per_host | total).
@@ -39,6 +41,12 @@ impl DiscoveryMetrics {
                 "Store writes by discovery",
                 &["action"],
             )?,
+            discovery_write_errors: int_counter_vec(
+                registry,
+                "grasp_sync_discovery_write_errors_total",
+                "Store writes by discovery that failed (retried on the next pass)",
+                &["action"],
+            )?,
             discovery_rejected_targets: int_counter_vec(
                 registry,
                 "grasp_sync_discovery_rejected_targets_total",
@@ -53,6 +61,7 @@ impl DiscoveryMetrics {
             )?,
         };
         init_values(&m.discovery_actions, &["apply", "delete"]);
+        init_values(&m.discovery_write_errors, &["apply", "delete"]);
         for why in super::caps::LeftOut::ALL {
             m.discovery_capped_relays
                 .with_label_values(&[why.label()])

@@ -218,27 +218,35 @@ async fn reconcile<S: RelaySyncStore>(
         .into_iter()
         .map(|o| (o.name, o.spec))
         .collect();
+    // Each object on its own: one that the API server refuses (or a write that fails) is
+    // counted and retried on the next pass; it never holds up the others.
+    let mut first_error = None;
     for action in planner.plan(&desired, &existing, Instant::now().into_std()) {
-        match action {
+        let (verb, name, result) = match action {
             Action::Apply { name, spec } => {
                 tracing::info!(object = %name, url = %spec.url, repos = spec.repos.len(), "apply RelaySync");
-                store.apply_spec(&name, &spec).await?;
-                metrics
-                    .discovery_actions
-                    .with_label_values(&["apply"])
-                    .inc();
+                let r = store.apply_spec(&name, &spec).await.map(|_| ());
+                ("apply", name, r)
             }
             Action::Delete { name } => {
                 tracing::info!(object = %name, "delete RelaySync");
-                store.delete(&name).await?;
+                let r = store.delete(&name).await;
+                ("delete", name, r)
+            }
+        };
+        match result {
+            Ok(()) => metrics.discovery_actions.with_label_values(&[verb]).inc(),
+            Err(e) => {
+                tracing::warn!(object = %name, action = verb, error = %e, "discovery could not write an object; retrying on the next pass");
                 metrics
-                    .discovery_actions
-                    .with_label_values(&["delete"])
+                    .discovery_write_errors
+                    .with_label_values(&[verb])
                     .inc();
+                first_error.get_or_insert(e);
             }
         }
     }
-    Ok(())
+    first_error.map_or(Ok(()), Err)
 }
 
 /// Metrics for the relays the caps leave out, and a warning whenever their number changes

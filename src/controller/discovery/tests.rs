@@ -10,6 +10,7 @@ use super::index::tests::announce;
 use super::*;
 use crate::relay::address_policy::AddressPolicy;
 use crate::store::memory::MemoryStore;
+use crate::store::{RelaySyncStore, StoreError};
 use caps::RelayCaps;
 
 const GRACE: Duration = Duration::from_secs(15 * 60);
@@ -254,4 +255,103 @@ async fn caps_bound_what_announcements_make_us_sync_and_are_counted() {
         7
     );
     rig.stop().await;
+}
+
+/// A store whose API server refuses one object (say, over a size limit).
+struct Refusing {
+    inner: MemoryStore,
+    refuse: String,
+}
+
+impl RelaySyncStore for Refusing {
+    async fn list(&self) -> Result<Vec<crate::store::StoredRelaySync>, StoreError> {
+        self.inner.list().await
+    }
+    async fn get(&self, name: &str) -> Result<Option<crate::store::StoredRelaySync>, StoreError> {
+        self.inner.get(name).await
+    }
+    async fn apply_spec(
+        &self,
+        name: &str,
+        spec: &crate::crd::RelaySyncSpec,
+    ) -> Result<crate::store::StoredRelaySync, StoreError> {
+        if name == self.refuse {
+            return Err(StoreError::Invalid {
+                name: name.to_string(),
+                reason: "refused by the test".into(),
+            });
+        }
+        self.inner.apply_spec(name, spec).await
+    }
+    async fn apply_status(
+        &self,
+        name: &str,
+        status: &crate::crd::RelaySyncStatus,
+    ) -> Result<(), StoreError> {
+        self.inner.apply_status(name, status).await
+    }
+    async fn delete(&self, name: &str) -> Result<(), StoreError> {
+        self.inner.delete(name).await
+    }
+    fn changes(&self) -> watch::Receiver<u64> {
+        self.inner.changes()
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn one_refused_object_does_not_hold_up_the_others() {
+    let policy = TargetPolicy {
+        service_domain: "git.ours.example".into(),
+        addresses: AddressPolicy::default(),
+        max_relays: 16,
+    };
+    let config = DiscoveryConfig::new(RelayUrl::parse("ws://127.0.0.1:7777").unwrap(), policy);
+    // The first object in name order is the one refused: before, the pass stopped there.
+    let urls = ["wss://a1.example", "wss://a2.example", "wss://a3.example"];
+    let mut names: Vec<String> = urls
+        .iter()
+        .map(|u| crate::crd::naming::object_name_part(&RelayUrl::parse(u).unwrap(), 0))
+        .collect();
+    names.sort();
+    let store = Arc::new(Refusing {
+        inner: MemoryStore::new(),
+        refuse: names[0].clone(),
+    });
+    let metrics = DiscoveryMetrics::default();
+    let (feed, events) = mpsc::channel(64);
+    let (stop, stop_rx) = watch::channel(false);
+    let task = tokio::spawn(discover(
+        config,
+        events,
+        store.clone(),
+        metrics.clone(),
+        stop_rx,
+    ));
+    let alice = Keys::generate();
+    feed.send(FeedEvent::Event(Box::new(announce(
+        &alice, "alpha", &urls, 100,
+    ))))
+    .await
+    .unwrap();
+    feed.send(FeedEvent::Synced).await.unwrap();
+    pass(Duration::from_secs(2)).await;
+    let mut have: Vec<String> = store
+        .list()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|o| o.name)
+        .collect();
+    have.sort();
+    assert_eq!(have, names[1..].to_vec(), "the others converge");
+    let errors = metrics
+        .discovery_write_errors
+        .with_label_values(&["apply"])
+        .get();
+    assert!(
+        errors >= 2,
+        "the refused object is retried and counted ({errors})"
+    );
+    let _ = stop.send(true);
+    task.await.unwrap();
 }

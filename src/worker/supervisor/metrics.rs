@@ -59,7 +59,7 @@ impl SupervisorMetrics {
                 "Session tasks that ended without being stopped (a panic) and were started again",
             )?,
         };
-        init_values(&m.status_writes, &["ok", "error", "timeout"]);
+        init_values(&m.status_writes, &["ok", "error", "timeout", "refused"]);
         init_values(&m.phase_events, &["ok", "error", "timeout"]);
         for phase in PHASES {
             m.relays_by_phase.with_label_values(&[phase.as_str()]);

@@ -14,7 +14,7 @@ use tokio::time::Instant;
 
 use super::metrics::SupervisorMetrics;
 use crate::crd::{Phase, RelaySyncStatus};
-use crate::store::RelaySyncStore;
+use crate::store::{RelaySyncStore, StoreError};
 
 /// Writes in flight at once: after a failover a worker takes hundreds of relays at once,
 /// and each phase change must reach the API server promptly.
@@ -54,6 +54,9 @@ pub(crate) enum WriteResult {
     Ok,
     Error,
     Timeout,
+    /// The object is no longer ours (its label moved on): not retried; the store's watch
+    /// drops it, so nothing decides it again.
+    Refused,
 }
 
 impl WriteResult {
@@ -62,6 +65,7 @@ impl WriteResult {
             WriteResult::Ok => "ok",
             WriteResult::Error => "error",
             WriteResult::Timeout => "timeout",
+            WriteResult::Refused => "refused",
         }
     }
 }
@@ -145,6 +149,10 @@ async fn apply<S: RelaySyncStore>(
         .await
     {
         Ok(Ok(())) => WriteResult::Ok,
+        Ok(Err(StoreError::NotHeld(_))) => {
+            tracing::info!(object = %write.name, kind = ?write.kind, "status not written: the relay is no longer assigned to this worker");
+            WriteResult::Refused
+        }
         Ok(Err(e)) => {
             tracing::debug!(object = %write.name, kind = ?write.kind, error = %e, "status write failed; will retry");
             WriteResult::Error
