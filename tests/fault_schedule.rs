@@ -470,6 +470,9 @@ impl World {
                     &format!("127.0.0.1:{}", self.metrics_port),
                     "--allow",
                     "127.0.0.1",
+                    // Every test relay shares the loopback host.
+                    "--max-relays-per-host",
+                    "100000",
                     "--grace",
                     GRACE,
                 ]

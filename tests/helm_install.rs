@@ -256,6 +256,7 @@ async fn chart_installs_its_service_accounts_suffice_and_prometheus_evaluates_ev
         ("KUBECONFIG", kubeconfig.display().to_string()),
         ("GRASP_SYNC_NAMESPACE", ns.clone()),
         ("GRASP_SYNC_ALLOW", "127.0.0.1".to_string()),
+        ("GRASP_SYNC_MAX_RELAYS_PER_HOST", "100000".to_string()),
     ];
     let (cport, wport) = (free_port(), free_port());
     let s = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();

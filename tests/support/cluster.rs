@@ -104,6 +104,8 @@ impl Cluster {
             ("GRASP_SYNC_NAMESPACE", self.ns.clone()),
             ("GRASP_SYNC_METRICS_ADDR", "127.0.0.1:0".into()),
             ("GRASP_SYNC_ALLOW", "127.0.0.1".into()),
+            // Every test relay shares the loopback host.
+            ("GRASP_SYNC_MAX_RELAYS_PER_HOST", "100000".into()),
         ]
     }
 
