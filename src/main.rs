@@ -194,8 +194,12 @@ async fn controller(args: ControllerArgs) -> Result<()> {
         Some(id) if !id.is_empty() => id,
         _ => hostname().context("no --identity/POD_NAME given and the host name is unknown")?,
     };
-    if args.leader_renew >= args.leader_lease_duration {
-        anyhow::bail!("--leader-renew must be shorter than --leader-lease-duration");
+    if args.leader_renew.is_zero() || args.leader_renew * 3 > args.leader_lease_duration {
+        anyhow::bail!(
+            "--leader-renew must be at most a third of --leader-lease-duration (a leader that \
+             cannot renew steps down a renew interval before its Lease expires, and each \
+             request may take most of an interval)"
+        );
     }
     let (client, namespace) = grasp_sync::modes::kube::connect(&kube_target(&args.kube)).await?;
     let mut leader = LeaderConfig::new(identity.clone());
@@ -224,8 +228,12 @@ async fn controller(args: ControllerArgs) -> Result<()> {
 
 async fn worker(args: WorkerArgs) -> Result<()> {
     grasp_sync::modes::kube::check_worker_name(&args.name)?;
-    if args.lease_renew >= args.lease_duration {
-        anyhow::bail!("--lease-renew must be shorter than --lease-duration");
+    if args.lease_renew.is_zero() || args.lease_renew * 3 > args.lease_duration {
+        anyhow::bail!(
+            "--lease-renew must be at most a third of --lease-duration (a worker that cannot \
+             renew stops its sessions a renew interval before its Lease expires, and each \
+             request may take most of an interval)"
+        );
     }
     let (client, namespace) = grasp_sync::modes::kube::connect(&kube_target(&args.kube)).await?;
     let opts = grasp_sync::modes::worker::WorkerOptions {

@@ -50,9 +50,9 @@ fn kubernetes_mode_startup_errors_name_the_problem() {
                 "--lease-duration",
                 "5s",
                 "--lease-renew",
-                "5s",
+                "2s",
             ],
-            "--lease-renew must be shorter",
+            "--lease-renew must be at most a third",
         ),
         (
             &[

@@ -404,3 +404,101 @@ async fn sessions_survive_an_api_server_restart_resume_from_the_cursor_and_stop_
     }
     assert!(worker.running(), "worker crashed:\n{}", worker.log_tail(30));
 }
+
+/// A worker whose API server stops answering (every response held back by a proxy) cannot
+/// keep its relays past its Lease: every request has a deadline shorter than the renew
+/// interval, so it stops its sessions before the Lease could expire, and the relays move to
+/// another worker without ever having two connections at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_cut_off_from_the_api_server_stops_before_its_lease_expires() {
+    use support::fault_proxy::FaultProxy;
+
+    let cluster = Cluster::start("stall").await;
+    // Relays on both workers, at least one on the one we stall.
+    let remotes = remotes_with_one_for(6, &["w1"], "w0").await;
+    repos_on(&cluster, &remotes).await;
+
+    // w0 reaches the API server only through a proxy the test can stall.
+    let kubeconfig = std::fs::read_to_string(cluster.env.kubeconfig()).unwrap();
+    let mut doc: serde_yaml::Value = serde_yaml::from_str(&kubeconfig).unwrap();
+    let server = doc["clusters"][0]["cluster"]["server"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let upstream = server.trim_start_matches("https://").trim_end_matches('/');
+    let proxy = FaultProxy::start(
+        &grasp_sync::nostr::RelayUrl::parse(&format!("ws://{upstream}")).unwrap(),
+    )
+    .await;
+    for c in doc["clusters"].as_sequence_mut().unwrap() {
+        c["cluster"]["server"] = format!("https://{}", proxy.host_port()).into();
+    }
+    let proxied = cluster.dir.path().join("w0-kubeconfig");
+    std::fs::write(&proxied, serde_yaml::to_string(&doc).unwrap()).unwrap();
+
+    let _c0 = cluster.controller("c0", &[]);
+    let ctx = support::cluster::user("w0");
+    let args: Vec<String> = [
+        "worker",
+        "--name",
+        "w0",
+        "--kube-context",
+        &ctx,
+        "--local-relay",
+        cluster.local.as_str(),
+        "--status-interval",
+        "1s",
+        "--lease-duration",
+        "4s",
+        "--lease-renew",
+        "1s",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let envs = [
+        ("KUBECONFIG", proxied.display().to_string()),
+        ("GRASP_SYNC_NAMESPACE", cluster.ns.clone()),
+        ("GRASP_SYNC_METRICS_ADDR", "127.0.0.1:0".to_string()),
+        ("GRASP_SYNC_ALLOW", "127.0.0.1".to_string()),
+    ];
+    let _w0 = support::procs::GraspSync::spawn("w0", cluster.dir.path(), &args, &envs);
+    let _w1 = cluster.worker("w1", &[]);
+    let owners = cluster.wait_settled(6, &["w0", "w1"], SETTLE).await;
+    let objects = cluster.objects().await;
+    let on_w0: Vec<&ScriptedRelay> = remotes
+        .iter()
+        .filter(|r| {
+            objects.iter().any(|o| {
+                o.spec.url == r.url().as_str()
+                    && owners.get(&o.name_any()).map(String::as_str) == Some("w0")
+            })
+        })
+        .collect();
+    assert!(!on_w0.is_empty(), "the ring gave w0 nothing");
+    for r in &remotes {
+        r.counters().reset_max();
+    }
+
+    // Stall: nothing the API server sends reaches w0 any more.
+    proxy.set_delay(Duration::from_secs(3600));
+    // Its Lease (4 s, renewed every second) was last renewed before this moment: w0 must
+    // have closed every session within that, plus a moment for the process to act.
+    eventually("w0 closing its sessions", Duration::from_secs(5), || {
+        let open: usize = on_w0
+            .iter()
+            .map(|r| r.counters().live_connections.load(Ordering::SeqCst))
+            .sum();
+        async move { (open == 0).then_some(()) }
+    })
+    .await;
+    // The controller sees the Lease expire and w1 takes everything over.
+    cluster.wait_settled(6, &["w1"], SETTLE).await;
+    for r in &remotes {
+        assert!(
+            r.counters().max_live_connections.load(Ordering::SeqCst) <= 1,
+            "{} was held by two workers at once",
+            r.url()
+        );
+    }
+}

@@ -160,14 +160,28 @@ pub fn campaign(client: Client, namespace: &str, config: LeaderConfig) -> Electi
             .max(config.renew_every);
         let mut last_ok: Option<tokio::time::Instant> = None;
         let mut tick = tokio::time::interval(config.renew_every);
+        // Every attempt is bounded below the renew interval, so a stalled API server cannot
+        // keep a leader leading past the margin; the margin counts from an attempt's start.
+        let deadline = super::request_deadline(config.renew_every);
         loop {
             tokio::select! {
                 _ = tick.tick() => {}
                 _ = stop_rx.changed() => break,
+                _ = tokio::time::sleep_until(last_ok.map_or_else(tokio::time::Instant::now, |t| t + safe)), if *tx.borrow() => {
+                    if tx.send_if_modified(|l| std::mem::replace(l, false)) {
+                        tracing::warn!(identity = %config.identity, "could not renew the leader Lease in time; stepping down");
+                    }
+                    continue;
+                }
             }
-            match try_lead(&api, &config).await {
+            let started = tokio::time::Instant::now();
+            let attempt = match tokio::time::timeout(deadline, try_lead(&api, &config)).await {
+                Ok(r) => r,
+                Err(_) => Err(super::timed_out(deadline)),
+            };
+            match attempt {
                 Ok(true) => {
-                    last_ok = Some(tokio::time::Instant::now());
+                    last_ok = Some(started);
                     if tx.send_if_modified(|l| !std::mem::replace(l, true)) {
                         tracing::info!(identity = %config.identity, "became the leader");
                     }
@@ -190,7 +204,8 @@ pub fn campaign(client: Client, namespace: &str, config: LeaderConfig) -> Electi
         }
         if *tx.borrow() {
             tx.send_replace(false);
-            if let Err(e) = step_down(&api, &config).await {
+            let handed = tokio::time::timeout(deadline, step_down(&api, &config)).await;
+            if let Ok(Err(e)) | Err(e) = handed.map_err(|_| super::timed_out(deadline)) {
                 tracing::warn!(error = %e, "could not hand the leader Lease over; it expires by itself");
             }
         }

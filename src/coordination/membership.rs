@@ -81,6 +81,17 @@ impl LeaseHandle {
     }
 }
 
+/// How long after the start of the last successful renewal the Lease still counts as held:
+/// its `renewTime` was stamped after that start, so it expires no earlier than start +
+/// `duration`; giving it up one renew interval before that, with every request bounded by
+/// [`super::request_deadline`], leaves the worker time to stop its sessions first.
+pub fn hold_margin(config: &LeaseConfig) -> Duration {
+    config
+        .duration
+        .saturating_sub(config.renew_every)
+        .max(config.renew_every)
+}
+
 /// Acquire (create or take over) and keep renewing the Lease of `worker`.
 pub async fn hold(
     client: Client,
@@ -89,36 +100,49 @@ pub async fn hold(
     config: LeaseConfig,
 ) -> kube::Result<LeaseHandle> {
     let api: Api<Lease> = Api::namespaced(client, namespace);
-    renew(&api, worker, &config).await?;
+    let deadline = super::request_deadline(config.renew_every);
+    let first = tokio::time::Instant::now();
+    match tokio::time::timeout(deadline, renew(&api, worker, &config)).await {
+        Ok(r) => r?,
+        Err(_) => return Err(super::timed_out(deadline)),
+    }
     let (held_tx, held) = watch::channel(true);
     let (stop, mut stop_rx) = watch::channel(false);
     let worker = worker.to_string();
     let task = tokio::spawn(async move {
-        let mut last_ok = tokio::time::Instant::now();
-        // Give up on the Lease well before it could expire elsewhere.
-        let safe = config
-            .duration
-            .saturating_sub(config.renew_every)
-            .max(config.renew_every);
+        // Measured from the request's start, not its end: a slow answer does not extend it.
+        let mut last_ok = first;
+        let margin = hold_margin(&config);
         let mut tick = tokio::time::interval(config.renew_every);
         loop {
             tokio::select! {
                 _ = tick.tick() => {
-                    match renew(&api, &worker, &config).await {
-                        Ok(()) => {
-                            last_ok = tokio::time::Instant::now();
+                    let started = tokio::time::Instant::now();
+                    match tokio::time::timeout(deadline, renew(&api, &worker, &config)).await {
+                        Ok(Ok(())) => {
+                            last_ok = started;
                             held_tx.send_if_modified(|h| !std::mem::replace(h, true));
                         }
-                        Err(e) => {
-                            tracing::warn!(%worker, error = %e, "lease renewal failed");
-                            if last_ok.elapsed() >= safe {
-                                held_tx.send_if_modified(|h| std::mem::replace(h, false));
-                            }
-                        }
+                        Ok(Err(e)) => tracing::warn!(%worker, error = %e, "lease renewal failed"),
+                        Err(_) => tracing::warn!(%worker, ?deadline, "lease renewal timed out"),
+                    }
+                    if last_ok.elapsed() >= margin
+                        && held_tx.send_if_modified(|h| std::mem::replace(h, false))
+                    {
+                        tracing::warn!(%worker, "could not renew the worker Lease in time; stopping every session");
                     }
                 }
+                // Not only after a failed request: the margin runs out on its own.
+                _ = tokio::time::sleep_until(last_ok + margin), if *held_tx.borrow() => {
+                    held_tx.send_replace(false);
+                    tracing::warn!(%worker, "could not renew the worker Lease in time; stopping every session");
+                }
                 _ = stop_rx.changed() => {
-                    let _ = api.delete(&lease_name(&worker), &DeleteParams::default()).await;
+                    let _ = tokio::time::timeout(
+                        deadline,
+                        api.delete(&lease_name(&worker), &DeleteParams::default()),
+                    )
+                    .await;
                     held_tx.send_replace(false);
                     return;
                 }
@@ -194,6 +218,25 @@ mod tests {
                 lease_duration_seconds: Some(secs),
                 ..LeaseSpec::default()
             }),
+        }
+    }
+
+    #[test]
+    fn the_margin_keeps_a_live_worker_and_drops_a_stalled_one_before_expiry() {
+        // Every setting the command line accepts (renew at most a third of the duration).
+        for (duration, renew) in [(15, 5), (4, 1), (30, 10), (9, 3), (60, 1)] {
+            let config = LeaseConfig {
+                duration: Duration::from_secs(duration),
+                renew_every: Duration::from_secs(renew),
+            };
+            let (margin, deadline) = (
+                hold_margin(&config),
+                super::super::request_deadline(config.renew_every),
+            );
+            // The next renewal starts within an interval and ends within its deadline.
+            assert!(config.renew_every + deadline < margin, "{duration}/{renew}");
+            // Given up (at worst a request's deadline late) before the Lease can expire.
+            assert!(margin + deadline < config.duration, "{duration}/{renew}");
         }
     }
 

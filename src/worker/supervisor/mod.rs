@@ -259,21 +259,26 @@ pub(crate) async fn supervise<S: RelaySyncStore + 'static>(
             }
         }
     }
-    // Graceful stop. Reports already at the writer land first, so none of them can
-    // overwrite a final status.
-    while !st.in_flight.is_empty() {
-        match writer.results.recv().await {
-            Some(written) => on_written(&mut st, written),
-            None => break,
-        }
-    }
-    // Close every session (all at once), then write the final state (cursor included).
-    let stops = st.sessions.running.drain().map(|(url, r)| async move {
+    // Close every session at once — at once also when the API server is stalled: a worker
+    // that lost its Lease must be off its relays before the Lease can expire, so closing
+    // does not wait for any write. Meanwhile the reports already at the writer land, so none
+    // of them can overwrite a final status; then the final state (cursor included) is
+    // written.
+    let running: Vec<_> = st.sessions.running.drain().collect();
+    let stops = futures::future::join_all(running.into_iter().map(|(url, r)| async move {
         let given = r.given;
         (url, (r.control.stop().await, given))
-    });
-    let finals: HashMap<RelayUrl, (SessionState, sessions::Given)> =
-        futures::future::join_all(stops).await.into_iter().collect();
+    }));
+    let landed = async {
+        while !st.in_flight.is_empty() {
+            match writer.results.recv().await {
+                Some(written) => on_written(&mut st, written),
+                None => break,
+            }
+        }
+    };
+    let (finals, ()) = tokio::join!(stops, landed);
+    let finals: HashMap<RelayUrl, (SessionState, sessions::Given)> = finals.into_iter().collect();
     // Drained sessions still closing end too (their objects belong to another worker now).
     for (_, s) in st.stopping.drain() {
         let _ = s.task.await;
