@@ -165,6 +165,14 @@ pub struct ControllerArgs {
     /// Most relays moving between live workers at once (scale-out drains).
     #[arg(long, env = "GRASP_SYNC_MAX_MOVES", default_value_t = 100)]
     pub max_moves: usize,
+    /// The workers' StatefulSet: only its pods `<name>-0` … `<name>-<max-workers - 1>` join
+    /// the ring (a Lease any other identity creates is ignored and counted in
+    /// `grasp_sync_foreign_leases`). Unset: every worker Lease counts.
+    #[arg(long, env = "GRASP_SYNC_WORKER_STATEFULSET", requires = "max_workers")]
+    pub worker_statefulset: Option<String>,
+    /// Most worker pods (the StatefulSet's replicas, or the autoscaler's maximum).
+    #[arg(long, env = "GRASP_SYNC_MAX_WORKERS", requires = "worker_statefulset")]
+    pub max_workers: Option<u32>,
 }
 
 #[derive(Debug, Args)]

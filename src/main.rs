@@ -205,8 +205,19 @@ async fn controller(args: ControllerArgs) -> Result<()> {
     let mut leader = LeaderConfig::new(identity.clone());
     leader.duration = args.leader_lease_duration;
     leader.renew_every = args.leader_renew;
+    let members =
+        args.worker_statefulset
+            .clone()
+            .zip(args.max_workers)
+            .map(
+                |(statefulset, max)| grasp_sync::coordination::membership::MemberRule {
+                    statefulset,
+                    max,
+                },
+            );
     let assigner = AssignerConfig {
         max_moves: args.max_moves.max(1),
+        members,
         ..AssignerConfig::default()
     };
     let opts = grasp_sync::modes::controller::ControllerOptions {

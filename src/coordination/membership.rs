@@ -3,7 +3,7 @@
 //! A worker that cannot renew must consider itself gone before the Lease could expire, so
 //! two workers never hold one relay.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::time::Duration;
 
 use k8s_openapi::api::coordination::v1::Lease;
@@ -159,10 +159,116 @@ pub struct Membership {
     pub live: BTreeSet<String>,
     /// Lease names expired for longer than the orphan age: safe to delete.
     pub orphans: Vec<String>,
+    /// Leases named like a worker's but held by an identity the controller does not expect
+    /// (a forged member): ignored.
+    pub foreign: usize,
 }
 
-/// Classify worker Leases (pure). A Lease counts only if its holder is the worker it is
-/// named after.
+/// Which worker identities may be ring members: the StatefulSet's pods `<name>-0` …
+/// `<name>-<max-1>`. RBAC cannot restrict which Lease a worker creates, so without this any
+/// worker identity could add a ghost member whose relays nobody syncs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MemberRule {
+    pub statefulset: String,
+    pub max: u32,
+}
+
+impl MemberRule {
+    pub fn allows(&self, worker: &str) -> bool {
+        worker
+            .strip_prefix(self.statefulset.as_str())
+            .and_then(|rest| rest.strip_prefix('-'))
+            .filter(|n| !n.is_empty() && (n.len() == 1 || !n.starts_with('0')))
+            .and_then(|n| n.parse::<u32>().ok())
+            .is_some_and(|i| i < self.max)
+    }
+}
+
+/// Judges worker Leases by when *this* controller saw each one change, not by the
+/// `renewTime` a worker wrote: a worker whose clock runs behind would otherwise be declared
+/// dead while renewing, and one whose clock runs ahead (or a forged far-future Lease) kept
+/// alive long after it stopped. This is how client-go's leader election observes a record.
+/// A Lease seen for the first time counts as just renewed — a new leader waits one Lease
+/// duration before declaring anyone dead — unless its `renewTime` is older than any
+/// plausible skew ([`FIRST_SIGHT_TOLERANCE`]); one that was never renewed never counts.
+#[derive(Debug, Default)]
+pub struct LeaseObserver {
+    /// Lease name → (its renewal as last seen, when we saw that change; `None`: stale when
+    /// first seen and unchanged since).
+    seen: HashMap<String, (String, Option<std::time::Instant>)>,
+}
+
+/// How far a first-seen Lease's `renewTime` may lag the controller's clock and still count
+/// as possibly alive.
+pub const FIRST_SIGHT_TOLERANCE: Duration = Duration::from_secs(300);
+
+impl LeaseObserver {
+    /// Classify `leases` as of `now` (a monotonic instant of this process) and `wall` (this
+    /// controller's clock, used only for Leases seen for the first time).
+    pub fn observe(
+        &mut self,
+        leases: &[Lease],
+        now: std::time::Instant,
+        wall: Timestamp,
+        orphan_after: Duration,
+        rule: Option<&MemberRule>,
+    ) -> Membership {
+        let mut out = Membership::default();
+        let mut present = HashSet::new();
+        for l in leases {
+            let name = l.name_any();
+            let Some(worker) = name.strip_prefix(LEASE_PREFIX) else {
+                continue;
+            };
+            let spec = l.spec.as_ref();
+            let holder_ok = spec.and_then(|s| s.holder_identity.as_deref()) == Some(worker);
+            if !holder_ok || rule.is_some_and(|r| !r.allows(worker)) {
+                out.foreign += 1;
+                continue;
+            }
+            let Some(renewed) = spec.and_then(|s| s.renew_time.as_ref()).map(|t| t.0) else {
+                continue; // never renewed: nobody holds it
+            };
+            present.insert(name.clone());
+            let duration = Duration::from_secs(
+                spec.and_then(|s| s.lease_duration_seconds)
+                    .unwrap_or(0)
+                    .max(0) as u64,
+            );
+            // Seconds by which the writer's stamp lags our clock (negative: ahead).
+            let lag = wall.as_second().saturating_sub(renewed.as_second());
+            let lags_beyond = |d: Duration| lag > i64::try_from(d.as_secs()).unwrap_or(i64::MAX);
+            // What a renewal changes: the renew time as written (whatever the writer's clock
+            // says), and the object's version.
+            let print = format!("{renewed}/{}", l.resource_version().unwrap_or_default());
+            let changed_at = match self.seen.get(&name) {
+                Some((p, at)) if *p == print => *at,
+                Some(_) => Some(now),
+                None if lags_beyond(duration + FIRST_SIGHT_TOLERANCE) => None,
+                None => Some(now),
+            };
+            self.seen.insert(name.clone(), (print, changed_at));
+            match changed_at {
+                Some(at) if now.saturating_duration_since(at) < duration => {
+                    out.live.insert(worker.to_string());
+                }
+                Some(at) if now.saturating_duration_since(at) >= duration + orphan_after => {
+                    out.orphans.push(name);
+                }
+                None if lags_beyond(duration + FIRST_SIGHT_TOLERANCE + orphan_after) => {
+                    out.orphans.push(name);
+                }
+                _ => {}
+            }
+        }
+        self.seen.retain(|name, _| present.contains(name));
+        out
+    }
+}
+
+/// Classify worker Leases by comparing each `renewTime` with `now` (pure). For a one-off
+/// look (tools, tests); the controller judges by observed change ([`LeaseObserver`]), which
+/// no clock skew can fool. A Lease counts only if its holder is the worker it is named after.
 pub fn membership(leases: &[Lease], now: Timestamp, orphan_after: Duration) -> Membership {
     let mut out = Membership::default();
     for l in leases {
@@ -238,6 +344,129 @@ mod tests {
             // Given up (at worst a request's deadline late) before the Lease can expire.
             assert!(margin + deadline < config.duration, "{duration}/{renew}");
         }
+    }
+
+    fn renewed(name: &str, holder: &str, at: i64, version: u32) -> Lease {
+        let mut l = lease(name, holder, at, 15);
+        l.metadata.resource_version = Some(version.to_string());
+        l
+    }
+
+    #[test]
+    fn liveness_is_judged_by_observed_change_whatever_the_writer_s_clock() {
+        let secs = Duration::from_secs;
+        let t0 = std::time::Instant::now();
+        let wall = 10_000; // the controller's clock, in seconds
+        // Every 5 s each worker renews, stamping its own clock: a's runs 60 s behind, b's
+        // 60 s ahead, c's is right. b dies after the fourth renewal.
+        let at = |k: i64| -> Vec<Lease> {
+            let b = k.min(3);
+            vec![
+                renewed("grasp-sync-worker-a", "a", wall - 60 + 5 * k, k as u32),
+                renewed("grasp-sync-worker-b", "b", wall + 60 + 5 * b, b as u32),
+                renewed("grasp-sync-worker-c", "c", wall + 5 * k, k as u32),
+            ]
+        };
+        let mut obs = LeaseObserver::default();
+        let mut live_at = Vec::new();
+        for k in 0..8 {
+            let now = t0 + secs(5 * k as u64);
+            let m = obs.observe(
+                &at(k),
+                now,
+                Timestamp::from_second(wall + 5 * k).unwrap(),
+                secs(600),
+                None,
+            );
+            live_at.push(m.live.into_iter().collect::<Vec<_>>().join(","));
+        }
+        // b's last renewal was seen at 15 s: live until 30 s, whatever its stamp says; a is
+        // live throughout though its stamps are a minute old.
+        assert_eq!(
+            live_at,
+            [
+                "a,b,c", "a,b,c", "a,b,c", "a,b,c", "a,b,c", "a,b,c", "a,c", "a,c"
+            ]
+        );
+        // Judged by clocks instead, a is dead while renewing and b alive after its death.
+        let by_clock = membership(
+            &at(7),
+            Timestamp::from_second(wall + 35).unwrap(),
+            secs(600),
+        );
+        assert_eq!(
+            by_clock.live.into_iter().collect::<Vec<_>>(),
+            ["b", "c"],
+            "the clock comparison this replaces"
+        );
+    }
+
+    #[test]
+    fn first_sight_stale_never_renewed_and_forged_leases() {
+        let secs = Duration::from_secs;
+        let t0 = std::time::Instant::now();
+        let wall = Timestamp::from_second(100_000).unwrap();
+        let never: Lease = {
+            let mut l = lease("grasp-sync-worker-n", "n", 0, 15);
+            l.spec.as_mut().unwrap().renew_time = None;
+            l
+        };
+        let leases = [
+            // Died an hour ago: dead at once, and an orphan.
+            renewed("grasp-sync-worker-old", "old", 100_000 - 3_600, 1),
+            // A minute behind (skew, or died a minute ago): live for one duration.
+            renewed("grasp-sync-worker-skew", "skew", 100_000 - 60, 1),
+            // Forged a day ahead, never renewed again.
+            renewed("grasp-sync-worker-ghost", "ghost", 100_000 + 86_400, 1),
+            never,
+        ];
+        let mut obs = LeaseObserver::default();
+        let m = obs.observe(&leases, t0, wall, secs(600), None);
+        assert_eq!(
+            m.live.iter().map(String::as_str).collect::<Vec<_>>(),
+            ["ghost", "skew"]
+        );
+        assert_eq!(m.orphans, ["grasp-sync-worker-old"]);
+        // Nothing changes for a Lease duration: the forged and the skewed one are dead.
+        let m = obs.observe(&leases, t0 + secs(15), wall, secs(600), None);
+        assert!(m.live.is_empty(), "{:?}", m.live);
+    }
+
+    #[test]
+    fn only_the_statefulset_s_pods_join_the_ring() {
+        let rule = MemberRule {
+            statefulset: "gs-worker".into(),
+            max: 3,
+        };
+        for ok in ["gs-worker-0", "gs-worker-2"] {
+            assert!(rule.allows(ok), "{ok}");
+        }
+        for ghost in [
+            "gs-worker-3",
+            "gs-worker-03",
+            "gs-worker-",
+            "gs-worker",
+            "gs-worker-1x",
+            "gs-worker--1",
+            "other-0",
+            "ghost",
+        ] {
+            assert!(!rule.allows(ghost), "{ghost}");
+        }
+        let t0 = std::time::Instant::now();
+        let leases = [
+            renewed("grasp-sync-worker-gs-worker-0", "gs-worker-0", 10_000, 1),
+            renewed("grasp-sync-worker-ghost", "ghost", 99_999_999, 1),
+        ];
+        let m = LeaseObserver::default().observe(
+            &leases,
+            t0,
+            Timestamp::from_second(10_000).unwrap(),
+            Duration::from_secs(60),
+            Some(&rule),
+        );
+        assert_eq!(m.live, BTreeSet::from(["gs-worker-0".to_string()]));
+        assert_eq!(m.foreign, 1);
     }
 
     #[test]

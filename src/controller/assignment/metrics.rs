@@ -10,6 +10,8 @@ pub struct AssignmentMetrics {
     pub workers_live: IntGauge,
     /// RelaySyncs with no live worker.
     pub relays_unassigned: IntGauge,
+    /// Worker Leases ignored: held by an identity the controller does not expect.
+    pub foreign_leases: IntGauge,
     /// RelaySyncs moving between two live workers.
     pub relays_draining: IntGauge,
     /// Assignment steps applied, by kind (assign | drain | cancel | reassign_drained |
@@ -30,6 +32,11 @@ impl AssignmentMetrics {
                 registry,
                 "grasp_sync_relays_unassigned",
                 "RelaySyncs with no live worker",
+            )?,
+            foreign_leases: int_gauge(
+                registry,
+                "grasp_sync_foreign_leases",
+                "Worker Leases ignored: held by an identity the controller does not expect",
             )?,
             relays_draining: int_gauge(
                 registry,

@@ -8,7 +8,6 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, DeleteParams, Patch, PatchParams};
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt, watcher};
@@ -37,6 +36,8 @@ pub struct AssignerConfig {
     pub resync: Duration,
     /// Worker Leases expired this long are deleted.
     pub orphan_lease_after: Duration,
+    /// Which worker identities may join the ring (`None`: any Lease named like a worker's).
+    pub members: Option<membership::MemberRule>,
 }
 
 impl Default for AssignerConfig {
@@ -46,6 +47,7 @@ impl Default for AssignerConfig {
             vnodes: DEFAULT_VNODES,
             resync: Duration::from_secs(1),
             orphan_lease_after: Duration::from_secs(60),
+            members: None,
         }
     }
 }
@@ -115,8 +117,20 @@ pub async fn run(
         return;
     }
     let mut tick = tokio::time::interval(config.resync);
+    // Kept across passes: liveness is judged by when this controller saw each Lease change.
+    let mut observer = membership::LeaseObserver::default();
     loop {
-        if let Err(e) = pass(&api, &leases, &lease_reader, &objects, &config, &metrics).await {
+        let r = pass(
+            &api,
+            &leases,
+            &lease_reader,
+            &objects,
+            &config,
+            &metrics,
+            &mut observer,
+        )
+        .await;
+        if let Err(e) = r {
             tracing::warn!(error = %e, "assignment pass failed; retrying");
         }
         let settle = tokio::select! {
@@ -145,13 +159,21 @@ async fn pass(
     reader: &Store<RelaySync>,
     config: &AssignerConfig,
     metrics: &AssignmentMetrics,
+    observer: &mut membership::LeaseObserver,
 ) -> kube::Result<()> {
     let list: Vec<Lease> = lease_reader
         .state()
         .iter()
         .map(|l| l.as_ref().clone())
         .collect();
-    let members = membership::membership(&list, Timestamp::now(), config.orphan_lease_after);
+    let members = observer.observe(
+        &list,
+        std::time::Instant::now(),
+        k8s_openapi::jiff::Timestamp::now(),
+        config.orphan_lease_after,
+        config.members.as_ref(),
+    );
+    metrics.foreign_leases.set(members.foreign as i64);
     for name in &members.orphans {
         tracing::info!(lease = %name, "deleting the Lease of a long-dead worker");
         let _ = leases.delete(name, &DeleteParams::default()).await;
