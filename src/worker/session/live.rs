@@ -59,6 +59,7 @@ impl Session {
             _ => Vec::new(),
         };
         conn.live_overflow = overflow.len();
+        conn.live_planned = plan.len();
         // What does not fit is polled instead (`poll_overflow`): the same filters, as
         // historic queries.
         conn.overflow_filters = overflow

@@ -433,6 +433,11 @@ struct Conn {
     /// Live REQs of the plan not opened because the relay's cap would refuse them: a
     /// standing gap that holds the cursor.
     live_overflow: usize,
+    /// Live REQs of the plan, open or waiting to be re-opened: their slots under the
+    /// relay's cap are not historic work's. Counting only the open ones let historic pages
+    /// take the slot of a live REQ the relay had closed, so re-opening it was refused
+    /// again — each refusal queuing another backfill, a livelock under load.
+    live_planned: usize,
     /// The filters of those REQs, polled instead.
     overflow_filters: Vec<Filter>,
     overflow_poll_at: Instant,

@@ -102,6 +102,7 @@ impl Session {
                         live_retry_at: None,
                         live_gap_since: None,
                         live_overflow: 0,
+                        live_planned: 0,
                         overflow_filters: Vec::new(),
                         overflow_poll_at: Instant::now(),
                         overflow_batch: None,

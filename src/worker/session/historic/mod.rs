@@ -299,7 +299,8 @@ impl Session {
         }
         let mut budget = self.config.max_historic_subscriptions;
         if let Some(max) = self.subscription_cap(conn) {
-            budget = budget.min(max.saturating_sub(conn.live.len()).max(1));
+            let live = conn.live.len().max(conn.live_planned);
+            budget = budget.min(max.saturating_sub(live).max(1));
         }
         let limit = self.page_limit(&conn.caps);
         while conn.active_historic() < budget {
