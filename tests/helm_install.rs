@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use grasp_sync::crd::{Phase, RelaySync, WORKER_LABEL};
+use grasp_sync::crd::{DRAIN_LABEL, Phase, RelaySync, WORKER_LABEL};
 use grasp_sync::testing::scripted_relay::{Script, ScriptedRelay};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
@@ -279,6 +279,11 @@ async fn chart_installs_its_service_accounts_suffice_and_prometheus_evaluates_ev
             "4s",
             "--leader-renew",
             "1s",
+            // As the chart sets them: only the StatefulSet's pods join the ring.
+            "--worker-statefulset",
+            "gs-grasp-sync-worker",
+            "--max-workers",
+            "3",
         ]),
         &envs,
     );
@@ -379,10 +384,63 @@ async fn chart_installs_its_service_accounts_suffice_and_prometheus_evaluates_ev
         "controller writes status",
     );
     forbidden(
-        Api::<k8s_openapi::api::core::v1::Secret>::namespaced(as_worker, &ns)
+        Api::<k8s_openapi::api::core::v1::Secret>::namespaced(as_worker.clone(), &ns)
             .list(&Default::default())
             .await,
         "worker reads Secrets",
+    );
+
+    // RBAC cannot stop the worker identity from creating Leases of other names: a ghost
+    // member, renewed "forever", named so that the ring would give it our relay. The
+    // controller ignores it (not one of the StatefulSet's pods) and counts it.
+    let url = api.get(&name).await.expect("object").spec.url;
+    let ghost = (3..200)
+        .map(|i| format!("gs-grasp-sync-worker-{i}"))
+        .find(|g| {
+            grasp_sync::controller::assignment::ring::Ring::new(
+                [WORKER_POD.to_string(), g.clone()],
+                grasp_sync::controller::assignment::ring::DEFAULT_VNODES,
+            )
+            .owner(&url)
+                == Some(g.as_str())
+        })
+        .expect("a ghost name the ring would prefer");
+    let forged: Lease = serde_json::from_value(json!({
+        "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+        "metadata": {"name": format!("grasp-sync-worker-{ghost}")},
+        "spec": {"holderIdentity": ghost, "leaseDurationSeconds": 3600,
+                 "renewTime": "2099-01-01T00:00:00.000000Z"}
+    }))
+    .unwrap();
+    Api::<Lease>::namespaced(as_worker, &ns)
+        .create(&PostParams::default(), &forged)
+        .await
+        .expect("the worker identity creates a Lease of another name");
+    // Decided either way: the ghost counted as foreign, or the relay moving to it.
+    let o = eventually("the controller to judge the ghost", DEADLINE, || async {
+        let o = api.get(&name).await.ok()?;
+        let text = reqwest::get(format!("http://127.0.0.1:{cport}/metrics"))
+            .await
+            .ok()?
+            .text()
+            .await
+            .ok()?;
+        let counted = text
+            .lines()
+            .any(|l| l.starts_with("grasp_sync_foreign_leases ") && !l.ends_with(" 0"));
+        let moving = o.labels().get(WORKER_LABEL).map(String::as_str) != Some(WORKER_POD)
+            || o.labels().contains_key(DRAIN_LABEL);
+        (counted || moving).then_some(o)
+    })
+    .await;
+    assert_eq!(
+        o.labels().get(WORKER_LABEL).map(String::as_str),
+        Some(WORKER_POD),
+        "the ghost took the relay"
+    );
+    assert!(
+        !o.labels().contains_key(DRAIN_LABEL),
+        "the ghost started a drain"
     );
 
     // Prometheus scrapes both and loads the alert rules.
