@@ -437,32 +437,7 @@ async fn a_worker_cut_off_from_the_api_server_stops_before_its_lease_expires() {
     std::fs::write(&proxied, serde_yaml::to_string(&doc).unwrap()).unwrap();
 
     let _c0 = cluster.controller("c0", &[]);
-    let ctx = support::cluster::user("w0");
-    let args: Vec<String> = [
-        "worker",
-        "--name",
-        "w0",
-        "--kube-context",
-        &ctx,
-        "--local-relay",
-        cluster.local.as_str(),
-        "--status-interval",
-        "1s",
-        "--lease-duration",
-        "4s",
-        "--lease-renew",
-        "1s",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    let envs = [
-        ("KUBECONFIG", proxied.display().to_string()),
-        ("GRASP_SYNC_NAMESPACE", cluster.ns.clone()),
-        ("GRASP_SYNC_METRICS_ADDR", "127.0.0.1:0".to_string()),
-        ("GRASP_SYNC_ALLOW", "127.0.0.1".to_string()),
-    ];
-    let _w0 = support::procs::GraspSync::spawn("w0", cluster.dir.path(), &args, &envs);
+    let _w0 = cluster.worker_via("w0", &proxied);
     let _w1 = cluster.worker("w1", &[]);
     let owners = cluster.wait_settled(6, &["w0", "w1"], SETTLE).await;
     let objects = cluster.objects().await;

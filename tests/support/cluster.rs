@@ -158,6 +158,22 @@ impl Cluster {
         name: &str,
         extra: &[&str],
     ) -> GraspSync {
+        GraspSync::spawn(name, dir, &self.worker_args(name, extra), &self.envs())
+    }
+
+    /// [`Cluster::worker`] reaching the API server through `kubeconfig` instead (e.g. one
+    /// pointing at a proxy).
+    pub fn worker_via(&self, name: &str, kubeconfig: &std::path::Path) -> GraspSync {
+        let mut envs = self.envs();
+        for (var, value) in &mut envs {
+            if *var == "KUBECONFIG" {
+                *value = kubeconfig.display().to_string();
+            }
+        }
+        GraspSync::spawn(name, self.dir.path(), &self.worker_args(name, &[]), &envs)
+    }
+
+    fn worker_args(&self, name: &str, extra: &[&str]) -> Vec<String> {
         let ctx = user(name);
         let mut args: Vec<String> = [
             "worker",
@@ -178,7 +194,7 @@ impl Cluster {
         .map(|s| s.to_string())
         .collect();
         override_flags(&mut args, extra);
-        GraspSync::spawn(name, dir, &args, &self.envs())
+        args
     }
 
     pub async fn objects(&self) -> Vec<RelaySync> {

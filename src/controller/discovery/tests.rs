@@ -22,8 +22,8 @@ fn delete(keys: &Keys, coordinate: &str) -> Event {
         .unwrap()
 }
 
-struct Rig {
-    store: Arc<MemoryStore>,
+struct Rig<S = MemoryStore> {
+    store: Arc<S>,
     metrics: DiscoveryMetrics,
     feed: mpsc::Sender<FeedEvent>,
     stop: watch::Sender<bool>,
@@ -35,6 +35,14 @@ fn rig() -> Rig {
 }
 
 fn rig_with(adjust: impl FnOnce(&mut DiscoveryConfig)) -> Rig {
+    rig_on(Arc::new(MemoryStore::new()), adjust)
+}
+
+/// Discovery over `store`, fed by hand.
+fn rig_on<S: RelaySyncStore + 'static>(
+    store: Arc<S>,
+    adjust: impl FnOnce(&mut DiscoveryConfig),
+) -> Rig<S> {
     let policy = TargetPolicy {
         service_domain: "git.ours.example".into(),
         addresses: AddressPolicy::default(),
@@ -44,7 +52,6 @@ fn rig_with(adjust: impl FnOnce(&mut DiscoveryConfig)) -> Rig {
     config.bootstrap = BTreeSet::from([RelayUrl::parse("wss://boot.example").unwrap()]);
     config.grace = GRACE;
     adjust(&mut config);
-    let store = Arc::new(MemoryStore::new());
     let metrics = DiscoveryMetrics::default();
     let (feed, events) = mpsc::channel(64);
     let (stop, stop_rx) = watch::channel(false);
@@ -64,7 +71,7 @@ fn rig_with(adjust: impl FnOnce(&mut DiscoveryConfig)) -> Rig {
     }
 }
 
-impl Rig {
+impl<S: RelaySyncStore + 'static> Rig<S> {
     async fn send(&self, ev: FeedEvent) {
         self.feed.send(ev).await.unwrap();
     }
@@ -300,12 +307,6 @@ impl RelaySyncStore for Refusing {
 
 #[tokio::test(start_paused = true)]
 async fn one_refused_object_does_not_hold_up_the_others() {
-    let policy = TargetPolicy {
-        service_domain: "git.ours.example".into(),
-        addresses: AddressPolicy::default(),
-        max_relays: 16,
-    };
-    let config = DiscoveryConfig::new(RelayUrl::parse("ws://127.0.0.1:7777").unwrap(), policy);
     // The first object in name order is the one refused: before, the pass stopped there.
     let urls = ["wss://a1.example", "wss://a2.example", "wss://a3.example"];
     let mut names: Vec<String> = urls
@@ -313,29 +314,19 @@ async fn one_refused_object_does_not_hold_up_the_others() {
         .map(|u| crate::crd::naming::object_name_part(&RelayUrl::parse(u).unwrap(), 0))
         .collect();
     names.sort();
-    let store = Arc::new(Refusing {
-        inner: MemoryStore::new(),
-        refuse: names[0].clone(),
-    });
-    let metrics = DiscoveryMetrics::default();
-    let (feed, events) = mpsc::channel(64);
-    let (stop, stop_rx) = watch::channel(false);
-    let task = tokio::spawn(discover(
-        config,
-        events,
-        store.clone(),
-        metrics.clone(),
-        stop_rx,
-    ));
+    let rig = rig_on(
+        Arc::new(Refusing {
+            inner: MemoryStore::new(),
+            refuse: names[0].clone(),
+        }),
+        |c| c.bootstrap.clear(),
+    );
     let alice = Keys::generate();
-    feed.send(FeedEvent::Event(Box::new(announce(
-        &alice, "alpha", &urls, 100,
-    ))))
-    .await
-    .unwrap();
-    feed.send(FeedEvent::Synced).await.unwrap();
+    rig.event(announce(&alice, "alpha", &urls, 100)).await;
+    rig.send(FeedEvent::Synced).await;
     pass(Duration::from_secs(2)).await;
-    let mut have: Vec<String> = store
+    let mut have: Vec<String> = rig
+        .store
         .list()
         .await
         .unwrap()
@@ -344,7 +335,8 @@ async fn one_refused_object_does_not_hold_up_the_others() {
         .collect();
     have.sort();
     assert_eq!(have, names[1..].to_vec(), "the others converge");
-    let errors = metrics
+    let errors = rig
+        .metrics
         .discovery_write_errors
         .with_label_values(&["apply"])
         .get();
@@ -352,6 +344,5 @@ async fn one_refused_object_does_not_hold_up_the_others() {
         errors >= 2,
         "the refused object is retried and counted ({errors})"
     );
-    let _ = stop.send(true);
-    task.await.unwrap();
+    rig.stop().await;
 }
