@@ -173,6 +173,12 @@ pub struct ControllerArgs {
     /// Most worker pods (the StatefulSet's replicas, or the autoscaler's maximum).
     #[arg(long, env = "GRASP_SYNC_MAX_WORKERS", requires = "worker_statefulset")]
     pub max_workers: Option<u32>,
+    /// How long the relays of a worker pod that stopped gracefully wait for it to come back
+    /// under the same name (a rolling restart: the pod is below the StatefulSet's replica
+    /// count) before they move to other workers. A pod scaled away, or one that crashed,
+    /// hands over at once (on its Lease's expiry). Needs --worker-statefulset; 0 turns it off.
+    #[arg(long, env = "GRASP_SYNC_RESTART_GRACE", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub restart_grace: Duration,
 }
 
 #[derive(Debug, Args)]

@@ -218,6 +218,7 @@ async fn controller(args: ControllerArgs) -> Result<()> {
     let assigner = AssignerConfig {
         max_moves: args.max_moves.max(1),
         members,
+        restart_grace: args.restart_grace,
         ..AssignerConfig::default()
     };
     let opts = grasp_sync::modes::controller::ControllerOptions {

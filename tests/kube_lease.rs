@@ -69,17 +69,42 @@ async fn leases_are_held_renewed_counted_and_released() {
     })
     .await;
 
-    // A graceful stop deletes the Lease: the controller sees the worker gone at once.
+    // A graceful stop marks the Lease released (and keeps it, so a StatefulSet pod coming
+    // back under its name can be waited for): no longer live.
     w1.release().await;
     let live = membership::live_workers(client.clone(), &ns, Timestamp::now())
         .await
         .unwrap();
     assert_eq!(live.into_iter().collect::<Vec<_>>(), ["w0"]);
-    assert!(
-        api.get_opt(&membership::lease_name("w1"))
-            .await
-            .unwrap()
-            .is_none()
+    let released = api
+        .get(&membership::lease_name("w1"))
+        .await
+        .expect("the released Lease stays");
+    assert_eq!(
+        released
+            .metadata
+            .annotations
+            .unwrap_or_default()
+            .get(membership::RELEASED_ANNOTATION)
+            .map(String::as_str),
+        Some("true")
     );
+    // Taken again under the same name, the mark is gone and the worker is live.
+    let w1 = membership::hold(client.clone(), &ns, "w1", config.clone())
+        .await
+        .unwrap();
+    let again = api.get(&membership::lease_name("w1")).await.unwrap();
+    assert!(
+        !again
+            .metadata
+            .annotations
+            .unwrap_or_default()
+            .contains_key(membership::RELEASED_ANNOTATION)
+    );
+    let live = membership::live_workers(client.clone(), &ns, Timestamp::now())
+        .await
+        .unwrap();
+    assert_eq!(live.into_iter().collect::<Vec<_>>(), ["w0", "w1"]);
+    w1.release().await;
     w0.release().await;
 }

@@ -8,7 +8,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use grasp_sync::controller::assignment::ring::{DEFAULT_VNODES, Ring};
-use grasp_sync::coordination::membership::lease_name;
+use grasp_sync::coordination::membership::{RELEASED_ANNOTATION, lease_name};
 use grasp_sync::crd::is_released_by;
 use grasp_sync::crd::{DRAIN_LABEL, Phase, RelaySync, WORKER_LABEL};
 use grasp_sync::testing::scripted_relay::{Script, ScriptedRelay};
@@ -207,7 +207,8 @@ async fn workers_share_relays_fail_over_scale_out_through_drains_and_survive_a_l
     let rest: Vec<&str> = survivors.iter().copied().filter(|w| *w != second).collect();
     cluster.wait_settled(12, &rest, SETTLE).await;
 
-    // A graceful stop releases the Lease at once: exit 0, Lease gone, relays moved on.
+    // A graceful stop releases the Lease at once: exit 0, Lease marked released, relays
+    // moved on (no StatefulSet says this worker comes back).
     let leaving = rest[0];
     let status = workers
         .remove(leaving)
@@ -216,12 +217,13 @@ async fn workers_share_relays_fail_over_scale_out_through_drains_and_survive_a_l
         .await;
     assert!(status.success(), "{leaving} exited with {status}");
     let leases = Api::<Lease>::namespaced(cluster.admin.clone(), &cluster.ns);
-    assert!(
-        leases
-            .get_opt(&lease_name(leaving))
-            .await
-            .unwrap()
-            .is_none(),
+    let lease = leases.get(&lease_name(leaving)).await.unwrap();
+    assert_eq!(
+        lease
+            .annotations()
+            .get(RELEASED_ANNOTATION)
+            .map(String::as_str),
+        Some("true"),
         "a stopped worker's Lease is released"
     );
     let last: Vec<&str> = rest.iter().copied().filter(|w| *w != leaving).collect();
@@ -476,4 +478,128 @@ async fn a_worker_cut_off_from_the_api_server_stops_before_its_lease_expires() {
             r.url()
         );
     }
+}
+
+/// Labels of every object, by name.
+fn labels_of(objects: &[RelaySync]) -> BTreeMap<String, Option<String>> {
+    objects
+        .iter()
+        .map(|o| (o.name_any(), o.labels().get(WORKER_LABEL).cloned()))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rolling_restart_moves_no_relay_while_a_crash_or_a_scale_down_hands_over_at_once() {
+    let cluster = Cluster::start("restart").await;
+    let (a, b) = ("gs-0", "gs-1");
+    let remotes = remotes_with_one_for(6, &[a], b).await;
+    let want = repos_on(&cluster, &remotes).await;
+    // The workers' StatefulSet as the chart makes it (no kubelet runs its pods here: the
+    // workers are processes named as its pods).
+    let statefulsets = Api::<k8s_openapi::api::apps::v1::StatefulSet>::namespaced(
+        cluster.admin.clone(),
+        &cluster.ns,
+    );
+    let replicas = |n: i32| {
+        json!({
+            "apiVersion": "apps/v1", "kind": "StatefulSet",
+            "metadata": {"name": "gs"},
+            "spec": {
+                "replicas": n,
+                "serviceName": "gs",
+                "selector": {"matchLabels": {"app": "gs"}},
+                "template": {
+                    "metadata": {"labels": {"app": "gs"}},
+                    "spec": {"containers": [{"name": "worker", "image": "example.invalid/grasp-sync:0"}]}
+                }
+            }
+        })
+    };
+    let apply = PatchParams::apply("test").force();
+    statefulsets
+        .patch("gs", &apply, &Patch::Apply(replicas(2)))
+        .await
+        .expect("StatefulSet");
+    // The grace is far longer than a handover takes, so a move within it is the old rule.
+    let _controller = cluster.controller(
+        "c0",
+        &[
+            "--worker-statefulset",
+            "gs",
+            "--max-workers",
+            "4",
+            "--restart-grace",
+            "60s",
+        ],
+    );
+    let mut wa = cluster.worker(a, &[]);
+    let mut wb = cluster.worker(b, &[]);
+    let owners = cluster.wait_settled(6, &[a, b], SETTLE).await;
+    let before = labels_of(&cluster.objects().await);
+    assert!(owners.values().any(|w| w == b), "{owners:?}");
+    for r in &remotes {
+        r.counters().reset_max();
+    }
+
+    // A rolling restart: gs-1 stops gracefully and comes back under its name. Its relays
+    // wait for it (every look sees the same labels) and are Live by it again.
+    let status = wb.terminate(Duration::from_secs(40)).await;
+    assert!(status.success(), "{b} exited with {status}");
+    // Give the controller longer than the old rule needed to move them (it moved them on
+    // its next pass, about a second), checking at every look that nothing moved.
+    let stopped = std::time::Instant::now();
+    while stopped.elapsed() < Duration::from_secs(6) {
+        assert_eq!(
+            labels_of(&cluster.objects().await),
+            before,
+            "a relay moved while its worker restarted"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    wb = cluster.worker(b, &[]);
+    let restarted = std::time::Instant::now();
+    loop {
+        let objects = cluster.objects().await;
+        assert_eq!(
+            labels_of(&objects),
+            before,
+            "a relay moved during the restart"
+        );
+        if cluster.settled(6, &[a, b]).await.is_ok() {
+            break;
+        }
+        assert!(
+            restarted.elapsed() < SETTLE,
+            "not Live again after the restart: {:?}",
+            cluster.settled(6, &[a, b]).await
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    for (i, r) in remotes.iter().enumerate() {
+        let max = r.counters().max_live_connections.load(Ordering::SeqCst);
+        assert!(max <= 1, "remote {i} had {max} connections at once");
+    }
+
+    // A crash is no graceful stop: the relays move on the Lease's expiry (4 s), not after
+    // the 60 s grace.
+    wb.kill();
+    let crashed = std::time::Instant::now();
+    cluster.wait_settled(6, &[a], Duration::from_secs(30)).await;
+    println!("crash handed over in {:?}", crashed.elapsed());
+
+    // A scale-down: the StatefulSet goes to one replica, so gs-1 is not coming back and
+    // its relays move as soon as it stops.
+    wb = cluster.worker(b, &[]);
+    cluster.wait_settled(6, &[a, b], SETTLE).await;
+    statefulsets
+        .patch("gs", &apply, &Patch::Apply(replicas(1)))
+        .await
+        .expect("scale down");
+    let status = wb.terminate(Duration::from_secs(40)).await;
+    assert!(status.success(), "{b} exited with {status}");
+    let scaled = std::time::Instant::now();
+    cluster.wait_settled(6, &[a], Duration::from_secs(30)).await;
+    println!("scale-down handed over in {:?}", scaled.elapsed());
+    relays::holds_exactly(&cluster.local, &want, SETTLE).await;
+    assert!(wa.running(), "{a} crashed:\n{}", wa.log_tail(30));
 }

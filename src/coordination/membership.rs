@@ -9,7 +9,7 @@ use std::time::Duration;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
+use kube::api::{Api, ListParams, Patch, PatchParams};
 use kube::{Client, ResourceExt};
 use serde_json::json;
 use tokio::sync::watch;
@@ -37,15 +37,40 @@ pub fn lease_name(worker: &str) -> String {
     format!("{LEASE_PREFIX}{worker}")
 }
 
+/// Annotation a worker sets on its Lease when it stops gracefully (every session closed,
+/// final status written). The next renewal, by the same field manager, removes it.
+pub const RELEASED_ANNOTATION: &str = "grasp-sync.dev/released";
+
+fn is_released(l: &Lease) -> bool {
+    l.annotations()
+        .get(RELEASED_ANNOTATION)
+        .is_some_and(|v| v == "true")
+}
+
 async fn renew(api: &Api<Lease>, worker: &str, config: &LeaseConfig) -> kube::Result<()> {
+    write(api, worker, config, false).await
+}
+
+/// Apply this worker's Lease, renewed now; `released` marks a graceful stop. Server-side
+/// apply removes the fields this manager no longer sets, so a renewal clears the mark.
+async fn write(
+    api: &Api<Lease>,
+    worker: &str,
+    config: &LeaseConfig,
+    released: bool,
+) -> kube::Result<()> {
     let now = MicroTime(Timestamp::now());
+    let mut metadata = json!({
+        "name": lease_name(worker),
+        "labels": {"app.kubernetes.io/name": "grasp-sync", "app.kubernetes.io/component": "worker"}
+    });
+    if released {
+        metadata["annotations"] = json!({ RELEASED_ANNOTATION: "true" });
+    }
     let lease = json!({
         "apiVersion": "coordination.k8s.io/v1",
         "kind": "Lease",
-        "metadata": {
-            "name": lease_name(worker),
-            "labels": {"app.kubernetes.io/name": "grasp-sync", "app.kubernetes.io/component": "worker"}
-        },
+        "metadata": metadata,
         "spec": {
             "holderIdentity": worker,
             "leaseDurationSeconds": config.duration.as_secs().max(1),
@@ -74,7 +99,9 @@ impl LeaseHandle {
         self.held.clone()
     }
 
-    /// Stop renewing and delete the Lease, so the controller reassigns at once.
+    /// Stop renewing and mark the Lease released: the controller reassigns at once — unless
+    /// this worker is a StatefulSet pod that will come back under the same name (a rolling
+    /// restart), whose relays wait for it for the restart grace.
     pub async fn release(self) {
         let _ = self.stop.send(true);
         let _ = self.task.await;
@@ -138,11 +165,12 @@ pub async fn hold(
                     tracing::warn!(%worker, "could not renew the worker Lease in time; stopping every session");
                 }
                 _ = stop_rx.changed() => {
-                    let _ = tokio::time::timeout(
-                        deadline,
-                        api.delete(&lease_name(&worker), &DeleteParams::default()),
-                    )
-                    .await;
+                    match tokio::time::timeout(deadline, write(&api, &worker, &config, true)).await {
+                        Ok(Ok(())) => {}
+                        // Not marked: the controller sees the Lease expire instead.
+                        Ok(Err(e)) => tracing::warn!(%worker, error = %e, "could not mark the worker Lease released"),
+                        Err(_) => tracing::warn!(%worker, ?deadline, "marking the worker Lease released timed out"),
+                    }
                     held_tx.send_replace(false);
                     return;
                 }
@@ -162,6 +190,19 @@ pub struct Membership {
     /// Leases named like a worker's but held by an identity the controller does not expect
     /// (a forged member): ignored.
     pub foreign: usize,
+    /// Workers that stopped gracefully and are expected back under the same name (a rolling
+    /// restart): still in `live`, so their relays stay, unserved, until they return or the
+    /// restart grace ends.
+    pub resting: BTreeSet<String>,
+}
+
+/// Who is expected back after a graceful stop: the StatefulSet's pods below its current
+/// replica count, for `grace` after the stop was seen. A pod at or above it was scaled
+/// away and hands over at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Returning {
+    pub replicas: u32,
+    pub grace: Duration,
 }
 
 /// Which worker identities may be ring members: the StatefulSet's pods `<name>-0` …
@@ -175,12 +216,17 @@ pub struct MemberRule {
 
 impl MemberRule {
     pub fn allows(&self, worker: &str) -> bool {
+        self.ordinal(worker).is_some()
+    }
+
+    /// The pod ordinal of `worker`, if it is one of the StatefulSet's allowed pods.
+    pub fn ordinal(&self, worker: &str) -> Option<u32> {
         worker
             .strip_prefix(self.statefulset.as_str())
             .and_then(|rest| rest.strip_prefix('-'))
             .filter(|n| !n.is_empty() && (n.len() == 1 || !n.starts_with('0')))
             .and_then(|n| n.parse::<u32>().ok())
-            .is_some_and(|i| i < self.max)
+            .filter(|i| *i < self.max)
     }
 }
 
@@ -204,7 +250,8 @@ pub const FIRST_SIGHT_TOLERANCE: Duration = Duration::from_secs(300);
 
 impl LeaseObserver {
     /// Classify `leases` as of `now` (a monotonic instant of this process) and `wall` (this
-    /// controller's clock, used only for Leases seen for the first time).
+    /// controller's clock, used only for Leases seen for the first time). A Lease marked
+    /// released is not live, unless `rule` and `returning` say its pod comes back.
     pub fn observe(
         &mut self,
         leases: &[Lease],
@@ -212,6 +259,7 @@ impl LeaseObserver {
         wall: Timestamp,
         orphan_after: Duration,
         rule: Option<&MemberRule>,
+        returning: Option<Returning>,
     ) -> Membership {
         let mut out = Membership::default();
         let mut present = HashSet::new();
@@ -248,6 +296,30 @@ impl LeaseObserver {
                 None => Some(now),
             };
             self.seen.insert(name.clone(), (print, changed_at));
+            if is_released(l) {
+                let back = rule
+                    .and_then(|r| r.ordinal(worker))
+                    .zip(returning)
+                    .filter(|(i, r)| *i < r.replicas)
+                    .map(|(_, r)| r.grace);
+                let since = changed_at.map(|at| now.saturating_duration_since(at));
+                match (since, back) {
+                    (Some(s), Some(grace)) if s < grace => {
+                        out.live.insert(worker.to_string());
+                        out.resting.insert(worker.to_string());
+                    }
+                    (Some(s), back)
+                        if s >= back.unwrap_or_default().max(duration) + orphan_after =>
+                    {
+                        out.orphans.push(name);
+                    }
+                    (None, _) if lags_beyond(duration + FIRST_SIGHT_TOLERANCE + orphan_after) => {
+                        out.orphans.push(name);
+                    }
+                    _ => {}
+                }
+                continue;
+            }
             match changed_at {
                 Some(at) if now.saturating_duration_since(at) < duration => {
                     out.live.insert(worker.to_string());
@@ -283,7 +355,7 @@ pub fn membership(leases: &[Lease], now: Timestamp, orphan_after: Duration) -> M
         });
         let holder_ok = spec.and_then(|s| s.holder_identity.as_deref()) == Some(worker);
         match expires {
-            Some(e) if holder_ok && e > now.as_second() => {
+            Some(e) if holder_ok && !is_released(l) && e > now.as_second() => {
                 out.live.insert(worker.to_string());
             }
             Some(e) if e.saturating_add(orphan_after.as_secs() as i64) < now.as_second() => {
@@ -377,6 +449,7 @@ mod tests {
                 Timestamp::from_second(wall + 5 * k).unwrap(),
                 secs(600),
                 None,
+                None,
             );
             live_at.push(m.live.into_iter().collect::<Vec<_>>().join(","));
         }
@@ -421,15 +494,91 @@ mod tests {
             never,
         ];
         let mut obs = LeaseObserver::default();
-        let m = obs.observe(&leases, t0, wall, secs(600), None);
+        let m = obs.observe(&leases, t0, wall, secs(600), None, None);
         assert_eq!(
             m.live.iter().map(String::as_str).collect::<Vec<_>>(),
             ["ghost", "skew"]
         );
         assert_eq!(m.orphans, ["grasp-sync-worker-old"]);
         // Nothing changes for a Lease duration: the forged and the skewed one are dead.
-        let m = obs.observe(&leases, t0 + secs(15), wall, secs(600), None);
+        let m = obs.observe(&leases, t0 + secs(15), wall, secs(600), None, None);
         assert!(m.live.is_empty(), "{:?}", m.live);
+    }
+
+    fn released(name: &str, holder: &str, at: i64, version: u32) -> Lease {
+        let mut l = renewed(name, holder, at, version);
+        l.metadata.annotations =
+            Some([(RELEASED_ANNOTATION.to_string(), "true".to_string())].into());
+        l
+    }
+
+    #[test]
+    fn a_pod_that_stopped_gracefully_keeps_its_place_while_it_is_expected_back() {
+        let secs = Duration::from_secs;
+        let t0 = std::time::Instant::now();
+        let wall = Timestamp::from_second(50_000).unwrap();
+        let rule = MemberRule {
+            statefulset: "gs".into(),
+            max: 8,
+        };
+        let back = Returning {
+            replicas: 2,
+            grace: secs(30),
+        };
+        let leases = |v: u32| {
+            vec![
+                renewed("grasp-sync-worker-gs-0", "gs-0", 50_000, v),
+                // Released by a graceful stop: gs-1 is below the replica count (a rolling
+                // restart), gs-2 above it (scaled away).
+                released("grasp-sync-worker-gs-1", "gs-1", 50_000, 1),
+                released("grasp-sync-worker-gs-2", "gs-2", 50_000, 1),
+            ]
+        };
+        let names = |m: &Membership| m.live.iter().cloned().collect::<Vec<_>>().join(",");
+        let mut obs = LeaseObserver::default();
+        let m = obs.observe(&leases(1), t0, wall, secs(60), Some(&rule), Some(back));
+        assert_eq!(names(&m), "gs-0,gs-1");
+        assert_eq!(m.resting, BTreeSet::from(["gs-1".to_string()]));
+        // Still waited for just before the grace ends; not after it.
+        let m = obs.observe(
+            &leases(2),
+            t0 + secs(29),
+            wall,
+            secs(60),
+            Some(&rule),
+            Some(back),
+        );
+        assert_eq!(names(&m), "gs-0,gs-1");
+        let m = obs.observe(
+            &leases(3),
+            t0 + secs(30),
+            wall,
+            secs(60),
+            Some(&rule),
+            Some(back),
+        );
+        assert_eq!(names(&m), "gs-0");
+        assert!(m.orphans.is_empty());
+        // Long gone: both released Leases are orphans.
+        let m = obs.observe(
+            &leases(4),
+            t0 + secs(90),
+            wall,
+            secs(60),
+            Some(&rule),
+            Some(back),
+        );
+        assert_eq!(m.orphans.len(), 2, "{:?}", m.orphans);
+        // Without a StatefulSet to say who comes back, a released worker is gone at once.
+        let m = LeaseObserver::default().observe(&leases(1), t0, wall, secs(60), Some(&rule), None);
+        assert_eq!(names(&m), "gs-0");
+        let m = LeaseObserver::default().observe(&leases(1), t0, wall, secs(60), None, Some(back));
+        assert_eq!(names(&m), "gs-0");
+        // The clock-comparing look never counts a released Lease.
+        assert_eq!(
+            membership(&leases(1), wall, secs(60)).live,
+            BTreeSet::from(["gs-0".to_string()])
+        );
     }
 
     #[test]
@@ -464,6 +613,7 @@ mod tests {
             Timestamp::from_second(10_000).unwrap(),
             Duration::from_secs(60),
             Some(&rule),
+            None,
         );
         assert_eq!(m.live, BTreeSet::from(["gs-worker-0".to_string()]));
         assert_eq!(m.foreign, 1);

@@ -168,6 +168,40 @@ pub fn released_status(
     status
 }
 
+/// The last status of a relay whose worker stopped gracefully (SIGTERM): the cursor and
+/// counters stay, but it no longer claims to be connected — nobody syncs the relay until a
+/// worker (the same one coming back, or the next owner) picks it up. Still assigned: this
+/// is not a drain's acknowledgement.
+pub fn stopped_status(
+    state: &SessionState,
+    worker: &str,
+    generation: i64,
+    previous: Option<&RelaySyncStatus>,
+    now: SystemTime,
+) -> RelaySyncStatus {
+    let mut status = status_from_session(state, worker, generation, previous, now);
+    let now_t = time(now).unwrap_or(Time(Timestamp::UNIX_EPOCH));
+    status.phase = Some(Phase::Pending);
+    status.subscriptions = Some(0);
+    for (kind, msg) in [
+        (CONNECTED, format!("{worker} stopped; waiting for a worker")),
+        (READY, String::new()),
+    ] {
+        conditions::set_condition(
+            &mut status.conditions,
+            conditions::condition(
+                kind,
+                ConditionStatus::False,
+                "WorkerStopped",
+                msg,
+                now_t.clone(),
+                Some(generation),
+            ),
+        );
+    }
+    status
+}
+
 /// A cursor that moved less than this (and nothing else changed) is not worth a write.
 pub const CURSOR_STEP_SECS: i64 = 300;
 
@@ -322,6 +356,22 @@ mod tests {
         let r2 = released_status(None, "w2", 4, Some(&live), t);
         assert_eq!(r2.cursor, Some(1_700_000_000));
         assert!(is_released_by(Some(&r2), "w2"));
+    }
+
+    #[test]
+    fn a_stopped_worker_s_last_status_keeps_the_cursor_but_claims_no_connection() {
+        let t = SystemTime::now();
+        let live = status_from_session(&state(Phase::Live), "w0", 4, None, t);
+        let s = stopped_status(&state(Phase::Live), "w0", 4, Some(&live), t);
+        assert_eq!(s.phase, Some(Phase::Pending));
+        assert_eq!(s.cursor, live.cursor);
+        assert_eq!(s.confirmed_generation, Some(4));
+        for kind in [CONNECTED, READY] {
+            let c = s.conditions.iter().find(|c| c.type_ == kind).unwrap();
+            assert_eq!(c.status, ConditionStatus::False, "{kind}");
+        }
+        // Still held: not mistaken for a drain's acknowledgement.
+        assert!(!is_released_by(Some(&s), "w0"));
     }
 
     #[test]

@@ -22,7 +22,7 @@ use super::procs::GraspSync;
 use super::{KubeEnv, relays};
 
 pub const SERVICE_DOMAIN: &str = "git.ours.example";
-pub const WORKERS: &[&str] = &["w0", "w1", "w2", "w3", "w4"];
+pub const WORKERS: &[&str] = &["w0", "w1", "w2", "w3", "w4", "gs-0", "gs-1"];
 const CONTROLLER_USER: &str = "grasp-sync-test-controller";
 
 pub struct Cluster {

@@ -40,6 +40,9 @@ pub const TEST_USERS: &[&str] = &[
     "grasp-sync-test-w2",
     "grasp-sync-test-w3",
     "grasp-sync-test-w4",
+    // Workers named as a StatefulSet's pods (`gs`).
+    "grasp-sync-test-gs-0",
+    "grasp-sync-test-gs-1",
 ];
 
 const TMP_PREFIX: &str = "grasp-sync-kube-";

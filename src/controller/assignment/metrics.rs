@@ -12,6 +12,8 @@ pub struct AssignmentMetrics {
     pub relays_unassigned: IntGauge,
     /// Worker Leases ignored: held by an identity the controller does not expect.
     pub foreign_leases: IntGauge,
+    /// Workers that stopped gracefully and are waited for (a rolling restart).
+    pub workers_resting: IntGauge,
     /// RelaySyncs moving between two live workers.
     pub relays_draining: IntGauge,
     /// Assignment steps applied, by kind (assign | drain | cancel | reassign_drained |
@@ -37,6 +39,11 @@ impl AssignmentMetrics {
                 registry,
                 "grasp_sync_foreign_leases",
                 "Worker Leases ignored: held by an identity the controller does not expect",
+            )?,
+            workers_resting: int_gauge(
+                registry,
+                "grasp_sync_workers_resting",
+                "Workers that stopped gracefully and are expected back (a rolling restart): their relays wait for them for the restart grace",
             )?,
             relays_draining: int_gauge(
                 registry,

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
+use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::coordination::v1::Lease;
 use kube::api::{Api, DeleteParams, Patch, PatchParams};
 use kube::runtime::reflector::{self, Store};
@@ -38,6 +39,10 @@ pub struct AssignerConfig {
     pub orphan_lease_after: Duration,
     /// Which worker identities may join the ring (`None`: any Lease named like a worker's).
     pub members: Option<membership::MemberRule>,
+    /// How long the relays of a StatefulSet pod that stopped gracefully wait for it to come
+    /// back under the same name (a rolling restart) before moving; zero: they move at once.
+    /// Needs `members` (the StatefulSet whose replica count says who comes back).
+    pub restart_grace: Duration,
 }
 
 impl Default for AssignerConfig {
@@ -48,6 +53,7 @@ impl Default for AssignerConfig {
             resync: Duration::from_secs(1),
             orphan_lease_after: Duration::from_secs(60),
             members: None,
+            restart_grace: Duration::ZERO,
         }
     }
 }
@@ -105,6 +111,30 @@ pub async fn run(
             notify.notify_one();
         }
     });
+    // The workers' StatefulSet, when there is one and a restart grace: its replica count
+    // says which gracefully stopped pods come back. Unreadable: nobody is waited for.
+    let statefulset = config
+        .members
+        .as_ref()
+        .filter(|_| !config.restart_grace.is_zero())
+        .map(|rule| {
+            let api: Api<StatefulSet> = Api::namespaced(api.clone().into_client(), &namespace);
+            let (reader, writer) = reflector::store();
+            let wc =
+                watcher::Config::default().fields(&format!("metadata.name={}", rule.statefulset));
+            let stream = reflector::reflector(writer, watcher(api, wc))
+                .default_backoff()
+                .touched_objects();
+            let task = tokio::spawn(async move {
+                let mut stream = std::pin::pin!(stream);
+                while let Some(ev) = stream.next().await {
+                    if let Err(e) = ev {
+                        tracing::debug!(error = %e, "StatefulSet watch interrupted; it resumes");
+                    }
+                }
+            });
+            (reader, task)
+        });
     let ready = async {
         objects.wait_until_ready().await.is_ok() && lease_reader.wait_until_ready().await.is_ok()
     };
@@ -112,24 +142,42 @@ pub async fn run(
         ok = ready => ok,
         _ = shutdown.changed() => false,
     };
-    if !ok {
+    let stop_watches = |lease_task: tokio::task::JoinHandle<()>| {
         lease_task.abort();
+        if let Some((_, task)) = &statefulset {
+            task.abort();
+        }
+    };
+    if !ok {
+        stop_watches(lease_task);
         return;
     }
     let mut tick = tokio::time::interval(config.resync);
     // Kept across passes: liveness is judged by when this controller saw each Lease change.
     let mut observer = membership::LeaseObserver::default();
     loop {
-        let r = pass(
-            &api,
+        let returning = statefulset.as_ref().and_then(|(reader, _)| {
+            let sts = reader.state().into_iter().next()?;
+            Some(membership::Returning {
+                replicas: sts
+                    .spec
+                    .as_ref()
+                    .and_then(|s| s.replicas)
+                    .unwrap_or(1)
+                    .max(0) as u32,
+                grace: config.restart_grace,
+            })
+        });
+        let members = observe_members(
             &leases,
             &lease_reader,
-            &objects,
+            &mut observer,
+            returning,
             &config,
             &metrics,
-            &mut observer,
         )
         .await;
+        let r = pass(&api, &objects, &config, &metrics, &members).await;
         if let Err(e) = r {
             tracing::warn!(error = %e, "assignment pass failed; retrying");
         }
@@ -149,18 +197,19 @@ pub async fn run(
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
-    lease_task.abort();
+    stop_watches(lease_task);
 }
 
-async fn pass(
-    api: &Api<RelaySync>,
+/// Judge the worker Leases (liveness by observed change), count what is ignored, and delete
+/// the Leases of long-dead workers.
+async fn observe_members(
     leases: &Api<Lease>,
     lease_reader: &Store<Lease>,
-    reader: &Store<RelaySync>,
+    observer: &mut membership::LeaseObserver,
+    returning: Option<membership::Returning>,
     config: &AssignerConfig,
     metrics: &AssignmentMetrics,
-    observer: &mut membership::LeaseObserver,
-) -> kube::Result<()> {
+) -> membership::Membership {
     let list: Vec<Lease> = lease_reader
         .state()
         .iter()
@@ -172,12 +221,24 @@ async fn pass(
         k8s_openapi::jiff::Timestamp::now(),
         config.orphan_lease_after,
         config.members.as_ref(),
+        returning,
     );
     metrics.foreign_leases.set(members.foreign as i64);
+    metrics.workers_resting.set(members.resting.len() as i64);
     for name in &members.orphans {
         tracing::info!(lease = %name, "deleting the Lease of a long-dead worker");
         let _ = leases.delete(name, &DeleteParams::default()).await;
     }
+    members
+}
+
+async fn pass(
+    api: &Api<RelaySync>,
+    reader: &Store<RelaySync>,
+    config: &AssignerConfig,
+    metrics: &AssignmentMetrics,
+    members: &membership::Membership,
+) -> kube::Result<()> {
     let ring = Ring::new(members.live.iter().cloned(), config.vnodes);
     let mut objects: Vec<Assigned> = reader.state().iter().map(|o| assigned(o)).collect();
     objects.sort_by(|a, b| a.name.cmp(&b.name));

@@ -28,7 +28,7 @@ use tokio::time::Instant;
 use super::metrics::WorkerMetrics;
 use super::publisher::Publisher;
 use super::session::{SessionConfig, SessionState};
-use super::status::{Coalescer, status_from_session};
+use super::status::{Coalescer, stopped_status};
 use crate::nostr::{RelayUrl, RepoCoordinate};
 use crate::relay::address_policy::AddressPolicy;
 use crate::relay::backoff::HealthConfig;
@@ -288,7 +288,7 @@ pub(crate) async fn supervise<S: RelaySyncStore + 'static>(
             continue;
         };
         if let Some((state, given)) = finals.get(&url) {
-            let status = status_from_session(
+            let status = stopped_status(
                 &given.state_for(state, o),
                 &config.worker,
                 o.generation,
