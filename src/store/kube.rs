@@ -8,7 +8,12 @@
 //! longer holds it and its session stops — the kube-runtime `Controller` would not
 //! reconcile that case.
 
-use futures::{FutureExt, StreamExt};
+use std::collections::{BTreeMap, HashMap};
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use futures::StreamExt;
 use k8s_openapi::api::core::v1::ObjectReference;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
@@ -34,6 +39,10 @@ pub struct KubeStore {
     holder: Option<String>,
     recorder: Option<Recorder>,
     cache: Store<RelaySync>,
+    /// The watch has listed once. Not `cache.wait_until_ready()` polled and dropped: its
+    /// readiness future keeps a single waker, so a dropped poll would steal the wake-up of
+    /// a task waiting on it (the assigner, which then never starts).
+    listed: Arc<AtomicBool>,
     revision: watch::Sender<u64>,
     watch_task: JoinHandle<()>,
 }
@@ -53,6 +62,15 @@ impl KubeStore {
     /// A store over the RelaySyncs of `namespace` matching `selector` (a label selector such
     /// as `grasp-sync.dev/worker=w0`).
     pub fn with_selector(client: Client, namespace: &str, selector: Option<String>) -> Self {
+        Self::watching(client, namespace, selector, Announce::Every)
+    }
+
+    fn watching(
+        client: Client,
+        namespace: &str,
+        selector: Option<String>,
+        announce: Announce,
+    ) -> Self {
         let api: Api<RelaySync> = Api::namespaced(client, namespace);
         let revision = watch::channel(0).0;
         let tx = revision.clone();
@@ -61,14 +79,28 @@ impl KubeStore {
             wc = wc.labels(sel);
         }
         let (cache, writer) = reflector::store();
+        // Nobody reads who wrote which field: the cache keeps objects without it.
+        let events = watcher(api.clone(), wc)
+            .default_backoff()
+            .modify(|o: &mut RelaySync| o.managed_fields_mut().clear());
         // The cache is updated before the revision moves, so a reader woken by the bump
         // sees the change in `snapshot()`.
-        let stream = reflector::reflector(writer, watcher(api.clone(), wc).default_backoff());
+        let stream = reflector::reflector(writer, events);
+        let listed = Arc::new(AtomicBool::new(false));
+        let done = listed.clone();
         let watch_task = tokio::spawn(async move {
             let mut stream = std::pin::pin!(stream);
+            let mut seen = Seen::default();
             while let Some(event) = stream.next().await {
                 match event {
-                    Ok(_) => tx.send_modify(|r| *r += 1),
+                    Ok(ev) => {
+                        if matches!(ev, watcher::Event::InitDone) {
+                            done.store(true, Ordering::Release);
+                        }
+                        if seen.news(&ev, announce) {
+                            tx.send_modify(|r| *r += 1);
+                        }
+                    }
                     // The watcher re-lists and re-watches by itself; a change may have been
                     // missed meanwhile, so tell readers to look again.
                     Err(e) => {
@@ -85,6 +117,7 @@ impl KubeStore {
             holder: None,
             recorder: None,
             cache,
+            listed,
             revision,
             watch_task,
         }
@@ -99,9 +132,18 @@ impl KubeStore {
     /// status write succeeds only while the object is still labelled for it (checked by the
     /// API server in the same request), so a worker that lost an object — moved, or presumed
     /// dead during a stall — cannot overwrite the new holder's status.
+    ///
+    /// Its [`RelaySyncStore::changes`] moves only when something a holder acts on changed
+    /// (an object came or went, its spec, labels or deletion): a change of status alone is
+    /// its own write, and waking the supervisor for each would make every write cost a pass
+    /// over everything it holds. The cache still holds the latest status.
     pub fn for_worker(client: Client, namespace: &str, worker: &str) -> Self {
-        let mut store =
-            Self::with_selector(client, namespace, Some(format!("{WORKER_LABEL}={worker}")));
+        let mut store = Self::watching(
+            client,
+            namespace,
+            Some(format!("{WORKER_LABEL}={worker}")),
+            Announce::NotStatusAlone,
+        );
         store.holder = Some(worker.to_string());
         store
     }
@@ -114,6 +156,67 @@ impl KubeStore {
         };
         self.recorder = Some(Recorder::new(client, reporter));
         self
+    }
+}
+
+/// Which watch events move a store's revision.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Announce {
+    Every,
+    /// Not an object's change of status alone.
+    NotStatusAlone,
+}
+
+/// What a holder acts on in an object: the generation (spec, `paused` included), labels
+/// (the worker and drain labels) and deletion.
+type Fingerprint = (Option<i64>, BTreeMap<String, String>, bool);
+
+fn fingerprint(o: &RelaySync) -> Fingerprint {
+    (
+        o.metadata.generation,
+        o.metadata.labels.clone().unwrap_or_default(),
+        o.metadata.deletion_timestamp.is_some(),
+    )
+}
+
+/// The fingerprints of the objects as last announced, to tell status-only changes apart.
+#[derive(Default)]
+struct Seen {
+    current: HashMap<String, Fingerprint>,
+    /// Being rebuilt by a re-list (`Init` … `InitDone`).
+    relisting: Option<HashMap<String, Fingerprint>>,
+}
+
+impl Seen {
+    /// Record `event`; true if readers should look again.
+    fn news(&mut self, event: &watcher::Event<RelaySync>, announce: Announce) -> bool {
+        match event {
+            watcher::Event::Init => {
+                self.relisting = Some(HashMap::new());
+                false
+            }
+            watcher::Event::InitApply(o) => {
+                if let Some(m) = &mut self.relisting {
+                    m.insert(o.name_any(), fingerprint(o));
+                }
+                false
+            }
+            watcher::Event::InitDone => {
+                if let Some(m) = self.relisting.take() {
+                    self.current = m;
+                }
+                true
+            }
+            watcher::Event::Apply(o) => {
+                let new = fingerprint(o);
+                let old = self.current.insert(o.name_any(), new.clone());
+                announce == Announce::Every || old.as_ref() != Some(&new)
+            }
+            watcher::Event::Delete(o) => {
+                self.current.remove(&o.name_any());
+                true
+            }
+        }
     }
 }
 
@@ -160,7 +263,7 @@ impl RelaySyncStore for KubeStore {
     }
 
     async fn snapshot(&self) -> Result<Vec<StoredRelaySync>, StoreError> {
-        if !matches!(self.cache.wait_until_ready().now_or_never(), Some(Ok(()))) {
+        if !self.listed.load(Ordering::Acquire) {
             // The watch has not listed yet (or is gone): ask the API server.
             return self.list().await;
         }

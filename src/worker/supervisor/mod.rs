@@ -171,15 +171,22 @@ pub(crate) async fn supervise<S: RelaySyncStore + 'static>(
             reload = false;
             match store.snapshot().await {
                 Ok(list) => {
-                    st.objects = list.into_iter().map(|o| (o.name.clone(), o)).collect();
-                    st.wanted = st
-                        .objects
-                        .values()
-                        .flat_map(|o| o.spec.repos.iter())
-                        .filter_map(|r| RepoCoordinate::parse(r).ok())
-                        .collect();
-                    (inputs.feed_filters)(feed_filters(&st.wanted));
-                    dirty = true;
+                    let next: BTreeMap<String, StoredRelaySync> =
+                        list.into_iter().map(|o| (o.name.clone(), o)).collect();
+                    let held_changed = held_changed(&st.objects, &next);
+                    st.objects = next;
+                    // Status alone (our own writes, in a store that announces them) changes
+                    // neither the sessions nor the repos the local feed follows.
+                    if held_changed {
+                        st.wanted = st
+                            .objects
+                            .values()
+                            .flat_map(|o| o.spec.repos.iter())
+                            .filter_map(|r| RepoCoordinate::parse(r).ok())
+                            .collect();
+                        (inputs.feed_filters)(feed_filters(&st.wanted));
+                        dirty = true;
+                    }
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "listing RelaySyncs failed; retrying");
@@ -309,6 +316,20 @@ pub(crate) async fn supervise<S: RelaySyncStore + 'static>(
             tracing::warn!(object = %w.write.name, result = ?w.result, "final status write failed");
         }
     }
+}
+
+/// Whether anything a session depends on differs: an object came or went, or its spec,
+/// generation or drain flag changed.
+fn held_changed(
+    before: &BTreeMap<String, StoredRelaySync>,
+    after: &BTreeMap<String, StoredRelaySync>,
+) -> bool {
+    before.len() != after.len()
+        || after.iter().any(|(name, o)| {
+            before.get(name).is_none_or(|b| {
+                b.generation != o.generation || b.draining != o.draining || b.spec != o.spec
+            })
+        })
 }
 
 fn submit(st: &mut State, writer: &StatusWriter, write: Write) {
