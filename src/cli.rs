@@ -197,11 +197,12 @@ pub struct WorkerArgs {
     #[command(flatten)]
     pub sync: SyncOpts,
     /// Worker Lease duration: the controller reassigns a crashed worker's relays this long
-    /// after its last renewal.
-    #[arg(long, env = "GRASP_SYNC_LEASE_DURATION", default_value = "15s", value_parser = humantime::parse_duration)]
+    /// after it last saw a renewal (crash failover within 10 s at the default; each renewal
+    /// is one API write per worker).
+    #[arg(long, env = "GRASP_SYNC_LEASE_DURATION", default_value = "6s", value_parser = humantime::parse_duration)]
     pub lease_duration: Duration,
     /// How often the worker renews its Lease.
-    #[arg(long, env = "GRASP_SYNC_LEASE_RENEW", default_value = "5s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "GRASP_SYNC_LEASE_RENEW", default_value = "2s", value_parser = humantime::parse_duration)]
     pub lease_renew: Duration,
 }
 
@@ -365,5 +366,64 @@ mod tests {
         };
         let urls: Vec<_> = args.relays.bootstrap.iter().map(|u| u.as_str()).collect();
         assert_eq!(urls, ["wss://relay.damus.io", "wss://nos.lol"]);
+    }
+}
+
+impl Command {
+    /// The subcommand's name on the command line.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Command::Crd => "crd",
+            Command::Controller(_) => "controller",
+            Command::Worker(_) => "worker",
+            Command::Standalone(_) => "standalone",
+            Command::Status(_) => "status",
+            Command::Demo(_) => "demo",
+        }
+    }
+}
+
+/// The `GRASP_SYNC_*` variables among `vars` that `grasp-sync <sub>` does not read: clap
+/// ignores them, so a misspelt or misplaced setting would otherwise pass unnoticed.
+pub fn unused_env(sub: &str, vars: impl IntoIterator<Item = String>) -> Vec<String> {
+    use clap::CommandFactory;
+    let root = Cli::command();
+    let names = |c: &clap::Command| -> Vec<String> {
+        c.get_arguments()
+            .filter_map(|a| a.get_env())
+            .map(|e| e.to_string_lossy().into_owned())
+            .collect()
+    };
+    let mut known = names(&root);
+    if let Some(c) = root.find_subcommand(sub) {
+        known.extend(names(c));
+    }
+    vars.into_iter()
+        .filter(|v| v.starts_with("GRASP_SYNC_") && !known.contains(v))
+        .collect()
+}
+
+#[cfg(test)]
+mod env_tests {
+    use super::*;
+
+    #[test]
+    fn variables_a_subcommand_does_not_read_are_named() {
+        let vars = [
+            "GRASP_SYNC_LOG",
+            "GRASP_SYNC_LEASE_DURATION",
+            "GRASP_SYNC_MAX_RELAY",
+            "GRASP_SYNC_RESTART_GRACE",
+            "PATH",
+        ]
+        .map(String::from);
+        assert_eq!(
+            unused_env("worker", vars.clone()),
+            ["GRASP_SYNC_MAX_RELAY", "GRASP_SYNC_RESTART_GRACE"]
+        );
+        assert_eq!(
+            unused_env("controller", vars),
+            ["GRASP_SYNC_LEASE_DURATION", "GRASP_SYNC_MAX_RELAY"]
+        );
     }
 }

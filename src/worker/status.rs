@@ -202,12 +202,18 @@ pub fn stopped_status(
     status
 }
 
-/// A cursor that moved less than this (and nothing else changed) is not worth a write.
-pub const CURSOR_STEP_SECS: i64 = 300;
+/// Progress alone — the cursor following the clock, the event counters — is written once per
+/// this many status intervals (5 min at the default 30 s): it moves with every event, and
+/// writing it each interval would be a steady write load per relay. A resume re-reads
+/// `cursor - slack` anyway, and the counters are live in the metrics.
+pub const PROGRESS_INTERVALS: u32 = 10;
 
-fn only_cursor_moved(a: &RelaySyncStatus, b: &RelaySyncStatus) -> bool {
+/// Whether `a` and `b` differ in progress only (a first cursor is more than progress).
+fn only_progress_moved(a: &RelaySyncStatus, b: &RelaySyncStatus) -> bool {
     let strip = |s: &RelaySyncStatus| RelaySyncStatus {
-        cursor: None,
+        cursor: s.cursor.map(|_| 0),
+        events_published: None,
+        events_rejected: None,
         ..s.clone()
     };
     strip(a) == strip(b)
@@ -234,33 +240,58 @@ pub fn changed_fields(a: &RelaySyncStatus, b: &RelaySyncStatus) -> Vec<String> {
 pub struct Coalescer {
     interval: Duration,
     last: Option<(RelaySyncStatus, Instant)>,
+    /// Since when a Live relay has been back in `Syncing`.
+    syncing_since: Option<Instant>,
+    /// When this worker first reported on the relay (before its first write).
+    first_seen: Option<Instant>,
 }
+
+/// A relay this worker has just taken (a failover moves hundreds at once) gets its first
+/// status once it is Live, or after this long: one write (and one Event) instead of one for
+/// `Connecting` and another a moment later for `Live`, when the API server is busiest.
+pub const FIRST_WRITE_HOLD: Duration = Duration::from_secs(2);
+
+/// A Live relay that goes back to `Syncing` — its set changed: a new issue or patch is a new
+/// root whose thread is fetched, usually within a second — is reported only once it stays
+/// there this long (or one status interval, if shorter): on a busy relay every new root
+/// would otherwise cost two status writes and two Events.
+pub const SYNCING_HOLD: Duration = Duration::from_secs(10);
 
 impl Coalescer {
     pub fn new(interval: Duration) -> Self {
         Coalescer {
             interval,
             last: None,
+            syncing_since: None,
+            first_seen: None,
         }
     }
 
-    /// Whether `status` should be written now.
-    pub fn due(&self, status: &RelaySyncStatus, now: Instant) -> bool {
+    /// Whether `status` should be written now (asked every pass: it keeps track of how long
+    /// a relay has been back in `Syncing`).
+    pub fn due(&mut self, status: &RelaySyncStatus, now: Instant) -> bool {
+        let back_to_syncing = self.last.as_ref().is_some_and(|(last, _)| {
+            last.phase == Some(Phase::Live) && status.phase == Some(Phase::Syncing)
+        });
+        if !back_to_syncing {
+            self.syncing_since = None;
+        }
         match &self.last {
-            None => true,
+            None => {
+                let since = *self.first_seen.get_or_insert(now);
+                status.phase == Some(Phase::Live)
+                    || now.saturating_duration_since(since) >= FIRST_WRITE_HOLD.min(self.interval)
+            }
+            Some(_) if back_to_syncing => {
+                let since = *self.syncing_since.get_or_insert(now);
+                now.saturating_duration_since(since) >= SYNCING_HOLD.min(self.interval)
+            }
             Some((last, _)) if last.phase != status.phase => true,
+            // A spec generation fully synced: what the next holder resumes from.
+            Some((last, _)) if last.confirmed_generation != status.confirmed_generation => true,
             Some((last, _)) if last == status => false,
-            // An idle live relay's cursor follows the clock. A resume re-reads
-            // `cursor - slack` anyway, so a cursor a few minutes old costs little, while
-            // writing it every interval would be a steady write load per relay.
-            Some((last, _))
-                if only_cursor_moved(last, status)
-                    && status
-                        .cursor
-                        .zip(last.cursor)
-                        .is_some_and(|(new, old)| new.saturating_sub(old) < CURSOR_STEP_SECS) =>
-            {
-                false
+            Some((last, at)) if only_progress_moved(last, status) => {
+                now.saturating_duration_since(*at) >= self.interval * PROGRESS_INTERVALS
             }
             Some((_, at)) => now.saturating_duration_since(*at) >= self.interval,
         }
@@ -281,6 +312,7 @@ impl Coalescer {
 
     pub fn written(&mut self, status: RelaySyncStatus, now: Instant) {
         self.last = Some((status, now));
+        self.syncing_since = None;
     }
 }
 
@@ -380,25 +412,53 @@ mod tests {
         let mut c = Coalescer::new(Duration::from_secs(30));
         let now = SystemTime::now();
         let a = status_from_session(&state(Phase::Syncing), "w0", 1, None, now);
+        // The first status: at once when Live, else once FIRST_WRITE_HOLD passed.
+        assert!(!c.due(&a, t0 - Duration::from_secs(2)));
+        assert!(!c.due(&a, t0 - Duration::from_secs(1)));
         assert!(c.due(&a, t0));
+        assert!(Coalescer::new(Duration::from_secs(30)).due(
+            &status_from_session(&state(Phase::Live), "w0", 1, None, now),
+            t0
+        ));
         c.written(a.clone(), t0);
         assert!(!c.due(&a, t0 + Duration::from_secs(60)), "unchanged: never");
         let mut b = a.clone();
-        b.events_published = Some(10);
+        b.last_error = Some("a relay notice".into());
         assert!(!c.due(&b, t0 + Duration::from_secs(5)));
         assert!(c.due(&b, t0 + Duration::from_secs(30)));
-        // An idle relay whose cursor alone follows the clock: written once it moved
-        // CURSOR_STEP_SECS, not every interval.
+        c.written(b.clone(), t0);
+        // Progress alone (counters, a cursor following the clock): once per
+        // PROGRESS_INTERVALS intervals, not every interval.
         let mut idle = b.clone();
         idle.cursor = b.cursor.map(|c| c + 60);
-        c.written(b.clone(), t0);
+        idle.events_published = Some(10);
+        idle.events_rejected = Some(1);
         assert!(!c.due(&idle, t0 + Duration::from_secs(120)));
-        idle.cursor = b.cursor.map(|c| c + CURSOR_STEP_SECS);
-        assert!(c.due(&idle, t0 + Duration::from_secs(120)));
+        assert!(!c.due(&idle, t0 + Duration::from_secs(299)));
+        assert!(c.due(&idle, t0 + Duration::from_secs(300)));
+        // A first cursor is news.
+        let mut first = b.clone();
+        first.cursor = None;
+        c.written(first.clone(), t0);
+        assert!(c.due(&b, t0 + Duration::from_secs(30)));
         let live = status_from_session(&state(Phase::Live), "w0", 1, Some(&a), now);
         assert!(
             c.due(&live, t0 + Duration::from_secs(1)),
             "phase change: at once"
         );
+        // Back from Live to Syncing (a new root's thread): only once it stays there.
+        c.written(live.clone(), t0);
+        let syncing = status_from_session(&state(Phase::Syncing), "w0", 1, Some(&live), now);
+        assert!(!c.due(&syncing, t0 + Duration::from_secs(1)));
+        assert!(!c.due(&syncing, t0 + Duration::from_secs(10)));
+        assert!(c.due(&syncing, t0 + Duration::from_secs(11)), "held 10 s");
+        // Live again before anything was written: nothing to write at all, and the next
+        // return to Syncing is held afresh.
+        assert!(!c.due(&live, t0 + Duration::from_secs(20)), "unchanged");
+        assert!(!c.due(&syncing, t0 + Duration::from_secs(21)));
+        assert!(!c.due(&syncing, t0 + Duration::from_secs(22)));
+        // Other phases are news at once.
+        let backoff = status_from_session(&state(Phase::Backoff), "w0", 1, Some(&live), now);
+        assert!(c.due(&backoff, t0 + Duration::from_secs(22)));
     }
 }

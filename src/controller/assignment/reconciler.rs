@@ -26,7 +26,7 @@ static PARAMS: std::sync::LazyLock<PatchParams> =
     std::sync::LazyLock::new(|| PatchParams::apply(ASSIGNER_MANAGER).force());
 
 /// Label writes in flight at once.
-const LABEL_WRITES_IN_FLIGHT: usize = 16;
+const LABEL_WRITES_IN_FLIGHT: usize = 32;
 
 #[derive(Debug, Clone)]
 pub struct AssignerConfig {
@@ -149,9 +149,15 @@ pub async fn run(
         }
     };
     if !ok {
+        tracing::warn!("assignment stopped before its caches loaded");
         stop_watches(lease_task);
         return;
     }
+    tracing::info!(
+        relaysyncs = objects.state().len(),
+        leases = lease_reader.state().len(),
+        "assignment started"
+    );
     let mut tick = tokio::time::interval(config.resync);
     // Kept across passes: liveness is judged by when this controller saw each Lease change.
     let mut observer = membership::LeaseObserver::default();
@@ -287,21 +293,21 @@ async fn pass(
         });
         patches.push((name.clone(), patch, kind, step));
     }
-    // Label writes go out concurrently: a dead worker's relays all move in one pass.
-    let mut results = Vec::with_capacity(patches.len());
-    for chunk in patches.chunks(LABEL_WRITES_IN_FLIGHT) {
-        let applies: Vec<Patch<&serde_json::Value>> =
-            chunk.iter().map(|(_, p, _, _)| Patch::Apply(p)).collect();
-        let writes: Vec<_> = chunk
-            .iter()
-            .zip(&applies)
-            .map(|((name, _, _, _), patch)| api.patch(name, &PARAMS, patch))
-            .collect();
-        let done = futures::future::join_all(writes).await;
-        for ((name, _, kind, step), result) in chunk.iter().zip(done) {
-            results.push((name.clone(), *kind, step.clone(), result));
-        }
+    // Label writes go out concurrently, a fixed number in flight (not in lock-step batches,
+    // where each batch waits for its slowest write): a dead worker's relays all move in one
+    // pass.
+    let mut writes = Vec::with_capacity(patches.len());
+    for (name, patch, kind, step) in patches {
+        let api = api.clone();
+        writes.push(async move {
+            let result = api.patch(&name, &PARAMS, &Patch::Apply(&patch)).await;
+            (name, kind, step, result)
+        });
     }
+    let results: Vec<_> = futures::stream::iter(writes)
+        .buffer_unordered(LABEL_WRITES_IN_FLIGHT)
+        .collect()
+        .await;
     for (name, kind, step, result) in results {
         match result {
             Ok(_) => {

@@ -191,6 +191,8 @@ impl FakeStarter {
 
 struct Rig {
     starter: FakeStarter,
+    /// How often the supervisor handed the local feed its filters.
+    feed_filters: Arc<AtomicUsize>,
     metrics: SupervisorMetrics,
     feed: mpsc::Sender<FeedEvent>,
     stop: watch::Sender<bool>,
@@ -222,9 +224,13 @@ async fn rig(store: Arc<TestStore>) -> Rig {
     let metrics = SupervisorMetrics::default();
     let (feed, local) = mpsc::channel(16);
     let (stop, stop_rx) = watch::channel(false);
+    let feed_filters = Arc::new(AtomicUsize::new(0));
+    let calls = feed_filters.clone();
     let inputs = Inputs {
         local,
-        feed_filters: Box::new(|_| {}),
+        feed_filters: Box::new(move |_| {
+            calls.fetch_add(1, Ordering::SeqCst);
+        }),
         starter: Box::new(starter.clone()),
     };
     let task = tokio::spawn(supervise(
@@ -238,6 +244,7 @@ async fn rig(store: Arc<TestStore>) -> Rig {
     feed.send(FeedEvent::Synced).await.unwrap();
     Rig {
         starter,
+        feed_filters,
         metrics,
         feed,
         stop,
@@ -330,11 +337,11 @@ async fn phase_changes_are_written_at_once_and_the_rest_once_per_interval() {
         "a phase Event for the transition"
     );
     let after_phase = store.writes.load(Ordering::SeqCst);
-    // Counters alone: nothing before the interval, one write after it.
+    // Counters alone: nothing for PROGRESS_INTERVALS intervals, then one write.
     session.state.send_modify(|s| s.events_published = 42);
-    pass(INTERVAL / 2).await;
+    pass(INTERVAL * 2).await;
     assert_eq!(store.writes.load(Ordering::SeqCst), after_phase);
-    pass(INTERVAL).await;
+    pass(INTERVAL * crate::worker::status::PROGRESS_INTERVALS).await;
     assert_eq!(store.writes.load(Ordering::SeqCst), after_phase + 1);
     assert_eq!(store.status("a").and_then(|s| s.events_published), Some(42));
     let _ = rig.stop.send(true);
@@ -518,9 +525,10 @@ async fn a_new_spec_is_confirmed_only_once_the_session_has_applied_its_set() {
         1,
         "the new set was handed over"
     );
-    // Something else changes, so a status write is due.
+    // Something else changes, so a status write is due (back in Syncing for longer than
+    // the hold).
     session.state.send_modify(|st| st.phase = Phase::Syncing);
-    pass(Duration::from_secs(1)).await;
+    pass(crate::worker::status::SYNCING_HOLD + Duration::from_secs(1)).await;
     let status = store.status("a").expect("status");
     assert_eq!(status.observed_generation, Some(g2));
     assert_eq!(
@@ -591,6 +599,43 @@ async fn a_spec_is_not_confirmed_while_a_repos_maintainers_are_unknown() {
         store.status("a").and_then(|s| s.confirmed_generation),
         Some(g)
     );
+    let _ = rig.stop.send(true);
+    rig.task.await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn its_own_status_writes_change_nothing_it_holds() {
+    let store = Arc::new(TestStore::default());
+    store
+        .inner
+        .apply_spec("a", &spec("wss://a.example"))
+        .await
+        .unwrap();
+    let rig = rig(store.clone()).await;
+    pass(Duration::from_secs(1)).await;
+    let session = rig.starter.started().pop().expect("a session");
+    assert_eq!(rig.feed_filters.load(Ordering::SeqCst), 1);
+    // Phase changes are written at once; the memory store announces each write.
+    for phase in [Phase::Live, Phase::Backoff, Phase::Live, Phase::Backoff] {
+        session.state.send_modify(|s| s.phase = phase);
+        pass(Duration::from_secs(1)).await;
+        assert_eq!(store.status("a").and_then(|s| s.phase), Some(phase));
+    }
+    assert!(store.writes.load(Ordering::SeqCst) >= 4);
+    assert_eq!(
+        rig.feed_filters.load(Ordering::SeqCst),
+        1,
+        "a status write re-planned what the worker holds"
+    );
+    assert_eq!(session.sets.lock().unwrap().len(), 0);
+    // A spec change does.
+    let mut changed = spec("wss://a.example");
+    changed
+        .repos
+        .push(format!("30617:{}:other", "b".repeat(64)));
+    store.inner.apply_spec("a", &changed).await.unwrap();
+    pass(Duration::from_secs(1)).await;
+    assert_eq!(rig.feed_filters.load(Ordering::SeqCst), 2);
     let _ = rig.stop.send(true);
     rig.task.await.unwrap();
 }

@@ -18,7 +18,7 @@ use crate::store::{RelaySyncStore, StoreError};
 
 /// Writes in flight at once: after a failover a worker takes hundreds of relays at once,
 /// and each phase change must reach the API server promptly.
-pub(crate) const IN_FLIGHT: usize = 16;
+pub(crate) const IN_FLIGHT: usize = 32;
 
 /// Why a write is made; the supervisor reacts to each kind's result differently.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
