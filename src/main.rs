@@ -24,6 +24,10 @@ fn main() -> ExitCode {
         eprintln!("error: {e:#}");
         return ExitCode::from(2);
     }
+    let vars = std::env::vars_os().filter_map(|(k, _)| k.into_string().ok());
+    for variable in cli::unused_env(cli.command.name(), vars) {
+        tracing::warn!(%variable, command = cli.command.name(), "environment variable not read by this command: ignored (misspelt, or meant for another command?)");
+    }
     match run(cli.command) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

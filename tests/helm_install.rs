@@ -1,6 +1,8 @@
-//! The chart installed into a real API server; a controller and a worker run as host
-//! processes authenticated as the chart's ServiceAccounts (tokens from the TokenRequest API)
-//! and sync a relay, which shows the chart's RBAC suffices; forbidden actions are refused.
+//! The chart installed into a real API server; its controller and worker containers run as
+//! host processes exactly as rendered (args, environment, the Secret's mounted files, probe
+//! paths and ports; only KUBECONFIG added, authenticating as the chart's ServiceAccounts with
+//! tokens from the TokenRequest API) and sync a relay, which shows the chart's pod specs and
+//! RBAC suffice; forbidden actions are refused.
 //! A real Prometheus scrapes both processes and evaluates every dashboard query and alert.
 
 mod support;
@@ -27,6 +29,12 @@ const RELEASE: &str = "gs";
 const CONTROLLER_SA: &str = "gs-grasp-sync-controller";
 const WORKER_SA: &str = "gs-grasp-sync-worker";
 const WORKER_POD: &str = "gs-grasp-sync-worker-0";
+/// A pod name as a Deployment's ReplicaSet makes them.
+const CONTROLLER_POD: &str = "gs-grasp-sync-controller-7d9f8b6c4-x2k9q";
+/// Pod IPs: loopback addresses of their own, so both bind the chart's metrics port.
+const CONTROLLER_IP: &str = "127.0.0.2";
+const WORKER_IP: &str = "127.0.0.3";
+const AUTH_SECRET: &str = "gs-auth";
 const DEADLINE: Duration = Duration::from_secs(90);
 
 fn run(cmd: &mut Command) -> String {
@@ -38,6 +46,183 @@ fn run(cmd: &mut Command) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The pod template of the `kind`/`name` workload in a rendered manifest.
+fn rendered_pod(manifest: &str, kind: &str, name: &str) -> serde_yaml::Value {
+    use serde::Deserialize;
+    serde_yaml::Deserializer::from_str(manifest)
+        .map(|d| serde_yaml::Value::deserialize(d).expect("manifest YAML"))
+        .find(|o| o["kind"] == kind && o["metadata"]["name"] == name)
+        .unwrap_or_else(|| panic!("no {kind}/{name} in the release"))["spec"]["template"]["spec"]
+        .clone()
+}
+
+/// One pod's container as the kubelet would start it on a host.
+struct PodProcess {
+    pod: String,
+    ip: String,
+    args: Vec<String>,
+    env: Vec<(String, String)>,
+    /// (kind, URL) of each HTTP probe.
+    probes: Vec<(String, String)>,
+    ports: Vec<(String, u16)>,
+}
+
+impl PodProcess {
+    async fn resolve(
+        admin: &Client,
+        spec: &serde_yaml::Value,
+        pod: &str,
+        ip: &str,
+        ns: &str,
+        dir: &Path,
+    ) -> PodProcess {
+        use std::os::unix::fs::PermissionsExt;
+        let containers = spec["containers"].as_sequence().expect("containers");
+        assert_eq!(containers.len(), 1, "{pod}: one container");
+        let c = &containers[0];
+        assert!(
+            c["command"].is_null(),
+            "{pod}: the test runs the image's entrypoint (the binary), not a command"
+        );
+        let args: Vec<String> = c["args"]
+            .as_sequence()
+            .into_iter()
+            .flatten()
+            .map(|a| a.as_str().expect("string arg").to_string())
+            .collect();
+        let secrets = Api::<k8s_openapi::api::core::v1::Secret>::namespaced(admin.clone(), ns);
+        let secret_value = |secret: k8s_openapi::api::core::v1::Secret, key: &str| {
+            let data = secret.data.unwrap_or_default();
+            let bytes = data
+                .get(key)
+                .unwrap_or_else(|| panic!("{pod}: Secret has no {key}"));
+            bytes.0.clone()
+        };
+        // Secret volumes: their files where the pod would see them, under `dir`.
+        let mut remaps: Vec<(String, PathBuf)> = Vec::new();
+        for m in c["volumeMounts"].as_sequence().into_iter().flatten() {
+            let name = m["name"].as_str().expect("mount name");
+            let volume = spec["volumes"]
+                .as_sequence()
+                .into_iter()
+                .flatten()
+                .find(|v| v["name"] == name)
+                .unwrap_or_else(|| panic!("{pod}: no volume {name}"));
+            let secret_name = volume["secret"]["secretName"]
+                .as_str()
+                .unwrap_or_else(|| panic!("{pod}: volume {name} is not a Secret"));
+            let secret = secrets.get(secret_name).await.expect("mounted Secret");
+            let mount = m["mountPath"].as_str().expect("mountPath").to_string();
+            let local = dir.join(pod).join(mount.trim_start_matches('/'));
+            std::fs::create_dir_all(&local).expect("mount dir");
+            for (key, value) in secret.data.unwrap_or_default() {
+                let file = local.join(&key);
+                std::fs::write(&file, &value.0).expect("secret file");
+                std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o400))
+                    .expect("mode");
+            }
+            remaps.push((mount, local));
+        }
+        let mut env: Vec<(String, String)> = Vec::new();
+        for e in c["env"].as_sequence().into_iter().flatten() {
+            let name = e["name"].as_str().expect("env name").to_string();
+            let value = if let Some(v) = e["value"].as_str() {
+                // `$(VAR)`: a variable defined earlier in the list, as the kubelet expands it.
+                let mut v = v.to_string();
+                for (k, val) in &env {
+                    v = v.replace(&format!("$({k})"), val);
+                }
+                for (mount, local) in &remaps {
+                    if let Some(rest) = v.strip_prefix(mount.as_str()) {
+                        v = format!("{}{rest}", local.display());
+                    }
+                }
+                v
+            } else if let Some(field) = e["valueFrom"]["fieldRef"]["fieldPath"].as_str() {
+                match field {
+                    "metadata.name" => pod.to_string(),
+                    "metadata.namespace" => ns.to_string(),
+                    "status.podIP" => ip.to_string(),
+                    other => panic!("{pod}: env {name} from an unexpected field {other}"),
+                }
+            } else if !e["valueFrom"]["secretKeyRef"].is_null() {
+                let r = &e["valueFrom"]["secretKeyRef"];
+                let secret = secrets
+                    .get(r["name"].as_str().expect("secret name"))
+                    .await
+                    .expect("Secret");
+                String::from_utf8(secret_value(secret, r["key"].as_str().expect("key")))
+                    .expect("utf-8 secret")
+            } else {
+                panic!("{pod}: env {name} has a source this test cannot resolve: {e:?}");
+            };
+            env.push((name, value));
+        }
+        let ports: Vec<(String, u16)> = c["ports"]
+            .as_sequence()
+            .into_iter()
+            .flatten()
+            .map(|p| {
+                (
+                    p["name"].as_str().unwrap_or_default().to_string(),
+                    p["containerPort"].as_u64().expect("containerPort") as u16,
+                )
+            })
+            .collect();
+        let mut probes = Vec::new();
+        for kind in ["livenessProbe", "readinessProbe", "startupProbe"] {
+            let get = &c[kind]["httpGet"];
+            if get.is_null() {
+                assert!(c[kind].is_null(), "{pod}: {kind} is not an HTTP GET");
+                continue;
+            }
+            let port = match &get["port"] {
+                serde_yaml::Value::Number(n) => n.as_u64().expect("port") as u16,
+                serde_yaml::Value::String(name) => {
+                    ports
+                        .iter()
+                        .find(|(n, _)| n == name)
+                        .unwrap_or_else(|| panic!("{pod}: {kind} names no port {name}"))
+                        .1
+                }
+                other => panic!("{pod}: {kind} port {other:?}"),
+            };
+            let path = get["path"].as_str().unwrap_or("/");
+            probes.push((kind.to_string(), format!("http://{ip}:{port}{path}")));
+        }
+        assert!(!probes.is_empty(), "{pod}: no probes");
+        PodProcess {
+            pod: pod.to_string(),
+            ip: ip.to_string(),
+            args,
+            env,
+            probes,
+            ports,
+        }
+    }
+
+    /// The metrics port's address (what Prometheus scrapes by pod IP).
+    fn metrics_addr(&self) -> String {
+        let port = self
+            .ports
+            .iter()
+            .find(|(n, _)| n == "metrics")
+            .expect("a metrics port")
+            .1;
+        format!("{}:{port}", self.ip)
+    }
+}
+
+/// `kubeconfig` with `context` as its current context.
+fn single_context(kubeconfig: &Path, context: &str, dir: &Path) -> PathBuf {
+    let text = std::fs::read_to_string(kubeconfig).expect("kubeconfig");
+    let mut doc: serde_yaml::Value = serde_yaml::from_str(&text).expect("kubeconfig YAML");
+    doc["current-context"] = context.into();
+    let path = dir.join(format!("kubeconfig-{context}"));
+    std::fs::write(&path, serde_yaml::to_string(&doc).expect("YAML")).expect("write");
+    path
 }
 
 /// A kubeconfig whose contexts authenticate as the chart's ServiceAccounts.
@@ -104,9 +289,9 @@ impl Drop for Prometheus {
 }
 
 impl Prometheus {
-    fn start(dir: &Path, targets: &[u16], rules: &Path) -> Prometheus {
+    fn start(dir: &Path, targets: &[String], rules: &Path) -> Prometheus {
         let port = free_port();
-        let targets: Vec<String> = targets.iter().map(|p| format!("'127.0.0.1:{p}'")).collect();
+        let targets: Vec<String> = targets.iter().map(|t| format!("'{t}'")).collect();
         let config = format!(
             "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nrule_files:\n  - {}\nscrape_configs:\n  - job_name: grasp-sync\n    static_configs:\n      - targets: [{}]\n",
             rules.display(),
@@ -188,6 +373,20 @@ async fn chart_installs_its_service_accounts_suffice_and_prometheus_evaluates_ev
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let (_local_relay, local) = relays::local_relay(1_000_000).await;
 
+    // The Secret the chart mounts (created beforehand, as an operator would).
+    let key = nostr::Keys::generate();
+    let secret: k8s_openapi::api::core::v1::Secret = serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Secret",
+        "metadata": {"name": AUTH_SECRET},
+        "stringData": {"nsec": key.secret_key().to_secret_hex()}
+    }))
+    .unwrap();
+    Api::<k8s_openapi::api::core::v1::Secret>::namespaced(admin.clone(), &ns)
+        .create(&PostParams::default(), &secret)
+        .await
+        .expect("auth Secret");
+    let metrics_port = free_port();
+
     // helm install: CRD from the chart, then every object of the defaults.
     run(
         Command::new(locate("GRASP_SYNC_HELM", "helm", Some("/usr/bin/helm")))
@@ -201,6 +400,15 @@ async fn chart_installs_its_service_accounts_suffice_and_prometheus_evaluates_ev
                 "serviceDomain=git.ours.example",
                 "--set",
                 "worker.replicas=1",
+                // The test's relays listen on loopback, which the address policy refuses
+                // unless allowed.
+                "--set",
+                "allow={127.0.0.1}",
+                // The publisher's key, from a Secret mounted into the pods.
+                "--set",
+                &format!("auth.existingSecret={AUTH_SECRET}"),
+                "--set",
+                &format!("metrics.port={metrics_port}"),
             ]),
     );
     let crds = Api::<CustomResourceDefinition>::all(admin.clone());
@@ -250,65 +458,65 @@ async fn chart_installs_its_service_accounts_suffice_and_prometheus_evaluates_ev
     relays::publish(&local, std::slice::from_ref(&ann)).await;
     remote.add(f.expected.iter().cloned());
 
-    // The processes, as the chart's ServiceAccounts.
+    // The chart's containers as rendered, run as host processes: each container's args and
+    // environment exactly (downward-API fields and `$(VAR)` references resolved as the
+    // kubelet does, the Secret's files where the pod would mount them), only KUBECONFIG
+    // added — in place of the in-cluster configuration, a token of the pod's
+    // ServiceAccount. A variable the binary does not take, or a flag it refuses, fails here.
+    let manifest = run(
+        Command::new(locate("GRASP_SYNC_HELM", "helm", Some("/usr/bin/helm")))
+            .args([
+                "get",
+                "manifest",
+                RELEASE,
+                "--namespace",
+                &ns,
+                "--kubeconfig",
+            ])
+            .arg(env.kubeconfig()),
+    );
     let kubeconfig = sa_kubeconfig(&env, &ns, dir.path());
-    let envs = [
-        ("KUBECONFIG", kubeconfig.display().to_string()),
-        ("GRASP_SYNC_NAMESPACE", ns.clone()),
-        ("GRASP_SYNC_ALLOW", "127.0.0.1".to_string()),
-        ("GRASP_SYNC_MAX_RELAYS_PER_HOST", "100000".to_string()),
+    let pods = [
+        ("Deployment", CONTROLLER_SA, CONTROLLER_POD, CONTROLLER_IP),
+        ("StatefulSet", WORKER_SA, WORKER_POD, WORKER_IP),
     ];
-    let (cport, wport) = (free_port(), free_port());
-    let s = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
-    let controller = GraspSync::spawn(
-        "controller",
-        dir.path(),
-        &s(&[
-            "controller",
-            "--identity",
-            "gs-controller-a",
-            "--kube-context",
-            CONTROLLER_SA,
-            "--local-relay",
-            local.as_str(),
-            "--service-domain",
-            "git.ours.example",
-            "--metrics-addr",
-            &format!("127.0.0.1:{cport}"),
-            "--leader-lease-duration",
-            "4s",
-            "--leader-renew",
-            "1s",
-            // As the chart sets them: only the StatefulSet's pods join the ring.
-            "--worker-statefulset",
-            "gs-grasp-sync-worker",
-            "--max-workers",
-            "3",
-        ]),
-        &envs,
-    );
-    let worker = GraspSync::spawn(
-        "worker",
-        dir.path(),
-        &s(&[
-            "worker",
-            "--name",
-            WORKER_POD,
-            "--kube-context",
-            WORKER_SA,
-            "--local-relay",
-            local.as_str(),
-            "--metrics-addr",
-            &format!("127.0.0.1:{wport}"),
-            "--status-interval",
-            "1s",
-            "--lease-duration",
-            "4s",
-            "--lease-renew",
-            "1s",
-        ]),
-        &envs,
-    );
+    let mut running = Vec::new();
+    for (kind, workload, pod, ip) in pods {
+        let spec = rendered_pod(&manifest, kind, workload);
+        let p = PodProcess::resolve(&admin, &spec, pod, ip, &ns, dir.path()).await;
+        let config = single_context(&kubeconfig, workload, dir.path());
+        let mut envs: Vec<(&str, String)> =
+            p.env.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
+        envs.push(("KUBECONFIG", config.display().to_string()));
+        let proc = GraspSync::spawn_exact(pod, dir.path(), &p.args, &envs);
+        running.push((proc, p));
+    }
+    let [(controller, cpod), (worker, wpod)]: [(GraspSync, PodProcess); 2] =
+        running.try_into().ok().expect("two processes");
+    let (caddr, waddr) = (cpod.metrics_addr(), wpod.metrics_addr());
+    // The probes the kubelet would run, at the rendered paths and ports.
+    for p in [&cpod, &wpod] {
+        for (what, url) in &p.probes {
+            eventually(
+                &format!("{} {what} probe {url}", p.pod),
+                DEADLINE,
+                || async {
+                    let r = reqwest::get(url).await.ok()?;
+                    r.status().is_success().then_some(())
+                },
+            )
+            .await;
+        }
+    }
+    // Every variable the chart sets is one its command reads (the binary names the others).
+    for (proc, p) in [(&controller, &cpod), (&worker, &wpod)] {
+        let log = proc.log_tail(400);
+        assert!(
+            !log.contains("environment variable not read"),
+            "{}: the chart sets a variable the binary ignores:\n{log}",
+            p.pod
+        );
+    }
     let api = Api::<RelaySync>::namespaced(admin.clone(), &ns);
     let name = eventually(
         "the relay Live, held by the chart's worker",
@@ -419,7 +627,7 @@ async fn chart_installs_its_service_accounts_suffice_and_prometheus_evaluates_ev
     // Decided either way: the ghost counted as foreign, or the relay moving to it.
     let o = eventually("the controller to judge the ghost", DEADLINE, || async {
         let o = api.get(&name).await.ok()?;
-        let text = reqwest::get(format!("http://127.0.0.1:{cport}/metrics"))
+        let text = reqwest::get(format!("http://{caddr}/metrics"))
             .await
             .ok()?
             .text()
@@ -446,7 +654,7 @@ async fn chart_installs_its_service_accounts_suffice_and_prometheus_evaluates_ev
     // Prometheus scrapes both and loads the alert rules.
     let prom = Prometheus::start(
         dir.path(),
-        &[cport, wport],
+        &[caddr.clone(), waddr.clone()],
         &root.join("deploy/prometheus/grasp-sync-rules.yaml"),
     );
     eventually("Prometheus to scrape both processes", DEADLINE, || async {
@@ -463,9 +671,9 @@ async fn chart_installs_its_service_accounts_suffice_and_prometheus_evaluates_ev
 
     // Every metric the dashboard and the alerts use exists in the processes' /metrics.
     let mut exposed = String::new();
-    for port in [cport, wport] {
+    for addr in [&caddr, &waddr] {
         exposed.push_str(
-            &reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
+            &reqwest::get(format!("http://{addr}/metrics"))
                 .await
                 .expect("metrics")
                 .text()

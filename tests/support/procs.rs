@@ -17,6 +17,27 @@ impl GraspSync {
     /// Start `grasp-sync <args>` with `envs`, logging to `<dir>/<name>.log` (appended, so a
     /// restarted process keeps the earlier lines).
     pub fn spawn(name: &str, dir: &Path, args: &[String], envs: &[(&str, String)]) -> GraspSync {
+        Self::start(name, dir, args, envs, false)
+    }
+
+    /// [`GraspSync::spawn`] with exactly `envs` as its environment (nothing inherited, no
+    /// log level added): a container's process as its pod spec defines it.
+    pub fn spawn_exact(
+        name: &str,
+        dir: &Path,
+        args: &[String],
+        envs: &[(&str, String)],
+    ) -> GraspSync {
+        Self::start(name, dir, args, envs, true)
+    }
+
+    fn start(
+        name: &str,
+        dir: &Path,
+        args: &[String],
+        envs: &[(&str, String)],
+        exact: bool,
+    ) -> GraspSync {
         let log = dir.join(format!("{name}.log"));
         let out = std::fs::OpenOptions::new()
             .create(true)
@@ -29,11 +50,18 @@ impl GraspSync {
             .map(PathBuf::from)
             .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_grasp-sync")));
         let mut cmd = Command::new(bin);
-        cmd.args(args)
-            .env("GRASP_SYNC_LOG", "info,grasp_sync=debug")
-            .stdin(Stdio::null())
-            .stdout(out)
-            .stderr(err);
+        cmd.args(args);
+        if exact {
+            cmd.env_clear();
+        } else {
+            // GRASP_SYNC_PROC_LOG: another level (benchmarks log less).
+            cmd.env(
+                "GRASP_SYNC_LOG",
+                std::env::var("GRASP_SYNC_PROC_LOG")
+                    .unwrap_or_else(|_| "info,grasp_sync=debug".to_string()),
+            );
+        }
+        cmd.stdin(Stdio::null()).stdout(out).stderr(err);
         for (k, v) in envs {
             cmd.env(k, v);
         }
