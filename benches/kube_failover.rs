@@ -1,30 +1,58 @@
-//! Kubernetes mode at scale: RelaySyncs held by three `grasp-sync worker` processes (release
-//! build) against the real test API server; one scripted relay reachable under many URLs.
-//! Measures crash failover (SIGKILL → every relay of the victim Live elsewhere) p50/p99,
-//! graceful handover (SIGTERM → the same), status writes per relay per minute at steady
-//! state, and controller/worker RSS.
+//! Kubernetes mode at scale: RelaySyncs held by `grasp-sync worker` processes (release build)
+//! named as the pods of a StatefulSet `gs`, against the real test API server; one scripted
+//! relay reachable under many URLs. The controller runs as the chart runs it
+//! (`--worker-statefulset gs`, restart grace). Measures:
 //!
-//!     cargo bench --bench kube_failover
-//!     GRASP_SYNC_BENCH_RELAYS=200 GRASP_SYNC_BENCH_KILLS=5 cargo bench --bench kube_failover
+//! - cold start (every relay Live);
+//! - steady state with events flowing: status writes per relay per minute (and the Lease
+//!   writes beside them), controller and worker RSS, and the RSS of a worker holding nothing
+//!   (so the cost per relay held is the difference);
+//! - crash failover (SIGKILL → every relay of the victim Live elsewhere) p50/p99;
+//! - graceful handover (scale the StatefulSet down, SIGTERM its last pod → its relays Live
+//!   elsewhere) p50/p99;
+//! - a rolling restart of every worker (SIGTERM, the pod comes back under its name): relays
+//!   moved, relays held by two workers at once, time until each pod's relays are Live again.
 //!
-//! Leases use the production defaults (15 s, renewed every 5 s) unless
-//! GRASP_SYNC_BENCH_LEASE (e.g. `6s`) is set.
+//! ```text
+//! cargo bench --bench kube_failover
+//! GRASP_SYNC_BENCH_RELAYS=5000 GRASP_SYNC_BENCH_WORKERS=8 cargo bench --bench kube_failover
+//! ```
+//!
+//! Other knobs: GRASP_SYNC_BENCH_KILLS (10), GRASP_SYNC_BENCH_HANDOVERS (5),
+//! GRASP_SYNC_BENCH_STEADY (steady-state window, 120s), GRASP_SYNC_BENCH_LEASE (the worker
+//! Lease duration; default the chart's, renewed every third of it).
 
 #[path = "../tests/support/mod.rs"]
 mod support;
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use futures::StreamExt;
+use grasp_sync::controller::assignment::ring::{DEFAULT_VNODES, Ring};
 use grasp_sync::crd::naming::object_name;
-use grasp_sync::crd::{CONTROLLER_MANAGER, Phase, RelaySync, RelaySyncSpec, WORKER_LABEL};
+use grasp_sync::crd::{
+    CONTROLLER_MANAGER, DRAIN_LABEL, Phase, RelaySync, RelaySyncSpec, WORKER_LABEL,
+};
 use grasp_sync::nostr::RelayUrl;
 use grasp_sync::testing::scripted_relay::{Script, ScriptedRelay};
+use k8s_openapi::api::apps::v1::StatefulSet;
 use kube::ResourceExt;
 use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::{WatchStreamExt, watcher};
+use nostr::{EventBuilder, Keys, Kind, Tag, TagKind};
+use serde_json::json;
 use support::cluster::Cluster;
 use support::free_port;
 use support::procs::GraspSync;
+
+/// The chart's defaults (deploy/helm/grasp-sync/values.yaml).
+const CHART_LEASE: &str = "6s";
+const CHART_STATUS_INTERVAL: &str = "30s";
+const RESTART_GRACE: &str = "30s";
+const MAX_WORKERS: usize = 8;
 
 fn env_usize(name: &str, default: usize) -> usize {
     std::env::var(name)
@@ -33,12 +61,38 @@ fn env_usize(name: &str, default: usize) -> usize {
         .unwrap_or(default)
 }
 
+fn env_duration(name: &str, default: &str) -> Duration {
+    let v = std::env::var(name).unwrap_or_else(|_| default.to_string());
+    humantime::parse_duration(&v).unwrap_or_else(|e| panic!("{name}={v}: {e}"))
+}
+
 fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
         return f64::NAN;
     }
-    let rank = ((p / 100.0) * (sorted.len() as f64 - 1.0)).round() as usize;
+    let rank = ((p / 100.0) * (sorted.len() as f64 - 1.0)).ceil() as usize;
     sorted[rank.min(sorted.len() - 1)]
+}
+
+fn summary(what: &str, mut v: Vec<f64>) {
+    v.sort_by(f64::total_cmp);
+    println!(
+        "{what} over {} runs: p50 {:.1} s, p99 {:.1} s, max {:.1} s",
+        v.len(),
+        percentile(&v, 50.0),
+        percentile(&v, 99.0),
+        v.last().copied().unwrap_or(f64::NAN)
+    );
+}
+
+struct Bench {
+    cluster: Cluster,
+    /// Every RelaySync as a watch sees it (a bench that listed 5,000 objects four times a
+    /// second would load the API server it measures).
+    objects: Store<RelaySync>,
+    n: usize,
+    lease: (String, String),
+    workers: BTreeMap<String, Worker>,
 }
 
 struct Worker {
@@ -46,51 +100,50 @@ struct Worker {
     metrics_port: u16,
 }
 
-fn start_worker(cluster: &Cluster, name: &str, lease: &(String, String)) -> Worker {
-    let port = free_port();
-    let addr = format!("127.0.0.1:{port}");
-    let proc = cluster.worker(
-        name,
-        &[
-            "--metrics-addr",
-            &addr,
-            "--status-interval",
-            "30s",
-            "--lease-duration",
-            &lease.0,
-            "--lease-renew",
-            &lease.1,
-        ],
-    );
-    Worker {
-        proc,
-        metrics_port: port,
+fn pod(i: usize) -> String {
+    format!("gs-{i}")
+}
+
+impl Bench {
+    fn start_worker(&mut self, name: &str) {
+        let port = free_port();
+        let addr = format!("127.0.0.1:{port}");
+        let proc = self.cluster.worker(
+            name,
+            &[
+                "--metrics-addr",
+                &addr,
+                "--status-interval",
+                CHART_STATUS_INTERVAL,
+                "--lease-duration",
+                &self.lease.0,
+                "--lease-renew",
+                &self.lease.1,
+            ],
+        );
+        self.workers.insert(
+            name.to_string(),
+            Worker {
+                proc,
+                metrics_port: port,
+            },
+        );
     }
-}
 
-async fn status_writes(port: u16) -> f64 {
-    let Ok(resp) = reqwest::get(format!("http://127.0.0.1:{port}/metrics")).await else {
-        return 0.0;
-    };
-    let text = resp.text().await.unwrap_or_default();
-    text.lines()
-        .filter(|l| l.starts_with("grasp_sync_status_writes_total"))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
+    /// Labels of every object (the record of who holds what).
+    fn labels(&self) -> BTreeMap<String, Option<String>> {
+        self.objects
+            .state()
+            .iter()
+            .map(|o| (o.name_any(), o.labels().get(WORKER_LABEL).cloned()))
+            .collect()
+    }
 
-/// Wait until every object is labelled, not held by `excluded`, and Live by its labelled
-/// worker; returns how long that took.
-async fn wait_all_live(
-    cluster: &Cluster,
-    n: usize,
-    excluded: Option<&str>,
-    within: Duration,
-) -> Duration {
-    let start = Instant::now();
-    loop {
-        let objects = cluster.objects().await;
-        let ok = objects.len() == n
+    /// True once every object is labelled, not for `excluded`, and Live by its labelled
+    /// worker.
+    fn all_live(&self, excluded: Option<&str>) -> bool {
+        let objects = self.objects.state();
+        objects.len() == self.n
             && objects.iter().all(|o| {
                 let label = o.labels().get(WORKER_LABEL);
                 let s = o.status.as_ref();
@@ -98,191 +151,398 @@ async fn wait_all_live(
                     && label.map(String::as_str) != excluded
                     && s.and_then(|s| s.worker.as_ref()) == label
                     && s.and_then(|s| s.phase) == Some(Phase::Live)
+            })
+    }
+
+    async fn wait_all_live(&self, excluded: Option<&str>, within: Duration) -> Duration {
+        let start = Instant::now();
+        while !self.all_live(excluded) {
+            assert!(
+                start.elapsed() < within,
+                "relays not all Live within {within:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        start.elapsed()
+    }
+
+    fn owners(&self) -> BTreeMap<String, usize> {
+        let mut m = BTreeMap::new();
+        for w in self.labels().into_values().flatten() {
+            *m.entry(w).or_default() += 1;
+        }
+        m
+    }
+
+    /// After a worker rejoined: every relay labelled by the ring over `workers`, no drain
+    /// left, every relay Live — so the next measurement starts from rest, not in the middle
+    /// of a rebalance.
+    async fn wait_balanced(&self, workers: usize) {
+        let ring = Ring::new((0..workers).map(pod), DEFAULT_VNODES);
+        let start = Instant::now();
+        loop {
+            let settled = self.objects.state().iter().all(|o| {
+                o.labels().get(WORKER_LABEL).map(String::as_str) == ring.owner(&o.spec.url)
+                    && !o.labels().contains_key(DRAIN_LABEL)
             });
-        if ok {
-            return start.elapsed();
+            if settled && self.all_live(None) {
+                return;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(600),
+                "the ring never settled"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        assert!(
-            start.elapsed() < within,
-            "relays not all Live within {within:?}"
+    }
+
+    async fn status_writes(&self) -> f64 {
+        let mut sum = 0.0;
+        for w in self.workers.values() {
+            let url = format!("http://127.0.0.1:{}/metrics", w.metrics_port);
+            let Ok(resp) = reqwest::get(url).await else {
+                continue;
+            };
+            let text = resp.text().await.unwrap_or_default();
+            sum += text
+                .lines()
+                .filter(|l| l.starts_with("grasp_sync_status_writes_total"))
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                .sum::<f64>();
+        }
+        sum
+    }
+
+    fn print_rss(&self, when: &str, controller: &GraspSync, idle: &GraspSync) {
+        let owners = self.owners();
+        let idle_kib = idle.rss_kib().unwrap_or(0);
+        let per_relay: Vec<f64> = self
+            .workers
+            .iter()
+            .filter_map(|(k, w)| {
+                let held = *owners.get(k)?;
+                let rss = w.proc.rss_kib()?;
+                (held > 0).then(|| rss.saturating_sub(idle_kib) as f64 / 1024.0 / held as f64)
+            })
+            .collect();
+        println!(
+            "{when}: controller {} MiB; idle worker {} MiB; workers {}; above idle {:.3}–{:.3} MiB per relay held",
+            controller.rss_kib().unwrap_or(0) / 1024,
+            idle_kib / 1024,
+            self.workers
+                .iter()
+                .map(|(k, w)| format!(
+                    "{k} {} MiB/{} relays",
+                    w.proc.rss_kib().unwrap_or(0) / 1024,
+                    owners.get(k).copied().unwrap_or(0)
+                ))
+                .collect::<Vec<_>>()
+                .join(", "),
+            per_relay.iter().copied().fold(f64::INFINITY, f64::min),
+            per_relay.iter().copied().fold(0.0, f64::max),
         );
-        tokio::time::sleep(Duration::from_millis(250)).await;
     }
 }
 
-fn owners(objects: &[RelaySync]) -> BTreeMap<String, usize> {
-    let mut m = BTreeMap::new();
-    for o in objects {
-        if let Some(w) = o.labels().get(WORKER_LABEL) {
-            *m.entry(w.clone()).or_default() += 1;
+/// Status writes per relay per minute over `steady` (after the writes that follow a cold
+/// start have passed), and memory.
+async fn steady_state(
+    b: &Bench,
+    steady: Duration,
+    n: usize,
+    w: usize,
+    controller: &GraspSync,
+    idle: &GraspSync,
+) {
+    tokio::time::sleep(Duration::from_secs(45)).await;
+    let before = b.status_writes().await;
+    tokio::time::sleep(steady).await;
+    let after = b.status_writes().await;
+    let per_min = steady.as_secs_f64() / 60.0;
+    let renew = humantime::parse_duration(&b.lease.1).expect("renew");
+    println!(
+        "steady state ({} events/min flowing, 10 % new issues): {:.0} status writes in {steady:?} → {:.3} status writes/relay/min; Lease renewals add {:.3} writes/relay/min",
+        20 * 60,
+        after - before,
+        (after - before) / n as f64 / per_min,
+        w as f64 * (60.0 / renew.as_secs_f64()) / n as f64,
+    );
+    b.print_rss("RSS at steady state", controller, idle);
+}
+
+async fn scale(statefulsets: &Api<StatefulSet>, replicas: usize) {
+    let sts = json!({
+        "apiVersion": "apps/v1", "kind": "StatefulSet",
+        "metadata": {"name": "gs"},
+        "spec": {
+            "replicas": replicas,
+            "serviceName": "gs",
+            "selector": {"matchLabels": {"app": "gs"}},
+            "template": {
+                "metadata": {"labels": {"app": "gs"}},
+                "spec": {"containers": [{"name": "worker", "image": "example.invalid/grasp-sync:0"}]}
+            }
         }
-    }
-    m
+    });
+    statefulsets
+        .patch(
+            "gs",
+            &PatchParams::apply("bench").force(),
+            &Patch::Apply(sts),
+        )
+        .await
+        .expect("StatefulSet");
 }
 
-#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
-async fn main() {
+fn main() {
+    // Debug logs of thousands of sessions would cost the processes measured here.
+    if std::env::var_os("GRASP_SYNC_PROC_LOG").is_none() {
+        // SAFETY: no other thread runs yet.
+        unsafe { std::env::set_var("GRASP_SYNC_PROC_LOG", "info") };
+    }
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime")
+        .block_on(run());
+}
+
+async fn run() {
     grasp_sync::relay::tls::install_default_crypto();
     let n = env_usize("GRASP_SYNC_BENCH_RELAYS", 1000);
+    let w = env_usize("GRASP_SYNC_BENCH_WORKERS", 3).clamp(2, MAX_WORKERS);
     let kills = env_usize("GRASP_SYNC_BENCH_KILLS", 10);
-    let lease_secs = std::env::var("GRASP_SYNC_BENCH_LEASE")
-        .ok()
-        .and_then(|v| humantime::parse_duration(&v).ok())
-        .unwrap_or(Duration::from_secs(15));
+    let handovers = env_usize("GRASP_SYNC_BENCH_HANDOVERS", 5);
+    let steady = env_duration("GRASP_SYNC_BENCH_STEADY", "120s");
+    let lease_len = env_duration("GRASP_SYNC_BENCH_LEASE", CHART_LEASE);
     let lease = (
-        humantime::format_duration(lease_secs).to_string(),
-        humantime::format_duration((lease_secs / 3).max(Duration::from_secs(1))).to_string(),
+        humantime::format_duration(lease_len).to_string(),
+        humantime::format_duration((lease_len / 3).max(Duration::from_secs(1))).to_string(),
     );
     println!(
-        "kube_failover: {n} RelaySyncs, 3 workers, {kills} kills, lease {} renewed every {}",
+        "kube_failover: {n} RelaySyncs, {w} workers, {kills} kills, {handovers} handovers, lease {} renewed every {}",
         lease.0, lease.1
     );
     let cluster = Cluster::start("bench").await;
-    let relay = ScriptedRelay::start(Script::default())
-        .await
-        .expect("relay");
+    let relay = Arc::new(
+        ScriptedRelay::start(Script::default())
+            .await
+            .expect("relay"),
+    );
 
     // The objects as discovery would write them: one relay URL (a path of the one relay)
     // and one repo each.
     let api = Api::<RelaySync>::namespaced(cluster.admin.clone(), &cluster.ns);
     let t = Instant::now();
-    for i in 0..n {
-        let url = RelayUrl::parse(&format!("{}/r{i}", relay.url())).expect("url");
-        let name = object_name(&url);
-        let spec = RelaySyncSpec {
-            url: url.to_string(),
-            bootstrap: None,
-            repos: vec![format!("30617:{:064x}:repo-{i}", i + 1)],
-            paused: None,
-        };
-        api.patch(
-            &name,
-            &PatchParams::apply(CONTROLLER_MANAGER).force(),
-            &Patch::Apply(&RelaySync::new(&name, spec)),
-        )
-        .await
-        .expect("create RelaySync");
-    }
+    let repos: Vec<String> = (0..n)
+        .map(|i| format!("30617:{:064x}:repo-{i}", i + 1))
+        .collect();
+    futures::stream::iter(0..n)
+        .map(|i| {
+            let api = api.clone();
+            let repo = repos[i].clone();
+            let url = RelayUrl::parse(&format!("{}/r{i}", relay.url())).expect("url");
+            async move {
+                let name = object_name(&url);
+                let spec = RelaySyncSpec {
+                    url: url.to_string(),
+                    bootstrap: None,
+                    repos: vec![repo],
+                    paused: None,
+                };
+                api.patch(
+                    &name,
+                    &PatchParams::apply(CONTROLLER_MANAGER).force(),
+                    &Patch::Apply(&RelaySync::new(&name, spec)),
+                )
+                .await
+                .expect("create RelaySync");
+            }
+        })
+        .buffer_unordered(16)
+        .collect::<Vec<()>>()
+        .await;
     println!("created {n} RelaySyncs in {:.1?}", t.elapsed());
+    let (objects, writer) = reflector::store();
+    let watch = reflector::reflector(writer, watcher(api.clone(), watcher::Config::default()))
+        .default_backoff()
+        .touched_objects();
+    let watch_task = tokio::spawn(async move {
+        let mut s = std::pin::pin!(watch);
+        while s.next().await.is_some() {}
+    });
+    objects.wait_until_ready().await.expect("RelaySync watch");
+    let statefulsets = Api::<StatefulSet>::namespaced(cluster.admin.clone(), &cluster.ns);
+    scale(&statefulsets, w).await;
 
     let controller = cluster.controller(
         "c0",
-        &["--leader-lease-duration", "15s", "--leader-renew", "3s"],
+        &[
+            "--leader-lease-duration",
+            "15s",
+            "--leader-renew",
+            "3s",
+            "--worker-statefulset",
+            "gs",
+            "--max-workers",
+            &MAX_WORKERS.to_string(),
+            "--restart-grace",
+            RESTART_GRACE,
+        ],
     );
-    let mut workers: BTreeMap<String, Worker> = BTreeMap::new();
+    // A worker the ring never counts (not one of the StatefulSet's pods): what a worker
+    // costs holding nothing.
+    let idle = cluster.worker("w4", &["--status-interval", CHART_STATUS_INTERVAL]);
+    let mut b = Bench {
+        cluster,
+        objects,
+        n,
+        lease,
+        workers: BTreeMap::new(),
+    };
     let t = Instant::now();
-    for w in ["w0", "w1", "w2"] {
-        workers.insert(w.to_string(), start_worker(&cluster, w, &lease));
+    for i in 0..w {
+        b.start_worker(&pod(i));
     }
-    let first = wait_all_live(&cluster, n, None, Duration::from_secs(600)).await;
+    let first = b.wait_all_live(None, Duration::from_secs(900)).await;
+    b.wait_balanced(w).await;
     println!(
         "cold start: all {n} Live in {:.1?} (workers started {:.1?} ago); spread {:?}",
         first,
         t.elapsed(),
-        owners(&cluster.objects().await)
+        b.owners()
     );
 
-    // Steady state: status writes per relay per minute, and memory. First let the writes
-    // that follow a cold start (cursors appearing one status interval later) pass.
-    tokio::time::sleep(Duration::from_secs(45)).await;
-    let window = Duration::from_secs(120);
-    let mut before = 0.0;
-    for w in workers.values() {
-        before += status_writes(w.metrics_port).await;
+    // Steady state with events flowing: 20 events a second, each to a random repo's live
+    // subscriptions.
+    let flowing = {
+        let relay = relay.clone();
+        let repos = repos.clone();
+        tokio::spawn(async move {
+            let keys = Keys::generate();
+            let mut tick = tokio::time::interval(Duration::from_millis(50));
+            loop {
+                tick.tick().await;
+                let repo = &repos[rand::random_range(0..repos.len())];
+                // Mostly comments; one in ten a new issue (a new root: its thread is
+                // fetched, the live plan grows).
+                let ev = if rand::random_range(0..10) == 0 {
+                    EventBuilder::new(Kind::Custom(1621), "issue")
+                        .tags([Tag::custom(TagKind::a(), [repo.clone()])])
+                } else {
+                    EventBuilder::new(Kind::Custom(1111), "comment")
+                        .tags([Tag::custom(TagKind::custom("A"), [repo.clone()])])
+                }
+                .sign_with_keys(&keys)
+                .expect("sign");
+                relay.add([ev]);
+            }
+        })
+    };
+    if !steady.is_zero() {
+        steady_state(&b, steady, n, w, &controller, &idle).await;
     }
-    tokio::time::sleep(window).await;
-    let mut after = 0.0;
-    for w in workers.values() {
-        after += status_writes(w.metrics_port).await;
-    }
-    println!(
-        "steady state: {:.0} status writes in {window:?} → {:.3} writes/relay/min",
-        after - before,
-        (after - before) / n as f64 / (window.as_secs_f64() / 60.0)
-    );
-    print_rss("RSS at steady state", &controller, &workers);
+    flowing.abort();
 
     // Crash failover: SIGKILL one worker, time until its relays are Live elsewhere; then
     // bring it back and let the ring settle before the next kill.
     let mut crash = Vec::new();
     for k in 0..kills {
-        let victim = ["w0", "w1", "w2"][k % 3].to_string();
-        let held = owners(&cluster.objects().await)
-            .get(&victim)
-            .copied()
-            .unwrap_or(0);
-        let w = workers.remove(&victim).expect("running");
-        w.proc.kill();
-        let took = wait_all_live(&cluster, n, Some(&victim), Duration::from_secs(300)).await;
+        let victim = pod(k % w);
+        let held = b.owners().get(&victim).copied().unwrap_or(0);
+        b.workers.remove(&victim).expect("running").proc.kill();
+        let took = b
+            .wait_all_live(Some(&victim), Duration::from_secs(300))
+            .await;
         println!("kill {k}: {victim} held {held} relays → all Live elsewhere in {took:.1?}");
         crash.push(took.as_secs_f64());
-        workers.insert(victim.clone(), start_worker(&cluster, &victim, &lease));
-        wait_balanced(&cluster, n, &victim).await;
+        b.start_worker(&victim);
+        b.wait_balanced(w).await;
     }
-    crash.sort_by(f64::total_cmp);
-    println!(
-        "crash failover over {} kills: p50 {:.1} s, p99 {:.1} s, max {:.1} s",
-        crash.len(),
-        percentile(&crash, 50.0),
-        percentile(&crash, 99.0),
-        crash.last().copied().unwrap_or(f64::NAN)
-    );
+    summary("crash failover", crash);
 
-    // Graceful handover: SIGTERM (sessions closed, final status, Lease released).
+    // Graceful handover: the StatefulSet scaled down by one, its last pod stopped (sessions
+    // closed, final status, Lease released); then scaled up again.
     let mut graceful = Vec::new();
-    for victim in ["w0", "w1", "w2"] {
-        let w = workers.remove(victim).expect("running");
+    let last = pod(w - 1);
+    for k in 0..handovers {
+        scale(&statefulsets, w - 1).await;
+        let held = b.owners().get(&last).copied().unwrap_or(0);
         let t = Instant::now();
-        let status = w.proc.terminate(Duration::from_secs(60)).await;
+        let status = b
+            .workers
+            .remove(&last)
+            .expect("running")
+            .proc
+            .terminate(Duration::from_secs(60))
+            .await;
         let stopped = t.elapsed();
-        let took =
-            t.elapsed() + wait_all_live(&cluster, n, Some(victim), Duration::from_secs(300)).await;
+        b.wait_all_live(Some(&last), Duration::from_secs(300)).await;
+        let took = t.elapsed();
         println!(
-            "graceful {victim}: exit {status} after {stopped:.1?}; all Live elsewhere in {took:.1?}"
+            "handover {k}: {last} held {held} relays; exit {status} after {stopped:.1?}; all Live elsewhere {took:.1?} after SIGTERM"
         );
         graceful.push(took.as_secs_f64());
-        workers.insert(victim.to_string(), start_worker(&cluster, victim, &lease));
-        wait_balanced(&cluster, n, victim).await;
+        scale(&statefulsets, w).await;
+        b.start_worker(&last);
+        b.wait_balanced(w).await;
     }
-    graceful.sort_by(f64::total_cmp);
-    println!(
-        "graceful handover: p50 {:.1} s, max {:.1} s",
-        percentile(&graceful, 50.0),
-        graceful.last().copied().unwrap_or(f64::NAN)
-    );
-    print_rss("RSS at the end", &controller, &workers);
-}
+    summary("graceful handover", graceful);
 
-fn print_rss(when: &str, controller: &GraspSync, workers: &BTreeMap<String, Worker>) {
-    println!(
-        "{when}: controller {} MiB; workers {}",
-        controller.rss_kib().unwrap_or(0) / 1024,
-        workers
-            .iter()
-            .map(|(k, w)| format!("{k} {} MiB", w.proc.rss_kib().unwrap_or(0) / 1024))
-            .collect::<Vec<_>>()
-            .join(", ")
-    );
-}
-
-/// After `back` rejoined: every relay Live, `back` holding some again.
-async fn wait_balanced(cluster: &Cluster, n: usize, back: &str) {
-    let start = Instant::now();
-    loop {
-        wait_all_live(cluster, n, None, Duration::from_secs(300)).await;
-        if owners(&cluster.objects().await)
-            .get(back)
-            .copied()
-            .unwrap_or(0)
-            > 0
-        {
-            wait_all_live(cluster, n, None, Duration::from_secs(300)).await;
-            return;
+    // A rolling restart, as the StatefulSet controller does it: last pod first, each
+    // stopped, started again under its name once it exited, and Ready (here: its relays
+    // Live by it again) before the next. Every look compares the labels with the start.
+    let labels = b.labels();
+    relay.counters().reset_max();
+    let mut moved = std::collections::BTreeSet::new();
+    let mut back = Vec::new();
+    let t = Instant::now();
+    for i in (0..w).rev() {
+        let name = pod(i);
+        let stop = Instant::now();
+        let status = b
+            .workers
+            .remove(&name)
+            .expect("running")
+            .proc
+            .terminate(Duration::from_secs(60))
+            .await;
+        assert!(status.success(), "{name} exited with {status}");
+        b.start_worker(&name);
+        loop {
+            for (k, v) in b.labels() {
+                if labels.get(&k) != Some(&v) {
+                    moved.insert(k);
+                }
+            }
+            if b.all_live(None) {
+                break;
+            }
+            assert!(
+                stop.elapsed() < Duration::from_secs(600),
+                "{name}'s relays not Live again"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        assert!(
-            start.elapsed() < Duration::from_secs(300),
-            "{back} never got relays back"
-        );
-        tokio::time::sleep(Duration::from_millis(250)).await;
+        back.push(stop.elapsed().as_secs_f64());
     }
+    // A relay whose label never moved had one holder at a time (a pod's successor starts
+    // only after it exited, having closed every session); the relay's own count of open
+    // connections says the same from the other side: one per relay URL at most.
+    println!(
+        "rolling restart of {w} workers in {:.1?}: {} relays moved; at most {} connections open at once to the {n} relay URLs",
+        t.elapsed(),
+        moved.len(),
+        relay
+            .counters()
+            .max_live_connections
+            .load(std::sync::atomic::Ordering::SeqCst),
+    );
+    summary(
+        "rolling restart, each pod's relays Live again after SIGTERM",
+        back,
+    );
+    b.print_rss("RSS at the end", &controller, &idle);
+    watch_task.abort();
 }

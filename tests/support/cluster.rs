@@ -22,7 +22,9 @@ use super::procs::GraspSync;
 use super::{KubeEnv, relays};
 
 pub const SERVICE_DOMAIN: &str = "git.ours.example";
-pub const WORKERS: &[&str] = &["w0", "w1", "w2", "w3", "w4", "gs-0", "gs-1"];
+pub const WORKERS: &[&str] = &[
+    "w0", "w1", "w2", "w3", "w4", "gs-0", "gs-1", "gs-2", "gs-3", "gs-4", "gs-5", "gs-6", "gs-7",
+];
 const CONTROLLER_USER: &str = "grasp-sync-test-controller";
 
 pub struct Cluster {

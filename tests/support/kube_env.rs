@@ -43,6 +43,12 @@ pub const TEST_USERS: &[&str] = &[
     // Workers named as a StatefulSet's pods (`gs`).
     "grasp-sync-test-gs-0",
     "grasp-sync-test-gs-1",
+    "grasp-sync-test-gs-2",
+    "grasp-sync-test-gs-3",
+    "grasp-sync-test-gs-4",
+    "grasp-sync-test-gs-5",
+    "grasp-sync-test-gs-6",
+    "grasp-sync-test-gs-7",
 ];
 
 const TMP_PREFIX: &str = "grasp-sync-kube-";
