@@ -202,18 +202,33 @@ pub fn stopped_status(
     status
 }
 
-/// Progress alone — the cursor following the clock, the event counters — is written once per
-/// this many status intervals (5 min at the default 30 s): it moves with every event, and
-/// writing it each interval would be a steady write load per relay. A resume re-reads
-/// `cursor - slack` anyway, and the counters are live in the metrics.
+/// Progress alone is written once per this many status intervals (5 min at the default
+/// 30 s): on a busy relay it moves with every event — the cursor, the event counters, the
+/// last reconciliation, the confirmed roots of new issues and patches with their counts and
+/// subscriptions — and writing it each interval would be a steady write load per relay.
+/// Holding it back costs little: a resume re-reads `cursor - slack` and fetches roots the
+/// stored digest does not vouch for in full, and the counters are live in the metrics.
 pub const PROGRESS_INTERVALS: u32 = 10;
 
-/// Whether `a` and `b` differ in progress only (a first cursor is more than progress).
+/// Whether `a` and `b` differ in progress only. A first cursor, a phase, a condition's
+/// status or reason, an error, a generation are news.
 fn only_progress_moved(a: &RelaySyncStatus, b: &RelaySyncStatus) -> bool {
     let strip = |s: &RelaySyncStatus| RelaySyncStatus {
         cursor: s.cursor.map(|_| 0),
         events_published: None,
         events_rejected: None,
+        last_reconciled: None,
+        confirmed_roots_digest: s.confirmed_roots_digest.as_ref().map(|_| String::new()),
+        subscriptions: None,
+        conditions: s
+            .conditions
+            .iter()
+            .map(|c| crate::crd::Condition {
+                message: String::new(),
+                last_transition_time: Time(Timestamp::UNIX_EPOCH),
+                ..c.clone()
+            })
+            .collect(),
         ..s.clone()
     };
     strip(a) == strip(b)
@@ -424,6 +439,7 @@ mod tests {
         assert!(!c.due(&a, t0 + Duration::from_secs(60)), "unchanged: never");
         let mut b = a.clone();
         b.last_error = Some("a relay notice".into());
+        b.confirmed_roots_digest = Some("one".into());
         assert!(!c.due(&b, t0 + Duration::from_secs(5)));
         assert!(c.due(&b, t0 + Duration::from_secs(30)));
         c.written(b.clone(), t0);
@@ -433,6 +449,11 @@ mod tests {
         idle.cursor = b.cursor.map(|c| c + 60);
         idle.events_published = Some(10);
         idle.events_rejected = Some(1);
+        idle.subscriptions = Some(7);
+        idle.confirmed_roots_digest = Some("another".into());
+        if let Some(c) = idle.conditions.first_mut() {
+            c.message = "4/4 repos, 9/9 root events confirmed".into();
+        }
         assert!(!c.due(&idle, t0 + Duration::from_secs(120)));
         assert!(!c.due(&idle, t0 + Duration::from_secs(299)));
         assert!(c.due(&idle, t0 + Duration::from_secs(300)));

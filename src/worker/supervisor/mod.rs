@@ -343,6 +343,13 @@ fn submit(st: &mut State, writer: &StatusWriter, write: Write) {
 fn on_written(st: &mut State, written: Written) {
     let Written { write, result } = written;
     st.in_flight.remove(&write.name);
+    // What we wrote is the object's status now: the store does not announce our own writes,
+    // and the next status is built on this one (conditions keep their transition times).
+    if result == WriteResult::Ok
+        && let Some(o) = st.objects.get_mut(&write.name)
+    {
+        o.status = Some(write.status.clone());
+    }
     if result != WriteResult::Ok {
         // Decided again on a later pass.
         if write.kind == WriteKind::Release {

@@ -219,7 +219,7 @@ fn config() -> SupervisorConfig {
     )
 }
 
-async fn rig(store: Arc<TestStore>) -> Rig {
+async fn rig<S: RelaySyncStore + 'static>(store: Arc<S>) -> Rig {
     let starter = FakeStarter::default();
     let metrics = SupervisorMetrics::default();
     let (feed, local) = mpsc::channel(16);
@@ -636,6 +636,71 @@ async fn its_own_status_writes_change_nothing_it_holds() {
     store.inner.apply_spec("a", &changed).await.unwrap();
     pass(Duration::from_secs(1)).await;
     assert_eq!(rig.feed_filters.load(Ordering::SeqCst), 2);
+    let _ = rig.stop.send(true);
+    rig.task.await.unwrap();
+}
+
+/// A holder's store as the Kubernetes one behaves for a worker: status writes land but are
+/// not announced (the test announces spec changes itself).
+struct QuietStore {
+    inner: TestStore,
+    revision: watch::Sender<u64>,
+}
+
+impl RelaySyncStore for QuietStore {
+    async fn list(&self) -> Result<Vec<StoredRelaySync>, StoreError> {
+        self.inner.list().await
+    }
+    async fn get(&self, name: &str) -> Result<Option<StoredRelaySync>, StoreError> {
+        self.inner.get(name).await
+    }
+    async fn apply_spec(
+        &self,
+        name: &str,
+        spec: &RelaySyncSpec,
+    ) -> Result<StoredRelaySync, StoreError> {
+        let r = self.inner.apply_spec(name, spec).await;
+        self.revision.send_modify(|r| *r += 1);
+        r
+    }
+    async fn apply_status(&self, name: &str, status: &RelaySyncStatus) -> Result<(), StoreError> {
+        self.inner.apply_status(name, status).await
+    }
+    async fn delete(&self, name: &str) -> Result<(), StoreError> {
+        self.inner.delete(name).await
+    }
+    fn changes(&self) -> watch::Receiver<u64> {
+        self.revision.subscribe()
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_unchanged_relay_is_not_written_again_when_its_writes_are_not_announced() {
+    let store = Arc::new(QuietStore {
+        inner: TestStore::default(),
+        revision: watch::channel(0).0,
+    });
+    store
+        .apply_spec("a", &spec("wss://a.example"))
+        .await
+        .unwrap();
+    let rig = rig(store.clone()).await;
+    pass(Duration::from_secs(1)).await;
+    let session = rig.starter.started().pop().expect("a session");
+    session.state.send_modify(|s| {
+        s.phase = Phase::Live;
+        s.last_connected = Some(SystemTime::now());
+    });
+    pass(Duration::from_secs(1)).await;
+    assert_eq!(
+        store.inner.status("a").and_then(|s| s.phase),
+        Some(Phase::Live)
+    );
+    let written = store.inner.writes.load(Ordering::SeqCst);
+    // Nothing changes for five intervals: nothing to write (built on a stale status, the
+    // conditions' transition times moved on every pass and each interval wrote again).
+    pass(INTERVAL * 5).await;
+    assert_eq!(store.inner.writes.load(Ordering::SeqCst), written);
     let _ = rig.stop.send(true);
     rig.task.await.unwrap();
 }
