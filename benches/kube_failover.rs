@@ -19,7 +19,8 @@
 //! ```
 //!
 //! Other knobs: GRASP_SYNC_BENCH_KILLS (10), GRASP_SYNC_BENCH_HANDOVERS (5),
-//! GRASP_SYNC_BENCH_STEADY (steady-state window, 120s), GRASP_SYNC_BENCH_LEASE (the worker
+//! GRASP_SYNC_BENCH_STEADY (steady-state window, 7m: longer than
+//! the 6 min in which a relay's progress is written once), GRASP_SYNC_BENCH_LEASE (the worker
 //! Lease duration; default the chart's, renewed every third of it).
 
 #[path = "../tests/support/mod.rs"]
@@ -314,7 +315,7 @@ async fn run() {
     let w = env_usize("GRASP_SYNC_BENCH_WORKERS", 3).clamp(2, MAX_WORKERS);
     let kills = env_usize("GRASP_SYNC_BENCH_KILLS", 10);
     let handovers = env_usize("GRASP_SYNC_BENCH_HANDOVERS", 5);
-    let steady = env_duration("GRASP_SYNC_BENCH_STEADY", "120s");
+    let steady = env_duration("GRASP_SYNC_BENCH_STEADY", "7m");
     let lease_len = env_duration("GRASP_SYNC_BENCH_LEASE", CHART_LEASE);
     let lease = (
         humantime::format_duration(lease_len).to_string(),

@@ -47,7 +47,7 @@ pub async fn run_controller(
     metrics.set_role("controller");
     let discovery_metrics = DiscoveryMetrics::register(&metrics.registry)?;
     let assignment_metrics = AssignmentMetrics::register(&metrics.registry)?;
-    let store = Arc::new(KubeStore::new(client.clone(), &namespace));
+    let store = Arc::new(KubeStore::for_controller(client.clone(), &namespace));
     let (http_addr, http_task) = serve_http(opts.http_addr, &metrics, &store, &shutdown).await?;
     tracing::info!(identity = %opts.identity, %namespace, http = %http_addr, "controller started; campaigning for the lead");
     let dc = DiscoveryConfig::for_service(

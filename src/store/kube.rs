@@ -65,6 +65,14 @@ impl KubeStore {
         Self::watching(client, namespace, selector, Announce::Every)
     }
 
+    /// The controller's store: every object, announced on every change (the assigner waits
+    /// for drain acknowledgements in status), its cache without what no controller reads —
+    /// the confirmed-roots digest, a worker's opaque resume key of about a kilobyte per
+    /// object (thousands of objects are held here).
+    pub fn for_controller(client: Client, namespace: &str) -> Self {
+        Self::watching(client, namespace, None, Announce::EveryLean)
+    }
+
     fn watching(
         client: Client,
         namespace: &str,
@@ -80,9 +88,15 @@ impl KubeStore {
         }
         let (cache, writer) = reflector::store();
         // Nobody reads who wrote which field: the cache keeps objects without it.
+        let lean = announce == Announce::EveryLean;
         let events = watcher(api.clone(), wc)
             .default_backoff()
-            .modify(|o: &mut RelaySync| o.managed_fields_mut().clear());
+            .modify(move |o: &mut RelaySync| {
+                o.managed_fields_mut().clear();
+                if lean && let Some(s) = o.status.as_mut() {
+                    s.confirmed_roots_digest = None;
+                }
+            });
         // The cache is updated before the revision moves, so a reader woken by the bump
         // sees the change in `snapshot()`.
         let stream = reflector::reflector(writer, events);
@@ -163,6 +177,8 @@ impl KubeStore {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Announce {
     Every,
+    /// Every change; the cache keeps no confirmed-roots digest.
+    EveryLean,
     /// Not an object's change of status alone.
     NotStatusAlone,
 }
@@ -210,7 +226,7 @@ impl Seen {
             watcher::Event::Apply(o) => {
                 let new = fingerprint(o);
                 let old = self.current.insert(o.name_any(), new.clone());
-                announce == Announce::Every || old.as_ref() != Some(&new)
+                announce != Announce::NotStatusAlone || old.as_ref() != Some(&new)
             }
             watcher::Event::Delete(o) => {
                 self.current.remove(&o.name_any());
@@ -275,6 +291,23 @@ impl RelaySyncStore for KubeStore {
             .collect();
         out.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(out)
+    }
+
+    async fn specs(&self) -> Result<Vec<(String, RelaySyncSpec)>, StoreError> {
+        if !self.listed.load(Ordering::Acquire) {
+            return Ok(self
+                .list()
+                .await?
+                .into_iter()
+                .map(|o| (o.name, o.spec))
+                .collect());
+        }
+        Ok(self
+            .cache
+            .state()
+            .iter()
+            .map(|o| (o.name_any(), o.spec.clone()))
+            .collect())
     }
 
     async fn get(&self, name: &str) -> Result<Option<StoredRelaySync>, StoreError> {

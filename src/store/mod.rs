@@ -63,6 +63,21 @@ pub trait RelaySyncStore: Send + Sync {
         self.list()
     }
 
+    /// Every object's name and spec, as [`RelaySyncStore::snapshot`] sees them, without
+    /// copying statuses (discovery compares specs only, every pass).
+    fn specs(
+        &self,
+    ) -> impl Future<Output = Result<Vec<(String, RelaySyncSpec)>, StoreError>> + Send {
+        async {
+            Ok(self
+                .snapshot()
+                .await?
+                .into_iter()
+                .map(|o| (o.name, o.spec))
+                .collect())
+        }
+    }
+
     fn get(
         &self,
         name: &str,

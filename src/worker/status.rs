@@ -202,13 +202,13 @@ pub fn stopped_status(
     status
 }
 
-/// Progress alone is written once per this many status intervals (5 min at the default
-/// 30 s): on a busy relay it moves with every event — the cursor, the event counters, the
+/// Progress alone is written once per this many status intervals (6 min at the default
+/// 30 s, so a busy relay costs at most 1/6 of a write a minute): on a busy relay it moves with every event — the cursor, the event counters, the
 /// last reconciliation, the confirmed roots of new issues and patches with their counts and
 /// subscriptions — and writing it each interval would be a steady write load per relay.
 /// Holding it back costs little: a resume re-reads `cursor - slack` and fetches roots the
 /// stored digest does not vouch for in full, and the counters are live in the metrics.
-pub const PROGRESS_INTERVALS: u32 = 10;
+pub const PROGRESS_INTERVALS: u32 = 12;
 
 /// Whether `a` and `b` differ in progress only. A first cursor, a phase, a condition's
 /// status or reason, an error, a generation are news.
@@ -455,8 +455,8 @@ mod tests {
             c.message = "4/4 repos, 9/9 root events confirmed".into();
         }
         assert!(!c.due(&idle, t0 + Duration::from_secs(120)));
-        assert!(!c.due(&idle, t0 + Duration::from_secs(299)));
-        assert!(c.due(&idle, t0 + Duration::from_secs(300)));
+        assert!(!c.due(&idle, t0 + Duration::from_secs(359)));
+        assert!(c.due(&idle, t0 + Duration::from_secs(360)));
         // A first cursor is news.
         let mut first = b.clone();
         first.cursor = None;

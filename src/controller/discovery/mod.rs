@@ -212,14 +212,9 @@ async fn reconcile<S: RelaySyncStore>(
     let desired = desired_objects(&capped.relays, &config.bootstrap, config.repos_per_object);
     metrics.discovery_repos.set(index.len() as i64);
     metrics.discovery_objects.set(desired.len() as i64);
-    // The store's watch cache, not a fresh list: a pass must not fetch every object (a
-    // lagging cache at worst re-applies an unchanged spec, which changes nothing).
-    let existing: BTreeMap<String, _> = store
-        .snapshot()
-        .await?
-        .into_iter()
-        .map(|o| (o.name, o.spec))
-        .collect();
+    // The store's watch cache, not a fresh list: a pass must not fetch (nor copy) every
+    // object (a lagging cache at worst re-applies an unchanged spec, which changes nothing).
+    let existing: BTreeMap<String, _> = store.specs().await?.into_iter().collect();
     // Each object on its own: one that the API server refuses (or a write that fails) is
     // counted and retried on the next pass; it never holds up the others.
     let mut first_error = None;
