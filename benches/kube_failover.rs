@@ -21,7 +21,8 @@
 //! Other knobs: GRASP_SYNC_BENCH_KILLS (10), GRASP_SYNC_BENCH_HANDOVERS (5),
 //! GRASP_SYNC_BENCH_STEADY (steady-state window, 7m: longer than
 //! the 6 min in which a relay's progress is written once), GRASP_SYNC_BENCH_LEASE (the worker
-//! Lease duration; default the chart's, renewed every third of it).
+//! Lease duration; default the chart's, renewed every third of it), GRASP_SYNC_BENCH_ROLLING=0
+//! (no rolling restart).
 
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -491,6 +492,11 @@ async fn run() {
     }
     summary("graceful handover", graceful);
 
+    if std::env::var("GRASP_SYNC_BENCH_ROLLING").is_ok_and(|v| v == "0") {
+        b.print_rss("RSS at the end", &controller, &idle);
+        watch_task.abort();
+        return;
+    }
     // A rolling restart, as the StatefulSet controller does it: last pod first, each
     // stopped, started again under its name once it exited, and Ready (here: its relays
     // Live by it again) before the next. Every look compares the labels with the start.
