@@ -28,6 +28,9 @@ static PARAMS: std::sync::LazyLock<PatchParams> =
 /// Label writes in flight at once.
 const LABEL_WRITES_IN_FLIGHT: usize = 32;
 
+/// A label write or Lease deletion abandoned after this long (decided again next pass).
+const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+
 #[derive(Debug, Clone)]
 pub struct AssignerConfig {
     /// Most moves between live workers in flight at once.
@@ -233,7 +236,18 @@ async fn observe_members(
     metrics.workers_resting.set(members.resting.len() as i64);
     for name in &members.orphans {
         tracing::info!(lease = %name, "deleting the Lease of a long-dead worker");
-        let _ = leases.delete(name, &DeleteParams::default()).await;
+        // Only the version judged dead: a worker renewing meanwhile keeps its Lease.
+        let rv = lease_reader
+            .find(|l| &l.name_any() == name)
+            .and_then(|l| l.resource_version());
+        let params = DeleteParams {
+            preconditions: rv.map(|rv| kube::api::Preconditions {
+                resource_version: Some(rv),
+                uid: None,
+            }),
+            ..DeleteParams::default()
+        };
+        let _ = tokio::time::timeout(WRITE_TIMEOUT, leases.delete(name, &params)).await;
     }
     members
 }
@@ -300,7 +314,12 @@ async fn pass(
     for (name, patch, kind, step) in patches {
         let api = api.clone();
         writes.push(async move {
-            let result = api.patch(&name, &PARAMS, &Patch::Apply(&patch)).await;
+            // One hung request must not stop every later pass.
+            let result = tokio::time::timeout(
+                WRITE_TIMEOUT,
+                api.patch(&name, &PARAMS, &Patch::Apply(&patch)),
+            )
+            .await;
             (name, kind, step, result)
         });
     }
@@ -309,6 +328,10 @@ async fn pass(
         .collect()
         .await;
     for (name, kind, step, result) in results {
+        let Ok(result) = result else {
+            tracing::warn!(object = %name, timeout = ?WRITE_TIMEOUT, "label write timed out; re-planning");
+            continue;
+        };
         match result {
             Ok(_) => {
                 tracing::info!(object = %name, ?step, "assignment");

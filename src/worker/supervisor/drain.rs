@@ -30,22 +30,32 @@ pub(super) struct Stopping {
 }
 
 /// Close the sessions of relays whose every part is draining and, once a session's task has
-/// ended, acknowledge each part with its final status.
+/// ended, acknowledge each part with its final status. True when a relay's closed session
+/// was forgotten because its drain ended without us (cancelled, or moved on): if the relay
+/// is still ours, its session is due again.
 pub(super) async fn release_drained(
     config: &SupervisorConfig,
     st: &mut State,
     writer: &StatusWriter,
-) {
+) -> bool {
     // This runs on every pass of the loop; drains are rare.
     if st.stopping.is_empty() && !st.objects.values().any(|o| o.draining) {
         st.released.clear();
         st.stopped.clear();
-        return;
+        return false;
     }
     st.released
         .retain(|name| st.objects.get(name).is_some_and(|o| o.draining));
     let mut decided = Vec::new();
-    for (url, pending) in sessions::drains_due(&st.objects, &st.released, &config.worker) {
+    let due = sessions::drains_due(&st.objects, &st.released, &config.worker);
+    let due_urls: BTreeSet<RelayUrl> = due.iter().map(|(url, _)| url.clone()).collect();
+    // A stop whose drain is no longer due (the controller cancelled it, or the relay moved
+    // on) would otherwise stay in `stopping`, and the relay held off, for good.
+    let before = st.stopping.len();
+    st.stopping
+        .retain(|url, s| due_urls.contains(url) || !s.task.is_finished());
+    let forgot = st.stopping.len() != before;
+    for (url, pending) in due {
         let pending: Vec<&StoredRelaySync> = pending
             .into_iter()
             .filter(|o| !st.in_flight.contains(&o.name))
@@ -114,4 +124,5 @@ pub(super) async fn release_drained(
         .map(|(url, _)| url)
         .collect();
     st.stopped.retain(|url, _| draining.contains(url));
+    forgot
 }

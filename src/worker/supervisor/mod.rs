@@ -196,7 +196,7 @@ pub(crate) async fn supervise<S: RelaySyncStore + 'static>(
         }
         // A drain is acknowledged only after the session closed, so two workers never hold
         // one relay's connection.
-        drain::release_drained(&config, &mut st, &writer).await;
+        dirty |= drain::release_drained(&config, &mut st, &writer).await;
         // Root events trickle in one by one while Layer 2 syncs: apply them in batches (at
         // most once per APPLY_EVERY), not one subscription change per event.
         if dirty && feed_synced && last_apply.elapsed() >= APPLY_EVERY {

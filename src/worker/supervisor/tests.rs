@@ -42,6 +42,14 @@ impl TestStore {
             .await
             .unwrap();
     }
+    /// Clear the drain flag (the controller cancelled the drain), announced the same way.
+    async fn undrain(&self, name: &str) {
+        self.draining.lock().unwrap().remove(name);
+        self.inner
+            .apply_spec("zz-scratch", &spec("wss://zz2.example"))
+            .await
+            .unwrap();
+    }
     fn status(&self, name: &str) -> Option<RelaySyncStatus> {
         futures::executor::block_on(self.inner.get(name))
             .unwrap()
@@ -397,6 +405,35 @@ async fn a_drain_is_acknowledged_only_after_the_session_has_stopped() {
             .iter()
             .any(|(n, _, to)| n == "a" && *to == Phase::Pending)
     );
+    let _ = rig.stop.send(true);
+    rig.task.await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_drain_cancelled_while_its_session_closes_starts_the_session_again() {
+    let (store, rig, session) = one_relay(false).await;
+    session.state.send_modify(|s| s.phase = Phase::Live);
+    pass(Duration::from_secs(1)).await;
+    rig.starter.hold_stop.store(true, Ordering::SeqCst);
+    store.drain("a").await;
+    pass(Duration::from_secs(2)).await;
+    // The controller cancels the drain while the session is still closing.
+    store.undrain("a").await;
+    pass(Duration::from_secs(2)).await;
+    rig.starter.hold_stop.store(false, Ordering::SeqCst);
+    rig.starter.release.notify_one();
+    pass(Duration::from_secs(3)).await;
+    assert!(session.stopped.load(Ordering::SeqCst));
+    let started = rig.starter.started();
+    assert_eq!(
+        started
+            .iter()
+            .filter(|s| s.url.as_str().contains("a.example"))
+            .count(),
+        2,
+        "the relay was never started again"
+    );
+    assert!(!is_released_by(store.status("a").as_ref(), WORKER));
     let _ = rig.stop.send(true);
     rig.task.await.unwrap();
 }
