@@ -533,14 +533,21 @@ async fn worker_role_may_write_status_but_not_spec_or_delete() {
             .map(|_| ()),
         "worker deletes another worker's Lease",
     );
+    // Its Role lets the worker mark its own Lease released on a graceful stop.
     held.release().await;
-    assert!(
-        Api::<Lease>::namespaced(client.clone(), &ns)
-            .get_opt(&membership::lease_name("w0"))
-            .await
-            .unwrap()
-            .is_none(),
-        "released Lease is deleted"
+    let released = Api::<Lease>::namespaced(client.clone(), &ns)
+        .get(&membership::lease_name("w0"))
+        .await
+        .unwrap();
+    assert_eq!(
+        released
+            .metadata
+            .annotations
+            .unwrap_or_default()
+            .get(membership::RELEASED_ANNOTATION)
+            .map(String::as_str),
+        Some("true"),
+        "the released Lease is marked"
     );
 
     // The controller manages objects and labels but never writes status.
