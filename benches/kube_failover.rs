@@ -45,7 +45,6 @@ use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use nostr::{EventBuilder, Keys, Kind, Tag, TagKind};
-use serde_json::json;
 use support::cluster::Cluster;
 use support::free_port;
 use support::procs::GraspSync;
@@ -273,19 +272,7 @@ async fn steady_state(
 }
 
 async fn scale(statefulsets: &Api<StatefulSet>, replicas: usize) {
-    let sts = json!({
-        "apiVersion": "apps/v1", "kind": "StatefulSet",
-        "metadata": {"name": "gs"},
-        "spec": {
-            "replicas": replicas,
-            "serviceName": "gs",
-            "selector": {"matchLabels": {"app": "gs"}},
-            "template": {
-                "metadata": {"labels": {"app": "gs"}},
-                "spec": {"containers": [{"name": "worker", "image": "example.invalid/grasp-sync:0"}]}
-            }
-        }
-    });
+    let sts = support::cluster::statefulset("gs", replicas);
     statefulsets
         .patch(
             "gs",

@@ -539,14 +539,8 @@ async fn worker_role_may_write_status_but_not_spec_or_delete() {
         .get(&membership::lease_name("w0"))
         .await
         .unwrap();
-    assert_eq!(
-        released
-            .metadata
-            .annotations
-            .unwrap_or_default()
-            .get(membership::RELEASED_ANNOTATION)
-            .map(String::as_str),
-        Some("true"),
+    assert!(
+        membership::is_released(&released),
         "the released Lease is marked"
     );
 

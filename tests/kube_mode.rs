@@ -8,7 +8,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use grasp_sync::controller::assignment::ring::{DEFAULT_VNODES, Ring};
-use grasp_sync::coordination::membership::{RELEASED_ANNOTATION, lease_name};
+use grasp_sync::coordination::membership::{is_released, lease_name};
 use grasp_sync::crd::is_released_by;
 use grasp_sync::crd::{DRAIN_LABEL, Phase, RelaySync, WORKER_LABEL};
 use grasp_sync::testing::scripted_relay::{Script, ScriptedRelay};
@@ -218,14 +218,7 @@ async fn workers_share_relays_fail_over_scale_out_through_drains_and_survive_a_l
     assert!(status.success(), "{leaving} exited with {status}");
     let leases = Api::<Lease>::namespaced(cluster.admin.clone(), &cluster.ns);
     let lease = leases.get(&lease_name(leaving)).await.unwrap();
-    assert_eq!(
-        lease
-            .annotations()
-            .get(RELEASED_ANNOTATION)
-            .map(String::as_str),
-        Some("true"),
-        "a stopped worker's Lease is released"
-    );
+    assert!(is_released(&lease), "a stopped worker's Lease is released");
     let last: Vec<&str> = rest.iter().copied().filter(|w| *w != leaving).collect();
     cluster.wait_settled(12, &last, SETTLE).await;
     relays::holds_exactly(&cluster.local, &want, SETTLE).await;
@@ -500,21 +493,7 @@ async fn a_rolling_restart_moves_no_relay_while_a_crash_or_a_scale_down_hands_ov
         cluster.admin.clone(),
         &cluster.ns,
     );
-    let replicas = |n: i32| {
-        json!({
-            "apiVersion": "apps/v1", "kind": "StatefulSet",
-            "metadata": {"name": "gs"},
-            "spec": {
-                "replicas": n,
-                "serviceName": "gs",
-                "selector": {"matchLabels": {"app": "gs"}},
-                "template": {
-                    "metadata": {"labels": {"app": "gs"}},
-                    "spec": {"containers": [{"name": "worker", "image": "example.invalid/grasp-sync:0"}]}
-                }
-            }
-        })
-    };
+    let replicas = |n| support::cluster::statefulset("gs", n);
     let apply = PatchParams::apply("test").force();
     statefulsets
         .patch("gs", &apply, &Patch::Apply(replicas(2)))

@@ -41,7 +41,8 @@ pub fn lease_name(worker: &str) -> String {
 /// final status written). The next renewal, by the same field manager, removes it.
 pub const RELEASED_ANNOTATION: &str = "grasp-sync.dev/released";
 
-fn is_released(l: &Lease) -> bool {
+/// Whether the Lease carries a graceful stop's mark.
+pub fn is_released(l: &Lease) -> bool {
     l.annotations()
         .get(RELEASED_ANNOTATION)
         .is_some_and(|v| v == "true")

@@ -144,28 +144,45 @@ pub fn released_status(
             ..previous.cloned().unwrap_or_default()
         },
     };
+    not_connected(
+        &mut status,
+        RELEASED,
+        [
+            (ASSIGNED, format!("released by {worker} for reassignment")),
+            (CONNECTED, format!("session closed by {worker}")),
+            (READY, String::new()),
+        ],
+        generation,
+        now,
+    );
+    status
+}
+
+/// `Pending` with no subscriptions, and each of `set` (type, message) False for
+/// `reason`: a status that no longer claims a connection.
+fn not_connected<const N: usize>(
+    status: &mut RelaySyncStatus,
+    reason: &str,
+    set: [(&str, String); N],
+    generation: i64,
+    now: SystemTime,
+) {
     let now_t = time(now).unwrap_or(Time(Timestamp::UNIX_EPOCH));
-    let g = Some(generation);
     status.phase = Some(Phase::Pending);
     status.subscriptions = Some(0);
-    for (kind, msg) in [
-        (ASSIGNED, format!("released by {worker} for reassignment")),
-        (CONNECTED, format!("session closed by {worker}")),
-        (READY, String::new()),
-    ] {
+    for (kind, msg) in set {
         conditions::set_condition(
             &mut status.conditions,
             conditions::condition(
                 kind,
                 ConditionStatus::False,
-                RELEASED,
+                reason,
                 msg,
                 now_t.clone(),
-                g,
+                Some(generation),
             ),
         );
     }
-    status
 }
 
 /// The last status of a relay whose worker stopped gracefully (SIGTERM): the cursor and
@@ -180,25 +197,16 @@ pub fn stopped_status(
     now: SystemTime,
 ) -> RelaySyncStatus {
     let mut status = status_from_session(state, worker, generation, previous, now);
-    let now_t = time(now).unwrap_or(Time(Timestamp::UNIX_EPOCH));
-    status.phase = Some(Phase::Pending);
-    status.subscriptions = Some(0);
-    for (kind, msg) in [
-        (CONNECTED, format!("{worker} stopped; waiting for a worker")),
-        (READY, String::new()),
-    ] {
-        conditions::set_condition(
-            &mut status.conditions,
-            conditions::condition(
-                kind,
-                ConditionStatus::False,
-                "WorkerStopped",
-                msg,
-                now_t.clone(),
-                Some(generation),
-            ),
-        );
-    }
+    not_connected(
+        &mut status,
+        "WorkerStopped",
+        [
+            (CONNECTED, format!("{worker} stopped; waiting for a worker")),
+            (READY, String::new()),
+        ],
+        generation,
+        now,
+    );
     status
 }
 

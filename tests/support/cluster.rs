@@ -287,3 +287,21 @@ fn override_flags(args: &mut Vec<String>, extra: &[&str]) {
 pub fn user(worker: &str) -> String {
     format!("grasp-sync-test-{worker}")
 }
+
+/// The workers' StatefulSet `name` with `replicas`, as the chart makes it, for server-side
+/// apply (no kubelet runs its pods here: the workers are processes named as its pods).
+pub fn statefulset(name: &str, replicas: usize) -> serde_json::Value {
+    json!({
+        "apiVersion": "apps/v1", "kind": "StatefulSet",
+        "metadata": {"name": name},
+        "spec": {
+            "replicas": replicas,
+            "serviceName": name,
+            "selector": {"matchLabels": {"app": name}},
+            "template": {
+                "metadata": {"labels": {"app": name}},
+                "spec": {"containers": [{"name": "worker", "image": "example.invalid/grasp-sync:0"}]}
+            }
+        }
+    })
+}
