@@ -35,6 +35,7 @@ async fn a_worker_that_lost_its_label_cannot_change_status() {
     use grasp_sync::crd::{RelaySync, RelaySyncSpec, RelaySyncStatus, WORKER_LABEL};
     use grasp_sync::store::StoreError;
     use kube::api::{Api, Patch, PatchParams};
+    use std::time::Duration;
 
     let env = KubeEnv::start().await.unwrap_or_else(|e| panic!("{e}"));
     let client = env.client().await.unwrap();
@@ -70,8 +71,27 @@ async fn a_worker_that_lost_its_label_cannot_change_status() {
     assert!(matches!(r, Err(StoreError::NotHeld(_))), "{r:?}");
     label("w1").await;
     w1.apply_status("held", &status(100)).await.unwrap();
+    support::eventually(
+        "w1's watch to see the relay",
+        Duration::from_secs(10),
+        || async { (!w1.seen_leaving("held")).then_some(()) },
+    )
+    .await;
     label("w2").await;
     w2.apply_status("held", &status(200)).await.unwrap();
+    // w1's watch sees it leave: its final writes are skipped without a request.
+    support::eventually(
+        "w1's watch to see the relay leave",
+        Duration::from_secs(10),
+        || async { w1.seen_leaving("held").then_some(()) },
+    )
+    .await;
+    support::eventually(
+        "w2's watch to see the relay",
+        Duration::from_secs(10),
+        || async { (!w2.seen_leaving("held")).then_some(()) },
+    )
+    .await;
     // w1 lost it: refused, however recent its own view.
     assert!(matches!(
         w1.apply_status("held", &status(999)).await,

@@ -148,6 +148,7 @@ pub async fn start(opts: StandaloneOptions) -> Result<Standalone, StandaloneErro
         publisher.clone(),
         worker_metrics,
         rx,
+        None,
     ));
     let liveness = &metrics.liveness;
     liveness.task("publisher", publisher_task.abort_handle());

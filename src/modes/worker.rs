@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use kube::Client;
 use nostr::Keys;
-use tokio::sync::watch;
+use tokio::sync::{oneshot, watch};
 
 use super::kube::{KubeModeError, check_worker_name, join_all, serve_http};
 use crate::coordination::membership::{self, LeaseConfig};
@@ -20,6 +20,10 @@ use crate::worker::WorkerMetrics;
 use crate::worker::publisher::{Publisher, PublisherConfig};
 use crate::worker::session::SessionConfig;
 use crate::worker::supervisor::{self, SupervisorConfig};
+
+/// How long a stopping worker waits for its sessions to close (and then for its final
+/// statuses) before it goes on regardless.
+const SESSIONS_CLOSE_WITHIN: Duration = Duration::from_secs(30);
 
 #[derive(Debug, Clone)]
 pub struct WorkerOptions {
@@ -84,12 +88,14 @@ pub async fn run_worker(
         metrics.lease_held.set(1);
         tracing::info!(worker = %opts.name, "holding the worker Lease; starting sessions");
         let (stop, stop_rx) = watch::channel(false);
+        let (closed, sessions_closed) = oneshot::channel();
         let rt = tokio::spawn(supervisor::run(
             rc.clone(),
             store.clone(),
             publisher.clone(),
             worker_metrics.clone(),
             stop_rx,
+            Some(closed),
         ));
         let mut held_rx = held.held();
         let quit = tokio::select! {
@@ -100,10 +106,13 @@ pub async fn run_worker(
             _ = shutdown.wait_for(|s| *s) => true,
         };
         let _ = stop.send(true);
-        // Sessions close first (final status written), then the Lease goes, so the
-        // controller reassigns only relays nobody holds any more.
-        join_all(vec![rt], Duration::from_secs(30)).await;
+        // Sessions close first, then the Lease goes, so the controller reassigns only relays
+        // nobody holds any more. The final statuses are written after the release, beside
+        // the controller's handover (each is conditional on the relay's label): written
+        // before it, a few hundred of them held every relay back by a second.
+        let _ = tokio::time::timeout(SESSIONS_CLOSE_WITHIN, sessions_closed).await;
         held.release().await;
+        join_all(vec![rt], SESSIONS_CLOSE_WITHIN).await;
         metrics.lease_held.set(0);
         if quit {
             break;

@@ -1,6 +1,7 @@
 //! NIP-11 relay information: what a relay supports and how much it lets us ask for.
 
 use std::net::SocketAddr;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -74,6 +75,32 @@ pub enum Nip11Error {
     Status(u16),
     #[error("NIP-11 document is not valid JSON: {0}")]
     Json(#[from] serde_json::Error),
+    #[error("cannot set up TLS for NIP-11 requests: {0}")]
+    Tls(String),
+}
+
+/// The TLS settings every NIP-11 request shares. Building them loads and parses the system's
+/// root certificates — milliseconds of CPU — and each request needs its own client (its
+/// addresses are pinned), so without sharing, a failover that starts hundreds of sessions
+/// at once spends its first seconds parsing the same certificates hundreds of times.
+fn tls_config() -> Result<rustls::ClientConfig, Nip11Error> {
+    static CONFIG: OnceLock<Result<rustls::ClientConfig, String>> = OnceLock::new();
+    CONFIG
+        .get_or_init(|| {
+            let provider = Arc::new(rustls::crypto::ring::default_provider());
+            let verifier = rustls_platform_verifier::Verifier::new(provider.clone())
+                .map_err(|e| e.to_string())?;
+            let mut config = rustls::ClientConfig::builder_with_provider(provider)
+                .with_safe_default_protocol_versions()
+                .map_err(|e| e.to_string())?
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(verifier))
+                .with_no_client_auth();
+            config.alpn_protocols = vec![b"http/1.1".to_vec()];
+            Ok(config)
+        })
+        .clone()
+        .map_err(Nip11Error::Tls)
 }
 
 /// Fetch and parse the relay's NIP-11 document from exactly `addrs` (the addresses the policy
@@ -91,6 +118,7 @@ pub async fn fetch(
         format!("http://{}", url.authority_and_path())
     };
     let mut builder = reqwest::Client::builder()
+        .use_preconfigured_tls(tls_config()?)
         .timeout(timeout)
         .no_proxy()
         .redirect(reqwest::redirect::Policy::none());

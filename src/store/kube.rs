@@ -17,6 +17,7 @@ use futures::StreamExt;
 use k8s_openapi::api::core::v1::ObjectReference;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::reflector::ObjectRef;
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, Resource, ResourceExt};
@@ -276,6 +277,17 @@ impl RelaySyncStore for KubeStore {
         let mut out: Vec<StoredRelaySync> = list.items.into_iter().map(to_stored).collect();
         out.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(out)
+    }
+
+    fn seen_leaving(&self, name: &str) -> bool {
+        let Some(worker) = &self.holder else {
+            return false;
+        };
+        self.listed.load(Ordering::Acquire)
+            && self
+                .cache
+                .get(&ObjectRef::new(name).within(&self.namespace))
+                .is_none_or(|o| o.labels().get(WORKER_LABEL) != Some(worker))
     }
 
     async fn snapshot(&self) -> Result<Vec<StoredRelaySync>, StoreError> {

@@ -63,6 +63,14 @@ pub trait RelaySyncStore: Send + Sync {
         self.list()
     }
 
+    /// True once this worker's store has seen the object leave it (relabelled for another
+    /// worker, or deleted): a cheap look at the watch, no request. A status write would be
+    /// refused anyway; a worker handing its relays over skips those writes. Stores without
+    /// a watch, or not a worker's, never say so.
+    fn seen_leaving(&self, _name: &str) -> bool {
+        false
+    }
+
     /// Every object's name and spec, as [`RelaySyncStore::snapshot`] sees them, without
     /// copying statuses (discovery compares specs only, every pass).
     fn specs(

@@ -1,7 +1,9 @@
 //! The assignment loop of the leading controller: watch RelaySyncs (a reflector) and worker
 //! Leases, plan with [`super::plan::plan`] over the hash ring of live workers, and apply
-//! the steps as label changes by server-side apply (field manager `grasp-sync-assigner`, apart
-//! from discovery's spec writes so neither removes the other's fields).
+//! the steps as label changes (field manager `grasp-sync-assigner`, apart from discovery's
+//! spec writes so neither removes the other's fields): by server-side apply at the
+//! resourceVersion planned from, except a reassignment, which is a JSON patch that tests the
+//! labels it moves from.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -24,6 +26,47 @@ use crate::crd::{ASSIGNER_MANAGER, DRAIN_LABEL, RelaySync, WORKER_LABEL, is_rele
 
 static PARAMS: std::sync::LazyLock<PatchParams> =
     std::sync::LazyLock::new(|| PatchParams::apply(ASSIGNER_MANAGER).force());
+
+static JSON_PARAMS: std::sync::LazyLock<PatchParams> = std::sync::LazyLock::new(|| PatchParams {
+    field_manager: Some(ASSIGNER_MANAGER.to_string()),
+    ..PatchParams::default()
+});
+
+/// How a step's labels are written.
+enum LabelWrite {
+    /// Server-side apply of the labels, at the resourceVersion planned from.
+    Apply(serde_json::Value),
+    /// A JSON patch whose tests pin the labels the step moves from.
+    Json(json_patch::Patch),
+}
+
+/// A reassignment moves the relay only if it is still labelled for `from` (and still
+/// draining, if it was): the one thing the decision rests on. Not the whole object's
+/// resourceVersion — the old holder's last status writes land beside the handover, and each
+/// would otherwise refuse the move and cost the relay a pass.
+fn reassign_ops(from: &str, to: &str, draining: bool) -> json_patch::Patch {
+    use json_patch::jsonptr::PointerBuf;
+    use json_patch::{PatchOperation, RemoveOperation, ReplaceOperation, TestOperation};
+    let label = |key: &str| PointerBuf::from_tokens(["metadata", "labels", key]);
+    let mut ops = vec![PatchOperation::Test(TestOperation {
+        path: label(WORKER_LABEL),
+        value: json!(from),
+    })];
+    if draining {
+        ops.push(PatchOperation::Test(TestOperation {
+            path: label(DRAIN_LABEL),
+            value: json!("true"),
+        }));
+        ops.push(PatchOperation::Remove(RemoveOperation {
+            path: label(DRAIN_LABEL),
+        }));
+    }
+    ops.push(PatchOperation::Replace(ReplaceOperation {
+        path: label(WORKER_LABEL),
+        value: json!(to),
+    }));
+    json_patch::Patch(ops)
+}
 
 /// Label writes in flight at once.
 const LABEL_WRITES_IN_FLIGHT: usize = 32;
@@ -268,6 +311,20 @@ async fn pass(
     metrics.relays_draining.set(plan.draining as i64);
     let mut patches = Vec::new();
     for step in plan.steps {
+        if let Step::Reassign { name, from, to } = &step {
+            let kind = if members.live.contains(from) {
+                "reassign_drained"
+            } else {
+                "reassign_dead"
+            };
+            let draining = objects
+                .iter()
+                .find(|o| &o.name == name)
+                .is_some_and(|o| o.draining);
+            let ops = reassign_ops(from, to, draining);
+            patches.push((name.clone(), LabelWrite::Json(ops), kind, step));
+            continue;
+        }
         let (name, labels, kind) = match &step {
             Step::Assign { name, worker } => (name, json!({ WORKER_LABEL: worker }), "assign"),
             Step::StartDrain { name } => {
@@ -286,14 +343,7 @@ async fn pass(
                 };
                 (name, json!({ WORKER_LABEL: current }), "cancel")
             }
-            Step::Reassign { name, from, to } => {
-                let kind = if members.live.contains(from) {
-                    "reassign_drained"
-                } else {
-                    "reassign_dead"
-                };
-                (name, json!({ WORKER_LABEL: to }), kind)
-            }
+            Step::Reassign { .. } => continue,
         };
         // The resourceVersion we planned from: if the object changed since (the worker's
         // ack, a new spec), the write is refused and the next pass decides again.
@@ -305,7 +355,7 @@ async fn pass(
             "kind": "RelaySync",
             "metadata": { "name": name, "labels": labels, "resourceVersion": rv },
         });
-        patches.push((name.clone(), patch, kind, step));
+        patches.push((name.clone(), LabelWrite::Apply(patch), kind, step));
     }
     // Label writes go out concurrently, a fixed number in flight (not in lock-step batches,
     // where each batch waits for its slowest write): a dead worker's relays all move in one
@@ -315,11 +365,18 @@ async fn pass(
         let api = api.clone();
         writes.push(async move {
             // One hung request must not stop every later pass.
-            let result = tokio::time::timeout(
-                WRITE_TIMEOUT,
-                api.patch(&name, &PARAMS, &Patch::Apply(&patch)),
-            )
-            .await;
+            let write = async {
+                match patch {
+                    LabelWrite::Apply(patch) => {
+                        api.patch(&name, &PARAMS, &Patch::Apply(&patch)).await
+                    }
+                    LabelWrite::Json(ops) => {
+                        api.patch(&name, &JSON_PARAMS, &Patch::<()>::Json(ops))
+                            .await
+                    }
+                }
+            };
+            let result = tokio::time::timeout(WRITE_TIMEOUT, write).await;
             (name, kind, step, result)
         });
     }
@@ -337,11 +394,53 @@ async fn pass(
                 tracing::info!(object = %name, ?step, "assignment");
                 metrics.assignment_moves.with_label_values(&[kind]).inc();
             }
-            Err(kube::Error::Api(s)) if s.code == 409 || s.code == 404 => {
-                tracing::debug!(object = %name, "object changed meanwhile; re-planning");
+            // 409: the resourceVersion moved; 422: a reassignment's label test failed.
+            Err(kube::Error::Api(s)) if s.code == 409 || s.code == 404 || s.code == 422 => {
+                tracing::debug!(object = %name, code = s.code, "object changed meanwhile; re-planning");
             }
             Err(e) => return Err(e),
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn labelled(labels: serde_json::Value) -> serde_json::Value {
+        json!({ "metadata": { "name": "r", "labels": labels } })
+    }
+
+    fn apply(doc: &serde_json::Value, ops: &json_patch::Patch) -> Option<serde_json::Value> {
+        let mut doc = doc.clone();
+        json_patch::patch(&mut doc, ops).ok().map(|()| doc)
+    }
+
+    #[test]
+    fn a_reassignment_moves_only_a_relay_still_labelled_for_its_old_holder() {
+        let ops = reassign_ops("gs-2", "gs-0", false);
+        let moved = apply(&labelled(json!({ WORKER_LABEL: "gs-2" })), &ops).expect("moved");
+        assert_eq!(moved["metadata"]["labels"], json!({ WORKER_LABEL: "gs-0" }));
+        // Moved meanwhile (by an earlier pass, another leader): refused, not moved again.
+        assert!(apply(&labelled(json!({ WORKER_LABEL: "gs-1" })), &ops).is_none());
+        assert!(apply(&labelled(json!({})), &ops).is_none());
+    }
+
+    #[test]
+    fn a_drained_reassignment_needs_the_drain_still_set_and_clears_it() {
+        let ops = reassign_ops("gs-2", "gs-0", true);
+        let draining = labelled(json!({ WORKER_LABEL: "gs-2", DRAIN_LABEL: "true" }));
+        let moved = apply(&draining, &ops).expect("moved");
+        assert_eq!(moved["metadata"]["labels"], json!({ WORKER_LABEL: "gs-0" }));
+        // The drain was cancelled meanwhile: the worker may have started its session again.
+        assert!(apply(&labelled(json!({ WORKER_LABEL: "gs-2" })), &ops).is_none());
+    }
+
+    #[test]
+    fn label_keys_are_escaped_in_the_patch_paths() {
+        let text = serde_json::to_string(&reassign_ops("a", "b", true)).unwrap();
+        assert!(text.contains(&WORKER_LABEL.replace('/', "~1")), "{text}");
+        assert!(!text.contains(WORKER_LABEL), "{text}");
+    }
 }

@@ -25,7 +25,8 @@ pub struct SupervisorMetrics {
     pub relays_by_phase: IntGaugeVec,
     /// Status writes by result (ok | error | timeout).
     pub status_writes: IntCounterVec,
-    /// Kubernetes Events published for phase transitions, by result (ok | error | timeout).
+    /// Kubernetes Events published for phase transitions, by result (ok | error | timeout |
+    /// dropped: the queue behind a slow API server was full).
     pub phase_events: IntCounterVec,
     /// Session tasks that ended without being stopped (panicked) and were started again.
     pub session_restarts: IntCounter,
@@ -60,7 +61,7 @@ impl SupervisorMetrics {
             )?,
         };
         init_values(&m.status_writes, &["ok", "error", "timeout", "refused"]);
-        init_values(&m.phase_events, &["ok", "error", "timeout"]);
+        init_values(&m.phase_events, &["ok", "error", "timeout", "dropped"]);
         for phase in PHASES {
             m.relays_by_phase.with_label_values(&[phase.as_str()]);
         }

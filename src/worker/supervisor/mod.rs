@@ -22,7 +22,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use nostr::Filter;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 
 use super::metrics::WorkerMetrics;
@@ -85,13 +85,15 @@ impl SupervisorConfig {
     }
 }
 
-/// Run until `shutdown` turns true; then stop every session and write final statuses.
+/// Run until `shutdown` turns true; then stop every session, tell `closed` that none is
+/// open any more, and write final statuses.
 pub async fn run<S: RelaySyncStore + 'static>(
     config: SupervisorConfig,
     store: Arc<S>,
     publisher: Publisher,
     metrics: WorkerMetrics,
     shutdown: watch::Receiver<bool>,
+    closed: Option<oneshot::Sender<()>>,
 ) {
     let (feed, local) = feed::spawn(
         config.local_relay.clone(),
@@ -110,7 +112,7 @@ pub async fn run<S: RelaySyncStore + 'static>(
             metrics: metrics.session.clone(),
         }),
     };
-    supervise(config, store, inputs, metrics.supervisor, shutdown).await
+    supervise(config, store, inputs, metrics.supervisor, shutdown, closed).await
 }
 
 /// What the supervisor reads and starts, apart from the store.
@@ -147,6 +149,7 @@ pub(crate) async fn supervise<S: RelaySyncStore + 'static>(
     mut inputs: Inputs,
     metrics: SupervisorMetrics,
     mut shutdown: watch::Receiver<bool>,
+    closed: Option<oneshot::Sender<()>>,
 ) {
     let mut changes = store.changes();
     let mut writer = StatusWriter::spawn(store.clone(), metrics.clone(), config.write_timeout);
@@ -289,6 +292,13 @@ pub(crate) async fn supervise<S: RelaySyncStore + 'static>(
     // Drained sessions still closing end too (their objects belong to another worker now).
     for (_, s) in st.stopping.drain() {
         let _ = s.task.await;
+    }
+    // No session of ours is open now: the worker may give its relays up (release its Lease)
+    // while the final statuses are written. Each of those is conditional on the label, so
+    // one that lands after the relay moved on is refused, never written over the new
+    // holder's.
+    if let Some(closed) = closed {
+        let _ = closed.send(());
     }
     for (name, o) in st.objects.iter().filter(|(_, o)| !o.draining) {
         let Ok(url) = RelayUrl::parse(&o.spec.url) else {

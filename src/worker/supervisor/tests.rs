@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 
 use futures::FutureExt;
 use futures::future::BoxFuture;
-use tokio::sync::{Notify, mpsc, watch};
+use tokio::sync::{Notify, mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
 use super::*;
@@ -204,6 +204,8 @@ struct Rig {
     metrics: SupervisorMetrics,
     feed: mpsc::Sender<FeedEvent>,
     stop: watch::Sender<bool>,
+    /// Fires once every session is closed on stop.
+    closed: oneshot::Receiver<()>,
     task: JoinHandle<()>,
 }
 
@@ -241,12 +243,14 @@ async fn rig<S: RelaySyncStore + 'static>(store: Arc<S>) -> Rig {
         }),
         starter: Box::new(starter.clone()),
     };
+    let (closed_tx, closed) = oneshot::channel();
     let task = tokio::spawn(supervise(
         config(),
         store.clone(),
         inputs,
         metrics.clone(),
         stop_rx,
+        Some(closed_tx),
     ));
     // Sessions start only once the local relay's stored facts are in.
     feed.send(FeedEvent::Synced).await.unwrap();
@@ -256,6 +260,7 @@ async fn rig<S: RelaySyncStore + 'static>(store: Arc<S>) -> Rig {
         metrics,
         feed,
         stop,
+        closed,
         task,
     }
 }
@@ -460,6 +465,29 @@ async fn a_graceful_stop_writes_each_sessions_final_cursor() {
         store.status("a").and_then(|s| s.cursor),
         Some(1_700_000_123)
     );
+    drop(rig.feed);
+}
+
+/// The worker releases its Lease on `closed`: that must come as soon as no session is open,
+/// not after the final statuses (hundreds of writes after a graceful stop).
+#[tokio::test(start_paused = true)]
+async fn on_stop_the_sessions_are_reported_closed_before_the_final_statuses_are_written() {
+    let (store, mut rig, session) = one_relay(false).await;
+    session.state.send_modify(|s| s.phase = Phase::Live);
+    pass(Duration::from_secs(1)).await;
+    store.stall_writes.store(true, Ordering::SeqCst);
+    let _ = rig.stop.send(true);
+    let closed = tokio::time::timeout(Duration::from_secs(1), &mut rig.closed).await;
+    assert!(
+        matches!(closed, Ok(Ok(()))),
+        "sessions not reported closed while the final status write hangs"
+    );
+    assert!(session.stopped.load(Ordering::SeqCst));
+    assert!(
+        !rig.task.is_finished(),
+        "the final status was not written after"
+    );
+    rig.task.await.unwrap();
     drop(rig.feed);
 }
 

@@ -3,8 +3,13 @@
 //! steps decide what to write; this task applies it, bounded in concurrency and in time,
 //! counts each result (ok | error | timeout), and hands the result back so the supervisor
 //! can update its bookkeeping (coalescers, released drains) from what really happened.
+//!
+//! Phase Events follow their status write in a lane of their own: they are for people
+//! reading `kubectl describe`, so after a failover they must not hold back the status writes
+//! that make the relays Live, nor the supervisor's bookkeeping of those writes.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -19,6 +24,23 @@ use crate::store::{RelaySyncStore, StoreError};
 /// Writes in flight at once: after a failover a worker takes hundreds of relays at once,
 /// and each phase change must reach the API server promptly.
 pub(crate) const IN_FLIGHT: usize = 32;
+
+/// Final statuses written at once on a stop. Few: a worker leaving for good is handed over
+/// while they are written, and each final the store has seen move is refused without a
+/// request — a slow trickle leaves the API server to the handover.
+const FINALS_IN_FLIGHT: usize = 4;
+
+/// Phase Events published at once, behind the status writes.
+const EVENTS_IN_FLIGHT: usize = 8;
+
+/// Phase Events started per second at most while the worker runs: a failover's hundreds of
+/// transitions reach `kubectl describe` over the next seconds instead of competing with the
+/// status writes that make the relays Live. On a stop the rest go out unpaced.
+const EVENTS_PER_SECOND: u32 = 20;
+
+/// Phase Events waiting to be published; past this, new ones are dropped (counted
+/// `dropped`) rather than held without bound while the API server is slow.
+const EVENTS_QUEUED: usize = 4096;
 
 /// Why a write is made; the supervisor reacts to each kind's result differently.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -80,6 +102,7 @@ pub(crate) struct Written {
 /// Handle of the writer task: submit writes, read their results.
 pub(crate) struct StatusWriter {
     submit: mpsc::UnboundedSender<Write>,
+    finals: mpsc::UnboundedSender<Write>,
     pub(crate) results: mpsc::UnboundedReceiver<Written>,
     task: JoinHandle<()>,
 }
@@ -94,42 +117,78 @@ impl StatusWriter {
         timeout: Duration,
     ) -> Self {
         let (submit, rx) = mpsc::unbounded_channel::<Write>();
+        let (finals, finals_rx) = mpsc::unbounded_channel::<Write>();
         let (done, results) = mpsc::unbounded_channel();
-        let task =
-            tokio::spawn(async move {
-                let writes = futures::stream::unfold(rx, |mut rx| async move {
-                    rx.recv().await.map(|w| (w, rx))
-                });
-                writes
-                    .map(|w| apply(store.as_ref(), &metrics, timeout, w))
-                    .buffer_unordered(IN_FLIGHT)
-                    .for_each(|written| {
-                        // The supervisor may be gone on shutdown; nothing to tell then.
-                        let _ = done.send(written);
-                        async {}
-                    })
-                    .await;
-            });
+        let (events, events_rx) = mpsc::channel::<(String, PhaseEvent)>(EVENTS_QUEUED);
+        let unpaced = Arc::new(AtomicBool::new(false));
+        let lane = tokio::spawn(publish_events(
+            store.clone(),
+            metrics.clone(),
+            timeout,
+            events_rx,
+            unpaced.clone(),
+        ));
+        let task = tokio::spawn(async move {
+            let queue = |rx: mpsc::UnboundedReceiver<Write>| {
+                futures::stream::unfold(
+                    rx,
+                    |mut rx| async move { rx.recv().await.map(|w| (w, rx)) },
+                )
+            };
+            let reports = queue(rx)
+                .map(|w| apply(store.as_ref(), &metrics, timeout, w))
+                .buffer_unordered(IN_FLIGHT);
+            let finals = queue(finals_rx)
+                .map(|w| apply(store.as_ref(), &metrics, timeout, w))
+                .buffer_unordered(FINALS_IN_FLIGHT);
+            futures::stream::select(reports, finals)
+                .for_each(|written| {
+                    if written.result == WriteResult::Ok
+                        && let Some(ev) = &written.write.event
+                        && events
+                            .try_send((written.write.name.clone(), ev.clone()))
+                            .is_err()
+                    {
+                        metrics.phase_events.with_label_values(&["dropped"]).inc();
+                    }
+                    // The supervisor may be gone on shutdown; nothing to tell then.
+                    let _ = done.send(written);
+                    async {}
+                })
+                .await;
+            // Every write is done; the Events still queued are published before finishing,
+            // without pacing (the process is stopping).
+            unpaced.store(true, Ordering::Relaxed);
+            drop(events);
+            let _ = lane.await;
+        });
         StatusWriter {
             submit,
+            finals,
             results,
             task,
         }
     }
 
-    /// Queue a write. False if the writer has stopped.
+    /// Queue a write (a final status in the slow lane). False if the writer has stopped.
     pub(crate) fn submit(&self, write: Write) -> bool {
-        self.submit.send(write).is_ok()
+        if write.kind == WriteKind::Final {
+            self.finals.send(write).is_ok()
+        } else {
+            self.submit.send(write).is_ok()
+        }
     }
 
     /// Stop accepting writes, let those queued finish, and return their results.
     pub(crate) async fn finish(self) -> Vec<Written> {
         let StatusWriter {
             submit,
+            finals,
             mut results,
             task,
         } = self;
         drop(submit);
+        drop(finals);
         let mut out = Vec::new();
         while let Some(w) = results.recv().await {
             out.push(w);
@@ -145,6 +204,13 @@ async fn apply<S: RelaySyncStore>(
     timeout: Duration,
     write: Write,
 ) -> Written {
+    if write.kind == WriteKind::Final && store.seen_leaving(&write.name) {
+        metrics.status_writes.with_label_values(&["refused"]).inc();
+        return Written {
+            write,
+            result: WriteResult::Refused,
+        };
+    }
     let result = match tokio::time::timeout(timeout, store.apply_status(&write.name, &write.status))
         .await
     {
@@ -166,27 +232,55 @@ async fn apply<S: RelaySyncStore>(
         .status_writes
         .with_label_values(&[result.label()])
         .inc();
-    if result == WriteResult::Ok
-        && let Some(ev) = &write.event
-    {
-        let recorded = tokio::time::timeout(
-            timeout,
-            store.record_phase(&write.name, ev.from, ev.to, ev.note.as_deref()),
-        )
-        .await;
-        let label = match recorded {
-            Ok(Ok(true)) => Some("ok"),
-            // This store has no event sink.
-            Ok(Ok(false)) => None,
-            Ok(Err(e)) => {
-                tracing::debug!(object = %write.name, error = %e, "phase event not published");
-                Some("error")
-            }
-            Err(_) => Some("timeout"),
-        };
-        if let Some(label) = label {
-            metrics.phase_events.with_label_values(&[label]).inc();
-        }
-    }
     Written { write, result }
+}
+
+/// Publish the phase Events of written statuses, a few at a time, each bounded by `timeout`.
+async fn publish_events<S: RelaySyncStore>(
+    store: Arc<S>,
+    metrics: SupervisorMetrics,
+    timeout: Duration,
+    rx: mpsc::Receiver<(String, PhaseEvent)>,
+    unpaced: Arc<AtomicBool>,
+) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1) / EVENTS_PER_SECOND);
+    // After a quiet spell, one at once and then the pace again (not a burst of every tick
+    // missed meanwhile).
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let queued = futures::stream::unfold((rx, tick), move |(mut rx, mut tick)| {
+        let unpaced = unpaced.clone();
+        async move {
+            let e = rx.recv().await?;
+            if !unpaced.load(Ordering::Relaxed) {
+                tick.tick().await;
+            }
+            Some((e, (rx, tick)))
+        }
+    });
+    queued
+        .for_each_concurrent(EVENTS_IN_FLIGHT, |(name, ev)| {
+            let store = store.clone();
+            let metrics = metrics.clone();
+            async move {
+                let recorded = tokio::time::timeout(
+                    timeout,
+                    store.record_phase(&name, ev.from, ev.to, ev.note.as_deref()),
+                )
+                .await;
+                let label = match recorded {
+                    Ok(Ok(true)) => Some("ok"),
+                    // This store has no event sink.
+                    Ok(Ok(false)) => None,
+                    Ok(Err(e)) => {
+                        tracing::debug!(object = %name, error = %e, "phase event not published");
+                        Some("error")
+                    }
+                    Err(_) => Some("timeout"),
+                };
+                if let Some(label) = label {
+                    metrics.phase_events.with_label_values(&[label]).inc();
+                }
+            }
+        })
+        .await;
 }
