@@ -242,10 +242,16 @@ pub struct SyncOpts {
     /// Most one status write per relay per interval (phase changes are written at once).
     #[arg(long, env = "GRASP_SYNC_STATUS_INTERVAL", default_value = "30s", value_parser = humantime::parse_duration)]
     pub status_interval: Duration,
-    /// Connections used to publish into the local relay (relays limit ingress per
-    /// connection).
+    /// Connections publishing into the local relay, at least (kept open). Relays limit
+    /// ingress per connection (nostr-relay-builder and ngit-grasp: 60 events a minute).
     #[arg(long, env = "GRASP_SYNC_PUBLISHER_CONNECTIONS", default_value_t = 1)]
     pub publisher_connections: usize,
+    /// Connections publishing into the local relay, at most. While the relay answers
+    /// `rate-limited:` and events wait, more are opened (doubling) as long as a new
+    /// connection gets room of its own; idle ones close after 30 s. Set it to
+    /// --publisher-connections for a fixed number.
+    #[arg(long, env = "GRASP_SYNC_PUBLISHER_MAX_CONNECTIONS", default_value_t = grasp_sync::worker::publisher::DEFAULT_MAX_CONNECTIONS)]
+    pub publisher_max_connections: usize,
     /// File holding a nostr secret key (nsec or hex) for NIP-42 authentication to the local
     /// relay (the key your relay may exempt from its limits). Never used with remote relays.
     #[arg(long, env = "GRASP_SYNC_AUTH_KEY_FILE")]
@@ -317,6 +323,11 @@ pub struct DemoArgs {
     /// the test cache, or PATH; skipped when none is found).
     #[arg(long)]
     pub nostr_rs_relay: Option<PathBuf>,
+    /// Give the local relay the stock ingress limits of a relay built on
+    /// nostr-relay-builder, as ngit-grasp ships them: 60 events a minute and 500 REQs per
+    /// connection (default: limits raised out of the way).
+    #[arg(long, env = "GRASP_SYNC_DEMO_STOCK_LIMITS")]
+    pub stock_limits: bool,
 }
 
 fn parse_relay_url(s: &str) -> Result<RelayUrl, String> {

@@ -163,6 +163,7 @@ async fn standalone(args: StandaloneArgs) -> Result<()> {
     opts.limits = discovery_limits(&args.discovery);
     opts.status_interval = args.sync.status_interval;
     opts.publisher_connections = args.sync.publisher_connections;
+    opts.publisher_max_connections = args.sync.publisher_max_connections;
     opts.auth_keys = auth_keys(&args.sync)?;
     opts.remote_auth_keys = Some(remote_auth_keys(&args.sync)?);
     opts.session = session_config(&args.sync)?;
@@ -266,6 +267,7 @@ async fn worker(args: WorkerArgs) -> Result<()> {
         addresses: address_policy(&args.policy),
         status_interval: args.sync.status_interval,
         publisher_connections: args.sync.publisher_connections,
+        publisher_max_connections: args.sync.publisher_max_connections,
         auth_keys: auth_keys(&args.sync)?,
         remote_auth_keys: Some(remote_auth_keys(&args.sync)?),
         http_addr: args.kube.metrics_addr,
@@ -337,6 +339,7 @@ async fn demo(args: cli::DemoArgs) -> Result<()> {
         repos: args.repos,
         timeout: args.timeout,
         nostr_rs_relay: args.nostr_rs_relay,
+        stock_limits: args.stock_limits,
         progress: true,
         seed: args.seed,
     })

@@ -10,6 +10,7 @@ async fn demo_delivers_exactly_the_expected_set() {
         repos: 12,
         timeout: Duration::from_secs(120),
         nostr_rs_relay: None,
+        stock_limits: false,
         progress: false,
         seed: 3,
     })
@@ -24,4 +25,25 @@ async fn demo_delivers_exactly_the_expected_set() {
     );
     // nostr-rs-relay joins when the test environment installed it.
     assert!(report.relays.len() >= 2, "{report}");
+}
+
+/// Into a local relay at the stock limits of nostr-relay-builder (ngit-grasp's: 60 events a
+/// minute per connection), with default flags: one publisher connection took 180 s for a
+/// quarter of 50 repositories; the connections grow, and 30 repositories complete well
+/// within the timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn demo_at_stock_limits_delivers_exactly_the_expected_set() {
+    let report = demo::run(DemoOptions {
+        repos: 30,
+        timeout: Duration::from_secs(60),
+        nostr_rs_relay: None,
+        stock_limits: true,
+        progress: false,
+        seed: 5,
+    })
+    .await
+    .expect("demo runs");
+    assert!(report.expected > 300, "{report}");
+    assert_eq!(report.missing, 0, "{report}");
+    assert_eq!(report.extra, 0, "{report}");
 }

@@ -139,7 +139,10 @@ async fn relay_with_default_limits_holds_back_the_excess_without_dropping_it() {
     // nostr-relay-builder's defaults (ngit-grasp's too): 60 events per minute per connection.
     let (_relay, url) = relays::default_local_relay().await;
     let metrics = PublisherMetrics::default();
-    let (publisher, _task) = Publisher::spawn(PublisherConfig::new(url.clone()), metrics.clone());
+    // One connection, never more (the growth is tested below).
+    let mut config = PublisherConfig::new(url.clone());
+    config.max_connections = 1;
+    let (publisher, _task) = Publisher::spawn(config, metrics.clone());
     let events = corpus(70);
     publish_all(&publisher, &events).await;
 
@@ -215,12 +218,93 @@ async fn several_connections_multiply_a_per_connection_limit() {
     let (_relay, url) = relays::default_local_relay().await;
     let mut config = PublisherConfig::new(url.clone());
     config.connections = 3;
+    config.max_connections = 3;
     let (publisher, _task) = Publisher::spawn(config, PublisherMetrics::default());
     let events = corpus(150);
     publish_all(&publisher, &events).await;
     drained(&publisher, Duration::from_secs(30)).await;
     assert_eq!(publisher.stats().accepted.load(Ordering::Relaxed), 150);
     assert_eq!(relays::fetch_ids(&url, Filter::new()).await, ids(&events));
+}
+
+/// A stock nostr-relay-builder relay (ngit-grasp's ingress: 60 events a minute per
+/// connection) and the default flags: one connection would need five minutes for 360
+/// events. The publisher opens more while the relay refuses and events wait, and closes
+/// them again once idle.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_grow_while_the_relay_limits_each_one_and_close_when_idle() {
+    let (_relay, url) = relays::default_local_relay().await;
+    let metrics = PublisherMetrics::default();
+    let mut config = PublisherConfig::new(url.clone());
+    config.idle_close = Duration::from_secs(2);
+    let (publisher, _task) = Publisher::spawn(config, metrics.clone());
+    let events = corpus(360);
+    let sending = {
+        let publisher = publisher.clone();
+        let events = events.clone();
+        tokio::spawn(async move { publish_all(&publisher, &events).await })
+    };
+    let most = std::sync::Arc::new(std::sync::atomic::AtomicI64::new(0));
+    eventually("every event accepted", Duration::from_secs(30), || {
+        let most = most.clone();
+        let (publisher, metrics) = (&publisher, &metrics);
+        async move {
+            most.fetch_max(metrics.publisher_connections.get(), Ordering::Relaxed);
+            (publisher.stats().accepted.load(Ordering::Relaxed) == 360).then_some(())
+        }
+    })
+    .await;
+    sending.await.unwrap();
+    let most = most.load(Ordering::Relaxed);
+    assert!((7..=32).contains(&most), "{most} connections at most");
+    assert_eq!(relays::fetch_ids(&url, Filter::new()).await, ids(&events));
+    eventually(
+        "idle connections to close",
+        Duration::from_secs(20),
+        || async { (metrics.publisher_connections.get() == 1).then_some(()) },
+    )
+    .await;
+}
+
+/// A limit on the relay's whole ingress (one bucket for every connection): a new
+/// connection is refused like the old one, so the publisher stops opening more and paces.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_limit_on_the_whole_ingress_opens_no_more_than_a_probe() {
+    let relay = HostileRelay::start(Script {
+        ok_rate_per_sec: Some(100.0),
+        ..Script::default()
+    })
+    .await;
+    let metrics = PublisherMetrics::default();
+    let (publisher, _task) = Publisher::spawn(PublisherConfig::new(relay.url()), metrics.clone());
+    let events = corpus(400);
+    let sending = {
+        let publisher = publisher.clone();
+        let events = events.clone();
+        tokio::spawn(async move { publish_all(&publisher, &events).await })
+    };
+    let most = std::sync::Arc::new(std::sync::atomic::AtomicI64::new(0));
+    eventually("every event accepted", Duration::from_secs(60), || {
+        let most = most.clone();
+        let (publisher, metrics) = (&publisher, &metrics);
+        async move {
+            most.fetch_max(metrics.publisher_connections.get(), Ordering::Relaxed);
+            (publisher.stats().outstanding() == 0
+                && publisher.stats().accepted.load(Ordering::Relaxed) == 400)
+                .then_some(())
+        }
+    })
+    .await;
+    sending.await.unwrap();
+    let most = most.load(Ordering::Relaxed);
+    assert!(
+        most <= 2,
+        "{most} connections for a limit no connection escapes"
+    );
+    assert_eq!(
+        relay.ids().into_iter().collect::<BTreeSet<_>>(),
+        ids(&events)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

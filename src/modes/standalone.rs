@@ -39,6 +39,7 @@ pub struct StandaloneOptions {
     /// Bounds on what announcements make us sync.
     pub limits: DiscoveryLimits,
     pub publisher_connections: usize,
+    pub publisher_max_connections: usize,
     /// NIP-42 key for the local relay (the publisher).
     pub auth_keys: Option<Keys>,
     /// NIP-42 key for remote relays (the sessions); never the local relay's.
@@ -60,6 +61,7 @@ impl StandaloneOptions {
             grace: Duration::from_secs(15 * 60),
             limits: DiscoveryLimits::default(),
             publisher_connections: 1,
+            publisher_max_connections: crate::worker::publisher::DEFAULT_MAX_CONNECTIONS,
             auth_keys: None,
             remote_auth_keys: None,
             session: SessionConfig::default(),
@@ -111,6 +113,7 @@ pub async fn start(opts: StandaloneOptions) -> Result<Standalone, StandaloneErro
     let mut pc = PublisherConfig::with(
         opts.local_relay.clone(),
         opts.publisher_connections,
+        opts.publisher_max_connections,
         opts.auth_keys.clone(),
     );
     pc.connect.ping_every = opts.session.connect.ping_every;

@@ -32,6 +32,7 @@ pub struct WorkerOptions {
     pub addresses: AddressPolicy,
     pub status_interval: Duration,
     pub publisher_connections: usize,
+    pub publisher_max_connections: usize,
     /// NIP-42 key for the local relay (the publisher).
     pub auth_keys: Option<Keys>,
     /// NIP-42 key for remote relays (the sessions); never the local relay's.
@@ -62,6 +63,7 @@ pub async fn run_worker(
     let mut pc = PublisherConfig::with(
         opts.local_relay.clone(),
         opts.publisher_connections,
+        opts.publisher_max_connections,
         opts.auth_keys.clone(),
     );
     pc.connect.ping_every = opts.session.connect.ping_every;

@@ -33,6 +33,9 @@ pub struct DemoOptions {
     pub timeout: Duration,
     /// nostr-rs-relay binary to use as a third source; `None` = look for one.
     pub nostr_rs_relay: Option<PathBuf>,
+    /// The local relay at nostr-relay-builder's stock ingress limits (60 events a minute and
+    /// 500 REQs per connection) instead of limits raised out of the way.
+    pub stock_limits: bool,
     /// Print progress to stderr.
     pub progress: bool,
     pub seed: u64,
@@ -127,12 +130,13 @@ pub async fn run(opts: DemoOptions) -> Result<DemoReport, DemoError> {
         .and_then(|l| l.local_addr())
         .map_err(|e| DemoError::Relay(e.to_string()))?;
     let service = format!("127.0.0.1:{}", local_probe.port());
-    let (_local, local) = embedded_relay(
-        builder()
-            .port(local_probe.port())
-            .write_policy(policy::GraspPolicy::new(service.clone())),
-    )
-    .await?;
+    let mut local_builder = builder()
+        .port(local_probe.port())
+        .write_policy(policy::GraspPolicy::new(service.clone()));
+    if opts.stock_limits {
+        local_builder = local_builder.rate_limit(RateLimit::default());
+    }
+    let (_local, local) = embedded_relay(local_builder).await?;
 
     // Sources.
     let (_s1, s1) = embedded_relay(builder()).await?;

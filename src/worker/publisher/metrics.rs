@@ -16,6 +16,8 @@ pub struct PublisherMetrics {
     pub publish_latency_seconds: Histogram,
     /// The adaptive publish pace (events/s per connection) once the local relay pushed back.
     pub publish_rate_limit: Gauge,
+    /// Connections open to the local relay (more while it limits each one).
+    pub publisher_connections: IntGauge,
     /// Relay messages that could not be parsed (shared with the sessions: one series).
     pub malformed_messages: IntCounter,
 }
@@ -76,6 +78,11 @@ impl PublisherMetrics {
                 registry,
                 "grasp_sync_publish_rate",
                 "Adaptive publish pace per connection (events/s) after the local relay pushed back",
+            )?,
+            publisher_connections: int_gauge(
+                registry,
+                "grasp_sync_publisher_connections",
+                "Connections publishing into the local relay (more are opened while it rate-limits each connection and events wait)",
             )?,
             malformed_messages,
         };

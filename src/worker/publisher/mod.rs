@@ -9,20 +9,21 @@
 //! - paces itself with a token bucket per connection that adapts to `rate-limited:` answers
 //!   (see [`super::pacing`]), and hands refused events to whichever connection has room;
 //! - after a lost connection or a missing `OK` resends everything that was in flight;
-//! - can spread the load over several connections (relays limit ingress per connection) and
-//!   authenticate with NIP-42 so an operator can exempt the syncer by key;
+//! - spreads the load over several connections, opening more while the relay limits each
+//!   connection and events wait (see [`scaling`]), closing idle ones; and authenticates with
+//!   NIP-42 so an operator can exempt the syncer by key;
 //! - counts every final answer by reason. A policy refusal (`blocked:`, `invalid:`, …) is
 //!   final and never retried in a loop. Nothing taken from a remote disappears without being
 //!   counted.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use nostr::{Event, Keys};
 use thiserror::Error;
-use tokio::task::JoinHandle;
+use tokio::task::{JoinHandle, JoinSet};
 
 use crate::nostr::RelayUrl;
 use crate::relay::connection::ConnectOptions;
@@ -33,9 +34,13 @@ mod connection;
 mod fair;
 pub mod metrics;
 mod pacing;
+mod scaling;
 mod validate;
 
 pub use validate::{EventRejection, validate};
+
+/// The default cap on connections to the local relay.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 32;
 
 #[derive(Debug, Clone)]
 pub struct PublisherConfig {
@@ -66,8 +71,14 @@ pub struct PublisherConfig {
     pub connect: ConnectOptions,
     /// NIP-42 identity, so an operator can exempt the syncer from the relay's limits by key.
     pub auth_keys: Option<Keys>,
-    /// Connections to the local relay; relays limit ingress per connection.
+    /// Connections to the local relay at least (kept open); relays limit ingress per
+    /// connection.
     pub connections: usize,
+    /// Connections at most: more are opened while the local relay rate-limits each
+    /// connection and events wait.
+    pub max_connections: usize,
+    /// A connection beyond `connections` with nothing to send for this long is closed.
+    pub idle_close: Duration,
     /// Ceiling on events per second per connection (None: as fast as the relay accepts;
     /// the pace adapts to `rate-limited:` answers either way).
     pub max_rate: Option<f64>,
@@ -89,15 +100,24 @@ impl PublisherConfig {
             connect: ConnectOptions::default(),
             auth_keys: None,
             connections: 1,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            idle_close: Duration::from_secs(30),
             max_rate: None,
         }
     }
 
-    /// Publishing over `connections` (at least one) connections, authenticating with
-    /// `auth_keys` when the local relay asks.
-    pub fn with(local_relay: RelayUrl, connections: usize, auth_keys: Option<nostr::Keys>) -> Self {
+    /// Publishing over `connections` (at least one) to `max_connections` connections,
+    /// authenticating with `auth_keys` when the local relay asks.
+    pub fn with(
+        local_relay: RelayUrl,
+        connections: usize,
+        max_connections: usize,
+        auth_keys: Option<nostr::Keys>,
+    ) -> Self {
+        let connections = connections.max(1);
         PublisherConfig {
-            connections: connections.max(1),
+            connections,
+            max_connections: max_connections.max(connections),
             auth_keys,
             ..PublisherConfig::new(local_relay)
         }
@@ -179,12 +199,22 @@ pub struct Publisher {
     stats: Arc<PublisherStats>,
 }
 
-/// Totals across a publisher's connections, for the gauges.
+/// Totals across a publisher's connections, for the gauges and the scaler.
 #[derive(Default)]
 struct Gauges {
     retry: AtomicI64,
     in_flight: AtomicI64,
+    /// Connections open (a connection beyond the floor retires by taking one off).
+    open: AtomicUsize,
+    /// Since the scaler last looked: `rate-limited:` answers, and the first answers of
+    /// connections a growth step opened.
+    pushed_back: AtomicU64,
+    fresh_accepted: AtomicU64,
+    fresh_limited: AtomicU64,
 }
+
+/// How often the scaler looks at the connections' signals.
+const SCALE_EVERY: Duration = Duration::from_millis(250);
 
 impl Publisher {
     /// Start `config.connections` connections to the local relay; they share one queue. The
@@ -201,24 +231,14 @@ impl Publisher {
         let stats = Arc::new(PublisherStats::default());
         let gauges = Arc::new(Gauges::default());
         let shared = Arc::new(Mutex::new(VecDeque::new()));
-        let conns: Vec<JoinHandle<()>> = (0..config.connections.max(1))
-            .map(|_| {
-                let conn = PublisherConn::new(
-                    config.clone(),
-                    metrics.clone(),
-                    stats.clone(),
-                    gauges.clone(),
-                    rx.clone(),
-                    shared.clone(),
-                );
-                tokio::spawn(conn.run())
-            })
-            .collect();
-        let supervisor = tokio::spawn(async move {
-            for c in conns {
-                let _ = c.await;
-            }
-        });
+        let supervisor = tokio::spawn(run_connections(
+            config,
+            metrics,
+            stats.clone(),
+            gauges,
+            rx,
+            shared,
+        ));
         (Publisher { tx, stats }, supervisor)
     }
 
@@ -252,6 +272,74 @@ impl Publisher {
 
     pub fn stats(&self) -> &Arc<PublisherStats> {
         &self.stats
+    }
+}
+
+/// Run the connections: the floor at once, more while the local relay limits each one (see
+/// [`scaling`]). Ends when every connection has (the queue closed and every event
+/// answered); a connection that panicked ends it too, so the worker's liveness sees it.
+async fn run_connections(
+    config: PublisherConfig,
+    metrics: PublisherMetrics,
+    stats: Arc<PublisherStats>,
+    gauges: Arc<Gauges>,
+    rx: fair::FairReceiver<Pending>,
+    shared: Arc<Mutex<VecDeque<Pending>>>,
+) {
+    let mut scaler = scaling::Scaler::new(config.connections, config.max_connections);
+    let mut conns = JoinSet::new();
+    let spawn = |conns: &mut JoinSet<()>, fresh: bool| {
+        let conn = PublisherConn::new(
+            config.clone(),
+            metrics.clone(),
+            stats.clone(),
+            gauges.clone(),
+            rx.clone(),
+            shared.clone(),
+            fresh,
+        );
+        conns.spawn(conn.run());
+    };
+    for _ in 0..scaler.min() {
+        spawn(&mut conns, false);
+    }
+    gauges.open.store(scaler.min(), Ordering::Relaxed);
+    metrics.publisher_connections.set(scaler.min() as i64);
+    let mut look = tokio::time::interval(SCALE_EVERY);
+    loop {
+        tokio::select! {
+            joined = conns.join_next() => match joined {
+                None => return,
+                Some(Err(e)) if e.is_panic() => {
+                    tracing::error!(relay = %config.local_relay, error = %e, "a publisher connection panicked");
+                    return;
+                }
+                Some(_) => {
+                    scaler.forget_unanswered();
+                    metrics.publisher_connections.set(gauges.open.load(Ordering::Relaxed) as i64);
+                }
+            },
+            _ = look.tick() => {
+                let backlog = !rx.is_empty()
+                    || shared.lock().map(|q| !q.is_empty()).unwrap_or(false);
+                let signals = scaling::Signals {
+                    pushed_back: gauges.pushed_back.swap(0, Ordering::Relaxed),
+                    backlog,
+                    fresh_accepted: gauges.fresh_accepted.swap(0, Ordering::Relaxed),
+                    fresh_limited: gauges.fresh_limited.swap(0, Ordering::Relaxed),
+                };
+                let open = gauges.open.load(Ordering::Relaxed);
+                let add = scaler.grow(std::time::Instant::now(), open, signals);
+                if add > 0 {
+                    for _ in 0..add {
+                        spawn(&mut conns, true);
+                    }
+                    gauges.open.fetch_add(add, Ordering::Relaxed);
+                    tracing::info!(relay = %config.local_relay, open = open + add, "the local relay limits each connection and events wait; opening more connections");
+                }
+                metrics.publisher_connections.set(gauges.open.load(Ordering::Relaxed) as i64);
+            }
+        }
     }
 }
 

@@ -195,6 +195,78 @@ mod tests {
         assert!(limited < accepted / 20, "limited {limited}");
     }
 
+    /// The per-connection limiter of nostr-relay-builder (and so ngit-grasp) as it behaves
+    /// at 60 events a minute: a budget of 60; on each EVENT it adds one token per *whole*
+    /// second since the last event it allowed, then takes one — also from an event it goes
+    /// on to refuse, refusing whenever that leaves none. Sending faster than one a second
+    /// drains it, and once drained, even one a second is refused until a two-second gap.
+    struct RelayBuilderLimiter {
+        count: u32,
+        last: Option<Instant>,
+    }
+
+    impl RelayBuilderLimiter {
+        fn allow(&mut self, now: Instant) -> bool {
+            let Some(last) = self.last else {
+                self.last = Some(now);
+                return true;
+            };
+            let secs = now
+                .duration_since(last)
+                .min(Duration::from_secs(60))
+                .as_secs() as u32;
+            self.count = (self.count.saturating_add(secs).saturating_sub(1)).min(59);
+            if self.count == 0 {
+                return false;
+            }
+            self.last = Some(now);
+            true
+        }
+    }
+
+    /// Drive a pacer against nostr-relay-builder's limiter for `secs`: (accepted, refused).
+    fn against_relay_builder(secs: u64) -> (u64, u64) {
+        let t0 = Instant::now();
+        let mut p = Pacer::new(None, t0);
+        let mut relay = RelayBuilderLimiter {
+            count: 60,
+            last: None,
+        };
+        let mut now = t0;
+        let (mut accepted, mut limited) = (0u64, 0u64);
+        let end = t0 + Duration::from_secs(secs);
+        while now < end {
+            match p.take(now) {
+                Ok(()) => {
+                    if relay.allow(now) {
+                        accepted += 1;
+                        p.on_accepted();
+                    } else {
+                        limited += 1;
+                        p.on_rate_limited(now, now);
+                    }
+                    now += Duration::from_millis(1);
+                }
+                Err(at) => now = at.max(now + Duration::from_micros(100)),
+            }
+        }
+        (accepted, limited)
+    }
+
+    #[test]
+    fn settles_near_the_limit_of_a_stock_grasp_relay() {
+        let (accepted, limited) = against_relay_builder(600);
+        // 60 at once, then at most one a second.
+        assert!(
+            accepted >= 60 + 480,
+            "accepted {accepted} in 600 s ({limited} refused)"
+        );
+        assert!(
+            limited < accepted / 5,
+            "bounced {limited} times for {accepted}"
+        );
+    }
+
     #[test]
     fn unlimited_until_told_and_capped_when_configured() {
         let t0 = Instant::now();

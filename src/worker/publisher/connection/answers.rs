@@ -46,6 +46,24 @@ impl PublisherConn {
             .publish_outcomes
             .with_label_values(&[outcome.label()])
             .inc();
+        if self.fresh > 0 {
+            // The first answers of a connection a growth step opened: did the relay give it
+            // room of its own? A per-connection limit gives a new connection a whole fresh
+            // budget; a limit on the whole ingress refuses it within its first few.
+            match outcome {
+                Outcome::RateLimited => {
+                    self.gauges.fresh_limited.fetch_add(1, Ordering::Relaxed);
+                    self.fresh = 0;
+                }
+                Outcome::Accepted | Outcome::Duplicate => {
+                    self.fresh -= 1;
+                    if self.fresh == 0 {
+                        self.gauges.fresh_accepted.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                _ => {}
+            }
+        }
         let sent_at = flight.sent_at;
         let mut p = flight.pending;
         let copies = p.origins.len() as u64;
@@ -89,6 +107,7 @@ impl PublisherConn {
                 self.stats.duplicate.fetch_add(copies, Ordering::Relaxed);
             }
             Outcome::RateLimited => {
+                self.gauges.pushed_back.fetch_add(1, Ordering::Relaxed);
                 self.pacer.on_rate_limited(Instant::now(), sent_at);
                 tracing::debug!(relay = %self.config.local_relay, pace = ?self.pacer.rate(), "local relay rate-limits us");
                 self.stats.retries.fetch_add(1, Ordering::Relaxed);

@@ -47,7 +47,15 @@ pub(super) struct PublisherConn {
     /// The latest AUTH challenge on this connection, not yet answered.
     challenge: Option<String>,
     auth_pending: Option<EventId>,
+    /// Opened by a growth step: accepted answers still to see before it tells the scaler
+    /// the relay gave it room of its own (0: nothing to tell).
+    fresh: u32,
+    /// When this connection last had something to send or await.
+    busy_at: Instant,
 }
+
+/// Accepted answers in a row that show a new connection has room of its own.
+const FRESH_PROBE: u32 = 5;
 
 /// Connections lost with an event alone in flight before it is set aside.
 const QUARANTINE_STRIKES: u32 = 2;
@@ -65,8 +73,11 @@ impl PublisherConn {
         gauges: Arc<Gauges>,
         rx: super::fair::FairReceiver<Pending>,
         shared: Arc<Mutex<VecDeque<Pending>>>,
+        fresh: bool,
     ) -> Self {
         PublisherConn {
+            fresh: if fresh { FRESH_PROBE } else { 0 },
+            busy_at: Instant::now(),
             pacer: Pacer::new(config.max_rate, Instant::now()),
             config,
             metrics,
@@ -170,7 +181,10 @@ impl PublisherConn {
                 .into_iter()
                 .flatten()
                 .min();
-            let max_in_flight = if self.single > 0 {
+            // One at a time also while probing whether the relay gives a new connection
+            // room of its own: under a limit on its whole ingress, a burst would only be
+            // refused.
+            let max_in_flight = if self.single > 0 || self.fresh > 0 {
                 1
             } else {
                 self.config.max_in_flight
@@ -231,7 +245,12 @@ impl PublisherConn {
                     }
                 }
                 _ = sleep_until_opt(wake), if wake.is_some() => {}
-                _ = tick.tick() => self.expire_in_flight(),
+                _ = tick.tick() => {
+                    self.expire_in_flight();
+                    if self.retire_when_idle() {
+                        return Step::Finished;
+                    }
+                }
             }
         }
     }
@@ -333,6 +352,30 @@ impl PublisherConn {
             strikes = p.strikes,
             "the local relay drops the connection whenever this event is sent; set aside (its relays' cursors hold until a restart)"
         );
+    }
+
+    /// Beyond the floor, a connection with nothing to do for `idle_close` closes: the growth
+    /// that opened it was for a backlog that is gone.
+    fn retire_when_idle(&mut self) -> bool {
+        let now = Instant::now();
+        let busy = !(self.retry.is_empty()
+            && self.delayed.is_empty()
+            && self.in_flight.is_empty()
+            && self.rx.is_empty()
+            && self.shared_is_empty());
+        if busy {
+            self.busy_at = now;
+            return false;
+        }
+        let floor = self.config.connections.max(1);
+        now.duration_since(self.busy_at) >= self.config.idle_close
+            && self
+                .gauges
+                .open
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                    (n > floor).then(|| n - 1)
+                })
+                .is_ok()
     }
 
     fn expire_in_flight(&mut self) {
