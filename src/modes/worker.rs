@@ -114,7 +114,11 @@ pub async fn run_worker(
         // before it, a few hundred of them held every relay back by a second.
         let _ = tokio::time::timeout(SESSIONS_CLOSE_WITHIN, sessions_closed).await;
         held.release().await;
+        let abort = rt.abort_handle();
         join_all(vec![rt], SESSIONS_CLOSE_WITHIN).await;
+        // Its final statuses must not land after the next supervisor's (same worker name:
+        // the label test would let them through).
+        abort.abort();
         metrics.lease_held.set(0);
         if quit {
             break;

@@ -32,6 +32,12 @@ static JSON_PARAMS: std::sync::LazyLock<PatchParams> = std::sync::LazyLock::new(
     ..PatchParams::default()
 });
 
+#[derive(Clone, Copy)]
+enum PatchKind {
+    Apply,
+    Json,
+}
+
 /// How a step's labels are written.
 enum LabelWrite {
     /// Server-side apply of the labels, at the resourceVersion planned from.
@@ -40,10 +46,10 @@ enum LabelWrite {
     Json(json_patch::Patch),
 }
 
-/// A reassignment moves the relay only if it is still labelled for `from` (and still
-/// draining, if it was): the one thing the decision rests on. Not the whole object's
-/// resourceVersion — the old holder's last status writes land beside the handover, and each
-/// would otherwise refuse the move and cost the relay a pass.
+/// A reassignment away from a dead (or released) worker moves the relay only if it is still
+/// labelled for `from` (and still draining, if it was): the one thing that decision rests
+/// on. Not the whole object's resourceVersion — the old holder's last status writes land
+/// beside the handover, and each would otherwise refuse the move and cost the relay a pass.
 fn reassign_ops(from: &str, to: &str, draining: bool) -> json_patch::Patch {
     use json_patch::jsonptr::PointerBuf;
     use json_patch::{PatchOperation, RemoveOperation, ReplaceOperation, TestOperation};
@@ -309,20 +315,16 @@ async fn pass(
     metrics.workers_live.set(members.live.len() as i64);
     metrics.relays_unassigned.set(plan.unassigned as i64);
     metrics.relays_draining.set(plan.draining as i64);
+    let by_name: std::collections::HashMap<&str, &Assigned> =
+        objects.iter().map(|o| (o.name.as_str(), o)).collect();
     let mut patches = Vec::new();
     for step in plan.steps {
-        if let Step::Reassign { name, from, to } = &step {
-            let kind = if members.live.contains(from) {
-                "reassign_drained"
-            } else {
-                "reassign_dead"
-            };
-            let draining = objects
-                .iter()
-                .find(|o| &o.name == name)
-                .is_some_and(|o| o.draining);
+        if let Step::Reassign { name, from, to } = &step
+            && !members.live.contains(from)
+        {
+            let draining = by_name.get(name.as_str()).is_some_and(|o| o.draining);
             let ops = reassign_ops(from, to, draining);
-            patches.push((name.clone(), LabelWrite::Json(ops), kind, step));
+            patches.push((name.clone(), LabelWrite::Json(ops), "reassign_dead", step));
             continue;
         }
         let (name, labels, kind) = match &step {
@@ -343,7 +345,12 @@ async fn pass(
                 };
                 (name, json!({ WORKER_LABEL: current }), "cancel")
             }
-            Step::Reassign { .. } => continue,
+            // From a live worker, after its drain acknowledgement: at the resourceVersion
+            // planned from, so an acknowledgement overtaken by a new status (a cancelled
+            // drain whose session started again) refuses the move.
+            Step::Reassign { name, to, .. } => {
+                (name, json!({ WORKER_LABEL: to }), "reassign_drained")
+            }
         };
         // The resourceVersion we planned from: if the object changed since (the worker's
         // ack, a new spec), the write is refused and the next pass decides again.
@@ -365,6 +372,10 @@ async fn pass(
         let api = api.clone();
         writes.push(async move {
             // One hung request must not stop every later pass.
+            let patch_kind = match &patch {
+                LabelWrite::Apply(_) => PatchKind::Apply,
+                LabelWrite::Json(_) => PatchKind::Json,
+            };
             let write = async {
                 match patch {
                     LabelWrite::Apply(patch) => {
@@ -376,15 +387,16 @@ async fn pass(
                     }
                 }
             };
+            let tested = matches!(patch_kind, PatchKind::Json);
             let result = tokio::time::timeout(WRITE_TIMEOUT, write).await;
-            (name, kind, step, result)
+            (name, kind, step, tested, result)
         });
     }
     let results: Vec<_> = futures::stream::iter(writes)
         .buffer_unordered(LABEL_WRITES_IN_FLIGHT)
         .collect()
         .await;
-    for (name, kind, step, result) in results {
+    for (name, kind, step, tested, result) in results {
         let Ok(result) = result else {
             tracing::warn!(object = %name, timeout = ?WRITE_TIMEOUT, "label write timed out; re-planning");
             continue;
@@ -394,8 +406,17 @@ async fn pass(
                 tracing::info!(object = %name, ?step, "assignment");
                 metrics.assignment_moves.with_label_values(&[kind]).inc();
             }
-            // 409: the resourceVersion moved; 422: a reassignment's label test failed.
-            Err(kube::Error::Api(s)) if s.code == 409 || s.code == 404 || s.code == 422 => {
+            // 409: the resourceVersion moved; a 422 without details: a reassignment's
+            // label test failed (a 422 naming causes is a real rejection).
+            Err(kube::Error::Api(s))
+                if s.code == 409
+                    || s.code == 404
+                    || (tested
+                        && s.code == 422
+                        && s.details
+                            .as_ref()
+                            .is_none_or(|d| d.kind.is_empty() && d.causes.is_empty())) =>
+            {
                 tracing::debug!(object = %name, code = s.code, "object changed meanwhile; re-planning");
             }
             Err(e) => return Err(e),

@@ -9,7 +9,7 @@
 //! that make the relays Live, nor the supervisor's bookkeeping of those writes.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -32,6 +32,9 @@ const FINALS_IN_FLIGHT: usize = 4;
 
 /// Phase Events published at once, behind the status writes.
 const EVENTS_IN_FLIGHT: usize = 8;
+
+/// On a stop, Events still queued get this long to go out; the rest are counted dropped.
+const EVENTS_FLUSH_WITHIN: Duration = Duration::from_secs(5);
 
 /// Phase Events started per second at most while the worker runs: a failover's hundreds of
 /// transitions reach `kubectl describe` over the next seconds instead of competing with the
@@ -121,12 +124,15 @@ impl StatusWriter {
         let (done, results) = mpsc::unbounded_channel();
         let (events, events_rx) = mpsc::channel::<(String, PhaseEvent)>(EVENTS_QUEUED);
         let unpaced = Arc::new(AtomicBool::new(false));
+        // Queued and not yet published, so what a cut-short flush leaves is counted.
+        let queued = Arc::new(AtomicUsize::new(0));
         let lane = tokio::spawn(publish_events(
             store.clone(),
             metrics.clone(),
             timeout,
             events_rx,
             unpaced.clone(),
+            queued.clone(),
         ));
         let task = tokio::spawn(async move {
             let queue = |rx: mpsc::UnboundedReceiver<Write>| {
@@ -145,11 +151,15 @@ impl StatusWriter {
                 .for_each(|written| {
                     if written.result == WriteResult::Ok
                         && let Some(ev) = &written.write.event
-                        && events
-                            .try_send((written.write.name.clone(), ev.clone()))
-                            .is_err()
                     {
-                        metrics.phase_events.with_label_values(&["dropped"]).inc();
+                        match events.try_send((written.write.name.clone(), ev.clone())) {
+                            Ok(()) => {
+                                queued.fetch_add(1, Ordering::Relaxed);
+                            }
+                            Err(_) => {
+                                metrics.phase_events.with_label_values(&["dropped"]).inc();
+                            }
+                        }
                     }
                     // The supervisor may be gone on shutdown; nothing to tell then.
                     let _ = done.send(written);
@@ -160,7 +170,19 @@ impl StatusWriter {
             // without pacing (the process is stopping).
             unpaced.store(true, Ordering::Relaxed);
             drop(events);
-            let _ = lane.await;
+            let abort = lane.abort_handle();
+            if tokio::time::timeout(EVENTS_FLUSH_WITHIN, lane)
+                .await
+                .is_err()
+            {
+                // The stop must not wait on Events (the Lease, the pod's grace period).
+                abort.abort();
+                let left = queued.swap(0, Ordering::Relaxed) as u64;
+                metrics
+                    .phase_events
+                    .with_label_values(&["dropped"])
+                    .inc_by(left);
+            }
         });
         StatusWriter {
             submit,
@@ -242,6 +264,7 @@ async fn publish_events<S: RelaySyncStore>(
     timeout: Duration,
     rx: mpsc::Receiver<(String, PhaseEvent)>,
     unpaced: Arc<AtomicBool>,
+    waiting: Arc<AtomicUsize>,
 ) {
     let mut tick = tokio::time::interval(Duration::from_secs(1) / EVENTS_PER_SECOND);
     // After a quiet spell, one at once and then the pace again (not a burst of every tick
@@ -261,6 +284,7 @@ async fn publish_events<S: RelaySyncStore>(
         .for_each_concurrent(EVENTS_IN_FLIGHT, |(name, ev)| {
             let store = store.clone();
             let metrics = metrics.clone();
+            let waiting = waiting.clone();
             async move {
                 let recorded = tokio::time::timeout(
                     timeout,
@@ -280,6 +304,7 @@ async fn publish_events<S: RelaySyncStore>(
                 if let Some(label) = label {
                     metrics.phase_events.with_label_values(&[label]).inc();
                 }
+                waiting.fetch_sub(1, Ordering::Relaxed);
             }
         })
         .await;

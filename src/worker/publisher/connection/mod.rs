@@ -135,6 +135,13 @@ impl PublisherConn {
                 }
                 Err(e) => {
                     tracing::warn!(relay = %self.config.local_relay, error = %e, retry_in = ?delay, "local relay unreachable");
+                    // Beyond the floor (a relay capping connections per address, say), it
+                    // hands what it holds to the others and closes, rather than keeping
+                    // those events unanswered until it gets through.
+                    if self.retire() {
+                        self.hand_over_everything();
+                        return;
+                    }
                 }
             }
             if self.rx.is_closed()
@@ -142,6 +149,7 @@ impl PublisherConn {
                 && self.retry.is_empty()
                 && self.delayed.is_empty()
                 && self.in_flight.is_empty()
+                && self.shared_is_empty()
             {
                 return;
             }
@@ -367,15 +375,35 @@ impl PublisherConn {
             self.busy_at = now;
             return false;
         }
+        now.duration_since(self.busy_at) >= self.config.idle_close && self.retire()
+    }
+
+    /// Take this connection off the count if that leaves at least the floor open.
+    fn retire(&self) -> bool {
         let floor = self.config.connections.max(1);
-        now.duration_since(self.busy_at) >= self.config.idle_close
-            && self
-                .gauges
-                .open
-                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
-                    (n > floor).then(|| n - 1)
-                })
-                .is_ok()
+        self.gauges
+            .open
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                (n > floor).then(|| n - 1)
+            })
+            .is_ok()
+    }
+
+    /// Everything this connection holds goes to the queue every connection serves (sent
+    /// again there: what was in flight may never have arrived).
+    fn hand_over_everything(&mut self) {
+        let in_flight: Vec<Pending> = self.in_flight.drain().map(|(_, f)| f.pending).collect();
+        let delayed: Vec<Pending> = self.delayed.drain(..).map(|(_, p)| p).collect();
+        let retry: Vec<Pending> = self.retry.drain(..).collect();
+        for p in in_flight.into_iter().chain(retry).chain(delayed) {
+            match self.shared.lock() {
+                Ok(mut q) => q.push_back(p),
+                // Another connection panicked holding the lock: the publisher is ending
+                // (the worker restarts), and these go unanswered, so no cursor passes them.
+                Err(_) => break,
+            }
+        }
+        self.update_gauges();
     }
 
     fn expire_in_flight(&mut self) {
