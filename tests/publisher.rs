@@ -42,6 +42,33 @@ async fn drained(p: &Publisher, within: Duration) {
     .await;
 }
 
+/// Publish `events` in the background until all of them are accepted (within `within`),
+/// and return the most connections seen open meanwhile.
+async fn accept_all_counting_connections(
+    publisher: &Publisher,
+    metrics: &PublisherMetrics,
+    events: &[Event],
+    within: Duration,
+) -> i64 {
+    let sending = {
+        let publisher = publisher.clone();
+        let events = events.to_vec();
+        tokio::spawn(async move { publish_all(&publisher, &events).await })
+    };
+    let most = std::sync::Arc::new(std::sync::atomic::AtomicI64::new(0));
+    let all = events.len() as u64;
+    eventually("every event accepted", within, || {
+        let most = most.clone();
+        async move {
+            most.fetch_max(metrics.publisher_connections.get(), Ordering::Relaxed);
+            (publisher.stats().accepted.load(Ordering::Relaxed) == all).then_some(())
+        }
+    })
+    .await;
+    sending.await.unwrap();
+    most.load(Ordering::Relaxed)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_event_reaches_a_real_local_relay() {
     let (_relay, url) = relays::local_relay(100_000).await;
@@ -239,23 +266,9 @@ async fn connections_grow_while_the_relay_limits_each_one_and_close_when_idle() 
     config.idle_close = Duration::from_secs(2);
     let (publisher, _task) = Publisher::spawn(config, metrics.clone());
     let events = corpus(360);
-    let sending = {
-        let publisher = publisher.clone();
-        let events = events.clone();
-        tokio::spawn(async move { publish_all(&publisher, &events).await })
-    };
-    let most = std::sync::Arc::new(std::sync::atomic::AtomicI64::new(0));
-    eventually("every event accepted", Duration::from_secs(30), || {
-        let most = most.clone();
-        let (publisher, metrics) = (&publisher, &metrics);
-        async move {
-            most.fetch_max(metrics.publisher_connections.get(), Ordering::Relaxed);
-            (publisher.stats().accepted.load(Ordering::Relaxed) == 360).then_some(())
-        }
-    })
-    .await;
-    sending.await.unwrap();
-    let most = most.load(Ordering::Relaxed);
+    let most =
+        accept_all_counting_connections(&publisher, &metrics, &events, Duration::from_secs(30))
+            .await;
     assert!((7..=32).contains(&most), "{most} connections at most");
     assert_eq!(relays::fetch_ids(&url, Filter::new()).await, ids(&events));
     eventually(
@@ -278,25 +291,9 @@ async fn a_limit_on_the_whole_ingress_opens_no_more_than_a_probe() {
     let metrics = PublisherMetrics::default();
     let (publisher, _task) = Publisher::spawn(PublisherConfig::new(relay.url()), metrics.clone());
     let events = corpus(400);
-    let sending = {
-        let publisher = publisher.clone();
-        let events = events.clone();
-        tokio::spawn(async move { publish_all(&publisher, &events).await })
-    };
-    let most = std::sync::Arc::new(std::sync::atomic::AtomicI64::new(0));
-    eventually("every event accepted", Duration::from_secs(60), || {
-        let most = most.clone();
-        let (publisher, metrics) = (&publisher, &metrics);
-        async move {
-            most.fetch_max(metrics.publisher_connections.get(), Ordering::Relaxed);
-            (publisher.stats().outstanding() == 0
-                && publisher.stats().accepted.load(Ordering::Relaxed) == 400)
-                .then_some(())
-        }
-    })
-    .await;
-    sending.await.unwrap();
-    let most = most.load(Ordering::Relaxed);
+    let most =
+        accept_all_counting_connections(&publisher, &metrics, &events, Duration::from_secs(60))
+            .await;
     assert!(
         most <= 2,
         "{most} connections for a limit no connection escapes"

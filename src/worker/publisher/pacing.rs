@@ -149,24 +149,18 @@ impl Pacer {
 mod tests {
     use super::*;
 
-    /// Drive a pacer against a relay that accepts `capacity` events per second and count
-    /// what it sends over `secs`.
-    fn simulate(capacity: f64, secs: u64) -> (u64, u64) {
+    /// Drive a pacer for `secs` against a relay that says whether it allows an event sent
+    /// at a moment: (accepted, refused).
+    fn drive(secs: u64, mut allow: impl FnMut(Instant) -> bool) -> (u64, u64) {
         let t0 = Instant::now();
         let mut p = Pacer::new(None, t0);
         let mut now = t0;
         let (mut accepted, mut limited) = (0u64, 0u64);
-        let mut relay_tokens = capacity;
-        let mut relay_last = t0;
         let end = t0 + Duration::from_secs(secs);
         while now < end {
             match p.take(now) {
                 Ok(()) => {
-                    let dt = now.duration_since(relay_last).as_secs_f64();
-                    relay_last = now;
-                    relay_tokens = (relay_tokens + dt * capacity).min(capacity);
-                    if relay_tokens >= 1.0 {
-                        relay_tokens -= 1.0;
+                    if allow(now) {
                         accepted += 1;
                         p.on_accepted();
                     } else {
@@ -179,6 +173,23 @@ mod tests {
             }
         }
         (accepted, limited)
+    }
+
+    /// A relay with a token bucket of `capacity` events per second.
+    fn simulate(capacity: f64, secs: u64) -> (u64, u64) {
+        let mut tokens = capacity;
+        let mut last: Option<Instant> = None;
+        drive(secs, |now| {
+            let dt = last.map_or(0.0, |l| now.duration_since(l).as_secs_f64());
+            last = Some(now);
+            tokens = (tokens + dt * capacity).min(capacity);
+            if tokens >= 1.0 {
+                tokens -= 1.0;
+                true
+            } else {
+                false
+            }
+        })
     }
 
     #[test]
@@ -224,33 +235,12 @@ mod tests {
         }
     }
 
-    /// Drive a pacer against nostr-relay-builder's limiter for `secs`: (accepted, refused).
     fn against_relay_builder(secs: u64) -> (u64, u64) {
-        let t0 = Instant::now();
-        let mut p = Pacer::new(None, t0);
         let mut relay = RelayBuilderLimiter {
             count: 60,
             last: None,
         };
-        let mut now = t0;
-        let (mut accepted, mut limited) = (0u64, 0u64);
-        let end = t0 + Duration::from_secs(secs);
-        while now < end {
-            match p.take(now) {
-                Ok(()) => {
-                    if relay.allow(now) {
-                        accepted += 1;
-                        p.on_accepted();
-                    } else {
-                        limited += 1;
-                        p.on_rate_limited(now, now);
-                    }
-                    now += Duration::from_millis(1);
-                }
-                Err(at) => now = at.max(now + Duration::from_micros(100)),
-            }
-        }
-        (accepted, limited)
+        drive(secs, |now| relay.allow(now))
     }
 
     #[test]
