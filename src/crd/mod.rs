@@ -10,7 +10,7 @@ use kube::CustomResourceExt;
 
 pub use ownership::{
     ASSIGNER_MANAGER, CONTROLLER_MANAGER, DRAIN_LABEL, RELEASED, WORKER_LABEL, WORKER_MANAGER,
-    is_released_by,
+    is_released_by, label_test_failed,
 };
 pub use relay_sync::{
     Condition, ConditionStatus, Phase, RelayCapabilities, RelaySync, RelaySyncSpec, RelaySyncStatus,

@@ -25,6 +25,16 @@ pub const DRAIN_LABEL: &str = "grasp-sync.dev/drain";
 /// Reason of the `Assigned=False` condition with which a worker acknowledges a drain.
 pub const RELEASED: &str = "Released";
 
+/// Whether the API server refused a JSON patch because one of its `test` operations (on an
+/// assignment label) failed: it answers 422 without details, where a write failing the
+/// schema names the object and its causes.
+pub fn label_test_failed(s: &kube::core::Status) -> bool {
+    s.code == 422
+        && s.details
+            .as_ref()
+            .is_none_or(|d| d.kind.is_empty() && d.causes.is_empty())
+}
+
 /// Whether `worker` has acknowledged a drain of the object with this status.
 pub fn is_released_by(status: Option<&RelaySyncStatus>, worker: &str) -> bool {
     status.is_some_and(|s| {

@@ -28,7 +28,7 @@ use tokio::task::JoinHandle;
 use super::{RelaySyncStore, StoreError, StoredRelaySync};
 use crate::crd::{
     CONTROLLER_MANAGER, DRAIN_LABEL, Phase, RelaySync, RelaySyncSpec, RelaySyncStatus,
-    WORKER_LABEL, WORKER_MANAGER,
+    WORKER_LABEL, WORKER_MANAGER, label_test_failed,
 };
 
 pub struct KubeStore {
@@ -395,12 +395,7 @@ impl RelaySyncStore for KubeStore {
             // The API server reports a patch it could not apply (our `test` failed, or the
             // label is gone) as 422 without details; a status failing the schema names the
             // object and its causes.
-            Err(kube::Error::Api(s))
-                if s.code == 422
-                    && s.details
-                        .as_ref()
-                        .is_none_or(|d| d.kind.is_empty() && d.causes.is_empty()) =>
-            {
+            Err(kube::Error::Api(s)) if label_test_failed(&s) => {
                 Err(StoreError::NotHeld(name.to_string()))
             }
             Err(e) => Err(map_err(name, e)),

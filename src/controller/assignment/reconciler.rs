@@ -22,7 +22,9 @@ use super::metrics::AssignmentMetrics;
 use super::plan::{self, Assigned, Step};
 use super::ring::{DEFAULT_VNODES, Ring};
 use crate::coordination::membership;
-use crate::crd::{ASSIGNER_MANAGER, DRAIN_LABEL, RelaySync, WORKER_LABEL, is_released_by};
+use crate::crd::{
+    ASSIGNER_MANAGER, DRAIN_LABEL, RelaySync, WORKER_LABEL, is_released_by, label_test_failed,
+};
 
 static PARAMS: std::sync::LazyLock<PatchParams> =
     std::sync::LazyLock::new(|| PatchParams::apply(ASSIGNER_MANAGER).force());
@@ -31,12 +33,6 @@ static JSON_PARAMS: std::sync::LazyLock<PatchParams> = std::sync::LazyLock::new(
     field_manager: Some(ASSIGNER_MANAGER.to_string()),
     ..PatchParams::default()
 });
-
-#[derive(Clone, Copy)]
-enum PatchKind {
-    Apply,
-    Json,
-}
 
 /// How a step's labels are written.
 enum LabelWrite {
@@ -372,10 +368,7 @@ async fn pass(
         let api = api.clone();
         writes.push(async move {
             // One hung request must not stop every later pass.
-            let patch_kind = match &patch {
-                LabelWrite::Apply(_) => PatchKind::Apply,
-                LabelWrite::Json(_) => PatchKind::Json,
-            };
+            let tested = matches!(patch, LabelWrite::Json(_));
             let write = async {
                 match patch {
                     LabelWrite::Apply(patch) => {
@@ -387,7 +380,6 @@ async fn pass(
                     }
                 }
             };
-            let tested = matches!(patch_kind, PatchKind::Json);
             // The object the API server returns is dropped at once: after a failover this
             // pass writes thousands, and holding every answer until the last write lands
             // set the controller's peak memory (kept by the allocator after).
@@ -414,13 +406,7 @@ async fn pass(
             // 409: the resourceVersion moved; a 422 without details: a reassignment's
             // label test failed (a 422 naming causes is a real rejection).
             Err(kube::Error::Api(s))
-                if s.code == 409
-                    || s.code == 404
-                    || (tested
-                        && s.code == 422
-                        && s.details
-                            .as_ref()
-                            .is_none_or(|d| d.kind.is_empty() && d.causes.is_empty())) =>
+                if s.code == 409 || s.code == 404 || (tested && label_test_failed(&s)) =>
             {
                 tracing::debug!(object = %name, code = s.code, "object changed meanwhile; re-planning");
             }

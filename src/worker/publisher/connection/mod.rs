@@ -144,13 +144,7 @@ impl PublisherConn {
                     }
                 }
             }
-            if self.rx.is_closed()
-                && self.rx.is_empty()
-                && self.retry.is_empty()
-                && self.delayed.is_empty()
-                && self.in_flight.is_empty()
-                && self.shared_is_empty()
-            {
+            if self.done() {
                 return;
             }
             tokio::time::sleep(delay).await;
@@ -225,13 +219,7 @@ impl PublisherConn {
                 && self.pause.is_none()
                 && self.in_flight.len() < max_in_flight
                 && !(self.rx.is_closed() && self.rx.is_empty());
-            if self.rx.is_closed()
-                && self.rx.is_empty()
-                && self.retry.is_empty()
-                && self.delayed.is_empty()
-                && self.in_flight.is_empty()
-                && self.shared_is_empty()
-            {
+            if self.done() {
                 return Step::Finished;
             }
             tokio::select! {
@@ -362,16 +350,25 @@ impl PublisherConn {
         );
     }
 
+    /// Nothing to send or await, here or in the queues every connection serves.
+    fn idle(&self) -> bool {
+        self.retry.is_empty()
+            && self.delayed.is_empty()
+            && self.in_flight.is_empty()
+            && self.rx.is_empty()
+            && self.shared_is_empty()
+    }
+
+    /// Idle, and nothing more will come: the publisher is finished.
+    fn done(&self) -> bool {
+        self.rx.is_closed() && self.idle()
+    }
+
     /// Beyond the floor, a connection with nothing to do for `idle_close` closes: the growth
     /// that opened it was for a backlog that is gone.
     fn retire_when_idle(&mut self) -> bool {
         let now = Instant::now();
-        let busy = !(self.retry.is_empty()
-            && self.delayed.is_empty()
-            && self.in_flight.is_empty()
-            && self.rx.is_empty()
-            && self.shared_is_empty());
-        if busy {
+        if !self.idle() {
             self.busy_at = now;
             return false;
         }
@@ -396,12 +393,7 @@ impl PublisherConn {
         let delayed: Vec<Pending> = self.delayed.drain(..).map(|(_, p)| p).collect();
         let retry: Vec<Pending> = self.retry.drain(..).collect();
         for p in in_flight.into_iter().chain(retry).chain(delayed) {
-            match self.shared.lock() {
-                Ok(mut q) => q.push_back(p),
-                // Another connection panicked holding the lock: the publisher is ending
-                // (the worker restarts), and these go unanswered, so no cursor passes them.
-                Err(_) => break,
-            }
+            self.push_shared(p);
         }
         self.update_gauges();
     }
