@@ -158,13 +158,55 @@ impl Bench {
     async fn wait_all_live(&self, excluded: Option<&str>, within: Duration) -> Duration {
         let start = Instant::now();
         while !self.all_live(excluded) {
-            assert!(
-                start.elapsed() < within,
-                "relays not all Live within {within:?}"
-            );
+            if start.elapsed() >= within {
+                self.report_stall(excluded);
+                panic!("relays not all Live within {within:?}");
+            }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         start.elapsed()
+    }
+
+    /// What a stalled wait was waiting for: the objects not yet Live by their labelled
+    /// worker, with what the record says about each, so a kept log can be searched by name.
+    fn report_stall(&self, excluded: Option<&str>) {
+        let objects = self.objects.state();
+        let stuck: Vec<_> = objects
+            .iter()
+            .filter(|o| {
+                let label = o.labels().get(WORKER_LABEL);
+                let s = o.status.as_ref();
+                label.is_none()
+                    || label.map(String::as_str) == excluded
+                    || s.and_then(|s| s.worker.as_ref()) != label
+                    || s.and_then(|s| s.phase) != Some(Phase::Live)
+            })
+            .collect();
+        eprintln!(
+            "stall: {} of {} objects seen ({} expected) not Live (excluded worker {excluded:?}); owners {:?}",
+            stuck.len(),
+            objects.len(),
+            self.n,
+            self.owners()
+        );
+        for o in stuck.iter().take(20) {
+            let s = o.status.as_ref();
+            eprintln!(
+                "  {} url={} labels={:?} rv={:?} status.worker={:?} phase={:?} lastError={:?} conditions={:?}",
+                o.name_any(),
+                o.spec.url,
+                o.labels(),
+                o.resource_version(),
+                s.and_then(|s| s.worker.as_deref()),
+                s.and_then(|s| s.phase),
+                s.and_then(|s| s.last_error.as_deref()),
+                s.map(|s| s
+                    .conditions
+                    .iter()
+                    .map(|c| format!("{}={:?}/{}", c.type_, c.status, c.reason))
+                    .collect::<Vec<_>>()),
+            );
+        }
     }
 
     fn owners(&self) -> BTreeMap<String, usize> {
@@ -189,10 +231,10 @@ impl Bench {
             if settled && self.all_live(None) {
                 return;
             }
-            assert!(
-                start.elapsed() < Duration::from_secs(600),
-                "the ring never settled"
-            );
+            if start.elapsed() >= Duration::from_secs(600) {
+                self.report_stall(None);
+                panic!("the ring never settled");
+            }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
@@ -459,16 +501,19 @@ async fn run() {
         scale(&statefulsets, w - 1).await;
         let held = b.owners().get(&last).copied().unwrap_or(0);
         let t = Instant::now();
-        let status = b
-            .workers
-            .remove(&last)
-            .expect("running")
-            .proc
-            .terminate(Duration::from_secs(60))
-            .await;
-        let stopped = t.elapsed();
-        b.wait_all_live(Some(&last), Duration::from_secs(300)).await;
-        let took = t.elapsed();
+        let leaving = b.workers.remove(&last).expect("running");
+        // The handover is timed on its own: the leaving pod may still be writing its last
+        // Events while its relays are Live elsewhere.
+        let ((status, stopped), took) = tokio::join!(
+            async {
+                let status = leaving.proc.terminate(Duration::from_secs(60)).await;
+                (status, t.elapsed())
+            },
+            async {
+                b.wait_all_live(Some(&last), Duration::from_secs(300)).await;
+                t.elapsed()
+            }
+        );
         println!(
             "handover {k}: {last} held {held} relays; exit {status} after {stopped:.1?}; all Live elsewhere {took:.1?} after SIGTERM"
         );

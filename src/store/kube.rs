@@ -256,6 +256,19 @@ fn to_stored(o: RelaySync) -> StoredRelaySync {
     }
 }
 
+/// A cached object as stored, copying only what a reader uses (not its metadata: a worker
+/// reads its whole cache after each announced change, up to ten times a second while it
+/// takes relays over).
+fn stored_from_cache(o: &RelaySync) -> StoredRelaySync {
+    StoredRelaySync {
+        name: o.name_any(),
+        generation: o.metadata.generation.unwrap_or(0),
+        draining: o.labels().get(DRAIN_LABEL).is_some_and(|v| v == "true"),
+        spec: o.spec.clone(),
+        status: o.status.clone(),
+    }
+}
+
 fn map_err(name: &str, e: kube::Error) -> StoreError {
     match e {
         kube::Error::Api(s) if s.code == 404 => StoreError::NotFound(name.to_string()),
@@ -299,7 +312,7 @@ impl RelaySyncStore for KubeStore {
             .cache
             .state()
             .iter()
-            .map(|o| to_stored(o.as_ref().clone()))
+            .map(|o| stored_from_cache(o))
             .collect();
         out.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(out)

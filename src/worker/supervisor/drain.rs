@@ -47,7 +47,7 @@ pub(super) async fn release_drained(
     st.released
         .retain(|name| st.objects.get(name).is_some_and(|o| o.draining));
     let mut decided = Vec::new();
-    let due = sessions::drains_due(&st.objects, &st.released, &config.worker);
+    let due = sessions::drains_due(&st.objects, &st.urls, &st.released, &config.worker);
     let due_urls: BTreeSet<RelayUrl> = due.iter().map(|(url, _)| url.clone()).collect();
     // A stop whose drain is no longer due (the controller cancelled it, or the relay moved
     // on) would otherwise stay in `stopping`, and the relay held off, for good.
@@ -118,7 +118,7 @@ pub(super) async fn release_drained(
         submit(st, writer, w);
     }
     // Keep a drained session's final state only while one of its parts still drains.
-    let draining: BTreeSet<RelayUrl> = sessions::group_by_url(&st.objects)
+    let draining: BTreeSet<RelayUrl> = sessions::group_by_url(&st.objects, &st.urls)
         .into_iter()
         .filter(|(_, parts)| parts.iter().all(|o| o.draining))
         .map(|(url, _)| url)

@@ -37,11 +37,21 @@ use crate::store::{RelaySyncStore, StoredRelaySync};
 use drain::Stopping;
 use facts::{RepoFacts, feed_filters};
 use metrics::{PHASES, SupervisorMetrics};
-use sessions::{RelaySessions, SessionStarter, Sessions};
+use sessions::{Held, RelaySessions, SessionStarter, Sessions, Urls};
 use writer::{StatusWriter, Write, WriteKind, WriteResult, Written};
 
-/// Most one change of a session's sync set per this interval.
+/// Root events trickle in one by one while Layer 2 syncs: the sessions' sync sets change
+/// at most once per this interval for them, not once per event.
 const APPLY_EVERY: Duration = Duration::from_millis(500);
+
+/// The held objects are re-read from the store at most this often: a failover labels
+/// hundreds of relays over a few seconds, and reading (copying) every held object once per
+/// label was most of a worker's CPU while it took them over.
+const RELOAD_EVERY: Duration = Duration::from_millis(100);
+
+/// Relays taken over (a failover or handover labels hundreds over a few seconds) get their
+/// sessions in batches this far apart: soon, without a pass over every session per label.
+const APPLY_HELD_EVERY: Duration = Duration::from_millis(100);
 
 #[derive(Debug, Clone)]
 pub struct SupervisorConfig {
@@ -127,6 +137,8 @@ pub(crate) struct Inputs {
 /// The supervisor's bookkeeping between passes.
 struct State {
     objects: BTreeMap<String, StoredRelaySync>,
+    /// The relays of `objects`, parsed when they change.
+    urls: Urls,
     /// The repos of `objects`, kept with them: every local event is checked against it.
     wanted: BTreeSet<RepoCoordinate>,
     facts: RepoFacts,
@@ -155,6 +167,7 @@ pub(crate) async fn supervise<S: RelaySyncStore + 'static>(
     let mut writer = StatusWriter::spawn(store.clone(), metrics.clone(), config.write_timeout);
     let mut st = State {
         objects: BTreeMap::new(),
+        urls: Urls::default(),
         wanted: BTreeSet::new(),
         facts: RepoFacts::default(),
         sessions: Sessions::default(),
@@ -166,12 +179,17 @@ pub(crate) async fn supervise<S: RelaySyncStore + 'static>(
     };
     let mut feed_synced = false;
     let mut reload = true;
+    let mut last_reload = Instant::now() - RELOAD_EVERY;
     let mut dirty = true;
+    // Dirty for a reason that should not wait for the root events' batching: the objects
+    // held changed, a restart is due, a drain ended, the local feed has been read.
+    let mut urgent = true;
     let mut tick = tokio::time::interval(Duration::from_millis(250));
     let mut last_apply = Instant::now() - APPLY_EVERY;
     loop {
-        if reload {
+        if reload && last_reload.elapsed() >= RELOAD_EVERY {
             reload = false;
+            last_reload = Instant::now();
             match store.snapshot().await {
                 Ok(list) => {
                     let next: BTreeMap<String, StoredRelaySync> =
@@ -181,6 +199,7 @@ pub(crate) async fn supervise<S: RelaySyncStore + 'static>(
                     // Status alone (our own writes, in a store that announces them) changes
                     // neither the sessions nor the repos the local feed follows.
                     if held_changed {
+                        st.urls.refresh(&st.objects);
                         st.wanted = st
                             .objects
                             .values()
@@ -189,6 +208,7 @@ pub(crate) async fn supervise<S: RelaySyncStore + 'static>(
                             .collect();
                         (inputs.feed_filters)(feed_filters(&st.wanted));
                         dirty = true;
+                        urgent = true;
                     }
                 }
                 Err(e) => {
@@ -199,16 +219,24 @@ pub(crate) async fn supervise<S: RelaySyncStore + 'static>(
         }
         // A drain is acknowledged only after the session closed, so two workers never hold
         // one relay's connection.
-        dirty |= drain::release_drained(&config, &mut st, &writer).await;
-        // Root events trickle in one by one while Layer 2 syncs: apply them in batches (at
-        // most once per APPLY_EVERY), not one subscription change per event.
-        if dirty && feed_synced && last_apply.elapsed() >= APPLY_EVERY {
+        if drain::release_drained(&config, &mut st, &writer).await {
+            dirty = true;
+            urgent = true;
+        }
+        let apply_every = if urgent {
+            APPLY_HELD_EVERY
+        } else {
+            APPLY_EVERY
+        };
+        if dirty && feed_synced && last_apply.elapsed() >= apply_every {
             dirty = false;
+            urgent = false;
             last_apply = Instant::now();
             let mut hold = st.sessions.held_off(Instant::now());
             hold.extend(st.stopping.keys().cloned());
             sessions::reconcile_sessions(
                 &st.objects,
+                &st.urls,
                 &st.facts,
                 &mut st.sessions,
                 &hold,
@@ -229,6 +257,7 @@ pub(crate) async fn supervise<S: RelaySyncStore + 'static>(
                 Some(FeedEvent::Synced) => {
                     feed_synced = true;
                     dirty = true;
+                    urgent = true;
                 }
                 Some(FeedEvent::Disconnected { error, retry_in }) => {
                     tracing::warn!(relay = %config.local_relay, %error, ?retry_in, "cannot read the local relay; retrying");
@@ -236,13 +265,24 @@ pub(crate) async fn supervise<S: RelaySyncStore + 'static>(
                 None => break,
             },
             Some(written) = writer.results.recv() => on_written(&mut st, written),
+            // A batch held back by the interval is applied when it is due, not at the next
+            // unrelated wake-up.
+            () = tokio::time::sleep_until(last_apply + apply_every), if dirty && feed_synced => {}
+            () = tokio::time::sleep_until(last_reload + RELOAD_EVERY), if reload => {}
             _ = tick.tick() => {
                 let died = st.sessions.reap(Instant::now(), SystemTime::now());
                 if died > 0 {
                     metrics.session_restarts.inc_by(died as u64);
                 }
-                dirty |= st.sessions.restart_due(Instant::now());
-                let by_phase = report::phases(&st.objects, &st.sessions);
+                if st.sessions.restart_due(Instant::now()) {
+                    dirty = true;
+                    urgent = true;
+                }
+                let held = Held {
+                    objects: &st.objects,
+                    urls: &st.urls,
+                };
+                let by_phase = report::phases(held, &st.sessions);
                 for phase in PHASES {
                     metrics
                         .relays_by_phase
@@ -251,7 +291,7 @@ pub(crate) async fn supervise<S: RelaySyncStore + 'static>(
                 }
                 let due = report::due(
                     &config,
-                    &st.objects,
+                    held,
                     &st.sessions,
                     &mut st.coalescers,
                     &st.in_flight,
@@ -301,7 +341,7 @@ pub(crate) async fn supervise<S: RelaySyncStore + 'static>(
         let _ = closed.send(());
     }
     for (name, o) in st.objects.iter().filter(|(_, o)| !o.draining) {
-        let Ok(url) = RelayUrl::parse(&o.spec.url) else {
+        let Some(url) = st.urls.of(o) else {
             continue;
         };
         if let Some((state, given)) = finals.get(&url) {

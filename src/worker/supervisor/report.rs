@@ -1,35 +1,31 @@
 //! The pure step of status reporting: from the objects, the sessions' states and the
 //! coalescers, which status writes are due now. The writer applies them.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap};
 use std::time::SystemTime;
 
 use tokio::time::Instant;
 
 use super::SupervisorConfig;
-use super::sessions::Sessions;
+use super::sessions::{Held, Sessions};
 use super::writer::{PhaseEvent, Write, WriteKind};
 use crate::crd::Phase;
-use crate::nostr::RelayUrl;
-use crate::store::StoredRelaySync;
 use crate::worker::session::SessionState;
 use crate::worker::status::{Coalescer, status_from_session};
 
 /// The phase each object is in, as this worker sees it (for the per-phase gauge).
-pub(crate) fn phases(
-    objects: &BTreeMap<String, StoredRelaySync>,
-    sessions: &Sessions,
-) -> HashMap<Phase, i64> {
+pub(crate) fn phases(held: Held<'_>, sessions: &Sessions) -> HashMap<Phase, i64> {
+    let Held { objects, urls } = held;
     let mut by_phase: HashMap<Phase, i64> = HashMap::new();
     for o in objects.values() {
-        let phase = RelayUrl::parse(&o.spec.url)
-            .ok()
-            .and_then(|u| sessions.phase(&u))
-            .unwrap_or(if o.spec.paused == Some(true) {
-                Phase::Paused
-            } else {
-                Phase::Pending
-            });
+        let phase =
+            urls.of(o)
+                .and_then(|u| sessions.phase(&u))
+                .unwrap_or(if o.spec.paused == Some(true) {
+                    Phase::Paused
+                } else {
+                    Phase::Pending
+                });
         *by_phase.entry(phase).or_default() += 1;
     }
     by_phase
@@ -39,20 +35,21 @@ pub(crate) fn phases(
 /// decides the coalescer's next step).
 pub(crate) fn due(
     config: &SupervisorConfig,
-    objects: &BTreeMap<String, StoredRelaySync>,
+    held: Held<'_>,
     sessions: &Sessions,
     coalescers: &mut HashMap<String, Coalescer>,
     in_flight: &BTreeSet<String>,
     now: Instant,
     wall: SystemTime,
 ) -> Vec<Write> {
+    let Held { objects, urls } = held;
     coalescers.retain(|name, _| objects.contains_key(name));
     let mut out = Vec::new();
     for (name, o) in objects.iter().filter(|(_, o)| !o.draining) {
         if in_flight.contains(name) {
             continue;
         }
-        let Ok(url) = RelayUrl::parse(&o.spec.url) else {
+        let Some(url) = urls.of(o) else {
             continue;
         };
         let state = match sessions.state_for(&url, o) {

@@ -206,12 +206,54 @@ impl Sessions {
     }
 }
 
-pub(crate) fn group_by_url(
-    objects: &BTreeMap<String, StoredRelaySync>,
-) -> BTreeMap<RelayUrl, Vec<&StoredRelaySync>> {
+/// The relay URLs of the held objects, parsed once per spec text. The supervisor's steps
+/// run on every wake-up of its loop — each status write's result, each local event — and
+/// parsing (normalising, IDNA) every held object's URL on each was most of a worker's CPU
+/// while it took over hundreds of relays.
+#[derive(Debug, Default)]
+pub(crate) struct Urls(HashMap<String, Option<RelayUrl>>);
+
+impl Urls {
+    /// Parse what `objects` added; forget what they no longer hold.
+    pub(crate) fn refresh(&mut self, objects: &BTreeMap<String, StoredRelaySync>) {
+        let mut next = HashMap::with_capacity(objects.len());
+        for o in objects.values() {
+            if next.contains_key(&o.spec.url) {
+                continue;
+            }
+            let parsed = self
+                .0
+                .remove(&o.spec.url)
+                .unwrap_or_else(|| RelayUrl::parse(&o.spec.url).ok());
+            next.insert(o.spec.url.clone(), parsed);
+        }
+        self.0 = next;
+    }
+
+    /// The relay of `o`; None if its URL is not one (the store validates it, so never in
+    /// practice). An object not seen by `refresh` is parsed on the spot.
+    pub(crate) fn of(&self, o: &StoredRelaySync) -> Option<RelayUrl> {
+        match self.0.get(&o.spec.url) {
+            Some(parsed) => parsed.clone(),
+            None => RelayUrl::parse(&o.spec.url).ok(),
+        }
+    }
+}
+
+/// The objects a worker holds, with their relays.
+#[derive(Clone, Copy)]
+pub(crate) struct Held<'a> {
+    pub(crate) objects: &'a BTreeMap<String, StoredRelaySync>,
+    pub(crate) urls: &'a Urls,
+}
+
+pub(crate) fn group_by_url<'a>(
+    objects: &'a BTreeMap<String, StoredRelaySync>,
+    urls: &Urls,
+) -> BTreeMap<RelayUrl, Vec<&'a StoredRelaySync>> {
     let mut by_url: BTreeMap<RelayUrl, Vec<&StoredRelaySync>> = BTreeMap::new();
     for o in objects.values() {
-        if let Ok(url) = RelayUrl::parse(&o.spec.url) {
+        if let Some(url) = urls.of(o) {
             by_url.entry(url).or_default().push(o);
         }
     }
@@ -266,12 +308,13 @@ pub(crate) fn resume_from(parts: &[&StoredRelaySync]) -> Resume {
 /// closing, or a restart still waiting) gets a new session only later.
 pub(crate) fn reconcile_sessions(
     objects: &BTreeMap<String, StoredRelaySync>,
+    urls: &Urls,
     facts: &RepoFacts,
     all: &mut Sessions,
     hold: &BTreeSet<RelayUrl>,
     starter: &dyn SessionStarter,
 ) {
-    let mut by_url = group_by_url(objects);
+    let mut by_url = group_by_url(objects, urls);
     all.restarts.retain(|url, _| by_url.contains_key(url));
     by_url.retain(|url, parts| !parts.iter().all(|o| o.draining) && !hold.contains(url));
     let sessions = &mut all.running;
@@ -351,10 +394,11 @@ pub(crate) fn reconcile_sessions(
 /// (neither in status nor in `released`, the acknowledgements this supervisor wrote).
 pub(crate) fn drains_due<'a>(
     objects: &'a BTreeMap<String, StoredRelaySync>,
+    urls: &Urls,
     released: &BTreeSet<String>,
     worker: &str,
 ) -> Vec<(RelayUrl, Vec<&'a StoredRelaySync>)> {
-    group_by_url(objects)
+    group_by_url(objects, urls)
         .into_iter()
         .filter(|(_, parts)| parts.iter().all(|o| o.draining))
         .filter_map(|(url, parts)| {

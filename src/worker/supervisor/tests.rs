@@ -769,3 +769,44 @@ async fn an_unchanged_relay_is_not_written_again_when_its_writes_are_not_announc
     let _ = rig.stop.send(true);
     rig.task.await.unwrap();
 }
+
+/// A failover labels hundreds of relays over a few seconds: each gets its session within a
+/// short batch, not after the root events' half-second batching (nor at the next
+/// unrelated wake-up of the loop).
+#[tokio::test(start_paused = true)]
+async fn a_relay_taken_over_gets_its_session_within_a_short_batch() {
+    let (store, rig, a) = one_relay(false).await;
+    // A session set is applied just now: a root event of relay a's repo is learned.
+    let root = nostr::EventBuilder::new(nostr::Kind::Custom(1621), "issue")
+        .tags([nostr::Tag::custom(
+            nostr::TagKind::a(),
+            [format!("30617:{}:repo", "a".repeat(64))],
+        )])
+        .sign_with_keys(&nostr::Keys::generate())
+        .unwrap();
+    rig.feed
+        .send(FeedEvent::Event(Box::new(root)))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    assert_eq!(
+        a.sets.lock().unwrap().len(),
+        1,
+        "the root event was applied to relay a's session just now"
+    );
+    store
+        .apply_spec("b", &spec("wss://b.example"))
+        .await
+        .unwrap();
+    let arrived = Instant::now();
+    while rig.starter.started().len() < 2 {
+        assert!(
+            arrived.elapsed() <= Duration::from_millis(150),
+            "relay b's session not started {:?} after it arrived",
+            arrived.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let _ = rig.stop.send(true);
+    rig.task.await.unwrap();
+}
