@@ -381,3 +381,75 @@ async fn an_event_that_keeps_breaking_the_connection_is_set_aside_and_the_rest_f
     let connections = relay.counters().connections.load(Ordering::SeqCst);
     assert!(connections <= 6, "{connections} connections");
 }
+
+/// The same event reaches the publisher once from every remote relay that has it, often
+/// after the first copy was answered: a later copy is answered from what the relay just
+/// said it holds, not sent again (under a per-connection limit each send costs a second of
+/// its budget).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn copies_of_an_event_the_relay_just_took_are_not_sent_again() {
+    let relay = HostileRelay::start(Script::default()).await;
+    let metrics = PublisherMetrics::default();
+    let (publisher, _task) = Publisher::spawn(PublisherConfig::new(relay.url()), metrics.clone());
+    let events = corpus(20);
+    publish_all(&publisher, &events).await;
+    drained(&publisher, Duration::from_secs(30)).await;
+    let received = || relay.counters().events_received.load(Ordering::SeqCst);
+    assert_eq!(received(), 20);
+
+    // The copies from a second remote relay, after the first were answered.
+    publish_all(&publisher, &events).await;
+    drained(&publisher, Duration::from_secs(30)).await;
+    assert_eq!(received(), 20, "a copy of a held event was sent again");
+    let s = publisher.stats();
+    assert_eq!(s.accepted.load(Ordering::Relaxed), 20);
+    assert_eq!(s.duplicate.load(Ordering::Relaxed), 20);
+    assert_eq!(
+        metrics
+            .publish_outcomes
+            .with_label_values(&["already-held"])
+            .get(),
+        20
+    );
+}
+
+/// What the relay said it holds is forgotten when a connection to it is lost (it may have
+/// restarted without it): copies published after that are sent again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_lost_connection_copies_are_sent_again() {
+    let relay = HostileRelay::start(Script::default()).await;
+    let (publisher, _task) = Publisher::spawn(
+        PublisherConfig::new(relay.url()),
+        PublisherMetrics::default(),
+    );
+    let events = corpus(20);
+    publish_all(&publisher, &events).await;
+    drained(&publisher, Duration::from_secs(30)).await;
+
+    // An oversized event makes the relay drop the connection; then it takes it.
+    relay.set_script(Script {
+        max_frame_bytes: Some(4_000),
+        ..Script::default()
+    });
+    let big = EventBuilder::new(Kind::from(1111), "x".repeat(10_000))
+        .sign_with_keys(&Keys::generate())
+        .unwrap();
+    publisher.publish(big, None).await.unwrap();
+    eventually(
+        "the relay drops the connection",
+        Duration::from_secs(10),
+        || async { (relay.counters().connections.load(Ordering::SeqCst) >= 2).then_some(()) },
+    )
+    .await;
+    relay.set_script(Script::default());
+    drained(&publisher, Duration::from_secs(30)).await;
+    let before = relay.counters().events_received.load(Ordering::SeqCst);
+
+    publish_all(&publisher, &events).await;
+    drained(&publisher, Duration::from_secs(30)).await;
+    assert_eq!(
+        relay.counters().events_received.load(Ordering::SeqCst) - before,
+        20,
+        "copies after a lost connection must reach the relay again"
+    );
+}

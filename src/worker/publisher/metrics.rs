@@ -18,14 +18,18 @@ pub struct PublisherMetrics {
     pub publish_rate_limit: Gauge,
     /// Connections open to the local relay (more while it limits each one).
     pub publisher_connections: IntGauge,
+    /// Events remembered as held by the local relay (later copies answered without a send).
+    pub publish_settled: IntGauge,
     /// Relay messages that could not be parsed (shared with the sessions: one series).
     pub malformed_messages: IntCounter,
 }
 
 /// Every outcome label value the publisher counts.
-pub const OUTCOMES: [&str; 14] = [
+pub const OUTCOMES: [&str; 15] = [
     "accepted",
     "duplicate",
+    // A copy of an event the relay had just said it holds, answered without a send.
+    "already-held",
     "blocked",
     "invalid",
     "rate-limited",
@@ -83,6 +87,11 @@ impl PublisherMetrics {
                 registry,
                 "grasp_sync_publisher_connections",
                 "Connections publishing into the local relay (more are opened while it rate-limits each connection and events wait)",
+            )?,
+            publish_settled: int_gauge(
+                registry,
+                "grasp_sync_publish_settled_events",
+                "Events the local relay just said it holds, remembered so later copies from other relays are answered without a send (bounded, 10 min)",
             )?,
             malformed_messages,
         };

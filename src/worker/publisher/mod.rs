@@ -35,6 +35,7 @@ mod fair;
 pub mod metrics;
 mod pacing;
 mod scaling;
+mod settled;
 mod validate;
 
 pub use validate::{EventRejection, validate};
@@ -213,6 +214,15 @@ struct Gauges {
     fresh_limited: AtomicU64,
 }
 
+/// What a publisher's connections share besides the fair queue.
+#[derive(Default)]
+struct Common {
+    /// Events a connection gave up (it closed, or cannot reach the relay) for the others.
+    queue: Mutex<VecDeque<Pending>>,
+    /// Events the local relay just said it holds: later copies are answered here.
+    settled: Mutex<settled::Settled>,
+}
+
 /// How often the scaler looks at the connections' signals.
 const SCALE_EVERY: Duration = Duration::from_millis(250);
 
@@ -230,7 +240,7 @@ impl Publisher {
         );
         let stats = Arc::new(PublisherStats::default());
         let gauges = Arc::new(Gauges::default());
-        let shared = Arc::new(Mutex::new(VecDeque::new()));
+        let shared = Arc::new(Common::default());
         let supervisor = tokio::spawn(run_connections(
             config,
             metrics,
@@ -284,7 +294,7 @@ async fn run_connections(
     stats: Arc<PublisherStats>,
     gauges: Arc<Gauges>,
     rx: fair::FairReceiver<Pending>,
-    shared: Arc<Mutex<VecDeque<Pending>>>,
+    shared: Arc<Common>,
 ) {
     let mut scaler = scaling::Scaler::new(config.connections, config.max_connections);
     let mut conns = JoinSet::new();
@@ -321,7 +331,7 @@ async fn run_connections(
             },
             _ = look.tick() => {
                 let backlog = !rx.is_empty()
-                    || shared.lock().map(|q| !q.is_empty()).unwrap_or(false);
+                    || shared.queue.lock().map(|q| !q.is_empty()).unwrap_or(false);
                 let signals = scaling::Signals {
                     pushed_back: gauges.pushed_back.swap(0, Ordering::Relaxed),
                     backlog,

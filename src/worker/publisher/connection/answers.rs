@@ -91,6 +91,9 @@ impl PublisherConn {
                 o.resolved.fetch_add(1, Ordering::Release);
             }
         }
+        if matches!(outcome, Outcome::Accepted | Outcome::Duplicate) {
+            self.settle(event_id);
+        }
         match outcome {
             Outcome::Accepted => {
                 self.pacer.on_accepted();

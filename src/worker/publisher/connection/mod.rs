@@ -3,8 +3,8 @@
 //! that is how a relay limits and answers.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use nostr::{ClientMessage, EventBuilder, EventId};
@@ -32,7 +32,7 @@ pub(super) struct PublisherConn {
     rx: super::fair::FairReceiver<Pending>,
     /// Events any connection may send again (refused as rate-limited on one connection: another
     /// may have room). Locked only for a push or pop, never across an await.
-    shared: Arc<Mutex<VecDeque<Pending>>>,
+    shared: Arc<super::Common>,
     /// Events this connection must send again (no answer in time, transient errors, lost
     /// connection, waiting for authentication).
     retry: VecDeque<Pending>,
@@ -72,7 +72,7 @@ impl PublisherConn {
         stats: Arc<PublisherStats>,
         gauges: Arc<Gauges>,
         rx: super::fair::FairReceiver<Pending>,
-        shared: Arc<Mutex<VecDeque<Pending>>>,
+        shared: Arc<super::Common>,
         fresh: bool,
     ) -> Self {
         PublisherConn {
@@ -130,7 +130,12 @@ impl PublisherConn {
                             writer.close().await;
                             return;
                         }
-                        Step::Reconnect => {}
+                        Step::Reconnect => {
+                            // The relay may have restarted without what it said it holds.
+                            if let Ok(mut s) = self.shared.settled.lock() {
+                                s.clear();
+                            }
+                        }
                     }
                 }
                 Err(e) => {
@@ -263,6 +268,10 @@ impl PublisherConn {
             flight.pending.origins.append(&mut p.origins);
             return Ok(());
         }
+        if self.settled_holds(&id) {
+            self.answer_settled(p);
+            return Ok(());
+        }
         p.attempts += 1;
         let msg = ClientMessage::event(p.event.clone());
         let result = writer.send(&msg).await;
@@ -300,23 +309,56 @@ impl PublisherConn {
     }
 
     fn pop_shared(&self) -> Option<Pending> {
-        self.shared.lock().ok()?.pop_front()
+        self.shared.queue.lock().ok()?.pop_front()
     }
 
     fn push_shared(&mut self, p: Pending) {
-        match self.shared.lock() {
+        match self.shared.queue.lock() {
             Ok(mut q) => q.push_back(p),
             // A poisoned lock means another connection panicked; keep the event here.
             Err(_) => self.retry.push_back(p),
         }
     }
 
+    /// Whether the local relay said just now that it holds `id` (on any connection).
+    fn settled_holds(&self, id: &nostr::EventId) -> bool {
+        self.shared
+            .settled
+            .lock()
+            .is_ok_and(|mut s| s.holds(id, Instant::now()))
+    }
+
+    /// Remember that the local relay holds `id`.
+    pub(super) fn settle(&self, id: nostr::EventId) {
+        if let Ok(mut s) = self.shared.settled.lock() {
+            s.insert(id, Instant::now());
+        }
+    }
+
+    /// A copy of an event the relay said it holds: answered as its `duplicate:` would be,
+    /// without a send.
+    fn answer_settled(&mut self, p: Pending) {
+        let copies = p.origins.len() as u64;
+        self.stats.duplicate.fetch_add(copies, Ordering::Relaxed);
+        self.metrics
+            .publish_outcomes
+            .with_label_values(&["already-held"])
+            .inc_by(copies);
+        for o in p.origins.iter().flatten() {
+            o.resolved.fetch_add(1, Ordering::Release);
+        }
+    }
+
     fn shared_is_empty(&self) -> bool {
-        self.shared.lock().map(|q| q.is_empty()).unwrap_or(true)
+        self.shared
+            .queue
+            .lock()
+            .map(|q| q.is_empty())
+            .unwrap_or(true)
     }
 
     fn shared_len(&self) -> usize {
-        self.shared.lock().map(|q| q.len()).unwrap_or(0)
+        self.shared.queue.lock().map(|q| q.len()).unwrap_or(0)
     }
 
     fn requeue(&mut self, p: Pending) {
@@ -436,6 +478,9 @@ impl PublisherConn {
             .publish_queue_depth
             .set(retry + (self.rx.len() + self.shared_len()) as i64);
         self.metrics.publish_in_flight.set(in_flight);
+        if let Ok(s) = self.shared.settled.lock() {
+            self.metrics.publish_settled.set(s.len() as i64);
+        }
         if let Some(rate) = self.pacer.rate() {
             self.metrics.publish_rate_limit.set(rate);
         }
