@@ -6,16 +6,14 @@
 //!
 //! Phase Events follow their status write in a lane of their own: they are for people
 //! reading `kubectl describe`, so after a failover they must not hold back the status writes
-//! that make the relays Live, nor the supervisor's bookkeeping of those writes. They wait
-//! while status reports are queued or in flight: each is a write to the same API server, and
-//! during a failover every one of them spent there delays a relay's Live status.
+//! that make the relays Live, nor the supervisor's bookkeeping of those writes.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use futures::StreamExt;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
@@ -40,12 +38,8 @@ const EVENTS_FLUSH_WITHIN: Duration = Duration::from_secs(5);
 
 /// Phase Events started per second at most while the worker runs: a failover's hundreds of
 /// transitions reach `kubectl describe` over the next seconds instead of competing with the
-/// status writes that make the relays Live. On a stop the rest go out unpaced: a pod that
-/// lingers on its Events delays its own return in a rolling restart.
+/// status writes that make the relays Live. On a stop the rest go out unpaced.
 const EVENTS_PER_SECOND: u32 = 20;
-
-/// The longest an Event waits for the status writes to fall idle.
-const EVENTS_DEFER_MAX: Duration = Duration::from_secs(5);
 
 /// Phase Events waiting to be published; past this, new ones are dropped (counted
 /// `dropped`) rather than held without bound while the API server is slow.
@@ -111,8 +105,6 @@ pub(crate) struct Written {
 /// Handle of the writer task: submit writes, read their results.
 pub(crate) struct StatusWriter {
     submit: mpsc::UnboundedSender<Write>,
-    /// Status reports queued or in flight (the Events lane waits for none).
-    reports_pending: Arc<watch::Sender<usize>>,
     finals: mpsc::UnboundedSender<Write>,
     pub(crate) results: mpsc::UnboundedReceiver<Written>,
     task: JoinHandle<()>,
@@ -132,7 +124,6 @@ impl StatusWriter {
         let (done, results) = mpsc::unbounded_channel();
         let (events, events_rx) = mpsc::channel::<(String, PhaseEvent)>(EVENTS_QUEUED);
         let unpaced = Arc::new(AtomicBool::new(false));
-        let reports_pending = Arc::new(watch::Sender::new(0usize));
         // Queued and not yet published, so what a cut-short flush leaves is counted.
         let queued = Arc::new(AtomicUsize::new(0));
         let lane = tokio::spawn(publish_events(
@@ -142,9 +133,7 @@ impl StatusWriter {
             events_rx,
             unpaced.clone(),
             queued.clone(),
-            reports_pending.subscribe(),
         ));
-        let pending = reports_pending.clone();
         let task = tokio::spawn(async move {
             let queue = |rx: mpsc::UnboundedReceiver<Write>| {
                 futures::stream::unfold(
@@ -153,11 +142,7 @@ impl StatusWriter {
                 )
             };
             let reports = queue(rx)
-                .map(|w| async {
-                    let written = apply(store.as_ref(), &metrics, timeout, w).await;
-                    pending.send_modify(|n| *n = n.saturating_sub(1));
-                    written
-                })
+                .map(|w| apply(store.as_ref(), &metrics, timeout, w))
                 .buffer_unordered(IN_FLIGHT);
             let finals = queue(finals_rx)
                 .map(|w| apply(store.as_ref(), &metrics, timeout, w))
@@ -201,7 +186,6 @@ impl StatusWriter {
         });
         StatusWriter {
             submit,
-            reports_pending,
             finals,
             results,
             task,
@@ -213,13 +197,7 @@ impl StatusWriter {
         if write.kind == WriteKind::Final {
             self.finals.send(write).is_ok()
         } else {
-            self.reports_pending.send_modify(|n| *n += 1);
-            let sent = self.submit.send(write).is_ok();
-            if !sent {
-                self.reports_pending
-                    .send_modify(|n| *n = n.saturating_sub(1));
-            }
-            sent
+            self.submit.send(write).is_ok()
         }
     }
 
@@ -227,7 +205,6 @@ impl StatusWriter {
     pub(crate) async fn finish(self) -> Vec<Written> {
         let StatusWriter {
             submit,
-            reports_pending: _,
             finals,
             mut results,
             task,
@@ -288,32 +265,21 @@ async fn publish_events<S: RelaySyncStore>(
     rx: mpsc::Receiver<(String, PhaseEvent)>,
     unpaced: Arc<AtomicBool>,
     waiting: Arc<AtomicUsize>,
-    reports_pending: watch::Receiver<usize>,
 ) {
     let mut tick = tokio::time::interval(Duration::from_secs(1) / EVENTS_PER_SECOND);
     // After a quiet spell, one at once and then the pace again (not a burst of every tick
     // missed meanwhile).
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let queued = futures::stream::unfold(
-        (rx, tick, reports_pending),
-        move |(mut rx, mut tick, mut reports_pending)| {
-            let unpaced = unpaced.clone();
-            async move {
-                let e = rx.recv().await?;
-                if !unpaced.load(Ordering::Relaxed) {
-                    // Gone (the writer stopping) counts as idle; a writer that is never
-                    // idle (a write that keeps timing out) delays each Event only so long.
-                    let _ = tokio::time::timeout(
-                        EVENTS_DEFER_MAX,
-                        reports_pending.wait_for(|n| *n == 0),
-                    )
-                    .await;
-                    tick.tick().await;
-                }
-                Some((e, (rx, tick, reports_pending)))
+    let queued = futures::stream::unfold((rx, tick), move |(mut rx, mut tick)| {
+        let unpaced = unpaced.clone();
+        async move {
+            let e = rx.recv().await?;
+            if !unpaced.load(Ordering::Relaxed) {
+                tick.tick().await;
             }
-        },
-    );
+            Some((e, (rx, tick)))
+        }
+    });
     queued
         .for_each_concurrent(EVENTS_IN_FLIGHT, |(name, ev)| {
             let store = store.clone();
@@ -342,122 +308,4 @@ async fn publish_events<S: RelaySyncStore>(
             }
         })
         .await;
-}
-
-#[cfg(test)]
-mod tests {
-    use std::sync::Mutex;
-
-    use prometheus::Registry;
-    use tokio::sync::Notify;
-
-    use super::*;
-    use crate::crd::RelaySyncSpec;
-    use crate::store::StoredRelaySync;
-    use crate::store::memory::MemoryStore;
-
-    /// A memory store whose status writes to `slow` wait for `release`, and which records
-    /// the phase Events published.
-    #[derive(Default)]
-    struct SlowStore {
-        inner: MemoryStore,
-        release: Notify,
-        events: Mutex<Vec<String>>,
-    }
-
-    impl RelaySyncStore for SlowStore {
-        async fn list(&self) -> Result<Vec<StoredRelaySync>, StoreError> {
-            self.inner.list().await
-        }
-        async fn get(&self, name: &str) -> Result<Option<StoredRelaySync>, StoreError> {
-            self.inner.get(name).await
-        }
-        async fn apply_spec(
-            &self,
-            name: &str,
-            spec: &RelaySyncSpec,
-        ) -> Result<StoredRelaySync, StoreError> {
-            self.inner.apply_spec(name, spec).await
-        }
-        async fn apply_status(
-            &self,
-            name: &str,
-            status: &RelaySyncStatus,
-        ) -> Result<(), StoreError> {
-            if name == "slow" {
-                self.release.notified().await;
-            }
-            self.inner.apply_status(name, status).await
-        }
-        async fn delete(&self, name: &str) -> Result<(), StoreError> {
-            self.inner.delete(name).await
-        }
-        fn changes(&self) -> tokio::sync::watch::Receiver<u64> {
-            self.inner.changes()
-        }
-        async fn record_phase(
-            &self,
-            name: &str,
-            _from: Option<Phase>,
-            _to: Phase,
-            _note: Option<&str>,
-        ) -> Result<bool, StoreError> {
-            self.events.lock().unwrap().push(name.to_string());
-            Ok(true)
-        }
-    }
-
-    fn live(name: &str) -> Write {
-        Write {
-            name: name.to_string(),
-            status: RelaySyncStatus {
-                phase: Some(Phase::Live),
-                ..RelaySyncStatus::default()
-            },
-            kind: WriteKind::Report,
-            event: Some(PhaseEvent {
-                from: None,
-                to: Phase::Live,
-                note: None,
-            }),
-            decided_at: Instant::now(),
-        }
-    }
-
-    /// During a failover every write to the API server delays some relay's Live status: an
-    /// Event for a status already written waits while another status write is pending.
-    #[tokio::test(start_paused = true)]
-    async fn phase_events_wait_while_status_writes_are_pending() {
-        let store = Arc::new(SlowStore::default());
-        for name in ["fast", "slow"] {
-            let spec = RelaySyncSpec {
-                url: format!("wss://{name}.example"),
-                ..RelaySyncSpec::default()
-            };
-            store.apply_spec(name, &spec).await.unwrap();
-        }
-        let metrics = SupervisorMetrics::register(&Registry::new()).unwrap();
-        let mut writer = StatusWriter::spawn(store.clone(), metrics, Duration::from_secs(60));
-        assert!(writer.submit(live("fast")));
-        assert!(writer.submit(live("slow")));
-        let first = writer.results.recv().await.unwrap();
-        assert_eq!(
-            (first.write.name.as_str(), first.result),
-            ("fast", WriteResult::Ok)
-        );
-        // Far longer than the Events' pace: still held back by the pending write.
-        tokio::time::sleep(Duration::from_secs(5)).await;
-        assert!(store.events.lock().unwrap().is_empty());
-
-        store.release.notify_one();
-        let second = writer.results.recv().await.unwrap();
-        assert_eq!(second.write.name, "slow");
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while store.events.lock().unwrap().len() < 2 {
-            assert!(Instant::now() < deadline, "the Events never went out");
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        let events = store.events.lock().unwrap().clone();
-        assert_eq!(events, ["fast", "slow"]);
-    }
 }
