@@ -6,8 +6,10 @@
 //! is answered here, as the relay would answer it.
 //!
 //! Bounded (the oldest entry goes first), short-lived, and emptied whenever a connection to
-//! the local relay is lost: a relay that restarted may have lost what it held, and then the
-//! copies must reach it again.
+//! the local relay is lost or made again: a relay that restarted may have lost what it held,
+//! and then the copies must reach it again. Each emptying starts a new generation; an answer
+//! is remembered only from a connection made in the current one, so an answer from before a
+//! restart, read late on another connection, is not taken for one after it.
 
 use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
@@ -26,6 +28,7 @@ pub(super) struct Settled {
     order: VecDeque<(EventId, Instant)>,
     capacity: usize,
     ttl: Duration,
+    generation: u64,
 }
 
 impl Default for Settled {
@@ -41,11 +44,21 @@ impl Settled {
             order: VecDeque::new(),
             capacity: capacity.max(1),
             ttl,
+            generation: 0,
         }
     }
 
-    /// The local relay said, at `now`, that it holds `id`.
-    pub(super) fn insert(&mut self, id: EventId, now: Instant) {
+    /// The current generation (a connection notes it when it connects).
+    pub(super) fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// The local relay said, at `now`, on a connection made in `generation`, that it holds
+    /// `id`. Ignored from a connection of an older generation.
+    pub(super) fn insert(&mut self, id: EventId, now: Instant, generation: u64) {
+        if generation != self.generation {
+            return;
+        }
         self.expire(now);
         if self.at.insert(id, now).is_none() {
             while self.order.len() >= self.capacity {
@@ -66,10 +79,12 @@ impl Settled {
         self.at.contains_key(id)
     }
 
-    /// Forget everything (the connection the answers came over is gone).
+    /// Forget everything (a connection to the relay was lost or made again), and start a new
+    /// generation.
     pub(super) fn clear(&mut self) {
         self.at.clear();
         self.order.clear();
+        self.generation += 1;
     }
 
     pub(super) fn len(&self) -> usize {
@@ -106,7 +121,7 @@ mod tests {
     fn remembers_within_the_ttl_and_forgets_after() {
         let t = Instant::now();
         let mut s = Settled::new(10, Duration::from_secs(60));
-        s.insert(id(1), t);
+        s.insert(id(1), t, 0);
         assert!(s.holds(&id(1), t + Duration::from_secs(59)));
         assert!(!s.holds(&id(2), t));
         assert!(!s.holds(&id(1), t + Duration::from_secs(60)));
@@ -118,7 +133,7 @@ mod tests {
         let t = Instant::now();
         let mut s = Settled::new(3, Duration::from_secs(60));
         for n in 1..=5 {
-            s.insert(id(n), t);
+            s.insert(id(n), t, 0);
         }
         assert_eq!(s.len(), 3);
         assert!(!s.holds(&id(1), t) && !s.holds(&id(2), t));
@@ -129,20 +144,26 @@ mod tests {
     fn a_renewed_answer_outlives_its_first_entry() {
         let t = Instant::now();
         let mut s = Settled::new(2, Duration::from_secs(60));
-        s.insert(id(1), t);
-        s.insert(id(1), t + Duration::from_secs(30));
+        s.insert(id(1), t, 0);
+        s.insert(id(1), t + Duration::from_secs(30), 0);
         assert!(s.holds(&id(1), t + Duration::from_secs(70)));
-        s.insert(id(2), t + Duration::from_secs(31));
-        s.insert(id(3), t + Duration::from_secs(32));
+        s.insert(id(2), t + Duration::from_secs(31), 0);
+        s.insert(id(3), t + Duration::from_secs(32), 0);
         assert_eq!(s.len(), 2, "bounded by entries, not by stale slots");
     }
 
     #[test]
-    fn cleared_when_the_connection_is_lost() {
+    fn cleared_when_the_connection_is_lost_and_old_answers_ignored_after() {
         let t = Instant::now();
         let mut s = Settled::default();
-        s.insert(id(1), t);
+        let before = s.generation();
+        s.insert(id(1), t, before);
         s.clear();
         assert!(!s.holds(&id(1), t));
+        // An answer read late on a connection made before the clear.
+        s.insert(id(2), t, before);
+        assert!(!s.holds(&id(2), t));
+        s.insert(id(3), t, s.generation());
+        assert!(s.holds(&id(3), t));
     }
 }

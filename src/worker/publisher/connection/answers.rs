@@ -91,7 +91,11 @@ impl PublisherConn {
                 o.resolved.fetch_add(1, Ordering::Release);
             }
         }
-        if matches!(outcome, Outcome::Accepted | Outcome::Duplicate) {
+        // Held, and served: ngit-grasp's `OK true "purgatory: …"` is neither (it drops the
+        // event unless git data arrives), so a later copy must still be sent.
+        if matches!(outcome, Outcome::Accepted | Outcome::Duplicate)
+            && !message.trim_start().starts_with("purgatory")
+        {
             self.settle(event_id);
         }
         match outcome {

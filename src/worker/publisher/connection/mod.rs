@@ -30,9 +30,14 @@ pub(super) struct PublisherConn {
     reported: (i64, i64),
     pacer: Pacer,
     rx: super::fair::FairReceiver<Pending>,
-    /// Events any connection may send again (refused as rate-limited on one connection: another
-    /// may have room). Locked only for a push or pop, never across an await.
+    /// What the connections share: events any connection may send again (refused as
+    /// rate-limited on one connection: another may have room), and what the relay said it
+    /// holds. Locked only briefly, never across an await.
     shared: Arc<super::Common>,
+    /// The generation of the settled-events memory this connection was made in.
+    settled_generation: u64,
+    /// This connection has been connected before (a new connection is a reconnect).
+    connected_before: bool,
     /// Events this connection must send again (no answer in time, transient errors, lost
     /// connection, waiting for authentication).
     retry: VecDeque<Pending>,
@@ -86,6 +91,8 @@ impl PublisherConn {
             reported: (0, 0),
             rx,
             shared,
+            settled_generation: 0,
+            connected_before: false,
             retry: VecDeque::new(),
             delayed: Vec::new(),
             in_flight: HashMap::new(),
@@ -105,6 +112,14 @@ impl PublisherConn {
                     self.challenge = None;
                     self.auth_pending = None;
                     tracing::debug!(relay = %self.config.local_relay, "publisher connected");
+                    if let Ok(mut s) = self.shared.settled.lock() {
+                        // Connected again: the relay may have restarted meanwhile.
+                        if self.connected_before {
+                            s.clear();
+                        }
+                        self.settled_generation = s.generation();
+                    }
+                    self.connected_before = true;
                     // Whatever was in flight on the previous connection may never have arrived.
                     let lost: Vec<_> = self.in_flight.drain().map(|(_, f)| f.pending).collect();
                     // Lost while sending one event alone: that event gets a strike.
@@ -200,6 +215,9 @@ impl PublisherConn {
                 let Some(p) = self.retry.pop_front().or_else(|| self.pop_shared()) else {
                     break;
                 };
+                let Some(p) = self.answer_without_sending(p) else {
+                    continue;
+                };
                 if let Err(at) = self.pacer.take(now) {
                     self.retry.push_front(p);
                     wake = Some(at);
@@ -237,7 +255,7 @@ impl PublisherConn {
                     }
                 },
                 next = self.rx.recv(), if can_take => {
-                    if let Some(p) = next {
+                    if let Some(p) = next.and_then(|p| self.answer_without_sending(p)) {
                         if self.pacer.take(Instant::now()).is_err() {
                             self.retry.push_front(p);
                         } else if let Err(step) = self.send(writer, p).await {
@@ -328,11 +346,26 @@ impl PublisherConn {
             .is_ok_and(|mut s| s.holds(id, Instant::now()))
     }
 
-    /// Remember that the local relay holds `id`.
+    /// Remember that the local relay holds `id` (said on this connection).
     pub(super) fn settle(&self, id: nostr::EventId) {
         if let Ok(mut s) = self.shared.settled.lock() {
-            s.insert(id, Instant::now());
+            s.insert(id, Instant::now(), self.settled_generation);
         }
+    }
+
+    /// `p`, unless it needs no send of its own — a copy of an event in flight here (it
+    /// shares that answer) or of one the relay just said it holds — so that it takes none
+    /// of the pace's budget.
+    fn answer_without_sending(&mut self, mut p: Pending) -> Option<Pending> {
+        if let Some(flight) = self.in_flight.get_mut(&p.event.id) {
+            flight.pending.origins.append(&mut p.origins);
+            return None;
+        }
+        if self.settled_holds(&p.event.id) {
+            self.answer_settled(p);
+            return None;
+        }
+        Some(p)
     }
 
     /// A copy of an event the relay said it holds: answered as its `duplicate:` would be,
@@ -343,7 +376,7 @@ impl PublisherConn {
         self.metrics
             .publish_outcomes
             .with_label_values(&["already-held"])
-            .inc_by(copies);
+            .inc();
         for o in p.origins.iter().flatten() {
             o.resolved.fetch_add(1, Ordering::Release);
         }
