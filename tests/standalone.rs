@@ -123,7 +123,17 @@ async fn standalone_syncs_historic_live_and_later_discovered_repos() {
         assert!(body.contains(&format!("{task}: running")), "{body}");
     }
 
-    // A graceful stop saves every relay's cursor.
+    // A graceful stop saves every relay's cursor: once every relay, d included, has synced
+    // its history (a relay stopped before that has no cursor to save).
+    eventually("four Live relays", DEADLINE, || async {
+        let list = store.list().await.unwrap();
+        let live = list
+            .iter()
+            .filter(|o| o.status.as_ref().and_then(|s| s.phase) == Some(Phase::Live))
+            .count();
+        (list.len() == 4 && live == 4).then_some(())
+    })
+    .await;
     running.stop().await;
     for o in store.list().await.unwrap() {
         let s = o.status.expect("status written");
