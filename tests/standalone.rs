@@ -20,6 +20,19 @@ use support::relays;
 
 const DEADLINE: Duration = Duration::from_secs(60);
 
+/// Wait until the store holds exactly `n` RelaySyncs, every one reported Live.
+async fn all_live<S: RelaySyncStore>(store: &S, n: usize) {
+    eventually(&format!("{n} Live relays"), DEADLINE, || async {
+        let list = store.list().await.unwrap();
+        let live = list
+            .iter()
+            .filter(|o| o.status.as_ref().and_then(|s| s.phase) == Some(Phase::Live))
+            .count();
+        (list.len() == n && live == n).then_some(())
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn standalone_syncs_historic_live_and_later_discovered_repos() {
     let (_local_relay, local) = relays::local_relay(1_000_000).await;
@@ -69,15 +82,7 @@ async fn standalone_syncs_historic_live_and_later_discovered_repos() {
 
     // Every relay reports Live in the store.
     let store = running.store.clone();
-    eventually("three Live relays", DEADLINE, || async {
-        let list = store.list().await.unwrap();
-        let live = list
-            .iter()
-            .filter(|o| o.status.as_ref().and_then(|s| s.phase) == Some(Phase::Live))
-            .count();
-        (list.len() == 3 && live == 3).then_some(())
-    })
-    .await;
+    all_live(store.as_ref(), 3).await;
 
     // Live: a new comment on alpha's root at nostr-rs-relay arrives.
     let live = nip34::comments(alpha.root.id, 1, 0);
@@ -125,15 +130,7 @@ async fn standalone_syncs_historic_live_and_later_discovered_repos() {
 
     // A graceful stop saves every relay's cursor: once every relay, d included, has synced
     // its history (a relay stopped before that has no cursor to save).
-    eventually("four Live relays", DEADLINE, || async {
-        let list = store.list().await.unwrap();
-        let live = list
-            .iter()
-            .filter(|o| o.status.as_ref().and_then(|s| s.phase) == Some(Phase::Live))
-            .count();
-        (list.len() == 4 && live == 4).then_some(())
-    })
-    .await;
+    all_live(store.as_ref(), 4).await;
     running.stop().await;
     for o in store.list().await.unwrap() {
         let s = o.status.expect("status written");

@@ -246,20 +246,10 @@ fn phase_reason(phase: Phase) -> &'static str {
     }
 }
 
-fn to_stored(o: RelaySync) -> StoredRelaySync {
-    StoredRelaySync {
-        name: o.name_any(),
-        generation: o.metadata.generation.unwrap_or(0),
-        draining: o.labels().get(DRAIN_LABEL).is_some_and(|v| v == "true"),
-        spec: o.spec,
-        status: o.status,
-    }
-}
-
-/// A cached object as stored, copying only what a reader uses (not its metadata: a worker
-/// reads its whole cache after each announced change, up to ten times a second while it
-/// takes relays over).
-fn stored_from_cache(o: &RelaySync) -> StoredRelaySync {
+/// An object as stored, copying only what a reader uses (not its metadata: a worker reads
+/// its whole cache after each announced change, up to ten times a second while it takes
+/// relays over).
+fn to_stored(o: &RelaySync) -> StoredRelaySync {
     StoredRelaySync {
         name: o.name_any(),
         generation: o.metadata.generation.unwrap_or(0),
@@ -287,7 +277,7 @@ impl RelaySyncStore for KubeStore {
             lp = lp.labels(sel);
         }
         let list = self.api.list(&lp).await.map_err(|e| map_err("(list)", e))?;
-        let mut out: Vec<StoredRelaySync> = list.items.into_iter().map(to_stored).collect();
+        let mut out: Vec<StoredRelaySync> = list.items.iter().map(to_stored).collect();
         out.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(out)
     }
@@ -308,12 +298,8 @@ impl RelaySyncStore for KubeStore {
             // The watch has not listed yet (or is gone): ask the API server.
             return self.list().await;
         }
-        let mut out: Vec<StoredRelaySync> = self
-            .cache
-            .state()
-            .iter()
-            .map(|o| stored_from_cache(o))
-            .collect();
+        let mut out: Vec<StoredRelaySync> =
+            self.cache.state().iter().map(|o| to_stored(o)).collect();
         out.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(out)
     }
@@ -341,6 +327,7 @@ impl RelaySyncStore for KubeStore {
             .get_opt(name)
             .await
             .map_err(|e| map_err(name, e))?
+            .as_ref()
             .map(to_stored))
     }
 
@@ -364,7 +351,7 @@ impl RelaySyncStore for KubeStore {
             )
             .await
             .map_err(|e| map_err(name, e))?;
-        Ok(to_stored(applied))
+        Ok(to_stored(&applied))
     }
 
     async fn apply_status(&self, name: &str, status: &RelaySyncStatus) -> Result<(), StoreError> {

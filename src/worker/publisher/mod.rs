@@ -193,6 +193,15 @@ struct Pending {
     origins: Vec<Option<Arc<SourceCounters>>>,
 }
 
+impl Pending {
+    /// Every delivery of this event has its final answer (its session may count it done).
+    fn resolve(&self) {
+        for o in self.origins.iter().flatten() {
+            o.resolved.fetch_add(1, Ordering::Release);
+        }
+    }
+}
+
 /// Cheap to clone; every session holds one.
 #[derive(Clone)]
 pub struct Publisher {

@@ -7,7 +7,7 @@ use std::time::{Duration, SystemTime};
 
 use tokio::time::Instant;
 
-use super::sessions::Given;
+use super::sessions::{Given, Held};
 use super::writer::{PhaseEvent, StatusWriter, Write, WriteKind};
 use super::{State, SupervisorConfig, sessions, submit};
 use crate::crd::Phase;
@@ -47,7 +47,11 @@ pub(super) async fn release_drained(
     st.released
         .retain(|name| st.objects.get(name).is_some_and(|o| o.draining));
     let mut decided = Vec::new();
-    let due = sessions::drains_due(&st.objects, &st.urls, &st.released, &config.worker);
+    let due = sessions::drains_due(
+        Held::new(&st.objects, &st.urls),
+        &st.released,
+        &config.worker,
+    );
     let due_urls: BTreeSet<RelayUrl> = due.iter().map(|(url, _)| url.clone()).collect();
     // A stop whose drain is no longer due (the controller cancelled it, or the relay moved
     // on) would otherwise stay in `stopping`, and the relay held off, for good.
@@ -118,7 +122,8 @@ pub(super) async fn release_drained(
         submit(st, writer, w);
     }
     // Keep a drained session's final state only while one of its parts still drains.
-    let draining: BTreeSet<RelayUrl> = sessions::group_by_url(&st.objects, &st.urls)
+    let draining: BTreeSet<RelayUrl> = Held::new(&st.objects, &st.urls)
+        .by_url()
         .into_iter()
         .filter(|(_, parts)| parts.iter().all(|o| o.draining))
         .map(|(url, _)| url)

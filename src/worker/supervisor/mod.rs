@@ -235,8 +235,7 @@ pub(crate) async fn supervise<S: RelaySyncStore + 'static>(
             let mut hold = st.sessions.held_off(Instant::now());
             hold.extend(st.stopping.keys().cloned());
             sessions::reconcile_sessions(
-                &st.objects,
-                &st.urls,
+                Held::new(&st.objects, &st.urls),
                 &st.facts,
                 &mut st.sessions,
                 &hold,
@@ -278,11 +277,7 @@ pub(crate) async fn supervise<S: RelaySyncStore + 'static>(
                     dirty = true;
                     urgent = true;
                 }
-                let held = Held {
-                    objects: &st.objects,
-                    urls: &st.urls,
-                };
-                let by_phase = report::phases(held, &st.sessions);
+                let by_phase = report::phases(Held::new(&st.objects, &st.urls), &st.sessions);
                 for phase in PHASES {
                     metrics
                         .relays_by_phase
@@ -291,7 +286,7 @@ pub(crate) async fn supervise<S: RelaySyncStore + 'static>(
                 }
                 let due = report::due(
                     &config,
-                    held,
+                    Held::new(&st.objects, &st.urls),
                     &st.sessions,
                     &mut st.coalescers,
                     &st.in_flight,

@@ -247,17 +247,21 @@ pub(crate) struct Held<'a> {
     pub(crate) urls: &'a Urls,
 }
 
-pub(crate) fn group_by_url<'a>(
-    objects: &'a BTreeMap<String, StoredRelaySync>,
-    urls: &Urls,
-) -> BTreeMap<RelayUrl, Vec<&'a StoredRelaySync>> {
-    let mut by_url: BTreeMap<RelayUrl, Vec<&StoredRelaySync>> = BTreeMap::new();
-    for o in objects.values() {
-        if let Some(url) = urls.of(o) {
-            by_url.entry(url).or_default().push(o);
-        }
+impl<'a> Held<'a> {
+    pub(crate) fn new(objects: &'a BTreeMap<String, StoredRelaySync>, urls: &'a Urls) -> Self {
+        Held { objects, urls }
     }
-    by_url
+
+    /// The objects by relay (the split parts of one relay together).
+    pub(crate) fn by_url(self) -> BTreeMap<RelayUrl, Vec<&'a StoredRelaySync>> {
+        let mut by_url: BTreeMap<RelayUrl, Vec<&StoredRelaySync>> = BTreeMap::new();
+        for o in self.objects.values() {
+            if let Some(url) = self.urls.of(o) {
+                by_url.entry(url).or_default().push(o);
+            }
+        }
+        by_url
+    }
 }
 
 /// How a new session resumes: the earliest of its parts' cursors, only if every part's
@@ -307,14 +311,13 @@ pub(crate) fn resume_from(parts: &[&StoredRelaySync]) -> Resume {
 /// drained are left to the drain step; a relay in `hold` (its previous session still
 /// closing, or a restart still waiting) gets a new session only later.
 pub(crate) fn reconcile_sessions(
-    objects: &BTreeMap<String, StoredRelaySync>,
-    urls: &Urls,
+    held: Held<'_>,
     facts: &RepoFacts,
     all: &mut Sessions,
     hold: &BTreeSet<RelayUrl>,
     starter: &dyn SessionStarter,
 ) {
-    let mut by_url = group_by_url(objects, urls);
+    let mut by_url = held.by_url();
     all.restarts.retain(|url, _| by_url.contains_key(url));
     by_url.retain(|url, parts| !parts.iter().all(|o| o.draining) && !hold.contains(url));
     let sessions = &mut all.running;
@@ -393,12 +396,11 @@ pub(crate) fn reconcile_sessions(
 /// Relays whose every part is draining, with the parts not yet acknowledged by `worker`
 /// (neither in status nor in `released`, the acknowledgements this supervisor wrote).
 pub(crate) fn drains_due<'a>(
-    objects: &'a BTreeMap<String, StoredRelaySync>,
-    urls: &Urls,
+    held: Held<'a>,
     released: &BTreeSet<String>,
     worker: &str,
 ) -> Vec<(RelayUrl, Vec<&'a StoredRelaySync>)> {
-    group_by_url(objects, urls)
+    held.by_url()
         .into_iter()
         .filter(|(_, parts)| parts.iter().all(|o| o.draining))
         .filter_map(|(url, parts)| {

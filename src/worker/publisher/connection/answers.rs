@@ -87,9 +87,7 @@ impl PublisherConn {
         };
         let is_final = !retry;
         if is_final {
-            for o in p.origins.iter().flatten() {
-                o.resolved.fetch_add(1, Ordering::Release);
-            }
+            p.resolve();
         }
         // Held, and served: ngit-grasp's `OK true "purgatory: …"` is neither (it drops the
         // event unless git data arrives), so a later copy must still be sent.

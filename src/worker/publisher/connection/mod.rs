@@ -280,16 +280,9 @@ impl PublisherConn {
         mut p: Pending,
     ) -> Result<(), Step> {
         let id = p.event.id;
-        // Already on its way: share that attempt's answer instead of sending it twice (a
-        // second entry under the same id would overwrite the first and lose its answer).
-        if let Some(flight) = self.in_flight.get_mut(&id) {
-            flight.pending.origins.append(&mut p.origins);
-            return Ok(());
-        }
-        if self.settled_holds(&id) {
-            self.answer_settled(p);
-            return Ok(());
-        }
+        // Callers pass what `answer_without_sending` left: a second entry under the same id
+        // would overwrite the first and lose its answer.
+        debug_assert!(!self.in_flight.contains_key(&id), "sent twice at once");
         p.attempts += 1;
         let msg = ClientMessage::event(p.event.clone());
         let result = writer.send(&msg).await;
@@ -354,8 +347,8 @@ impl PublisherConn {
     }
 
     /// `p`, unless it needs no send of its own — a copy of an event in flight here (it
-    /// shares that answer) or of one the relay just said it holds — so that it takes none
-    /// of the pace's budget.
+    /// shares that attempt's answer) or of one the relay just said it holds — so that it
+    /// takes none of the pace's budget. Every event goes through here before `send`.
     fn answer_without_sending(&mut self, mut p: Pending) -> Option<Pending> {
         if let Some(flight) = self.in_flight.get_mut(&p.event.id) {
             flight.pending.origins.append(&mut p.origins);
@@ -377,9 +370,7 @@ impl PublisherConn {
             .publish_outcomes
             .with_label_values(&["already-held"])
             .inc();
-        for o in p.origins.iter().flatten() {
-            o.resolved.fetch_add(1, Ordering::Release);
-        }
+        p.resolve();
     }
 
     fn shared_is_empty(&self) -> bool {
