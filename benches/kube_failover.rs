@@ -155,6 +155,55 @@ impl Bench {
             })
     }
 
+    /// Of the objects not labelled `excluded`: how many, and how many of them are Live by
+    /// their labelled worker.
+    fn moved_and_live(&self, excluded: &str) -> (usize, usize) {
+        let objects = self.objects.state();
+        let moved: Vec<_> = objects
+            .iter()
+            .filter(|o| {
+                o.labels()
+                    .get(WORKER_LABEL)
+                    .is_some_and(|l| l.as_str() != excluded)
+            })
+            .collect();
+        let live = moved
+            .iter()
+            .filter(|o| {
+                let s = o.status.as_ref();
+                s.and_then(|s| s.worker.as_ref()) == o.labels().get(WORKER_LABEL)
+                    && s.and_then(|s| s.phase) == Some(Phase::Live)
+            })
+            .count();
+        (moved.len(), live)
+    }
+
+    /// While `excluded`'s `held` relays are handed over: when their labels had all moved
+    /// and when half of them were Live again (from `start`), by the watch's view, sampled
+    /// every 50 ms; returns once all are Live.
+    async fn handover_timeline(&self, excluded: &str, held: usize, start: Instant) -> String {
+        let (mut moved_all, mut live_half) = (None, None);
+        let others = self.n.saturating_sub(held);
+        while start.elapsed() < Duration::from_secs(300) {
+            let (moved, live) = self.moved_and_live(excluded);
+            if moved == self.n && moved_all.is_none() {
+                moved_all = Some(start.elapsed());
+            }
+            if live >= others + held / 2 && live_half.is_none() {
+                live_half = Some(start.elapsed());
+            }
+            if self.all_live(Some(excluded)) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        format!(
+            "labels all moved at {:.1?}, half Live again at {:.1?}",
+            moved_all.unwrap_or_default(),
+            live_half.unwrap_or_default()
+        )
+    }
+
     async fn wait_all_live(&self, excluded: Option<&str>, within: Duration) -> Duration {
         let start = Instant::now();
         while !self.all_live(excluded) {
@@ -237,6 +286,50 @@ impl Bench {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+    }
+
+    /// The API server's request counters (`apiserver_request_total`) summed by verb, resource
+    /// and subresource: what a phase of the benchmark cost the API server.
+    async fn api_requests(&self) -> BTreeMap<String, f64> {
+        let req = http::Request::get("/metrics")
+            .body(Vec::new())
+            .expect("request");
+        let text = self
+            .cluster
+            .admin
+            .request_text(req)
+            .await
+            .unwrap_or_default();
+        let mut out = BTreeMap::new();
+        for line in text
+            .lines()
+            .filter(|l| l.starts_with("apiserver_request_total{"))
+        {
+            let label = |k: &str| {
+                let key = format!("{k}=\"");
+                let at = line.find(&key)? + key.len();
+                Some(line[at..].split('"').next()?.to_string())
+            };
+            let (Some(verb), Some(resource)) = (label("verb"), label("resource")) else {
+                continue;
+            };
+            if verb == "WATCH" || verb == "GET" && resource.is_empty() {
+                continue;
+            }
+            let sub = label("subresource").unwrap_or_default();
+            let key = if sub.is_empty() {
+                format!("{verb} {resource}")
+            } else {
+                format!("{verb} {resource}/{sub}")
+            };
+            let n: f64 = line
+                .rsplit(' ')
+                .next()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0.0);
+            *out.entry(key).or_insert(0.0) += n;
+        }
+        out
     }
 
     async fn status_writes(&self) -> f64 {
@@ -500,6 +593,7 @@ async fn run() {
     for k in 0..handovers {
         scale(&statefulsets, w - 1).await;
         let held = b.owners().get(&last).copied().unwrap_or(0);
+        let requests = b.api_requests().await;
         let t = Instant::now();
         let leaving = b.workers.remove(&last).expect("running");
         // The handover is timed on its own: the leaving pod may still be writing its last
@@ -510,14 +604,28 @@ async fn run() {
                 (status, t.elapsed())
             },
             async {
+                let timeline = b.handover_timeline(&last, held, t).await;
                 b.wait_all_live(Some(&last), Duration::from_secs(300)).await;
-                t.elapsed()
+                let took = t.elapsed();
+                (took, timeline, b.api_requests().await)
             }
         );
+        let (took, timeline, after) = took;
         println!(
             "handover {k}: {last} held {held} relays; exit {status} after {stopped:.1?}; all Live elsewhere {took:.1?} after SIGTERM"
         );
         graceful.push(took.as_secs_f64());
+        let spent: Vec<String> = after
+            .iter()
+            .filter_map(|(k, v)| {
+                let d = v - requests.get(k).copied().unwrap_or(0.0);
+                (d >= 1.0).then(|| format!("{k} {d:.0}"))
+            })
+            .collect();
+        println!(
+            "  {timeline}; API requests until then: {}",
+            spent.join(", ")
+        );
         scale(&statefulsets, w).await;
         b.start_worker(&last);
         b.wait_balanced(w).await;

@@ -44,6 +44,8 @@ pub struct KubeStore {
     /// readiness future keeps a single waker, so a dropped poll would steal the wake-up of
     /// a task waiting on it (the assigner, which then never starts).
     listed: Arc<AtomicBool>,
+    /// When the watch last saw an object leave this store (relabelled away, or deleted).
+    departed: Arc<std::sync::Mutex<Option<tokio::time::Instant>>>,
     revision: watch::Sender<u64>,
     watch_task: JoinHandle<()>,
 }
@@ -103,6 +105,8 @@ impl KubeStore {
         let stream = reflector::reflector(writer, events);
         let listed = Arc::new(AtomicBool::new(false));
         let done = listed.clone();
+        let departed = Arc::new(std::sync::Mutex::new(None));
+        let departures = departed.clone();
         let watch_task = tokio::spawn(async move {
             let mut stream = std::pin::pin!(stream);
             let mut seen = Seen::default();
@@ -112,7 +116,13 @@ impl KubeStore {
                         if matches!(ev, watcher::Event::InitDone) {
                             done.store(true, Ordering::Release);
                         }
-                        if seen.news(&ev, announce) {
+                        let news = seen.news(&ev, announce);
+                        if news.departed
+                            && let Ok(mut at) = departures.lock()
+                        {
+                            *at = Some(tokio::time::Instant::now());
+                        }
+                        if news.look_again {
                             tx.send_modify(|r| *r += 1);
                         }
                     }
@@ -133,6 +143,7 @@ impl KubeStore {
             recorder: None,
             cache,
             listed,
+            departed,
             revision,
             watch_task,
         }
@@ -204,34 +215,54 @@ struct Seen {
     relisting: Option<HashMap<String, Fingerprint>>,
 }
 
+/// What one watch event meant to the store's readers.
+#[derive(Debug, Default, PartialEq)]
+struct News {
+    /// Readers should look again.
+    look_again: bool,
+    /// An object left the store.
+    departed: bool,
+}
+
 impl Seen {
-    /// Record `event`; true if readers should look again.
-    fn news(&mut self, event: &watcher::Event<RelaySync>, announce: Announce) -> bool {
+    /// Record `event`.
+    fn news(&mut self, event: &watcher::Event<RelaySync>, announce: Announce) -> News {
         match event {
             watcher::Event::Init => {
                 self.relisting = Some(HashMap::new());
-                false
+                News::default()
             }
             watcher::Event::InitApply(o) => {
                 if let Some(m) = &mut self.relisting {
                     m.insert(o.name_any(), fingerprint(o));
                 }
-                false
+                News::default()
             }
             watcher::Event::InitDone => {
+                let mut departed = false;
                 if let Some(m) = self.relisting.take() {
+                    departed = self.current.keys().any(|k| !m.contains_key(k));
                     self.current = m;
                 }
-                true
+                News {
+                    look_again: true,
+                    departed,
+                }
             }
             watcher::Event::Apply(o) => {
                 let new = fingerprint(o);
                 let old = self.current.insert(o.name_any(), new.clone());
-                announce != Announce::NotStatusAlone || old.as_ref() != Some(&new)
+                News {
+                    look_again: announce != Announce::NotStatusAlone || old.as_ref() != Some(&new),
+                    departed: false,
+                }
             }
             watcher::Event::Delete(o) => {
                 self.current.remove(&o.name_any());
-                true
+                News {
+                    look_again: true,
+                    departed: true,
+                }
             }
         }
     }
@@ -280,6 +311,14 @@ impl RelaySyncStore for KubeStore {
         let mut out: Vec<StoredRelaySync> = list.items.iter().map(to_stored).collect();
         out.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(out)
+    }
+
+    fn hands_over(&self) -> bool {
+        self.holder.is_some()
+    }
+
+    fn last_departure(&self) -> Option<tokio::time::Instant> {
+        self.departed.lock().ok().and_then(|at| *at)
     }
 
     fn seen_leaving(&self, name: &str) -> bool {

@@ -71,6 +71,18 @@ pub trait RelaySyncStore: Send + Sync {
         false
     }
 
+    /// Whether this store's objects can be handed to another holder while it runs (a
+    /// worker's store in Kubernetes mode, whose labels the controller moves).
+    fn hands_over(&self) -> bool {
+        false
+    }
+
+    /// When this store last saw an object leave it (see [`RelaySyncStore::seen_leaving`]);
+    /// `None`: never, or a store that does not watch.
+    fn last_departure(&self) -> Option<tokio::time::Instant> {
+        None
+    }
+
     /// Every object's name and spec, as [`RelaySyncStore::snapshot`] sees them, without
     /// copying statuses (discovery compares specs only, every pass).
     fn specs(

@@ -356,11 +356,24 @@ pub(crate) async fn supervise<S: RelaySyncStore + 'static>(
             });
         }
     }
+    let (mut written, mut moved_on, mut failed) = (0, 0, 0);
     for w in writer.finish().await {
-        if w.result != WriteResult::Ok {
-            tracing::warn!(object = %w.write.name, result = ?w.result, "final status write failed");
+        match w.result {
+            WriteResult::Ok => written += 1,
+            // Relabelled for its next holder meanwhile: that holder writes its status.
+            WriteResult::Refused => moved_on += 1,
+            WriteResult::Error | WriteResult::Timeout => {
+                failed += 1;
+                tracing::warn!(object = %w.write.name, result = ?w.result, "final status write failed");
+            }
         }
     }
+    tracing::info!(
+        written,
+        moved_on,
+        failed,
+        "final statuses: written, skipped (the relay moved on), failed"
+    );
 }
 
 /// Whether anything a session depends on differs: an object came or went, or its spec,
