@@ -252,6 +252,18 @@ pub struct SyncOpts {
     /// --publisher-connections for a fixed number.
     #[arg(long, env = "GRASP_SYNC_PUBLISHER_MAX_CONNECTIONS", default_value_t = grasp_sync::worker::publisher::DEFAULT_MAX_CONNECTIONS)]
     pub publisher_max_connections: usize,
+    /// Events the local relay refused on policy grounds (`blocked:`, `invalid:`, …) that
+    /// are remembered, so later copies of them (from other relays, or a reconciliation) are
+    /// answered without spending the relay's ingress limit; 0 remembers none. About 150
+    /// bytes each (metric grasp_sync_publish_refused_remembered_events). Forgotten when
+    /// the worker learns a new announcement, maintainer or root event of its repos, and
+    /// per reply when its parent is accepted.
+    #[arg(long, env = "GRASP_SYNC_REFUSAL_MEMORY", default_value_t = 16_384)]
+    pub refusal_memory: usize,
+    /// How long a remembered refusal stands. Keep it under --reconcile-every: each
+    /// reconciliation after it offers every refused event to the local relay again.
+    #[arg(long, env = "GRASP_SYNC_REFUSAL_MEMORY_TTL", default_value = "1h", value_parser = humantime::parse_duration)]
+    pub refusal_memory_ttl: Duration,
     /// File holding a nostr secret key (nsec or hex) for NIP-42 authentication to the local
     /// relay (the key your relay may exempt from its limits). Never used with remote relays.
     #[arg(long, env = "GRASP_SYNC_AUTH_KEY_FILE")]

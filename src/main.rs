@@ -88,6 +88,13 @@ fn address_policy(opts: &PolicyOpts) -> AddressPolicy {
     policy
 }
 
+fn refusal_memory(sync: &SyncOpts) -> grasp_sync::worker::publisher::RefusalMemory {
+    grasp_sync::worker::publisher::RefusalMemory {
+        entries: sync.refusal_memory,
+        ttl: sync.refusal_memory_ttl,
+    }
+}
+
 fn auth_keys(sync: &SyncOpts) -> Result<Option<nostr::Keys>> {
     sync.auth_key_file
         .as_deref()
@@ -136,6 +143,13 @@ fn session_config(sync: &SyncOpts) -> Result<grasp_sync::worker::session::Sessio
         (sync.assumed_subscription_cap > 0).then_some(sync.assumed_subscription_cap);
     let period = sync.reconcile_every;
     c.reconcile_every = (period / 24 * 23, period / 24 * 25);
+    if sync.refusal_memory > 0 && sync.refusal_memory_ttl >= c.reconcile_every.0 {
+        tracing::warn!(
+            ttl = ?sync.refusal_memory_ttl,
+            reconcile_every = ?period,
+            "--refusal-memory-ttl is not under --reconcile-every: a reconciliation may skip an event the local relay refused once and would take now"
+        );
+    }
     Ok(c)
 }
 
@@ -164,6 +178,7 @@ async fn standalone(args: StandaloneArgs) -> Result<()> {
     opts.status_interval = args.sync.status_interval;
     opts.publisher_connections = args.sync.publisher_connections;
     opts.publisher_max_connections = args.sync.publisher_max_connections;
+    opts.refusals = refusal_memory(&args.sync);
     opts.auth_keys = auth_keys(&args.sync)?;
     opts.remote_auth_keys = Some(remote_auth_keys(&args.sync)?);
     opts.session = session_config(&args.sync)?;
@@ -268,6 +283,7 @@ async fn worker(args: WorkerArgs) -> Result<()> {
         status_interval: args.sync.status_interval,
         publisher_connections: args.sync.publisher_connections,
         publisher_max_connections: args.sync.publisher_max_connections,
+        refusals: refusal_memory(&args.sync),
         auth_keys: auth_keys(&args.sync)?,
         remote_auth_keys: Some(remote_auth_keys(&args.sync)?),
         http_addr: args.kube.metrics_addr,

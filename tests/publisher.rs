@@ -413,6 +413,81 @@ async fn copies_of_an_event_the_relay_just_took_are_not_sent_again() {
     );
 }
 
+/// A copy of an event the relay refused on policy grounds is answered from that refusal,
+/// not sent again (at stock limits each send costs a second of a connection's budget);
+/// a reply refused for want of its parent is sent again once the relay took the parent, and
+/// every refusal is forgotten when the worker's repos change.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn copies_of_an_event_the_relay_refused_are_not_sent_again() {
+    let relay = HostileRelay::start(Script::default()).await;
+    // Like a GRASP relay: nothing that references an event it does not hold, and no spam.
+    let taken = std::sync::Arc::new(std::sync::Mutex::new(BTreeSet::new()));
+    let held = taken.clone();
+    relay.set_policy(std::sync::Arc::new(move |e: &Event| {
+        let mut held = held.lock().unwrap();
+        if e.content.starts_with("spam") {
+            return Err("not here".into());
+        }
+        if e.tags.event_ids().all(|r| held.contains(r)) {
+            held.insert(e.id);
+            Ok(())
+        } else {
+            Err("does not reference an accepted event".into())
+        }
+    }));
+    let metrics = PublisherMetrics::default();
+    let (publisher, _task) = Publisher::spawn(PublisherConfig::new(relay.url()), metrics.clone());
+    let keys = Keys::generate();
+    let spam: Vec<Event> = (0..10)
+        .map(|i| {
+            EventBuilder::new(Kind::from(1111), format!("spam {i}"))
+                .sign_with_keys(&keys)
+                .unwrap()
+        })
+        .collect();
+    let parent = EventBuilder::new(Kind::from(1621), "an issue")
+        .sign_with_keys(&keys)
+        .unwrap();
+    let reply = EventBuilder::new(Kind::from(1111), "a reply")
+        .tags([nostr::Tag::event(parent.id)])
+        .sign_with_keys(&keys)
+        .unwrap();
+    let mut refused = spam.clone();
+    refused.push(reply.clone());
+    let received = || relay.counters().events_received.load(Ordering::SeqCst);
+
+    publish_all(&publisher, &refused).await;
+    drained(&publisher, Duration::from_secs(30)).await;
+    assert_eq!(received(), 11);
+    // The copies from a second remote relay.
+    publish_all(&publisher, &refused).await;
+    drained(&publisher, Duration::from_secs(30)).await;
+    assert_eq!(received(), 11, "a copy of a refused event was sent again");
+    assert_eq!(publisher.stats().refused.load(Ordering::Relaxed), 22);
+    let before = || {
+        metrics
+            .publish_outcomes
+            .with_label_values(&["refused-before"])
+            .get()
+    };
+    assert_eq!(before(), 11);
+
+    // The parent is taken: the reply is sent again, and taken.
+    publish_all(&publisher, std::slice::from_ref(&parent)).await;
+    drained(&publisher, Duration::from_secs(30)).await;
+    publish_all(&publisher, std::slice::from_ref(&reply)).await;
+    drained(&publisher, Duration::from_secs(30)).await;
+    assert_eq!(received(), 13);
+    assert!(taken.lock().unwrap().contains(&reply.id));
+
+    // The worker's repos changed: the spam is offered again.
+    publisher.forget_refusals();
+    publish_all(&publisher, &spam).await;
+    drained(&publisher, Duration::from_secs(30)).await;
+    assert_eq!(received(), 23);
+    assert_eq!(before(), 11);
+}
+
 /// What the relay said it holds is forgotten when a connection to it is lost (it may have
 /// restarted without it): copies published after that are sent again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -20,7 +20,7 @@ use crate::relay::address_policy::AddressPolicy;
 use crate::store::StoreError;
 use crate::store::memory::MemoryStore;
 use crate::worker::WorkerMetrics;
-use crate::worker::publisher::{Publisher, PublisherConfig};
+use crate::worker::publisher::{Publisher, PublisherConfig, RefusalMemory};
 use crate::worker::session::SessionConfig;
 use crate::worker::supervisor::{self, SupervisorConfig};
 
@@ -40,6 +40,8 @@ pub struct StandaloneOptions {
     pub limits: DiscoveryLimits,
     pub publisher_connections: usize,
     pub publisher_max_connections: usize,
+    /// Policy refusals of the local relay remembered (copies answered without a send).
+    pub refusals: RefusalMemory,
     /// NIP-42 key for the local relay (the publisher).
     pub auth_keys: Option<Keys>,
     /// NIP-42 key for remote relays (the sessions); never the local relay's.
@@ -62,6 +64,7 @@ impl StandaloneOptions {
             limits: DiscoveryLimits::default(),
             publisher_connections: 1,
             publisher_max_connections: crate::worker::publisher::DEFAULT_MAX_CONNECTIONS,
+            refusals: RefusalMemory::default(),
             auth_keys: None,
             remote_auth_keys: None,
             session: SessionConfig::default(),
@@ -116,6 +119,7 @@ pub async fn start(opts: StandaloneOptions) -> Result<Standalone, StandaloneErro
         opts.publisher_max_connections,
         opts.auth_keys.clone(),
     );
+    pc.refusals = opts.refusals;
     pc.connect.ping_every = opts.session.connect.ping_every;
     pc.connect.pong_timeout = opts.session.connect.pong_timeout;
     let (publisher, publisher_task) = Publisher::spawn(pc, worker_metrics.publisher.clone());

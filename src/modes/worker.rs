@@ -17,7 +17,7 @@ use crate::observability::ProcessMetrics;
 use crate::relay::address_policy::AddressPolicy;
 use crate::store::kube::KubeStore;
 use crate::worker::WorkerMetrics;
-use crate::worker::publisher::{Publisher, PublisherConfig};
+use crate::worker::publisher::{Publisher, PublisherConfig, RefusalMemory};
 use crate::worker::session::SessionConfig;
 use crate::worker::supervisor::{self, SupervisorConfig};
 
@@ -33,6 +33,8 @@ pub struct WorkerOptions {
     pub status_interval: Duration,
     pub publisher_connections: usize,
     pub publisher_max_connections: usize,
+    /// Policy refusals of the local relay remembered (copies answered without a send).
+    pub refusals: RefusalMemory,
     /// NIP-42 key for the local relay (the publisher).
     pub auth_keys: Option<Keys>,
     /// NIP-42 key for remote relays (the sessions); never the local relay's.
@@ -66,6 +68,7 @@ pub async fn run_worker(
         opts.publisher_max_connections,
         opts.auth_keys.clone(),
     );
+    pc.refusals = opts.refusals;
     pc.connect.ping_every = opts.session.connect.ping_every;
     pc.connect.pong_timeout = opts.session.connect.pong_timeout;
     let (publisher, publisher_task) = Publisher::spawn(pc, worker_metrics.publisher.clone());

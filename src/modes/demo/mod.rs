@@ -70,6 +70,9 @@ pub struct DemoReport {
     pub forged_events: usize,
     pub elapsed: Duration,
     pub relays: Vec<RelayLine>,
+    /// What the publisher's answers were, by outcome (`grasp_sync_publish_outcomes_total`):
+    /// sends the local relay answered, and copies answered without a send.
+    pub outcomes: std::collections::BTreeMap<String, u64>,
 }
 
 impl DemoReport {
@@ -257,6 +260,7 @@ pub async fn run(opts: DemoOptions) -> Result<DemoReport, DemoError> {
             }
         })
         .collect();
+    let outcomes = publish_outcomes(&running.metrics.registry);
     running.stop().await;
     Ok(DemoReport {
         repos: opts.repos,
@@ -268,7 +272,23 @@ pub async fn run(opts: DemoOptions) -> Result<DemoReport, DemoError> {
         forged_events: corpus.forged.len(),
         elapsed,
         relays,
+        outcomes,
     })
+}
+
+/// `grasp_sync_publish_outcomes_total` by outcome, the zeros left out.
+fn publish_outcomes(registry: &prometheus::Registry) -> std::collections::BTreeMap<String, u64> {
+    registry
+        .gather()
+        .iter()
+        .filter(|f| f.name() == "grasp_sync_publish_outcomes_total")
+        .flat_map(|f| f.get_metric())
+        .filter_map(|m| {
+            let label = m.get_label().iter().find(|l| l.name() == "outcome")?;
+            let n = m.get_counter().value() as u64;
+            (n > 0).then(|| (label.value().to_string(), n))
+        })
+        .collect()
 }
 
 impl std::fmt::Display for DemoReport {
@@ -287,6 +307,25 @@ impl std::fmt::Display for DemoReport {
             "time       {:.2}s ({:.0} events/s)",
             self.elapsed.as_secs_f64(),
             self.synced as f64 / self.elapsed.as_secs_f64().max(0.001)
+        )?;
+        // Copies answered from what the relay said before, and what gave up, took no send.
+        let unsent = ["already-held", "refused-before", "gave_up", "quarantined"];
+        let (sent, from_memory): (Vec<_>, Vec<_>) = self
+            .outcomes
+            .iter()
+            .partition(|(k, _)| !unsent.contains(&k.as_str()));
+        let list = |v: &[(&String, &u64)]| {
+            v.iter()
+                .map(|(k, n)| format!("{k} {n}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        writeln!(
+            f,
+            "pushed     {} sends answered by our relay ({}); without a send: {}",
+            sent.iter().map(|(_, n)| **n).sum::<u64>(),
+            list(&sent),
+            list(&from_memory)
         )?;
         writeln!(f, "relays:")?;
         for r in &self.relays {

@@ -20,16 +20,20 @@ pub struct PublisherMetrics {
     pub publisher_connections: IntGauge,
     /// Events remembered as held by the local relay (later copies answered without a send).
     pub publish_settled: IntGauge,
+    /// Policy refusals remembered (later copies answered without a send).
+    pub publish_refused_remembered: IntGauge,
     /// Relay messages that could not be parsed (shared with the sessions: one series).
     pub malformed_messages: IntCounter,
 }
 
 /// Every outcome label value the publisher counts.
-pub const OUTCOMES: [&str; 15] = [
+pub const OUTCOMES: [&str; 16] = [
     "accepted",
     "duplicate",
     // A copy of an event the relay had just said it holds, answered without a send.
     "already-held",
+    // A copy of an event the relay refused on policy grounds, answered without a send.
+    "refused-before",
     "blocked",
     "invalid",
     "rate-limited",
@@ -92,6 +96,11 @@ impl PublisherMetrics {
                 registry,
                 "grasp_sync_publish_settled_events",
                 "Events the local relay just said it holds, remembered so later copies from other relays are answered without a send (bounded, 10 min)",
+            )?,
+            publish_refused_remembered: int_gauge(
+                registry,
+                "grasp_sync_publish_refused_remembered_events",
+                "Events the local relay refused on policy grounds, remembered so later copies are answered without a send (bounded by --refusal-memory, each about 150 bytes; forgotten when the worker's repos change, or after --refusal-memory-ttl)",
             )?,
             malformed_messages,
         };

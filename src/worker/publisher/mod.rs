@@ -32,10 +32,14 @@ use metrics::PublisherMetrics;
 
 mod connection;
 mod fair;
+mod memory;
 pub mod metrics;
 mod pacing;
+mod refused;
 mod scaling;
 mod settled;
+
+pub use refused::RefusalMemory;
 mod validate;
 
 pub use validate::{EventRejection, validate};
@@ -83,6 +87,8 @@ pub struct PublisherConfig {
     /// Ceiling on events per second per connection (None: as fast as the relay accepts;
     /// the pace adapts to `rate-limited:` answers either way).
     pub max_rate: Option<f64>,
+    /// Policy refusals remembered, so later copies are answered without a send.
+    pub refusals: RefusalMemory,
 }
 
 impl PublisherConfig {
@@ -104,6 +110,7 @@ impl PublisherConfig {
             max_connections: DEFAULT_MAX_CONNECTIONS,
             idle_close: Duration::from_secs(30),
             max_rate: None,
+            refusals: RefusalMemory::default(),
         }
     }
 
@@ -207,6 +214,7 @@ impl Pending {
 pub struct Publisher {
     tx: fair::FairSender<Pending>,
     stats: Arc<PublisherStats>,
+    shared: Arc<Common>,
 }
 
 /// Totals across a publisher's connections, for the gauges and the scaler.
@@ -224,12 +232,23 @@ struct Gauges {
 }
 
 /// What a publisher's connections share besides the fair queue.
-#[derive(Default)]
 struct Common {
     /// Events a connection gave up (it closed, or cannot reach the relay) for the others.
     queue: Mutex<VecDeque<Pending>>,
     /// Events the local relay just said it holds: later copies are answered here.
     settled: Mutex<settled::Settled>,
+    /// Events the local relay refused on policy grounds: later copies are answered here.
+    refused: Mutex<refused::Refused>,
+}
+
+impl Common {
+    fn new(config: &PublisherConfig) -> Self {
+        Common {
+            queue: Mutex::default(),
+            settled: Mutex::default(),
+            refused: Mutex::new(refused::Refused::new(&config.refusals)),
+        }
+    }
 }
 
 /// How often the scaler looks at the connections' signals.
@@ -249,16 +268,16 @@ impl Publisher {
         );
         let stats = Arc::new(PublisherStats::default());
         let gauges = Arc::new(Gauges::default());
-        let shared = Arc::new(Common::default());
+        let shared = Arc::new(Common::new(&config));
         let supervisor = tokio::spawn(run_connections(
             config,
             metrics,
             stats.clone(),
             gauges,
             rx,
-            shared,
+            shared.clone(),
         ));
-        (Publisher { tx, stats }, supervisor)
+        (Publisher { tx, stats, shared }, supervisor)
     }
 
     /// Queue `event` for the local relay; waits while the queue is full.
@@ -291,6 +310,15 @@ impl Publisher {
 
     pub fn stats(&self) -> &Arc<PublisherStats> {
         &self.stats
+    }
+
+    /// What the worker knows of its repos from the local relay changed (an announcement,
+    /// maintainers, a root event): the relay may now take events it refused, so every
+    /// remembered refusal is forgotten and the next copy of each is sent.
+    pub fn forget_refusals(&self) {
+        if let Ok(mut r) = self.shared.refused.lock() {
+            r.forget_all();
+        }
     }
 }
 

@@ -113,9 +113,11 @@ pub async fn run<S: RelaySyncStore + 'static>(
     );
     let mut session_config = config.session.clone();
     session_config.local_relay = Some(config.local_relay.clone());
+    let refusals = publisher.clone();
     let inputs = Inputs {
         local,
         feed_filters: Box::new(move |filters| feed.set_filters(filters)),
+        facts_changed: Box::new(move || refusals.forget_refusals()),
         starter: Box::new(RelaySessions {
             config: session_config,
             publisher,
@@ -131,6 +133,9 @@ pub(crate) struct Inputs {
     pub(crate) local: mpsc::Receiver<FeedEvent>,
     /// Ask the local feed for these filters (the held repos changed).
     pub(crate) feed_filters: Box<dyn Fn(Vec<Filter>) + Send>,
+    /// What the local relay says of the held repos changed (it may now take events it
+    /// refused: the publisher forgets its refusals).
+    pub(crate) facts_changed: Box<dyn Fn() + Send>,
     pub(crate) starter: Box<dyn SessionStarter>,
 }
 
@@ -251,7 +256,10 @@ pub(crate) async fn supervise<S: RelaySyncStore + 'static>(
             }
             ev = inputs.local.recv() => match ev {
                 Some(FeedEvent::Event(event)) => {
-                    dirty |= st.facts.learn(&event, &st.wanted);
+                    if st.facts.learn(&event, &st.wanted) {
+                        dirty = true;
+                        (inputs.facts_changed)();
+                    }
                 }
                 Some(FeedEvent::Synced) => {
                     feed_synced = true;

@@ -201,6 +201,8 @@ struct Rig {
     starter: FakeStarter,
     /// How often the supervisor handed the local feed its filters.
     feed_filters: Arc<AtomicUsize>,
+    /// How often it told the publisher what the local relay says of its repos changed.
+    facts_changed: Arc<AtomicUsize>,
     metrics: SupervisorMetrics,
     feed: mpsc::Sender<FeedEvent>,
     stop: watch::Sender<bool>,
@@ -236,10 +238,15 @@ async fn rig<S: RelaySyncStore + 'static>(store: Arc<S>) -> Rig {
     let (stop, stop_rx) = watch::channel(false);
     let feed_filters = Arc::new(AtomicUsize::new(0));
     let calls = feed_filters.clone();
+    let facts_changed = Arc::new(AtomicUsize::new(0));
+    let changes = facts_changed.clone();
     let inputs = Inputs {
         local,
         feed_filters: Box::new(move |_| {
             calls.fetch_add(1, Ordering::SeqCst);
+        }),
+        facts_changed: Box::new(move || {
+            changes.fetch_add(1, Ordering::SeqCst);
         }),
         starter: Box::new(starter.clone()),
     };
@@ -257,6 +264,7 @@ async fn rig<S: RelaySyncStore + 'static>(store: Arc<S>) -> Rig {
     Rig {
         starter,
         feed_filters,
+        facts_changed,
         metrics,
         feed,
         stop,
@@ -642,12 +650,22 @@ async fn a_spec_is_not_confirmed_while_a_repos_maintainers_are_unknown() {
         "confirmed before the repo's maintainers were known"
     );
     // The announcement arrives: the set is handed over with the maintainers, and once the
-    // session reports it applied, the spec is confirmed.
+    // session reports it applied, the spec is confirmed. The publisher forgets what the
+    // local relay refused: events of that repo may be taken now.
+    assert_eq!(rig.facts_changed.load(Ordering::SeqCst), 0);
+    rig.feed
+        .send(FeedEvent::Event(Box::new(announcement.clone())))
+        .await
+        .unwrap();
+    pass(Duration::from_secs(1)).await;
+    assert_eq!(rig.facts_changed.load(Ordering::SeqCst), 1);
+    // The same announcement again changes nothing.
     rig.feed
         .send(FeedEvent::Event(Box::new(announcement)))
         .await
         .unwrap();
     pass(Duration::from_secs(1)).await;
+    assert_eq!(rig.facts_changed.load(Ordering::SeqCst), 1);
     assert_eq!(
         session.sets.lock().unwrap().len(),
         1,

@@ -65,6 +65,7 @@ impl PublisherConn {
             }
         }
         let sent_at = flight.sent_at;
+        let refused_generation = flight.refused_generation;
         let mut p = flight.pending;
         let copies = p.origins.len() as u64;
         // No standard prefix on a refusal: real relays send those for failures of their own
@@ -95,6 +96,16 @@ impl PublisherConn {
             && !message.trim_start().starts_with("purgatory")
         {
             self.settle(event_id);
+        }
+        if let Ok(mut r) = self.shared.refused.lock() {
+            match outcome {
+                // Refusals waiting for this event (a reply for its parent) may be taken now.
+                Outcome::Accepted => r.accepted(&event_id),
+                _ if outcome.is_refusal() => {
+                    r.insert(&p.event, outcome, Instant::now(), refused_generation)
+                }
+                _ => {}
+            }
         }
         match outcome {
             Outcome::Accepted => {

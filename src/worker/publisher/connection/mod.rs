@@ -19,6 +19,8 @@ mod answers;
 struct InFlight {
     pending: Pending,
     sent_at: Instant,
+    /// The refusal memory's generation when it was sent.
+    refused_generation: u64,
 }
 
 pub(super) struct PublisherConn {
@@ -285,12 +287,20 @@ impl PublisherConn {
         debug_assert!(!self.in_flight.contains_key(&id), "sent twice at once");
         p.attempts += 1;
         let msg = ClientMessage::event(p.event.clone());
+        // Noted before the send: a forgetting after it voids the answer's refusal.
+        let refused_generation = self
+            .shared
+            .refused
+            .lock()
+            .map(|r| r.generation())
+            .unwrap_or(u64::MAX);
         let result = writer.send(&msg).await;
         self.in_flight.insert(
             id,
             InFlight {
                 pending: p,
                 sent_at: Instant::now(),
+                refused_generation,
             },
         );
         match result {
@@ -358,7 +368,33 @@ impl PublisherConn {
             self.answer_settled(p);
             return None;
         }
+        let refusal = self
+            .shared
+            .refused
+            .lock()
+            .ok()
+            .and_then(|mut r| r.refusal(&p.event.id, Instant::now()));
+        if let Some(outcome) = refusal {
+            self.answer_refused(p, outcome);
+            return None;
+        }
         Some(p)
+    }
+
+    /// A copy of an event the relay refused on policy grounds a moment ago: answered as its
+    /// refusal would be, without a send.
+    fn answer_refused(&mut self, p: Pending, outcome: crate::nostr::outcome::Outcome) {
+        let copies = p.origins.len() as u64;
+        self.stats.refused.fetch_add(copies, Ordering::Relaxed);
+        for o in p.origins.iter().flatten() {
+            o.rejected.fetch_add(1, Ordering::Relaxed);
+        }
+        self.metrics
+            .publish_outcomes
+            .with_label_values(&["refused-before"])
+            .inc();
+        tracing::debug!(id = %p.event.id, kind = p.event.kind.as_u16(), outcome = outcome.label(), "refused by the local relay a moment ago; not sent again");
+        p.resolve();
     }
 
     /// A copy of an event the relay said it holds: answered as its `duplicate:` would be,
@@ -504,6 +540,9 @@ impl PublisherConn {
         self.metrics.publish_in_flight.set(in_flight);
         if let Ok(s) = self.shared.settled.lock() {
             self.metrics.publish_settled.set(s.len() as i64);
+        }
+        if let Ok(r) = self.shared.refused.lock() {
+            self.metrics.publish_refused_remembered.set(r.len() as i64);
         }
         if let Some(rate) = self.pacer.rate() {
             self.metrics.publish_rate_limit.set(rate);
