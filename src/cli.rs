@@ -254,10 +254,10 @@ pub struct SyncOpts {
     pub publisher_max_connections: usize,
     /// Events the local relay refused on policy grounds (`blocked:`, `invalid:`, …) that
     /// are remembered, so later copies of them (from other relays, or a reconciliation) are
-    /// answered without spending the relay's ingress limit; 0 remembers none. About 150
-    /// bytes each (metric grasp_sync_publish_refused_remembered_events). Forgotten when
-    /// the worker learns a new announcement, maintainer or root event of its repos, and
-    /// per reply when its parent is accepted.
+    /// answered without spending the relay's ingress limit; 0 remembers none. Up to about
+    /// 1 KB each (metric grasp_sync_publish_refused_remembered_events). Forgotten when the
+    /// worker learns a new announcement, maintainer or root event of its repos, on a new
+    /// connection, and one by one when the relay takes a related event from grasp-sync.
     #[arg(long, env = "GRASP_SYNC_REFUSAL_MEMORY", default_value_t = 16_384)]
     pub refusal_memory: usize,
     /// How long a remembered refusal stands. Keep it under --reconcile-every: each

@@ -5,24 +5,32 @@
 //! limit (60 a minute on a stock GRASP relay) each send costs a second of a connection's
 //! budget. A copy of a remembered refusal is answered here, as the relay would answer it.
 //!
-//! A refusal is remembered only as long as it would still be given:
+//! A refusal is remembered only as long as it would most likely still be given:
 //! - bounded (the oldest goes first) and expiring; the TTL stays under the reconciliation
 //!   period, so a reconciliation after it offers every refused event to the relay again, as
 //!   before this memory existed;
+//! - not at all when it is about time (`created_at` too far ahead, too old: it changes with
+//!   the clock), or when the event references more than [`REFS_KEPT`] others (what it waits
+//!   for could not all be followed);
+//! - not when something it references is among the events the relay just said it holds
+//!   (read on another connection first: the relay checked it before it stored that one);
 //! - forgotten, all of it, when what the worker knows of its repos from the local relay
 //!   changes (an announcement, maintainers, a root event): a GRASP relay refuses events of
-//!   repos it does not host, and takes them once the repo is announced there;
-//! - forgotten, for the refusals that reference it (`e`, `E` or `q` tag), when the local
-//!   relay accepts an event from this publisher: a reply refused because its parent was not
-//!   there yet is taken once the parent is;
-//! - each forgetting starts a generation; a refusal is remembered only for a send made in
-//!   the current one, so a refusal read after the forgetting, of a send made before it, is
+//!   repos it does not host, and takes them once the repo is announced there; also on every
+//!   new connection and after authenticating (a relay that restarted, or that now knows us,
+//!   may answer otherwise);
+//! - forgotten, one by one, when the relay tells this publisher it holds an event (`OK
+//!   true` or `duplicate:`): that event's own refusal, the refusals that reference it (by id,
+//!   or by its address if it is addressable), and the refusals of the events it references
+//!   (GRASP relays take what a stored event points at);
+//! - each forgetting of all starts a generation; a refusal is remembered only for a send made
+//!   in the current one, so a refusal read after the forgetting, of a send made before it, is
 //!   not taken for one after it.
 //!
 //! What the relay learns by other paths (an event another worker or a user published) is
 //! not seen here: such a refusal stands until it expires.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use nostr::{Event, EventId, TagKind};
@@ -33,7 +41,7 @@ use crate::nostr::outcome::Outcome;
 /// How many policy refusals a publisher remembers, and for how long.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RefusalMemory {
-    /// Refusals remembered at most (about 150 bytes each); 0: none.
+    /// Refusals remembered at most (up to about 1 KB each with their references); 0: none.
     pub entries: usize,
     /// How long one stands. Keep it under the reconciliation period: a reconciliation
     /// after it offers every refused event to the relay again.
@@ -49,20 +57,63 @@ impl Default for RefusalMemory {
     }
 }
 
-/// Referenced ids kept per refusal (an event naming more is forgotten with the first few).
+/// References followed per refusal; an event with more is not remembered.
 const REFS_KEPT: usize = 8;
+
+/// Words of a refusal about time rather than content (strfry: `invalid: created_at too
+/// late`; khatru: `blocked: event too much in the future`).
+const ABOUT_TIME: [&str; 6] = [
+    "created_at",
+    "future",
+    "too old",
+    "too late",
+    "too early",
+    "expired",
+];
 
 #[derive(Debug)]
 struct Entry {
     outcome: Outcome,
-    refs: Vec<EventId>,
+    refs: Vec<String>,
 }
 
 #[derive(Debug)]
 pub(super) struct Refused {
     memory: IdMemory<Entry>,
-    /// Referenced id → refusals that reference it.
-    by_ref: HashMap<EventId, Vec<EventId>>,
+    /// A reference (an event id in hex, or an address `kind:pubkey:d`) → the refusals that
+    /// reference it.
+    by_ref: HashMap<String, HashSet<EventId>>,
+}
+
+/// What `event` points at: event ids (`e`, `E`, `q`) and addresses (`a`, `A`, `q`), as
+/// written in its tags.
+fn references(event: &Event) -> Vec<String> {
+    event
+        .tags
+        .iter()
+        .filter(|t| {
+            let k = t.kind();
+            k == TagKind::e()
+                || k == TagKind::custom("E")
+                || k == TagKind::q()
+                || k == TagKind::a()
+                || k == TagKind::custom("A")
+        })
+        .filter_map(|t| t.content().map(|c| c.trim().to_ascii_lowercase()))
+        .filter(|c| !c.is_empty())
+        .collect()
+}
+
+/// How other events point at `event`: its id, and its address if it is addressable.
+fn names(event: &Event) -> Vec<String> {
+    let mut out = vec![event.id.to_hex()];
+    if event.kind.is_addressable() {
+        let d = event.tags.identifier().unwrap_or_default();
+        out.push(
+            format!("{}:{}:{d}", event.kind.as_u16(), event.pubkey.to_hex()).to_ascii_lowercase(),
+        );
+    }
+    out
 }
 
 impl Refused {
@@ -78,39 +129,50 @@ impl Refused {
         self.memory.generation()
     }
 
-    /// The local relay refused `event` with `outcome`, at `now`, answering a send made in
-    /// `generation`. Only policy refusals are remembered.
+    /// The local relay refused `event` with `outcome` and `message`, at `now`, answering a
+    /// send made in `generation`; `held` says which events the relay just said it holds.
+    /// Only policy refusals that are likely to stand are remembered.
     pub(super) fn insert(
         &mut self,
         event: &Event,
         outcome: Outcome,
+        message: &str,
         now: Instant,
         generation: u64,
+        mut held: impl FnMut(&EventId) -> bool,
     ) {
         if !outcome.is_refusal() {
             return;
         }
-        let refs: Vec<EventId> = event
-            .tags
-            .iter()
-            .filter(|t| {
-                let k = t.kind();
-                k == TagKind::e() || k == TagKind::custom("E") || k == TagKind::q()
-            })
-            .filter_map(|t| EventId::from_hex(t.content()?).ok())
-            .take(REFS_KEPT)
-            .collect();
-        let entry = Entry {
-            outcome,
-            refs: refs.clone(),
-        };
+        let lower = message.to_ascii_lowercase();
+        if ABOUT_TIME.iter().any(|w| lower.contains(w)) {
+            return;
+        }
+        let mut refs = references(event);
+        refs.sort();
+        refs.dedup();
+        if refs.len() > REFS_KEPT
+            || refs
+                .iter()
+                .filter_map(|r| EventId::from_hex(r).ok())
+                .any(|id| held(&id))
+        {
+            return;
+        }
         let was_there = self.memory.get(&event.id).is_some();
-        let gone = self.memory.insert(event.id, entry, now, generation);
-        let kept = self.memory.get(&event.id).is_some();
+        let gone = self.memory.insert(
+            event.id,
+            Entry {
+                outcome,
+                refs: refs.clone(),
+            },
+            now,
+            generation,
+        );
         self.unindex(gone);
-        if kept && !was_there {
+        if self.memory.get(&event.id).is_some() && !was_there {
             for r in refs {
-                self.by_ref.entry(r).or_default().push(event.id);
+                self.by_ref.entry(r).or_default().insert(event.id);
             }
         }
     }
@@ -122,14 +184,23 @@ impl Refused {
         self.memory.get(id).map(|e| e.outcome)
     }
 
-    /// The local relay accepted `id`: refusals that were waiting for it are forgotten.
-    pub(super) fn accepted(&mut self, id: &EventId) {
-        let Some(waiting) = self.by_ref.remove(id) else {
-            return;
-        };
-        for w in waiting {
-            if let Some(e) = self.memory.remove(&w) {
-                self.unindex(vec![(w, e)]);
+    /// The local relay said it holds `event`: its own refusal, those that were waiting for
+    /// it, and those of what it points at are forgotten.
+    pub(super) fn held(&mut self, event: &Event) {
+        let mut forget: Vec<EventId> = vec![event.id];
+        for name in names(event) {
+            if let Some(waiting) = self.by_ref.remove(&name) {
+                forget.extend(waiting);
+            }
+        }
+        forget.extend(
+            references(event)
+                .iter()
+                .filter_map(|r| EventId::from_hex(r).ok()),
+        );
+        for id in forget {
+            if let Some(e) = self.memory.remove(&id) {
+                self.unindex(vec![(id, e)]);
             }
         }
     }
@@ -147,9 +218,9 @@ impl Refused {
     fn unindex(&mut self, gone: Vec<(EventId, Entry)>) {
         for (id, e) in gone {
             for r in e.refs {
-                if let Some(list) = self.by_ref.get_mut(&r) {
-                    list.retain(|x| *x != id);
-                    if list.is_empty() {
+                if let Some(set) = self.by_ref.get_mut(&r) {
+                    set.remove(&id);
+                    if set.is_empty() {
                         self.by_ref.remove(&r);
                     }
                 }
@@ -178,17 +249,33 @@ mod tests {
             .unwrap()
     }
 
+    fn refuse(r: &mut Refused, e: &Event, t: Instant) {
+        let g = r.generation();
+        r.insert(e, Outcome::Blocked, "blocked: no", t, g, |_| false);
+    }
+
     #[test]
-    fn remembers_policy_refusals_only() {
+    fn remembers_policy_refusals_that_stand() {
         let t = Instant::now();
         let mut r = Refused::new(&memory(10));
-        let (a, b, c) = (event(&[]), event(&[]), event(&[]));
-        r.insert(&a, Outcome::Blocked, t, 0);
-        r.insert(&b, Outcome::RateLimited, t, 0);
-        r.insert(&c, Outcome::Error, t, 0);
+        let (a, b, c, d) = (event(&[]), event(&[]), event(&[]), event(&[]));
+        refuse(&mut r, &a, t);
+        r.insert(&b, Outcome::RateLimited, "rate-limited: slow", t, 0, |_| {
+            false
+        });
+        r.insert(&c, Outcome::Error, "error: db", t, 0, |_| false);
+        r.insert(
+            &d,
+            Outcome::Invalid,
+            "invalid: created_at too late",
+            t,
+            0,
+            |_| false,
+        );
         assert_eq!(r.refusal(&a.id, t), Some(Outcome::Blocked));
         assert_eq!(r.refusal(&b.id, t), None, "about load, not content");
         assert_eq!(r.refusal(&c.id, t), None, "a failure of the relay's own");
+        assert_eq!(r.refusal(&d.id, t), None, "about the clock");
         assert_eq!(
             r.refusal(&a.id, t + Duration::from_secs(60)),
             None,
@@ -197,18 +284,77 @@ mod tests {
     }
 
     #[test]
-    fn a_refusal_waiting_for_its_parent_is_forgotten_once_the_parent_is_taken() {
+    fn a_refusal_waiting_for_its_parent_is_forgotten_once_the_parent_is_held() {
         let t = Instant::now();
         let mut r = Refused::new(&memory(10));
         let parent = event(&[]);
         let reply = event(&[parent.id]);
         let other = event(&[]);
-        r.insert(&reply, Outcome::Blocked, t, 0);
-        r.insert(&other, Outcome::Blocked, t, 0);
-        r.accepted(&parent.id);
+        refuse(&mut r, &reply, t);
+        refuse(&mut r, &other, t);
+        r.held(&parent);
         assert_eq!(r.refusal(&reply.id, t), None);
         assert_eq!(r.refusal(&other.id, t), Some(Outcome::Blocked));
         assert!(r.by_ref.is_empty());
+    }
+
+    #[test]
+    fn what_a_held_event_points_at_and_the_event_itself_are_forgotten() {
+        let t = Instant::now();
+        let mut r = Refused::new(&memory(10));
+        let parent = event(&[]);
+        let child = event(&[parent.id]);
+        refuse(&mut r, &parent, t);
+        refuse(&mut r, &child, t);
+        // Stored by then after all (another connection's copy): its refusal goes too.
+        r.held(&child);
+        assert_eq!(r.refusal(&child.id, t), None);
+        assert_eq!(
+            r.refusal(&parent.id, t),
+            None,
+            "a stored event points at it"
+        );
+    }
+
+    #[test]
+    fn a_refusal_of_what_waits_for_an_event_just_held_is_not_remembered() {
+        let t = Instant::now();
+        let mut r = Refused::new(&memory(10));
+        let parent = event(&[]);
+        let reply = event(&[parent.id]);
+        r.insert(&reply, Outcome::Blocked, "blocked: no parent", t, 0, |id| {
+            *id == parent.id
+        });
+        assert_eq!(r.refusal(&reply.id, t), None);
+    }
+
+    #[test]
+    fn a_refusal_waiting_for_an_address_is_forgotten_once_it_is_held() {
+        let t = Instant::now();
+        let mut r = Refused::new(&memory(10));
+        let keys = Keys::generate();
+        let state = EventBuilder::new(Kind::Custom(30618), "")
+            .tags([Tag::identifier("repo")])
+            .sign_with_keys(&keys)
+            .unwrap();
+        let address = format!("30618:{}:repo", keys.public_key().to_hex());
+        let pointer = EventBuilder::new(Kind::Custom(1111), "see")
+            .tags([Tag::parse(["a", address.as_str()]).unwrap()])
+            .sign_with_keys(&Keys::generate())
+            .unwrap();
+        refuse(&mut r, &pointer, t);
+        r.held(&state);
+        assert_eq!(r.refusal(&pointer.id, t), None);
+    }
+
+    #[test]
+    fn an_event_pointing_at_too_many_others_is_not_remembered() {
+        let t = Instant::now();
+        let mut r = Refused::new(&memory(10));
+        let parents: Vec<EventId> = (0..=REFS_KEPT).map(|_| event(&[]).id).collect();
+        let e = event(&parents);
+        refuse(&mut r, &e, t);
+        assert_eq!(r.refusal(&e.id, t), None);
     }
 
     #[test]
@@ -218,9 +364,9 @@ mod tests {
         let sent_in = r.generation();
         r.forget_all();
         let e = event(&[]);
-        r.insert(&e, Outcome::Blocked, t, sent_in);
+        r.insert(&e, Outcome::Blocked, "blocked: no", t, sent_in, |_| false);
         assert_eq!(r.refusal(&e.id, t), None);
-        r.insert(&e, Outcome::Blocked, t, r.generation());
+        refuse(&mut r, &e, t);
         assert_eq!(r.refusal(&e.id, t), Some(Outcome::Blocked));
     }
 
@@ -230,10 +376,10 @@ mod tests {
         let mut r = Refused::new(&memory(2));
         let parent = event(&[]);
         for _ in 0..50 {
-            r.insert(&event(&[parent.id]), Outcome::Blocked, t, 0);
+            refuse(&mut r, &event(&[parent.id]), t);
         }
         assert_eq!(r.len(), 2);
-        assert_eq!(r.by_ref.get(&parent.id).map(Vec::len), Some(2));
+        assert_eq!(r.by_ref.get(&parent.id.to_hex()).map(HashSet::len), Some(2));
         r.refusal(&parent.id, t + Duration::from_secs(61));
         assert!(r.by_ref.is_empty());
     }

@@ -29,6 +29,7 @@ impl PublisherConn {
             if status {
                 tracing::info!(relay = %self.config.local_relay, "publisher authenticated (NIP-42)");
                 self.pause = None;
+                self.forget_refusals();
             } else {
                 tracing::warn!(relay = %self.config.local_relay, reason = %clean(&message, 300), "local relay refused our NIP-42 authentication");
             }
@@ -97,14 +98,22 @@ impl PublisherConn {
         {
             self.settle(event_id);
         }
-        if let Ok(mut r) = self.shared.refused.lock() {
-            match outcome {
-                // Refusals waiting for this event (a reply for its parent) may be taken now.
-                Outcome::Accepted => r.accepted(&event_id),
-                _ if outcome.is_refusal() => {
-                    r.insert(&p.event, outcome, Instant::now(), refused_generation)
-                }
-                _ => {}
+        if matches!(outcome, Outcome::Accepted | Outcome::Duplicate) {
+            // Refusals waiting for this event (a reply for its parent) may be taken now.
+            if let Ok(mut r) = self.shared.refused.lock() {
+                r.held(&p.event);
+            }
+        } else if outcome.is_refusal() {
+            // Both locks, in this order (as `settle` then `held` take them on another
+            // connection): an event this refusal waits for, held meanwhile, is seen here or
+            // forgets it there.
+            if let (Ok(mut settled), Ok(mut r)) =
+                (self.shared.settled.lock(), self.shared.refused.lock())
+            {
+                let now = Instant::now();
+                r.insert(&p.event, outcome, &message, now, refused_generation, |id| {
+                    settled.holds(id, now)
+                });
             }
         }
         match outcome {

@@ -121,6 +121,9 @@ impl PublisherConn {
                         }
                         self.settled_generation = s.generation();
                     }
+                    if self.connected_before {
+                        self.forget_refusals();
+                    }
                     self.connected_before = true;
                     // Whatever was in flight on the previous connection may never have arrived.
                     let lost: Vec<_> = self.in_flight.drain().map(|(_, f)| f.pending).collect();
@@ -152,6 +155,7 @@ impl PublisherConn {
                             if let Ok(mut s) = self.shared.settled.lock() {
                                 s.clear();
                             }
+                            self.forget_refusals();
                         }
                     }
                 }
@@ -347,6 +351,13 @@ impl PublisherConn {
             .settled
             .lock()
             .is_ok_and(|mut s| s.holds(id, Instant::now()))
+    }
+
+    /// The relay may answer otherwise now (it restarted, or knows who we are).
+    pub(super) fn forget_refusals(&self) {
+        if let Ok(mut r) = self.shared.refused.lock() {
+            r.forget_all();
+        }
     }
 
     /// Remember that the local relay holds `id` (said on this connection).
