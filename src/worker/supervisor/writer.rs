@@ -39,7 +39,7 @@ const FINALS_IN_FLIGHT: usize = 4;
 /// skipped once its relay has left. Written during the handover, each was a request the
 /// API server took from the moves that make the relays Live elsewhere, for a status the
 /// new holder overwrites a moment later.
-const FINALS_QUIET: Duration = Duration::from_millis(500);
+const FINALS_QUIET: Duration = Duration::from_millis(300);
 
 /// The longest a final status waits for the handover to go quiet (from when the stop
 /// decided it), so a stop stays bounded.
@@ -52,7 +52,7 @@ const EVENTS_IN_FLIGHT: usize = 8;
 /// the same pace); the rest are counted dropped. Short: a pod that lingers on its Events
 /// delays its own return in a rolling restart, and a backlog flushed at once (hundreds,
 /// after a recent takeover) took the API server from the handover the stop began.
-const EVENTS_FLUSH_WITHIN: Duration = Duration::from_secs(1);
+const EVENTS_FLUSH_WITHIN: Duration = Duration::from_millis(250);
 
 /// Phase Events started per second at most: a failover's hundreds of transitions reach
 /// `kubectl describe` over the next seconds instead of competing with the status writes
