@@ -413,6 +413,51 @@ async fn copies_of_an_event_the_relay_just_took_are_not_sent_again() {
     );
 }
 
+/// A copy that reaches another connection while the first copy is in flight waits for that
+/// answer instead of being sent too (each such send is a `duplicate:` that costs its
+/// connection a second of a stock relay's allowance), and gets the same answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn copies_in_flight_on_another_connection_are_not_sent_again() {
+    let relay = HostileRelay::start(Script {
+        ok_delay: Some(Duration::from_millis(300)),
+        ..Script::default()
+    })
+    .await;
+    let mut config = PublisherConfig::new(relay.url());
+    (config.connections, config.max_connections) = (4, 4);
+    // One event in flight per connection: a copy is taken by another connection while the
+    // first copy waits for its answer.
+    config.max_in_flight = 1;
+    let (publisher, _task) = Publisher::spawn(config, PublisherMetrics::default());
+    let events = corpus(10);
+    // Three sources (sessions) deliver the same events: the fair queue serves them in turn,
+    // and every connection takes from it.
+    let sources: Vec<_> = (0..3)
+        .map(|_| std::sync::Arc::new(grasp_sync::worker::publisher::SourceCounters::default()))
+        .collect();
+    for e in &events {
+        for s in &sources {
+            publisher.publish(e.clone(), Some(s.clone())).await.unwrap();
+        }
+    }
+    drained(&publisher, Duration::from_secs(30)).await;
+    assert_eq!(
+        relay.counters().events_received.load(Ordering::SeqCst),
+        10,
+        "copies were sent while the first was in flight"
+    );
+    let st = publisher.stats();
+    assert_eq!(st.accepted.load(Ordering::Relaxed), 10);
+    assert_eq!(st.duplicate.load(Ordering::Relaxed), 20);
+    for s in &sources {
+        assert_eq!(
+            s.resolved.load(Ordering::Relaxed),
+            10,
+            "every copy answered"
+        );
+    }
+}
+
 /// A copy of an event the relay refused on policy grounds is answered from that refusal,
 /// not sent again (at stock limits each send costs a second of a connection's budget);
 /// a reply refused for want of its parent is sent again once the relay took the parent, and

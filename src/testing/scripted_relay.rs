@@ -64,6 +64,9 @@ pub struct Script {
     /// Send a NIP-42 AUTH challenge to every new connection and record the keys that answer
     /// it (`authenticated_keys`).
     pub auth_challenge: bool,
+    /// Answer each EVENT's `OK` this late (the connection reads nothing meanwhile), as a
+    /// busy relay does.
+    pub ok_delay: Option<std::time::Duration>,
 }
 
 /// How a relay refuses a REQ over its subscription cap.
@@ -404,6 +407,10 @@ async fn serve(ws: Ws, s: Arc<Shared>) {
                 for reply in replies {
                     match reply {
                         Reply::Send(text) => {
+                            let delay = s.script.lock().unwrap_or_else(|e| e.into_inner()).ok_delay;
+                            if let Some(d) = delay.filter(|_| text.starts_with("[\"OK\"")) {
+                                tokio::time::sleep(d).await;
+                            }
                             if tx.send(Message::text(text)).await.is_err() { break 'conn; }
                         }
                         Reply::Disconnect => break 'conn,

@@ -16,12 +16,12 @@
 //!   final and never retried in a loop. Nothing taken from a remote disappears without being
 //!   counted.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use nostr::{Event, Keys};
+use nostr::{Event, EventId, Keys};
 use thiserror::Error;
 use tokio::task::{JoinHandle, JoinSet};
 
@@ -239,6 +239,19 @@ struct Common {
     settled: Mutex<settled::Settled>,
     /// Events the local relay refused on policy grounds: later copies are answered here.
     refused: Mutex<refused::Refused>,
+    /// Events in flight on some connection, with the copies that reached other
+    /// connections meanwhile: those wait for that send's answer instead of being sent too
+    /// (each such send was a `duplicate:` that cost its connection a second of a stock
+    /// relay's allowance).
+    flights: Mutex<HashMap<EventId, Flight>>,
+    /// Numbers the connections, so a flight is released only by the one that sent it.
+    next_connection: std::sync::atomic::AtomicU64,
+}
+
+/// An event in flight on connection `owner`, and the copies waiting for its answer.
+struct Flight {
+    owner: u64,
+    parked: Vec<Pending>,
 }
 
 impl Common {
@@ -247,6 +260,8 @@ impl Common {
             queue: Mutex::default(),
             settled: Mutex::default(),
             refused: Mutex::new(refused::Refused::new(&config.refusals)),
+            flights: Mutex::default(),
+            next_connection: std::sync::atomic::AtomicU64::new(0),
         }
     }
 }

@@ -67,7 +67,15 @@ impl PublisherConn {
         }
         let sent_at = flight.sent_at;
         let refused_generation = flight.refused_generation;
-        let mut p = flight.pending;
+        // Held, and served: ngit-grasp's `OK true "purgatory: …"` is neither (it drops the
+        // event unless git data arrives), so a later copy must still be sent. Remembered
+        // before the copies parked on this send are taken, so none slips between.
+        if matches!(outcome, Outcome::Accepted | Outcome::Duplicate)
+            && !message.trim_start().starts_with("purgatory")
+        {
+            self.settle(event_id);
+        }
+        let mut p = self.landed(flight.pending);
         let copies = p.origins.len() as u64;
         // No standard prefix on a refusal: real relays send those for failures of their own
         // ("Database query failed: …"), so it is treated like `error:`.
@@ -90,13 +98,6 @@ impl PublisherConn {
         let is_final = !retry;
         if is_final {
             p.resolve();
-        }
-        // Held, and served: ngit-grasp's `OK true "purgatory: …"` is neither (it drops the
-        // event unless git data arrives), so a later copy must still be sent.
-        if matches!(outcome, Outcome::Accepted | Outcome::Duplicate)
-            && !message.trim_start().starts_with("purgatory")
-        {
-            self.settle(event_id);
         }
         if matches!(outcome, Outcome::Accepted | Outcome::Duplicate) {
             // Refusals waiting for this event (a reply for its parent) may be taken now.

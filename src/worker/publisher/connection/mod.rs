@@ -38,6 +38,8 @@ pub(super) struct PublisherConn {
     shared: Arc<super::Common>,
     /// The generation of the settled-events memory this connection was made in.
     settled_generation: u64,
+    /// This connection's number (the owner of the flights it sends).
+    number: u64,
     /// This connection has been connected before (a new connection is a reconnect).
     connected_before: bool,
     /// Events this connection must send again (no answer in time, transient errors, lost
@@ -82,7 +84,9 @@ impl PublisherConn {
         shared: Arc<super::Common>,
         fresh: bool,
     ) -> Self {
+        let number = shared.next_connection.fetch_add(1, Ordering::Relaxed);
         PublisherConn {
+            number,
             fresh: if fresh { FRESH_PROBE } else { 0 },
             busy_at: Instant::now(),
             pacer: Pacer::new(config.max_rate, Instant::now()),
@@ -126,7 +130,14 @@ impl PublisherConn {
                     }
                     self.connected_before = true;
                     // Whatever was in flight on the previous connection may never have arrived.
-                    let lost: Vec<_> = self.in_flight.drain().map(|(_, f)| f.pending).collect();
+                    let lost: Vec<_> = self
+                        .in_flight
+                        .drain()
+                        .map(|(_, f)| f.pending)
+                        .collect::<Vec<_>>()
+                        .into_iter()
+                        .map(|p| self.landed(p))
+                        .collect();
                     // Lost while sending one event alone: that event gets a strike.
                     let alone = self.single > 0 && lost.len() == 1;
                     if !alone && !lost.is_empty() {
@@ -291,6 +302,14 @@ impl PublisherConn {
         debug_assert!(!self.in_flight.contains_key(&id), "sent twice at once");
         p.attempts += 1;
         let msg = ClientMessage::event(p.event.clone());
+        // Copies reaching other connections now wait for this send's answer. Another
+        // connection's flight of the same event (both took a copy at once) stays its own.
+        if let Ok(mut flights) = self.shared.flights.lock() {
+            flights.entry(id).or_insert_with(|| super::Flight {
+                owner: self.number,
+                parked: Vec::new(),
+            });
+        }
         // Noted before the send: a forgetting after it voids the answer's refusal.
         let refused_generation = self
             .shared
@@ -389,7 +408,31 @@ impl PublisherConn {
             self.answer_refused(p, outcome);
             return None;
         }
+        // In flight on another connection: this copy waits for that answer.
+        if let Ok(mut flights) = self.shared.flights.lock()
+            && let Some(f) = flights.get_mut(&p.event.id)
+            && f.owner != self.number
+        {
+            f.parked.push(p);
+            return None;
+        }
         Some(p)
+    }
+
+    /// `p` is no longer in flight here (answered, lost, or given back): the copies other
+    /// connections parked on its send join it, to share what happens to it next.
+    pub(super) fn landed(&self, mut p: Pending) -> Pending {
+        if let Ok(mut flights) = self.shared.flights.lock()
+            && flights
+                .get(&p.event.id)
+                .is_some_and(|f| f.owner == self.number)
+            && let Some(f) = flights.remove(&p.event.id)
+        {
+            for copy in f.parked {
+                p.origins.extend(copy.origins);
+            }
+        }
+        p
     }
 
     /// A copy of an event the relay refused on policy grounds a moment ago: answered as its
@@ -502,7 +545,14 @@ impl PublisherConn {
     /// Everything this connection holds goes to the queue every connection serves (sent
     /// again there: what was in flight may never have arrived).
     fn hand_over_everything(&mut self) {
-        let in_flight: Vec<Pending> = self.in_flight.drain().map(|(_, f)| f.pending).collect();
+        let in_flight: Vec<Pending> = self
+            .in_flight
+            .drain()
+            .map(|(_, f)| f.pending)
+            .collect::<Vec<_>>()
+            .into_iter()
+            .map(|p| self.landed(p))
+            .collect();
         let delayed: Vec<Pending> = self.delayed.drain(..).map(|(_, p)| p).collect();
         let retry: Vec<Pending> = self.retry.drain(..).collect();
         for p in in_flight.into_iter().chain(retry).chain(delayed) {
@@ -522,7 +572,8 @@ impl PublisherConn {
         for id in expired {
             if let Some(f) = self.in_flight.remove(&id) {
                 tracing::debug!(%id, "no OK from the local relay in time; resending");
-                self.requeue(f.pending);
+                let p = self.landed(f.pending);
+                self.requeue(p);
             }
         }
     }
