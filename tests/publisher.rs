@@ -413,28 +413,6 @@ async fn copies_of_an_event_the_relay_just_took_are_not_sent_again() {
     );
 }
 
-/// What the worker's feed read from the local relay is held there: copies of it from remote
-/// relays (a repo's announcement, which users publish to the relay directly) are answered as
-/// held, not sent.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn events_the_local_relay_served_are_not_sent_again() {
-    let relay = HostileRelay::start(Script::default()).await;
-    let (publisher, _task) = Publisher::spawn(
-        PublisherConfig::new(relay.url()),
-        PublisherMetrics::default(),
-    );
-    let events = corpus(10);
-    for e in &events[..5] {
-        publisher.held_by_local_relay(e.id);
-    }
-    publish_all(&publisher, &events).await;
-    drained(&publisher, Duration::from_secs(30)).await;
-    assert_eq!(relay.counters().events_received.load(Ordering::SeqCst), 5);
-    let s = publisher.stats();
-    assert_eq!(s.accepted.load(Ordering::Relaxed), 5);
-    assert_eq!(s.duplicate.load(Ordering::Relaxed), 5);
-}
-
 /// A copy that reaches another connection while the first copy is in flight waits for that
 /// answer instead of being sent too (each such send is a `duplicate:` that costs its
 /// connection a second of a stock relay's allowance), and gets the same answer.

@@ -327,15 +327,6 @@ impl Publisher {
         &self.stats
     }
 
-    /// The local relay served `id` (the worker's feed read it there): copies of it from
-    /// remote relays are answered as held, without a send, like after its own `OK true`.
-    pub fn held_by_local_relay(&self, id: EventId) {
-        if let Ok(mut s) = self.shared.settled.lock() {
-            let generation = s.generation();
-            s.insert(id, std::time::Instant::now(), generation);
-        }
-    }
-
     /// What the worker knows of its repos from the local relay changed (an announcement,
     /// maintainers, a root event): the relay may now take events it refused, so every
     /// remembered refusal is forgotten and the next copy of each is sent.

@@ -21,7 +21,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use nostr::{EventId, Filter};
+use nostr::Filter;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 
@@ -114,12 +114,10 @@ pub async fn run<S: RelaySyncStore + 'static>(
     let mut session_config = config.session.clone();
     session_config.local_relay = Some(config.local_relay.clone());
     let refusals = publisher.clone();
-    let held = publisher.clone();
     let inputs = Inputs {
         local,
         feed_filters: Box::new(move |filters| feed.set_filters(filters)),
         facts_changed: Box::new(move || refusals.forget_refusals()),
-        held_locally: Box::new(move |id| held.held_by_local_relay(id)),
         starter: Box::new(RelaySessions {
             config: session_config,
             publisher,
@@ -138,8 +136,6 @@ pub(crate) struct Inputs {
     /// What the local relay says of the held repos changed (it may now take events it
     /// refused: the publisher forgets its refusals).
     pub(crate) facts_changed: Box<dyn Fn() + Send>,
-    /// The local relay served this event (the publisher need not send it copies).
-    pub(crate) held_locally: Box<dyn Fn(EventId) + Send>,
     pub(crate) starter: Box<dyn SessionStarter>,
 }
 
@@ -260,7 +256,6 @@ pub(crate) async fn supervise<S: RelaySyncStore + 'static>(
             }
             ev = inputs.local.recv() => match ev {
                 Some(FeedEvent::Event(event)) => {
-                    (inputs.held_locally)(event.id);
                     if st.facts.learn(&event, &st.wanted) {
                         dirty = true;
                         (inputs.facts_changed)();
