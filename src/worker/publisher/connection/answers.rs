@@ -68,12 +68,36 @@ impl PublisherConn {
         let sent_at = flight.sent_at;
         let refused_generation = flight.refused_generation;
         // Held, and served: ngit-grasp's `OK true "purgatory: …"` is neither (it drops the
-        // event unless git data arrives), so a later copy must still be sent. Remembered
-        // before the copies parked on this send are taken, so none slips between.
+        // event unless git data arrives), so a later copy must still be sent. The answer is
+        // remembered before the copies parked on this send are taken: a copy that finds no
+        // flight any more finds the memory.
         if matches!(outcome, Outcome::Accepted | Outcome::Duplicate)
             && !message.trim_start().starts_with("purgatory")
         {
             self.settle(event_id);
+        }
+        if matches!(outcome, Outcome::Accepted | Outcome::Duplicate) {
+            // Refusals waiting for this event (a reply for its parent) may be taken now.
+            if let Ok(mut r) = self.shared.refused.lock() {
+                r.held(&flight.pending.event);
+            }
+        } else if outcome.is_refusal() {
+            // Both locks, in this order (as `settle` then `held` take them on another
+            // connection): an event this refusal waits for, held meanwhile, is seen here or
+            // forgets it there.
+            if let (Ok(mut settled), Ok(mut r)) =
+                (self.shared.settled.lock(), self.shared.refused.lock())
+            {
+                let now = Instant::now();
+                r.insert(
+                    &flight.pending.event,
+                    outcome,
+                    &message,
+                    now,
+                    refused_generation,
+                    |id| settled.holds(id, now),
+                );
+            }
         }
         let mut p = self.landed(flight.pending);
         let copies = p.origins.len() as u64;
@@ -98,24 +122,6 @@ impl PublisherConn {
         let is_final = !retry;
         if is_final {
             p.resolve();
-        }
-        if matches!(outcome, Outcome::Accepted | Outcome::Duplicate) {
-            // Refusals waiting for this event (a reply for its parent) may be taken now.
-            if let Ok(mut r) = self.shared.refused.lock() {
-                r.held(&p.event);
-            }
-        } else if outcome.is_refusal() {
-            // Both locks, in this order (as `settle` then `held` take them on another
-            // connection): an event this refusal waits for, held meanwhile, is seen here or
-            // forgets it there.
-            if let (Ok(mut settled), Ok(mut r)) =
-                (self.shared.settled.lock(), self.shared.refused.lock())
-            {
-                let now = Instant::now();
-                r.insert(&p.event, outcome, &message, now, refused_generation, |id| {
-                    settled.holds(id, now)
-                });
-            }
         }
         match outcome {
             Outcome::Accepted => {

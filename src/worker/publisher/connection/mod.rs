@@ -167,6 +167,18 @@ impl PublisherConn {
                                 s.clear();
                             }
                             self.forget_refusals();
+                            // Copies parked on what was in flight here join it now, not
+                            // after however long reconnecting takes; later copies are sent
+                            // by whichever connection takes them.
+                            let ids: Vec<EventId> = self.in_flight.keys().copied().collect();
+                            for id in ids {
+                                if let Some(mut f) = self.in_flight.remove(&id) {
+                                    f.pending = self.landed(f.pending);
+                                    self.in_flight.insert(id, f);
+                                }
+                            }
+                            let retry = std::mem::take(&mut self.retry);
+                            self.retry = retry.into_iter().map(|p| self.landed(p)).collect();
                         }
                     }
                 }
@@ -302,8 +314,8 @@ impl PublisherConn {
         debug_assert!(!self.in_flight.contains_key(&id), "sent twice at once");
         p.attempts += 1;
         let msg = ClientMessage::event(p.event.clone());
-        // Copies reaching other connections now wait for this send's answer. Another
-        // connection's flight of the same event (both took a copy at once) stays its own.
+        // Claimed when it passed `answer_without_sending`; copies taken since wait for this
+        // send's answer.
         if let Ok(mut flights) = self.shared.flights.lock() {
             flights.entry(id).or_insert_with(|| super::Flight {
                 owner: self.number,
@@ -386,15 +398,39 @@ impl PublisherConn {
         }
     }
 
-    /// `p`, unless it needs no send of its own — a copy of an event in flight here (it
-    /// shares that attempt's answer) or of one the relay just said it holds — so that it
-    /// takes none of the pace's budget. Every event goes through here before `send`.
+    /// `p`, unless it needs no send of its own — a copy of an event in flight here or on
+    /// another connection (it shares that attempt's answer), of one the relay just said it
+    /// holds, or of one it refused on policy grounds — so that it takes none of the pace's
+    /// budget. Every event goes through here before `send`.
     fn answer_without_sending(&mut self, mut p: Pending) -> Option<Pending> {
         if let Some(flight) = self.in_flight.get_mut(&p.event.id) {
             flight.pending.origins.append(&mut p.origins);
             return None;
         }
+        // In flight on another connection (or about to be): this copy waits for that
+        // answer. Otherwise this connection claims the flight in the same look, so two
+        // connections never both send it. Asked before the memories: the owner remembers
+        // an answer before it lands its flight, so a copy finds one or the other.
+        if let Ok(mut flights) = self.shared.flights.lock() {
+            match flights.get_mut(&p.event.id) {
+                Some(f) if f.owner != self.number => {
+                    f.parked.push(p);
+                    return None;
+                }
+                Some(_) => {}
+                None => {
+                    flights.insert(
+                        p.event.id,
+                        super::Flight {
+                            owner: self.number,
+                            parked: Vec::new(),
+                        },
+                    );
+                }
+            }
+        }
         if self.settled_holds(&p.event.id) {
+            let p = self.landed(p);
             self.answer_settled(p);
             return None;
         }
@@ -405,17 +441,11 @@ impl PublisherConn {
             .ok()
             .and_then(|mut r| r.refusal(&p.event.id, Instant::now()));
         if let Some(outcome) = refusal {
+            let p = self.landed(p);
             self.answer_refused(p, outcome);
             return None;
         }
-        // In flight on another connection: this copy waits for that answer.
-        if let Ok(mut flights) = self.shared.flights.lock()
-            && let Some(f) = flights.get_mut(&p.event.id)
-            && f.owner != self.number
-        {
-            f.parked.push(p);
-            return None;
-        }
+        // Claimed: sent next, or kept at the front of `retry` until the pace allows.
         Some(p)
     }
 
@@ -491,7 +521,11 @@ impl PublisherConn {
     /// Its senders get no answer, so their cursors do not pass it; a restart (or a later
     /// reconciliation) offers it again.
     fn quarantine(&mut self, p: Pending) {
-        self.stats.quarantined.fetch_add(1, Ordering::Relaxed);
+        // Every delivery merged into it stays unanswered; each counts, so `outstanding()`
+        // can return to zero.
+        self.stats
+            .quarantined
+            .fetch_add(p.origins.len() as u64, Ordering::Relaxed);
         self.metrics
             .publish_outcomes
             .with_label_values(&["quarantined"])
@@ -554,7 +588,14 @@ impl PublisherConn {
             .map(|p| self.landed(p))
             .collect();
         let delayed: Vec<Pending> = self.delayed.drain(..).map(|(_, p)| p).collect();
-        let retry: Vec<Pending> = self.retry.drain(..).collect();
+        // A retry may hold a claimed flight (the pace refused its send).
+        let retry: Vec<Pending> = self
+            .retry
+            .drain(..)
+            .collect::<Vec<_>>()
+            .into_iter()
+            .map(|p| self.landed(p))
+            .collect();
         for p in in_flight.into_iter().chain(retry).chain(delayed) {
             self.push_shared(p);
         }
