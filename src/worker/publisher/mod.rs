@@ -264,6 +264,28 @@ impl Common {
             next_connection: std::sync::atomic::AtomicU64::new(0),
         }
     }
+
+    /// `p` is no longer in flight on connection `owner` (answered, lost, or given back), or
+    /// its claim is dropped: the copies other connections parked on that flight join it, to
+    /// share what happens to it next.
+    fn land(&self, owner: u64, p: &mut Pending) {
+        if let Ok(mut flights) = self.flights.lock()
+            && flights.get(&p.event.id).is_some_and(|f| f.owner == owner)
+            && let Some(f) = flights.remove(&p.event.id)
+        {
+            for copy in f.parked {
+                p.origins.extend(copy.origins);
+            }
+        }
+    }
+
+    /// Every remembered refusal goes (the relay may answer otherwise now: it restarted,
+    /// knows who we are, or the worker's repos changed).
+    fn forget_refusals(&self) {
+        if let Ok(mut r) = self.refused.lock() {
+            r.forget_all();
+        }
+    }
 }
 
 /// How often the scaler looks at the connections' signals.
@@ -331,9 +353,7 @@ impl Publisher {
     /// maintainers, a root event): the relay may now take events it refused, so every
     /// remembered refusal is forgotten and the next copy of each is sent.
     pub fn forget_refusals(&self) {
-        if let Ok(mut r) = self.shared.refused.lock() {
-            r.forget_all();
-        }
+        self.shared.forget_refusals();
     }
 }
 

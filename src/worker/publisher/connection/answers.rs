@@ -29,7 +29,7 @@ impl PublisherConn {
             if status {
                 tracing::info!(relay = %self.config.local_relay, "publisher authenticated (NIP-42)");
                 self.pause = None;
-                self.forget_refusals();
+                self.shared.forget_refusals();
             } else {
                 tracing::warn!(relay = %self.config.local_relay, reason = %clean(&message, 300), "local relay refused our NIP-42 authentication");
             }
@@ -71,12 +71,11 @@ impl PublisherConn {
         // event unless git data arrives), so a later copy must still be sent. The answer is
         // remembered before the copies parked on this send are taken: a copy that finds no
         // flight any more finds the memory.
-        if matches!(outcome, Outcome::Accepted | Outcome::Duplicate)
-            && !message.trim_start().starts_with("purgatory")
-        {
+        let held = matches!(outcome, Outcome::Accepted | Outcome::Duplicate);
+        if held && !message.trim_start().starts_with("purgatory") {
             self.settle(event_id);
         }
-        if matches!(outcome, Outcome::Accepted | Outcome::Duplicate) {
+        if held {
             // Refusals waiting for this event (a reply for its parent) may be taken now.
             if let Ok(mut r) = self.shared.refused.lock() {
                 r.held(&flight.pending.event);
@@ -99,7 +98,8 @@ impl PublisherConn {
                 );
             }
         }
-        let mut p = self.landed(flight.pending);
+        let mut p = flight.pending;
+        self.shared.land(self.number, &mut p);
         let copies = p.origins.len() as u64;
         // No standard prefix on a refusal: real relays send those for failures of their own
         // ("Database query failed: …"), so it is treated like `error:`.

@@ -126,18 +126,12 @@ impl PublisherConn {
                         self.settled_generation = s.generation();
                     }
                     if self.connected_before {
-                        self.forget_refusals();
+                        self.shared.forget_refusals();
                     }
                     self.connected_before = true;
-                    // Whatever was in flight on the previous connection may never have arrived.
-                    let lost: Vec<_> = self
-                        .in_flight
-                        .drain()
-                        .map(|(_, f)| f.pending)
-                        .collect::<Vec<_>>()
-                        .into_iter()
-                        .map(|p| self.landed(p))
-                        .collect();
+                    // Whatever was in flight on the previous connection may never have arrived
+                    // (its parked copies joined it when that connection was lost).
+                    let lost: Vec<_> = self.in_flight.drain().map(|(_, f)| f.pending).collect();
                     // Lost while sending one event alone: that event gets a strike.
                     let alone = self.single > 0 && lost.len() == 1;
                     if !alone && !lost.is_empty() {
@@ -166,19 +160,11 @@ impl PublisherConn {
                             if let Ok(mut s) = self.shared.settled.lock() {
                                 s.clear();
                             }
-                            self.forget_refusals();
+                            self.shared.forget_refusals();
                             // Copies parked on what was in flight here join it now, not
                             // after however long reconnecting takes; later copies are sent
                             // by whichever connection takes them.
-                            let ids: Vec<EventId> = self.in_flight.keys().copied().collect();
-                            for id in ids {
-                                if let Some(mut f) = self.in_flight.remove(&id) {
-                                    f.pending = self.landed(f.pending);
-                                    self.in_flight.insert(id, f);
-                                }
-                            }
-                            let retry = std::mem::take(&mut self.retry);
-                            self.retry = retry.into_iter().map(|p| self.landed(p)).collect();
+                            self.land_all();
                         }
                     }
                 }
@@ -309,19 +295,12 @@ impl PublisherConn {
         mut p: Pending,
     ) -> Result<(), Step> {
         let id = p.event.id;
-        // Callers pass what `answer_without_sending` left: a second entry under the same id
+        // Callers pass what `answer_without_sending` left (which also claimed its flight, so
+        // copies taken since wait for this send's answer): a second entry under the same id
         // would overwrite the first and lose its answer.
         debug_assert!(!self.in_flight.contains_key(&id), "sent twice at once");
         p.attempts += 1;
         let msg = ClientMessage::event(p.event.clone());
-        // Claimed when it passed `answer_without_sending`; copies taken since wait for this
-        // send's answer.
-        if let Ok(mut flights) = self.shared.flights.lock() {
-            flights.entry(id).or_insert_with(|| super::Flight {
-                owner: self.number,
-                parked: Vec::new(),
-            });
-        }
         // Noted before the send: a forgetting after it voids the answer's refusal.
         let refused_generation = self
             .shared
@@ -384,13 +363,6 @@ impl PublisherConn {
             .is_ok_and(|mut s| s.holds(id, Instant::now()))
     }
 
-    /// The relay may answer otherwise now (it restarted, or knows who we are).
-    pub(super) fn forget_refusals(&self) {
-        if let Ok(mut r) = self.shared.refused.lock() {
-            r.forget_all();
-        }
-    }
-
     /// Remember that the local relay holds `id` (said on this connection).
     pub(super) fn settle(&self, id: nostr::EventId) {
         if let Ok(mut s) = self.shared.settled.lock() {
@@ -430,7 +402,7 @@ impl PublisherConn {
             }
         }
         if self.settled_holds(&p.event.id) {
-            let p = self.landed(p);
+            self.shared.land(self.number, &mut p);
             self.answer_settled(p);
             return None;
         }
@@ -441,7 +413,7 @@ impl PublisherConn {
             .ok()
             .and_then(|mut r| r.refusal(&p.event.id, Instant::now()));
         if let Some(outcome) = refusal {
-            let p = self.landed(p);
+            self.shared.land(self.number, &mut p);
             self.answer_refused(p, outcome);
             return None;
         }
@@ -449,20 +421,16 @@ impl PublisherConn {
         Some(p)
     }
 
-    /// `p` is no longer in flight here (answered, lost, or given back): the copies other
-    /// connections parked on its send join it, to share what happens to it next.
-    pub(super) fn landed(&self, mut p: Pending) -> Pending {
-        if let Ok(mut flights) = self.shared.flights.lock()
-            && flights
-                .get(&p.event.id)
-                .is_some_and(|f| f.owner == self.number)
-            && let Some(f) = flights.remove(&p.event.id)
-        {
-            for copy in f.parked {
-                p.origins.extend(copy.origins);
-            }
+    /// Everything whose flight this connection holds — in flight, or claimed and waiting
+    /// in `retry` for the pace — takes back the copies parked on it (the connection is
+    /// lost, or gives everything up).
+    fn land_all(&mut self) {
+        for f in self.in_flight.values_mut() {
+            self.shared.land(self.number, &mut f.pending);
         }
-        p
+        for p in self.retry.iter_mut() {
+            self.shared.land(self.number, p);
+        }
     }
 
     /// A copy of an event the relay refused on policy grounds a moment ago: answered as its
@@ -579,23 +547,10 @@ impl PublisherConn {
     /// Everything this connection holds goes to the queue every connection serves (sent
     /// again there: what was in flight may never have arrived).
     fn hand_over_everything(&mut self) {
-        let in_flight: Vec<Pending> = self
-            .in_flight
-            .drain()
-            .map(|(_, f)| f.pending)
-            .collect::<Vec<_>>()
-            .into_iter()
-            .map(|p| self.landed(p))
-            .collect();
+        self.land_all();
+        let in_flight: Vec<Pending> = self.in_flight.drain().map(|(_, f)| f.pending).collect();
         let delayed: Vec<Pending> = self.delayed.drain(..).map(|(_, p)| p).collect();
-        // A retry may hold a claimed flight (the pace refused its send).
-        let retry: Vec<Pending> = self
-            .retry
-            .drain(..)
-            .collect::<Vec<_>>()
-            .into_iter()
-            .map(|p| self.landed(p))
-            .collect();
+        let retry: Vec<Pending> = self.retry.drain(..).collect();
         for p in in_flight.into_iter().chain(retry).chain(delayed) {
             self.push_shared(p);
         }
@@ -611,10 +566,10 @@ impl PublisherConn {
             .map(|(id, _)| *id)
             .collect();
         for id in expired {
-            if let Some(f) = self.in_flight.remove(&id) {
+            if let Some(mut f) = self.in_flight.remove(&id) {
                 tracing::debug!(%id, "no OK from the local relay in time; resending");
-                let p = self.landed(f.pending);
-                self.requeue(p);
+                self.shared.land(self.number, &mut f.pending);
+                self.requeue(f.pending);
             }
         }
     }
