@@ -168,22 +168,17 @@ impl StatusWriter {
                 )
             };
             let reports = queue(rx)
-                .map(|w| async {
-                    let written = apply(store.as_ref(), &metrics, timeout, w).await;
-                    pending.send_modify(|n| *n = n.saturating_sub(1));
-                    written
-                })
+                .map(|w| apply(store.as_ref(), &metrics, timeout, w))
                 .buffer_unordered(IN_FLIGHT);
             let finals = queue(finals_rx)
                 .map(|w| async {
                     hold_final(store.as_ref(), &w.name, w.decided_at).await;
-                    let written = apply(store.as_ref(), &metrics, timeout, w).await;
-                    pending.send_modify(|n| *n = n.saturating_sub(1));
-                    written
+                    apply(store.as_ref(), &metrics, timeout, w).await
                 })
                 .buffer_unordered(FINALS_IN_FLIGHT);
             futures::stream::select(reports, finals)
                 .for_each(|written| {
+                    pending.send_modify(|n| *n = n.saturating_sub(1));
                     if written.result == WriteResult::Ok
                         && let Some(ev) = &written.write.event
                     {
