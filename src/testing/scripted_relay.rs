@@ -144,7 +144,12 @@ impl Drop for ScriptedRelay {
 
 impl ScriptedRelay {
     pub async fn start(script: Script) -> std::io::Result<ScriptedRelay> {
-        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        Self::start_on(SocketAddr::from(([127, 0, 0, 1], 0)), script).await
+    }
+
+    /// [`ScriptedRelay::start`] on a given address (port 0: any free port).
+    pub async fn start_on(addr: SocketAddr, script: Script) -> std::io::Result<ScriptedRelay> {
+        let listener = TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;
         let raw = parse_raw(&script.raw_events);
         let shared = Arc::new(Shared {

@@ -621,7 +621,7 @@ fn free_port() -> Result<u16, EnvError> {
     Ok(l.local_addr().map_err(setup("finding a free port"))?.port())
 }
 
-fn random_token() -> Result<String, EnvError> {
+pub fn random_token() -> Result<String, EnvError> {
     let mut buf = [0u8; 16];
     std::fs::File::open("/dev/urandom")
         .and_then(|mut f| f.read_exact(&mut buf))

@@ -6,6 +6,7 @@ pub mod fault_proxy;
 pub mod hostile_relay;
 pub mod kube_env;
 pub mod nip34;
+pub mod node;
 pub mod nostr_rs_relay;
 pub mod procs;
 pub mod relays;

@@ -24,6 +24,11 @@ pub async fn local_relay_on(port: u16, notes_per_minute: u32) -> (LocalRelay, Re
     start(builder(notes_per_minute).port(port)).await
 }
 
+/// Like [`local_relay`], listening on `ip` (e.g. an address pods can reach).
+pub async fn local_relay_at(ip: IpAddr, notes_per_minute: u32) -> (LocalRelay, RelayUrl) {
+    start(builder(notes_per_minute).addr(ip)).await
+}
+
 /// Like [`local_relay`], but requiring NIP-42 authentication for reading or writing.
 pub async fn auth_relay(mode: RelayBuilderNip42Mode) -> (LocalRelay, RelayUrl) {
     start(builder(1_000_000).nip42(RelayBuilderNip42 { mode })).await
