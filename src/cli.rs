@@ -104,6 +104,12 @@ pub struct KubeOpts {
     /// Address of the /metrics, /status and /healthz endpoint.
     #[arg(long, env = "GRASP_SYNC_METRICS_ADDR", default_value = "0.0.0.0:9090")]
     pub metrics_addr: SocketAddr,
+    /// The workload owning what this process creates: `deployment/<name>` for the
+    /// controller (its RelaySyncs and leader Lease), `statefulset/<name>` for a worker (its
+    /// Lease). They carry an owner reference, so deleting the workload (`helm uninstall`)
+    /// deletes them. Unset: they outlive it. The chart sets it.
+    #[arg(long, env = "GRASP_SYNC_OWNER")]
+    pub owner: Option<grasp_sync::crd::owner::OwnerTarget>,
 }
 
 /// Which relay addresses may be connected to.
@@ -170,7 +176,8 @@ pub struct ControllerArgs {
     /// `grasp_sync_foreign_leases`). Unset: every worker Lease counts.
     #[arg(long, env = "GRASP_SYNC_WORKER_STATEFULSET", requires = "max_workers")]
     pub worker_statefulset: Option<String>,
-    /// Most worker pods (the StatefulSet's replicas, or the autoscaler's maximum).
+    /// Most worker pods (the most the StatefulSet may be scaled to, or the autoscaler's
+    /// maximum).
     #[arg(long, env = "GRASP_SYNC_MAX_WORKERS", requires = "worker_statefulset")]
     pub max_workers: Option<u32>,
     /// How long the relays of a worker pod that stopped gracefully wait for it to come back

@@ -241,6 +241,7 @@ async fn controller(args: ControllerArgs) -> Result<()> {
                 |(statefulset, max)| grasp_sync::coordination::membership::MemberRule {
                     statefulset,
                     max,
+                    scale: None,
                 },
             );
     let assigner = AssignerConfig {
@@ -260,6 +261,7 @@ async fn controller(args: ControllerArgs) -> Result<()> {
         http_addr: args.kube.metrics_addr,
         leader,
         assigner,
+        owner: args.kube.owner.clone(),
     };
     grasp_sync::modes::controller::run_controller(opts, client, namespace, shutdown_on_signal())
         .await?;
@@ -290,8 +292,10 @@ async fn worker(args: WorkerArgs) -> Result<()> {
         lease: grasp_sync::coordination::membership::LeaseConfig {
             duration: args.lease_duration,
             renew_every: args.lease_renew,
+            owner: None,
         },
         session: session_config(&args.sync)?,
+        owner: args.kube.owner.clone(),
     };
     grasp_sync::modes::worker::run_worker(opts, client, namespace, shutdown_on_signal()).await?;
     Ok(())

@@ -7,9 +7,8 @@
 
 mod support;
 
-use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use grasp_sync::crd::{DRAIN_LABEL, Phase, RelaySync, WORKER_LABEL};
@@ -23,6 +22,7 @@ use kube::{Client, Config, ResourceExt};
 use serde_json::json;
 use support::kube_env::locate;
 use support::procs::GraspSync;
+use support::prometheus::{self, Prometheus};
 use support::{KubeEnv, eventually, free_port, nip34, relays};
 
 const RELEASE: &str = "gs";
@@ -274,94 +274,6 @@ fn forbidden<T: std::fmt::Debug>(result: kube::Result<T>, what: &str) {
         Err(kube::Error::Api(s)) if s.code == 403 => {}
         other => panic!("{what}: expected 403, got {other:?}"),
     }
-}
-
-struct Prometheus {
-    child: Child,
-    url: String,
-}
-
-impl Drop for Prometheus {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Prometheus {
-    fn start(dir: &Path, targets: &[String], rules: &Path) -> Prometheus {
-        let port = free_port();
-        let targets: Vec<String> = targets.iter().map(|t| format!("'{t}'")).collect();
-        let config = format!(
-            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nrule_files:\n  - {}\nscrape_configs:\n  - job_name: grasp-sync\n    static_configs:\n      - targets: [{}]\n",
-            rules.display(),
-            targets.join(", ")
-        );
-        let cfg = dir.join("prometheus.yml");
-        std::fs::write(&cfg, config).expect("prometheus config");
-        let log = std::fs::File::create(dir.join("prometheus.log")).expect("log");
-        let child = Command::new(locate(
-            "GRASP_SYNC_PROMETHEUS",
-            "prometheus",
-            Some("/usr/bin/prometheus"),
-        ))
-        .arg(format!("--config.file={}", cfg.display()))
-        .arg(format!(
-            "--storage.tsdb.path={}",
-            dir.join("tsdb").display()
-        ))
-        .arg(format!("--web.listen-address=127.0.0.1:{port}"))
-        .stdin(Stdio::null())
-        .stdout(log.try_clone().expect("log"))
-        .stderr(log)
-        .spawn()
-        .expect("start prometheus (scripts/test-env.sh provides it)");
-        Prometheus {
-            child,
-            url: format!("http://127.0.0.1:{port}"),
-        }
-    }
-
-    async fn get(&self, path: &str, query: &[(&str, &str)]) -> Option<serde_json::Value> {
-        let url = reqwest::Url::parse_with_params(&format!("{}{path}", self.url), query).ok()?;
-        let resp = reqwest::get(url).await.ok()?;
-        serde_json::from_str(&resp.text().await.ok()?).ok()
-    }
-
-    /// Instant query → `Ok(series)`, or Prometheus's error.
-    async fn query(&self, expr: &str) -> Result<Vec<serde_json::Value>, String> {
-        let body = self
-            .get("/api/v1/query", &[("query", expr)])
-            .await
-            .ok_or("no answer")?;
-        if body["status"] != "success" {
-            return Err(format!("{}: {}", body["errorType"], body["error"]));
-        }
-        Ok(body["data"]["result"]
-            .as_array()
-            .cloned()
-            .unwrap_or_default())
-    }
-}
-
-/// Every `ngit_sync_*` / `grasp_sync_*` name in a text.
-fn metric_names(text: &str) -> BTreeSet<String> {
-    let mut out = BTreeSet::new();
-    for (i, _) in text.match_indices("_sync_") {
-        let start = text[..i]
-            .rfind(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
-            .map(|p| p + 1)
-            .unwrap_or(0);
-        let end = text[i..]
-            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
-            .map(|p| i + p)
-            .unwrap_or(text.len());
-        let name = &text[start..end];
-        if name.starts_with("ngit_sync_") || name.starts_with("grasp_sync_") {
-            out.insert(name.to_string());
-        }
-    }
-    out
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -669,59 +581,11 @@ async fn chart_installs_its_service_accounts_suffice_and_prometheus_evaluates_ev
     })
     .await;
 
-    // Every metric the dashboard and the alerts use exists in the processes' /metrics.
-    let mut exposed = String::new();
-    for addr in [&caddr, &waddr] {
-        exposed.push_str(
-            &reqwest::get(format!("http://{addr}/metrics"))
-                .await
-                .expect("metrics")
-                .text()
-                .await
-                .expect("metrics"),
-        );
-    }
-    let exposed_names = metric_names(&exposed);
-    let dashboard: serde_json::Value =
-        serde_json::from_str(include_str!("../deploy/grafana/grasp-sync.json")).unwrap();
+    // Every metric the dashboard and the alerts use exists in the processes' /metrics, and
+    // every panel's query returns data.
+    prometheus::dashboard_and_rules_use_exported_metrics(&[&caddr, &waddr]).await;
+    prometheus::every_panel_returns_data(&prom).await;
     let rules_text = include_str!("../deploy/prometheus/grasp-sync-rules.yaml");
-    let mut used = metric_names(rules_text);
-    let mut queries = Vec::new();
-    for p in dashboard["panels"].as_array().unwrap() {
-        for t in p["targets"].as_array().into_iter().flatten() {
-            let expr = t["expr"].as_str().unwrap();
-            used.extend(metric_names(expr));
-            queries.push((
-                p["title"].as_str().unwrap().to_string(),
-                expr.replace("$__rate_interval", "1m"),
-            ));
-        }
-    }
-    let dead: Vec<&String> = used.difference(&exposed_names).collect();
-    assert!(
-        dead.is_empty(),
-        "dashboard/alerts use metrics nobody exports: {dead:?}"
-    );
-
-    // Every panel query evaluates and returns a series (no dead panels). Series of the
-    // second target may need one more scrape: poll each query with a deadline.
-    for (title, expr) in &queries {
-        let start = std::time::Instant::now();
-        loop {
-            let series = prom
-                .query(expr)
-                .await
-                .unwrap_or_else(|e| panic!("panel {title:?}: {expr} fails: {e}"));
-            if !series.is_empty() {
-                break;
-            }
-            assert!(
-                start.elapsed() < Duration::from_secs(30),
-                "panel {title:?}: {expr} returns nothing"
-            );
-            tokio::time::sleep(Duration::from_millis(250)).await;
-        }
-    }
 
     // The rules load and evaluate without error; in this healthy deployment none fires.
     let rules: serde_yaml::Value = serde_yaml::from_str(rules_text).unwrap();

@@ -502,6 +502,7 @@ async fn worker_role_may_write_status_but_not_spec_or_delete() {
     let config = membership::LeaseConfig {
         duration: Duration::from_secs(10),
         renew_every: Duration::from_millis(500),
+        owner: None,
     };
     let held = eventually(
         "the worker's own Lease to be taken",

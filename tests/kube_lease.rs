@@ -20,6 +20,7 @@ async fn leases_are_held_renewed_counted_and_released() {
     let config = LeaseConfig {
         duration: Duration::from_secs(6),
         renew_every: Duration::from_millis(500),
+        owner: None,
     };
     let w0 = membership::hold(client.clone(), &ns, "w0", config.clone())
         .await

@@ -13,15 +13,20 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 use std::process::Command;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+use grasp_sync::controller::assignment::ring::{DEFAULT_VNODES, Ring};
 use grasp_sync::crd::{Phase, RelaySync, WORKER_LABEL};
 use grasp_sync::testing::scripted_relay::{Script, ScriptedRelay};
+use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, ListParams, PostParams};
 use kube::{Client, ResourceExt};
 use serde_json::json;
 use support::kube_env::locate;
 use support::node::{NODE_IP, Node, isolate};
+use support::prometheus::{self, Prometheus};
 use support::{eventually, nip34, relays};
 
 const NS: &str = "grasp-sync";
@@ -30,8 +35,12 @@ const RELEASE: &str = "gs";
 const WORKERS: &str = "gs-grasp-sync-worker";
 const CONTROLLER: &str = "gs-grasp-sync-controller";
 const AUTH_SECRET: &str = "gs-auth";
-const REMOTES: usize = 8;
+const REMOTES: usize = 12;
 const DEADLINE: Duration = Duration::from_secs(180);
+/// The failover target (README): a worker's relays Live again within 10 s.
+const FAILOVER: Duration = Duration::from_secs(10);
+/// The chart's `worker.restartGrace`.
+const GRACE: Duration = Duration::from_secs(30);
 
 fn run(cmd: &mut Command) -> String {
     let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
@@ -282,13 +291,297 @@ async fn journey(node: &mut Node) {
     }
     println!("{table}");
 
-    for r in &remotes {
+    at_most_one_connection_each(&remotes);
+
+    // kubectl scale 3 → 4: relays move by the ring.
+    let four = pod_names(4);
+    run(node
+        .kubectl()
+        .args(["scale", "statefulset", WORKERS, "-n", NS, "--replicas=4"]));
+    wait_ready(&client, 4, 2).await;
+    let ring = Ring::new(four.iter().cloned(), DEFAULT_VNODES);
+    let moved = eventually(
+        "every relay Live on its ring owner among 4",
+        DEADLINE,
+        || async {
+            let h = holding(&api).await?;
+            (all_live(&h, REMOTES, &four)
+                && h.iter()
+                    .all(|(url, (label, _, _))| label.as_deref() == ring.owner(url)))
+            .then_some(h)
+        },
+    )
+    .await;
+    let onto_new = moved
+        .values()
+        .filter(|(l, _, _)| l.as_deref() == Some(four[3].as_str()))
+        .count();
+    assert!(onto_new > 0, "the ring gives the new worker some relays");
+    println!("scaled to 4: {onto_new} relays moved to the new worker");
+    at_most_one_connection_each(&remotes);
+
+    // kubectl delete pod: the StatefulSet makes it again under its name. With the chart's
+    // restart grace its relays wait for it (no move, no second connection) and are Live
+    // again once it is back: within the grace and a failover.
+    let victim = four
+        .iter()
+        .max_by_key(|w| {
+            moved
+                .values()
+                .filter(|(l, _, _)| l.as_ref() == Some(*w))
+                .count()
+        })
+        .expect("a worker")
+        .clone();
+    let pods = Api::<Pod>::namespaced(client.clone(), NS);
+    let old_uid = pods.get(&victim).await.expect("pod").metadata.uid;
+    let theirs: Vec<String> = moved
+        .iter()
+        .filter(|(_, (l, _, _))| l.as_ref() == Some(&victim))
+        .map(|(url, _)| url.clone())
+        .collect();
+    // Statuses store whole seconds: a connection after the delete is one after this.
+    let deleted_at = Timestamp::from_second(Timestamp::now().as_second()).expect("now");
+    let t = Instant::now();
+    run(node
+        .kubectl()
+        .args(["delete", "pod", &victim, "-n", NS, "--wait=false"]));
+    let took = eventually(
+        "the deleted pod's relays Live again",
+        GRACE + FAILOVER,
+        || async {
+            let h = holding(&api).await?;
+            let connected = last_connected(&api).await?;
+            (all_live(&h, REMOTES, &four)
+                && theirs
+                    .iter()
+                    .all(|url| connected.get(url).is_some_and(|c| *c > deleted_at)))
+            .then(|| t.elapsed())
+        },
+    )
+    .await;
+    eventually("the deleted pod replaced and Ready", DEADLINE, || async {
+        let p = pods.get(&victim).await.ok()?;
+        let ready = p
+            .status
+            .as_ref()?
+            .conditions
+            .as_ref()?
+            .iter()
+            .any(|c| c.type_ == "Ready" && c.status == "True");
+        (p.metadata.uid != old_uid && ready).then_some(())
+    })
+    .await;
+    wait_ready(&client, 4, 2).await;
+    println!(
+        "{victim} deleted: its {} relays Live again after {took:.1?}",
+        theirs.len()
+    );
+    at_most_one_connection_each(&remotes);
+
+    // kubectl rollout restart of both workloads.
+    for what in [
+        format!("statefulset/{WORKERS}"),
+        format!("deployment/{CONTROLLER}"),
+    ] {
+        run(node.kubectl().args(["rollout", "restart", &what, "-n", NS]));
+        run(node
+            .kubectl()
+            .args(["rollout", "status", &what, "-n", NS, "--timeout=180s"]));
+    }
+    wait_ready(&client, 4, 2).await;
+    eventually(
+        "every relay Live after the rolling restarts",
+        DEADLINE,
+        || async { all_live(&holding(&api).await?, REMOTES, &four).then_some(()) },
+    )
+    .await;
+    at_most_one_connection_each(&remotes);
+
+    // helm upgrade with changed values: the pods roll to the new settings. Without a restart
+    // grace, a deleted pod's relays move to the other workers at once.
+    run(helm(node)
+        .args(["upgrade", RELEASE])
+        .arg(root.join("deploy/helm/grasp-sync"))
+        .args(["--namespace", NS, "--reuse-values"])
+        .args([
+            "--set",
+            "statusInterval=20s",
+            "--set",
+            "worker.restartGrace=0s",
+        ])
+        .args(["--set", "worker.replicas=4"]));
+    for what in [
+        format!("statefulset/{WORKERS}"),
+        format!("deployment/{CONTROLLER}"),
+    ] {
+        run(node
+            .kubectl()
+            .args(["rollout", "status", &what, "-n", NS, "--timeout=180s"]));
+    }
+    wait_ready(&client, 4, 2).await;
+    for w in &four {
+        let p = pods.get(w).await.expect("worker pod");
+        let env = p.spec.expect("spec").containers[0]
+            .env
+            .clone()
+            .unwrap_or_default();
         assert!(
-            r.counters()
-                .max_live_connections
-                .load(std::sync::atomic::Ordering::SeqCst)
-                <= 1,
-            "two connections to one remote relay"
+            env.iter().any(
+                |e| e.name == "GRASP_SYNC_STATUS_INTERVAL" && e.value.as_deref() == Some("20s")
+            ),
+            "{w} runs the upgraded value"
         );
     }
+    let controller_env = |p: &Pod| {
+        p.spec.as_ref().expect("spec").containers[0]
+            .env
+            .clone()
+            .unwrap_or_default()
+    };
+    let controllers = pods
+        .list(&ListParams::default().labels("app.kubernetes.io/component=controller"))
+        .await
+        .expect("controller pods");
+    for p in controllers
+        .items
+        .iter()
+        .filter(|p| p.metadata.deletion_timestamp.is_none())
+    {
+        assert!(
+            controller_env(p)
+                .iter()
+                .any(|e| e.name == "GRASP_SYNC_RESTART_GRACE" && e.value.as_deref() == Some("0s")),
+            "{} runs the upgraded restart grace",
+            p.name_any()
+        );
+    }
+    let settled = eventually("every relay Live after the upgrade", DEADLINE, || async {
+        let h = holding(&api).await?;
+        all_live(&h, REMOTES, &four).then_some(h)
+    })
+    .await;
+    at_most_one_connection_each(&remotes);
+    let victim = four
+        .iter()
+        .max_by_key(|w| {
+            settled
+                .values()
+                .filter(|(l, _, _)| l.as_ref() == Some(*w))
+                .count()
+        })
+        .expect("a worker")
+        .clone();
+    let theirs = settled
+        .values()
+        .filter(|(l, _, _)| l.as_ref() == Some(&victim))
+        .count();
+    let t = Instant::now();
+    run(node
+        .kubectl()
+        .args(["delete", "pod", &victim, "-n", NS, "--wait=false"]));
+    let others: Vec<String> = four.iter().filter(|w| **w != victim).cloned().collect();
+    let took = eventually(
+        "the deleted pod's relays Live on the others",
+        FAILOVER,
+        || async { all_live(&holding(&api).await?, REMOTES, &others).then(|| t.elapsed()) },
+    )
+    .await;
+    println!(
+        "{victim} deleted without a restart grace: its {theirs} relays Live elsewhere after {took:.1?}"
+    );
+    at_most_one_connection_each(&remotes);
+    wait_ready(&client, 4, 2).await;
+    eventually(
+        "every relay Live once the pod is back",
+        DEADLINE,
+        || async { all_live(&holding(&api).await?, REMOTES, &four).then_some(()) },
+    )
+    .await;
+    at_most_one_connection_each(&remotes);
+    eventually(
+        "the local relay still to hold exactly the expected set",
+        DEADLINE,
+        || async {
+            let got = relays::fetch_ids(&local, nostr::Filter::new()).await;
+            (got == want).then_some(())
+        },
+    )
+    .await;
+
+    // A real Prometheus scrapes the pods by their IPs; every dashboard query returns data.
+    let list = pods.list(&ListParams::default()).await.expect("pods");
+    let targets: Vec<String> = list
+        .items
+        .iter()
+        .filter(|p| p.metadata.deletion_timestamp.is_none())
+        .filter_map(|p| p.status.as_ref()?.pod_ip.clone())
+        .map(|ip| format!("{ip}:9090"))
+        .collect();
+    assert_eq!(targets.len(), 6, "2 controllers and 4 workers: {targets:?}");
+    let prom = Prometheus::start(
+        &node.work,
+        &targets,
+        &root.join("deploy/prometheus/grasp-sync-rules.yaml"),
+    );
+    eventually("Prometheus to scrape every pod", DEADLINE, || async {
+        let up = prom.query("sum(up)").await.ok()?;
+        (up.first()?["value"][1] == "6").then_some(())
+    })
+    .await;
+    let refs: Vec<&String> = targets.iter().collect();
+    prometheus::dashboard_and_rules_use_exported_metrics(&refs).await;
+    prometheus::every_panel_returns_data(&prom).await;
+    drop(prom);
+
+    // helm uninstall leaves nothing of grasp-sync but the CRD: what the chart made, and what
+    // the controller and the workers made (RelaySyncs, Leases) goes with it.
+    run(helm(node).args(["uninstall", RELEASE, "--namespace", NS, "--wait"]));
+    let last_left = std::sync::Mutex::new(String::new());
+    eventually("nothing of grasp-sync left but the CRD", DEADLINE, || async {
+        let left = run(node.kubectl().args([
+            "get",
+            "all,configmaps,serviceaccounts,roles,rolebindings,poddisruptionbudgets,leases,relaysyncs",
+            "-n",
+            NS,
+            "-o",
+            "name",
+        ]));
+        let left: Vec<&str> = left
+            .lines()
+            .filter(|l| {
+                // What Kubernetes makes in every namespace.
+                !matches!(*l, "configmap/kube-root-ca.crt" | "serviceaccount/default")
+            })
+            .collect();
+        if left.is_empty() {
+            return Some(());
+        }
+        let now = format!("{left:?}");
+        if *last_left.lock().unwrap() != now {
+            eprintln!("left after helm uninstall: {now}");
+            *last_left.lock().unwrap() = now;
+        }
+        None
+    })
+    .await;
+    run(node
+        .kubectl()
+        .args(["get", "crd", "relaysyncs.grasp-sync.dev"]));
+}
+
+fn at_most_one_connection_each(remotes: &[ScriptedRelay]) {
+    for (i, r) in remotes.iter().enumerate() {
+        let max = r.counters().max_live_connections.load(Ordering::SeqCst);
+        assert!(max <= 1, "remote-{i}: {max} connections at once");
+    }
+}
+
+/// When each relay's holder last connected (whole seconds, as the API server stores them).
+async fn last_connected(api: &Api<RelaySync>) -> Option<BTreeMap<String, Timestamp>> {
+    let list = api.list(&ListParams::default()).await.ok()?;
+    list.items
+        .into_iter()
+        .map(|o| Some((o.spec.url.clone(), o.status?.last_connected?.0)))
+        .collect()
 }

@@ -6,12 +6,15 @@
 use std::time::Duration;
 
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
 use k8s_openapi::jiff::Timestamp;
 use kube::Client;
 use kube::api::{Api, PostParams};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
+
+use crate::crd::owner::with_owner;
 
 pub const LEADER_LEASE: &str = "grasp-sync-controller";
 
@@ -22,6 +25,8 @@ pub struct LeaderConfig {
     pub duration: Duration,
     /// How often the leader renews and a standby retries.
     pub renew_every: Duration,
+    /// The controller's Deployment: the Lease is deleted with it.
+    pub owner: Option<OwnerReference>,
 }
 
 impl LeaderConfig {
@@ -31,6 +36,7 @@ impl LeaderConfig {
             lease_name: LEADER_LEASE.to_string(),
             duration: Duration::from_secs(15),
             renew_every: Duration::from_secs(3),
+            owner: None,
         }
     }
 }
@@ -81,6 +87,7 @@ pub async fn try_lead(api: &Api<Lease>, config: &LeaderConfig) -> kube::Result<b
             let lease = Lease {
                 metadata: ObjectMeta {
                     name: Some(config.lease_name.clone()),
+                    owner_references: config.owner.as_ref().map(|o| vec![o.clone()]),
                     ..ObjectMeta::default()
                 },
                 spec: Some(spec_for(config, None, now)),
@@ -97,6 +104,10 @@ pub async fn try_lead(api: &Api<Lease>, config: &LeaderConfig) -> kube::Result<b
             }
             // `replace` sends the resourceVersion we read: a concurrent writer makes it 409.
             lease.spec = Some(spec_for(config, lease.spec.as_ref(), now));
+            if let Some(owner) = &config.owner {
+                let refs = lease.metadata.owner_references.take();
+                lease.metadata.owner_references = Some(with_owner(refs, owner));
+            }
             match api
                 .replace(&config.lease_name, &PostParams::default(), &lease)
                 .await

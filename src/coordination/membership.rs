@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, ListParams, Patch, PatchParams};
 use kube::{Client, ResourceExt};
@@ -22,6 +23,8 @@ use crate::crd::WORKER_MANAGER as MANAGER;
 pub struct LeaseConfig {
     pub duration: Duration,
     pub renew_every: Duration,
+    /// The workers' StatefulSet: the Lease is deleted with it.
+    pub owner: Option<OwnerReference>,
 }
 
 impl Default for LeaseConfig {
@@ -29,6 +32,7 @@ impl Default for LeaseConfig {
         LeaseConfig {
             duration: Duration::from_secs(15),
             renew_every: Duration::from_secs(5),
+            owner: None,
         }
     }
 }
@@ -67,6 +71,9 @@ async fn write(
     });
     if released {
         metadata["annotations"] = json!({ RELEASED_ANNOTATION: "true" });
+    }
+    if let Some(owner) = &config.owner {
+        metadata["ownerReferences"] = json!([owner]);
     }
     let lease = json!({
         "apiVersion": "coordination.k8s.io/v1",
@@ -213,6 +220,11 @@ pub struct Returning {
 pub struct MemberRule {
     pub statefulset: String,
     pub max: u32,
+    /// The StatefulSet's replica count as last seen: a worker joins the ring only below it
+    /// (a Lease of any other ordinal, a ghost's, is ignored), and once a member stays one
+    /// while its Lease is live, so that a pod being scaled away keeps its relays until it
+    /// has closed its sessions. `None`: unknown, `max` alone decides.
+    pub scale: Option<u32>,
 }
 
 impl MemberRule {
@@ -243,6 +255,8 @@ pub struct LeaseObserver {
     /// Lease name → (its renewal as last seen, when we saw that change; `None`: stale when
     /// first seen and unchanged since).
     seen: HashMap<String, (String, Option<std::time::Instant>)>,
+    /// The members of the last observation: they stay members whatever the scale.
+    members: BTreeSet<String>,
 }
 
 /// How far a first-seen Lease's `renewTime` may lag the controller's clock and still count
@@ -335,6 +349,22 @@ impl LeaseObserver {
             }
         }
         self.seen.retain(|name, _| present.contains(name));
+        // Joining needs an ordinal below the StatefulSet's scale; staying does not.
+        if let Some((r, scale)) = rule.and_then(|r| Some((r, r.scale?))) {
+            let joining: Vec<String> = out
+                .live
+                .iter()
+                .filter(|w| !self.members.contains(*w))
+                .filter(|w| r.ordinal(w).is_none_or(|i| i >= scale))
+                .cloned()
+                .collect();
+            for w in joining {
+                out.live.remove(&w);
+                out.resting.remove(&w);
+                out.foreign += 1;
+            }
+        }
+        self.members = out.live.clone();
         out
     }
 }
@@ -407,6 +437,7 @@ mod tests {
             let config = LeaseConfig {
                 duration: Duration::from_secs(duration),
                 renew_every: Duration::from_secs(renew),
+                owner: None,
             };
             let (margin, deadline) = (
                 hold_margin(&config),
@@ -521,6 +552,7 @@ mod tests {
         let rule = MemberRule {
             statefulset: "gs".into(),
             max: 8,
+            scale: None,
         };
         let back = Returning {
             replicas: 2,
@@ -587,6 +619,7 @@ mod tests {
         let rule = MemberRule {
             statefulset: "gs-worker".into(),
             max: 3,
+            scale: None,
         };
         for ok in ["gs-worker-0", "gs-worker-2"] {
             assert!(rule.allows(ok), "{ok}");
@@ -618,6 +651,95 @@ mod tests {
         );
         assert_eq!(m.live, BTreeSet::from(["gs-worker-0".to_string()]));
         assert_eq!(m.foreign, 1);
+    }
+
+    /// `kubectl scale` up to `max` works; a ghost Lease of an ordinal not running now (below
+    /// `max`, so RBAC lets a worker identity write it) never joins; a pod being scaled away
+    /// stays a member while its Lease is live.
+    #[test]
+    fn joining_needs_an_ordinal_below_the_statefulset_s_scale() {
+        let secs = Duration::from_secs;
+        let lease = |i: u32, renewed_at: i64| {
+            renewed(
+                &format!("grasp-sync-worker-gs-w-{i}"),
+                &format!("gs-w-{i}"),
+                renewed_at,
+                1,
+            )
+        };
+        let rule = |scale| MemberRule {
+            statefulset: "gs-w".into(),
+            max: 10,
+            scale,
+        };
+        let names = |m: &Membership| m.live.iter().cloned().collect::<Vec<_>>();
+        let t0 = std::time::Instant::now();
+        let wall = Timestamp::from_second(10_000).unwrap();
+        let mut obs = LeaseObserver::default();
+        let observe = |obs: &mut LeaseObserver, leases: &[Lease], at, scale| {
+            obs.observe(leases, at, wall, secs(600), Some(&rule(scale)), None)
+        };
+        // Three pods; a ghost at ordinal 7.
+        let three = [lease(0, 10_000), lease(1, 10_000), lease(2, 10_000)];
+        let with_ghost: Vec<Lease> = three.iter().cloned().chain([lease(7, 10_000)]).collect();
+        let m = observe(&mut obs, &with_ghost, t0, Some(3));
+        assert_eq!(names(&m), ["gs-w-0", "gs-w-1", "gs-w-2"]);
+        assert_eq!(m.foreign, 1, "the ghost is counted");
+        // Scaled to 4: the new pod joins; the ghost still does not.
+        let four: Vec<Lease> = with_ghost
+            .iter()
+            .cloned()
+            .chain([lease(3, 10_000)])
+            .collect();
+        let m = observe(&mut obs, &four, t0 + secs(1), Some(4));
+        assert_eq!(names(&m), ["gs-w-0", "gs-w-1", "gs-w-2", "gs-w-3"]);
+        assert_eq!(m.foreign, 1);
+        // Scaled back to 3: pod 3 renews until it has stopped, and stays a member meanwhile.
+        let renewing: Vec<Lease> = four
+            .iter()
+            .cloned()
+            .map(|l| {
+                if l.name_any().ends_with("-3") {
+                    lease(3, 10_002)
+                } else {
+                    l
+                }
+            })
+            .collect();
+        let m = observe(&mut obs, &renewing, t0 + secs(2), Some(3));
+        assert!(m.live.contains("gs-w-3"), "{:?}", m.live);
+        // Unknown scale: the static bound alone (the ghost, below max, joins).
+        let m = LeaseObserver::default().observe(
+            &with_ghost,
+            t0,
+            wall,
+            secs(600),
+            Some(&rule(None)),
+            None,
+        );
+        assert!(m.live.contains("gs-w-7"));
+        // A member that stopped being live must join again: below the scale only.
+        let mut obs = LeaseObserver::default();
+        let m = observe(&mut obs, &four, t0, Some(4));
+        assert!(m.live.contains("gs-w-3"));
+        let m = observe(&mut obs, &four, t0 + secs(20), Some(3));
+        assert!(!m.live.contains("gs-w-3"), "expired");
+        let back: Vec<Lease> = four
+            .iter()
+            .cloned()
+            .map(|l| {
+                if l.name_any().ends_with("-3") {
+                    lease(3, 10_030)
+                } else {
+                    l
+                }
+            })
+            .collect();
+        let m = observe(&mut obs, &back, t0 + secs(21), Some(3));
+        assert!(
+            !m.live.contains("gs-w-3"),
+            "a renewed Lease above the scale rejoins"
+        );
     }
 
     #[test]

@@ -3,6 +3,7 @@
 
 pub mod conditions;
 pub mod naming;
+pub mod owner;
 pub mod ownership;
 pub mod relay_sync;
 

@@ -90,10 +90,25 @@ pub fn is_dns1123_label(name: &str) -> bool {
         && b[b.len() - 1].is_ascii_alphanumeric()
 }
 
+/// True if `name` is a DNS-1123 subdomain (the names of most Kubernetes objects):
+/// dot-separated labels, at most 253 characters.
+pub fn is_dns1123_subdomain(name: &str) -> bool {
+    name.len() <= 253 && name.split('.').all(is_dns1123_label)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::collections::HashSet;
+
+    #[test]
+    fn subdomains_are_dot_separated_labels() {
+        assert!(is_dns1123_subdomain("gs-grasp-sync-controller"));
+        assert!(is_dns1123_subdomain("a.b-c.d"));
+        for bad in ["", ".a", "a.", "a..b", "A", "-a", &"a".repeat(254)] {
+            assert!(!is_dns1123_subdomain(bad), "{bad:?}");
+        }
+    }
 
     fn name(s: &str) -> String {
         object_name(&RelayUrl::parse(s).unwrap())

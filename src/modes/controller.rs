@@ -7,12 +7,13 @@ use std::time::Duration;
 use kube::Client;
 use tokio::sync::watch;
 
-use super::kube::{KubeModeError, join_all, serve_http};
+use super::kube::{KubeModeError, join_all, resolve_owner, serve_http};
 use crate::controller::assignment::metrics::AssignmentMetrics;
 use crate::controller::assignment::reconciler::{self, AssignerConfig};
 use crate::controller::discovery::metrics::DiscoveryMetrics;
 use crate::controller::discovery::{self, DiscoveryConfig, DiscoveryLimits};
 use crate::coordination::leader::{self, LeaderConfig};
+use crate::crd::owner::OwnerTarget;
 use crate::nostr::RelayUrl;
 use crate::observability::ProcessMetrics;
 use crate::relay::address_policy::AddressPolicy;
@@ -33,6 +34,8 @@ pub struct ControllerOptions {
     pub http_addr: SocketAddr,
     pub leader: LeaderConfig,
     pub assigner: AssignerConfig,
+    /// The Deployment owning the RelaySyncs and the leader Lease (deleted with it).
+    pub owner: Option<OwnerTarget>,
 }
 
 /// Run a controller replica: campaign for the lead; while leading, run discovery and
@@ -47,7 +50,12 @@ pub async fn run_controller(
     metrics.set_role("controller");
     let discovery_metrics = DiscoveryMetrics::register(&metrics.registry)?;
     let assignment_metrics = AssignmentMetrics::register(&metrics.registry)?;
-    let store = Arc::new(KubeStore::for_controller(client.clone(), &namespace));
+    let owner = match &opts.owner {
+        Some(t) => Some(resolve_owner(&client, &namespace, t).await?),
+        None => None,
+    };
+    let store =
+        Arc::new(KubeStore::for_controller(client.clone(), &namespace).with_owner(owner.clone()));
     let (http_addr, http_task) = serve_http(opts.http_addr, &metrics, &store, &shutdown).await?;
     tracing::info!(identity = %opts.identity, %namespace, http = %http_addr, "controller started; campaigning for the lead");
     let dc = DiscoveryConfig::for_service(
@@ -58,7 +66,14 @@ pub async fn run_controller(
         opts.grace,
         opts.limits,
     );
-    let election = leader::campaign(client.clone(), &namespace, opts.leader.clone());
+    let election = leader::campaign(
+        client.clone(),
+        &namespace,
+        LeaderConfig {
+            owner,
+            ..opts.leader.clone()
+        },
+    );
     let mut leading = election.leading();
     'outer: loop {
         tokio::select! {

@@ -5,6 +5,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
+use kube::Api;
 use kube::Client;
 use kube::config::{Config, KubeConfigOptions};
 use thiserror::Error;
@@ -12,6 +14,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::crd::naming::is_dns1123_label;
+use crate::crd::owner::{OwnerKind, OwnerTarget};
 use crate::observability::ProcessMetrics;
 use crate::store::kube::KubeStore;
 
@@ -25,6 +28,16 @@ pub enum KubeModeError {
     BadWorkerName(String),
     #[error("cannot register the metrics: {0}")]
     Metrics(#[from] prometheus::Error),
+    #[error(
+        "cannot read the owner {target} (the workload whose deletion deletes what this process creates): {source}"
+    )]
+    Owner {
+        target: OwnerTarget,
+        #[source]
+        source: kube::Error,
+    },
+    #[error("the owner {0} has no uid")]
+    OwnerWithoutUid(OwnerTarget),
     #[error("cannot serve HTTP on {addr}: {source}")]
     Http {
         addr: SocketAddr,
@@ -49,6 +62,39 @@ pub struct KubeTarget {
     pub context: Option<String>,
     /// `None`: the kubeconfig's or the pod's namespace.
     pub namespace: Option<String>,
+}
+
+/// The owner reference for `target`, a workload in `namespace`, read from the API server.
+pub async fn resolve_owner(
+    client: &Client,
+    namespace: &str,
+    target: &OwnerTarget,
+) -> Result<OwnerReference, KubeModeError> {
+    use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
+    let err = |source| KubeModeError::Owner {
+        target: target.clone(),
+        source,
+    };
+    let uid = match target.kind {
+        OwnerKind::Deployment => {
+            Api::<Deployment>::namespaced(client.clone(), namespace)
+                .get(&target.name)
+                .await
+                .map_err(err)?
+                .metadata
+                .uid
+        }
+        OwnerKind::StatefulSet => {
+            Api::<StatefulSet>::namespaced(client.clone(), namespace)
+                .get(&target.name)
+                .await
+                .map_err(err)?
+                .metadata
+                .uid
+        }
+    };
+    let uid = uid.ok_or_else(|| KubeModeError::OwnerWithoutUid(target.clone()))?;
+    Ok(target.reference(&uid))
 }
 
 /// A client and the namespace to use.

@@ -10,8 +10,9 @@ use kube::Client;
 use nostr::Keys;
 use tokio::sync::{oneshot, watch};
 
-use super::kube::{KubeModeError, check_worker_name, join_all, serve_http};
+use super::kube::{KubeModeError, check_worker_name, join_all, resolve_owner, serve_http};
 use crate::coordination::membership::{self, LeaseConfig};
+use crate::crd::owner::OwnerTarget;
 use crate::nostr::RelayUrl;
 use crate::observability::ProcessMetrics;
 use crate::relay::address_policy::AddressPolicy;
@@ -42,6 +43,8 @@ pub struct WorkerOptions {
     pub http_addr: SocketAddr,
     pub lease: LeaseConfig,
     pub session: SessionConfig,
+    /// The StatefulSet owning the worker's Lease (deleted with it).
+    pub owner: Option<OwnerTarget>,
 }
 
 /// Run a worker: hold its Lease, and while it is held run the sessions of the relays
@@ -54,6 +57,10 @@ pub async fn run_worker(
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), KubeModeError> {
     check_worker_name(&opts.name)?;
+    let mut opts = opts;
+    if let Some(t) = &opts.owner {
+        opts.lease.owner = Some(resolve_owner(&client, &namespace, t).await?);
+    }
     let metrics = ProcessMetrics::new()?;
     metrics.set_role("worker");
     let worker_metrics = WorkerMetrics::register(&metrics.registry)?;

@@ -15,6 +15,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::ObjectReference;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::ObjectRef;
@@ -39,6 +40,8 @@ pub struct KubeStore {
     /// label still names it.
     holder: Option<String>,
     recorder: Option<Recorder>,
+    /// Put on every object applied, so that deleting the owner deletes them.
+    owner: Option<OwnerReference>,
     cache: Store<RelaySync>,
     /// The watch has listed once. Not `cache.wait_until_ready()` polled and dropped: its
     /// readiness future keeps a single waker, so a dropped poll would steal the wake-up of
@@ -141,6 +144,7 @@ impl KubeStore {
             selector,
             holder: None,
             recorder: None,
+            owner: None,
             cache,
             listed,
             departed,
@@ -172,6 +176,13 @@ impl KubeStore {
         );
         store.holder = Some(worker.to_string());
         store
+    }
+
+    /// Objects applied from now on name `owner` among their owners (the controller's
+    /// Deployment): the garbage collector deletes them with it.
+    pub fn with_owner(mut self, owner: Option<OwnerReference>) -> Self {
+        self.owner = owner;
+        self
     }
 
     /// Publish Kubernetes Events on phase changes, reported as `instance` (the worker).
@@ -380,7 +391,10 @@ impl RelaySyncStore for KubeStore {
             paused: None,
             ..spec.clone()
         };
-        let obj = RelaySync::new(name, spec);
+        let mut obj = RelaySync::new(name, spec);
+        if let Some(owner) = &self.owner {
+            obj.metadata.owner_references = Some(vec![owner.clone()]);
+        }
         let applied = self
             .api
             .patch(

@@ -9,6 +9,7 @@ pub mod nip34;
 pub mod node;
 pub mod nostr_rs_relay;
 pub mod procs;
+pub mod prometheus;
 pub mod relays;
 
 use std::future::Future;

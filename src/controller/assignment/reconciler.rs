@@ -159,12 +159,12 @@ pub async fn run(
             notify.notify_one();
         }
     });
-    // The workers' StatefulSet, when there is one and a restart grace: its replica count
-    // says which gracefully stopped pods come back. Unreadable: nobody is waited for.
+    // The workers' StatefulSet, when there is one: its replica count says which pods may
+    // join the ring, and which gracefully stopped pods come back. Unreadable: the member
+    // rule's bound alone decides, and nobody is waited for.
     let statefulset = config
         .members
         .as_ref()
-        .filter(|_| !config.restart_grace.is_zero())
         .map(|rule| {
             let api: Api<StatefulSet> = Api::namespaced(api.clone().into_client(), &namespace);
             let (reader, writer) = reflector::store();
@@ -210,23 +210,29 @@ pub async fn run(
     // Kept across passes: liveness is judged by when this controller saw each Lease change.
     let mut observer = membership::LeaseObserver::default();
     loop {
-        let returning = statefulset.as_ref().and_then(|(reader, _)| {
+        let scale = statefulset.as_ref().and_then(|(reader, _)| {
             let sts = reader.state().into_iter().next()?;
-            Some(membership::Returning {
-                replicas: sts
-                    .spec
+            Some(
+                sts.spec
                     .as_ref()
                     .and_then(|s| s.replicas)
                     .unwrap_or(1)
                     .max(0) as u32,
-                grace: config.restart_grace,
-            })
+            )
         });
+        let returning = scale
+            .filter(|_| !config.restart_grace.is_zero())
+            .map(|replicas| membership::Returning {
+                replicas,
+                grace: config.restart_grace,
+            });
+        let rule = config.members.clone().map(|r| membership::MemberRule { scale, ..r });
         let members = observe_members(
             &leases,
             &lease_reader,
             &mut observer,
             returning,
+            rule.as_ref(),
             &config,
             &metrics,
         )
@@ -261,6 +267,7 @@ async fn observe_members(
     lease_reader: &Store<Lease>,
     observer: &mut membership::LeaseObserver,
     returning: Option<membership::Returning>,
+    rule: Option<&membership::MemberRule>,
     config: &AssignerConfig,
     metrics: &AssignmentMetrics,
 ) -> membership::Membership {
@@ -274,7 +281,7 @@ async fn observe_members(
         std::time::Instant::now(),
         k8s_openapi::jiff::Timestamp::now(),
         config.orphan_lease_after,
-        config.members.as_ref(),
+        rule,
         returning,
     );
     metrics.foreign_leases.set(members.foreign as i64);

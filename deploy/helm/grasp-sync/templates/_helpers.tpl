@@ -42,7 +42,7 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 
 {{/* Worker pods, as many as there can ever be: their Lease names go into the Lease Role. */}}
 {{- define "grasp-sync.maxWorkers" -}}
-{{- if .Values.worker.autoscaling.enabled }}{{ .Values.worker.autoscaling.maxReplicas }}{{ else }}{{ .Values.worker.replicas }}{{ end }}
+{{- if .Values.worker.autoscaling.enabled }}{{ .Values.worker.autoscaling.maxReplicas }}{{ else }}{{ max (int .Values.worker.replicas) (int .Values.worker.maxReplicas) }}{{ end }}
 {{- end }}
 
 {{- define "grasp-sync.required" -}}
