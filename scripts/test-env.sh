@@ -152,10 +152,19 @@ ensure_node_packages() {
   command -v iptables >/dev/null || need+=(iptables)
   command -v dnsmasq >/dev/null || need+=(dnsmasq-base)
   command -v conntrack >/dev/null || need+=(conntrack)
-  if [ ${#need[@]} -gt 0 ]; then apt_install "${need[@]}"; fi
-  # Debian starts a containerd service on install; the test runs its own.
-  if command -v systemctl >/dev/null && systemctl is-active --quiet containerd 2>/dev/null; then
-    $SUDO systemctl disable --now containerd >/dev/null 2>&1 || true
+  command -v ip >/dev/null || need+=(iproute2)
+  command -v unshare >/dev/null || need+=(util-linux)
+  # The pause image is a static C program.
+  command -v cc >/dev/null || need+=(gcc)
+  [ -f /usr/lib/x86_64-linux-gnu/libc.a ] || [ -f /usr/lib/aarch64-linux-gnu/libc.a ] || need+=(libc6-dev)
+  if [ ${#need[@]} -gt 0 ]; then
+    apt_install "${need[@]}"
+    # Debian starts a containerd service on install; the test runs its own (own socket,
+    # state and root), so one installed here is stopped. One that was there before stays.
+    if [[ " ${need[*]} " == *" containerd "* ]] && command -v systemctl >/dev/null \
+      && systemctl is-active --quiet containerd 2>/dev/null; then
+      $SUDO systemctl disable --now containerd >/dev/null 2>&1 || true
+    fi
   fi
 }
 

@@ -173,11 +173,15 @@ pub async fn hold(
                     tracing::warn!(%worker, "could not renew the worker Lease in time; stopping every session");
                 }
                 _ = stop_rx.changed() => {
-                    match tokio::time::timeout(deadline, write(&api, &worker, &config, true)).await {
+                    // Every session is closed by now: the mark is not a renewal racing the
+                    // Lease's expiry, and it decides whether a returning pod keeps its relays,
+                    // so a loaded API server gets the Lease's whole duration to take it.
+                    let mark = deadline.max(config.duration);
+                    match tokio::time::timeout(mark, write(&api, &worker, &config, true)).await {
                         Ok(Ok(())) => {}
                         // Not marked: the controller sees the Lease expire instead.
                         Ok(Err(e)) => tracing::warn!(%worker, error = %e, "could not mark the worker Lease released"),
-                        Err(_) => tracing::warn!(%worker, ?deadline, "marking the worker Lease released timed out"),
+                        Err(_) => tracing::warn!(%worker, deadline = ?mark, "marking the worker Lease released timed out"),
                     }
                     held_tx.send_replace(false);
                     return;
@@ -364,8 +368,19 @@ impl LeaseObserver {
                 out.foreign += 1;
             }
         }
-        self.members = out.live.clone();
+        // Only an observation that knew the scale decides who is a member: one made without
+        // it (the StatefulSet unreadable) must not let a ghost stay in once it is known.
+        if rule.is_none_or(|r| r.scale.is_some()) {
+            self.members = out.live.clone();
+        }
         out
+    }
+
+    /// Workers that hold relays now (named by assignment labels) count as members already:
+    /// after a leader change, a pod being scaled away keeps its relays until it has stopped,
+    /// instead of losing them while its sessions still run.
+    pub fn keep_members<'a>(&mut self, holders: impl IntoIterator<Item = &'a str>) {
+        self.members.extend(holders.into_iter().map(str::to_string));
     }
 }
 
@@ -738,8 +753,22 @@ mod tests {
         let m = observe(&mut obs, &back, t0 + secs(21), Some(3));
         assert!(
             !m.live.contains("gs-w-3"),
-            "a renewed Lease above the scale rejoins"
+            "a Lease above the scale that stopped being live does not join again"
         );
+        // Observations without the scale (the StatefulSet not read yet) admit by `max`, but
+        // make nobody a member: once the scale is known, the ghost is out.
+        let mut obs = LeaseObserver::default();
+        let m = observe(&mut obs, &with_ghost, t0, None);
+        assert!(m.live.contains("gs-w-7"));
+        let m = observe(&mut obs, &with_ghost, t0 + secs(1), Some(3));
+        assert_eq!(names(&m), ["gs-w-0", "gs-w-1", "gs-w-2"]);
+        // A new leader during a scale-down: the pod being scaled away still holds relays,
+        // and keeps them until it stops.
+        let mut obs = LeaseObserver::default();
+        obs.keep_members(["gs-w-3"]);
+        let m = observe(&mut obs, &four, t0, Some(3));
+        assert!(m.live.contains("gs-w-3"), "{:?}", m.live);
+        assert!(!m.live.contains("gs-w-7"));
     }
 
     #[test]

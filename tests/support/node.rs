@@ -8,8 +8,9 @@
 //! fresh tmpfs mounts, so nothing the kubelet, containerd or the CNI plugins write there
 //! reaches the machine; the test process is PID 1 of its namespace, so when it ends, however
 //! it ends, the kernel kills every process of the node (containers included) and the
-//! namespaces, their mounts and iptables chains vanish with them. Only the pods' cgroups
-//! live outside; the parent removes them after the run.
+//! namespaces, their mounts and iptables chains vanish with them. What lives outside, the
+//! parent puts back after the run: the pods' cgroups, and the global kernel settings the
+//! kubelet changes.
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
@@ -55,8 +56,30 @@ pub fn isolate(test: &str) -> Option<Inside> {
         .and_then(|n| n.to_str())
         .expect("work dir name")
         .to_string();
+    assert_eq!(
+        Command::new("stat")
+            .args(["-fc", "%T", "/sys/fs/cgroup"])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+            .unwrap_or_default(),
+        "tmpfs",
+        "the real node runs on cgroup v1 hierarchies (/sys/fs/cgroup/<controller>) only"
+    );
+    // The kubelet sets a few kernel settings that no namespace isolates: put them back.
+    let sysctls = save_global_sysctls();
     let exe = std::env::current_exe().expect("test binary");
-    let status = Command::new("unshare")
+    let mut unshare = Command::new("unshare");
+    // If this process dies (a harness timeout), the node dies with it.
+    unsafe {
+        use std::os::unix::process::CommandExt;
+        unshare.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let status = unshare
         // --kill-child: if this process dies, so does the node (its PID 1 first).
         .args([
             "--net",
@@ -73,7 +96,12 @@ pub fn isolate(test: &str) -> Option<Inside> {
         .env(CGROUP, &cgroup)
         .status()
         .expect("unshare (util-linux)");
+    // The kernel ended every process of the node with its PID 1; nothing of it may be left
+    // running here, nor mounted (its mounts lived in its own mount namespace).
+    let survivors = processes_mentioning(&work);
+    let mounts = mounts_under(&work);
     let cleaned = remove_cgroups(&cgroup);
+    restore_global_sysctls(&sysctls);
     if !status.success() {
         print_log_tails(&work.join("logs"));
     }
@@ -90,7 +118,72 @@ pub fn isolate(test: &str) -> Option<Inside> {
     if let Err(e) = cleaned {
         panic!("cgroups left behind: {e}");
     }
+    assert!(
+        survivors.is_empty(),
+        "node processes left running: {survivors:?}"
+    );
+    assert!(mounts.is_empty(), "node mounts left behind: {mounts:?}");
     None
+}
+
+/// PIDs (and command lines) of processes whose command line names `dir`, killed.
+fn processes_mentioning(dir: &Path) -> Vec<String> {
+    let needle = dir.display().to_string();
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let cmdline = std::fs::read(e.path().join("cmdline"))
+            .map(|b| String::from_utf8_lossy(&b).replace('\0', " "))
+            .unwrap_or_default();
+        if cmdline.contains(&needle) {
+            let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+            out.push(format!("{pid}: {cmdline}"));
+        }
+    }
+    out
+}
+
+/// Mount points under `dir` in this (the parent's) mount namespace.
+fn mounts_under(dir: &Path) -> Vec<String> {
+    let needle = dir.display().to_string();
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(4))
+        .filter(|m| m.starts_with(&needle))
+        .map(str::to_string)
+        .collect()
+}
+
+/// The kernel settings the kubelet changes (`setupKernelTunables`) that are global, not
+/// per network namespace.
+const GLOBAL_SYSCTLS: [&str; 6] = [
+    "vm/overcommit_memory",
+    "vm/panic_on_oom",
+    "kernel/panic",
+    "kernel/panic_on_oops",
+    "kernel/keys/root_maxkeys",
+    "kernel/keys/root_maxbytes",
+];
+
+fn save_global_sysctls() -> Vec<(PathBuf, String)> {
+    GLOBAL_SYSCTLS
+        .iter()
+        .map(|k| Path::new("/proc/sys").join(k))
+        .filter_map(|p| Some((p.clone(), std::fs::read_to_string(&p).ok()?)))
+        .collect()
+}
+
+fn restore_global_sysctls(saved: &[(PathBuf, String)]) {
+    for (p, v) in saved {
+        if std::fs::read_to_string(p).ok().as_deref() != Some(v.as_str())
+            && let Err(e) = std::fs::write(p, v.trim())
+        {
+            eprintln!("cannot restore {}: {e}", p.display());
+        }
+    }
 }
 
 fn cgroup_dirs(cgroup: &str) -> Vec<PathBuf> {
@@ -779,6 +872,15 @@ impl Node {
         for p in pods.lines() {
             if let Some((ns, name)) = p.split_once('/') {
                 get(&["logs", "-n", ns, name, "--all-containers", "--tail=60"]);
+                // In full beside the node's logs (kept with GRASP_SYNC_KEEP_LOGS=1).
+                if let Ok(o) = self
+                    .kubectl()
+                    .args(["logs", "-n", ns, name, "--all-containers"])
+                    .output()
+                {
+                    let _ =
+                        std::fs::write(self.work.join(format!("pod-{ns}-{name}.log")), o.stdout);
+                }
             }
         }
         let _ = std::fs::write(self.work.join("logs/zz-diagnostics.log"), out);

@@ -75,6 +75,8 @@ const LABEL_WRITES_IN_FLIGHT: usize = 32;
 
 /// A label write or Lease deletion abandoned after this long (decided again next pass).
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a new leader waits for the workers' StatefulSet before its first pass.
+const STATEFULSET_WAIT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, Clone)]
 pub struct AssignerConfig {
@@ -162,29 +164,32 @@ pub async fn run(
     // The workers' StatefulSet, when there is one: its replica count says which pods may
     // join the ring, and which gracefully stopped pods come back. Unreadable: the member
     // rule's bound alone decides, and nobody is waited for.
-    let statefulset = config
-        .members
-        .as_ref()
-        .map(|rule| {
-            let api: Api<StatefulSet> = Api::namespaced(api.clone().into_client(), &namespace);
-            let (reader, writer) = reflector::store();
-            let wc =
-                watcher::Config::default().fields(&format!("metadata.name={}", rule.statefulset));
-            let stream = reflector::reflector(writer, watcher(api, wc))
-                .default_backoff()
-                .touched_objects();
-            let task = tokio::spawn(async move {
-                let mut stream = std::pin::pin!(stream);
-                while let Some(ev) = stream.next().await {
-                    if let Err(e) = ev {
-                        tracing::debug!(error = %e, "StatefulSet watch interrupted; it resumes");
-                    }
+    let statefulset = config.members.as_ref().map(|rule| {
+        let api: Api<StatefulSet> = Api::namespaced(api.clone().into_client(), &namespace);
+        let (reader, writer) = reflector::store();
+        let wc = watcher::Config::default().fields(&format!("metadata.name={}", rule.statefulset));
+        let stream = reflector::reflector(writer, watcher(api, wc))
+            .default_backoff()
+            .touched_objects();
+        let task = tokio::spawn(async move {
+            let mut stream = std::pin::pin!(stream);
+            while let Some(ev) = stream.next().await {
+                if let Err(e) = ev {
+                    tracing::debug!(error = %e, "StatefulSet watch interrupted; it resumes");
                 }
-            });
-            (reader, task)
+            }
         });
+        (reader, task)
+    });
     let ready = async {
-        objects.wait_until_ready().await.is_ok() && lease_reader.wait_until_ready().await.is_ok()
+        let ok = objects.wait_until_ready().await.is_ok()
+            && lease_reader.wait_until_ready().await.is_ok();
+        // Who may join the ring depends on the StatefulSet's scale: wait for it a while.
+        // Unreadable, the member rule's bound alone decides (warned about below).
+        if let Some((reader, _)) = &statefulset {
+            let _ = tokio::time::timeout(STATEFULSET_WAIT, reader.wait_until_ready()).await;
+        }
+        ok
     };
     let ok = tokio::select! {
         ok = ready => ok,
@@ -209,6 +214,7 @@ pub async fn run(
     let mut tick = tokio::time::interval(config.resync);
     // Kept across passes: liveness is judged by when this controller saw each Lease change.
     let mut observer = membership::LeaseObserver::default();
+    let mut warned_scale = false;
     loop {
         let scale = statefulset.as_ref().and_then(|(reader, _)| {
             let sts = reader.state().into_iter().next()?;
@@ -226,7 +232,22 @@ pub async fn run(
                 replicas,
                 grace: config.restart_grace,
             });
-        let rule = config.members.clone().map(|r| membership::MemberRule { scale, ..r });
+        let rule = config
+            .members
+            .clone()
+            .map(|r| membership::MemberRule { scale, ..r });
+        if let Some(r) = rule.as_ref().filter(|r| r.scale.is_none())
+            && !warned_scale
+        {
+            tracing::warn!(statefulset = %r.statefulset, max = r.max, "cannot read the workers' StatefulSet: any of its first `max` pods may join the ring");
+            warned_scale = true;
+        }
+        observer.keep_members(
+            objects
+                .state()
+                .iter()
+                .filter_map(|o| o.labels().get(WORKER_LABEL).map(String::as_str)),
+        );
         let members = observe_members(
             &leases,
             &lease_reader,
