@@ -23,7 +23,7 @@ use serde_json::json;
 use support::kube_env::locate;
 use support::procs::GraspSync;
 use support::prometheus::{self, Prometheus};
-use support::{KubeEnv, eventually, free_port, nip34, relays};
+use support::{KubeEnv, eventually, free_port, nip34, relays, run};
 
 const RELEASE: &str = "gs";
 const CONTROLLER_SA: &str = "gs-grasp-sync-controller";
@@ -36,17 +36,6 @@ const CONTROLLER_IP: &str = "127.0.0.2";
 const WORKER_IP: &str = "127.0.0.3";
 const AUTH_SECRET: &str = "gs-auth";
 const DEADLINE: Duration = Duration::from_secs(90);
-
-fn run(cmd: &mut Command) -> String {
-    let out = cmd.output().expect("run");
-    assert!(
-        out.status.success(),
-        "{cmd:?}: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
 
 /// The pod template of the `kind`/`name` workload in a rendered manifest.
 fn rendered_pod(manifest: &str, kind: &str, name: &str) -> serde_yaml::Value {

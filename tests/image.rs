@@ -4,10 +4,13 @@
 //! Dockerfile's base (distroless `cc`, `nonroot`) brings: glibc and the libraries the binary
 //! links, CA certificates, the non-root user, no shell.
 
+mod support;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use serde_json::Value;
+use support::run;
 
 /// What the Dockerfile's last stage says.
 #[derive(Debug, Default)]
@@ -80,17 +83,6 @@ fn image_config(layout: &Path) -> (Value, Value) {
         config["config"].clone(),
         manifests[0]["annotations"].clone(),
     )
-}
-
-fn run(cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed:\n{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 #[test]

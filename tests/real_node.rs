@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 
 use grasp_sync::controller::assignment::ring::{DEFAULT_VNODES, Ring};
 use grasp_sync::crd::{Phase, RelaySync, WORKER_LABEL};
+use grasp_sync::nostr::RelayUrl;
 use grasp_sync::testing::scripted_relay::{Script, ScriptedRelay};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Pod;
@@ -29,7 +30,7 @@ use serde_json::json;
 use support::kube_env::locate;
 use support::node::{NODE_IP, Node, isolate};
 use support::prometheus::{self, Prometheus};
-use support::{eventually, nip34, relays};
+use support::{eventually, nip34, relays, run};
 
 const NS: &str = "grasp-sync";
 const RELAYS_NS: &str = "relays";
@@ -43,17 +44,6 @@ const DEADLINE: Duration = Duration::from_secs(180);
 const FAILOVER: Duration = Duration::from_secs(10);
 /// The chart's `worker.restartGrace`.
 const GRACE: Duration = Duration::from_secs(30);
-
-fn run(cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed:\n{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
 
 fn helm(node: &Node) -> Command {
     let mut c = Command::new(locate("GRASP_SYNC_HELM", "helm", Some("/usr/bin/helm")));
@@ -109,6 +99,50 @@ fn all_live(h: &Holding, relays: usize, workers: &[String]) -> bool {
                 && *phase == Some(Phase::Live)
                 && workers.contains(label.as_ref().unwrap_or(&String::new()))
         })
+}
+
+/// Every relay Live on one of `workers` (with `by_ring`, on its ring owner among them);
+/// where they stand then.
+async fn wait_all_live(
+    api: &Api<RelaySync>,
+    workers: &[String],
+    by_ring: bool,
+    what: &str,
+) -> Holding {
+    let ring = Ring::new(workers.iter().cloned(), DEFAULT_VNODES);
+    eventually(what, DEADLINE, || async {
+        let h = holding(api).await?;
+        (all_live(&h, REMOTES, workers)
+            && (!by_ring
+                || h.iter()
+                    .all(|(url, (label, _, _))| label.as_deref() == ring.owner(url))))
+        .then_some(h)
+    })
+    .await
+}
+
+/// The local relay holds exactly `want`.
+async fn wait_exact_set(local: &RelayUrl, want: &BTreeSet<nostr::EventId>, what: &str) {
+    eventually(what, DEADLINE, || async {
+        let got = relays::fetch_ids(local, nostr::Filter::new()).await;
+        (&got == want).then_some(())
+    })
+    .await;
+}
+
+/// Wait for both workloads' rollouts, after restarting them when `restart`.
+fn rollout(node: &Node, restart: bool) {
+    for what in [
+        format!("statefulset/{WORKERS}"),
+        format!("deployment/{CONTROLLER}"),
+    ] {
+        if restart {
+            run(node.kubectl().args(["rollout", "restart", &what, "-n", NS]));
+        }
+        run(node
+            .kubectl()
+            .args(["rollout", "status", &what, "-n", NS, "--timeout=180s"]));
+    }
 }
 
 fn pod_names(n: usize) -> Vec<String> {
@@ -244,23 +278,18 @@ async fn journey(node: &mut Node) {
 
     let api = Api::<RelaySync>::namespaced(client.clone(), NS);
     let three = pod_names(3);
-    eventually(
+    wait_all_live(
+        &api,
+        &three,
+        false,
         "every relay Live on the chart's workers",
-        DEADLINE,
-        || async {
-            let h = holding(&api).await?;
-            all_live(&h, REMOTES, &three).then_some(())
-        },
     )
     .await;
     println!("Live: {:.1?} after helm install", started.elapsed());
-    eventually(
+    wait_exact_set(
+        &local,
+        &want,
         "the local relay to hold exactly the expected set",
-        DEADLINE,
-        || async {
-            let got = relays::fetch_ids(&local, nostr::Filter::new()).await;
-            (got == want).then_some(())
-        },
     )
     .await;
 
@@ -301,17 +330,11 @@ async fn journey(node: &mut Node) {
         .kubectl()
         .args(["scale", "statefulset", WORKERS, "-n", NS, "--replicas=4"]));
     wait_ready(&client, 4, 2).await;
-    let ring = Ring::new(four.iter().cloned(), DEFAULT_VNODES);
-    let moved = eventually(
+    let moved = wait_all_live(
+        &api,
+        &four,
+        true,
         "every relay Live on its ring owner among 4",
-        DEADLINE,
-        || async {
-            let h = holding(&api).await?;
-            (all_live(&h, REMOTES, &four)
-                && h.iter()
-                    .all(|(url, (label, _, _))| label.as_deref() == ring.owner(url)))
-            .then_some(h)
-        },
     )
     .await;
     let onto_new = moved
@@ -434,20 +457,13 @@ async fn journey(node: &mut Node) {
     at_most_one_connection_each(&remotes);
 
     // kubectl rollout restart of both workloads.
-    for what in [
-        format!("statefulset/{WORKERS}"),
-        format!("deployment/{CONTROLLER}"),
-    ] {
-        run(node.kubectl().args(["rollout", "restart", &what, "-n", NS]));
-        run(node
-            .kubectl()
-            .args(["rollout", "status", &what, "-n", NS, "--timeout=180s"]));
-    }
+    rollout(node, true);
     wait_ready(&client, 4, 2).await;
-    eventually(
+    wait_all_live(
+        &api,
+        &four,
+        false,
         "every relay Live after the rolling restarts",
-        DEADLINE,
-        || async { all_live(&holding(&api).await?, REMOTES, &four).then_some(()) },
     )
     .await;
     at_most_one_connection_each(&remotes);
@@ -465,14 +481,7 @@ async fn journey(node: &mut Node) {
             "worker.restartGrace=0s",
         ])
         .args(["--set", "worker.replicas=4"]));
-    for what in [
-        format!("statefulset/{WORKERS}"),
-        format!("deployment/{CONTROLLER}"),
-    ] {
-        run(node
-            .kubectl()
-            .args(["rollout", "status", &what, "-n", NS, "--timeout=180s"]));
-    }
+    rollout(node, false);
     wait_ready(&client, 4, 2).await;
     for w in &four {
         let p = pods.get(w).await.expect("worker pod");
@@ -510,11 +519,7 @@ async fn journey(node: &mut Node) {
             p.name_any()
         );
     }
-    let settled = eventually("every relay Live after the upgrade", DEADLINE, || async {
-        let h = holding(&api).await?;
-        all_live(&h, REMOTES, &four).then_some(h)
-    })
-    .await;
+    let settled = wait_all_live(&api, &four, false, "every relay Live after the upgrade").await;
     at_most_one_connection_each(&remotes);
     let victim = four
         .iter()
@@ -546,20 +551,12 @@ async fn journey(node: &mut Node) {
     );
     at_most_one_connection_each(&remotes);
     wait_ready(&client, 4, 2).await;
-    eventually(
-        "every relay Live once the pod is back",
-        DEADLINE,
-        || async { all_live(&holding(&api).await?, REMOTES, &four).then_some(()) },
-    )
-    .await;
+    wait_all_live(&api, &four, false, "every relay Live once the pod is back").await;
     at_most_one_connection_each(&remotes);
-    eventually(
+    wait_exact_set(
+        &local,
+        &want,
         "the local relay still to hold exactly the expected set",
-        DEADLINE,
-        || async {
-            let got = relays::fetch_ids(&local, nostr::Filter::new()).await;
-            (got == want).then_some(())
-        },
     )
     .await;
 
@@ -593,17 +590,11 @@ async fn journey(node: &mut Node) {
         .kubectl()
         .args(["scale", "statefulset", WORKERS, "-n", NS, "--replicas=3"]));
     wait_ready(&client, 3, 2).await;
-    let ring = Ring::new(three.iter().cloned(), DEFAULT_VNODES);
-    eventually(
+    wait_all_live(
+        &api,
+        &three,
+        true,
         "every relay Live on its ring owner among 3",
-        DEADLINE,
-        || async {
-            let h = holding(&api).await?;
-            (all_live(&h, REMOTES, &three)
-                && h.iter()
-                    .all(|(url, (label, _, _))| label.as_deref() == ring.owner(url)))
-            .then_some(())
-        },
     )
     .await;
     at_most_one_connection_each(&remotes);

@@ -688,6 +688,19 @@ mod tests {
             scale,
         };
         let names = |m: &Membership| m.live.iter().cloned().collect::<Vec<_>>();
+        // `leases` with pod 3's Lease renewed at `at`.
+        let renew_3 = |leases: &[Lease], at: i64| -> Vec<Lease> {
+            leases
+                .iter()
+                .map(|l| {
+                    if l.name_any().ends_with("-3") {
+                        lease(3, at)
+                    } else {
+                        l.clone()
+                    }
+                })
+                .collect()
+        };
         let t0 = std::time::Instant::now();
         let wall = Timestamp::from_second(10_000).unwrap();
         let mut obs = LeaseObserver::default();
@@ -710,17 +723,7 @@ mod tests {
         assert_eq!(names(&m), ["gs-w-0", "gs-w-1", "gs-w-2", "gs-w-3"]);
         assert_eq!(m.foreign, 1);
         // Scaled back to 3: pod 3 renews until it has stopped, and stays a member meanwhile.
-        let renewing: Vec<Lease> = four
-            .iter()
-            .cloned()
-            .map(|l| {
-                if l.name_any().ends_with("-3") {
-                    lease(3, 10_002)
-                } else {
-                    l
-                }
-            })
-            .collect();
+        let renewing = renew_3(&four, 10_002);
         let m = observe(&mut obs, &renewing, t0 + secs(2), Some(3));
         assert!(m.live.contains("gs-w-3"), "{:?}", m.live);
         // Unknown scale: the static bound alone (the ghost, below max, joins).
@@ -739,17 +742,7 @@ mod tests {
         assert!(m.live.contains("gs-w-3"));
         let m = observe(&mut obs, &four, t0 + secs(20), Some(3));
         assert!(!m.live.contains("gs-w-3"), "expired");
-        let back: Vec<Lease> = four
-            .iter()
-            .cloned()
-            .map(|l| {
-                if l.name_any().ends_with("-3") {
-                    lease(3, 10_030)
-                } else {
-                    l
-                }
-            })
-            .collect();
+        let back = renew_3(&four, 10_030);
         let m = observe(&mut obs, &back, t0 + secs(21), Some(3));
         assert!(
             !m.live.contains("gs-w-3"),

@@ -71,29 +71,28 @@ pub async fn resolve_owner(
     target: &OwnerTarget,
 ) -> Result<OwnerReference, KubeModeError> {
     use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
-    let err = |source| KubeModeError::Owner {
+    async fn uid<K>(client: &Client, namespace: &str, name: &str) -> kube::Result<Option<String>>
+    where
+        K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope>
+            + Clone
+            + serde::de::DeserializeOwned
+            + std::fmt::Debug,
+        K::DynamicType: Default,
+    {
+        let o = Api::<K>::namespaced(client.clone(), namespace)
+            .get(name)
+            .await?;
+        Ok(o.meta().uid.clone())
+    }
+    let uid = match target.kind {
+        OwnerKind::Deployment => uid::<Deployment>(client, namespace, &target.name).await,
+        OwnerKind::StatefulSet => uid::<StatefulSet>(client, namespace, &target.name).await,
+    }
+    .map_err(|source| KubeModeError::Owner {
         target: target.clone(),
         source,
-    };
-    let uid = match target.kind {
-        OwnerKind::Deployment => {
-            Api::<Deployment>::namespaced(client.clone(), namespace)
-                .get(&target.name)
-                .await
-                .map_err(err)?
-                .metadata
-                .uid
-        }
-        OwnerKind::StatefulSet => {
-            Api::<StatefulSet>::namespaced(client.clone(), namespace)
-                .get(&target.name)
-                .await
-                .map_err(err)?
-                .metadata
-                .uid
-        }
-    };
-    let uid = uid.ok_or_else(|| KubeModeError::OwnerWithoutUid(target.clone()))?;
+    })?
+    .ok_or_else(|| KubeModeError::OwnerWithoutUid(target.clone()))?;
     Ok(target.reference(&uid))
 }
 

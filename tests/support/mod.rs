@@ -17,6 +17,22 @@ use std::time::{Duration, Instant};
 
 pub use kube_env::KubeEnv;
 
+/// Run a command to its end (no stdin); its stdout, or fail the test with its output.
+pub fn run(cmd: &mut std::process::Command) -> String {
+    let out = cmd
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed ({}):\n{}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// A loopback port free right now (for a process started next).
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")

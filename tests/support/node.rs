@@ -14,10 +14,11 @@
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use super::kube_env::{locate, random_token};
+use super::run;
 
 /// The node's address, on a bridge that exists only inside the test's network namespace.
 pub const NODE_IP: &str = "10.213.0.1";
@@ -288,22 +289,6 @@ pub struct Node {
     dns_hosts: PathBuf,
 }
 
-/// Run a setup command, failing the test with its output.
-fn sh(cmd: &mut Command) -> String {
-    let out = cmd
-        .stdin(Stdio::null())
-        .output()
-        .unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed ({}):\n{}{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 fn write(path: &Path, text: &str) {
     std::fs::write(path, text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
 }
@@ -339,15 +324,15 @@ impl Node {
         // What the kubelet, containerd (runc state, pod network namespaces) and the CNI
         // plugins (result cache) write outside their configured directories.
         for d in ["/run", "/var/lib", "/var/log"] {
-            sh(Command::new("mount").args(["-t", "tmpfs", "tmpfs", d]));
+            run(Command::new("mount").args(["-t", "tmpfs", "tmpfs", d]));
         }
         // The node's interface: a bridge with the node's address (the sandbox has no dummy
         // interfaces), and a default route so that components find a "host" address.
-        sh(Command::new("ip").args(["link", "set", "lo", "up"]));
-        sh(Command::new("ip").args(["link", "add", "gsnode0", "type", "bridge"]));
-        sh(Command::new("ip").args(["addr", "add", &format!("{NODE_IP}/24"), "dev", "gsnode0"]));
-        sh(Command::new("ip").args(["link", "set", "gsnode0", "up"]));
-        sh(Command::new("ip").args(["route", "add", "default", "dev", "gsnode0"]));
+        run(Command::new("ip").args(["link", "set", "lo", "up"]));
+        run(Command::new("ip").args(["link", "add", "gsnode0", "type", "bridge"]));
+        run(Command::new("ip").args(["addr", "add", &format!("{NODE_IP}/24"), "dev", "gsnode0"]));
+        run(Command::new("ip").args(["link", "set", "gsnode0", "up"]));
+        run(Command::new("ip").args(["route", "add", "default", "dev", "gsnode0"]));
         write(Path::new("/proc/sys/net/ipv4/ip_forward"), "1");
         // The kubelet requires its cgroup root to exist in every hierarchy.
         for d in cgroup_dirs(&inside.cgroup) {
@@ -442,7 +427,7 @@ impl Node {
 
     /// Import an OCI archive into the CRI's image store as `base:<its tag>`.
     pub fn import_image(&self, archive: &Path, base: &str) {
-        sh(self
+        run(self
             .ctr()
             .args(["images", "import", "--base-name", base])
             .arg(archive));
@@ -455,25 +440,25 @@ impl Node {
             &w.join("img/pause.c"),
             "#include <signal.h>\n#include <stdlib.h>\n#include <unistd.h>\nstatic void h(int s){exit(0);}\nint main(void){signal(SIGINT,h);signal(SIGTERM,h);for(;;)pause();}\n",
         );
-        sh(Command::new("cc")
+        run(Command::new("cc")
             .args(["-static", "-Os", "-o"])
             .arg(&pause)
             .arg(w.join("img/pause.c")));
         let layout = w.join("img/pause-layout");
         let image = format!("{}:3.2", layout.display());
         let bundle = w.join("img/pause-bundle");
-        sh(Command::new("umoci")
+        run(Command::new("umoci")
             .args(["init", "--layout"])
             .arg(&layout));
-        sh(Command::new("umoci").args(["new", "--image", &image]));
-        sh(Command::new("umoci")
+        run(Command::new("umoci").args(["new", "--image", &image]));
+        run(Command::new("umoci")
             .args(["unpack", "--image", &image])
             .arg(&bundle));
         std::fs::copy(&pause, bundle.join("rootfs/pause")).expect("pause into rootfs");
-        sh(Command::new("umoci")
+        run(Command::new("umoci")
             .args(["repack", "--image", &image])
             .arg(&bundle));
-        sh(Command::new("umoci").args([
+        run(Command::new("umoci").args([
             "config",
             "--image",
             &image,
@@ -483,14 +468,14 @@ impl Node {
             "65535:65535",
         ]));
         let archive = w.join("img/pause.tar");
-        sh(Command::new("tar")
+        run(Command::new("tar")
             .arg("-cf")
             .arg(&archive)
             .arg("-C")
             .arg(&layout)
             .arg("."));
 
-        let default = sh(Command::new("containerd").args(["config", "default"]));
+        let default = run(Command::new("containerd").args(["config", "default"]));
         let root = w.join("containerd/root");
         let state = w.join("containerd/state");
         let mut config = default.clone();
@@ -570,7 +555,7 @@ impl Node {
     fn pki(&mut self) {
         let p = self.work.join("pki");
         let ossl = |args: &[&str]| {
-            sh(Command::new("openssl").current_dir(&p).args(args));
+            run(Command::new("openssl").current_dir(&p).args(args));
         };
         ossl(&[
             "req",
@@ -818,7 +803,7 @@ imageGCLowThresholdPercent: 99
     /// Write every Service's ClusterIP under its `<name>.<namespace>.svc.cluster.local` and
     /// have dnsmasq read them again.
     pub fn refresh_dns(&mut self) {
-        let out = sh(self.kubectl().args([
+        let out = run(self.kubectl().args([
             "get",
             "services",
             "--all-namespaces",
@@ -837,7 +822,7 @@ imageGCLowThresholdPercent: 99
             .find(|(n, _)| n == "dnsmasq")
             .map(|(_, c)| c.id())
             .expect("dnsmasq");
-        sh(Command::new("kill").args(["-HUP", &pid.to_string()]));
+        run(Command::new("kill").args(["-HUP", &pid.to_string()]));
     }
 }
 
@@ -898,9 +883,4 @@ impl Drop for Node {
             let _ = child.wait();
         }
     }
-}
-
-/// Exit status helper for callers that run the node's tools.
-pub fn ok(status: std::io::Result<ExitStatus>) -> bool {
-    status.is_ok_and(|s| s.success())
 }
