@@ -34,6 +34,12 @@ pub async fn auth_relay(mode: RelayBuilderNip42Mode) -> (LocalRelay, RelayUrl) {
     start(builder(1_000_000).nip42(RelayBuilderNip42 { mode })).await
 }
 
+/// Like [`local_relay`], with these rate limits (e.g. the stock REQ cap of 500 per
+/// connection, or a smaller one).
+pub async fn local_relay_with(limits: RateLimit) -> (LocalRelay, RelayUrl) {
+    start(builder(limits.notes_per_minute).rate_limit(limits)).await
+}
+
 fn builder(notes_per_minute: u32) -> RelayBuilder {
     RelayBuilder::default()
         .addr(IpAddr::V4(Ipv4Addr::LOCALHOST))

@@ -19,6 +19,9 @@ pub struct DiscoveryMetrics {
     pub discovery_rejected_targets: IntCounterVec,
     /// Relays named by announcements but left out by a cap, by cap (per_host | total).
     pub discovery_capped_relays: IntGaugeVec,
+    /// Subscriptions of discovery's local feed the local relay refused, by reason
+    /// (subscription-cap | other); each is sent again later, and discovery waits for them.
+    pub discovery_feed_refusals: IntCounterVec,
 }
 
 impl DiscoveryMetrics {
@@ -59,7 +62,14 @@ impl DiscoveryMetrics {
                 "Relays named by announcements but left out by a cap",
                 &["cap"],
             )?,
+            discovery_feed_refusals: int_counter_vec(
+                registry,
+                "grasp_sync_discovery_feed_refusals_total",
+                "Subscriptions of discovery's local feed the local relay refused (each sent again later)",
+                &["reason"],
+            )?,
         };
+        init_values(&m.discovery_feed_refusals, &["subscription-cap", "other"]);
         init_values(&m.discovery_actions, &["apply", "delete"]);
         init_values(&m.discovery_write_errors, &["apply", "delete"]);
         for why in super::caps::LeftOut::ALL {

@@ -176,6 +176,13 @@ pub(crate) async fn discover<S: RelaySyncStore + 'static>(
                     loaded = true;
                     dirty = true;
                 }
+                Some(FeedEvent::Refused { cap, .. }) => {
+                    metrics
+                        .discovery_feed_refusals
+                        .with_label_values(&[if cap.is_some() { "subscription-cap" } else { "other" }])
+                        .inc();
+                }
+                Some(FeedEvent::Loading) => {}
                 Some(FeedEvent::Disconnected { error, retry_in }) => {
                     tracing::warn!(relay = %config.local_relay, %error, ?retry_in, "cannot read the local relay; retrying");
                 }

@@ -1,10 +1,12 @@
 //! Metrics of a worker's supervisor: the relays it holds by phase, and its writes to the
 //! store (status, drain acknowledgements, phase Events).
 
-use prometheus::{IntCounter, IntCounterVec, IntGaugeVec, Registry};
+use prometheus::{IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Registry};
 
 use crate::crd::Phase;
-use crate::observability::metrics::{init_values, int_counter, int_counter_vec, int_gauge_vec};
+use crate::observability::metrics::{
+    init_values, int_counter, int_counter_vec, int_gauge, int_gauge_vec,
+};
 
 /// Every phase, for per-phase gauges.
 pub const PHASES: [Phase; 9] = [
@@ -30,6 +32,12 @@ pub struct SupervisorMetrics {
     pub phase_events: IntCounterVec,
     /// Session tasks that ended without being stopped (panicked) and were started again.
     pub session_restarts: IntCounter,
+    /// 1 while the local feed has delivered every stored root event and announcement of the
+    /// repos held (on its current connection, for the current set), else 0.
+    pub local_feed_loaded: IntGauge,
+    /// Subscriptions of the local feed the local relay refused, by subscription (live |
+    /// historic) and reason (subscription-cap | other); each is sent again later.
+    pub local_feed_refusals: IntCounterVec,
 }
 
 impl SupervisorMetrics {
@@ -59,9 +67,25 @@ impl SupervisorMetrics {
                 "grasp_sync_session_restarts_total",
                 "Session tasks that ended without being stopped (a panic) and were started again",
             )?,
+            local_feed_loaded: int_gauge(
+                registry,
+                "grasp_sync_local_feed_loaded",
+                "1 while the worker's local feed has read every stored event it asks for",
+            )?,
+            local_feed_refusals: int_counter_vec(
+                registry,
+                "grasp_sync_local_feed_refusals_total",
+                "Local feed subscriptions the local relay refused (each sent again later)",
+                &["subscription", "reason"],
+            )?,
         };
         init_values(&m.status_writes, &["ok", "error", "timeout", "refused"]);
         init_values(&m.phase_events, &["ok", "error", "timeout", "dropped"]);
+        for sub in ["live", "historic"] {
+            for reason in ["subscription-cap", "other"] {
+                m.local_feed_refusals.with_label_values(&[sub, reason]);
+            }
+        }
         for phase in PHASES {
             m.relays_by_phase.with_label_values(&[phase.as_str()]);
         }

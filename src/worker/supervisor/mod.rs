@@ -53,6 +53,12 @@ const RELOAD_EVERY: Duration = Duration::from_millis(100);
 /// sessions in batches this far apart: soon, without a pass over every session per label.
 const APPLY_HELD_EVERY: Duration = Duration::from_millis(100);
 
+/// Sessions wait for the local feed to deliver what the relay holds (maintainers and root
+/// events of the repos held) at most this long. A feed that cannot load (the relay refuses it,
+/// or is down) must not keep every session from starting: without those facts a session
+/// syncs what its spec names, and its spec is not confirmed until the maintainers are known.
+pub(crate) const FEED_WAIT: Duration = Duration::from_secs(30);
+
 #[derive(Debug, Clone)]
 pub struct SupervisorConfig {
     /// This worker's name, written into status.
@@ -182,7 +188,9 @@ pub(crate) async fn supervise<S: RelaySyncStore + 'static>(
         stopped: HashMap::new(),
         in_flight: BTreeSet::new(),
     };
-    let mut feed_synced = false;
+    // Sessions start once the local feed has loaded, or once waiting for it gave up.
+    let mut feed_ready = false;
+    let feed_wait_until = Instant::now() + FEED_WAIT;
     let mut reload = true;
     let mut last_reload = Instant::now() - RELOAD_EVERY;
     let mut dirty = true;
@@ -233,7 +241,7 @@ pub(crate) async fn supervise<S: RelaySyncStore + 'static>(
         } else {
             APPLY_EVERY
         };
-        if dirty && feed_synced && last_apply.elapsed() >= apply_every {
+        if dirty && feed_ready && last_apply.elapsed() >= apply_every {
             dirty = false;
             urgent = false;
             last_apply = Instant::now();
@@ -262,11 +270,24 @@ pub(crate) async fn supervise<S: RelaySyncStore + 'static>(
                     }
                 }
                 Some(FeedEvent::Synced) => {
-                    feed_synced = true;
+                    metrics.local_feed_loaded.set(1);
+                    feed_ready = true;
                     dirty = true;
                     urgent = true;
                 }
+                Some(FeedEvent::Loading) => metrics.local_feed_loaded.set(0),
+                Some(FeedEvent::Refused { live, cap, .. }) => {
+                    // Logged by the feed; each refused subscription is sent again.
+                    metrics
+                        .local_feed_refusals
+                        .with_label_values(&[
+                            if live { "live" } else { "historic" },
+                            if cap.is_some() { "subscription-cap" } else { "other" },
+                        ])
+                        .inc();
+                }
                 Some(FeedEvent::Disconnected { error, retry_in }) => {
+                    metrics.local_feed_loaded.set(0);
                     tracing::warn!(relay = %config.local_relay, %error, ?retry_in, "cannot read the local relay; retrying");
                 }
                 None => break,
@@ -274,7 +295,13 @@ pub(crate) async fn supervise<S: RelaySyncStore + 'static>(
             Some(written) = writer.results.recv() => on_written(&mut st, written),
             // A batch held back by the interval is applied when it is due, not at the next
             // unrelated wake-up.
-            () = tokio::time::sleep_until(last_apply + apply_every), if dirty && feed_synced => {}
+            () = tokio::time::sleep_until(last_apply + apply_every), if dirty && feed_ready => {}
+            () = tokio::time::sleep_until(feed_wait_until), if !feed_ready => {
+                feed_ready = true;
+                dirty = true;
+                urgent = true;
+                tracing::warn!(relay = %config.local_relay, wait = ?FEED_WAIT, "the local feed has not loaded; starting sessions for the repos held without its facts (specs stay unconfirmed until their maintainers are known)");
+            }
             () = tokio::time::sleep_until(last_reload + RELOAD_EVERY), if reload => {}
             _ = tick.tick() => {
                 let died = st.sessions.reap(Instant::now(), SystemTime::now());

@@ -232,6 +232,14 @@ fn config() -> SupervisorConfig {
 }
 
 async fn rig<S: RelaySyncStore + 'static>(store: Arc<S>) -> Rig {
+    let rig = rig_unloaded(store).await;
+    // Sessions start only once the local relay's stored facts are in.
+    rig.feed.send(FeedEvent::Synced).await.unwrap();
+    rig
+}
+
+/// A rig whose local feed has not loaded.
+async fn rig_unloaded<S: RelaySyncStore + 'static>(store: Arc<S>) -> Rig {
     let starter = FakeStarter::default();
     let metrics = SupervisorMetrics::default();
     let (feed, local) = mpsc::channel(16);
@@ -259,8 +267,6 @@ async fn rig<S: RelaySyncStore + 'static>(store: Arc<S>) -> Rig {
         stop_rx,
         Some(closed_tx),
     ));
-    // Sessions start only once the local relay's stored facts are in.
-    feed.send(FeedEvent::Synced).await.unwrap();
     Rig {
         starter,
         feed_filters,
@@ -286,6 +292,50 @@ async fn pass(d: Duration) {
 
 fn writes(m: &SupervisorMetrics, result: &str) -> u64 {
     m.status_writes.with_label_values(&[result]).get()
+}
+
+/// A local feed that cannot load (the local relay refuses it, or is down) used to keep every
+/// session from starting, forever (seen failing so: no session after the wait). Sessions
+/// wait for it at most `FEED_WAIT`, then start for what their specs name (a spec stays
+/// unconfirmed until its maintainers are known); the refusals and the feed's state are in
+/// the metrics.
+#[tokio::test(start_paused = true)]
+async fn sessions_start_after_a_wait_when_the_local_feed_cannot_load() {
+    let store = Arc::new(TestStore::default());
+    store
+        .apply_spec("a", &spec("wss://a.example"))
+        .await
+        .unwrap();
+    let rig = rig_unloaded(store).await;
+    rig.feed
+        .send(FeedEvent::Refused {
+            live: false,
+            reason: "rate-limited: too many REQs".into(),
+            cap: Some(500),
+            retry_in: Duration::from_secs(1),
+        })
+        .await
+        .unwrap();
+    pass(FEED_WAIT - Duration::from_secs(1)).await;
+    assert!(
+        rig.starter.started().is_empty(),
+        "no session while the feed may still load"
+    );
+    let refusals = |sub: &str, reason: &str| {
+        rig.metrics
+            .local_feed_refusals
+            .with_label_values(&[sub, reason])
+            .get()
+    };
+    assert_eq!(refusals("historic", "subscription-cap"), 1);
+    assert_eq!(refusals("live", "other"), 0);
+    pass(Duration::from_secs(2)).await;
+    assert_eq!(rig.starter.started().len(), 1, "started after the wait");
+    assert_eq!(rig.metrics.local_feed_loaded.get(), 0);
+    rig.feed.send(FeedEvent::Synced).await.unwrap();
+    pass(Duration::from_millis(100)).await;
+    assert_eq!(rig.metrics.local_feed_loaded.get(), 1);
+    assert_eq!(rig.starter.started().len(), 1, "no second session");
 }
 
 /// One relay "a" held, its session started; status writes hang from the start if `stalled`.
