@@ -67,8 +67,11 @@ const DELTA_S: f64 = 1.0;
 /// A repository a re-announcement no longer lists on a source leaves that source's spec
 /// after this.
 const GRACE: &str = "2s";
-/// After the schedule, the expected set must be complete within this.
-const QUIET_DEADLINE: Duration = Duration::from_secs(60);
+/// After the schedule, the expected set must be complete within this. The longest wait the
+/// product may rightly take: the local relay failing one event seven times in a row (the
+/// largest burst below) pauses it 0.5 s doubling to 32 s, about 64 s from its first failure
+/// (seen at 60 s, seed 1077: the event was due 4 s after the deadline).
+const QUIET_DEADLINE: Duration = Duration::from_secs(90);
 
 const SOURCE_NIP77: usize = 0;
 const SOURCE_SCRIPTED: usize = 1;
