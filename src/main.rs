@@ -362,6 +362,8 @@ async fn demo(args: cli::DemoArgs) -> Result<()> {
         stock_limits: args.stock_limits,
         progress: true,
         seed: args.seed,
+        reconcile_every: None,
+        idle_window: None,
     })
     .await
     .context("running the demo")?;

@@ -13,6 +13,8 @@ async fn demo_delivers_exactly_the_expected_set() {
         stock_limits: false,
         progress: false,
         seed: 3,
+        reconcile_every: None,
+        idle_window: None,
     })
     .await
     .expect("demo runs");
@@ -40,10 +42,33 @@ async fn demo_at_stock_limits_delivers_exactly_the_expected_set() {
         stock_limits: true,
         progress: false,
         seed: 5,
+        reconcile_every: None,
+        idle_window: None,
     })
     .await
     .expect("demo runs");
     assert!(report.expected > 300, "{report}");
     assert_eq!(report.missing, 0, "{report}");
     assert_eq!(report.extra, 0, "{report}");
+}
+
+/// The benchmark's ceiling (`cargo bench --bench local_ingress`) publishes the same corpus
+/// straight into an identical relay: it must be the whole expected set, every event taken.
+#[tokio::test]
+async fn the_direct_publish_ceiling_delivers_the_expected_set() {
+    let opts = DemoOptions {
+        repos: 20,
+        timeout: Duration::from_secs(60),
+        nostr_rs_relay: None,
+        stock_limits: false,
+        progress: false,
+        seed: 7,
+        reconcile_every: None,
+        idle_window: None,
+    };
+    let (n, took) = demo::direct_publish(&opts, 4)
+        .await
+        .expect("every expected event taken");
+    assert!(n > 200, "{n} events");
+    assert!(took < Duration::from_secs(60));
 }

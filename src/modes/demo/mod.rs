@@ -39,6 +39,11 @@ pub struct DemoOptions {
     /// Print progress to stderr.
     pub progress: bool,
     pub seed: u64,
+    /// Sessions' full reconciliation period (`--reconcile-every`); `None`: the product's.
+    pub reconcile_every: Option<Duration>,
+    /// Once the sync is complete, keep running this long and count what is sent to the
+    /// local relay meanwhile (an idle reconciliation's cost, with `reconcile_every` shorter).
+    pub idle_window: Option<Duration>,
 }
 
 #[derive(Debug, Error)]
@@ -73,11 +78,34 @@ pub struct DemoReport {
     /// What the publisher's answers were, by outcome (`grasp_sync_publish_outcomes_total`):
     /// sends the local relay answered, and copies answered without a send.
     pub outcomes: std::collections::BTreeMap<String, u64>,
+    /// Most publisher connections to the local relay open at once (sampled every 100 ms).
+    pub peak_connections: i64,
+    /// What the publisher's answers were during the idle window, by outcome, and the window.
+    pub idle: Option<(std::collections::BTreeMap<String, u64>, Duration)>,
 }
 
 impl DemoReport {
     pub fn ok(&self) -> bool {
         self.missing == 0 && self.extra == 0
+    }
+
+    /// Sends the local relay answered.
+    pub fn sends(&self) -> u64 {
+        sends(&self.outcomes)
+    }
+
+    /// Sends the local relay answered during the idle window.
+    pub fn idle_sends(&self) -> Option<u64> {
+        self.idle.as_ref().map(|(o, _)| sends(o))
+    }
+
+    /// Copies answered without a send (from what the relay said before), or given up.
+    pub fn unsent(&self) -> u64 {
+        self.outcomes
+            .iter()
+            .filter(|(k, _)| UNSENT.contains(&k.as_str()))
+            .map(|(_, n)| *n)
+            .sum()
     }
 }
 
@@ -211,8 +239,23 @@ pub async fn run(opts: DemoOptions) -> Result<DemoReport, DemoError> {
     sopts.http_addr = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
     sopts.status_interval = Duration::from_millis(500);
     sopts.session.nip11_timeout = Duration::from_secs(1);
+    if let Some(p) = opts.reconcile_every {
+        sopts.session.reconcile_every = (p / 24 * 23, p / 24 * 25);
+    }
     let start = Instant::now();
     let running = standalone::start(sopts).await?;
+    let peak = std::sync::Arc::new(std::sync::atomic::AtomicI64::new(0));
+    let sampler = {
+        let registry = running.metrics.registry.clone();
+        let peak = peak.clone();
+        tokio::spawn(async move {
+            loop {
+                let now = gauge(&registry, "grasp_sync_publisher_connections");
+                peak.fetch_max(now, std::sync::atomic::Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+    };
     let mut synced;
     loop {
         let have = local_ids(&local).await?;
@@ -229,6 +272,21 @@ pub async fn run(opts: DemoOptions) -> Result<DemoReport, DemoError> {
         tokio::time::sleep(Duration::from_secs(2)).await;
     }
     let elapsed = start.elapsed();
+    let idle = match opts.idle_window {
+        Some(window) if synced == corpus.expected.len() => {
+            let before = publish_outcomes(&running.metrics.registry);
+            say(format!("complete; watching sends for {window:?}"));
+            tokio::time::sleep(window).await;
+            let mut during = publish_outcomes(&running.metrics.registry);
+            for (k, n) in during.iter_mut() {
+                *n -= before.get(k).copied().unwrap_or(0);
+            }
+            during.retain(|_, n| *n > 0);
+            Some((during, window))
+        }
+        _ => None,
+    };
+    sampler.abort();
     // Let anything that should not arrive have its chance to, then compare exactly.
     tokio::time::sleep(Duration::from_secs(1)).await;
     let have = local_ids(&local).await?;
@@ -273,7 +331,155 @@ pub async fn run(opts: DemoOptions) -> Result<DemoReport, DemoError> {
         elapsed,
         relays,
         outcomes,
+        peak_connections: peak.load(std::sync::atomic::Ordering::Relaxed),
+        idle,
     })
+}
+
+/// Copies answered without a send: from what the relay said before, or given up.
+const UNSENT: [&str; 4] = ["already-held", "refused-before", "gave_up", "quarantined"];
+
+/// Sends the local relay answered, from publisher outcomes.
+fn sends(outcomes: &std::collections::BTreeMap<String, u64>) -> u64 {
+    outcomes
+        .iter()
+        .filter(|(k, _)| !UNSENT.contains(&k.as_str()))
+        .map(|(_, n)| *n)
+        .sum()
+}
+
+/// How deep each event sits below what the demo's GRASP-like policy takes on its own:
+/// announcements and state 0, an event tagging a repository 1, an event that refers only to
+/// other events one more than the shallowest of them. Events referring to nothing here are
+/// left out.
+fn reference_depths(events: &[nostr::Event]) -> std::collections::HashMap<EventId, usize> {
+    use nostr::TagKind;
+    let mut depth = std::collections::HashMap::new();
+    for e in events {
+        let k = e.kind.as_u16();
+        let tags_repo = e.tags.iter().any(|t| {
+            t.content().is_some() && (t.kind() == TagKind::a() || t.kind() == TagKind::custom("A"))
+        });
+        if k == 30617 || k == 30618 {
+            depth.insert(e.id, 0);
+        } else if tags_repo {
+            depth.insert(e.id, 1);
+        }
+    }
+    loop {
+        let mut changed = false;
+        for e in events {
+            if depth.contains_key(&e.id) {
+                continue;
+            }
+            let parent = e
+                .tags
+                .iter()
+                .filter(|t| [TagKind::e(), TagKind::custom("E"), TagKind::q()].contains(&t.kind()))
+                .filter_map(|t| EventId::from_hex(t.content()?).ok())
+                .filter_map(|id| depth.get(&id).copied())
+                .min();
+            if let Some(d) = parent {
+                depth.insert(e.id, d + 1);
+                changed = true;
+            }
+        }
+        if !changed {
+            return depth;
+        }
+    }
+}
+
+/// The value of an unlabelled gauge in `registry` (0 if absent).
+fn gauge(registry: &prometheus::Registry, name: &str) -> i64 {
+    registry
+        .gather()
+        .iter()
+        .filter(|f| f.name() == name)
+        .flat_map(|f| f.get_metric())
+        .map(|m| m.get_gauge().value() as i64)
+        .next()
+        .unwrap_or(0)
+}
+
+/// The ceiling an over-the-wire syncer can approach: the expected set of the same corpus
+/// (`opts.repos`, `opts.seed`) published straight into an identical local relay by a plain
+/// publisher over `connections` connections — the repositories announced first, as users do
+/// in the demo, then roots before what refers to them. Returns the events published and the
+/// time from the first send until the relay answered the last; an error if the relay did not
+/// take them all.
+pub async fn direct_publish(
+    opts: &DemoOptions,
+    connections: usize,
+) -> Result<(usize, Duration), DemoError> {
+    crate::relay::tls::install_default_crypto();
+    let probe = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map_err(|e| DemoError::Relay(e.to_string()))?;
+    let service = format!("127.0.0.1:{}", probe.port());
+    let mut local_builder = builder()
+        .port(probe.port())
+        .write_policy(policy::GraspPolicy::new(service.clone()));
+    if opts.stock_limits {
+        local_builder = local_builder.rate_limit(RateLimit::default());
+    }
+    let (_local, local) = embedded_relay(local_builder).await?;
+    // The sources are only named by the announcements here.
+    let sources = (0..3)
+        .map(|i| RelayUrl::parse(&format!("ws://127.0.0.{}:7777", i + 2)))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| DemoError::Relay(e.to_string()))?;
+    let corpus = corpus::generate(&corpus::CorpusConfig {
+        repos: opts.repos,
+        service,
+        local_relay: local.clone(),
+        sources,
+        seed: opts.seed,
+    });
+    publisher::publish_all(&local, corpus.announcements.iter().cloned()).await;
+    let announced: BTreeSet<EventId> = corpus.announcements.iter().map(|e| e.id).collect();
+    let events: Vec<nostr::Event> = corpus
+        .events
+        .iter()
+        .filter(|p| corpus.expected.contains(&p.event.id) && !announced.contains(&p.event.id))
+        .map(|p| p.event.clone())
+        .collect();
+    // The relay takes only events that refer to what it took: announcements and state first,
+    // then each level after the one it refers to, once the relay has answered for all of that
+    // one (the connections do not keep order between them).
+    let depth = reference_depths(&events);
+    let mut levels: std::collections::BTreeMap<usize, Vec<nostr::Event>> = Default::default();
+    for e in events {
+        let d = depth.get(&e.id).copied().unwrap_or(usize::MAX);
+        levels.entry(d).or_default().push(e);
+    }
+    let mut config = publisher::PublisherConfig::new(local.clone());
+    config.connections = connections.max(1);
+    config.max_connections = connections.max(1);
+    let (p, _task) =
+        publisher::Publisher::spawn(config, publisher::metrics::PublisherMetrics::default());
+    let n = levels.values().map(Vec::len).sum();
+    let t = Instant::now();
+    for level in levels.into_values() {
+        for e in level {
+            if p.publish(e, None).await.is_err() {
+                break;
+            }
+        }
+        while p.stats().outstanding() > 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+    let elapsed = t.elapsed();
+    let stats = p.stats();
+    let took = stats.accepted.load(std::sync::atomic::Ordering::Relaxed)
+        + stats.duplicate.load(std::sync::atomic::Ordering::Relaxed);
+    if took < n as u64 {
+        return Err(DemoError::Relay(format!(
+            "the local relay took {took} of the {n} expected events published directly"
+        )));
+    }
+    Ok((n, elapsed))
 }
 
 /// `grasp_sync_publish_outcomes_total` by outcome, the zeros left out.
@@ -309,11 +515,10 @@ impl std::fmt::Display for DemoReport {
             self.synced as f64 / self.elapsed.as_secs_f64().max(0.001)
         )?;
         // Copies answered from what the relay said before, and what gave up, took no send.
-        let unsent = ["already-held", "refused-before", "gave_up", "quarantined"];
         let (sent, from_memory): (Vec<_>, Vec<_>) = self
             .outcomes
             .iter()
-            .partition(|(k, _)| !unsent.contains(&k.as_str()));
+            .partition(|(k, _)| !UNSENT.contains(&k.as_str()));
         let list = |v: &[(&String, &u64)]| {
             v.iter()
                 .map(|(k, n)| format!("{k} {n}"))
@@ -327,6 +532,23 @@ impl std::fmt::Display for DemoReport {
             list(&sent),
             list(&from_memory)
         )?;
+        writeln!(
+            f,
+            "connections {} at most, to the local relay",
+            self.peak_connections
+        )?;
+        if let Some((outcomes, window)) = &self.idle {
+            writeln!(
+                f,
+                "idle       {} sends in the {window:?} after completion ({})",
+                sends(outcomes),
+                outcomes
+                    .iter()
+                    .map(|(k, n)| format!("{k} {n}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )?;
+        }
         writeln!(f, "relays:")?;
         for r in &self.relays {
             writeln!(
