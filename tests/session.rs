@@ -684,6 +684,55 @@ async fn reconciliation_finds_what_live_delivery_missed() {
     h.stop().await;
 }
 
+/// Without negentropy a full reconciliation pages through everything the remote holds. What
+/// the local relay already holds is not handed to the publisher again (each copy sent would
+/// cost a connection's allowance at a stock relay's limits): it reads the local set for the
+/// batch's filters first. Seen failing with the check off: every event offered again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reconciliation_by_pagination_does_not_offer_what_the_local_relay_holds() {
+    let rig = rig().await;
+    let f = nip34::fixture("held");
+    let remote = HostileRelay::start(Script::default()).await;
+    remote.add(f.expected.iter().cloned());
+    let mut config = fast_config();
+    config.reconcile_every = (Duration::from_secs(2), Duration::from_secs(3));
+    let h = rig.start(&remote.url(), set_for(&[&f]), Resume::fresh(), config);
+    rig.holds_exactly(&nip34::ids(&f.expected)).await;
+    wait_phase(&h, Phase::Live).await;
+    let reconciliations = || {
+        rig.metrics
+            .historic_batches
+            .with_label_values(&["reconciliation"])
+            .get()
+    };
+    let next = reconciliations() + 1;
+    eventually("a reconciliation", DEADLINE, || async {
+        (reconciliations() >= next).then_some(())
+    })
+    .await;
+    let submitted = rig.publisher.stats().submitted.load(Ordering::SeqCst);
+    // The whole of it, and the next one begun.
+    eventually("another reconciliation", DEADLINE, || async {
+        (reconciliations() > next).then_some(())
+    })
+    .await;
+    let held = rig.metrics.events_already_held.get();
+    assert!(
+        held >= f.expected.len() as u64,
+        "{held} of {} events recognised as held",
+        f.expected.len()
+    );
+    let offered = rig.publisher.stats().submitted.load(Ordering::SeqCst) - submitted;
+    assert_eq!(
+        offered,
+        0,
+        "events offered again to a relay holding all {}",
+        f.expected.len()
+    );
+    rig.holds_exactly(&nip34::ids(&f.expected)).await;
+    h.stop().await;
+}
+
 /// A live subscription the relay closed leaves a gap until it is open again; what was
 /// published in the gap must still arrive (backfilled), not only what comes after.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -64,10 +64,27 @@ impl Session {
                 let sid = subscription_id.as_ref();
                 let source = if let Some(h) = conn.historic.get_mut(sid) {
                     h.last_activity = Instant::now();
-                    h.paginator.matches(&event).then(|| {
+                    if !h.paginator.matches(&event) {
+                        None
+                    } else {
                         h.paginator.page_event(event.id, event.created_at);
-                        historic_source
-                    })
+                        // Paged through (it steers pagination) but not sent again: the
+                        // local relay holds it.
+                        if conn
+                            .batches
+                            .get(&h.batch)
+                            .is_some_and(|b| b.held.contains(&event.id))
+                        {
+                            self.received += 1;
+                            self.metrics
+                                .events
+                                .with_label_values(&[historic_source])
+                                .inc();
+                            self.metrics.events_already_held.inc();
+                            return Ok(());
+                        }
+                        Some(historic_source)
+                    }
                 } else if let Some(f) = conn.fetches.get_mut(sid) {
                     f.last_activity = Instant::now();
                     let asked =

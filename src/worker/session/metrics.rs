@@ -30,6 +30,9 @@ pub struct SessionMetrics {
     pub live_req_bytes: IntCounter,
     /// Relay messages that could not be parsed (shared with the publisher: one series).
     pub malformed_messages: IntCounter,
+    /// Events a whole-range REQ page brought that the local relay already held (its set was
+    /// read first): not handed to the publisher.
+    pub events_already_held: IntCounter,
 }
 
 impl SessionMetrics {
@@ -120,6 +123,11 @@ impl SessionMetrics {
                 "Bytes of live subscription REQs sent to remote relays",
             )?,
             malformed_messages,
+            events_already_held: int_counter(
+                registry,
+                "grasp_sync_events_already_held_total",
+                "Events read by whole-range REQ pagination that the local relay already held (not handed to the publisher)",
+            )?,
         };
         init_values(
             &m.events_rejected,

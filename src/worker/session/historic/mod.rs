@@ -38,6 +38,15 @@ pub(super) struct Batch {
     pub(super) started: Instant,
     /// Where a fall-back to REQ pagination starts when negentropy covers the whole range.
     pub(super) fallback_since: Option<Timestamp>,
+    /// What the local relay held for this batch's filters when the batch began (read only
+    /// for whole-range REQ pagination): events in it are not handed to the publisher again.
+    /// Without negentropy, a full reconciliation pages through everything the remote holds,
+    /// and every copy sent to a relay that has it costs its ingress allowance.
+    pub(super) held: HashSet<EventId>,
+    /// Pages waiting for those reads (`held_reads` still out): a remote on a fast link
+    /// would otherwise answer before the local relay does.
+    pub(super) held_reads: usize,
+    pub(super) waiting_pages: Vec<Paginator>,
 }
 
 /// A historic REQ in flight: one page of one filter.
@@ -94,6 +103,8 @@ pub(super) struct Queued {
 
 pub(super) struct LocalDone {
     pub(super) batch: u64,
+    /// Read for `Batch::held`, not for negentropy.
+    pub(super) for_held: bool,
     pub(super) filter: Filter,
     pub(super) result: Result<Vec<(EventId, Timestamp)>, String>,
 }
@@ -267,9 +278,21 @@ impl Session {
                 negentropy,
                 started: Instant::now(),
                 fallback_since,
+                held: HashSet::new(),
+                held_reads: 0,
+                waiting_pages: Vec::new(),
             },
         );
+        let read_held = !negentropy && since.is_none() && self.config.local_relay.is_some();
         for f in fs {
+            if read_held {
+                self.start_held_read(conn, batch, f.clone());
+                if let Some(b) = conn.batches.get_mut(&batch) {
+                    b.held_reads += 1;
+                    b.waiting_pages.push(Paginator::new(f, limit));
+                }
+                continue;
+            }
             let work = if negentropy {
                 Work::Neg(f)
             } else {

@@ -28,6 +28,29 @@ impl Session {
                 local_index::local_items(&local, filter.clone(), 5_000, &connect, timeout).await;
             let _ = tx.send(LocalDone {
                 batch,
+                for_held: false,
+                filter,
+                result,
+            });
+        });
+    }
+
+    /// Read the local relay's set for `filter` into the batch's `held` in the background
+    /// (whole-range REQ pagination). Pages do not wait for it: until it is in, what they
+    /// bring is handed over as before; a failed read only skips nothing.
+    pub(super) fn start_held_read(&self, conn: &mut Conn, batch: u64, filter: Filter) {
+        let Some(local) = self.config.local_relay.clone() else {
+            return;
+        };
+        let connect = self.config.connect.clone();
+        let timeout = self.config.batch_timeout.max(Duration::from_secs(30));
+        let tx = conn.local_tx.clone();
+        tokio::spawn(async move {
+            let result =
+                local_index::local_items(&local, filter.clone(), 5_000, &connect, timeout).await;
+            let _ = tx.send(LocalDone {
+                batch,
+                for_held: true,
                 filter,
                 result,
             });
@@ -39,6 +62,29 @@ impl Session {
         conn: &mut Conn,
         done: LocalDone,
     ) -> Result<(), SessionError> {
+        if done.for_held {
+            let Some(b) = conn.batches.get_mut(&done.batch) else {
+                return Ok(()); // the batch is over already
+            };
+            match done.result {
+                Ok(items) => b.held.extend(items.into_iter().map(|(id, _)| id)),
+                Err(e) => {
+                    tracing::debug!(relay = %self.url, error = %e, "local set unavailable; every event of these pages is handed over");
+                }
+            }
+            b.held_reads = b.held_reads.saturating_sub(1);
+            if b.held_reads == 0 {
+                let now = Instant::now();
+                for p in std::mem::take(&mut b.waiting_pages) {
+                    conn.queue.push(Queued {
+                        batch: done.batch,
+                        work: Work::Page(p),
+                        not_before: now,
+                    });
+                }
+            }
+            return Ok(());
+        }
         conn.locals_pending = conn.locals_pending.saturating_sub(1);
         let items = match done.result {
             Ok(items) if self.use_negentropy(conn) => items,
