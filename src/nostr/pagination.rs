@@ -75,6 +75,11 @@ impl Paginator {
                 .match_event(event, nostr::filter::MatchEventOptions::default())
     }
 
+    /// The filter paged through (without the page's `until` and `limit`).
+    pub fn base(&self) -> &Filter {
+        &self.base
+    }
+
     pub fn current(&self) -> Filter {
         let mut f = self.base.clone().limit(self.limit);
         if let Some(u) = self.until {

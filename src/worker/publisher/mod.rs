@@ -345,6 +345,17 @@ impl Publisher {
             })
     }
 
+    /// Changes whenever a connection to the local relay is lost or made: what was read from
+    /// the relay before a change may no longer be held (it may have restarted without its
+    /// data).
+    pub fn local_generation(&self) -> u64 {
+        self.shared
+            .settled
+            .lock()
+            .map(|s| s.generation())
+            .unwrap_or(u64::MAX)
+    }
+
     pub fn stats(&self) -> &Arc<PublisherStats> {
         &self.stats
     }

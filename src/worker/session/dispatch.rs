@@ -69,19 +69,25 @@ impl Session {
                     } else {
                         h.paginator.page_event(event.id, event.created_at);
                         // Paged through (it steers pagination) but not sent again: the
-                        // local relay holds it.
-                        if conn
-                            .batches
-                            .get(&h.batch)
-                            .is_some_and(|b| b.held.contains(&event.id))
+                        // local relay holds it — unless the publisher's connection to it
+                        // changed since it was read (it may have restarted without its data).
+                        if let Some(b) = conn.batches.get_mut(&h.batch)
+                            && b.held.contains(&event.id)
                         {
-                            self.received += 1;
-                            self.metrics
-                                .events
-                                .with_label_values(&[historic_source])
-                                .inc();
-                            self.metrics.events_already_held.inc();
-                            return Ok(());
+                            if b.held_generation != self.publisher.local_generation() {
+                                b.held.clear();
+                            } else if event.verify_id() {
+                                // A copy of what the relay holds: a valid event of this
+                                // connection, as if handed over.
+                                self.conn_valid += 1;
+                                self.received += 1;
+                                self.metrics
+                                    .events
+                                    .with_label_values(&[historic_source])
+                                    .inc();
+                                self.metrics.events_already_held.inc();
+                                return Ok(());
+                            }
                         }
                         Some(historic_source)
                     }

@@ -38,15 +38,14 @@ pub(super) struct Batch {
     pub(super) started: Instant,
     /// Where a fall-back to REQ pagination starts when negentropy covers the whole range.
     pub(super) fallback_since: Option<Timestamp>,
-    /// What the local relay held for this batch's filters when the batch began (read only
-    /// for whole-range REQ pagination): events in it are not handed to the publisher again.
-    /// Without negentropy, a full reconciliation pages through everything the remote holds,
-    /// and every copy sent to a relay that has it costs its ingress allowance.
+    /// What the local relay held for this batch's filters, each read just before its first
+    /// page (whole-range REQ pagination only): events in it are not handed to the publisher
+    /// again. Without negentropy, a full reconciliation pages through everything the remote
+    /// holds, and every copy sent to a relay that has it costs its ingress allowance.
     pub(super) held: HashSet<EventId>,
-    /// Pages waiting for those reads (`held_reads` still out): a remote on a fast link
-    /// would otherwise answer before the local relay does.
-    pub(super) held_reads: usize,
-    pub(super) waiting_pages: Vec<Paginator>,
+    /// The publisher's local-connection generation when `held` was read: a relay that lost
+    /// a connection since may have restarted without its data, and then `held` is dropped.
+    pub(super) held_generation: u64,
 }
 
 /// A historic REQ in flight: one page of one filter.
@@ -85,6 +84,9 @@ pub(super) enum Work {
     Page(Paginator),
     /// Negentropy for a filter (first reading the local relay's set for it).
     Neg(Filter),
+    /// REQ/EOSE pagination of a whole range, first reading what the local relay holds for
+    /// the filter into the batch's `held`.
+    ReadThenPage(Paginator),
     /// Fetch these ids; `filter` is the semantic filter to fall back to (shared by every
     /// chunk of one reconciliation's ids: it can be large).
     Fetch {
@@ -103,8 +105,9 @@ pub(super) struct Queued {
 
 pub(super) struct LocalDone {
     pub(super) batch: u64,
-    /// Read for `Batch::held`, not for negentropy.
-    pub(super) for_held: bool,
+    /// Read for `Batch::held`, with the page to send once it is in (not for negentropy),
+    /// and the publisher's generation when the read began.
+    pub(super) then_page: Option<(Paginator, u64)>,
     pub(super) filter: Filter,
     pub(super) result: Result<Vec<(EventId, Timestamp)>, String>,
 }
@@ -279,18 +282,17 @@ impl Session {
                 started: Instant::now(),
                 fallback_since,
                 held: HashSet::new(),
-                held_reads: 0,
-                waiting_pages: Vec::new(),
+                held_generation: self.publisher.local_generation(),
             },
         );
         let read_held = !negentropy && since.is_none() && self.config.local_relay.is_some();
         for f in fs {
             if read_held {
-                self.start_held_read(conn, batch, f.clone());
-                if let Some(b) = conn.batches.get_mut(&batch) {
-                    b.held_reads += 1;
-                    b.waiting_pages.push(Paginator::new(f, limit));
-                }
+                conn.queue.push(Queued {
+                    batch,
+                    work: Work::ReadThenPage(Paginator::new(f, limit)),
+                    not_before: Instant::now(),
+                });
                 continue;
             }
             let work = if negentropy {
@@ -333,6 +335,7 @@ impl Session {
             let q = conn.queue.swap_remove(pos);
             match q.work {
                 Work::Page(p) => self.send_page(conn, q.batch, p).await?,
+                Work::ReadThenPage(p) => self.start_held_read(conn, q.batch, p),
                 Work::Neg(f) if self.use_negentropy(conn) => {
                     self.start_local_read(conn, q.batch, f)
                 }

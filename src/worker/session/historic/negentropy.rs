@@ -28,29 +28,38 @@ impl Session {
                 local_index::local_items(&local, filter.clone(), 5_000, &connect, timeout).await;
             let _ = tx.send(LocalDone {
                 batch,
-                for_held: false,
+                then_page: None,
                 filter,
                 result,
             });
         });
     }
 
-    /// Read the local relay's set for `filter` into the batch's `held` in the background
-    /// (whole-range REQ pagination). Pages do not wait for it: until it is in, what they
-    /// bring is handed over as before; a failed read only skips nothing.
-    pub(super) fn start_held_read(&self, conn: &mut Conn, batch: u64, filter: Filter) {
+    /// Read the local relay's set for the paginator's filter into the batch's `held` in the
+    /// background (whole-range REQ pagination), then send its first page. The read takes a
+    /// historic slot like negentropy's, so a reconciliation reads no more at once than it
+    /// pages; a failed read only skips nothing.
+    pub(super) fn start_held_read(&self, conn: &mut Conn, batch: u64, page: Paginator) {
+        let filter = page.base().clone();
+        let generation = self.publisher.local_generation();
         let Some(local) = self.config.local_relay.clone() else {
+            conn.queue.push(Queued {
+                batch,
+                work: Work::Page(page),
+                not_before: Instant::now(),
+            });
             return;
         };
         let connect = self.config.connect.clone();
         let timeout = self.config.batch_timeout.max(Duration::from_secs(30));
         let tx = conn.local_tx.clone();
+        conn.locals_pending += 1;
         tokio::spawn(async move {
             let result =
                 local_index::local_items(&local, filter.clone(), 5_000, &connect, timeout).await;
             let _ = tx.send(LocalDone {
                 batch,
-                for_held: true,
+                then_page: Some((page, generation)),
                 filter,
                 result,
             });
@@ -62,30 +71,25 @@ impl Session {
         conn: &mut Conn,
         done: LocalDone,
     ) -> Result<(), SessionError> {
-        if done.for_held {
+        conn.locals_pending = conn.locals_pending.saturating_sub(1);
+        if let Some((page, generation)) = done.then_page {
             let Some(b) = conn.batches.get_mut(&done.batch) else {
                 return Ok(()); // the batch is over already
             };
             match done.result {
-                Ok(items) => b.held.extend(items.into_iter().map(|(id, _)| id)),
+                Ok(items) => {
+                    if b.held_generation != generation {
+                        b.held.clear();
+                        b.held_generation = generation;
+                    }
+                    b.held.extend(items.into_iter().map(|(id, _)| id));
+                }
                 Err(e) => {
-                    tracing::debug!(relay = %self.url, error = %e, "local set unavailable; every event of these pages is handed over");
+                    tracing::debug!(relay = %self.url, error = %e, "local set unavailable; every event of this filter is handed over");
                 }
             }
-            b.held_reads = b.held_reads.saturating_sub(1);
-            if b.held_reads == 0 {
-                let now = Instant::now();
-                for p in std::mem::take(&mut b.waiting_pages) {
-                    conn.queue.push(Queued {
-                        batch: done.batch,
-                        work: Work::Page(p),
-                        not_before: now,
-                    });
-                }
-            }
-            return Ok(());
+            return self.send_page(conn, done.batch, page).await;
         }
-        conn.locals_pending = conn.locals_pending.saturating_sub(1);
         let items = match done.result {
             Ok(items) if self.use_negentropy(conn) => items,
             Ok(_) => {
