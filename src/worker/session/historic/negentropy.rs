@@ -16,6 +16,20 @@ impl Session {
     /// Read the local relay's set for `filter` in the background; the result comes back
     /// through `conn.local_rx`.
     pub(super) fn start_local_read(&self, conn: &mut Conn, batch: u64, filter: Filter) {
+        if self.config.local_relay.is_some() {
+            self.spawn_local_read(conn, batch, filter, None);
+        }
+    }
+
+    /// The one background read of the local relay's set both uses share; it takes a
+    /// historic slot until its `LocalDone` is handled.
+    fn spawn_local_read(
+        &self,
+        conn: &mut Conn,
+        batch: u64,
+        filter: Filter,
+        then_page: Option<(Paginator, u64)>,
+    ) {
         let Some(local) = self.config.local_relay.clone() else {
             return;
         };
@@ -28,7 +42,7 @@ impl Session {
                 local_index::local_items(&local, filter.clone(), 5_000, &connect, timeout).await;
             let _ = tx.send(LocalDone {
                 batch,
-                then_page: None,
+                then_page,
                 filter,
                 result,
             });
@@ -40,30 +54,17 @@ impl Session {
     /// historic slot like negentropy's, so a reconciliation reads no more at once than it
     /// pages; a failed read only skips nothing.
     pub(super) fn start_held_read(&self, conn: &mut Conn, batch: u64, page: Paginator) {
-        let filter = page.base().clone();
-        let generation = self.publisher.local_generation();
-        let Some(local) = self.config.local_relay.clone() else {
+        if self.config.local_relay.is_none() {
             conn.queue.push(Queued {
                 batch,
                 work: Work::Page(page),
                 not_before: Instant::now(),
             });
             return;
-        };
-        let connect = self.config.connect.clone();
-        let timeout = self.config.batch_timeout.max(Duration::from_secs(30));
-        let tx = conn.local_tx.clone();
-        conn.locals_pending += 1;
-        tokio::spawn(async move {
-            let result =
-                local_index::local_items(&local, filter.clone(), 5_000, &connect, timeout).await;
-            let _ = tx.send(LocalDone {
-                batch,
-                then_page: Some((page, generation)),
-                filter,
-                result,
-            });
-        });
+        }
+        let filter = page.base().clone();
+        let generation = self.publisher.local_generation();
+        self.spawn_local_read(conn, batch, filter, Some((page, generation)));
     }
 
     pub(in crate::worker::session) async fn on_local_done(
