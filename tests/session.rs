@@ -1183,6 +1183,96 @@ async fn reconciliation_runs_on_a_relay_that_keeps_dropping_the_connection() {
     h.stop().await;
 }
 
+/// A reconciliation cut short by a lost connection is not reported: the reconnection
+/// resumes from the cursor, which cannot find an old event first served after it, so its
+/// catch-up must not set `lastReconciled`. The reconciliation runs again on the new
+/// connection, and only then is reported.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reconciliation_cut_short_by_a_lost_connection_is_not_reported() {
+    let rig = rig().await;
+    let f = nip34::fixture("cut-short");
+    let remote = HostileRelay::start(Script::default()).await;
+    remote.add(f.expected.iter().cloned());
+    let mut config = fast_config();
+    config.reconcile_every = (Duration::from_secs(2), Duration::from_secs(3));
+    let h = rig.start(&remote.url(), set_for(&[&f]), Resume::fresh(), config);
+    rig.holds_exactly(&nip34::ids(&f.expected)).await;
+    let mut rx = h.state();
+    let first = eventually("the initial sync reported", DEADLINE, || {
+        let s = rx.borrow_and_update().clone();
+        async move { s.last_reconciled }
+    })
+    .await;
+
+    // Dated long before the cursor and never streamed: only a whole-range read finds them.
+    let late = nip34::comments(f.root.id, 5, 0);
+    remote.add_silently(late.iter().cloned());
+    // The reconciliation's first REQ loses the connection.
+    remote.set_script(Script {
+        disconnect_on_reqs: 1,
+        ..Script::default()
+    });
+    let connections = remote.counters().connections.load(Ordering::SeqCst);
+
+    let reported = eventually("a new lastReconciled", Duration::from_secs(30), || {
+        let s = rx.borrow_and_update().clone();
+        async move { s.last_reconciled.filter(|t| *t > first) }
+    })
+    .await;
+    let held = rig.local_ids().await;
+    let missing = late.iter().filter(|e| !held.contains(&e.id)).count();
+    assert_eq!(
+        missing, 0,
+        "lastReconciled moved to {reported:?} while {missing} old events were never fetched"
+    );
+    assert!(
+        remote.counters().connections.load(Ordering::SeqCst) > connections,
+        "the reconciliation's connection was not lost: the test proved nothing"
+    );
+    h.stop().await;
+}
+
+/// A reconciliation counts only once our relay has answered for what it fetched: a crash
+/// between the last EOSE and the last OK must not leave `lastReconciled` saying it happened.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reconciliation_is_reported_only_once_the_local_relay_has_answered() {
+    let f = nip34::fixture("slow-answers");
+    let local = HostileRelay::start(Script {
+        ok_delay: Some(Duration::from_millis(400)),
+        ..Script::default()
+    })
+    .await;
+    let (publisher, _task) = Publisher::spawn(
+        PublisherConfig::new(local.url()),
+        WorkerMetrics::default().publisher,
+    );
+    let remote = HostileRelay::start(Script::default()).await;
+    remote.add(f.expected.iter().cloned());
+    let mut config = fast_config();
+    config.local_relay = Some(local.url());
+    let h = session::spawn(
+        remote.url(),
+        set_for(&[&f]),
+        Resume::fresh(),
+        config,
+        publisher,
+        WorkerMetrics::default().session,
+    );
+    let mut rx = h.state();
+    eventually("the initial sync reported", DEADLINE, || {
+        let s = rx.borrow_and_update().clone();
+        async move { s.last_reconciled }
+    })
+    .await;
+    let held: BTreeSet<EventId> = local.ids().into_iter().collect();
+    assert_eq!(
+        held,
+        nip34::ids(&f.expected),
+        "lastReconciled was reported before our relay had answered for every event"
+    );
+    h.stop().await;
+}
+
 /// Defect 2, across restarts: the reconciliation is scheduled from the persisted
 /// `lastReconciled`, so a worker restarted more often than the period still reconciles. A
 /// fresh session's full sync counts as one and is reported.

@@ -47,6 +47,9 @@ pub struct Script {
     pub ok_rate_per_sec: Option<f64>,
     /// Close the connection after sending this many stored events, once per relay.
     pub disconnect_after_events: Option<usize>,
+    /// The next N REQs drop their connection (no close handshake) instead of being answered:
+    /// a relay that goes away in the middle of whatever the client just started.
+    pub disconnect_on_reqs: usize,
     /// Close every connection this long after it opened: a relay (or a NAT) that keeps
     /// dropping sessions.
     pub close_after: Option<std::time::Duration>,
@@ -509,6 +512,10 @@ fn handle(
             filters,
         } => {
             s.counters.reqs.fetch_add(1, Ordering::SeqCst);
+            if script.disconnect_on_reqs > 0 {
+                script.disconnect_on_reqs -= 1;
+                return vec![Reply::Disconnect];
+            }
             let sub_id = subscription_id.into_owned();
             if let Some(max) = script.max_subscriptions
                 && !subs.contains_key(&sub_id)

@@ -143,7 +143,10 @@ impl Session {
             self.metrics.subscriptions.set(0);
             match end {
                 End::Stop => return self.finish(),
-                End::Lost(err) => self.on_disconnect(err),
+                End::Lost(err) => {
+                    self.abandon_reconciliation();
+                    self.on_disconnect(err);
+                }
             }
         }
     }
@@ -152,6 +155,16 @@ impl Session {
         self.metrics.relays_tracked.dec();
         self.metrics.forget_relay(self.url.as_str());
         self.publish_state(|s| s.subscriptions = 0);
+    }
+
+    /// A reconciliation cut short by a lost connection did not happen: the next connection
+    /// resumes from the cursor, which is no substitute for the whole range, so finishing its
+    /// catch-up must not be reported as `lastReconciled`. It is due again at once.
+    fn abandon_reconciliation(&mut self) {
+        if self.reconciling {
+            self.reconciling = false;
+            self.reconcile_at = Instant::now();
+        }
     }
 
     fn on_disconnect(&mut self, err: SessionError) {
@@ -267,7 +280,12 @@ impl Session {
         // a relay that never answers an accepted `limit: 0` REQ would grow it without end.
         let stale = self.config.batch_timeout * 2;
         conn.unanswered.retain(|u| u.sent_at.elapsed() < stale);
-        if (self.reconciling || self.initial_sync) && conn.batches.is_empty() {
+        // Done once every batch is served and our relay has answered for all it was handed:
+        // a crash before that must not count as a reconciliation that happened.
+        if (self.reconciling || self.initial_sync)
+            && conn.batches.is_empty()
+            && self.counters.drained()
+        {
             self.reconciling = false;
             self.initial_sync = false;
             let at = SystemTime::now();
