@@ -408,6 +408,17 @@ async fn journey(node: &mut Node) {
         .map(|(url, _)| url.clone())
         .collect();
     let moved_in_grace = std::sync::atomic::AtomicBool::new(false);
+    // The deleted pod's log goes with it: follow it into the work directory, so that a move
+    // during the grace can be explained.
+    let old_log = node.work.join(format!("{victim}-deleted.log"));
+    let mut follow = node
+        .kubectl()
+        .args(["logs", "-f", "--timestamps", &victim, "-n", NS])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::fs::File::create(&old_log).expect("log file"))
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("kubectl logs -f");
     // Statuses store whole seconds: a connection after the delete is one after this.
     let deleted_at = Timestamp::from_second(Timestamp::now().as_second()).expect("now");
     let t = Instant::now();
@@ -427,6 +438,7 @@ async fn journey(node: &mut Node) {
                 && !moved_in_grace.swap(true, Ordering::SeqCst)
             {
                 println!("NOTE: a relay of the deleted pod moved during the restart grace: {h:?}");
+                explain_move(node, &victim, &old_log);
             }
             let connected = last_connected(&api).await?;
             (all_live(&h, REMOTES, &four)
@@ -449,6 +461,8 @@ async fn journey(node: &mut Node) {
         (p.metadata.uid != old_uid && ready).then_some(())
     })
     .await;
+    let _ = follow.kill();
+    let _ = follow.wait();
     wait_ready(&client, 4, 2).await;
     println!(
         "{victim} deleted: its {} relays Live again after {took:.1?}",
@@ -633,6 +647,55 @@ async fn journey(node: &mut Node) {
     run(node
         .kubectl()
         .args(["get", "crd", "relaysyncs.grasp-sync.dev"]));
+}
+
+/// What the deleted pod, its successor, its Lease and the controllers said about a relay
+/// that moved during the restart grace (printed, for the note that reports it).
+fn explain_move(node: &Node, victim: &str, old_log: &Path) {
+    let tail = |text: &str, n: usize| {
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(n)..].join("\n")
+    };
+    let lease = grasp_sync::coordination::membership::lease_name(victim);
+    let show = |args: &[&str]| {
+        node.kubectl()
+            .args(args)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .map(|o| {
+                String::from_utf8_lossy(&o.stdout).into_owned()
+                    + &String::from_utf8_lossy(&o.stderr)
+            })
+            .unwrap_or_else(|e| e.to_string())
+    };
+    let old = std::fs::read_to_string(old_log).unwrap_or_default();
+    println!(
+        "--- the deleted pod's log (last 40 lines):\n{}",
+        tail(&old, 40)
+    );
+    println!(
+        "--- its successor's log:\n{}",
+        tail(&show(&["logs", "--timestamps", victim, "-n", NS]), 40)
+    );
+    println!(
+        "--- its Lease:\n{}",
+        show(&["get", "lease", &lease, "-n", NS, "-o", "yaml"])
+    );
+    let controllers = show(&[
+        "logs",
+        "--timestamps",
+        "--prefix",
+        "--tail=400",
+        "-n",
+        NS,
+        "-l",
+        "app.kubernetes.io/component=controller",
+    ]);
+    let said: Vec<&str> = controllers
+        .lines()
+        .filter(|l| l.contains("left the ring") || l.contains(victim) || l.contains("leader"))
+        .collect();
+    println!("--- the controllers on it:\n{}", tail(&said.join("\n"), 40));
 }
 
 fn at_most_one_connection_each(remotes: &[ScriptedRelay]) {

@@ -206,6 +206,49 @@ pub struct Membership {
     /// restart): still in `live`, so their relays stay, unserved, until they return or the
     /// restart grace ends.
     pub resting: BTreeSet<String>,
+    /// Workers whose Lease is marked released and who are not waited for: not in `live`.
+    pub released: BTreeSet<String>,
+}
+
+/// Why a worker left the ring between two observations.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Departure {
+    /// Its Lease was not renewed in time, or is gone: a crash, a stall, a lost network.
+    LeaseExpired,
+    /// It stopped gracefully and is not expected back (scaled away, or no restart grace).
+    Released,
+    /// It stopped gracefully and was waited for, but did not come back within the grace.
+    GraceEnded,
+}
+
+impl Departure {
+    pub fn label(self) -> &'static str {
+        match self {
+            Departure::LeaseExpired => "lease_expired",
+            Departure::Released => "released",
+            Departure::GraceEnded => "grace_ended",
+        }
+    }
+}
+
+impl Membership {
+    /// The workers live in `before` and not now, with why they left.
+    pub fn departures(&self, before: &Membership) -> Vec<(String, Departure)> {
+        before
+            .live
+            .difference(&self.live)
+            .map(|w| {
+                let why = if !self.released.contains(w) {
+                    Departure::LeaseExpired
+                } else if before.resting.contains(w) {
+                    Departure::GraceEnded
+                } else {
+                    Departure::Released
+                };
+                (w.clone(), why)
+            })
+            .collect()
+    }
 }
 
 /// Who is expected back after a graceful stop: the StatefulSet's pods below its current
@@ -316,6 +359,7 @@ impl LeaseObserver {
             };
             self.seen.insert(name.clone(), (print, changed_at));
             if is_released(l) {
+                let released_worker = worker.to_string();
                 let back = rule
                     .and_then(|r| r.ordinal(worker))
                     .zip(returning)
@@ -326,6 +370,7 @@ impl LeaseObserver {
                     (Some(s), Some(grace)) if s < grace => {
                         out.live.insert(worker.to_string());
                         out.resting.insert(worker.to_string());
+                        continue;
                     }
                     (Some(s), back)
                         if s >= back.unwrap_or_default().max(duration) + orphan_after =>
@@ -337,6 +382,7 @@ impl LeaseObserver {
                     }
                     _ => {}
                 }
+                out.released.insert(released_worker);
                 continue;
             }
             match changed_at {
@@ -627,6 +673,61 @@ mod tests {
             membership(&leases(1), wall, secs(60)).live,
             BTreeSet::from(["gs-0".to_string()])
         );
+    }
+
+    #[test]
+    fn departures_say_why_a_worker_left() {
+        let secs = Duration::from_secs;
+        let t0 = std::time::Instant::now();
+        let wall = Timestamp::from_second(50_000).unwrap();
+        let rule = MemberRule {
+            statefulset: "gs".into(),
+            max: 8,
+            scale: None,
+        };
+        let back = Some(Returning {
+            replicas: 2,
+            grace: secs(30),
+        });
+        let mut obs = LeaseObserver::default();
+        let look = |obs: &mut LeaseObserver, leases: &[Lease], at: u64| {
+            obs.observe(leases, t0 + secs(at), wall, secs(600), Some(&rule), back)
+        };
+        let all = [
+            renewed("grasp-sync-worker-gs-0", "gs-0", 50_000, 1),
+            renewed("grasp-sync-worker-gs-1", "gs-1", 50_000, 1),
+            renewed("grasp-sync-worker-gs-2", "gs-2", 50_000, 1),
+            renewed("grasp-sync-worker-gs-3", "gs-3", 50_000, 1),
+        ];
+        let first = look(&mut obs, &all, 0);
+        assert!(first.departures(&Membership::default()).is_empty());
+        assert_eq!(first.live.len(), 4);
+        // gs-0 stops renewing; gs-1 stops gracefully and is expected back (below the
+        // replica count); gs-2 stops gracefully and is not (scaled away); gs-3 renews.
+        let then = |v: u32| {
+            [
+                renewed("grasp-sync-worker-gs-0", "gs-0", 50_000, 1),
+                released("grasp-sync-worker-gs-1", "gs-1", 50_000, 2),
+                released("grasp-sync-worker-gs-2", "gs-2", 50_000, 2),
+                renewed("grasp-sync-worker-gs-3", "gs-3", 50_000, v),
+            ]
+        };
+        let second = look(&mut obs, &then(2), 1);
+        assert_eq!(
+            second.departures(&first),
+            [("gs-2".to_string(), Departure::Released)]
+        );
+        let third = look(&mut obs, &then(3), 16);
+        assert_eq!(
+            third.departures(&second),
+            [("gs-0".to_string(), Departure::LeaseExpired)]
+        );
+        let fourth = look(&mut obs, &then(4), 32);
+        assert_eq!(
+            fourth.departures(&third),
+            [("gs-1".to_string(), Departure::GraceEnded)]
+        );
+        assert_eq!(fourth.live, BTreeSet::from(["gs-3".to_string()]));
     }
 
     #[test]

@@ -19,6 +19,8 @@ pub struct AssignmentMetrics {
     /// Assignment steps applied, by kind (assign | drain | cancel | reassign_drained |
     /// reassign_dead).
     pub assignment_moves: IntCounterVec,
+    /// Workers that left the ring, by why (lease_expired | released | grace_ended).
+    pub workers_departed: IntCounterVec,
 }
 
 impl AssignmentMetrics {
@@ -56,6 +58,12 @@ impl AssignmentMetrics {
                 "Assignment steps applied, by kind",
                 &["kind"],
             )?,
+            workers_departed: int_counter_vec(
+                registry,
+                "grasp_sync_workers_departed_total",
+                "Workers that left the ring, by why: lease_expired (not renewed in time: a crash, a stall), released (stopped gracefully and not expected back), grace_ended (expected back but not back within the restart grace)",
+                &["reason"],
+            )?,
         };
         init_values(
             &m.assignment_moves,
@@ -66,6 +74,10 @@ impl AssignmentMetrics {
                 "reassign_drained",
                 "reassign_dead",
             ],
+        );
+        init_values(
+            &m.workers_departed,
+            &["lease_expired", "released", "grace_ended"],
         );
         Ok(m)
     }

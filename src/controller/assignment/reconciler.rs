@@ -215,6 +215,7 @@ pub async fn run(
     // Kept across passes: liveness is judged by when this controller saw each Lease change.
     let mut observer = membership::LeaseObserver::default();
     let mut warned_scale = false;
+    let mut before = membership::Membership::default();
     loop {
         let scale = statefulset.as_ref().and_then(|(reader, _)| {
             let sts = reader.state().into_iter().next()?;
@@ -258,10 +259,12 @@ pub async fn run(
             &metrics,
         )
         .await;
+        report_departures(&members, &before, &objects, &metrics);
         let r = pass(&api, &objects, &config, &metrics, &members).await;
         if let Err(e) = r {
             tracing::warn!(error = %e, "assignment pass failed; retrying");
         }
+        before = members;
         let settle = tokio::select! {
             r = changes.changed() => r.is_ok(),
             _ = lease_changed.notified() => true,
@@ -279,6 +282,29 @@ pub async fn run(
         }
     }
     stop_watches(lease_task);
+}
+
+/// Say which workers left the ring and why: their relays move next, and an operator
+/// reading why relays moved needs to tell a crash or a stall (the Lease expired) from a
+/// graceful stop.
+fn report_departures(
+    now: &membership::Membership,
+    before: &membership::Membership,
+    objects: &Store<RelaySync>,
+    metrics: &AssignmentMetrics,
+) {
+    for (worker, why) in now.departures(before) {
+        let relays = objects
+            .state()
+            .iter()
+            .filter(|o| o.labels().get(WORKER_LABEL) == Some(&worker))
+            .count();
+        metrics
+            .workers_departed
+            .with_label_values(&[why.label()])
+            .inc();
+        tracing::info!(%worker, reason = why.label(), relays, "worker left the ring; its relays move");
+    }
 }
 
 /// Judge the worker Leases (liveness by observed change), count what is ignored, and delete
