@@ -179,6 +179,7 @@ async fn standalone(args: StandaloneArgs) -> Result<()> {
     opts.publisher_connections = args.sync.publisher_connections;
     opts.publisher_max_connections = args.sync.publisher_max_connections;
     opts.refusals = refusal_memory(&args.sync);
+    opts.purgatory_ttl = args.sync.purgatory_ttl;
     opts.auth_keys = auth_keys(&args.sync)?;
     opts.remote_auth_keys = Some(remote_auth_keys(&args.sync)?);
     opts.session = session_config(&args.sync)?;
@@ -286,6 +287,7 @@ async fn worker(args: WorkerArgs) -> Result<()> {
         publisher_connections: args.sync.publisher_connections,
         publisher_max_connections: args.sync.publisher_max_connections,
         refusals: refusal_memory(&args.sync),
+        purgatory_ttl: args.sync.purgatory_ttl,
         auth_keys: auth_keys(&args.sync)?,
         remote_auth_keys: Some(remote_auth_keys(&args.sync)?),
         http_addr: args.kube.metrics_addr,

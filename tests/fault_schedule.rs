@@ -11,13 +11,16 @@
 //! delivery delayed by a latency, a source that sends no EOSE, drops every connection after
 //! a moment or refuses every REQ on policy grounds (`blocked:`) for a while, a per-connection
 //! subscription cap refused with `CLOSED` or with a NOTICE naming no REQ, the local relay failing
-//! transiently (`error:`, unprefixed), rate-limiting or restarting, and SIGKILL of the
-//! syncer followed by a restart from its state file.
+//! transiently (`error:`, unprefixed), rate-limiting or restarting, in half the seeds holding
+//! state events and PRs in a GRASP purgatory (`OK true "purgatory: …"`, served only once
+//! git data arrives a moment later), and SIGKILL of the syncer followed by a restart from
+//! its state file.
 //!
 //! Two checks:
 //! - **during** the schedule, every cursor the syncer reports (polled from `/status`) must be
 //!   honest: every expected event of a confirmed repository that its relay served before
-//!   `cursor - δ` and that is dated before `cursor - resume overlap` is already on our relay;
+//!   `cursor - δ` and that is dated before `cursor - resume overlap` is already on our relay
+//!   (served, or accepted into its purgatory);
 //! - **after** the schedule and a quiet period — with the full reconciliation pushed out of
 //!   reach, because it is a safety net, not the mechanism — our relay holds exactly the
 //!   expected set: nothing missing, nothing extra (noise and forgeries never arrive).
@@ -42,7 +45,7 @@ use grasp_sync::modes::demo::policy::GraspPolicy;
 use grasp_sync::nostr::RelayUrl;
 use grasp_sync::nostr::root_digest::RootDigest;
 use grasp_sync::observability::http::StatusEntry;
-use grasp_sync::testing::scripted_relay::{CapRefusal, Script, ScriptedRelay};
+use grasp_sync::testing::scripted_relay::{CapRefusal, Purgatory, Script, ScriptedRelay};
 use kube::ResourceExt;
 use kube::api::{Api, ListParams};
 use nostr::{Event, EventBuilder, EventId, Keys, Kind, Tag, TagKind};
@@ -194,6 +197,8 @@ struct World {
     rng: StdRng,
     dir: std::path::PathBuf,
     local: ScriptedRelay,
+    /// Our relay's script between faults (its purgatory, if any).
+    local_base: Script,
     /// Our relay's acceptance policy (users' announcements go through it directly).
     policy: Arc<GraspPolicy>,
     local_proxy: FaultProxy,
@@ -238,7 +243,17 @@ impl World {
             Mode::Standalone => None,
             Mode::Kube => Some(Cluster::start(&format!("faults-{seed}")).await),
         };
-        let local = ScriptedRelay::start(Script::default())
+        // In half the seeds our relay holds new state events and PRs in a purgatory until
+        // their git data arrives (by itself, a moment later), as GRASP relays do.
+        let local_base = Script {
+            purgatory: rng.random_bool(0.5).then(|| Purgatory {
+                git_data_after: Some(Duration::from_millis(rng.random_range(200..3_000))),
+                expiry: Duration::from_secs(3600),
+                ..Purgatory::default()
+            }),
+            ..Script::default()
+        };
+        let local = ScriptedRelay::start(local_base.clone())
             .await
             .expect("local relay");
         let local_proxy = FaultProxy::start(&local.url()).await;
@@ -286,6 +301,7 @@ impl World {
             rng,
             dir,
             local,
+            local_base,
             policy,
             local_proxy,
             _nip77: nip77,
@@ -315,6 +331,12 @@ impl World {
             world
                 .faults
                 .push(format!("subscription cap {cap} refused by {cap_refusal:?}"));
+        }
+        if let Some(p) = &world.local_base.purgatory {
+            let wait = p.git_data_after;
+            world.faults.push(format!(
+                "our relay holds state and PRs in purgatory, git data after {wait:?}"
+            ));
         }
         world.seed_history().await;
         world
@@ -640,7 +662,7 @@ impl World {
                 self.local.set_script(Script {
                     ok_failed_first: Some((n, text.to_string())),
                     ok_rate_limited_first: self.rng.random_range(0..4),
-                    ..Script::default()
+                    ..self.local_base.clone()
                 });
                 None
             }
@@ -893,7 +915,9 @@ impl World {
         let Some(entries) = self.status().await else {
             return Ok(());
         };
-        let have: BTreeSet<EventId> = self.local.ids().into_iter().collect();
+        // Held in purgatory counts: our relay accepted it, and serves it once git data
+        // arrives; the cursor is about what grasp-sync handed over.
+        let have: BTreeSet<EventId> = self.local.accepted_ids().into_iter().collect();
         let sources: Vec<String> = self.proxies.iter().map(|p| p.url().to_string()).collect();
         for entry in entries {
             let Some(status) = entry.status else { continue };
@@ -1058,12 +1082,17 @@ impl World {
             ));
         }
         Ok(format!(
-            "{} events (+{} optional), {} faults, {} kills, {} cursor checks",
+            "{} events (+{} optional), {} faults, {} kills, {} cursor checks, {} purgatory answers ({:?})",
             self.expected.len(),
             self.optional.len(),
             self.faults.len(),
             self.kills,
-            self.cursor_checks
+            self.cursor_checks,
+            self.local
+                .counters()
+                .purgatory_answers
+                .load(std::sync::atomic::Ordering::SeqCst),
+            self.local_base.purgatory.as_ref().map(|p| p.git_data_after)
         ))
     }
 

@@ -7,6 +7,7 @@ use std::collections::BTreeSet;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use grasp_sync::testing::scripted_relay::Purgatory;
 use grasp_sync::worker::publisher::metrics::PublisherMetrics;
 use grasp_sync::worker::publisher::{Publisher, PublisherConfig};
 use nostr::{Event, EventBuilder, EventId, Filter, Keys, Kind};
@@ -531,6 +532,67 @@ async fn copies_of_an_event_the_relay_refused_are_not_sent_again() {
     drained(&publisher, Duration::from_secs(30)).await;
     assert_eq!(received(), 23);
     assert_eq!(before(), 11);
+}
+
+/// A GRASP relay accepts new announcements, state and PRs into a purgatory (`OK true
+/// "purgatory: …"`) and serves them only once git data arrives. A copy sent meanwhile is
+/// only answered the same way, at a second of a stock relay's allowance: copies from other
+/// relays and from reconciliations are answered from memory until the purgatory TTL, and
+/// sent again after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn copies_of_an_event_the_relay_holds_in_purgatory_are_not_sent_again() {
+    let relay = HostileRelay::start(Script {
+        purgatory: Some(Purgatory::default()),
+        ..Script::default()
+    })
+    .await;
+    let metrics = PublisherMetrics::default();
+    let mut config = PublisherConfig::new(relay.url());
+    config.purgatory_ttl = Duration::from_secs(3);
+    let (publisher, _task) = Publisher::spawn(config, metrics.clone());
+    let keys = Keys::generate();
+    let states: Vec<Event> = (0..5)
+        .map(|i| {
+            EventBuilder::new(Kind::from(30618), "")
+                .tags([nostr::Tag::identifier(format!("repo-{i}"))])
+                .sign_with_keys(&keys)
+                .unwrap()
+        })
+        .collect();
+    let received = || relay.counters().events_received.load(Ordering::SeqCst);
+    let in_purgatory = || {
+        metrics
+            .publish_outcomes
+            .with_label_values(&["in-purgatory"])
+            .get()
+    };
+
+    publish_all(&publisher, &states).await;
+    drained(&publisher, Duration::from_secs(30)).await;
+    assert_eq!(received(), 5);
+    assert_eq!(relay.in_purgatory(), 5);
+    assert!(relay.ids().is_empty(), "served before its git data arrived");
+    // Copies from two more remote relays: answered from memory.
+    publish_all(&publisher, &states).await;
+    publish_all(&publisher, &states).await;
+    drained(&publisher, Duration::from_secs(30)).await;
+    assert_eq!(
+        received(),
+        5,
+        "a copy of an event in purgatory was sent again"
+    );
+    assert_eq!(in_purgatory(), 10);
+
+    // Git data arrives for one repository: it is served, and its copies are duplicates.
+    relay.git_push("repo-0");
+    assert_eq!(relay.ids(), [states[0].id]);
+
+    // Past the TTL, a copy is sent again (the relay may have dropped it meanwhile).
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    publish_all(&publisher, &states[1..]).await;
+    drained(&publisher, Duration::from_secs(30)).await;
+    assert_eq!(received(), 9);
+    assert_eq!(in_purgatory(), 10);
 }
 
 /// What the relay said it holds is forgotten when a connection to it is lost (it may have

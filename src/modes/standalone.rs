@@ -42,6 +42,8 @@ pub struct StandaloneOptions {
     pub publisher_max_connections: usize,
     /// Policy refusals of the local relay remembered (copies answered without a send).
     pub refusals: RefusalMemory,
+    /// How long an event the local relay holds in purgatory is not sent again.
+    pub purgatory_ttl: std::time::Duration,
     /// NIP-42 key for the local relay (the publisher).
     pub auth_keys: Option<Keys>,
     /// NIP-42 key for remote relays (the sessions); never the local relay's.
@@ -65,6 +67,7 @@ impl StandaloneOptions {
             publisher_connections: 1,
             publisher_max_connections: crate::worker::publisher::DEFAULT_MAX_CONNECTIONS,
             refusals: RefusalMemory::default(),
+            purgatory_ttl: crate::worker::publisher::settled::PURGATORY_TTL,
             auth_keys: None,
             remote_auth_keys: None,
             session: SessionConfig::default(),
@@ -120,6 +123,7 @@ pub async fn start(opts: StandaloneOptions) -> Result<Standalone, StandaloneErro
         opts.auth_keys.clone(),
     );
     pc.refusals = opts.refusals;
+    pc.purgatory_ttl = opts.purgatory_ttl;
     pc.connect.ping_every = opts.session.connect.ping_every;
     pc.connect.pong_timeout = opts.session.connect.pong_timeout;
     let (publisher, publisher_task) = Publisher::spawn(pc, worker_metrics.publisher.clone());

@@ -36,6 +36,8 @@ pub struct WorkerOptions {
     pub publisher_max_connections: usize,
     /// Policy refusals of the local relay remembered (copies answered without a send).
     pub refusals: RefusalMemory,
+    /// How long an event the local relay holds in purgatory is not sent again.
+    pub purgatory_ttl: std::time::Duration,
     /// NIP-42 key for the local relay (the publisher).
     pub auth_keys: Option<Keys>,
     /// NIP-42 key for remote relays (the sessions); never the local relay's.
@@ -76,6 +78,7 @@ pub async fn run_worker(
         opts.auth_keys.clone(),
     );
     pc.refusals = opts.refusals;
+    pc.purgatory_ttl = opts.purgatory_ttl;
     pc.connect.ping_every = opts.session.connect.ping_every;
     pc.connect.pong_timeout = opts.session.connect.pong_timeout;
     let (publisher, publisher_task) = Publisher::spawn(pc, worker_metrics.publisher.clone());

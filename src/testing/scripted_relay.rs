@@ -70,6 +70,48 @@ pub struct Script {
     /// Answer each EVENT's `OK` this late (the connection reads nothing meanwhile), as a
     /// busy relay does.
     pub ok_delay: Option<std::time::Duration>,
+    /// Hold new events of some kinds back until their repository's git data arrives, as
+    /// GRASP relays do (ngit-grasp).
+    pub purgatory: Option<Purgatory>,
+}
+
+/// A GRASP relay's purgatory: new repository announcements, state events and PRs are
+/// accepted with `OK true "purgatory: …"` but not served (nor streamed) until git data for
+/// their repository arrives; without it they are dropped after `expiry`, and the same event
+/// sent again later is refused.
+#[derive(Debug, Clone)]
+pub struct Purgatory {
+    pub kinds: Vec<Kind>,
+    /// Dropped this long after it arrived without git data (30 min on ngit-grasp).
+    pub expiry: std::time::Duration,
+    /// Git data arrives by itself this long after the event (the relay fetching it from the
+    /// clone URLs); `None`: only by [`ScriptedRelay::git_push`].
+    pub git_data_after: Option<std::time::Duration>,
+}
+
+impl Default for Purgatory {
+    fn default() -> Self {
+        Purgatory {
+            kinds: [30617u16, 30618, 1618]
+                .into_iter()
+                .map(Kind::from)
+                .collect(),
+            expiry: std::time::Duration::from_secs(1800),
+            git_data_after: None,
+        }
+    }
+}
+
+/// ngit-grasp's answer to an event it holds back.
+pub const PURGATORY_MESSAGE: &str = "purgatory: won't be served until git data arrives";
+/// Its answer to an event dropped from purgatory and sent again.
+pub const EXPIRED_MESSAGE: &str = "blocked: previously expired from purgatory without git data";
+
+/// Events held back, and those dropped without git data.
+#[derive(Default)]
+struct Held {
+    waiting: HashMap<EventId, (Event, std::time::Instant)>,
+    expired: std::collections::HashSet<EventId>,
 }
 
 /// How a relay refuses a REQ over its subscription cap.
@@ -97,6 +139,8 @@ pub struct Counters {
     pub closed_by_relay: AtomicUsize,
     /// REQs refused for the subscription cap.
     pub cap_refusals: AtomicUsize,
+    /// EVENTs answered `purgatory:` (held back until git data arrives).
+    pub purgatory_answers: AtomicUsize,
 }
 
 impl Counters {
@@ -131,6 +175,54 @@ struct Shared {
     disconnected_once: Mutex<bool>,
     /// Keys that answered an AUTH challenge with a valid event.
     authenticated: Mutex<Vec<nostr::PublicKey>>,
+    purgatory: Mutex<Held>,
+}
+
+impl Shared {
+    /// Release what git data arrived for (by time, or `pushed` says so) into the store, and
+    /// drop what waited too long. Called before every look at the store.
+    fn settle(&self, pushed: impl Fn(&Event) -> bool) {
+        let p = self
+            .script
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .purgatory
+            .clone();
+        if let Some(p) = p {
+            self.settle_purgatory(&p, pushed);
+        }
+    }
+
+    /// [`Shared::settle`] with the script's purgatory in hand.
+    fn settle_purgatory(&self, p: &Purgatory, pushed: impl Fn(&Event) -> bool) {
+        let mut held = self.purgatory.lock().unwrap_or_else(|e| e.into_inner());
+        if held.waiting.is_empty() {
+            return;
+        }
+        let now = std::time::Instant::now();
+        let mut released = Vec::new();
+        let mut dropped = Vec::new();
+        for (id, (e, at)) in &held.waiting {
+            let age = now.saturating_duration_since(*at);
+            if pushed(e) || p.git_data_after.is_some_and(|d| age >= d) {
+                released.push(*id);
+            } else if age >= p.expiry {
+                dropped.push(*id);
+            }
+        }
+        for id in dropped {
+            held.waiting.remove(&id);
+            held.expired.insert(id);
+        }
+        let mut store = self.store.lock().unwrap_or_else(|e| e.into_inner());
+        for id in released {
+            if let Some((e, _)) = held.waiting.remove(&id)
+                && store.insert(e.clone())
+            {
+                let _ = self.live.send(e);
+            }
+        }
+    }
 }
 
 pub struct ScriptedRelay {
@@ -171,6 +263,7 @@ impl ScriptedRelay {
             counters: Counters::default(),
             disconnected_once: Mutex::new(false),
             authenticated: Mutex::new(Vec::new()),
+            purgatory: Mutex::new(Held::default()),
         });
         let s = shared.clone();
         let task = tokio::spawn(async move {
@@ -211,7 +304,49 @@ impl ScriptedRelay {
         }
     }
 
+    /// Git data arrives for the repository `identifier` (its `d` tag, or the `a` tag of a
+    /// PR): its events leave purgatory and are served.
+    pub fn git_push(&self, identifier: &str) {
+        let of_repo = |e: &Event| {
+            e.tags.identifier() == Some(identifier)
+                || e.tags.iter().any(|t| {
+                    t.kind() == nostr::TagKind::a()
+                        && t.content()
+                            .is_some_and(|c| c.rsplit(':').next() == Some(identifier))
+                })
+        };
+        self.shared.settle(of_repo);
+    }
+
+    /// Events held in purgatory now.
+    pub fn in_purgatory(&self) -> usize {
+        self.shared.settle(|_| false);
+        self.shared
+            .purgatory
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .waiting
+            .len()
+    }
+
+    /// Events this relay has accepted: served, or held in purgatory.
+    pub fn accepted_ids(&self) -> Vec<EventId> {
+        let mut ids = self.ids();
+        ids.extend(
+            self.shared
+                .purgatory
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .waiting
+                .keys()
+                .copied(),
+        );
+        ids
+    }
+
+    /// Stored (served) events.
     pub fn ids(&self) -> Vec<EventId> {
+        self.shared.settle(|_| false);
         self.shared
             .store
             .lock()
@@ -499,6 +634,31 @@ fn handle(
                     RelayMessage::ok(ev.id, false, format!("blocked: {reason}")).as_json(),
                 )];
             }
+            if let Some(p) = &script.purgatory
+                && p.kinds.contains(&ev.kind)
+            {
+                s.settle_purgatory(p, |_| false);
+                let mut held = s.purgatory.lock().unwrap_or_else(|e| e.into_inner());
+                let stored = s
+                    .store
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .contains(&ev.id);
+                let (status, message) = if stored {
+                    (true, "duplicate: already have this event")
+                } else if held.expired.contains(&ev.id) {
+                    (false, EXPIRED_MESSAGE)
+                } else {
+                    held.waiting
+                        .entry(ev.id)
+                        .or_insert_with(|| (ev.clone(), std::time::Instant::now()));
+                    s.counters.purgatory_answers.fetch_add(1, Ordering::SeqCst);
+                    (true, PURGATORY_MESSAGE)
+                };
+                return vec![Reply::Send(
+                    RelayMessage::ok(ev.id, status, message).as_json(),
+                )];
+            }
             let ok = RelayMessage::ok(ev.id, true, "").as_json();
             let mut store = s.store.lock().unwrap_or_else(|e| e.into_inner());
             if !store.contains(&ev.id) {
@@ -545,6 +705,9 @@ fn handle(
             }
             let filters: Vec<Filter> = filters.into_iter().map(|f| f.into_owned()).collect();
             let mut out = Vec::new();
+            if let Some(p) = &script.purgatory {
+                s.settle_purgatory(p, |_| false);
+            }
             let store = s.store.lock().unwrap_or_else(|e| e.into_inner());
             if script.ignore_filters {
                 for e in &store.events {

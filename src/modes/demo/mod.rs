@@ -337,7 +337,13 @@ pub async fn run(opts: DemoOptions) -> Result<DemoReport, DemoError> {
 }
 
 /// Copies answered without a send: from what the relay said before, or given up.
-const UNSENT: [&str; 4] = ["already-held", "refused-before", "gave_up", "quarantined"];
+const UNSENT: [&str; 5] = [
+    "already-held",
+    "in-purgatory",
+    "refused-before",
+    "gave_up",
+    "quarantined",
+];
 
 /// Sends the local relay answered, from publisher outcomes.
 fn sends(outcomes: &std::collections::BTreeMap<String, u64>) -> u64 {

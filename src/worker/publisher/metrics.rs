@@ -22,18 +22,23 @@ pub struct PublisherMetrics {
     pub publish_settled: IntGauge,
     /// Policy refusals remembered (later copies answered without a send).
     pub publish_refused_remembered: IntGauge,
+    /// Events the local relay holds in purgatory, remembered (later copies not sent).
+    pub publish_purgatory: IntGauge,
     /// Relay messages that could not be parsed (shared with the sessions: one series).
     pub malformed_messages: IntCounter,
 }
 
 /// Every outcome label value the publisher counts.
-pub const OUTCOMES: [&str; 16] = [
+pub const OUTCOMES: [&str; 17] = [
     "accepted",
     "duplicate",
     // A copy of an event the relay had just said it holds, answered without a send.
     "already-held",
     // A copy of an event the relay refused on policy grounds, answered without a send.
     "refused-before",
+    // A copy of an event the relay holds in purgatory (a GRASP relay waiting for git
+    // data), answered without a send.
+    "in-purgatory",
     "blocked",
     "invalid",
     "rate-limited",
@@ -101,6 +106,11 @@ impl PublisherMetrics {
                 registry,
                 "grasp_sync_publish_refused_remembered_events",
                 "Events the local relay refused on policy grounds, remembered so later copies are answered without a send (bounded by --refusal-memory, up to about 1 KB each with their references; forgotten when the worker's repos change, on a new connection, or after --refusal-memory-ttl)",
+            )?,
+            publish_purgatory: int_gauge(
+                registry,
+                "grasp_sync_publish_purgatory_events",
+                "Events the local relay accepted into purgatory (a GRASP relay holding them until git data arrives), remembered so later copies are not sent (bounded; for --purgatory-ttl, forgotten on a new connection)",
             )?,
             malformed_messages,
         };

@@ -37,7 +37,7 @@ pub mod metrics;
 mod pacing;
 mod refused;
 mod scaling;
-mod settled;
+pub mod settled;
 
 pub use refused::RefusalMemory;
 mod validate;
@@ -89,6 +89,9 @@ pub struct PublisherConfig {
     pub max_rate: Option<f64>,
     /// Policy refusals remembered, so later copies are answered without a send.
     pub refusals: RefusalMemory,
+    /// How long an event the local relay holds in purgatory (`OK true "purgatory: …"`) is
+    /// not sent again; zero sends every copy.
+    pub purgatory_ttl: Duration,
 }
 
 impl PublisherConfig {
@@ -111,6 +114,7 @@ impl PublisherConfig {
             idle_close: Duration::from_secs(30),
             max_rate: None,
             refusals: RefusalMemory::default(),
+            purgatory_ttl: settled::PURGATORY_TTL,
         }
     }
 
@@ -258,7 +262,7 @@ impl Common {
     fn new(config: &PublisherConfig) -> Self {
         Common {
             queue: Mutex::default(),
-            settled: Mutex::default(),
+            settled: Mutex::new(settled::Settled::new(config.purgatory_ttl)),
             refused: Mutex::new(refused::Refused::new(&config.refusals)),
             flights: Mutex::default(),
             next_connection: std::sync::atomic::AtomicU64::new(0),

@@ -370,6 +370,21 @@ impl PublisherConn {
         }
     }
 
+    /// Remember that the local relay holds `id` in purgatory (said on this connection).
+    pub(super) fn hold_in_purgatory(&self, id: nostr::EventId) {
+        if let Ok(mut s) = self.shared.settled.lock() {
+            s.insert_purgatory(id, Instant::now(), self.settled_generation);
+        }
+    }
+
+    /// Whether the local relay said within the purgatory TTL that it holds `id` there.
+    fn in_purgatory(&self, id: &nostr::EventId) -> bool {
+        self.shared
+            .settled
+            .lock()
+            .is_ok_and(|mut s| s.in_purgatory(id, Instant::now()))
+    }
+
     /// `p`, unless it needs no send of its own — a copy of an event in flight here or on
     /// another connection (it shares that attempt's answer), of one the relay just said it
     /// holds, or of one it refused on policy grounds — so that it takes none of the pace's
@@ -403,7 +418,12 @@ impl PublisherConn {
         }
         if self.settled_holds(&p.event.id) {
             self.shared.land(self.number, &mut p);
-            self.answer_settled(p);
+            self.answer_settled(p, "already-held");
+            return None;
+        }
+        if self.in_purgatory(&p.event.id) {
+            self.shared.land(self.number, &mut p);
+            self.answer_settled(p, "in-purgatory");
             return None;
         }
         let refusal = self
@@ -449,14 +469,14 @@ impl PublisherConn {
         p.resolve();
     }
 
-    /// A copy of an event the relay said it holds: answered as its `duplicate:` would be,
-    /// without a send.
-    fn answer_settled(&mut self, p: Pending) {
+    /// A copy of an event the relay said it holds (served, or in purgatory): answered as
+    /// its `duplicate:` would be, without a send; counted under `outcome`.
+    fn answer_settled(&mut self, p: Pending, outcome: &str) {
         let copies = p.origins.len() as u64;
         self.stats.duplicate.fetch_add(copies, Ordering::Relaxed);
         self.metrics
             .publish_outcomes
-            .with_label_values(&["already-held"])
+            .with_label_values(&[outcome])
             .inc();
         p.resolve();
     }
@@ -598,6 +618,7 @@ impl PublisherConn {
         self.metrics.publish_in_flight.set(in_flight);
         if let Ok(s) = self.shared.settled.lock() {
             self.metrics.publish_settled.set(s.len() as i64);
+            self.metrics.publish_purgatory.set(s.purgatory_len() as i64);
         }
         if let Ok(r) = self.shared.refused.lock() {
             self.metrics.publish_refused_remembered.set(r.len() as i64);
