@@ -274,9 +274,10 @@ pub struct SyncOpts {
     /// How long an event the local relay accepted into purgatory (`OK true "purgatory:
     /// …"`: a GRASP relay holds new announcements, state and PRs until their git data
     /// arrives) is not sent again; later copies are answered without a send (metric
-    /// grasp_sync_publish_purgatory_events). Match your relay's purgatory expiry; 0 sends
+    /// grasp_sync_publish_purgatory_events). Keep it well under your relay's purgatory
+    /// expiry (30 min on ngit-grasp, counted from when it first got the event); 0 sends
     /// every copy.
-    #[arg(long, env = "GRASP_SYNC_PURGATORY_TTL", default_value = "30m", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "GRASP_SYNC_PURGATORY_TTL", default_value = "10m", value_parser = humantime::parse_duration)]
     pub purgatory_ttl: Duration,
     /// File holding a nostr secret key (nsec or hex) for NIP-42 authentication to the local
     /// relay (the key your relay may exempt from its limits). Never used with remote relays.

@@ -245,9 +245,11 @@ impl World {
         };
         // In half the seeds our relay holds new state events and PRs in a purgatory until
         // their git data arrives (by itself, a moment later), as GRASP relays do.
+        // Drawn apart, so a seed's schedule is the one it was before the purgatory existed.
+        let mut draws = StdRng::seed_from_u64(seed ^ 0x9e37_79b9_7f4a_7c15);
         let local_base = Script {
-            purgatory: rng.random_bool(0.5).then(|| Purgatory {
-                git_data_after: Some(Duration::from_millis(rng.random_range(200..3_000))),
+            purgatory: draws.random_bool(0.5).then(|| Purgatory {
+                git_data_after: Some(Duration::from_millis(draws.random_range(200..3_000))),
                 expiry: Duration::from_secs(3600),
                 ..Purgatory::default()
             }),

@@ -1273,6 +1273,102 @@ async fn a_reconciliation_is_reported_only_once_the_local_relay_has_answered() {
     h.stop().await;
 }
 
+/// A relay that drops the connection on every whole-history read never lets a
+/// reconciliation complete. Each attempt re-reads the whole range, so after the first retry
+/// (at once, on the next connection) it waits a growing delay instead of starting again on
+/// every connection; `lastReconciled` does not move.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reconciliation_that_never_completes_is_retried_on_a_growing_delay() {
+    let rig = rig().await;
+    let f = nip34::fixture("never-completes");
+    let remote = HostileRelay::start(Script {
+        disconnect_on_unbounded_reqs: true,
+        ..Script::default()
+    })
+    .await;
+    remote.add(f.expected.iter().cloned());
+    let set = set_for(&[&f]);
+    let long_ago = SystemTime::now() - Duration::from_secs(7200);
+    let resume = Resume {
+        cursor: Some(nostr::Timestamp::now().as_secs() - 600),
+        confirmed_roots: vec![RootDigest::of(&set.roots)],
+        last_reconciled: Some(long_ago),
+    };
+    let mut config = fast_config();
+    config.reconcile_every = (Duration::from_secs(3600), Duration::from_secs(3600));
+    let h = rig.start(&remote.url(), set, resume, config);
+    let started = || {
+        rig.metrics
+            .historic_batches
+            .with_label_values(&["reconciliation"])
+            .get()
+    };
+    let connections = || remote.counters().connections.load(Ordering::SeqCst);
+    eventually("two reconciliations cut short", DEADLINE, || async {
+        (started() >= 2 && connections() >= 3).then_some(())
+    })
+    .await;
+    wait_phase(&h, Phase::Live).await;
+    let before = connections();
+    // An absence: with a retry on every connection (backoff under a second here), several
+    // more would start and be cut short within this window.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(started(), 2, "reconciliations started on every connection");
+    assert_eq!(connections(), before, "the connection kept being dropped");
+    let s = h.stop().await;
+    assert!(
+        s.last_reconciled.is_none_or(|t| t <= long_ago),
+        "an abandoned reconciliation was reported: {:?}",
+        s.last_reconciled
+    );
+}
+
+/// An event our relay drops the connection for whenever it is sent is set aside by the
+/// publisher, unanswered; the cursor holds for it, but the reconciliation that handed it
+/// over did happen and is reported.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reconciliation_is_reported_though_an_event_was_set_aside() {
+    let f = nip34::fixture("set-aside");
+    let local = HostileRelay::start(Script {
+        max_frame_bytes: Some(8_000),
+        ..Script::default()
+    })
+    .await;
+    let (publisher, _task) = Publisher::spawn(
+        PublisherConfig::new(local.url()),
+        WorkerMetrics::default().publisher,
+    );
+    let big = EventBuilder::new(Kind::from(1111), "x".repeat(20_000))
+        .tag(nostr::Tag::custom(
+            nostr::TagKind::custom("E"),
+            [f.root.id.to_hex()],
+        ))
+        .sign_with_keys(&Keys::generate())
+        .unwrap();
+    let remote = HostileRelay::start(Script::default()).await;
+    remote.add(f.expected.iter().cloned().chain([big]));
+    let mut config = fast_config();
+    config.local_relay = Some(local.url());
+    let h = session::spawn(
+        remote.url(),
+        set_for(&[&f]),
+        Resume::fresh(),
+        config,
+        publisher.clone(),
+        WorkerMetrics::default().session,
+    );
+    let mut rx = h.state();
+    eventually("the initial sync reported", DEADLINE, || {
+        let s = rx.borrow_and_update().clone();
+        async move { s.last_reconciled }
+    })
+    .await;
+    assert!(publisher.stats().quarantined.load(Ordering::Relaxed) >= 1);
+    let held: BTreeSet<EventId> = local.ids().into_iter().collect();
+    assert_eq!(held, nip34::ids(&f.expected));
+    h.stop().await;
+}
+
 /// Defect 2, across restarts: the reconciliation is scheduled from the persisted
 /// `lastReconciled`, so a worker restarted more often than the period still reconciles. A
 /// fresh session's full sync counts as one and is reported.

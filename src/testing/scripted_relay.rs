@@ -50,6 +50,9 @@ pub struct Script {
     /// The next N REQs drop their connection (no close handshake) instead of being answered:
     /// a relay that goes away in the middle of whatever the client just started.
     pub disconnect_on_reqs: usize,
+    /// A REQ reading stored events without a `since` (a whole-history read) drops the
+    /// connection: a relay, or a proxy in front of it, that cannot serve a long query.
+    pub disconnect_on_unbounded_reqs: bool,
     /// Close every connection this long after it opened: a relay (or a NAT) that keeps
     /// dropping sessions.
     pub close_after: Option<std::time::Duration>,
@@ -77,8 +80,9 @@ pub struct Script {
 
 /// A GRASP relay's purgatory: new repository announcements, state events and PRs are
 /// accepted with `OK true "purgatory: …"` but not served (nor streamed) until git data for
-/// their repository arrives; without it they are dropped after `expiry`, and the same event
-/// sent again later is refused.
+/// their repository arrives; without it they are dropped after `expiry`. Sent again after
+/// that (by a client: ngit-grasp refuses only what its own sync brings back), an event
+/// enters purgatory again.
 #[derive(Debug, Clone)]
 pub struct Purgatory {
     pub kinds: Vec<Kind>,
@@ -104,14 +108,13 @@ impl Default for Purgatory {
 
 /// ngit-grasp's answer to an event it holds back.
 pub const PURGATORY_MESSAGE: &str = "purgatory: won't be served until git data arrives";
-/// Its answer to an event dropped from purgatory and sent again.
-pub const EXPIRED_MESSAGE: &str = "blocked: previously expired from purgatory without git data";
 
-/// Events held back, and those dropped without git data.
+/// Events held back, with when they arrived.
 #[derive(Default)]
 struct Held {
     waiting: HashMap<EventId, (Event, std::time::Instant)>,
-    expired: std::collections::HashSet<EventId>,
+    /// Dropped without git data so far.
+    expired: usize,
 }
 
 /// How a relay refuses a REQ over its subscription cap.
@@ -212,7 +215,7 @@ impl Shared {
         }
         for id in dropped {
             held.waiting.remove(&id);
-            held.expired.insert(id);
+            held.expired += 1;
         }
         let mut store = self.store.lock().unwrap_or_else(|e| e.into_inner());
         for id in released {
@@ -316,6 +319,16 @@ impl ScriptedRelay {
                 })
         };
         self.shared.settle(of_repo);
+    }
+
+    /// Events dropped from purgatory without git data so far.
+    pub fn expired_from_purgatory(&self) -> usize {
+        self.shared.settle(|_| false);
+        self.shared
+            .purgatory
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .expired
     }
 
     /// Events held in purgatory now.
@@ -644,19 +657,17 @@ fn handle(
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
                     .contains(&ev.id);
-                let (status, message) = if stored {
-                    (true, "duplicate: already have this event")
-                } else if held.expired.contains(&ev.id) {
-                    (false, EXPIRED_MESSAGE)
+                let message = if stored {
+                    "duplicate: already have this event"
                 } else {
                     held.waiting
                         .entry(ev.id)
                         .or_insert_with(|| (ev.clone(), std::time::Instant::now()));
                     s.counters.purgatory_answers.fetch_add(1, Ordering::SeqCst);
-                    (true, PURGATORY_MESSAGE)
+                    PURGATORY_MESSAGE
                 };
                 return vec![Reply::Send(
-                    RelayMessage::ok(ev.id, status, message).as_json(),
+                    RelayMessage::ok(ev.id, true, message).as_json(),
                 )];
             }
             let ok = RelayMessage::ok(ev.id, true, "").as_json();
@@ -674,6 +685,13 @@ fn handle(
             s.counters.reqs.fetch_add(1, Ordering::SeqCst);
             if script.disconnect_on_reqs > 0 {
                 script.disconnect_on_reqs -= 1;
+                return vec![Reply::Disconnect];
+            }
+            if script.disconnect_on_unbounded_reqs
+                && filters
+                    .iter()
+                    .any(|f| f.since.is_none() && f.limit != Some(0))
+            {
                 return vec![Reply::Disconnect];
             }
             let sub_id = subscription_id.into_owned();

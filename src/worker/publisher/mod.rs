@@ -145,6 +145,9 @@ pub struct SourceCounters {
     pub resolved: AtomicU64,
     pub published: AtomicU64,
     pub rejected: AtomicU64,
+    /// Set aside unanswered (the local relay drops the connection whenever it is sent):
+    /// never resolved, so the cursor holds, but nothing more will come of it.
+    pub quarantined: AtomicU64,
 }
 
 impl SourceCounters {
@@ -158,6 +161,12 @@ impl SourceCounters {
     /// Everything handed over has a final answer.
     pub fn drained(&self) -> bool {
         self.pending() == 0
+    }
+
+    /// Everything handed over has a final answer or was set aside: nothing is still on its
+    /// way.
+    pub fn settled(&self) -> bool {
+        self.pending() <= self.quarantined.load(Ordering::Acquire)
     }
 }
 

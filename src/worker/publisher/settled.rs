@@ -23,9 +23,11 @@ pub(super) const CAPACITY: usize = 16_384;
 /// How long an answer is trusted.
 pub(super) const TTL: Duration = Duration::from_secs(600);
 
-/// Default for how long an event the relay holds in purgatory is not sent again: a GRASP
-/// relay's own purgatory expiry (ngit-grasp: 30 min).
-pub const PURGATORY_TTL: Duration = Duration::from_secs(1800);
+/// Default for how long an event the relay holds in purgatory is not sent again: well under
+/// a GRASP relay's own purgatory expiry (ngit-grasp: 30 min), whose clock starts when the
+/// relay first received the event — often from its author, before us. A copy after the
+/// relay dropped it puts it back in purgatory, to be served if git data comes later.
+pub const PURGATORY_TTL: Duration = Duration::from_secs(600);
 
 #[derive(Debug)]
 pub(super) struct Settled {

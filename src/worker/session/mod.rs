@@ -327,6 +327,7 @@ pub fn spawn(
         gaps: 0,
         neg_ids: 0,
         reconciling: false,
+        abandoned: 0,
         refusal_streaks: HashMap::new(),
         sub_cap: None,
         unblocked_at: Instant::now(),
@@ -372,6 +373,8 @@ struct Session {
     neg_ids: u64,
     /// A full reconciliation is running (its events count as `daily`).
     reconciling: bool,
+    /// Reconciliations abandoned in a row (their connection was lost).
+    abandoned: u32,
     /// For each filter (its fingerprint) the relay refused on policy grounds, how many
     /// times in a row: the delay before asking again doubles with each; the relay serving
     /// that filter (EOSE) clears it. Bounded by [`MAX_REFUSAL_STREAKS`].

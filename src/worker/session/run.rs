@@ -160,10 +160,14 @@ impl Session {
     /// A reconciliation cut short by a lost connection did not happen: the next connection
     /// resumes from the cursor, which is no substitute for the whole range, so finishing its
     /// catch-up must not be reported as `lastReconciled`. It is due again at once.
+    /// On a relay that drops every connection before one completes, it is retried on a
+    /// growing delay rather than on every connection (each attempt re-reads the whole range).
     fn abandon_reconciliation(&mut self) {
         if self.reconciling {
             self.reconciling = false;
-            self.reconcile_at = Instant::now();
+            self.abandoned += 1;
+            self.reconcile_at =
+                Instant::now() + abandoned_retry(self.abandoned, self.config.reconcile_every.0);
         }
     }
 
@@ -280,13 +284,15 @@ impl Session {
         // a relay that never answers an accepted `limit: 0` REQ would grow it without end.
         let stale = self.config.batch_timeout * 2;
         conn.unanswered.retain(|u| u.sent_at.elapsed() < stale);
-        // Done once every batch is served and our relay has answered for all it was handed:
-        // a crash before that must not count as a reconciliation that happened.
+        // Done once every batch is served and our relay has answered for all it was handed
+        // (or set it aside): a crash before that must not count as a reconciliation that
+        // happened.
         if (self.reconciling || self.initial_sync)
             && conn.batches.is_empty()
-            && self.counters.drained()
+            && self.counters.settled()
         {
             self.reconciling = false;
+            self.abandoned = 0;
             self.initial_sync = false;
             let at = SystemTime::now();
             self.last_reconciled = Some(at);
@@ -309,8 +315,35 @@ impl Session {
     }
 }
 
+/// When a reconciliation abandoned for the `n`th time in a row is due again: at once the
+/// first time (the next connection), then after 30 s, doubling, never later than the
+/// reconciliation period.
+pub(super) fn abandoned_retry(n: u32, period: Duration) -> Duration {
+    match n {
+        0 | 1 => Duration::ZERO,
+        n => Duration::from_secs(30)
+            .saturating_mul(1 << (n - 2).min(20))
+            .min(period),
+    }
+}
+
 /// A random moment in `[lo, hi]` from now, so relays do not reconcile in step.
 pub(super) fn reconcile_delay((lo, hi): (Duration, Duration)) -> Duration {
     let hi = hi.max(lo);
     lo + (hi - lo).mul_f64(rand::random::<f64>())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_abandoned_reconciliation_is_retried_on_a_growing_delay_up_to_the_period() {
+        let day = Duration::from_secs(86_400);
+        let secs = |n: u32| abandoned_retry(n, day).as_secs();
+        assert_eq!([secs(1), secs(2), secs(3), secs(4)], [0, 30, 60, 120]);
+        assert_eq!(secs(50), 86_400);
+        assert_eq!(secs(u32::MAX), 86_400);
+        assert_eq!(abandoned_retry(3, Duration::from_secs(40)).as_secs(), 40);
+    }
 }

@@ -514,6 +514,9 @@ impl PublisherConn {
         self.stats
             .quarantined
             .fetch_add(p.origins.len() as u64, Ordering::Relaxed);
+        for o in p.origins.iter().flatten() {
+            o.quarantined.fetch_add(1, Ordering::Release);
+        }
         self.metrics
             .publish_outcomes
             .with_label_values(&["quarantined"])
