@@ -255,8 +255,9 @@ pub struct SyncOpts {
     pub publisher_connections: usize,
     /// Connections publishing into the local relay, at most. While the relay answers
     /// `rate-limited:` and events wait, more are opened (doubling) as long as a new
-    /// connection gets room of its own; idle ones close after 30 s. Set it to
-    /// --publisher-connections for a fixed number.
+    /// connection gets room of its own; without push-back, while events wait and more
+    /// connections raise the relay's intake by a fifth. Idle ones close after 30 s. Set it
+    /// to --publisher-connections for a fixed number.
     #[arg(long, env = "GRASP_SYNC_PUBLISHER_MAX_CONNECTIONS", default_value_t = grasp_sync::worker::publisher::DEFAULT_MAX_CONNECTIONS)]
     pub publisher_max_connections: usize,
     /// Events the local relay refused on policy grounds (`blocked:`, `invalid:`, …) that

@@ -280,6 +280,29 @@ async fn connections_grow_while_the_relay_limits_each_one_and_close_when_idle() 
     .await;
 }
 
+/// A relay that answers each connection's events one after another (a busy relay, or one
+/// far away) and never pushes back: events wait behind one connection's answers, so the
+/// publisher probes with more connections while that raises the relay's intake.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_push_back_connections_grow_while_that_raises_the_intake() {
+    let relay = HostileRelay::start(Script {
+        ok_delay: Some(Duration::from_millis(4)),
+        ..Script::default()
+    })
+    .await;
+    let metrics = PublisherMetrics::default();
+    let (publisher, _task) = Publisher::spawn(PublisherConfig::new(relay.url()), metrics.clone());
+    let events = corpus(1_200);
+    let most =
+        accept_all_counting_connections(&publisher, &metrics, &events, Duration::from_secs(60))
+            .await;
+    assert!(most >= 2, "{most} connection(s) at most");
+    assert_eq!(
+        relay.ids().into_iter().collect::<BTreeSet<_>>(),
+        ids(&events)
+    );
+}
+
 /// A limit on the relay's whole ingress (one bucket for every connection): a new
 /// connection is refused like the old one, so the publisher stops opening more and paces.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -242,6 +242,8 @@ struct Gauges {
     pushed_back: AtomicU64,
     fresh_accepted: AtomicU64,
     fresh_limited: AtomicU64,
+    /// Events the relay took (accepted or already held) since the scaler last looked.
+    taken: AtomicU64,
 }
 
 /// What a publisher's connections share besides the fair queue.
@@ -433,6 +435,7 @@ async fn run_connections(
                     backlog,
                     fresh_accepted: gauges.fresh_accepted.swap(0, Ordering::Relaxed),
                     fresh_limited: gauges.fresh_limited.swap(0, Ordering::Relaxed),
+                    taken: gauges.taken.swap(0, Ordering::Relaxed),
                 };
                 let open = gauges.open.load(Ordering::Relaxed);
                 let add = scaler.grow(std::time::Instant::now(), open, signals);
@@ -441,7 +444,7 @@ async fn run_connections(
                         spawn(&mut conns, true);
                     }
                     gauges.open.fetch_add(add, Ordering::Relaxed);
-                    tracing::info!(relay = %config.local_relay, open = open + add, "the local relay limits each connection and events wait; opening more connections");
+                    tracing::info!(relay = %config.local_relay, open = open + add, "events wait for the local relay; opening more connections");
                 }
                 metrics.publisher_connections.set(gauges.open.load(Ordering::Relaxed) as i64);
             }

@@ -6,11 +6,27 @@
 //! the push-back lasts); a `rate-limited:` among them means the limit is on the relay's
 //! whole ingress (or our address), so growing stops for a while and the extra connections
 //! retire when idle.
+//!
+//! Without push-back, events can still wait: the relay answers each connection in turn
+//! (nostr-relay-builder serves a connection's messages one after another), so one connection
+//! is bounded by the relay's work per event and the round trips, not by a limit. Then the
+//! scaler probes: with events waiting for a whole window and no push-back, it doubles the
+//! connections and keeps probing only if the next window took at least a fifth more events;
+//! otherwise probing stops for a while (the extra connections retire when idle).
 
 use std::time::{Duration, Instant};
 
 /// Growth stops this long after new connections were refused at once.
 pub(super) const FREEZE: Duration = Duration::from_secs(60);
+
+/// How long a throughput probe measures the relay's intake.
+pub(super) const PROBE_WINDOW: Duration = Duration::from_secs(1);
+
+/// Probing stops this long after a step that did not raise the intake.
+pub(super) const PROBE_FREEZE: Duration = Duration::from_secs(300);
+
+/// A probe step counts if the intake grew by at least this factor.
+const PROBE_GAIN: f64 = 1.2;
 
 /// What the connections reported since the scaler last looked.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -23,6 +39,17 @@ pub(super) struct Signals {
     /// as rate-limited within their first answers.
     pub(super) fresh_accepted: u64,
     pub(super) fresh_limited: u64,
+    /// Events the relay took (accepted, or already held).
+    pub(super) taken: u64,
+}
+
+/// The intake measured over the current window.
+#[derive(Debug, Clone, Copy)]
+struct Window {
+    since: Instant,
+    taken: u64,
+    /// Events waited at every look of the window.
+    backlog: bool,
 }
 
 #[derive(Debug)]
@@ -32,6 +59,10 @@ pub(super) struct Scaler {
     /// Connections opened by the last growth step whose first answer is still due.
     awaiting: u64,
     frozen_until: Option<Instant>,
+    window: Option<Window>,
+    /// The intake before the last probe step, while its window runs.
+    probe_base: Option<f64>,
+    probing_frozen_until: Option<Instant>,
 }
 
 impl Scaler {
@@ -42,6 +73,9 @@ impl Scaler {
             max: max.max(min),
             awaiting: 0,
             frozen_until: None,
+            window: None,
+            probe_base: None,
+            probing_frozen_until: None,
         }
     }
 
@@ -51,6 +85,61 @@ impl Scaler {
 
     /// Connections to open now, `open` being open.
     pub(super) fn grow(&mut self, now: Instant, open: usize, s: Signals) -> usize {
+        let grown = self.grow_pushed_back(now, open, s);
+        if s.pushed_back > 0 {
+            // The relay limits us: the push-back rules decide, not the intake.
+            self.window = None;
+            self.probe_base = None;
+            return grown;
+        }
+        self.probe_intake(now, open, s)
+    }
+
+    /// Throughput probing without push-back (the module's documentation says why).
+    fn probe_intake(&mut self, now: Instant, open: usize, s: Signals) -> usize {
+        let w = self.window.get_or_insert(Window {
+            since: now,
+            taken: 0,
+            backlog: true,
+        });
+        w.taken += s.taken;
+        w.backlog &= s.backlog;
+        let elapsed = now.saturating_duration_since(w.since);
+        if elapsed < PROBE_WINDOW {
+            return 0;
+        }
+        let (rate, backlog) = (w.taken as f64 / elapsed.as_secs_f64(), w.backlog);
+        self.window = None;
+        if let Some(base) = self.probe_base.take()
+            && rate < base * PROBE_GAIN
+        {
+            self.probing_frozen_until = Some(now + PROBE_FREEZE);
+            tracing::debug!(
+                rate,
+                before = base,
+                open,
+                "more connections did not raise the local relay's intake; probing stops for a while"
+            );
+            return 0;
+        }
+        let frozen = [self.frozen_until, self.probing_frozen_until]
+            .into_iter()
+            .flatten()
+            .any(|t| now < t);
+        if !backlog || open >= self.max || frozen {
+            return 0;
+        }
+        self.probe_base = Some(rate);
+        let add = open.max(1).min(self.max - open);
+        // Like a push-back step: if the relay starts pushing back, the next step waits for
+        // these connections' first answers (a limit on its whole ingress refuses them too).
+        self.awaiting = add as u64;
+        add
+    }
+
+    /// Growth while the relay pushes back, and the freeze a limit on its whole ingress
+    /// brings.
+    fn grow_pushed_back(&mut self, now: Instant, open: usize, s: Signals) -> usize {
         if s.fresh_limited > 0 && s.fresh_limited >= s.fresh_accepted {
             // Fresh connections were refused like the old ones: not a per-connection limit.
             self.frozen_until = Some(now + FREEZE);
@@ -132,8 +221,76 @@ mod tests {
                 }
             ),
             0,
-            "events wait, but the relay takes them as fast as we send"
+            "events wait, but nothing says more connections would help yet"
         );
+    }
+
+    fn waiting(taken: u64) -> Signals {
+        Signals {
+            backlog: true,
+            taken,
+            ..Signals::default()
+        }
+    }
+
+    #[test]
+    fn without_push_back_probes_while_more_connections_raise_the_intake() {
+        let t = Instant::now();
+        let at = |ms: u64| t + Duration::from_millis(ms);
+        let mut s = Scaler::new(1, 32);
+        // A window of events waiting at 100 a second: one probe step (doubling).
+        assert_eq!(s.grow(at(0), 1, waiting(0)), 0, "the window opens");
+        assert_eq!(s.grow(at(500), 1, waiting(50)), 0);
+        assert_eq!(s.grow(at(1000), 1, waiting(50)), 1);
+        // Twice the intake with two: the step counts, and the next one follows.
+        assert_eq!(s.grow(at(1250), 2, waiting(0)), 0);
+        assert_eq!(s.grow(at(2250), 2, waiting(200)), 2);
+        // With four, barely more: probing stops, for a while.
+        assert_eq!(s.grow(at(2500), 4, waiting(0)), 0);
+        assert_eq!(s.grow(at(3500), 4, waiting(210)), 0);
+        for k in 0..10 {
+            let ms = 3750 + k * 1000;
+            assert_eq!(s.grow(at(ms), 4, waiting(0)), 0);
+            assert_eq!(s.grow(at(ms + 1000), 4, waiting(200)), 0, "frozen");
+        }
+        let later = 3500 + PROBE_FREEZE.as_millis() as u64;
+        assert_eq!(s.grow(at(later), 4, waiting(0)), 0);
+        assert_eq!(
+            s.grow(at(later + 1000), 4, waiting(200)),
+            4,
+            "probed again later"
+        );
+    }
+
+    #[test]
+    fn probes_only_when_events_waited_the_whole_window_and_never_while_pushed_back() {
+        let t = Instant::now();
+        let at = |ms: u64| t + Duration::from_millis(ms);
+        let mut s = Scaler::new(1, 32);
+        assert_eq!(s.grow(at(0), 1, waiting(0)), 0);
+        let caught_up = Signals {
+            taken: 50,
+            ..Signals::default()
+        };
+        assert_eq!(s.grow(at(500), 1, caught_up), 0);
+        assert_eq!(
+            s.grow(at(1000), 1, waiting(50)),
+            0,
+            "the queue emptied once"
+        );
+        // Push-back: the per-connection rules decide (one step), and the window restarts.
+        let mut s = Scaler::new(1, 32);
+        assert_eq!(s.grow(at(0), 1, waiting(0)), 0);
+        assert_eq!(s.grow(at(900), 1, pushed(true)), 1);
+        assert_eq!(s.grow(at(1000), 2, waiting(100)), 0, "a new window");
+        // A limit on the whole ingress (found by the push-back rules) stops probing too.
+        let refused = Signals {
+            fresh_limited: 1,
+            ..pushed(true)
+        };
+        assert_eq!(s.grow(at(1100), 2, refused), 0);
+        assert_eq!(s.grow(at(1200), 2, waiting(0)), 0);
+        assert_eq!(s.grow(at(2200), 2, waiting(300)), 0, "frozen by the limit");
     }
 
     #[test]

@@ -72,6 +72,9 @@ impl PublisherConn {
         // remembered before the copies parked on this send are taken: a copy that finds no
         // flight any more finds the memory.
         let held = matches!(outcome, Outcome::Accepted | Outcome::Duplicate);
+        if held {
+            self.gauges.taken.fetch_add(1, Ordering::Relaxed);
+        }
         if held && message.trim_start().starts_with("purgatory") {
             self.hold_in_purgatory(event_id);
         } else if held {
