@@ -440,10 +440,12 @@ async fn run_connections(
                 let open = gauges.open.load(Ordering::Relaxed);
                 let add = scaler.grow(std::time::Instant::now(), open, signals);
                 if add > 0 {
+                    // Counted first: a new connection that fails at once retires against
+                    // the count that includes it.
+                    gauges.open.fetch_add(add, Ordering::Relaxed);
                     for _ in 0..add {
                         spawn(&mut conns, true);
                     }
-                    gauges.open.fetch_add(add, Ordering::Relaxed);
                     tracing::info!(relay = %config.local_relay, open = open + add, "events wait for the local relay; opening more connections");
                 }
                 metrics.publisher_connections.set(gauges.open.load(Ordering::Relaxed) as i64);

@@ -28,6 +28,10 @@ pub(super) const PROBE_FREEZE: Duration = Duration::from_secs(300);
 /// A probe step counts if the intake grew by at least this factor.
 const PROBE_GAIN: f64 = 1.2;
 
+/// Events a window must take to say anything: a relay that takes nothing (hung, down,
+/// refusing everything) is not one more connections would help.
+const PROBE_MIN_TAKEN: u64 = 20;
+
 /// What the connections reported since the scaler last looked.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub(super) struct Signals {
@@ -60,9 +64,16 @@ pub(super) struct Scaler {
     awaiting: u64,
     frozen_until: Option<Instant>,
     window: Option<Window>,
-    /// The intake before the last probe step, while its window runs.
-    probe_base: Option<f64>,
+    /// The intake before the last probe step and the connections open before it, while
+    /// its window runs.
+    probe_base: Option<(f64, usize)>,
     probing_frozen_until: Option<Instant>,
+    /// Connections open before the last step that did not raise the intake: probing waits
+    /// until the extra ones have retired (busy connections do not), so that it does not
+    /// ratchet up a step per freeze.
+    useful: Option<usize>,
+    /// The relay last pushed back: probing is for a relay that does not.
+    pushed_back_at: Option<Instant>,
 }
 
 impl Scaler {
@@ -76,6 +87,8 @@ impl Scaler {
             window: None,
             probe_base: None,
             probing_frozen_until: None,
+            useful: None,
+            pushed_back_at: None,
         }
     }
 
@@ -90,6 +103,7 @@ impl Scaler {
             // The relay limits us: the push-back rules decide, not the intake.
             self.window = None;
             self.probe_base = None;
+            self.pushed_back_at = Some(now);
             return grown;
         }
         self.probe_intake(now, open, s)
@@ -108,12 +122,14 @@ impl Scaler {
         if elapsed < PROBE_WINDOW {
             return 0;
         }
-        let (rate, backlog) = (w.taken as f64 / elapsed.as_secs_f64(), w.backlog);
+        let (taken, backlog) = (w.taken, w.backlog);
+        let rate = taken as f64 / elapsed.as_secs_f64();
         self.window = None;
-        if let Some(base) = self.probe_base.take()
-            && rate < base * PROBE_GAIN
+        if let Some((base, before)) = self.probe_base.take()
+            && (rate < base * PROBE_GAIN || taken < PROBE_MIN_TAKEN)
         {
             self.probing_frozen_until = Some(now + PROBE_FREEZE);
+            self.useful = Some(before);
             tracing::debug!(
                 rate,
                 before = base,
@@ -125,11 +141,20 @@ impl Scaler {
         let frozen = [self.frozen_until, self.probing_frozen_until]
             .into_iter()
             .flatten()
-            .any(|t| now < t);
-        if !backlog || open >= self.max || frozen {
+            .any(|t| now < t)
+            || self.pushed_back_at.is_some_and(|t| now < t + FREEZE);
+        if self.useful.is_some_and(|u| open <= u) {
+            self.useful = None;
+        }
+        if !backlog
+            || taken < PROBE_MIN_TAKEN
+            || open >= self.max
+            || frozen
+            || self.useful.is_some()
+        {
             return 0;
         }
-        self.probe_base = Some(rate);
+        self.probe_base = Some((rate, open));
         let add = open.max(1).min(self.max - open);
         // Like a push-back step: if the relay starts pushing back, the next step waits for
         // these connections' first answers (a limit on its whole ingress refuses them too).
@@ -253,13 +278,48 @@ mod tests {
             assert_eq!(s.grow(at(ms), 4, waiting(0)), 0);
             assert_eq!(s.grow(at(ms + 1000), 4, waiting(200)), 0, "frozen");
         }
+        // Later, not from the four that did not help (busy, they stay open): only once
+        // the extra ones have retired.
         let later = 3500 + PROBE_FREEZE.as_millis() as u64;
         assert_eq!(s.grow(at(later), 4, waiting(0)), 0);
+        assert_eq!(s.grow(at(later + 1000), 4, waiting(200)), 0, "no ratchet");
+        assert_eq!(s.grow(at(later + 1250), 2, waiting(0)), 0);
         assert_eq!(
-            s.grow(at(later + 1000), 4, waiting(200)),
-            4,
+            s.grow(at(later + 2250), 2, waiting(200)),
+            2,
             "probed again later"
         );
+    }
+
+    #[test]
+    fn a_relay_that_takes_nothing_or_pushed_back_lately_is_not_probed() {
+        let t = Instant::now();
+        let at = |ms: u64| t + Duration::from_millis(ms);
+        // Hung, down or refusing everything: events wait, nothing is taken.
+        let mut s = Scaler::new(1, 32);
+        for k in 0..5 {
+            assert_eq!(s.grow(at(k * 1000), 1, waiting(0)), 0);
+        }
+        // A step whose window took nothing does not count as a gain over nothing.
+        let mut s = Scaler::new(1, 32);
+        assert_eq!(s.grow(at(0), 1, waiting(0)), 0);
+        assert_eq!(s.grow(at(1000), 1, waiting(100)), 1);
+        assert_eq!(s.grow(at(1100), 2, waiting(0)), 0);
+        assert_eq!(s.grow(at(2100), 2, waiting(0)), 0);
+        assert_eq!(s.grow(at(2200), 2, waiting(0)), 0);
+        assert_eq!(s.grow(at(3200), 2, waiting(500)), 0, "frozen");
+        // Pushed back a moment ago: the push-back rules have it, not the probe.
+        let mut s = Scaler::new(1, 32);
+        let answered = Signals {
+            fresh_accepted: 1,
+            ..Signals::default()
+        };
+        assert_eq!(s.grow(at(0), 1, pushed(true)), 1);
+        assert_eq!(s.grow(at(100), 2, answered), 0);
+        assert_eq!(s.grow(at(1100), 2, waiting(300)), 0);
+        let after = FREEZE.as_millis() as u64 + 200;
+        assert_eq!(s.grow(at(after), 2, waiting(0)), 0);
+        assert_eq!(s.grow(at(after + 1000), 2, waiting(300)), 2);
     }
 
     #[test]
