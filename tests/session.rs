@@ -10,7 +10,7 @@ use std::time::{Duration, SystemTime};
 
 use grasp_sync::crd::Phase;
 use grasp_sync::nostr::root_digest::RootDigest;
-use grasp_sync::testing::scripted_relay::CapRefusal;
+use grasp_sync::testing::scripted_relay::{CapRefusal, ScriptedRelay};
 use grasp_sync::worker::WorkerMetrics;
 use grasp_sync::worker::publisher::{Publisher, PublisherConfig};
 use grasp_sync::worker::session::metrics::SessionMetrics;
@@ -99,6 +99,33 @@ impl Rig {
     async fn holds_exactly(&self, want: &BTreeSet<EventId>) {
         relays::holds_exactly(&self.local, want, DEADLINE).await;
     }
+}
+
+/// A fresh session of `f` from `remote` into `local` (a scripted relay standing in for ours)
+/// over `publisher`, once it has reported its initial sync as a reconciliation.
+async fn initial_sync_reported(
+    local: &ScriptedRelay,
+    remote: &ScriptedRelay,
+    f: &Fixture,
+    publisher: Publisher,
+) -> SessionHandle {
+    let mut config = fast_config();
+    config.local_relay = Some(local.url());
+    let h = session::spawn(
+        remote.url(),
+        set_for(&[f]),
+        Resume::fresh(),
+        config,
+        publisher,
+        WorkerMetrics::default().session,
+    );
+    let mut rx = h.state();
+    eventually("the initial sync reported", DEADLINE, || {
+        let s = rx.borrow_and_update().clone();
+        async move { s.last_reconciled }
+    })
+    .await;
+    h
 }
 
 async fn wait_phase(h: &SessionHandle, phase: Phase) -> SessionState {
@@ -1248,22 +1275,7 @@ async fn a_reconciliation_is_reported_only_once_the_local_relay_has_answered() {
     );
     let remote = HostileRelay::start(Script::default()).await;
     remote.add(f.expected.iter().cloned());
-    let mut config = fast_config();
-    config.local_relay = Some(local.url());
-    let h = session::spawn(
-        remote.url(),
-        set_for(&[&f]),
-        Resume::fresh(),
-        config,
-        publisher,
-        WorkerMetrics::default().session,
-    );
-    let mut rx = h.state();
-    eventually("the initial sync reported", DEADLINE, || {
-        let s = rx.borrow_and_update().clone();
-        async move { s.last_reconciled }
-    })
-    .await;
+    let h = initial_sync_reported(&local, &remote, &f, publisher).await;
     let held: BTreeSet<EventId> = local.ids().into_iter().collect();
     assert_eq!(
         held,
@@ -1347,22 +1359,7 @@ async fn a_reconciliation_is_reported_though_an_event_was_set_aside() {
         .unwrap();
     let remote = HostileRelay::start(Script::default()).await;
     remote.add(f.expected.iter().cloned().chain([big]));
-    let mut config = fast_config();
-    config.local_relay = Some(local.url());
-    let h = session::spawn(
-        remote.url(),
-        set_for(&[&f]),
-        Resume::fresh(),
-        config,
-        publisher.clone(),
-        WorkerMetrics::default().session,
-    );
-    let mut rx = h.state();
-    eventually("the initial sync reported", DEADLINE, || {
-        let s = rx.borrow_and_update().clone();
-        async move { s.last_reconciled }
-    })
-    .await;
+    let h = initial_sync_reported(&local, &remote, &f, publisher.clone()).await;
     assert!(publisher.stats().quarantined.load(Ordering::Relaxed) >= 1);
     let held: BTreeSet<EventId> = local.ids().into_iter().collect();
     assert_eq!(held, nip34::ids(&f.expected));

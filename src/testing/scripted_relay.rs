@@ -109,13 +109,8 @@ impl Default for Purgatory {
 /// ngit-grasp's answer to an event it holds back.
 pub const PURGATORY_MESSAGE: &str = "purgatory: won't be served until git data arrives";
 
-/// Events held back, with when they arrived.
-#[derive(Default)]
-struct Held {
-    waiting: HashMap<EventId, (Event, std::time::Instant)>,
-    /// Dropped without git data so far.
-    expired: usize,
-}
+/// Events held back in purgatory, with when they arrived.
+type Held = HashMap<EventId, (Event, std::time::Instant)>;
 
 /// How a relay refuses a REQ over its subscription cap.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -199,13 +194,13 @@ impl Shared {
     /// [`Shared::settle`] with the script's purgatory in hand.
     fn settle_purgatory(&self, p: &Purgatory, pushed: impl Fn(&Event) -> bool) {
         let mut held = self.purgatory.lock().unwrap_or_else(|e| e.into_inner());
-        if held.waiting.is_empty() {
+        if held.is_empty() {
             return;
         }
         let now = std::time::Instant::now();
         let mut released = Vec::new();
         let mut dropped = Vec::new();
-        for (id, (e, at)) in &held.waiting {
+        for (id, (e, at)) in held.iter() {
             let age = now.saturating_duration_since(*at);
             if pushed(e) || p.git_data_after.is_some_and(|d| age >= d) {
                 released.push(*id);
@@ -214,12 +209,11 @@ impl Shared {
             }
         }
         for id in dropped {
-            held.waiting.remove(&id);
-            held.expired += 1;
+            held.remove(&id);
         }
         let mut store = self.store.lock().unwrap_or_else(|e| e.into_inner());
         for id in released {
-            if let Some((e, _)) = held.waiting.remove(&id)
+            if let Some((e, _)) = held.remove(&id)
                 && store.insert(e.clone())
             {
                 let _ = self.live.send(e);
@@ -321,16 +315,6 @@ impl ScriptedRelay {
         self.shared.settle(of_repo);
     }
 
-    /// Events dropped from purgatory without git data so far.
-    pub fn expired_from_purgatory(&self) -> usize {
-        self.shared.settle(|_| false);
-        self.shared
-            .purgatory
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .expired
-    }
-
     /// Events held in purgatory now.
     pub fn in_purgatory(&self) -> usize {
         self.shared.settle(|_| false);
@@ -338,7 +322,6 @@ impl ScriptedRelay {
             .purgatory
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .waiting
             .len()
     }
 
@@ -350,7 +333,6 @@ impl ScriptedRelay {
                 .purgatory
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
-                .waiting
                 .keys()
                 .copied(),
         );
@@ -660,8 +642,7 @@ fn handle(
                 let message = if stored {
                     "duplicate: already have this event"
                 } else {
-                    held.waiting
-                        .entry(ev.id)
+                    held.entry(ev.id)
                         .or_insert_with(|| (ev.clone(), std::time::Instant::now()));
                     s.counters.purgatory_answers.fetch_add(1, Ordering::SeqCst);
                     PURGATORY_MESSAGE
