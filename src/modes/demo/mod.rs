@@ -80,6 +80,9 @@ pub struct DemoReport {
     pub outcomes: std::collections::BTreeMap<String, u64>,
     /// Most publisher connections to the local relay open at once (sampled every 100 ms).
     pub peak_connections: i64,
+    /// Copies from remotes that skipped the signature check: an identical copy passed it
+    /// (`grasp_sync_signature_checks_skipped_total`).
+    pub signatures_skipped: u64,
     /// What the publisher's answers were during the idle window, by outcome, and the window.
     pub idle: Option<(std::collections::BTreeMap<String, u64>, Duration)>,
 }
@@ -319,6 +322,10 @@ pub async fn run(opts: DemoOptions) -> Result<DemoReport, DemoError> {
         })
         .collect();
     let outcomes = publish_outcomes(&running.metrics.registry);
+    let signatures_skipped = counter(
+        &running.metrics.registry,
+        "grasp_sync_signature_checks_skipped_total",
+    );
     running.stop().await;
     Ok(DemoReport {
         repos: opts.repos,
@@ -332,6 +339,7 @@ pub async fn run(opts: DemoOptions) -> Result<DemoReport, DemoError> {
         relays,
         outcomes,
         peak_connections: peak.load(std::sync::atomic::Ordering::Relaxed),
+        signatures_skipped,
         idle,
     })
 }
@@ -404,6 +412,18 @@ fn gauge(registry: &prometheus::Registry, name: &str) -> i64 {
         .filter(|f| f.name() == name)
         .flat_map(|f| f.get_metric())
         .map(|m| m.get_gauge().value() as i64)
+        .next()
+        .unwrap_or(0)
+}
+
+/// The value of an unlabelled counter in `registry` (0 if absent).
+fn counter(registry: &prometheus::Registry, name: &str) -> u64 {
+    registry
+        .gather()
+        .iter()
+        .filter(|f| f.name() == name)
+        .flat_map(|f| f.get_metric())
+        .map(|m| m.get_counter().value() as u64)
         .next()
         .unwrap_or(0)
 }
@@ -542,6 +562,11 @@ impl std::fmt::Display for DemoReport {
             f,
             "connections {} at most, to the local relay",
             self.peak_connections
+        )?;
+        writeln!(
+            f,
+            "signatures {} copies skipped the check (an identical copy passed it)",
+            self.signatures_skipped
         )?;
         if let Some((outcomes, window)) = &self.idle {
             writeln!(

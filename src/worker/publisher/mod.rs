@@ -42,7 +42,7 @@ pub mod settled;
 pub use refused::RefusalMemory;
 mod validate;
 
-pub use validate::{EventRejection, validate};
+pub use validate::{EventRejection, SIGNATURE_MEMORY, SignatureMemory, Validated, validate};
 
 /// The default cap on connections to the local relay.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 32;
@@ -261,6 +261,8 @@ struct Common {
     flights: Mutex<HashMap<EventId, Flight>>,
     /// Numbers the connections, so a flight is released only by the one that sent it.
     next_connection: std::sync::atomic::AtomicU64,
+    /// Events whose signature passed the check, so their copies skip it.
+    signatures: SignatureMemory,
 }
 
 /// An event in flight on connection `owner`, and the copies waiting for its answer.
@@ -277,6 +279,7 @@ impl Common {
             refused: Mutex::new(refused::Refused::new(&config.refusals)),
             flights: Mutex::default(),
             next_connection: std::sync::atomic::AtomicU64::new(0),
+            signatures: SignatureMemory::new(SIGNATURE_MEMORY),
         }
     }
 
@@ -330,6 +333,13 @@ impl Publisher {
             shared.clone(),
         ));
         (Publisher { tx, stats, shared }, supervisor)
+    }
+
+    /// The checks an event from a remote passes before [`publish`](Self::publish) (see
+    /// [`validate`]); a copy of an event already verified through this publisher skips the
+    /// signature check.
+    pub fn validate(&self, event: &Event, max_bytes: usize) -> Result<Validated, EventRejection> {
+        self.shared.signatures.validate(event, max_bytes)
     }
 
     /// Queue `event` for the local relay; waits while the queue is full.

@@ -21,7 +21,7 @@ use crate::nostr::negentropy::notice_means_unsupported;
 use crate::nostr::outcome::{Outcome, means_subscription_cap, notice_means_rate_limited};
 use crate::nostr::pagination::Step;
 use crate::nostr::remote_text::clean;
-use crate::worker::publisher::{EventRejection, validate};
+use crate::worker::publisher::{EventRejection, Validated};
 
 impl Session {
     pub(super) async fn on_message(
@@ -321,7 +321,11 @@ impl Session {
     /// Validate and hand an event to the publisher (waiting while its queue is full, which
     /// stops us reading from the relay).
     async fn forward(&mut self, event: Event) -> Result<(), SessionError> {
-        if let Err(rejection) = validate(&event, self.config.max_event_bytes) {
+        let checked = self.publisher.validate(&event, self.config.max_event_bytes);
+        if checked == Ok(Validated::Known) {
+            self.metrics.signatures_known.inc();
+        }
+        if let Err(rejection) = checked {
             self.metrics
                 .events_rejected
                 .with_label_values(&[rejection.label()])

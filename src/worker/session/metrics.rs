@@ -33,6 +33,9 @@ pub struct SessionMetrics {
     /// Events a whole-range REQ page brought that the local relay already held (its set was
     /// read first): not handed to the publisher.
     pub events_already_held: IntCounter,
+    /// Copies of an event whose signature was checked already (on a copy from another relay,
+    /// or an earlier read): only their size and id were checked.
+    pub signatures_known: IntCounter,
 }
 
 impl SessionMetrics {
@@ -127,6 +130,11 @@ impl SessionMetrics {
                 registry,
                 "grasp_sync_events_already_held_total",
                 "Events read by whole-range REQ pagination that the local relay already held (not handed to the publisher)",
+            )?,
+            signatures_known: int_counter(
+                registry,
+                "grasp_sync_signature_checks_skipped_total",
+                "Events from remotes whose identical copy passed the signature check before (only size and id were checked)",
             )?,
         };
         init_values(
