@@ -263,9 +263,10 @@ pub struct SyncOpts {
     /// Events the local relay refused on policy grounds (`blocked:`, `invalid:`, …) that
     /// are remembered, so later copies of them (from other relays, or a reconciliation) are
     /// answered without spending the relay's ingress limit; 0 remembers none. Up to about
-    /// 1 KB each (metric grasp_sync_publish_refused_remembered_events). Forgotten when the
-    /// worker learns a new announcement, maintainer or root event of its repos, on a new
-    /// connection, and one by one when the relay takes a related event from grasp-sync.
+    /// 1 KB each (metric grasp_sync_publish_refused_remembered_events). Forgotten on a new
+    /// connection, and one by one when the relay is seen holding what a refusal waits for
+    /// (it takes a related event from grasp-sync, or the worker reads an announcement or
+    /// root event of its repos there).
     #[arg(long, env = "GRASP_SYNC_REFUSAL_MEMORY", default_value_t = 16_384)]
     pub refusal_memory: usize,
     /// How long a remembered refusal stands. Keep it under --reconcile-every: each

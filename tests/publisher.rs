@@ -484,8 +484,9 @@ async fn copies_in_flight_on_another_connection_are_not_sent_again() {
 
 /// A copy of an event the relay refused on policy grounds is answered from that refusal,
 /// not sent again (at stock limits each send costs a second of a connection's budget);
-/// a reply refused for want of its parent is sent again once the relay took the parent, and
-/// every refusal is forgotten when the worker's repos change.
+/// a reply refused for want of its parent is sent again once the relay took the parent, or
+/// once the worker's feed read the parent at the relay (published by someone else); other
+/// refusals stand.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn copies_of_an_event_the_relay_refused_are_not_sent_again() {
     let relay = HostileRelay::start(Script::default()).await;
@@ -521,40 +522,55 @@ async fn copies_of_an_event_the_relay_refused_are_not_sent_again() {
         .tags([nostr::Tag::event(parent.id)])
         .sign_with_keys(&keys)
         .unwrap();
+    // A reply to an issue someone will publish straight to the relay.
+    let elsewhere = EventBuilder::new(Kind::from(1621), "an issue published by its author")
+        .sign_with_keys(&keys)
+        .unwrap();
+    let waiting = EventBuilder::new(Kind::from(1111), "a reply to it")
+        .tags([nostr::Tag::event(elsewhere.id)])
+        .sign_with_keys(&keys)
+        .unwrap();
     let mut refused = spam.clone();
     refused.push(reply.clone());
+    refused.push(waiting.clone());
     let received = || relay.counters().events_received.load(Ordering::SeqCst);
 
     publish_all(&publisher, &refused).await;
     drained(&publisher, Duration::from_secs(30)).await;
-    assert_eq!(received(), 11);
+    assert_eq!(received(), 12);
     // The copies from a second remote relay.
     publish_all(&publisher, &refused).await;
     drained(&publisher, Duration::from_secs(30)).await;
-    assert_eq!(received(), 11, "a copy of a refused event was sent again");
-    assert_eq!(publisher.stats().refused.load(Ordering::Relaxed), 22);
+    assert_eq!(received(), 12, "a copy of a refused event was sent again");
+    assert_eq!(publisher.stats().refused.load(Ordering::Relaxed), 24);
     let before = || {
         metrics
             .publish_outcomes
             .with_label_values(&["refused-before"])
             .get()
     };
-    assert_eq!(before(), 11);
+    assert_eq!(before(), 12);
 
     // The parent is taken: the reply is sent again, and taken.
     publish_all(&publisher, std::slice::from_ref(&parent)).await;
     drained(&publisher, Duration::from_secs(30)).await;
     publish_all(&publisher, std::slice::from_ref(&reply)).await;
     drained(&publisher, Duration::from_secs(30)).await;
-    assert_eq!(received(), 13);
+    assert_eq!(received(), 14);
     assert!(taken.lock().unwrap().contains(&reply.id));
 
-    // The worker's repos changed: the spam is offered again.
-    publisher.forget_refusals();
-    publish_all(&publisher, &spam).await;
+    // Its author publishes the other issue straight to the relay, and the worker's feed
+    // reads it there: the reply waiting for it is sent again, and taken; the spam's
+    // refusals stand.
+    taken.lock().unwrap().insert(elsewhere.id);
+    publisher.relay_holds(&elsewhere);
+    let mut again = spam.clone();
+    again.push(waiting.clone());
+    publish_all(&publisher, &again).await;
     drained(&publisher, Duration::from_secs(30)).await;
-    assert_eq!(received(), 23);
-    assert_eq!(before(), 11);
+    assert_eq!(received(), 15, "only the reply that waited is sent again");
+    assert!(taken.lock().unwrap().contains(&waiting.id));
+    assert_eq!(before(), 22);
 }
 
 /// A GRASP relay accepts new announcements, state and PRs into a purgatory (`OK true

@@ -105,7 +105,7 @@ impl PublisherMetrics {
             publish_refused_remembered: int_gauge(
                 registry,
                 "grasp_sync_publish_refused_remembered_events",
-                "Events the local relay refused on policy grounds, remembered so later copies are answered without a send (bounded by --refusal-memory, up to about 1 KB each with their references; forgotten when the worker's repos change, on a new connection, or after --refusal-memory-ttl)",
+                "Events the local relay refused on policy grounds, remembered so later copies are answered without a send (bounded by --refusal-memory, up to about 1 KB each with their references; forgotten when the relay is seen holding what one waits for, on a new connection, or after --refusal-memory-ttl)",
             )?,
             publish_purgatory: int_gauge(
                 registry,

@@ -385,11 +385,14 @@ impl Publisher {
         &self.stats
     }
 
-    /// What the worker knows of its repos from the local relay changed (an announcement,
-    /// maintainers, a root event): the relay may now take events it refused, so every
-    /// remembered refusal is forgotten and the next copy of each is sent.
-    pub fn forget_refusals(&self) {
-        self.shared.forget_refusals();
+    /// The worker read `event` from the local relay (its feed: an announcement, maintainers
+    /// or a root event of its repos, whoever published it): the relay may now take the
+    /// events it refused that wait for it, so those refusals are forgotten and the next copy
+    /// of each is sent (see [`refused`]).
+    pub fn relay_holds(&self, event: &Event) {
+        if let Ok(mut r) = self.shared.refused.lock() {
+            r.held(event);
+        }
     }
 }
 

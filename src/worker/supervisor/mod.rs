@@ -123,7 +123,7 @@ pub async fn run<S: RelaySyncStore + 'static>(
     let inputs = Inputs {
         local,
         feed_filters: Box::new(move |filters| feed.set_filters(filters)),
-        facts_changed: Box::new(move || refusals.forget_refusals()),
+        relay_holds: Box::new(move |event| refusals.relay_holds(event)),
         starter: Box::new(RelaySessions {
             config: session_config,
             publisher,
@@ -139,9 +139,9 @@ pub(crate) struct Inputs {
     pub(crate) local: mpsc::Receiver<FeedEvent>,
     /// Ask the local feed for these filters (the held repos changed).
     pub(crate) feed_filters: Box<dyn Fn(Vec<Filter>) + Send>,
-    /// What the local relay says of the held repos changed (it may now take events it
-    /// refused: the publisher forgets its refusals).
-    pub(crate) facts_changed: Box<dyn Fn() + Send>,
+    /// The local feed read this event at the local relay: the relay may now take events it
+    /// refused that wait for it (the publisher forgets those refusals).
+    pub(crate) relay_holds: Box<dyn Fn(&nostr::Event) + Send>,
     pub(crate) starter: Box<dyn SessionStarter>,
 }
 
@@ -264,9 +264,11 @@ pub(crate) async fn supervise<S: RelaySyncStore + 'static>(
             }
             ev = inputs.local.recv() => match ev {
                 Some(FeedEvent::Event(event)) => {
+                    // The relay holds it, whatever it changes here: refusals waiting for it
+                    // may be taken now.
+                    (inputs.relay_holds)(&event);
                     if st.facts.learn(&event, &st.wanted) {
                         dirty = true;
-                        (inputs.facts_changed)();
                     }
                 }
                 Some(FeedEvent::Synced) => {

@@ -202,7 +202,7 @@ struct Rig {
     /// How often the supervisor handed the local feed its filters.
     feed_filters: Arc<AtomicUsize>,
     /// How often it told the publisher what the local relay says of its repos changed.
-    facts_changed: Arc<AtomicUsize>,
+    relay_holds: Arc<AtomicUsize>,
     metrics: SupervisorMetrics,
     feed: mpsc::Sender<FeedEvent>,
     stop: watch::Sender<bool>,
@@ -246,14 +246,14 @@ async fn rig_unloaded<S: RelaySyncStore + 'static>(store: Arc<S>) -> Rig {
     let (stop, stop_rx) = watch::channel(false);
     let feed_filters = Arc::new(AtomicUsize::new(0));
     let calls = feed_filters.clone();
-    let facts_changed = Arc::new(AtomicUsize::new(0));
-    let changes = facts_changed.clone();
+    let relay_holds = Arc::new(AtomicUsize::new(0));
+    let changes = relay_holds.clone();
     let inputs = Inputs {
         local,
         feed_filters: Box::new(move |_| {
             calls.fetch_add(1, Ordering::SeqCst);
         }),
-        facts_changed: Box::new(move || {
+        relay_holds: Box::new(move |_| {
             changes.fetch_add(1, Ordering::SeqCst);
         }),
         starter: Box::new(starter.clone()),
@@ -270,7 +270,7 @@ async fn rig_unloaded<S: RelaySyncStore + 'static>(store: Arc<S>) -> Rig {
     Rig {
         starter,
         feed_filters,
-        facts_changed,
+        relay_holds,
         metrics,
         feed,
         stop,
@@ -702,20 +702,21 @@ async fn a_spec_is_not_confirmed_while_a_repos_maintainers_are_unknown() {
     // The announcement arrives: the set is handed over with the maintainers, and once the
     // session reports it applied, the spec is confirmed. The publisher forgets what the
     // local relay refused: events of that repo may be taken now.
-    assert_eq!(rig.facts_changed.load(Ordering::SeqCst), 0);
+    assert_eq!(rig.relay_holds.load(Ordering::SeqCst), 0);
     rig.feed
         .send(FeedEvent::Event(Box::new(announcement.clone())))
         .await
         .unwrap();
     pass(Duration::from_secs(1)).await;
-    assert_eq!(rig.facts_changed.load(Ordering::SeqCst), 1);
-    // The same announcement again changes nothing.
+    assert_eq!(rig.relay_holds.load(Ordering::SeqCst), 1);
+    // The same announcement again changes no fact, but the publisher hears of every event
+    // the relay holds.
     rig.feed
         .send(FeedEvent::Event(Box::new(announcement)))
         .await
         .unwrap();
     pass(Duration::from_secs(1)).await;
-    assert_eq!(rig.facts_changed.load(Ordering::SeqCst), 1);
+    assert_eq!(rig.relay_holds.load(Ordering::SeqCst), 2);
     assert_eq!(
         session.sets.lock().unwrap().len(),
         1,
