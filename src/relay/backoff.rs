@@ -117,9 +117,11 @@ impl Health {
         let delay = if now.saturating_duration_since(failing_since) >= self.config.dead_after {
             self.config.dead_retry
         } else {
-            let exp = self.consecutive_failures.saturating_sub(1).min(32);
-            let raw = self.config.base_backoff.saturating_mul(1u32 << exp.min(31));
-            raw.min(self.config.max_backoff)
+            doubled(
+                self.config.base_backoff,
+                self.consecutive_failures.saturating_sub(1),
+                self.config.max_backoff,
+            )
         };
         let delay = apply_jitter(delay, self.config.jitter, jitter_unit);
         let mut at = now + delay;
@@ -181,12 +183,30 @@ fn apply_jitter(delay: Duration, jitter: f64, unit: f64) -> Duration {
     delay.mul_f64(factor)
 }
 
+/// `base` doubled `doublings` times, never over `cap`: the growing delay every retry of this
+/// crate follows (a relay's reconnects, the local feed's retries, an abandoned
+/// reconciliation's).
+pub fn doubled(base: Duration, doublings: u32, cap: Duration) -> Duration {
+    base.saturating_mul(1u32 << doublings.min(31)).min(cap)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn secs(s: u64) -> Duration {
         Duration::from_secs(s)
+    }
+
+    #[test]
+    fn doubled_grows_from_the_base_up_to_the_cap_and_never_overflows() {
+        assert_eq!(doubled(secs(5), 0, secs(60)), secs(5));
+        assert_eq!(doubled(secs(5), 1, secs(60)), secs(10));
+        assert_eq!(doubled(secs(5), 3, secs(60)), secs(40));
+        assert_eq!(doubled(secs(5), 4, secs(60)), secs(60));
+        assert_eq!(doubled(secs(5), u32::MAX, secs(60)), secs(60));
+        assert_eq!(doubled(Duration::MAX, 40, Duration::MAX), Duration::MAX);
+        assert_eq!(doubled(secs(5), 2, secs(1)), secs(1), "the cap wins");
     }
 
     fn no_jitter() -> HealthConfig {

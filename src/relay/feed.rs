@@ -130,11 +130,11 @@ pub fn window(live: usize, limits: &FeedLimits, cap: Option<usize>) -> usize {
 
 /// The wait before the `attempt`-th refusal in a row (from 1) of a subscription is retried.
 pub fn retry_delay(limits: &FeedLimits, attempt: u32) -> Duration {
-    let doublings = attempt.saturating_sub(1).min(16);
-    limits
-        .retry
-        .saturating_mul(1u32 << doublings)
-        .min(limits.retry_max.max(limits.retry))
+    super::backoff::doubled(
+        limits.retry,
+        attempt.saturating_sub(1),
+        limits.retry_max.max(limits.retry),
+    )
 }
 
 pub struct FeedHandle {

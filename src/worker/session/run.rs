@@ -12,7 +12,7 @@ use super::{Command, Conn, End, Session, SessionError};
 use crate::crd::Phase;
 use crate::nostr::remote_text::clean;
 use crate::relay::address_policy::SsrfError;
-use crate::relay::backoff::HealthState;
+use crate::relay::backoff::{HealthState, doubled};
 use crate::relay::connection::{self, Incoming};
 use crate::relay::nip11;
 
@@ -321,9 +321,7 @@ impl Session {
 pub(super) fn abandoned_retry(n: u32, period: Duration) -> Duration {
     match n {
         0 | 1 => Duration::ZERO,
-        n => Duration::from_secs(30)
-            .saturating_mul(1 << (n - 2).min(20))
-            .min(period),
+        n => doubled(Duration::from_secs(30), n - 2, period),
     }
 }
 
