@@ -404,28 +404,28 @@ fn reference_depths(events: &[nostr::Event]) -> std::collections::HashMap<EventI
     }
 }
 
-/// The value of an unlabelled gauge in `registry` (0 if absent).
-fn gauge(registry: &prometheus::Registry, name: &str) -> i64 {
+/// The value of an unlabelled metric in `registry`, read by `value` (0 if absent).
+fn metric(
+    registry: &prometheus::Registry,
+    name: &str,
+    value: fn(&prometheus::proto::Metric) -> f64,
+) -> f64 {
     registry
         .gather()
         .iter()
         .filter(|f| f.name() == name)
         .flat_map(|f| f.get_metric())
-        .map(|m| m.get_gauge().value() as i64)
+        .map(value)
         .next()
-        .unwrap_or(0)
+        .unwrap_or(0.0)
 }
 
-/// The value of an unlabelled counter in `registry` (0 if absent).
+fn gauge(registry: &prometheus::Registry, name: &str) -> i64 {
+    metric(registry, name, |m| m.get_gauge().value()) as i64
+}
+
 fn counter(registry: &prometheus::Registry, name: &str) -> u64 {
-    registry
-        .gather()
-        .iter()
-        .filter(|f| f.name() == name)
-        .flat_map(|f| f.get_metric())
-        .map(|m| m.get_counter().value() as u64)
-        .next()
-        .unwrap_or(0)
+    metric(registry, name, |m| m.get_counter().value()) as u64
 }
 
 /// The ceiling an over-the-wire syncer can approach: the expected set of the same corpus

@@ -42,7 +42,7 @@ pub mod settled;
 pub use refused::RefusalMemory;
 mod validate;
 
-pub use validate::{EventRejection, SIGNATURE_MEMORY, SignatureMemory, Validated, validate};
+pub use validate::{EventRejection, SIGNATURE_MEMORY, SignatureMemory, Validated};
 
 /// The default cap on connections to the local relay.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 32;
@@ -336,8 +336,8 @@ impl Publisher {
     }
 
     /// The checks an event from a remote passes before [`publish`](Self::publish) (see
-    /// [`validate`]); a copy of an event already verified through this publisher skips the
-    /// signature check.
+    /// [`SignatureMemory::validate`]); a copy of an event already verified through this
+    /// publisher skips the signature check.
     pub fn validate(&self, event: &Event, max_bytes: usize) -> Result<Validated, EventRejection> {
         self.shared.signatures.validate(event, max_bytes)
     }

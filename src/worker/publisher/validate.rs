@@ -30,16 +30,7 @@ impl EventRejection {
     }
 }
 
-/// The checks every event from a remote passes before it is published: size first (cheap),
-/// then id, then signature.
-pub fn validate(event: &Event, max_bytes: usize) -> Result<(), EventRejection> {
-    check_size_and_id(event, max_bytes)?;
-    if !event.verify_signature() {
-        return Err(EventRejection::InvalidSignature);
-    }
-    Ok(())
-}
-
+/// Size first (cheap), then id; the signature is [`SignatureMemory::validate`]'s to check.
 fn check_size_and_id(event: &Event, max_bytes: usize) -> Result<(), EventRejection> {
     let bytes = event.as_json().len();
     if bytes > max_bytes {
@@ -99,7 +90,8 @@ impl SignatureMemory {
         }
     }
 
-    /// [`validate`], without the signature check for a copy of an event that passed it.
+    /// The checks every event from a remote passes before it is published: size, id and
+    /// signature — without the signature check for a copy of an event that passed it.
     pub fn validate(&self, event: &Event, max_bytes: usize) -> Result<Validated, EventRejection> {
         check_size_and_id(event, max_bytes)?;
         if self.knows(event) {
@@ -205,6 +197,13 @@ mod tests {
         assert_eq!(none.validate(&evs[0], 1024), Ok(Validated::Checked));
         assert_eq!(none.validate(&evs[0], 1024), Ok(Validated::Checked));
         assert!(none.is_empty());
+    }
+
+    /// Every check, with nothing remembered.
+    fn validate(event: &Event, max_bytes: usize) -> Result<(), EventRejection> {
+        SignatureMemory::new(0)
+            .validate(event, max_bytes)
+            .map(|_| ())
     }
 
     #[test]
