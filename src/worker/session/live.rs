@@ -2,12 +2,11 @@
 
 use std::collections::BTreeMap;
 
-use nostr::{ClientMessage, EventId, Filter, SubscriptionId};
+use nostr::{ClientMessage, SubscriptionId};
 
 use super::{Conn, Session, SessionError, SyncSet};
 use crate::crd::RelayCapabilities;
-use crate::nostr::filters::RepoScope;
-use crate::nostr::live_plan::{self, LiveKey};
+use crate::nostr::live_plan::{self, LiveKey, PlannedReq};
 
 impl Session {
     /// Bring the live subscriptions in line with the whole set, re-sending only what changed:
@@ -23,8 +22,6 @@ impl Session {
             conn.live_gap_since.get_or_insert(super::report::unix_now());
             return Ok(());
         }
-        let repos: Vec<RepoScope> = self.set.repos.iter().cloned().collect();
-        let roots: Vec<EventId> = self.set.roots.iter().copied().collect();
         let cap = self.subscription_cap(conn);
         // Leave room for historic work under the relay's subscription limit.
         let max_reqs = cap.map(|m| {
@@ -40,9 +37,9 @@ impl Session {
         } else {
             max_filters
         };
-        let mut plan = live_plan::plan(
-            &repos,
-            &roots,
+        let mut plan = self.planner.plan(
+            &self.set.repos,
+            &self.set.roots,
             live_plan::Limits {
                 chunk: self.config.chunk,
                 max_filters,
@@ -63,8 +60,8 @@ impl Session {
         // What does not fit is polled instead (`poll_overflow`): the same filters, as
         // historic queries.
         conn.overflow_filters = overflow
-            .into_iter()
-            .flat_map(|(_, filters)| filters)
+            .iter()
+            .flat_map(|r| r.filters.iter().cloned())
             .map(|mut f| {
                 f.limit = None;
                 f
@@ -90,7 +87,7 @@ impl Session {
             live, live_plan, ..
         } = conn;
         live_plan.retain(|_, (id, _)| live.contains_key(id));
-        let wanted: BTreeMap<LiveKey, Vec<Filter>> = plan.into_iter().collect();
+        let wanted: BTreeMap<LiveKey, PlannedReq> = plan.into_iter().map(|r| (r.key, r)).collect();
         let stale: Vec<LiveKey> = conn
             .live_plan
             .keys()
@@ -108,7 +105,7 @@ impl Session {
         }
         let mut sent = 0usize;
         for (key, req) in wanted {
-            let print = live_plan::fingerprint(&req);
+            let print = req.fingerprint;
             let id = match conn.live_plan.get(&key) {
                 Some((_, p)) if *p == print => continue,
                 // Replaced in place: the relay overwrites the subscription with this id.
@@ -118,11 +115,11 @@ impl Session {
                     SubscriptionId::new(format!("live-{}", conn.next_id))
                 }
             };
-            let msg = ClientMessage::req(id.clone(), req.clone());
+            let msg = ClientMessage::req(id.clone(), req.filters.to_vec());
             sent += nostr::JsonUtil::as_json(&msg).len();
             conn.writer.send(&msg).await.map_err(SessionError::Write)?;
             conn.sent_req(&id);
-            conn.live.insert(id.clone(), req);
+            conn.live.insert(id.clone(), req.filters);
             conn.live_plan.insert(key, (id, print));
         }
         self.metrics.live_req_bytes.inc_by(sent as u64);
@@ -191,7 +188,7 @@ impl Session {
         self.fetched.repos.retain(|r| set.repos.contains(r));
         self.fetched.roots.retain(|r| set.roots.contains(r));
         self.set = set;
-        self.roots_digest = None;
+        self.confirmed_view = None;
         let (repos, roots) = (self.set.repos.len(), self.set.roots.len());
         let confirmed_repos = self.set.repos.intersection(&self.confirmed.repos).count();
         let confirmed_roots = self.set.roots.intersection(&self.confirmed.roots).count();

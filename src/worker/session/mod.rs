@@ -314,7 +314,7 @@ pub fn spawn(
         set,
         confirmed,
         fetched: SyncSet::default(),
-        roots_digest: None,
+        confirmed_view: None,
         cursor,
         publisher,
         counters: Arc::new(SourceCounters::default()),
@@ -330,6 +330,7 @@ pub fn spawn(
         abandoned: 0,
         refusal_streaks: HashMap::new(),
         sub_cap: None,
+        planner: Default::default(),
         unblocked_at: Instant::now(),
         reconcile_at,
         last_reconciled: resume.last_reconciled,
@@ -347,14 +348,25 @@ pub fn spawn(
     }
 }
 
+/// The confirmed part of a session's set, as status reports it.
+#[derive(Debug, Clone)]
+struct ConfirmedView {
+    repos: usize,
+    roots: usize,
+    /// Hex [`RootDigest`] of the confirmed roots.
+    digest: String,
+}
+
 struct Session {
     config: SessionConfig,
     url: RelayUrl,
     set: SyncSet,
     /// Items whose historic sync is confirmed (on this or an earlier connection).
     confirmed: SyncSet,
-    /// Hex [`RootDigest`] of the confirmed roots of the set; `None` when stale.
-    roots_digest: Option<String>,
+    /// What status says of the confirmed part of the set; `None` when stale (the set or
+    /// the confirmed items changed). Kept because status is updated per message, and the
+    /// intersections cost the whole set.
+    confirmed_view: Option<ConfirmedView>,
     /// Items whose history the relay has served in full, waiting for our relay to answer
     /// for every event handed over before they count as confirmed.
     fetched: SyncSet,
@@ -382,6 +394,9 @@ struct Session {
     /// The relay's subscription cap per connection, learned from its refusals (kept across
     /// connections: it is the relay's policy).
     sub_cap: Option<usize>,
+    /// Plans the live REQs at the cost of what changed (kept across connections: it
+    /// depends only on the set and the limits).
+    planner: crate::nostr::live_plan::Planner,
     /// When the session last resumed reading after the publisher held it up: timeouts
     /// measure the relay's silence, not our back-pressure, so none counts from before.
     unblocked_at: Instant,
@@ -414,7 +429,7 @@ struct Conn {
     reader: ConnReader,
     caps: RelayCapabilities,
     /// Live subscriptions believed open, with their filters (what they may deliver).
-    live: HashMap<SubscriptionId, Vec<Filter>>,
+    live: HashMap<SubscriptionId, Arc<Vec<Filter>>>,
     /// The live plan as sent: each key's subscription and the fingerprint of its filters.
     live_plan: std::collections::BTreeMap<crate::nostr::live_plan::LiveKey, (SubscriptionId, u64)>,
     historic: HashMap<SubscriptionId, HistoricSub>,

@@ -30,7 +30,7 @@ impl Session {
             let fetched = std::mem::take(&mut self.fetched);
             self.confirmed.repos.extend(fetched.repos);
             self.confirmed.roots.extend(fetched.roots);
-            self.roots_digest = None;
+            self.confirmed_view = None;
         }
         // The cursor moves forward while every historic batch is confirmed, the live
         // subscriptions are open (a gap holds it until its backfill is done), and the
@@ -101,13 +101,13 @@ impl Session {
         let bytes = self.bytes_before + conn.reader.bytes();
         let neg_ids = self.neg_ids;
         let (repos, roots) = (self.set.repos.len(), self.set.roots.len());
-        let confirmed_repos = self.set.repos.intersection(&self.confirmed.repos).count();
-        let confirmed_roots = self.set.roots.intersection(&self.confirmed.roots).count();
-        // Recomputed only when the confirmed roots or the set changed (this runs per message).
-        let roots_digest = self
-            .roots_digest
-            .get_or_insert_with(|| {
-                RootDigest::of(self.set.roots.intersection(&self.confirmed.roots)).to_hex()
+        // Recomputed only when the confirmed items or the set changed (this runs per message).
+        let view = self
+            .confirmed_view
+            .get_or_insert_with(|| super::ConfirmedView {
+                repos: self.set.repos.intersection(&self.confirmed.repos).count(),
+                roots: self.set.roots.intersection(&self.confirmed.roots).count(),
+                digest: RootDigest::of(self.set.roots.intersection(&self.confirmed.roots)).to_hex(),
             })
             .clone();
         let cursor = self.cursor;
@@ -122,9 +122,9 @@ impl Session {
             s.subscriptions = subs;
             s.repos = repos;
             s.roots = roots;
-            s.confirmed_repos = confirmed_repos;
-            s.confirmed_roots = confirmed_roots;
-            s.confirmed_roots_digest = Some(roots_digest);
+            s.confirmed_repos = view.repos;
+            s.confirmed_roots = view.roots;
+            s.confirmed_roots_digest = Some(view.digest);
             s.cursor = cursor;
             s.events_received = received;
             s.events_published = published;
