@@ -589,6 +589,8 @@ async fn copies_of_an_event_the_relay_holds_in_purgatory_are_not_sent_again() {
     let mut config = PublisherConfig::new(relay.url());
     config.purgatory_ttl = Duration::from_secs(3);
     let (publisher, _task) = Publisher::spawn(config, metrics.clone());
+    // What the worker would learn from: nothing in purgatory (the relay does not serve it).
+    let mut held = publisher.watch_held(&[Kind::from(30618)]);
     let keys = Keys::generate();
     let states: Vec<Event> = (0..5)
         .map(|i| {
@@ -632,6 +634,10 @@ async fn copies_of_an_event_the_relay_holds_in_purgatory_are_not_sent_again() {
     drained(&publisher, Duration::from_secs(30)).await;
     assert_eq!(received(), 9);
     assert_eq!(in_purgatory(), 10);
+    assert!(
+        held.try_recv().is_err(),
+        "an event in purgatory was reported held"
+    );
 }
 
 /// What the relay said it holds is forgotten when a connection to it is lost (it may have

@@ -553,7 +553,10 @@ mod tests {
             max_reqs: None,
             ..l
         };
-        assert!(plan(&rs, &ids, uncapped).len() > 12, "the first layout still fits");
+        assert!(
+            plan(&rs, &ids, uncapped).len() > 12,
+            "the first layout still fits"
+        );
         assert_eq!(planned(&grown), fresh(&rs, &ids, l));
         // Back under half the size: the narrower layout a fresh plan takes.
         ids.truncate(600);

@@ -76,6 +76,10 @@ pub struct Script {
     /// Hold new events of some kinds back until their repository's git data arrives, as
     /// GRASP relays do (ngit-grasp).
     pub purgatory: Option<Purgatory>,
+    /// Stream nothing to live subscriptions: stored events reach a client only by a query,
+    /// as from nostr-relay-builder to a connection that fell over 1,024 new events behind
+    /// (its broadcast buffer skips them, and nothing says so).
+    pub live_drops: bool,
 }
 
 /// A GRASP relay's purgatory: new repository announcements, state events and PRs are
@@ -570,6 +574,9 @@ async fn serve(ws: Ws, s: Arc<Shared>) {
             }
             ev = live_rx.recv() => {
                 let Ok(ev) = ev else { continue };
+                if s.script.lock().unwrap_or_else(|e| e.into_inner()).live_drops {
+                    continue;
+                }
                 for (id, filters) in &subs {
                     if filters.iter().any(|f| f.match_event(&ev, MatchEventOptions::default())) {
                         let text = RelayMessage::event(id.clone(), ev.clone()).as_json();

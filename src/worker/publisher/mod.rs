@@ -263,6 +263,14 @@ struct Common {
     next_connection: std::sync::atomic::AtomicU64,
     /// Events whose signature passed the check, so their copies skip it.
     signatures: SignatureMemory,
+    /// Who is told of the events of some kinds the relay said it holds (see
+    /// [`Publisher::watch_held`]).
+    held_watch: Mutex<Option<HeldWatch>>,
+}
+
+struct HeldWatch {
+    kinds: Vec<nostr::Kind>,
+    tx: tokio::sync::mpsc::UnboundedSender<Event>,
 }
 
 /// An event in flight on connection `owner`, and the copies waiting for its answer.
@@ -280,6 +288,18 @@ impl Common {
             flights: Mutex::default(),
             next_connection: std::sync::atomic::AtomicU64::new(0),
             signatures: SignatureMemory::new(SIGNATURE_MEMORY),
+            held_watch: Mutex::default(),
+        }
+    }
+
+    /// The relay said it holds `event` (and serves it: not in purgatory).
+    fn report_held(&self, event: &Event) {
+        if let Ok(mut watch) = self.held_watch.lock()
+            && let Some(w) = watch.as_ref()
+            && w.kinds.contains(&event.kind)
+            && w.tx.send(event.clone()).is_err()
+        {
+            *watch = None;
         }
     }
 
@@ -393,6 +413,23 @@ impl Publisher {
         if let Ok(mut r) = self.shared.refused.lock() {
             r.held(event);
         }
+    }
+
+    /// Every event of `kinds` the local relay answers it holds and serves (`OK true`, not
+    /// purgatory), from now on, once each answer. The worker learns its repos' roots from
+    /// these as well as from its feed: a relay may drop live events for a reader that fell
+    /// behind (nostr-relay-builder skips what a connection's 1,024-event broadcast buffer
+    /// lost, silently), and a root the feed never hears of is never synced until a full
+    /// reconciliation. Replaces an earlier watcher.
+    pub fn watch_held(&self, kinds: &[nostr::Kind]) -> tokio::sync::mpsc::UnboundedReceiver<Event> {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        if let Ok(mut w) = self.shared.held_watch.lock() {
+            *w = Some(HeldWatch {
+                kinds: kinds.to_vec(),
+                tx,
+            });
+        }
+        rx
     }
 }
 

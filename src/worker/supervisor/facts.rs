@@ -67,6 +67,13 @@ impl RepoFacts {
     }
 }
 
+/// The kinds [`RepoFacts::learn`] learns from.
+pub(crate) fn learned_kinds() -> Vec<nostr::Kind> {
+    std::iter::once(REPO_ANNOUNCEMENT)
+        .chain(ROOT_KINDS.iter().map(|k| nostr::Kind::from(*k)))
+        .collect()
+}
+
 pub(crate) fn feed_filters(coords: &BTreeSet<RepoCoordinate>) -> Vec<Filter> {
     let list: Vec<&RepoCoordinate> = coords.iter().collect();
     let mut out = Vec::new();

@@ -122,6 +122,7 @@ pub async fn run<S: RelaySyncStore + 'static>(
     let refusals = publisher.clone();
     let inputs = Inputs {
         local,
+        held: publisher.watch_held(&facts::learned_kinds()),
         feed_filters: Box::new(move |filters| feed.set_filters(filters)),
         relay_holds: Box::new(move |event| refusals.relay_holds(event)),
         starter: Box::new(RelaySessions {
@@ -137,6 +138,9 @@ pub async fn run<S: RelaySyncStore + 'static>(
 pub(crate) struct Inputs {
     /// The local relay's announcements and root events of the repos held.
     pub(crate) local: mpsc::Receiver<FeedEvent>,
+    /// Announcements and root events the local relay told our publisher it holds: learned
+    /// like the feed's, in case the relay never streams them to the feed.
+    pub(crate) held: mpsc::UnboundedReceiver<nostr::Event>,
     /// Ask the local feed for these filters (the held repos changed).
     pub(crate) feed_filters: Box<dyn Fn(Vec<Filter>) + Send>,
     /// The local feed read this event at the local relay: the relay may now take events it
@@ -294,6 +298,13 @@ pub(crate) async fn supervise<S: RelaySyncStore + 'static>(
                 }
                 None => break,
             },
+            Some(event) = inputs.held.recv() => {
+                // What the publisher delivered: its refusals were settled when it was taken.
+                if st.facts.learn(&event, &st.wanted) {
+                    metrics.facts_from_publisher.inc();
+                    dirty = true;
+                }
+            }
             Some(written) = writer.results.recv() => on_written(&mut st, written),
             // A batch held back by the interval is applied when it is due, not at the next
             // unrelated wake-up.

@@ -205,6 +205,8 @@ struct Rig {
     relay_holds: Arc<AtomicUsize>,
     metrics: SupervisorMetrics,
     feed: mpsc::Sender<FeedEvent>,
+    /// What the publisher says the local relay holds.
+    held: mpsc::UnboundedSender<nostr::Event>,
     stop: watch::Sender<bool>,
     /// Fires once every session is closed on stop.
     closed: oneshot::Receiver<()>,
@@ -243,6 +245,7 @@ async fn rig_unloaded<S: RelaySyncStore + 'static>(store: Arc<S>) -> Rig {
     let starter = FakeStarter::default();
     let metrics = SupervisorMetrics::default();
     let (feed, local) = mpsc::channel(16);
+    let (held, held_rx) = mpsc::unbounded_channel();
     let (stop, stop_rx) = watch::channel(false);
     let feed_filters = Arc::new(AtomicUsize::new(0));
     let calls = feed_filters.clone();
@@ -250,6 +253,7 @@ async fn rig_unloaded<S: RelaySyncStore + 'static>(store: Arc<S>) -> Rig {
     let changes = relay_holds.clone();
     let inputs = Inputs {
         local,
+        held: held_rx,
         feed_filters: Box::new(move |_| {
             calls.fetch_add(1, Ordering::SeqCst);
         }),
@@ -273,6 +277,7 @@ async fn rig_unloaded<S: RelaySyncStore + 'static>(store: Arc<S>) -> Rig {
         relay_holds,
         metrics,
         feed,
+        held,
         stop,
         closed,
         task,
@@ -876,6 +881,37 @@ async fn a_relay_taken_over_gets_its_session_within_a_short_batch() {
         );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
+    let _ = rig.stop.send(true);
+    rig.task.await.unwrap();
+}
+
+/// A root event the local relay never streamed to the feed, but answered our publisher it
+/// holds, is learned all the same: the session gets it in its set. The feed reporting it
+/// later changes nothing more.
+#[tokio::test(start_paused = true)]
+async fn a_root_the_publisher_delivered_is_learned_without_the_feed() {
+    let (_store, rig, a) = one_relay(false).await;
+    let root = nostr::EventBuilder::new(nostr::Kind::Custom(1621), "issue")
+        .tags([nostr::Tag::custom(
+            nostr::TagKind::a(),
+            [format!("30617:{}:repo", "a".repeat(64))],
+        )])
+        .sign_with_keys(&nostr::Keys::generate())
+        .unwrap();
+    assert!(a.sets.lock().unwrap().is_empty());
+    rig.held.send(root.clone()).unwrap();
+    pass(Duration::from_secs(1)).await;
+    assert_eq!(a.sets.lock().unwrap().len(), 1, "the root was not handed over");
+    assert_eq!(rig.metrics.facts_from_publisher.get(), 1);
+    // The publisher settled its own refusals; the supervisor does not ask again.
+    assert_eq!(rig.relay_holds.load(Ordering::SeqCst), 0);
+    rig.feed
+        .send(FeedEvent::Event(Box::new(root)))
+        .await
+        .unwrap();
+    pass(Duration::from_secs(1)).await;
+    assert_eq!(a.sets.lock().unwrap().len(), 1);
+    assert_eq!(rig.metrics.facts_from_publisher.get(), 1);
     let _ = rig.stop.send(true);
     rig.task.await.unwrap();
 }

@@ -79,6 +79,7 @@ impl PublisherConn {
             self.hold_in_purgatory(event_id);
         } else if held {
             self.settle(event_id);
+            self.shared.report_held(&flight.pending.event);
         }
         if held {
             // Refusals waiting for this event (a reply for its parent) may be taken now.
