@@ -13,11 +13,11 @@
 //!
 //! A session plans on every set change, and at thousands of repos the set changes every
 //! half second while the historic sync discovers roots. So a [`Planner`] keeps what it
-//! built: the layout it chose (searched again only when it stops fitting, the set halves,
+//! built: the layout it chose (searched again only when it stops fitting, the set shrinks,
 //! or the limits change) and each group's REQs with their fingerprints (rebuilt only when
-//! the group's items changed). A plan then costs a hash per item and the work of the groups
-//! that changed, not a rebuild and two serialisations of every filter, times every layout
-//! the search tries.
+//! the group's items changed). A plan then costs a hash and a comparison per item and the
+//! work of the groups that changed, not a rebuild and two serialisations of every filter,
+//! times every layout the search tries.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -86,7 +86,7 @@ struct Shape {
     per_req: usize,
 }
 
-/// The layout a planner chose, for which limits and how many items, and whether it fit.
+/// The layout a planner chose, for which limits and how many items.
 #[derive(Debug, Clone, Copy)]
 struct Chosen {
     limits: Limits,
@@ -94,9 +94,11 @@ struct Chosen {
     items: usize,
 }
 
-/// One group of buckets as last built: its items, bucket by bucket, and its REQs.
+/// One group of buckets as last built: the layer's bucket count then, the group's items (its
+/// buckets' in order, each sorted) and its REQs.
 #[derive(Debug)]
 struct Group<T> {
+    buckets: usize,
     items: Vec<T>,
     reqs: Vec<(Arc<Vec<Filter>>, u64)>,
 }
@@ -120,8 +122,8 @@ impl Planner {
     /// The layout is the first of the candidates (chunks doubling from `limits.chunk` up to
     /// [`filters::MAX_CHUNK`] at `max_filters` per REQ, then again at
     /// `max_filters_stretch`) whose REQs fit under `max_reqs`. The one chosen last is kept
-    /// while it still fits (or while nothing did) and the set has not halved; a set that
-    /// outgrows it resumes the search from it.
+    /// while it still fits (or while nothing did) and the set has not shrunk; a set that
+    /// outgrows it resumes the search from it (a layer's REQs grow with its items).
     pub fn plan<'a>(
         &mut self,
         repos: impl IntoIterator<Item = &'a RepoScope>,
@@ -136,7 +138,7 @@ impl Planner {
         let mut from = 0;
         if let Some(c) = self
             .chosen
-            .filter(|c| c.limits == limits && items * 2 >= c.items)
+            .filter(|c| c.limits == limits && items >= c.items)
         {
             let p = self.layout(&repos, &roots, c.shape, limits.max_bytes);
             let last = candidates.last() == Some(&c.shape);
@@ -246,9 +248,11 @@ fn layer<T: Ord + Clone>(
     cache.retain(|g, _| (*g as usize) < groups.len());
     for (g, group) in groups.into_iter().enumerate() {
         let g = g as u32;
-        // Bucket membership follows from the items, so equal items mean equal buckets.
+        // Bucket membership follows from the items and the bucket count, so equal items
+        // under the same count mean equal buckets.
         let same = cache.get(&g).is_some_and(|c| {
-            c.items.len() == group.iter().map(Vec::len).sum::<usize>()
+            c.buckets == buckets.len()
+                && c.items.len() == group.iter().map(Vec::len).sum::<usize>()
                 && c.items.iter().eq(group.iter().flatten().copied())
         });
         if !same {
@@ -270,7 +274,14 @@ fn layer<T: Ord + Clone>(
                     .collect()
             };
             let items = group.iter().flatten().map(|t| (*t).clone()).collect();
-            cache.insert(g, Group { items, reqs });
+            cache.insert(
+                g,
+                Group {
+                    buckets: buckets.len(),
+                    items,
+                    reqs,
+                },
+            );
         }
         if let Some(c) = cache.get(&g) {
             for (i, (filters, print)) in c.reqs.iter().enumerate() {

@@ -378,7 +378,10 @@ async fn wait_complete(
         // The moment the answers said complete, not when a read confirmed it.
         let at = start.elapsed();
         let timed_out = at > timeout;
-        let says_complete = estimate >= want && short_at.is_none_or(|s| estimate > s);
+        // After a read found the estimate short (it counts what it should not, or more
+        // answers are due), another waits for it to grow and for ten times that read's cost.
+        let says_complete = estimate >= want
+            && short_at.is_none_or(|s| estimate > s && read.elapsed() >= read_cost * 10);
         let fallback = read.elapsed() >= FALLBACK.max(read_cost * 10);
         if says_complete || fallback || timed_out {
             let began = Instant::now();

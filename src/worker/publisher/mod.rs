@@ -292,14 +292,25 @@ impl Common {
         }
     }
 
-    /// The relay said it holds `event` (and serves it: not in purgatory).
+    /// The relay answered `OK true` for `event`, not purgatory: it says it holds it.
     fn report_held(&self, event: &Event) {
         if let Ok(mut watch) = self.held_watch.lock()
             && let Some(w) = watch.as_ref()
             && w.kinds.contains(&event.kind)
-            && w.tx.send(event.clone()).is_err()
         {
-            *watch = None;
+            // Without its content: a patch can be large, and what is learned is in its tags.
+            let copy = Event::new(
+                event.id,
+                event.pubkey,
+                event.created_at,
+                event.kind,
+                event.tags.clone(),
+                "",
+                event.sig,
+            );
+            if w.tx.send(copy).is_err() {
+                *watch = None;
+            }
         }
     }
 
@@ -415,12 +426,13 @@ impl Publisher {
         }
     }
 
-    /// Every event of `kinds` the local relay answers it holds and serves (`OK true`, not
-    /// purgatory), from now on, once each answer. The worker learns its repos' roots from
-    /// these as well as from its feed: a relay may drop live events for a reader that fell
-    /// behind (nostr-relay-builder skips what a connection's 1,024-event broadcast buffer
-    /// lost, silently), and a root the feed never hears of is never synced until a full
-    /// reconciliation. Replaces an earlier watcher.
+    /// Every event of `kinds` the local relay answers `OK true` for, not purgatory (it says
+    /// it holds it), from now on, once per answer and without its content. The worker
+    /// learns its repos' roots from these as well as from its feed: a relay may drop live
+    /// events for a reader that fell behind (nostr-relay-builder skips what a connection's
+    /// 1,024-event broadcast buffer lost, silently), and a root the feed never hears of is
+    /// never synced until a full reconciliation. An event released from purgatory later
+    /// gets no answer, so it is learned from the feed only. Replaces an earlier watcher.
     pub fn watch_held(&self, kinds: &[nostr::Kind]) -> tokio::sync::mpsc::UnboundedReceiver<Event> {
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         if let Ok(mut w) = self.shared.held_watch.lock() {

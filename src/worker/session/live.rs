@@ -190,14 +190,13 @@ impl Session {
         self.set = set;
         self.confirmed_view = None;
         let (repos, roots) = (self.set.repos.len(), self.set.roots.len());
-        let confirmed_repos = self.set.repos.intersection(&self.confirmed.repos).count();
-        let confirmed_roots = self.set.roots.intersection(&self.confirmed.roots).count();
+        let view = self.confirmed_view();
         self.publish_state(|s| {
             s.applied_set = seq;
             s.repos = repos;
             s.roots = roots;
-            s.confirmed_repos = confirmed_repos;
-            s.confirmed_roots = confirmed_roots;
+            s.confirmed_repos = view.repos;
+            s.confirmed_roots = view.roots;
         });
         added
     }

@@ -25,6 +25,18 @@ pub(super) fn to_system(at: Instant) -> SystemTime {
 }
 
 impl Session {
+    /// The confirmed part of the set as status reports it, recomputed only when the set or
+    /// the confirmed items changed (status is updated per message).
+    pub(super) fn confirmed_view(&mut self) -> super::ConfirmedView {
+        self.confirmed_view
+            .get_or_insert_with(|| super::ConfirmedView {
+                repos: self.set.repos.intersection(&self.confirmed.repos).count(),
+                roots: self.set.roots.intersection(&self.confirmed.roots).count(),
+                digest: RootDigest::of(self.set.roots.intersection(&self.confirmed.roots)).to_hex(),
+            })
+            .clone()
+    }
+
     pub(super) fn update_phase(&mut self, conn: &Conn) {
         if self.counters.drained() && !self.fetched.is_empty() {
             let fetched = std::mem::take(&mut self.fetched);
@@ -101,15 +113,7 @@ impl Session {
         let bytes = self.bytes_before + conn.reader.bytes();
         let neg_ids = self.neg_ids;
         let (repos, roots) = (self.set.repos.len(), self.set.roots.len());
-        // Recomputed only when the confirmed items or the set changed (this runs per message).
-        let view = self
-            .confirmed_view
-            .get_or_insert_with(|| super::ConfirmedView {
-                repos: self.set.repos.intersection(&self.confirmed.repos).count(),
-                roots: self.set.roots.intersection(&self.confirmed.roots).count(),
-                digest: RootDigest::of(self.set.roots.intersection(&self.confirmed.roots)).to_hex(),
-            })
-            .clone();
+        let view = self.confirmed_view();
         let cursor = self.cursor;
         let (received, gaps) = (self.received, self.gaps);
         let published = self.counters.published.load(Ordering::Relaxed);

@@ -67,11 +67,9 @@ impl RepoFacts {
     }
 }
 
-/// The kinds [`RepoFacts::learn`] learns from.
-pub(crate) fn learned_kinds() -> Vec<nostr::Kind> {
-    std::iter::once(REPO_ANNOUNCEMENT)
-        .chain(ROOT_KINDS.iter().map(|k| nostr::Kind::from(*k)))
-        .collect()
+/// The kinds of root events [`RepoFacts::learn`] learns roots from.
+pub(crate) fn root_kinds() -> Vec<nostr::Kind> {
+    ROOT_KINDS.iter().map(|k| nostr::Kind::from(*k)).collect()
 }
 
 pub(crate) fn feed_filters(coords: &BTreeSet<RepoCoordinate>) -> Vec<Filter> {

@@ -38,8 +38,8 @@ pub struct SupervisorMetrics {
     /// Subscriptions of the local feed the local relay refused, by subscription (live |
     /// historic) and reason (subscription-cap | other); each is sent again later.
     pub local_feed_refusals: IntCounterVec,
-    /// Announcements and root events learned from the publisher's delivery (the local relay
-    /// said it holds them) before the local feed reported them.
+    /// Root events learned from the publisher's delivery (the local relay said it holds
+    /// them) before the local feed reported them.
     pub facts_from_publisher: IntCounter,
 }
 
@@ -84,7 +84,7 @@ impl SupervisorMetrics {
             facts_from_publisher: int_counter(
                 registry,
                 "grasp_sync_facts_from_publisher_total",
-                "Announcements and root events learned from our own delivery (the local relay said it holds them) before the local feed reported them",
+                "Root events learned from our own delivery (the local relay said it holds them) before the local feed reported them",
             )?,
         };
         init_values(&m.status_writes, &["ok", "error", "timeout", "refused"]);

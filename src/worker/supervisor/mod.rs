@@ -122,7 +122,7 @@ pub async fn run<S: RelaySyncStore + 'static>(
     let refusals = publisher.clone();
     let inputs = Inputs {
         local,
-        held: publisher.watch_held(&facts::learned_kinds()),
+        held: publisher.watch_held(&facts::root_kinds()),
         feed_filters: Box::new(move |filters| feed.set_filters(filters)),
         relay_holds: Box::new(move |event| refusals.relay_holds(event)),
         starter: Box::new(RelaySessions {
@@ -138,8 +138,10 @@ pub async fn run<S: RelaySyncStore + 'static>(
 pub(crate) struct Inputs {
     /// The local relay's announcements and root events of the repos held.
     pub(crate) local: mpsc::Receiver<FeedEvent>,
-    /// Announcements and root events the local relay told our publisher it holds: learned
-    /// like the feed's, in case the relay never streams them to the feed.
+    /// Root events the local relay told our publisher it holds: learned like the feed's, in
+    /// case the relay never streams them to the feed. (Not announcements: a relay may answer
+    /// `OK true` for an older announcement it does not keep, and maintainers learned from it
+    /// would be stale.)
     pub(crate) held: mpsc::UnboundedReceiver<nostr::Event>,
     /// Ask the local feed for these filters (the held repos changed).
     pub(crate) feed_filters: Box<dyn Fn(Vec<Filter>) + Send>,

@@ -901,7 +901,11 @@ async fn a_root_the_publisher_delivered_is_learned_without_the_feed() {
     assert!(a.sets.lock().unwrap().is_empty());
     rig.held.send(root.clone()).unwrap();
     pass(Duration::from_secs(1)).await;
-    assert_eq!(a.sets.lock().unwrap().len(), 1, "the root was not handed over");
+    assert_eq!(
+        a.sets.lock().unwrap().len(),
+        1,
+        "the root was not handed over"
+    );
     assert_eq!(rig.metrics.facts_from_publisher.get(), 1);
     // The publisher settled its own refusals; the supervisor does not ask again.
     assert_eq!(rig.relay_holds.load(Ordering::SeqCst), 0);
