@@ -29,10 +29,13 @@ impl Session {
     /// the confirmed items changed (status is updated per message).
     pub(super) fn confirmed_view(&mut self) -> super::ConfirmedView {
         self.confirmed_view
-            .get_or_insert_with(|| super::ConfirmedView {
-                repos: self.set.repos.intersection(&self.confirmed.repos).count(),
-                roots: self.set.roots.intersection(&self.confirmed.roots).count(),
-                digest: RootDigest::of(self.set.roots.intersection(&self.confirmed.roots)).to_hex(),
+            .get_or_insert_with(|| {
+                let roots: Vec<_> = self.set.roots.intersection(&self.confirmed.roots).collect();
+                super::ConfirmedView {
+                    repos: self.set.repos.intersection(&self.confirmed.repos).count(),
+                    roots: roots.len(),
+                    digest: RootDigest::of(roots).to_hex(),
+                }
             })
             .clone()
     }

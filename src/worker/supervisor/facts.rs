@@ -69,7 +69,7 @@ impl RepoFacts {
 
 /// The kinds of root events [`RepoFacts::learn`] learns roots from.
 pub(crate) fn root_kinds() -> Vec<nostr::Kind> {
-    ROOT_KINDS.iter().map(|k| nostr::Kind::from(*k)).collect()
+    ROOT_KINDS.iter().map(|k| Kind::from(*k)).collect()
 }
 
 pub(crate) fn feed_filters(coords: &BTreeSet<RepoCoordinate>) -> Vec<Filter> {
@@ -86,14 +86,10 @@ pub(crate) fn feed_filters(coords: &BTreeSet<RepoCoordinate>) -> Vec<Filter> {
                 .authors(owners)
                 .identifiers(part.iter().map(|c| c.identifier().to_string())),
         );
-        out.push(
-            Filter::new()
-                .kinds(ROOT_KINDS.iter().map(|k| Kind::from(*k)))
-                .custom_tags(
-                    nostr::SingleLetterTag::lowercase(nostr::Alphabet::A),
-                    part.iter().map(|c| c.to_string()),
-                ),
-        );
+        out.push(Filter::new().kinds(root_kinds()).custom_tags(
+            nostr::SingleLetterTag::lowercase(nostr::Alphabet::A),
+            part.iter().map(|c| c.to_string()),
+        ));
     }
     out
 }

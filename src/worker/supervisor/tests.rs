@@ -844,6 +844,17 @@ async fn an_unchanged_relay_is_not_written_again_when_its_writes_are_not_announc
     rig.task.await.unwrap();
 }
 
+/// An issue on the repo of [`spec`]: a root event of that relay's set.
+fn root_event() -> nostr::Event {
+    nostr::EventBuilder::new(nostr::Kind::Custom(1621), "issue")
+        .tags([nostr::Tag::custom(
+            nostr::TagKind::a(),
+            [format!("30617:{}:repo", "a".repeat(64))],
+        )])
+        .sign_with_keys(&nostr::Keys::generate())
+        .unwrap()
+}
+
 /// A failover labels hundreds of relays over a few seconds: each gets its session within a
 /// short batch, not after the root events' half-second batching (nor at the next
 /// unrelated wake-up of the loop).
@@ -851,13 +862,7 @@ async fn an_unchanged_relay_is_not_written_again_when_its_writes_are_not_announc
 async fn a_relay_taken_over_gets_its_session_within_a_short_batch() {
     let (store, rig, a) = one_relay(false).await;
     // A session set is applied just now: a root event of relay a's repo is learned.
-    let root = nostr::EventBuilder::new(nostr::Kind::Custom(1621), "issue")
-        .tags([nostr::Tag::custom(
-            nostr::TagKind::a(),
-            [format!("30617:{}:repo", "a".repeat(64))],
-        )])
-        .sign_with_keys(&nostr::Keys::generate())
-        .unwrap();
+    let root = root_event();
     rig.feed
         .send(FeedEvent::Event(Box::new(root)))
         .await
@@ -891,13 +896,7 @@ async fn a_relay_taken_over_gets_its_session_within_a_short_batch() {
 #[tokio::test(start_paused = true)]
 async fn a_root_the_publisher_delivered_is_learned_without_the_feed() {
     let (_store, rig, a) = one_relay(false).await;
-    let root = nostr::EventBuilder::new(nostr::Kind::Custom(1621), "issue")
-        .tags([nostr::Tag::custom(
-            nostr::TagKind::a(),
-            [format!("30617:{}:repo", "a".repeat(64))],
-        )])
-        .sign_with_keys(&nostr::Keys::generate())
-        .unwrap();
+    let root = root_event();
     assert!(a.sets.lock().unwrap().is_empty());
     rig.held.send(root.clone()).unwrap();
     pass(Duration::from_secs(1)).await;
