@@ -90,6 +90,10 @@ pub struct RelayOpts {
     /// Relays always synced from, whatever announcements say (comma-separated).
     #[arg(long, env = "GRASP_SYNC_BOOTSTRAP", value_delimiter = ',', value_parser = parse_relay_url)]
     pub bootstrap: Vec<RelayUrl>,
+    /// How often the local relay's stored announcements (and, standalone, root events) are read again, the safety net under its
+    /// live stream (nostr-relay-builder drops live events for a slow reader); 0s: never.
+    #[arg(long, env = "GRASP_SYNC_LOCAL_REREAD_EVERY", default_value = "10m", value_parser = humantime::parse_duration)]
+    pub local_reread_every: Duration,
 }
 
 #[derive(Debug, Args)]
@@ -197,6 +201,10 @@ pub struct WorkerArgs {
     /// WebSocket URL of the local GRASP relay that synced events are published to.
     #[arg(long, env = "GRASP_SYNC_LOCAL_RELAY", value_parser = parse_relay_url)]
     pub local_relay: RelayUrl,
+    /// How often the local relay's stored root events and announcements of this worker's repos are read again, the safety net under its
+    /// live stream (nostr-relay-builder drops live events for a slow reader); 0s: never.
+    #[arg(long, env = "GRASP_SYNC_LOCAL_REREAD_EVERY", default_value = "10m", value_parser = humantime::parse_duration)]
+    pub local_reread_every: Duration,
     #[command(flatten)]
     pub kube: KubeOpts,
     #[command(flatten)]

@@ -54,12 +54,22 @@ fn run(command: Command) -> Result<()> {
                 .context("writing to stdout")?;
             Ok(())
         }
-        Command::Controller(args) => runtime()?.block_on(controller(args)),
-        Command::Worker(args) => runtime()?.block_on(worker(args)),
-        Command::Standalone(args) => runtime()?.block_on(standalone(args)),
-        Command::Status(args) => runtime()?.block_on(status(args)),
-        Command::Demo(args) => runtime()?.block_on(demo(args)),
+        Command::Controller(args) => run_to_end(controller(args)),
+        Command::Worker(args) => run_to_end(worker(args)),
+        Command::Standalone(args) => run_to_end(standalone(args)),
+        Command::Status(args) => run_to_end(status(args)),
+        Command::Demo(args) => run_to_end(demo(args)),
     }
+}
+
+/// Run `work` to its end, then leave without waiting on blocking threads still busy (a name
+/// look-up of a reconnect in flight): dropping the runtime would wait for them without
+/// bound, and a pod that lingers delays its return under the same name.
+fn run_to_end(work: impl std::future::Future<Output = Result<()>>) -> Result<()> {
+    let rt = runtime()?;
+    let out = rt.block_on(work);
+    rt.shutdown_timeout(std::time::Duration::from_secs(1));
+    out
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime> {
@@ -183,6 +193,7 @@ async fn standalone(args: StandaloneArgs) -> Result<()> {
     opts.auth_keys = auth_keys(&args.sync)?;
     opts.remote_auth_keys = Some(remote_auth_keys(&args.sync)?);
     opts.session = session_config(&args.sync)?;
+    opts.local_reread_every = nonzero(args.relays.local_reread_every);
     let running = grasp_sync::modes::standalone::start(opts)
         .await
         .context("starting standalone mode")?;
@@ -263,6 +274,7 @@ async fn controller(args: ControllerArgs) -> Result<()> {
         leader,
         assigner,
         owner: args.kube.owner.clone(),
+        local_reread_every: nonzero(args.relays.local_reread_every),
     };
     grasp_sync::modes::controller::run_controller(opts, client, namespace, shutdown_on_signal())
         .await?;
@@ -298,9 +310,15 @@ async fn worker(args: WorkerArgs) -> Result<()> {
         },
         session: session_config(&args.sync)?,
         owner: args.kube.owner.clone(),
+        local_reread_every: nonzero(args.local_reread_every),
     };
     grasp_sync::modes::worker::run_worker(opts, client, namespace, shutdown_on_signal()).await?;
     Ok(())
+}
+
+/// A period of zero turns the thing off.
+fn nonzero(d: std::time::Duration) -> Option<std::time::Duration> {
+    (!d.is_zero()).then_some(d)
 }
 
 fn hostname() -> Option<String> {

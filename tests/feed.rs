@@ -85,7 +85,7 @@ async fn until_synced(rx: &mut mpsc::Receiver<FeedEvent>) -> Seen {
     tokio::time::timeout(DEADLINE, async {
         loop {
             match rx.recv().await.expect("the feed runs") {
-                FeedEvent::Event(e) => {
+                FeedEvent::Event(e) | FeedEvent::Reread(e) => {
                     seen.ids.insert(e.id);
                 }
                 FeedEvent::Synced => return,
@@ -125,6 +125,56 @@ fn start(url: &RelayUrl, filters: Vec<Filter>) -> (FeedHandle, mpsc::Receiver<Fe
         ConnectOptions::default(),
         limits(),
     )
+}
+
+/// A loaded feed reads the stored events again every `reread_every` with its live REQs left
+/// open: an event stored without being streamed (nostr-relay-builder skips what a slow reader
+/// missed) comes as `Reread`, the re-read ends with `Synced`, and what is stored next is
+/// still streamed.
+#[tokio::test]
+async fn a_loaded_feed_reads_the_stored_events_again() {
+    let relay = ScriptedRelay::start(Script::default())
+        .await
+        .expect("scripted relay");
+    let keys = Keys::generate();
+    let stored = issues(&keys, 20);
+    relay.add(stored.iter().cloned());
+    let (_feed, mut rx) = feed::spawn_with(
+        relay.url(),
+        filters(&keys, 20, 10),
+        fast_health(),
+        ConnectOptions::default(),
+        feed::FeedLimits {
+            reread_every: Some(Duration::from_millis(300)),
+            ..limits()
+        },
+    );
+    assert_eq!(until_synced(&mut rx).await.ids.len(), 20);
+    let unstreamed = EventBuilder::new(Kind::from(1621), "stored, never streamed")
+        .tag(Tag::parse(["a", &coordinate(&keys, 3)]).expect("a tag"))
+        .sign_with_keys(&keys)
+        .expect("sign");
+    relay.add_silently([unstreamed.clone()]);
+    tokio::time::timeout(DEADLINE, async {
+        let mut found = false;
+        loop {
+            match rx.recv().await.expect("the feed runs") {
+                FeedEvent::Reread(e) if e.id == unstreamed.id => found = true,
+                FeedEvent::Event(e) => assert_ne!(e.id, unstreamed.id, "it was never streamed"),
+                FeedEvent::Synced if found => return,
+                FeedEvent::Disconnected { error, .. } => panic!("disconnected: {error}"),
+                _ => {}
+            }
+        }
+    })
+    .await
+    .expect("the re-read found the event the stream never delivered");
+    let live = EventBuilder::new(Kind::from(1621), "streamed after a re-read")
+        .tag(Tag::parse(["a", &coordinate(&keys, 17)]).expect("a tag"))
+        .sign_with_keys(&keys)
+        .expect("sign");
+    relay.add([live.clone()]);
+    until_event(&mut rx, live.id).await;
 }
 
 /// nostr-relay-builder at its stock REQ cap (500, here 5 so a test can pass it): a worker

@@ -468,6 +468,12 @@ async fn journey(node: &mut Node) {
         "{victim} deleted: its {} relays Live again after {took:.1?}",
         theirs.len()
     );
+    // Usually 5 to 15 s (the pod's stop, its re-creation, a connection); once 30.5 s, within
+    // the bound but unexplained: say where the time went.
+    if took > FAILOVER + Duration::from_secs(5) && !moved_in_grace.load(Ordering::SeqCst) {
+        println!("NOTE: a slow return after the delete at {deleted_at}");
+        explain_move(node, &victim, &old_log);
+    }
     at_most_one_connection_each(&remotes);
 
     // kubectl rollout restart of both workloads.
@@ -649,8 +655,9 @@ async fn journey(node: &mut Node) {
         .args(["get", "crd", "relaysyncs.grasp-sync.dev"]));
 }
 
-/// What the deleted pod, its successor, its Lease and the controllers said about a relay
-/// that moved during the restart grace (printed, for the note that reports it).
+/// What the deleted pod, its successor, its Lease, the pod's events and the controllers said
+/// about a relay that moved during the restart grace, or a slow return (printed, for the note
+/// that reports it).
 fn explain_move(node: &Node, victim: &str, old_log: &Path) {
     let tail = |text: &str, n: usize| {
         let lines: Vec<&str> = text.lines().collect();
@@ -673,13 +680,26 @@ fn explain_move(node: &Node, victim: &str, old_log: &Path) {
         "--- the deleted pod's log (last 40 lines):\n{}",
         tail(&old, 40)
     );
+    let successor = show(&["logs", "--timestamps", victim, "-n", NS]);
     println!(
-        "--- its successor's log:\n{}",
-        tail(&show(&["logs", "--timestamps", victim, "-n", NS]), 40)
+        "--- its successor's log (first 40 lines):\n{}",
+        successor.lines().take(40).collect::<Vec<_>>().join("\n")
     );
     println!(
         "--- its Lease:\n{}",
         show(&["get", "lease", &lease, "-n", NS, "-o", "yaml"])
+    );
+    println!(
+        "--- the pod's events:\n{}",
+        show(&[
+            "get",
+            "events",
+            "-n",
+            NS,
+            "--field-selector",
+            &format!("involvedObject.name={victim}"),
+            "--sort-by=.lastTimestamp",
+        ])
     );
     let controllers = show(&[
         "logs",

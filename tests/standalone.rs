@@ -219,3 +219,89 @@ async fn roots_the_local_relay_never_streams_to_the_feed_are_synced() {
     assert!(learned >= 1.0, "the root was not learned from our delivery");
     running.stop().await;
 }
+
+/// The sum of a counter's series in a running standalone's registry.
+fn counter(running: &standalone::Standalone, name: &str) -> f64 {
+    running
+        .metrics
+        .registry
+        .gather()
+        .iter()
+        .filter(|m| m.name() == name)
+        .flat_map(|m| m.get_metric())
+        .map(|m| m.get_counter().value())
+        .sum()
+}
+
+/// A standalone syncer whose feeds read `local` again every second.
+async fn rereading(local: &grasp_sync::nostr::RelayUrl) -> standalone::Standalone {
+    let mut opts = StandaloneOptions::new(local.clone(), "git.ours.example");
+    opts.addresses = AddressPolicy::allow_all();
+    opts.http_addr = "127.0.0.1:0".parse().unwrap();
+    opts.session.nip11_timeout = Duration::from_secs(1);
+    opts.local_reread_every = Some(Duration::from_secs(1));
+    standalone::start(opts).await.expect("standalone starts")
+}
+
+/// A relay's live stream can lose events (nostr-relay-builder skips what a slow reader
+/// missed). A root published straight to our relay, and never streamed to the worker's feed,
+/// is found by the feed's periodic re-read, and its replies on the remote are synced.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_root_the_local_relay_never_streamed_is_found_by_the_re_read() {
+    let local_relay = HostileRelay::start(Script::default()).await;
+    let local = local_relay.url();
+    let (_ra, a) = relays::local_relay(1_000_000).await;
+    let f = nip34::fixture("reread-root");
+    relays::publish(&a, &f.expected).await;
+    let ann = nip34::announcement(&f, &[a.to_string()]);
+    local_relay.add([ann.clone()]);
+    let running = rereading(&local).await;
+    let mut want = nip34::ids(&f.expected);
+    want.insert(ann.id);
+    relays::holds_exactly(&local, &want, DEADLINE).await;
+
+    // Published to our relay only (its replies went to the remote), and lost by the stream.
+    let late = nostr::EventBuilder::new(nostr::Kind::from(1621), "an issue sent here only")
+        .tag(nostr::Tag::custom(
+            nostr::TagKind::custom("a"),
+            [f.scope.coordinate.to_string()],
+        ))
+        .sign_with_keys(&nostr::Keys::generate())
+        .expect("sign");
+    local_relay.add_silently([late.clone()]);
+    let replies = nip34::comments(late.id, 3, 0);
+    relays::publish(&a, &replies).await;
+    want.insert(late.id);
+    want.extend(nip34::ids(&replies));
+    relays::holds_exactly(&local, &want, DEADLINE).await;
+    assert!(counter(&running, "grasp_sync_local_feed_reread_found_total") >= 1.0);
+    running.stop().await;
+}
+
+/// The same for discovery: an announcement our relay stored but never streamed is found by
+/// the re-read, and its repo is synced.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_announcement_the_local_relay_never_streamed_is_found_by_the_re_read() {
+    let local_relay = HostileRelay::start(Script::default()).await;
+    let local = local_relay.url();
+    let (_ra, a) = relays::local_relay(1_000_000).await;
+    let first = nip34::fixture("reread-first");
+    let second = nip34::fixture("reread-second");
+    relays::publish(&a, &first.expected).await;
+    relays::publish(&a, &second.expected).await;
+    let first_ann = nip34::announcement(&first, &[a.to_string()]);
+    local_relay.add([first_ann.clone()]);
+    let running = rereading(&local).await;
+    // The first repo synced: discovery has read what was stored at the start.
+    let mut want = nip34::ids(&first.expected);
+    want.insert(first_ann.id);
+    relays::holds_exactly(&local, &want, DEADLINE).await;
+
+    let second_ann = nip34::announcement(&second, &[a.to_string()]);
+    local_relay.add_silently([second_ann.clone()]);
+    want.extend(nip34::ids(&second.expected));
+    want.insert(second_ann.id);
+    relays::holds_exactly(&local, &want, DEADLINE).await;
+    assert!(counter(&running, "grasp_sync_discovery_reread_found_total") >= 1.0);
+    running.stop().await;
+}

@@ -36,6 +36,9 @@ pub struct ControllerOptions {
     pub assigner: AssignerConfig,
     /// The Deployment owning the RelaySyncs and the leader Lease (deleted with it).
     pub owner: Option<OwnerTarget>,
+    /// How often the local relay's stored announcements and deletions are read again
+    /// (`None`: never): what its live stream dropped is found within this.
+    pub local_reread_every: Option<Duration>,
 }
 
 /// Run a controller replica: campaign for the lead; while leading, run discovery and

@@ -49,6 +49,9 @@ pub struct StandaloneOptions {
     /// NIP-42 key for remote relays (the sessions); never the local relay's.
     pub remote_auth_keys: Option<Keys>,
     pub session: SessionConfig,
+    /// How often the local relay's stored announcements and root events are read again
+    /// (`None`: never): what its live stream dropped is found within this.
+    pub local_reread_every: Option<Duration>,
 }
 
 impl StandaloneOptions {
@@ -71,6 +74,7 @@ impl StandaloneOptions {
             auth_keys: None,
             remote_auth_keys: None,
             session: SessionConfig::default(),
+            local_reread_every: Some(crate::relay::feed::DEFAULT_REREAD_EVERY),
         }
     }
 }
@@ -138,6 +142,7 @@ pub async fn start(opts: StandaloneOptions) -> Result<Standalone, StandaloneErro
     );
     let mut dc = dc;
     dc.connect = opts.session.connect.clone();
+    dc.reread_every = opts.local_reread_every;
     let discovery_task = tokio::spawn(discovery::run(
         dc,
         store.clone(),
@@ -145,7 +150,7 @@ pub async fn start(opts: StandaloneOptions) -> Result<Standalone, StandaloneErro
         rx.clone(),
     ));
 
-    let rc = SupervisorConfig::new(
+    let mut rc = SupervisorConfig::new(
         opts.worker_name.clone(),
         opts.local_relay.clone(),
         opts.session.clone(),
@@ -153,6 +158,7 @@ pub async fn start(opts: StandaloneOptions) -> Result<Standalone, StandaloneErro
         opts.addresses.clone(),
         opts.remote_auth_keys.clone(),
     );
+    rc.feed_reread_every = opts.local_reread_every;
     let supervisor_task = tokio::spawn(supervisor::run(
         rc,
         store.clone(),

@@ -47,6 +47,9 @@ pub struct WorkerOptions {
     pub session: SessionConfig,
     /// The StatefulSet owning the worker's Lease (deleted with it).
     pub owner: Option<OwnerTarget>,
+    /// How often the local relay's stored root events and announcements of the worker's repos are read again
+    /// (`None`: never): what its live stream dropped is found within this.
+    pub local_reread_every: Option<Duration>,
 }
 
 /// Run a worker: hold its Lease, and while it is held run the sessions of the relays
@@ -86,7 +89,7 @@ pub async fn run_worker(
     metrics
         .liveness
         .task("publisher", publisher_task.abort_handle());
-    let rc = SupervisorConfig::new(
+    let mut rc = SupervisorConfig::new(
         opts.name.clone(),
         opts.local_relay.clone(),
         opts.session.clone(),
@@ -94,6 +97,7 @@ pub async fn run_worker(
         opts.addresses.clone(),
         opts.remote_auth_keys.clone(),
     );
+    rc.feed_reread_every = opts.local_reread_every;
     tracing::info!(worker = %opts.name, %namespace, http = %http_addr, "worker started");
     loop {
         let held = match acquire(&client, &namespace, &opts, &mut shutdown).await {
@@ -120,13 +124,20 @@ pub async fn run_worker(
             }
             _ = shutdown.wait_for(|s| *s) => true,
         };
+        // Each step of a stop is logged with its time: a pod's stop delays its return under
+        // the same name (a rolling restart, `kubectl delete pod`).
+        let stopping = tokio::time::Instant::now();
         let _ = stop.send(true);
         // Sessions close first, then the Lease goes, so the controller reassigns only relays
         // nobody holds any more. The final statuses are written after the release, beside
         // the controller's handover (each is conditional on the relay's label): written
         // before it, a few hundred of them held every relay back by a second.
-        let _ = tokio::time::timeout(SESSIONS_CLOSE_WITHIN, sessions_closed).await;
+        let closed = tokio::time::timeout(SESSIONS_CLOSE_WITHIN, sessions_closed)
+            .await
+            .is_ok();
+        tracing::info!(worker = %opts.name, closed, took = ?stopping.elapsed(), "sessions closed; releasing the worker Lease");
         held.release().await;
+        tracing::info!(worker = %opts.name, took = ?stopping.elapsed(), "worker Lease released");
         let abort = rt.abort_handle();
         join_all(vec![rt], SESSIONS_CLOSE_WITHIN).await;
         // Its final statuses must not land after the next supervisor's (same worker name:
@@ -139,11 +150,15 @@ pub async fn run_worker(
     }
     // Events already handed over get a moment to be accepted; anything left is fetched
     // again after a restart (the cursor only covers what the local relay confirmed).
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let waiting = tokio::time::Instant::now();
+    let deadline = waiting + Duration::from_secs(10);
     while publisher.stats().outstanding() > 0 && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    let outstanding = publisher.stats().outstanding();
+    tracing::info!(worker = %opts.name, outstanding, took = ?waiting.elapsed(), "publisher settled (events still unanswered are fetched again after a restart)");
     join_all(vec![http_task], Duration::from_secs(5)).await;
+    tracing::info!(worker = %opts.name, "worker stopped");
     Ok(())
 }
 

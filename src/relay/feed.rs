@@ -18,6 +18,13 @@
 //! the connection starts again within half of what was open. A history page that hears
 //! nothing for a minute is asked again. All of this holds for a relay that answers one
 //! connection's messages in order, as relays do.
+//!
+//! A live stream can also lose events without a word: nostr-relay-builder (ngit-grasp)
+//! broadcasts new events through a bounded channel and skips what a lagging connection
+//! missed. So once loaded, the feed reads the stored events again every
+//! [`FeedLimits::reread_every`] on the same connection, live REQs left open, and hands
+//! what those pages bring as [`FeedEvent::Reread`]: its consumer can tell what the stream
+//! never delivered.
 
 use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
@@ -42,7 +49,11 @@ pub const FEED_MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
 #[derive(Debug)]
 pub enum FeedEvent {
     Event(Box<Event>),
-    /// Everything stored for the current filters has been delivered on this connection.
+    /// An event read again by a periodic re-read of the stored events: usually one already
+    /// delivered; if not, the live stream lost it.
+    Reread(Box<Event>),
+    /// Everything stored for the current filters has been delivered on this connection (also
+    /// said when a re-read ends).
     Synced,
     /// The feed is (re)reading the stored events: a new connection, or new filters.
     Loading,
@@ -81,6 +92,9 @@ pub struct FeedLimits {
     /// asked again, as if refused: a relay that drops a REQ silently must not hold a place
     /// in the window for ever.
     pub page_silence: Duration,
+    /// Once loaded, read every stored event again this often (`None`: never), the safety net
+    /// under a live stream that may drop events.
+    pub reread_every: Option<Duration>,
 }
 
 impl Default for FeedLimits {
@@ -92,9 +106,14 @@ impl Default for FeedLimits {
             retry: Duration::from_secs(1),
             retry_max: Duration::from_secs(60),
             page_silence: Duration::from_secs(60),
+            reread_every: Some(DEFAULT_REREAD_EVERY),
         }
     }
 }
+
+/// How often a loaded feed reads the stored events again by default: it bounds how long an
+/// event the live stream dropped stays unknown, and costs one read of the feed's history.
+pub const DEFAULT_REREAD_EVERY: Duration = Duration::from_secs(600);
 
 /// The smallest subscription cap the feed believes: one live REQ and one history page. A
 /// lower guess (a NOTICE names no REQ, a limit per address phrased like a cap) would leave no
@@ -281,8 +300,16 @@ struct Feed<'a> {
     queued: VecDeque<(Instant, Historic)>,
     /// A refusal by cap of a live REQ: everything is laid out again within it, once due.
     replan_at: Option<Instant>,
-    /// `Synced` has been sent since the last (re)subscription.
+    /// `Synced` has been sent since the last (re)subscription or re-read.
     synced: bool,
+    /// `Loading` has been said and `Synced` not yet.
+    loading: bool,
+    /// The filters as last laid out, read again by a re-read.
+    current: Vec<Filter>,
+    /// When the next re-read starts (set once loaded).
+    reread_at: Option<Instant>,
+    /// A re-read is under way: its history pages' events go out as `Reread`.
+    rereading: bool,
 }
 
 impl<'a> Feed<'a> {
@@ -306,6 +333,10 @@ impl<'a> Feed<'a> {
             queued: VecDeque::new(),
             replan_at: None,
             synced: false,
+            loading: false,
+            current: Vec::new(),
+            reread_at: None,
+            rereading: false,
         }
     }
 
@@ -385,9 +416,13 @@ impl<'a> Feed<'a> {
         self.queued.clear();
         self.replan_at = None;
         self.synced = false;
+        self.reread_at = None;
+        self.rereading = false;
+        self.current = filters.clone();
         self.filters = filters.len();
         let reqs = live_reqs(filters.clone(), self.limits, *self.cap);
         self.window = window(reqs.len(), self.limits, *self.cap);
+        self.loading = true;
         self.say(FeedEvent::Loading).await?;
         let now = Instant::now();
         for chunk in reqs {
@@ -418,6 +453,15 @@ impl<'a> Feed<'a> {
     /// Send what is due at `now` and fits; say `Synced` once nothing is left to read.
     async fn pump(&mut self, now: Instant) -> Result<(), Stop> {
         self.expire_silent_pages(now).await?;
+        if self.synced && self.reread_at.is_some_and(|at| at <= now) {
+            // Live REQs stay open: what is stored from now on is streamed (or read here).
+            self.reread_at = None;
+            self.synced = false;
+            self.rereading = true;
+            for f in &self.current {
+                self.queued.push_back((now, historic(f.clone())));
+            }
+        }
         let mut i = 0;
         while i < self.live_waiting.len() {
             if self.live_waiting[i].0 <= now && self.room() {
@@ -461,6 +505,9 @@ impl<'a> Feed<'a> {
             && self.replan_at.is_none()
         {
             self.synced = true;
+            self.loading = false;
+            self.rereading = false;
+            self.reread_at = self.limits.reread_every.map(|p| now + p);
             self.say(FeedEvent::Synced).await?;
         }
         Ok(())
@@ -479,7 +526,11 @@ impl<'a> Feed<'a> {
             .historic
             .values()
             .map(|h| h.heard + self.limits.page_silence);
-        waiting.chain(silent).chain(self.replan_at).min()
+        waiting
+            .chain(silent)
+            .chain(self.replan_at)
+            .chain(self.reread_at)
+            .min()
     }
 
     /// Close and ask again the history pages that heard nothing for `page_silence`.
@@ -507,15 +558,22 @@ impl<'a> Feed<'a> {
                 subscription_id,
                 event,
             } => {
+                let mut reread = false;
                 if let Some(h) = self.historic.get_mut(subscription_id.as_ref()) {
                     h.page.push((event.id, event.created_at));
                     h.heard = Instant::now();
+                    reread = self.rereading;
                 }
                 // The local relay is ours, but events are still verified: a feed must not
                 // let a forged announcement steer discovery.
                 if event.verify().is_ok() {
-                    self.say(FeedEvent::Event(Box::new(event.into_owned())))
-                        .await?;
+                    let event = Box::new(event.into_owned());
+                    self.say(if reread {
+                        FeedEvent::Reread(event)
+                    } else {
+                        FeedEvent::Event(event)
+                    })
+                    .await?;
                 }
             }
             RelayMessage::EndOfStoredEvents(id) => {
@@ -598,9 +656,10 @@ impl Feed<'_> {
                 self.replan_at = Some(now + retry_in);
             }
         }
-        if live && self.synced {
+        if live && !self.loading {
             // Its history is read again once it is back: not loaded until then.
             self.synced = false;
+            self.loading = true;
             self.say(FeedEvent::Loading).await?;
         }
         let reason = clean(message, 200);

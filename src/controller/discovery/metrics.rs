@@ -1,9 +1,11 @@
 //! Metrics of discovery: the index, the objects it wants, its writes and the relay targets
 //! it refused.
 
-use prometheus::{IntCounterVec, IntGauge, IntGaugeVec, Registry};
+use prometheus::{IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Registry};
 
-use crate::observability::metrics::{init_values, int_counter_vec, int_gauge, int_gauge_vec};
+use crate::observability::metrics::{
+    init_values, int_counter, int_counter_vec, int_gauge, int_gauge_vec,
+};
 
 #[derive(Clone)]
 pub struct DiscoveryMetrics {
@@ -22,6 +24,9 @@ pub struct DiscoveryMetrics {
     /// Subscriptions of discovery's local feed the local relay refused, by reason
     /// (subscription-cap | other); each is sent again later, and discovery waits for them.
     pub discovery_feed_refusals: IntCounterVec,
+    /// Announcements and deletions that changed the index when discovery's feed read the
+    /// local relay again: its live stream had not delivered them.
+    pub discovery_reread_found: IntCounter,
 }
 
 impl DiscoveryMetrics {
@@ -67,6 +72,11 @@ impl DiscoveryMetrics {
                 "grasp_sync_discovery_feed_refusals_total",
                 "Subscriptions of discovery's local feed the local relay refused (each sent again later)",
                 &["reason"],
+            )?,
+            discovery_reread_found: int_counter(
+                registry,
+                "grasp_sync_discovery_reread_found_total",
+                "Announcements and deletions that changed discovery's index only when its feed read the local relay again: the live stream had not delivered them",
             )?,
         };
         init_values(&m.discovery_feed_refusals, &["subscription-cap", "other"]);

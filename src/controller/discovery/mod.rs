@@ -51,6 +51,9 @@ pub struct DiscoveryConfig {
     pub connect: ConnectOptions,
     /// Relays per host and in total (relays per announcement: `policy.max_relays`).
     pub caps: RelayCaps,
+    /// How often the loaded feed reads the local relay's announcements and deletions again
+    /// (`None`: never): an announcement its live stream dropped is found within this.
+    pub reread_every: Option<Duration>,
 }
 
 impl DiscoveryConfig {
@@ -70,6 +73,7 @@ impl DiscoveryConfig {
             },
             connect: ConnectOptions::default(),
             caps: RelayCaps::default(),
+            reread_every: Some(feed::DEFAULT_REREAD_EVERY),
         }
     }
 
@@ -125,13 +129,40 @@ pub async fn run<S: RelaySyncStore + 'static>(
         Filter::new().kind(REPO_ANNOUNCEMENT),
         Filter::new().kind(Kind::EventDeletion),
     ];
-    let (_feed, events) = feed::spawn(
+    let (_feed, events) = feed::spawn_with(
         config.local_relay.clone(),
         filters,
         config.health.clone(),
         config.connect.clone(),
+        feed::FeedLimits {
+            reread_every: config.reread_every,
+            ..feed::FeedLimits::default()
+        },
     );
     discover(config, events, store, metrics, shutdown).await
+}
+
+/// Apply an announcement or deletion the local relay holds to `index`: whether it changed.
+fn learn(
+    index: &mut RepoIndex,
+    event: &nostr::Event,
+    config: &DiscoveryConfig,
+    metrics: &DiscoveryMetrics,
+) -> bool {
+    if event.kind == Kind::EventDeletion {
+        return !index.apply_deletion(event).is_empty();
+    }
+    let Ok(a) = Announcement::from_event(event) else {
+        return false;
+    };
+    for (value, why) in config.policy.targets(&a).rejected {
+        metrics
+            .discovery_rejected_targets
+            .with_label_values(&[why.label()])
+            .inc();
+        tracing::debug!(repo = %a.coordinate, relay = %value, reason = %why, "relay target not used");
+    }
+    index.apply_announcement(a, &config.policy) != Change::Stale
 }
 
 /// The discovery loop over a feed of the local relay's announcements and deletions.
@@ -155,18 +186,14 @@ pub(crate) async fn discover<S: RelaySyncStore + 'static>(
         tokio::select! {
             ev = events.recv() => match ev {
                 Some(FeedEvent::Event(event)) => {
-                    if event.kind == Kind::EventDeletion {
-                        if !index.apply_deletion(&event).is_empty() {
-                            dirty = true;
-                        }
-                    } else if let Ok(a) = Announcement::from_event(&event) {
-                        for (value, why) in config.policy.targets(&a).rejected {
-                            metrics.discovery_rejected_targets.with_label_values(&[why.label()]).inc();
-                            tracing::debug!(repo = %a.coordinate, relay = %value, reason = %why, "relay target not used");
-                        }
-                        if index.apply_announcement(a, &config.policy) != Change::Stale {
-                            dirty = true;
-                        }
+                    if learn(&mut index, &event, &config, &metrics) {
+                        dirty = true;
+                    }
+                }
+                Some(FeedEvent::Reread(event)) => {
+                    if learn(&mut index, &event, &config, &metrics) {
+                        metrics.discovery_reread_found.inc();
+                        dirty = true;
                     }
                 }
                 Some(FeedEvent::Synced) => {

@@ -41,6 +41,9 @@ pub struct SupervisorMetrics {
     /// Root events learned from the publisher's delivery (the local relay said it holds
     /// them) before the local feed reported them.
     pub facts_from_publisher: IntCounter,
+    /// Root events and announcements first learned from the local feed's periodic re-read:
+    /// the local relay held them, and its live stream did not deliver them.
+    pub local_feed_reread_found: IntCounter,
 }
 
 impl SupervisorMetrics {
@@ -85,6 +88,11 @@ impl SupervisorMetrics {
                 registry,
                 "grasp_sync_facts_from_publisher_total",
                 "Root events learned from our own delivery (the local relay said it holds them) before the local feed reported them",
+            )?,
+            local_feed_reread_found: int_counter(
+                registry,
+                "grasp_sync_local_feed_reread_found_total",
+                "Root events and announcements first learned from the local feed's periodic re-read: the local relay held them and its live stream had not delivered them",
             )?,
         };
         init_values(&m.status_writes, &["ok", "error", "timeout", "refused"]);

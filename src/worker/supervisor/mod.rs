@@ -70,6 +70,10 @@ pub struct SupervisorConfig {
     pub feed_health: HealthConfig,
     /// A store call (status write, phase Event) abandoned after this long.
     pub write_timeout: Duration,
+    /// How often the loaded local feed reads the root events and announcements of the
+    /// worker's repos again (`None`: never): a root its live stream dropped is found within
+    /// this.
+    pub feed_reread_every: Option<Duration>,
 }
 
 impl SupervisorConfig {
@@ -97,6 +101,7 @@ impl SupervisorConfig {
                 ..HealthConfig::default()
             },
             write_timeout: Duration::from_secs(10),
+            feed_reread_every: Some(feed::DEFAULT_REREAD_EVERY),
         }
     }
 }
@@ -111,11 +116,15 @@ pub async fn run<S: RelaySyncStore + 'static>(
     shutdown: watch::Receiver<bool>,
     closed: Option<oneshot::Sender<()>>,
 ) {
-    let (feed, local) = feed::spawn(
+    let (feed, local) = feed::spawn_with(
         config.local_relay.clone(),
         Vec::new(),
         config.feed_health.clone(),
         config.session.connect.clone(),
+        feed::FeedLimits {
+            reread_every: config.feed_reread_every,
+            ..feed::FeedLimits::default()
+        },
     );
     let mut session_config = config.session.clone();
     session_config.local_relay = Some(config.local_relay.clone());
@@ -274,6 +283,13 @@ pub(crate) async fn supervise<S: RelaySyncStore + 'static>(
                     // may be taken now.
                     (inputs.relay_holds)(&event);
                     if st.facts.learn(&event, &st.wanted) {
+                        dirty = true;
+                    }
+                }
+                Some(FeedEvent::Reread(event)) => {
+                    (inputs.relay_holds)(&event);
+                    if st.facts.learn(&event, &st.wanted) {
+                        metrics.local_feed_reread_found.inc();
                         dirty = true;
                     }
                 }

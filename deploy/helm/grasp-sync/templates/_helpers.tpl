@@ -62,6 +62,8 @@ app.kubernetes.io/instance: {{ .Release.Name }}
       fieldPath: metadata.namespace
 - name: GRASP_SYNC_LOCAL_RELAY
   value: {{ .Values.localRelay | quote }}
+- name: GRASP_SYNC_LOCAL_REREAD_EVERY
+  value: {{ .Values.localRereadEvery | quote }}
 {{- if .Values.metrics.bindPodIP }}
 - name: POD_IP
   valueFrom:
