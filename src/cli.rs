@@ -187,7 +187,10 @@ pub struct ControllerArgs {
     /// How long the relays of a worker pod that stopped gracefully wait for it to come back
     /// under the same name (a rolling restart: the pod is below the StatefulSet's replica
     /// count) before they move to other workers. A pod scaled away, or one that crashed,
-    /// hands over at once (on its Lease's expiry). Needs --worker-statefulset; 0 turns it off.
+    /// hands over at once (on its Lease's expiry). The grace runs from the stop, or from the
+    /// last sight of its pod still terminating (the kubelet may take over 30 s to delete it),
+    /// whichever is later; at most ten graces in all. Needs --worker-statefulset; 0 turns it
+    /// off.
     #[arg(long, env = "GRASP_SYNC_RESTART_GRACE", default_value = "30s", value_parser = humantime::parse_duration)]
     pub restart_grace: Duration,
 }

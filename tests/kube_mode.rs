@@ -582,3 +582,98 @@ async fn a_rolling_restart_moves_no_relay_while_a_crash_or_a_scale_down_hands_ov
     relays::holds_exactly(&cluster.local, &want, SETTLE).await;
     assert!(wa.running(), "{a} crashed:\n{}", wa.log_tail(30));
 }
+
+/// A kubelet may delete a stopped pod's object half a minute after its process exited (seen
+/// on the real node: 5 to 32 s). The restart grace counts from when the old pod is gone, so
+/// a slow kubelet moves no relay; once it is gone and the grace passes without the worker
+/// coming back, they move. Seen failing with the grace counted from the stop alone: every
+/// relay moved while the pod was still terminating.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_worker_whose_pod_is_still_terminating_keeps_its_relays() {
+    let cluster = Cluster::start("terminating").await;
+    let (a, b) = ("gs-0", "gs-1");
+    let remotes = remotes_with_one_for(6, &[a], b).await;
+    let want = repos_on(&cluster, &remotes).await;
+    let statefulsets = Api::<k8s_openapi::api::apps::v1::StatefulSet>::namespaced(
+        cluster.admin.clone(),
+        &cluster.ns,
+    );
+    let apply = PatchParams::apply("test").force();
+    statefulsets
+        .patch(
+            "gs",
+            &apply,
+            &Patch::Apply(support::cluster::statefulset("gs", 2)),
+        )
+        .await
+        .expect("StatefulSet");
+    let grace = Duration::from_secs(3);
+    let _controller = cluster.controller(
+        "c0",
+        &[
+            "--worker-statefulset",
+            "gs",
+            "--max-workers",
+            "4",
+            "--restart-grace",
+            "3s",
+        ],
+    );
+    let _wa = cluster.worker(a, &[]);
+    let wb = cluster.worker(b, &[]);
+    let owners = cluster.wait_settled(6, &[a, b], SETTLE).await;
+    assert!(owners.values().any(|w| w == b), "{owners:?}");
+    let before = labels_of(&cluster.objects().await);
+
+    // gs-1's pod object, as the StatefulSet made it (no kubelet here), held terminating by a
+    // finalizer as a slow kubelet holds it.
+    let pods =
+        Api::<k8s_openapi::api::core::v1::Pod>::namespaced(cluster.admin.clone(), &cluster.ns);
+    let pod: k8s_openapi::api::core::v1::Pod = serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {
+            "name": b,
+            "labels": {"app": "gs", "statefulset.kubernetes.io/pod-name": b},
+            "finalizers": ["grasp-sync.dev/test-slow-kubelet"],
+        },
+        "spec": {"containers": [{"name": "worker", "image": "example.invalid/grasp-sync:0"}]},
+    }))
+    .expect("pod");
+    pods.create(&Default::default(), &pod)
+        .await
+        .expect("pod created");
+    pods.delete(b, &DeleteParams::default())
+        .await
+        .expect("pod deleted");
+    let status = wb.terminate(Duration::from_secs(40)).await;
+    assert!(status.success(), "{b} exited with {status}");
+
+    // Three graces while the pod is terminating: nothing moves.
+    let stopped = std::time::Instant::now();
+    while stopped.elapsed() < grace * 3 {
+        assert_eq!(
+            labels_of(&cluster.objects().await),
+            before,
+            "a relay moved while its worker's pod was still terminating"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // The kubelet finishes the pod; the worker does not come back: after the grace, its
+    // relays move.
+    pods.patch(
+        b,
+        &PatchParams::default(),
+        &Patch::Merge(json!({"metadata": {"finalizers": null}})),
+    )
+    .await
+    .expect("finalizer removed");
+    let gone = std::time::Instant::now();
+    cluster.wait_settled(6, &[a], SETTLE).await;
+    let took = gone.elapsed();
+    assert!(
+        took >= grace / 2,
+        "moved {took:?} after the pod was gone, before the grace"
+    );
+    println!("relays moved {took:?} after the pod was gone (grace {grace:?})");
+    relays::holds_exactly(&cluster.local, &want, SETTLE).await;
+}

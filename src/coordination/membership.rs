@@ -252,13 +252,21 @@ impl Membership {
 }
 
 /// Who is expected back after a graceful stop: the StatefulSet's pods below its current
-/// replica count, for `grace` after the stop was seen. A pod at or above it was scaled
-/// away and hands over at once.
+/// replica count, for `grace` after the stop was seen — or after its pod was last seen
+/// terminating, when the kubelet takes longer to finish the pod than the process took to
+/// stop (a kubelet deletes the pod object only once its sandbox is gone: measured from 5 to
+/// over 30 s on one node), up to [`MAX_GRACES`] graces. A pod at or above the replica count
+/// was scaled away and hands over at once.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Returning {
     pub replicas: u32,
     pub grace: Duration,
 }
+
+/// However long a stopped pod stays terminating, its relays wait at most this many restart
+/// graces after its stop: a pod stuck terminating (a node lost after the process stopped)
+/// must not keep them unserved.
+pub const MAX_GRACES: u32 = 10;
 
 /// Which worker identities may be ring members: the StatefulSet's pods `<name>-0` …
 /// `<name>-<max-1>`. RBAC cannot restrict which Lease a worker creates, so without this any
@@ -304,6 +312,8 @@ pub struct LeaseObserver {
     seen: HashMap<String, (String, Option<std::time::Instant>)>,
     /// The members of the last observation: they stay members whatever the scale.
     members: BTreeSet<String>,
+    /// Worker → when its pod was last seen terminating ([`LeaseObserver::pods_terminating`]).
+    terminating: HashMap<String, std::time::Instant>,
 }
 
 /// How far a first-seen Lease's `renewTime` may lag the controller's clock and still count
@@ -311,6 +321,18 @@ pub struct LeaseObserver {
 pub const FIRST_SIGHT_TOLERANCE: Duration = Duration::from_secs(300);
 
 impl LeaseObserver {
+    /// The workers whose pod is terminating (being deleted) as seen at `now`: a gracefully
+    /// stopped worker is waited for while its pod is, and for the restart grace after.
+    pub fn pods_terminating<'a>(
+        &mut self,
+        workers: impl IntoIterator<Item = &'a str>,
+        now: std::time::Instant,
+    ) {
+        for w in workers {
+            self.terminating.insert(w.to_string(), now);
+        }
+    }
+
     /// Classify `leases` as of `now` (a monotonic instant of this process) and `wall` (this
     /// controller's clock, used only for Leases seen for the first time). A Lease marked
     /// released is not live, unless `rule` and `returning` say its pod comes back.
@@ -366,18 +388,26 @@ impl LeaseObserver {
                     .filter(|(i, r)| *i < r.replicas)
                     .map(|(_, r)| r.grace);
                 let since = changed_at.map(|at| now.saturating_duration_since(at));
-                match (since, back) {
-                    (Some(s), Some(grace)) if s < grace => {
+                // The grace runs from the stop, or from when its pod was last seen still
+                // terminating, whichever is later; never beyond MAX_GRACES graces.
+                let waited = changed_at.map(|at| {
+                    let from = self.terminating.get(worker).map_or(at, |t| (*t).max(at));
+                    now.saturating_duration_since(from)
+                });
+                match (since, waited, back) {
+                    (Some(s), Some(w), Some(grace)) if w < grace && s < grace * MAX_GRACES => {
                         out.live.insert(worker.to_string());
                         out.resting.insert(worker.to_string());
                         continue;
                     }
-                    (Some(s), back)
+                    (Some(s), _, back)
                         if s >= back.unwrap_or_default().max(duration) + orphan_after =>
                     {
                         out.orphans.push(name);
                     }
-                    (None, _) if lags_beyond(duration + FIRST_SIGHT_TOLERANCE + orphan_after) => {
+                    (None, _, _)
+                        if lags_beyond(duration + FIRST_SIGHT_TOLERANCE + orphan_after) =>
+                    {
                         out.orphans.push(name);
                     }
                     _ => {}
@@ -399,6 +429,8 @@ impl LeaseObserver {
             }
         }
         self.seen.retain(|name, _| present.contains(name));
+        self.terminating
+            .retain(|w, _| present.contains(&lease_name(w)));
         // Joining needs an ordinal below the StatefulSet's scale; staying does not.
         if let Some((r, scale)) = rule.and_then(|r| Some((r, r.scale?))) {
             let joining: Vec<String> = out
@@ -673,6 +705,59 @@ mod tests {
             membership(&leases(1), wall, secs(60)).live,
             BTreeSet::from(["gs-0".to_string()])
         );
+    }
+
+    #[test]
+    fn a_pod_the_kubelet_is_still_terminating_is_waited_for_beyond_the_grace() {
+        // Seen on a real node: the process stopped in 0.4 s, the kubelet deleted its pod
+        // 31 s later, and a grace counted from the stop moved every relay just before the
+        // pod came back.
+        let secs = Duration::from_secs;
+        let t0 = std::time::Instant::now();
+        let wall = Timestamp::from_second(50_000).unwrap();
+        let rule = MemberRule {
+            statefulset: "gs".into(),
+            max: 8,
+            scale: None,
+        };
+        let back = Returning {
+            replicas: 2,
+            grace: secs(30),
+        };
+        let leases = vec![
+            renewed("grasp-sync-worker-gs-0", "gs-0", 50_000, 1),
+            released("grasp-sync-worker-gs-1", "gs-1", 50_000, 1),
+        ];
+        let mut obs = LeaseObserver::default();
+        let at = |obs: &mut LeaseObserver, t: u64| {
+            obs.observe(
+                &leases,
+                t0 + secs(t),
+                wall,
+                secs(60),
+                Some(&rule),
+                Some(back),
+            )
+        };
+        assert!(at(&mut obs, 0).resting.contains("gs-1"));
+        // Its pod still terminating at 35 s: still waited for, and for a grace after that.
+        obs.pods_terminating(["gs-1"], t0 + secs(35));
+        assert!(at(&mut obs, 40).resting.contains("gs-1"));
+        assert!(at(&mut obs, 64).live.contains("gs-1"));
+        let m = at(&mut obs, 65);
+        assert!(!m.live.contains("gs-1") && m.released.contains("gs-1"));
+        // However long the pod stays terminating: at most MAX_GRACES graces after the stop.
+        let limit = 30 * u64::from(MAX_GRACES);
+        obs.pods_terminating(["gs-1"], t0 + secs(limit - 1));
+        assert!(at(&mut obs, limit - 1).resting.contains("gs-1"));
+        obs.pods_terminating(["gs-1"], t0 + secs(limit));
+        assert!(!at(&mut obs, limit).live.contains("gs-1"));
+        // A pod seen terminating before a later stop does not lengthen that stop's grace.
+        let mut obs = LeaseObserver::default();
+        obs.pods_terminating(["gs-1"], t0);
+        assert!(at(&mut obs, 10).resting.contains("gs-1"));
+        assert!(at(&mut obs, 39).resting.contains("gs-1"));
+        assert!(!at(&mut obs, 40).live.contains("gs-1"));
     }
 
     #[test]

@@ -11,7 +11,9 @@ use std::time::Duration;
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, DeleteParams, Patch, PatchParams};
+use kube::core::PartialObjectMeta;
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, ResourceExt};
@@ -181,6 +183,29 @@ pub async fn run(
         });
         (reader, task)
     });
+    // The workers' pods, their metadata only: a gracefully stopped worker is waited for while
+    // the kubelet is still terminating its pod, and for the restart grace after. Unreadable,
+    // the grace counts from the stop alone.
+    let pods = (config.members.is_some() && !config.restart_grace.is_zero()).then(|| {
+        // Metadata-only requests: the pods' specs and statuses are never read.
+        let api: Api<PartialObjectMeta<Pod>> =
+            Api::namespaced(api.clone().into_client(), &namespace);
+        let (reader, writer) = reflector::store();
+        // Every StatefulSet pod carries this label (its value is the pod's name).
+        let wc = watcher::Config::default().labels("statefulset.kubernetes.io/pod-name");
+        let stream = reflector::reflector(writer, watcher(api, wc))
+            .default_backoff()
+            .touched_objects();
+        let task = tokio::spawn(async move {
+            let mut stream = std::pin::pin!(stream);
+            while let Some(ev) = stream.next().await {
+                if let Err(e) = ev {
+                    tracing::debug!(error = %e, "worker pod watch interrupted; it resumes");
+                }
+            }
+        });
+        (reader, task)
+    });
     let ready = async {
         let ok = objects.wait_until_ready().await.is_ok()
             && lease_reader.wait_until_ready().await.is_ok();
@@ -200,6 +225,9 @@ pub async fn run(
         if let Some((_, task)) = &statefulset {
             task.abort();
         }
+        if let Some((_, task)) = &pods {
+            task.abort();
+        }
     };
     if !ok {
         tracing::warn!("assignment stopped before its caches loaded");
@@ -216,6 +244,8 @@ pub async fn run(
     let mut observer = membership::LeaseObserver::default();
     let mut warned_scale = false;
     let mut before = membership::Membership::default();
+    // Resting workers whose pod was seen terminating: said once per stop.
+    let mut waited_for: std::collections::BTreeSet<String> = Default::default();
     loop {
         let scale = statefulset.as_ref().and_then(|(reader, _)| {
             let sts = reader.state().into_iter().next()?;
@@ -243,6 +273,18 @@ pub async fn run(
             tracing::warn!(statefulset = %r.statefulset, max = r.max, "cannot read the workers' StatefulSet: any of its first `max` pods may join the ring");
             warned_scale = true;
         }
+        let terminating: Vec<String> = pods.as_ref().map_or_else(Vec::new, |(reader, _)| {
+            reader
+                .state()
+                .iter()
+                .filter(|p| p.metadata.deletion_timestamp.is_some())
+                .map(|p| p.name_any())
+                .collect()
+        });
+        observer.pods_terminating(
+            terminating.iter().map(String::as_str),
+            std::time::Instant::now(),
+        );
         observer.keep_members(
             objects
                 .state()
@@ -260,6 +302,12 @@ pub async fn run(
         )
         .await;
         report_departures(&members, &before, &objects, &metrics);
+        for w in members.resting.iter().filter(|w| terminating.contains(w)) {
+            if waited_for.insert(w.clone()) {
+                tracing::info!(worker = %w, grace = ?config.restart_grace, "a stopped worker's pod is still terminating; its relays wait for it (the restart grace counts from when it is gone)");
+            }
+        }
+        waited_for.retain(|w| members.resting.contains(w));
         let r = pass(&api, &objects, &config, &metrics, &members).await;
         if let Err(e) = r {
             tracing::warn!(error = %e, "assignment pass failed; retrying");
