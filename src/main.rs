@@ -193,7 +193,7 @@ async fn standalone(args: StandaloneArgs) -> Result<()> {
     opts.auth_keys = auth_keys(&args.sync)?;
     opts.remote_auth_keys = Some(remote_auth_keys(&args.sync)?);
     opts.session = session_config(&args.sync)?;
-    opts.local_reread_every = nonzero(args.relays.local_reread_every);
+    opts.local_reread_every = reread_every(args.relays.local_reread_every)?;
     let running = grasp_sync::modes::standalone::start(opts)
         .await
         .context("starting standalone mode")?;
@@ -274,7 +274,7 @@ async fn controller(args: ControllerArgs) -> Result<()> {
         leader,
         assigner,
         owner: args.kube.owner.clone(),
-        local_reread_every: nonzero(args.relays.local_reread_every),
+        local_reread_every: reread_every(args.relays.local_reread_every)?,
     };
     grasp_sync::modes::controller::run_controller(opts, client, namespace, shutdown_on_signal())
         .await?;
@@ -310,15 +310,22 @@ async fn worker(args: WorkerArgs) -> Result<()> {
         },
         session: session_config(&args.sync)?,
         owner: args.kube.owner.clone(),
-        local_reread_every: nonzero(args.local_reread_every),
+        local_reread_every: reread_every(args.local_reread_every)?,
     };
     grasp_sync::modes::worker::run_worker(opts, client, namespace, shutdown_on_signal()).await?;
     Ok(())
 }
 
-/// A period of zero turns the thing off.
-fn nonzero(d: std::time::Duration) -> Option<std::time::Duration> {
-    (!d.is_zero()).then_some(d)
+/// `--local-reread-every`: 0s turns the re-read off; a shorter period than ten seconds would
+/// read the relay's whole history again and again.
+fn reread_every(d: std::time::Duration) -> Result<Option<std::time::Duration>> {
+    if d.is_zero() {
+        return Ok(None);
+    }
+    if d < std::time::Duration::from_secs(10) {
+        anyhow::bail!("--local-reread-every must be 0s (never) or at least 10s, not {d:?}");
+    }
+    Ok(Some(d))
 }
 
 fn hostname() -> Option<String> {

@@ -120,6 +120,29 @@ fn invalid_relay_url_flag_names_the_problem() {
     );
 }
 
+/// A re-read of the local relay every few milliseconds would read its history nonstop.
+#[test]
+fn a_local_reread_period_under_ten_seconds_is_refused() {
+    let out = grasp_sync()
+        .args([
+            "standalone",
+            "--local-relay",
+            "ws://127.0.0.1:9",
+            "--service-domain",
+            "git.example",
+            "--local-reread-every",
+            "1s",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("--local-reread-every must be 0s (never) or at least 10s"),
+        "{stderr}"
+    );
+}
+
 /// The real binary in standalone mode: it starts against a local relay, `grasp-sync status`
 /// shows its relays, and SIGTERM stops it cleanly with its state saved.
 #[test]

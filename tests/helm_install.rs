@@ -498,6 +498,20 @@ async fn chart_installs_its_service_accounts_suffice_and_prometheus_evaluates_ev
             .await,
         "worker reads Secrets",
     );
+    // The controller watches the workers' pods, their metadata (a stopped worker whose pod
+    // is still terminating keeps its relays); a worker may not list pods.
+    Api::<k8s_openapi::api::core::v1::Pod>::namespaced(as_controller.clone(), &ns)
+        .list_metadata(
+            &kube::api::ListParams::default().labels("statefulset.kubernetes.io/pod-name"),
+        )
+        .await
+        .expect("the controller lists the workers' pods");
+    forbidden(
+        Api::<k8s_openapi::api::core::v1::Pod>::namespaced(as_worker.clone(), &ns)
+            .list_metadata(&Default::default())
+            .await,
+        "worker lists pods",
+    );
 
     // RBAC cannot stop the worker identity from creating Leases of other names: a ghost
     // member, renewed "forever", named so that the ring would give it our relay. The

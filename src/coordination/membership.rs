@@ -314,6 +314,10 @@ pub struct LeaseObserver {
     members: BTreeSet<String>,
     /// Worker → when its pod was last seen terminating ([`LeaseObserver::pods_terminating`]).
     terminating: HashMap<String, std::time::Instant>,
+    /// Released Leases whose rest is over: a later sight of the pod terminating (a new
+    /// incarnation stuck, deleted again) does not make them rest again until the Lease
+    /// changes.
+    rested: HashSet<String>,
 }
 
 /// How far a first-seen Lease's `renewTime` may lag the controller's clock and still count
@@ -375,7 +379,10 @@ impl LeaseObserver {
             let print = format!("{renewed}/{}", l.resource_version().unwrap_or_default());
             let changed_at = match self.seen.get(&name) {
                 Some((p, at)) if *p == print => *at,
-                Some(_) => Some(now),
+                Some(_) => {
+                    self.rested.remove(&name);
+                    Some(now)
+                }
                 None if lags_beyond(duration + FIRST_SIGHT_TOLERANCE) => None,
                 None => Some(now),
             };
@@ -394,20 +401,29 @@ impl LeaseObserver {
                     let from = self.terminating.get(worker).map_or(at, |t| (*t).max(at));
                     now.saturating_duration_since(from)
                 });
-                match (since, waited, back) {
-                    (Some(s), Some(w), Some(grace)) if w < grace && s < grace * MAX_GRACES => {
-                        out.live.insert(worker.to_string());
-                        out.resting.insert(worker.to_string());
-                        continue;
+                let rests = match (since, waited, back) {
+                    (Some(s), Some(w), Some(grace)) => {
+                        w < grace
+                            && s < grace.saturating_mul(MAX_GRACES)
+                            && !self.rested.contains(&name)
                     }
-                    (Some(s), _, back)
+                    _ => false,
+                };
+                if rests {
+                    out.live.insert(worker.to_string());
+                    out.resting.insert(worker.to_string());
+                    continue;
+                }
+                if back.is_some() {
+                    self.rested.insert(name.clone());
+                }
+                match (since, back) {
+                    (Some(s), back)
                         if s >= back.unwrap_or_default().max(duration) + orphan_after =>
                     {
                         out.orphans.push(name);
                     }
-                    (None, _, _)
-                        if lags_beyond(duration + FIRST_SIGHT_TOLERANCE + orphan_after) =>
-                    {
+                    (None, _) if lags_beyond(duration + FIRST_SIGHT_TOLERANCE + orphan_after) => {
                         out.orphans.push(name);
                     }
                     _ => {}
@@ -431,6 +447,7 @@ impl LeaseObserver {
         self.seen.retain(|name, _| present.contains(name));
         self.terminating
             .retain(|w, _| present.contains(&lease_name(w)));
+        self.rested.retain(|name| present.contains(name));
         // Joining needs an ordinal below the StatefulSet's scale; staying does not.
         if let Some((r, scale)) = rule.and_then(|r| Some((r, r.scale?))) {
             let joining: Vec<String> = out
@@ -746,12 +763,39 @@ mod tests {
         assert!(at(&mut obs, 64).live.contains("gs-1"));
         let m = at(&mut obs, 65);
         assert!(!m.live.contains("gs-1") && m.released.contains("gs-1"));
-        // However long the pod stays terminating: at most MAX_GRACES graces after the stop.
+        // Once its rest is over, a later sight of a pod terminating (a new one deleted
+        // again) does not bring it back: its relays moved on.
+        obs.pods_terminating(["gs-1"], t0 + secs(70));
+        assert!(!at(&mut obs, 70).live.contains("gs-1"));
+        // A pod terminating however long: at most MAX_GRACES graces after the stop, and the
+        // Lease is never judged an orphan meanwhile.
         let limit = 30 * u64::from(MAX_GRACES);
-        obs.pods_terminating(["gs-1"], t0 + secs(limit - 1));
-        assert!(at(&mut obs, limit - 1).resting.contains("gs-1"));
+        let mut obs = LeaseObserver::default();
+        for t in (0..limit).step_by(10) {
+            obs.pods_terminating(["gs-1"], t0 + secs(t));
+            let m = at(&mut obs, t);
+            assert!(m.resting.contains("gs-1"), "at {t} s");
+            assert!(
+                !m.orphans.iter().any(|o| o == "grasp-sync-worker-gs-1"),
+                "at {t} s"
+            );
+        }
         obs.pods_terminating(["gs-1"], t0 + secs(limit));
         assert!(!at(&mut obs, limit).live.contains("gs-1"));
+        // A stop written again (a new incarnation stopped too): a new rest.
+        let restopped = vec![
+            renewed("grasp-sync-worker-gs-0", "gs-0", 50_000, 1),
+            released("grasp-sync-worker-gs-1", "gs-1", 50_000, 2),
+        ];
+        let m = obs.observe(
+            &restopped,
+            t0 + secs(limit + 1),
+            wall,
+            secs(60),
+            Some(&rule),
+            Some(back),
+        );
+        assert!(m.resting.contains("gs-1"));
         // A pod seen terminating before a later stop does not lengthen that stop's grace.
         let mut obs = LeaseObserver::default();
         obs.pods_terminating(["gs-1"], t0);

@@ -61,7 +61,7 @@ pub async fn run_controller(
         Arc::new(KubeStore::for_controller(client.clone(), &namespace).with_owner(owner.clone()));
     let (http_addr, http_task) = serve_http(opts.http_addr, &metrics, &store, &shutdown).await?;
     tracing::info!(identity = %opts.identity, %namespace, http = %http_addr, "controller started; campaigning for the lead");
-    let dc = DiscoveryConfig::for_service(
+    let mut dc = DiscoveryConfig::for_service(
         opts.local_relay.clone(),
         &opts.service_domain,
         opts.addresses.clone(),
@@ -69,6 +69,7 @@ pub async fn run_controller(
         opts.grace,
         opts.limits,
     );
+    dc.reread_every = opts.local_reread_every;
     let election = leader::campaign(
         client.clone(),
         &namespace,

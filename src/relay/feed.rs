@@ -274,6 +274,8 @@ struct Historic {
     sent_with: usize,
     /// When this page's REQ was sent or last brought an event.
     heard: Instant,
+    /// Queued by a periodic re-read: its events go out as `Reread`.
+    reread: bool,
 }
 
 /// One live REQ: a few filters packed together.
@@ -308,7 +310,7 @@ struct Feed<'a> {
     current: Vec<Filter>,
     /// When the next re-read starts (set once loaded).
     reread_at: Option<Instant>,
-    /// A re-read is under way: its history pages' events go out as `Reread`.
+    /// A re-read is under way: history pages go one at a time.
     rereading: bool,
 }
 
@@ -459,7 +461,9 @@ impl<'a> Feed<'a> {
             self.synced = false;
             self.rereading = true;
             for f in &self.current {
-                self.queued.push_back((now, historic(f.clone())));
+                let mut h = historic(f.clone());
+                h.reread = true;
+                self.queued.push_back((now, h));
             }
         }
         let mut i = 0;
@@ -483,7 +487,10 @@ impl<'a> Feed<'a> {
                 i += 1;
             }
         }
-        while self.historic.len() < self.window && self.room() {
+        // A re-read goes one page at a time: it is background work, and a connection slow
+        // to read its pages is the very reader whose live events a relay drops.
+        let window = if self.rereading { 1 } else { self.window };
+        while self.historic.len() < window && self.room() {
             let Some(pos) = self.queued.iter().position(|(at, _)| *at <= now) else {
                 break;
             };
@@ -529,7 +536,7 @@ impl<'a> Feed<'a> {
         waiting
             .chain(silent)
             .chain(self.replan_at)
-            .chain(self.reread_at)
+            .chain(self.reread_at.filter(|_| self.synced))
             .min()
     }
 
@@ -562,7 +569,7 @@ impl<'a> Feed<'a> {
                 if let Some(h) = self.historic.get_mut(subscription_id.as_ref()) {
                     h.page.push((event.id, event.created_at));
                     h.heard = Instant::now();
-                    reread = self.rereading;
+                    reread = h.reread;
                 }
                 // The local relay is ours, but events are still verified: a feed must not
                 // let a forged announcement steer discovery.
@@ -657,9 +664,11 @@ impl Feed<'_> {
             }
         }
         if live && !self.loading {
-            // Its history is read again once it is back: not loaded until then.
+            // Its history is read again once it is back: not loaded until then (the next
+            // re-read is planned when it is).
             self.synced = false;
             self.loading = true;
+            self.reread_at = None;
             self.say(FeedEvent::Loading).await?;
         }
         let reason = clean(message, 200);
@@ -682,6 +691,7 @@ fn historic(f: Filter) -> Historic {
         refusals: 0,
         sent_with: 0,
         heard: Instant::now(),
+        reread: false,
     }
 }
 

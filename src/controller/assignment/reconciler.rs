@@ -196,15 +196,28 @@ pub async fn run(
         let stream = reflector::reflector(writer, watcher(api, wc))
             .default_backoff()
             .touched_objects();
+        // While the watch fails, what the cache last said about a pod may be stale: it is
+        // not used, and the grace counts from the stop alone.
+        let healthy = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let ok = healthy.clone();
         let task = tokio::spawn(async move {
             let mut stream = std::pin::pin!(stream);
+            let mut warned = false;
             while let Some(ev) = stream.next().await {
-                if let Err(e) = ev {
-                    tracing::debug!(error = %e, "worker pod watch interrupted; it resumes");
+                match ev {
+                    Ok(_) => ok.store(true, std::sync::atomic::Ordering::Relaxed),
+                    Err(e) => {
+                        ok.store(false, std::sync::atomic::Ordering::Relaxed);
+                        if !std::mem::replace(&mut warned, true) {
+                            tracing::warn!(error = %e, "cannot watch the workers' pods (the controller's Role needs list and watch on pods): the restart grace counts from a worker's stop alone until it can");
+                        } else {
+                            tracing::debug!(error = %e, "worker pod watch interrupted; it resumes");
+                        }
+                    }
                 }
             }
         });
-        (reader, task)
+        (reader, healthy, task)
     });
     let ready = async {
         let ok = objects.wait_until_ready().await.is_ok()
@@ -225,7 +238,7 @@ pub async fn run(
         if let Some((_, task)) = &statefulset {
             task.abort();
         }
-        if let Some((_, task)) = &pods {
+        if let Some((_, _, task)) = &pods {
             task.abort();
         }
     };
@@ -273,14 +286,17 @@ pub async fn run(
             tracing::warn!(statefulset = %r.statefulset, max = r.max, "cannot read the workers' StatefulSet: any of its first `max` pods may join the ring");
             warned_scale = true;
         }
-        let terminating: Vec<String> = pods.as_ref().map_or_else(Vec::new, |(reader, _)| {
-            reader
-                .state()
-                .iter()
-                .filter(|p| p.metadata.deletion_timestamp.is_some())
-                .map(|p| p.name_any())
-                .collect()
-        });
+        let terminating: Vec<String> = pods
+            .as_ref()
+            .filter(|(_, healthy, _)| healthy.load(std::sync::atomic::Ordering::Relaxed))
+            .map_or_else(Vec::new, |(reader, _, _)| {
+                reader
+                    .state()
+                    .iter()
+                    .filter(|p| p.metadata.deletion_timestamp.is_some())
+                    .map(|p| p.name_any())
+                    .collect()
+            });
         observer.pods_terminating(
             terminating.iter().map(String::as_str),
             std::time::Instant::now(),

@@ -155,14 +155,20 @@ fn learn(
     let Ok(a) = Announcement::from_event(event) else {
         return false;
     };
-    for (value, why) in config.policy.targets(&a).rejected {
+    let coordinate = a.coordinate.clone();
+    let rejected = config.policy.targets(&a).rejected;
+    if index.apply_announcement(a, &config.policy) == Change::Stale {
+        return false;
+    }
+    // Counted once per version taken, not per copy read (a re-read reads them all again).
+    for (value, why) in rejected {
         metrics
             .discovery_rejected_targets
             .with_label_values(&[why.label()])
             .inc();
-        tracing::debug!(repo = %a.coordinate, relay = %value, reason = %why, "relay target not used");
+        tracing::debug!(repo = %coordinate, relay = %value, reason = %why, "relay target not used");
     }
-    index.apply_announcement(a, &config.policy) != Change::Stale
+    true
 }
 
 /// The discovery loop over a feed of the local relay's announcements and deletions.

@@ -287,8 +287,11 @@ pub(crate) async fn supervise<S: RelaySyncStore + 'static>(
                     }
                 }
                 Some(FeedEvent::Reread(event)) => {
-                    (inputs.relay_holds)(&event);
+                    // Mostly what the feed delivered before, whose refusals were settled
+                    // then: only what the stream missed tells the publisher something new
+                    // (telling it everything again would empty its refusal memory).
                     if st.facts.learn(&event, &st.wanted) {
+                        (inputs.relay_holds)(&event);
                         metrics.local_feed_reread_found.inc();
                         dirty = true;
                     }
