@@ -481,24 +481,34 @@ fn labels_of(objects: &[RelaySync]) -> BTreeMap<String, Option<String>> {
         .collect()
 }
 
+/// A cluster with the workers' StatefulSet `gs` at two replicas, as the chart makes it (no
+/// kubelet runs its pods here: the workers are processes named as its pods), and six
+/// remotes, one of which the ring gives `gs-1`. Returns what the local relay must end up with.
+async fn two_pods_of_gs(name: &str) -> (Cluster, Vec<ScriptedRelay>, BTreeSet<EventId>) {
+    let cluster = Cluster::start(name).await;
+    let remotes = remotes_with_one_for(6, &["gs-0"], "gs-1").await;
+    let want = repos_on(&cluster, &remotes).await;
+    Api::<k8s_openapi::api::apps::v1::StatefulSet>::namespaced(cluster.admin.clone(), &cluster.ns)
+        .patch(
+            "gs",
+            &PatchParams::apply("test").force(),
+            &Patch::Apply(support::cluster::statefulset("gs", 2)),
+        )
+        .await
+        .expect("StatefulSet");
+    (cluster, remotes, want)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rolling_restart_moves_no_relay_while_a_crash_or_a_scale_down_hands_over_at_once() {
-    let cluster = Cluster::start("restart").await;
+    let (cluster, remotes, want) = two_pods_of_gs("restart").await;
     let (a, b) = ("gs-0", "gs-1");
-    let remotes = remotes_with_one_for(6, &[a], b).await;
-    let want = repos_on(&cluster, &remotes).await;
-    // The workers' StatefulSet as the chart makes it (no kubelet runs its pods here: the
-    // workers are processes named as its pods).
     let statefulsets = Api::<k8s_openapi::api::apps::v1::StatefulSet>::namespaced(
         cluster.admin.clone(),
         &cluster.ns,
     );
     let replicas = |n| support::cluster::statefulset("gs", n);
     let apply = PatchParams::apply("test").force();
-    statefulsets
-        .patch("gs", &apply, &Patch::Apply(replicas(2)))
-        .await
-        .expect("StatefulSet");
     // The grace is far longer than a handover takes, so a move within it is the old rule.
     let _controller = cluster.controller(
         "c0",
@@ -590,23 +600,8 @@ async fn a_rolling_restart_moves_no_relay_while_a_crash_or_a_scale_down_hands_ov
 /// relay moved while the pod was still terminating.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stopped_worker_whose_pod_is_still_terminating_keeps_its_relays() {
-    let cluster = Cluster::start("terminating").await;
+    let (cluster, _remotes, want) = two_pods_of_gs("terminating").await;
     let (a, b) = ("gs-0", "gs-1");
-    let remotes = remotes_with_one_for(6, &[a], b).await;
-    let want = repos_on(&cluster, &remotes).await;
-    let statefulsets = Api::<k8s_openapi::api::apps::v1::StatefulSet>::namespaced(
-        cluster.admin.clone(),
-        &cluster.ns,
-    );
-    let apply = PatchParams::apply("test").force();
-    statefulsets
-        .patch(
-            "gs",
-            &apply,
-            &Patch::Apply(support::cluster::statefulset("gs", 2)),
-        )
-        .await
-        .expect("StatefulSet");
     let grace = Duration::from_secs(3);
     let _controller = cluster.controller(
         "c0",

@@ -654,11 +654,8 @@ mod tests {
         l
     }
 
-    #[test]
-    fn a_pod_that_stopped_gracefully_keeps_its_place_while_it_is_expected_back() {
-        let secs = Duration::from_secs;
-        let t0 = std::time::Instant::now();
-        let wall = Timestamp::from_second(50_000).unwrap();
+    /// The StatefulSet `gs` (up to 8 pods, scale unknown) at two replicas, a 30 s grace.
+    fn gs_of_two() -> (MemberRule, Returning) {
         let rule = MemberRule {
             statefulset: "gs".into(),
             max: 8,
@@ -666,8 +663,17 @@ mod tests {
         };
         let back = Returning {
             replicas: 2,
-            grace: secs(30),
+            grace: Duration::from_secs(30),
         };
+        (rule, back)
+    }
+
+    #[test]
+    fn a_pod_that_stopped_gracefully_keeps_its_place_while_it_is_expected_back() {
+        let secs = Duration::from_secs;
+        let t0 = std::time::Instant::now();
+        let wall = Timestamp::from_second(50_000).unwrap();
+        let (rule, back) = gs_of_two();
         let leases = |v: u32| {
             vec![
                 renewed("grasp-sync-worker-gs-0", "gs-0", 50_000, v),
@@ -732,15 +738,7 @@ mod tests {
         let secs = Duration::from_secs;
         let t0 = std::time::Instant::now();
         let wall = Timestamp::from_second(50_000).unwrap();
-        let rule = MemberRule {
-            statefulset: "gs".into(),
-            max: 8,
-            scale: None,
-        };
-        let back = Returning {
-            replicas: 2,
-            grace: secs(30),
-        };
+        let (rule, back) = gs_of_two();
         let leases = vec![
             renewed("grasp-sync-worker-gs-0", "gs-0", 50_000, 1),
             released("grasp-sync-worker-gs-1", "gs-1", 50_000, 1),
@@ -809,15 +807,8 @@ mod tests {
         let secs = Duration::from_secs;
         let t0 = std::time::Instant::now();
         let wall = Timestamp::from_second(50_000).unwrap();
-        let rule = MemberRule {
-            statefulset: "gs".into(),
-            max: 8,
-            scale: None,
-        };
-        let back = Some(Returning {
-            replicas: 2,
-            grace: secs(30),
-        });
+        let (rule, back) = gs_of_two();
+        let back = Some(back);
         let mut obs = LeaseObserver::default();
         let look = |obs: &mut LeaseObserver, leases: &[Lease], at: u64| {
             obs.observe(leases, t0 + secs(at), wall, secs(600), Some(&rule), back)
