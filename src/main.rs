@@ -382,7 +382,7 @@ async fn status(args: StatusArgs) -> Result<()> {
 }
 
 async fn demo(args: cli::DemoArgs) -> Result<()> {
-    let report = grasp_sync::modes::demo::run(grasp_sync::modes::demo::DemoOptions {
+    let run = grasp_sync::modes::demo::run(grasp_sync::modes::demo::DemoOptions {
         repos: args.repos,
         timeout: args.timeout,
         nostr_rs_relay: args.nostr_rs_relay,
@@ -391,9 +391,13 @@ async fn demo(args: cli::DemoArgs) -> Result<()> {
         seed: args.seed,
         reconcile_every: None,
         idle_window: None,
-    })
-    .await
-    .context("running the demo")?;
+    });
+    // Interrupted, the run is dropped, and with it the relays' stores: in /dev/shm they
+    // would otherwise hold memory until the machine restarts.
+    let report = tokio::select! {
+        report = run => report.context("running the demo")?,
+        () = wait_for_signal() => anyhow::bail!("interrupted; the demo's relays were stopped and their stores removed"),
+    };
     println!("{report}");
     if report.ok() {
         Ok(())

@@ -227,3 +227,59 @@ fn standalone_binary_runs_reports_status_and_stops_on_sigterm() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("is grasp-sync standalone running"));
 }
+
+#[test]
+fn an_interrupted_demo_removes_its_relays_stores() {
+    use std::time::{Duration, Instant};
+
+    let shm = std::path::Path::new("/dev/shm");
+    if !shm.is_dir() {
+        eprintln!("no /dev/shm here: the demo keeps its stores in the temp directory");
+        return;
+    }
+    let mut child = grasp_sync()
+        .args(["demo", "--repos", "300"])
+        .env("GRASP_SYNC_LOG", "error")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let prefix = grasp_sync::modes::demo::store_prefix(child.id());
+    let stores = || {
+        std::fs::read_dir(shm)
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix))
+            .count()
+    };
+    // Interrupted mid-run: once both embedded relays have their stores.
+    let start = Instant::now();
+    while stores() < 2 {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "the demo made no stores under {prefix}"
+        );
+        assert!(child.try_wait().unwrap().is_none(), "the demo ended early");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let start = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "the demo did not stop on SIGINT"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    assert!(
+        !status.success(),
+        "an interrupted demo does not pass: {err}"
+    );
+    assert!(err.contains("interrupted"), "{err}");
+    assert_eq!(stores(), 0, "stores left in /dev/shm under {prefix}");
+}
