@@ -9,6 +9,21 @@ fn grasp_sync() -> Command {
     Command::new(env!("CARGO_BIN_EXE_grasp-sync"))
 }
 
+/// The child's exit status once it has exited; fails with `what` after 30 s.
+fn exit_within(child: &mut std::process::Child, what: &str) -> std::process::ExitStatus {
+    let start = std::time::Instant::now();
+    loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            return s;
+        }
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(30),
+            "{what}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
 #[test]
 fn crd_output_matches_the_committed_file() {
     let out = grasp_sync().arg("crd").output().unwrap();
@@ -202,17 +217,7 @@ fn standalone_binary_runs_reports_status_and_stops_on_sigterm() {
 
     // SIGTERM: a clean exit, with the objects saved.
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    let start = Instant::now();
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "standalone did not stop on SIGTERM"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let status = exit_within(&mut child, "standalone did not stop on SIGTERM");
     assert!(status.success(), "exit status {status}");
     let saved = std::fs::read_to_string(&state).unwrap();
     assert!(saved.contains("ws://127.0.0.1:1"), "{saved}");
@@ -263,17 +268,7 @@ fn an_interrupted_demo_removes_its_relays_stores() {
         std::thread::sleep(Duration::from_millis(20));
     }
     unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
-    let start = Instant::now();
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "the demo did not stop on SIGINT"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let status = exit_within(&mut child, "the demo did not stop on SIGINT");
     let mut err = String::new();
     std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
     assert!(

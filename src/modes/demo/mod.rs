@@ -181,29 +181,27 @@ async fn held_among(
     url: &RelayUrl,
     ids: &BTreeSet<EventId>,
 ) -> Result<BTreeSet<EventId>, DemoError> {
-    let items = local_index::local_items(
+    ids_for(
         url,
         Filter::new().ids(ids.iter().copied()),
-        5_000,
-        &ConnectOptions::default(),
         Duration::from_secs(60),
     )
     .await
-    .map_err(DemoError::Read)?;
-    Ok(items.into_iter().map(|(id, _)| id).collect())
 }
 
 /// Every event id the relay holds (paged, like the negentropy item read).
 async fn local_ids(url: &RelayUrl) -> Result<BTreeSet<EventId>, DemoError> {
-    let items = local_index::local_items(
-        url,
-        Filter::new(),
-        5_000,
-        &ConnectOptions::default(),
-        Duration::from_secs(300),
-    )
-    .await
-    .map_err(DemoError::Read)?;
+    ids_for(url, Filter::new(), Duration::from_secs(300)).await
+}
+
+async fn ids_for(
+    url: &RelayUrl,
+    filter: Filter,
+    timeout: Duration,
+) -> Result<BTreeSet<EventId>, DemoError> {
+    let items = local_index::local_items(url, filter, 5_000, &ConnectOptions::default(), timeout)
+        .await
+        .map_err(DemoError::Read)?;
     Ok(items.into_iter().map(|(id, _)| id).collect())
 }
 
