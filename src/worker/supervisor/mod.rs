@@ -44,6 +44,25 @@ use writer::{StatusWriter, Write, WriteKind, WriteResult, Written};
 /// at most once per this interval for them, not once per event.
 const APPLY_EVERY: Duration = Duration::from_millis(500);
 
+/// Each application rebuilds every held relay's sync set, and every session given a new
+/// set plans its subscriptions again: work that grows with the repos held. For root events
+/// the next application waits this many times what the last one took (within
+/// [`APPLY_EVERY`] and [`APPLY_EVERY_MAX`]), so that rebuilding stays a small share of the
+/// worker's CPU however many repos it holds: at 5,000 repos over three relays, once every
+/// 500 ms was about 15 % of a busy demo's CPU (the supervisor's step, timed here, about 40 %
+/// of that; the sessions' re-planning, which grows alike, the rest).
+const APPLY_COST_FACTOR: u32 = 50;
+
+/// The longest root events wait to reach the sessions' sync sets.
+const APPLY_EVERY_MAX: Duration = Duration::from_secs(3);
+
+/// How long root events wait for the next application, given what the last one cost.
+fn roots_apply_every(last_cost: Duration) -> Duration {
+    last_cost
+        .saturating_mul(APPLY_COST_FACTOR)
+        .clamp(APPLY_EVERY, APPLY_EVERY_MAX)
+}
+
 /// The held objects are re-read from the store at most this often: a failover labels
 /// hundreds of relays over a few seconds, and reading (copying) every held object once per
 /// label was most of a worker's CPU while it took them over.
@@ -214,6 +233,7 @@ pub(crate) async fn supervise<S: RelaySyncStore + 'static>(
     let mut urgent = true;
     let mut tick = tokio::time::interval(Duration::from_millis(250));
     let mut last_apply = Instant::now() - APPLY_EVERY;
+    let mut last_apply_cost = Duration::ZERO;
     loop {
         if reload && last_reload.elapsed() >= RELOAD_EVERY {
             reload = false;
@@ -254,7 +274,7 @@ pub(crate) async fn supervise<S: RelaySyncStore + 'static>(
         let apply_every = if urgent {
             APPLY_HELD_EVERY
         } else {
-            APPLY_EVERY
+            roots_apply_every(last_apply_cost)
         };
         if dirty && feed_ready && last_apply.elapsed() >= apply_every {
             dirty = false;
@@ -269,6 +289,7 @@ pub(crate) async fn supervise<S: RelaySyncStore + 'static>(
                 &hold,
                 inputs.starter.as_ref(),
             );
+            last_apply_cost = last_apply.elapsed();
         }
         tokio::select! {
             changed = changes.changed() => {

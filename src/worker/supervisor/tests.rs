@@ -856,7 +856,7 @@ fn root_event() -> nostr::Event {
 }
 
 /// A failover labels hundreds of relays over a few seconds: each gets its session within a
-/// short batch, not after the root events' half-second batching (nor at the next
+/// short batch, not after the root events' batching (half a second at least; nor at the next
 /// unrelated wake-up of the loop).
 #[tokio::test(start_paused = true)]
 async fn a_relay_taken_over_gets_its_session_within_a_short_batch() {
@@ -917,4 +917,19 @@ async fn a_root_the_publisher_delivered_is_learned_without_the_feed() {
     assert_eq!(rig.metrics.facts_from_publisher.get(), 1);
     let _ = rig.stop.send(true);
     rig.task.await.unwrap();
+}
+
+#[test]
+fn root_events_wait_longer_the_more_applying_them_costs() {
+    // Cheap applications (a small worker, or tests' paused time) keep the short interval.
+    assert_eq!(roots_apply_every(Duration::ZERO), APPLY_EVERY);
+    assert_eq!(roots_apply_every(Duration::from_millis(2)), APPLY_EVERY);
+    // Costly ones wait in proportion: the supervisor's step stays about 2 % of its time.
+    assert_eq!(
+        roots_apply_every(Duration::from_millis(40)),
+        Duration::from_secs(2)
+    );
+    // Never longer than the bound, however slow (or however stalled the measured call).
+    assert_eq!(roots_apply_every(Duration::from_secs(1)), APPLY_EVERY_MAX);
+    assert_eq!(roots_apply_every(Duration::MAX), APPLY_EVERY_MAX);
 }
