@@ -4,6 +4,7 @@
 mod support;
 
 use std::process::Command;
+use std::time::{Duration, Instant};
 
 fn grasp_sync() -> Command {
     Command::new(env!("CARGO_BIN_EXE_grasp-sync"))
@@ -11,16 +12,13 @@ fn grasp_sync() -> Command {
 
 /// The child's exit status once it has exited; fails with `what` after 30 s.
 fn exit_within(child: &mut std::process::Child, what: &str) -> std::process::ExitStatus {
-    let start = std::time::Instant::now();
+    let start = Instant::now();
     loop {
         if let Some(s) = child.try_wait().unwrap() {
             return s;
         }
-        assert!(
-            start.elapsed() < std::time::Duration::from_secs(30),
-            "{what}"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(50));
+        assert!(start.elapsed() < Duration::from_secs(30), "{what}");
+        std::thread::sleep(Duration::from_millis(50));
     }
 }
 
@@ -162,8 +160,6 @@ fn a_local_reread_period_under_ten_seconds_is_refused() {
 /// shows its relays, and SIGTERM stops it cleanly with its state saved.
 #[test]
 fn standalone_binary_runs_reports_status_and_stops_on_sigterm() {
-    use std::time::{Duration, Instant};
-
     let rt = tokio::runtime::Runtime::new().unwrap();
     let relay = rt.block_on(support::nostr_rs_relay::NostrRsRelay::start());
     let dir = tempfile::tempdir().unwrap();
@@ -235,8 +231,6 @@ fn standalone_binary_runs_reports_status_and_stops_on_sigterm() {
 
 #[test]
 fn an_interrupted_demo_removes_its_relays_stores() {
-    use std::time::{Duration, Instant};
-
     let shm = std::path::Path::new("/dev/shm");
     if !shm.is_dir() {
         eprintln!("no /dev/shm here: the demo keeps its stores in the temp directory");

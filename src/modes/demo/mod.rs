@@ -154,14 +154,9 @@ fn store_dir() -> Result<tempfile::TempDir, DemoError> {
     let prefix = store_prefix(std::process::id());
     let mut named = tempfile::Builder::new();
     named.prefix(&prefix);
-    let shm = std::path::Path::new("/dev/shm");
-    if shm.is_dir()
-        && let Ok(dir) = named.tempdir_in(shm)
-    {
-        return Ok(dir);
-    }
     named
-        .tempdir()
+        .tempdir_in("/dev/shm")
+        .or_else(|_| named.tempdir())
         .map_err(|e| DemoError::Relay(format!("store directory: {e}")))
 }
 
