@@ -8,8 +8,11 @@
 //!   writes beside them), controller and worker RSS, and the RSS of a worker holding nothing
 //!   (so the cost per relay held is the difference);
 //! - crash failover (SIGKILL → every relay of the victim Live elsewhere) p50/p99;
+//! - the API server's write floor: one metadata write per object, as many in flight as the
+//!   assigner keeps, with the API server's and etcd's CPU per write;
 //! - graceful handover (scale the StatefulSet down, SIGTERM its last pod → its relays Live
-//!   elsewhere) p50/p99;
+//!   elsewhere) p50/p99, each beside the floor for its writes (a label and a status write
+//!   per relay moved);
 //! - a rolling restart of every worker (SIGTERM, the pod comes back under its name): relays
 //!   moved, relays held by two workers at once, time until each pod's relays are Live again.
 //!
@@ -46,6 +49,7 @@ use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use nostr::{EventBuilder, Keys, Kind, Tag, TagKind};
 use support::cluster::Cluster;
+use support::cpu;
 use support::free_port;
 use support::procs::GraspSync;
 
@@ -94,6 +98,8 @@ struct Bench {
     n: usize,
     lease: (String, String),
     workers: BTreeMap<String, Worker>,
+    /// Writes a second the API server took in the write-floor measurement (0 until then).
+    write_rate: f64,
 }
 
 struct Worker {
@@ -332,6 +338,44 @@ impl Bench {
         out
     }
 
+    /// The API server's own floor for the writes a handover needs: one metadata write on
+    /// every object (an annotation nobody acts on), `IN_FLIGHT` at a time as the assigner
+    /// writes, each object as large as a held one (status, three field managers) and every
+    /// watcher of the run still watching. Returns writes a second; prints them with the API
+    /// server's and etcd's CPU per write.
+    async fn write_floor(&self, api: &Api<RelaySync>) -> f64 {
+        const IN_FLIGHT: usize = 32;
+        let pids = self.cluster.env.pids();
+        let cpu_before: u64 = pids.iter().map(|p| cpu::ticks(*p)).sum();
+        let names: Vec<String> = self.objects.state().iter().map(|o| o.name_any()).collect();
+        let round = rand::random::<u32>().to_string();
+        let t = Instant::now();
+        let failed = futures::stream::iter(names.iter())
+            .map(|name| {
+                let patch = serde_json::json!({
+                    "metadata": {"annotations": {"bench.grasp-sync.dev/calibration": round}}
+                });
+                async move {
+                    api.patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+                        .await
+                        .is_err()
+                }
+            })
+            .buffer_unordered(IN_FLIGHT)
+            .filter(|failed| std::future::ready(*failed))
+            .count()
+            .await;
+        let took = t.elapsed().as_secs_f64();
+        let cpu = cpu::seconds(cpu_before, pids.iter().map(|p| cpu::ticks(*p)).sum());
+        let writes = names.len() - failed;
+        let rate = writes as f64 / took;
+        println!(
+            "API write floor: {writes} metadata writes ({failed} failed), {IN_FLIGHT} in flight, in {took:.2} s = {rate:.0} writes/s; API server + etcd CPU {:.1} ms per write",
+            cpu * 1000.0 / writes.max(1) as f64
+        );
+        rate
+    }
+
     async fn status_writes(&self) -> f64 {
         let mut sum = 0.0;
         for w in self.workers.values() {
@@ -524,6 +568,7 @@ async fn run() {
         n,
         lease,
         workers: BTreeMap::new(),
+        write_rate: 0.0,
     };
     let t = Instant::now();
     for i in 0..w {
@@ -537,6 +582,7 @@ async fn run() {
         t.elapsed(),
         b.owners()
     );
+    b.write_rate = b.write_floor(&api).await;
 
     // Steady state with events flowing: 20 events a second, each to a random repo's live
     // subscriptions.
@@ -611,8 +657,11 @@ async fn run() {
             }
         );
         let (took, timeline, after) = took;
+        // A label and a status write per relay moved, at the API server's measured pace.
+        let floor = 2.0 * held as f64 / b.write_rate;
         println!(
-            "handover {k}: {last} held {held} relays; exit {status} after {stopped:.1?}; all Live elsewhere {took:.1?} after SIGTERM"
+            "handover {k}: {last} held {held} relays; exit {status} after {stopped:.1?}; all Live elsewhere {took:.1?} after SIGTERM (the API server's floor for {} writes: {floor:.1} s)",
+            2 * held
         );
         graceful.push(took.as_secs_f64());
         let spent: Vec<String> = after

@@ -6,7 +6,9 @@
 //! identical relay by a plain publisher as the ceiling an over-the-wire syncer can approach
 //! (the default connection cap at stock limits, 4 connections with the limits raised). An idle
 //! window after completion, with a full reconciliation due in it, counts what grasp-sync sends
-//! the relay when there is nothing new.
+//! the relay when there is nothing new. `cores` is this process's CPU over the ceiling's timed
+//! publish (the local relay and the plain publisher): a ceiling that keeps the machine's cores
+//! busy bounds what any syncer beside the same relay can reach.
 //!
 //!     cargo bench --bench local_ingress
 //!     GRASP_SYNC_BENCH_STOCK=50,200 GRASP_SYNC_BENCH_RAISED=1000,5000 cargo bench --bench local_ingress
@@ -15,7 +17,11 @@
 //! skips), `GRASP_SYNC_BENCH_IDLE` (the idle window after the first size of each, `0s` skips;
 //! the reconciliation period is set just under it), `GRASP_SYNC_BENCH_SEED`.
 
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+#[path = "../tests/support/cpu.rs"]
+mod cpu;
 
 use grasp_sync::modes::demo::{self, DemoOptions};
 use grasp_sync::worker::publisher::DEFAULT_MAX_CONNECTIONS;
@@ -41,7 +47,7 @@ async fn main() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(1);
     println!(
-        "{:<7} {:>6} {:>7} {:>9} {:>9} {:>6} {:>9} {:>9} {:>10} {:>10} {:>8} {:>11}",
+        "{:<7} {:>6} {:>7} {:>9} {:>9} {:>6} {:>9} {:>9} {:>10} {:>10} {:>6} {:>8} {:>11}",
         "limits",
         "repos",
         "events",
@@ -52,9 +58,29 @@ async fn main() {
         "memory",
         "ceiling",
         "ceiling/s",
+        "cores",
         "of ceil",
         "idle sends"
     );
+    // This process's CPU, sampled every 50 ms: the ceiling's timed part is known only by its
+    // length once it returns.
+    let samples: Arc<Mutex<Vec<(Instant, u64)>>> = Arc::default();
+    let sampler = {
+        let samples = samples.clone();
+        let me = std::process::id();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(50));
+            loop {
+                tick.tick().await;
+                let mut s = samples.lock().unwrap_or_else(|e| e.into_inner());
+                s.push((Instant::now(), cpu::ticks(me)));
+                // Only the last minutes matter.
+                if s.len() > 20_000 {
+                    s.drain(..10_000);
+                }
+            }
+        })
+    };
     for (stock_limits, list, ceiling_connections) in
         [(true, &stock, DEFAULT_MAX_CONNECTIONS), (false, &raised, 4)]
     {
@@ -78,11 +104,12 @@ async fn main() {
             let (n, ceiling) = demo::direct_publish(&opts, ceiling_connections)
                 .await
                 .expect("direct publish");
+            let ceiling_cores = cores_during(&samples, Instant::now() - ceiling, Instant::now());
             let secs = report.elapsed.as_secs_f64();
             let rate = report.synced as f64 / secs.max(1e-3);
             let ceiling_rate = n as f64 / ceiling.as_secs_f64().max(1e-3);
             println!(
-                "{:<7} {:>6} {:>7} {:>8.1}s {:>9.0} {:>6} {:>9} {:>9} {:>9.1}s {:>10.0} {:>7.0}% {:>11}",
+                "{:<7} {:>6} {:>7} {:>8.1}s {:>9.0} {:>6} {:>9} {:>9} {:>9.1}s {:>10.0} {:>6.2} {:>7.0}% {:>11}",
                 if stock_limits { "stock" } else { "raised" },
                 repos,
                 report.expected,
@@ -93,6 +120,7 @@ async fn main() {
                 report.unsent(),
                 ceiling.as_secs_f64(),
                 ceiling_rate,
+                ceiling_cores,
                 100.0 * rate / ceiling_rate.max(1e-9),
                 report
                     .idle_sends()
@@ -106,5 +134,19 @@ async fn main() {
                 );
             }
         }
+    }
+    sampler.abort();
+}
+
+/// Cores busy between `from` and `to`: CPU seconds between the samples closest inside that
+/// window, over the wall time between them (NaN if the window holds under two samples).
+fn cores_during(samples: &Mutex<Vec<(Instant, u64)>>, from: Instant, to: Instant) -> f64 {
+    let s = samples.lock().unwrap_or_else(|e| e.into_inner());
+    let inside: Vec<&(Instant, u64)> = s.iter().filter(|(t, _)| *t >= from && *t <= to).collect();
+    match (inside.first(), inside.last()) {
+        (Some((t0, c0)), Some((t1, c1))) if t1 > t0 => {
+            cpu::seconds(*c0, *c1) / t1.duration_since(*t0).as_secs_f64()
+        }
+        _ => f64::NAN,
     }
 }

@@ -2,6 +2,7 @@
 #![allow(dead_code, unused_imports)] // each test binary uses a different part
 
 pub mod cluster;
+pub mod cpu;
 pub mod fault_proxy;
 pub mod hostile_relay;
 pub mod kube_env;
