@@ -162,6 +162,72 @@ async fn error_failures_of_the_local_relay_are_retried() {
     transient_failures_are_retried("error: database is locked").await;
 }
 
+/// A local relay that fails every write for longer than the publisher's error age (a full
+/// disk, a locked database) loses no event: while it stores nothing, the failures are the
+/// relay's, not the events', and every event is sent again until it is stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_local_relay_failing_every_write_for_longer_than_the_error_age_loses_nothing() {
+    // Ten events, each failing about six times with the pause doubling from 50 ms: the
+    // outage lasts seconds, many times the error age.
+    let relay = HostileRelay::start(Script {
+        ok_failed_first: Some((60, "error: database or disk is full".to_string())),
+        ..Script::default()
+    })
+    .await;
+    let mut config = PublisherConfig::new(relay.url());
+    config.error_backoff = Duration::from_millis(50);
+    config.max_error_age = Duration::from_millis(200);
+    let (publisher, _task) = Publisher::spawn(config, PublisherMetrics::default());
+    let events = corpus(10);
+    publish_all(&publisher, &events).await;
+    drained(&publisher, Duration::from_secs(60)).await;
+    let s = publisher.stats();
+    assert_eq!(
+        s.gave_up.load(Ordering::Relaxed),
+        0,
+        "events given up while the relay stored nothing"
+    );
+    assert_eq!(
+        relay.ids().into_iter().collect::<BTreeSet<_>>(),
+        ids(&events)
+    );
+}
+
+/// An event the local relay keeps failing on while it stores the others is given up once
+/// it is older than the error age and failed often enough since the relay showed it can
+/// store: counted, and it does not hold the rest back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_the_relay_keeps_failing_on_while_it_stores_others_is_given_up() {
+    let events = corpus(20);
+    let poison = events[3].id;
+    let relay = HostileRelay::start(Script {
+        ok_failed_on: Some((poison, "error: row too large".to_string())),
+        ..Script::default()
+    })
+    .await;
+    let mut config = PublisherConfig::new(relay.url());
+    config.error_backoff = Duration::from_millis(20);
+    config.max_error_age = Duration::from_millis(300);
+    config.max_error_attempts = 3;
+    let metrics = PublisherMetrics::default();
+    let (publisher, _task) = Publisher::spawn(config, metrics.clone());
+    publish_all(&publisher, &events).await;
+    drained(&publisher, Duration::from_secs(60)).await;
+    let s = publisher.stats();
+    assert_eq!(s.gave_up.load(Ordering::Relaxed), 1);
+    assert_eq!(s.accepted.load(Ordering::Relaxed), 19);
+    let mut expected = ids(&events);
+    expected.remove(&poison);
+    assert_eq!(relay.ids().into_iter().collect::<BTreeSet<_>>(), expected);
+    assert_eq!(
+        metrics
+            .publish_outcomes
+            .with_label_values(&["gave_up"])
+            .get(),
+        1
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn relay_with_default_limits_holds_back_the_excess_without_dropping_it() {
     // nostr-relay-builder's defaults (ngit-grasp's too): 60 events per minute per connection.

@@ -42,6 +42,9 @@ pub struct Script {
     /// transient failure: real GRASP relays send e.g. "Database query failed: …" with no
     /// standard prefix, or `error: …`).
     pub ok_failed_first: Option<(usize, String)>,
+    /// This event always gets `OK false` with this message (a relay whose database cannot
+    /// take one event, while it takes the rest).
+    pub ok_failed_on: Option<(EventId, String)>,
     /// Accept at most this many EVENTs per second (token bucket, burst of one second);
     /// the excess gets `OK false "rate-limited: …"`.
     pub ok_rate_per_sec: Option<f64>,
@@ -608,6 +611,13 @@ fn handle(
                 && *n > 0
             {
                 *n -= 1;
+                return vec![Reply::Send(
+                    RelayMessage::ok(ev.id, false, text.clone()).as_json(),
+                )];
+            }
+            if let Some((id, text)) = &script.ok_failed_on
+                && *id == ev.id
+            {
                 return vec![Reply::Send(
                     RelayMessage::ok(ev.id, false, text.clone()).as_json(),
                 )];

@@ -61,15 +61,20 @@ pub struct PublisherConfig {
     pub max_in_flight: usize,
     /// An event without `OK` after this long is sent again.
     pub ok_timeout: Duration,
-    /// Attempts for `auth-required:` answers before giving up on an event.
+    /// Attempts for `auth-required:` answers before giving up on an event, and failures
+    /// while the relay stored others before a transient failure may be final (below).
     /// `rate-limited:` is retried without limit: it is about pace, not content.
     pub max_error_attempts: u32,
     /// A transient failure (`error:`, or a refusal with no standard prefix, as real relays
     /// send for a busy database) is retried after this pause, doubling with each failure of
     /// the same event up to a minute…
     pub error_backoff: Duration,
-    /// …until this long after its first failure; then it is given up (`gave_up`; a later
-    /// reconciliation offers it again).
+    /// …and given up (`gave_up`, answered for its session as a refusal; a later
+    /// reconciliation offers it again) only once this long has passed since its first
+    /// failure *and* it failed `max_error_attempts` times while the relay stored other
+    /// events: a relay failing every write (a full disk, a locked database) is waited for
+    /// however long it takes, so its outage costs no event — the queue fills and holds the
+    /// sessions back instead.
     pub max_error_age: Duration,
     /// Pause after `auth-required:` so our AUTH is answered before we resend.
     pub auth_pause: Duration,
@@ -206,6 +211,9 @@ struct Pending {
     /// Transient failures so far, and when the first one came.
     failures: u32,
     first_failure: Option<std::time::Instant>,
+    /// Transient failures after the relay stored some other event since this one's first
+    /// failure: failures of this event, not of the relay.
+    own_failures: u32,
     /// Connections lost while this event was the only one in flight.
     strikes: u32,
     /// One entry per `publish` call for this event: the same event often arrives through
@@ -266,6 +274,9 @@ struct Common {
     /// Who is told of the events of some kinds the relay said it holds (see
     /// [`Publisher::watch_held`]).
     held_watch: Mutex<Option<HeldWatch>>,
+    /// When the relay last stored an event (`OK true`, not a duplicate): whether it is
+    /// storing at all, for telling an event's own failures from the relay's.
+    last_stored: Mutex<Option<std::time::Instant>>,
 }
 
 struct HeldWatch {
@@ -289,7 +300,23 @@ impl Common {
             next_connection: std::sync::atomic::AtomicU64::new(0),
             signatures: SignatureMemory::new(SIGNATURE_MEMORY),
             held_watch: Mutex::default(),
+            last_stored: Mutex::default(),
         }
+    }
+
+    fn note_stored(&self, at: std::time::Instant) {
+        if let Ok(mut last) = self.last_stored.lock() {
+            *last = Some(last.map_or(at, |l| l.max(at)));
+        }
+    }
+
+    /// Whether the relay stored some event after `since`.
+    fn stored_since(&self, since: std::time::Instant) -> bool {
+        self.last_stored
+            .lock()
+            .ok()
+            .and_then(|l| *l)
+            .is_some_and(|l| l > since)
     }
 
     /// The relay answered `OK true` for `event`, not purgatory: it says it holds it.
@@ -390,6 +417,7 @@ impl Publisher {
                     attempts: 0,
                     failures: 0,
                     first_failure: None,
+                    own_failures: 0,
                     strikes: 0,
                     origins: vec![origin],
                 },

@@ -110,15 +110,25 @@ impl PublisherConn {
         // No standard prefix on a refusal: real relays send those for failures of their own
         // ("Database query failed: …"), so it is treated like `error:`.
         let transient = outcome == Outcome::Error || (outcome == Outcome::Other && !status);
+        if outcome == Outcome::Accepted {
+            self.shared.note_stored(Instant::now());
+        }
         if transient {
             p.failures += 1;
-            p.first_failure.get_or_insert_with(Instant::now);
+            let first = *p.first_failure.get_or_insert_with(Instant::now);
+            if self.shared.stored_since(first) {
+                p.own_failures += 1;
+            }
         }
         let retry = match outcome {
             Outcome::RateLimited => true,
-            _ if transient => p
-                .first_failure
-                .is_some_and(|t| t.elapsed() < self.config.max_error_age),
+            // Final only for an event the relay keeps failing on while it stores others:
+            // while it stores nothing, the failure is the relay's and it is waited out.
+            _ if transient => {
+                p.first_failure
+                    .is_some_and(|t| t.elapsed() < self.config.max_error_age)
+                    || p.own_failures < self.config.max_error_attempts
+            }
             // With a key we answer the challenge and send again; without, it is final.
             Outcome::AuthRequired => {
                 self.config.auth_keys.is_some() && p.attempts < self.config.max_error_attempts
