@@ -1176,6 +1176,103 @@ async fn publisher_back_pressure_does_not_time_out_historic_pages() {
     h.stop().await;
 }
 
+/// A stop is heeded while the session waits for room in a full publisher (a local relay
+/// that answers nothing for a minute): the session ends within moments, not when the
+/// local relay recovers, and claims nothing it did not hand over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_held_up_by_a_full_publisher_stops_at_once() {
+    let stalled = HostileRelay::start(Script {
+        ok_delay: Some(Duration::from_secs(60)),
+        ..Script::default()
+    })
+    .await;
+    let WorkerMetrics {
+        session: metrics,
+        publisher: publisher_metrics,
+        ..
+    } = WorkerMetrics::default();
+    let mut pc = PublisherConfig::new(stalled.url());
+    pc.queue_capacity = 1;
+    pc.queue_per_source = 1;
+    pc.queue_reserve = 0;
+    pc.max_in_flight = 1;
+    pc.max_connections = 1;
+    let (publisher, _task) = Publisher::spawn(pc, publisher_metrics);
+    let f = nip34::fixture("full-publisher");
+    let remote = HostileRelay::start(Script::default()).await;
+    let mut events = f.expected.clone();
+    events.extend(nip34::comments(f.root.id, 10, 0));
+    remote.add(events.iter().cloned());
+    let mut config = fast_config();
+    config.local_relay = Some(stalled.url());
+    config.negentropy = false;
+    let h = session::spawn(
+        remote.url(),
+        set_for(&[&f]),
+        Resume::fresh(),
+        config,
+        publisher.clone(),
+        metrics,
+    );
+    // One event in flight, one queued: the session now waits to hand over the next.
+    eventually("the publisher to fill up", DEADLINE, || async {
+        (publisher
+            .stats()
+            .submitted
+            .load(std::sync::atomic::Ordering::Relaxed)
+            >= 2)
+            .then_some(())
+    })
+    .await;
+    let started = std::time::Instant::now();
+    let state = tokio::time::timeout(Duration::from_secs(10), h.stop())
+        .await
+        .expect("the session stopped while the publisher was full");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "stop took {:?}",
+        started.elapsed()
+    );
+    assert_eq!(state.cursor, None, "a cursor claimed with nothing stored");
+}
+
+/// A stop is heeded while the session connects to a relay that accepts the TCP connection
+/// and then says nothing (no NIP-11 answer, no WebSocket handshake).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_connecting_to_a_silent_relay_stops_at_once() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let (accepted_tx, mut accepted_rx) = tokio::sync::mpsc::unbounded_channel();
+    let _silent = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = listener.accept().await {
+            held.push(socket);
+            let _ = accepted_tx.send(());
+        }
+    });
+    let rig = rig().await;
+    let remote =
+        grasp_sync::nostr::RelayUrl::parse(&format!("ws://127.0.0.1:{port}")).expect("url");
+    let mut config = fast_config();
+    config.nip11_timeout = Duration::from_secs(30);
+    let h = rig.start(
+        &remote,
+        set_for(&[&nip34::fixture("silent")]),
+        Resume::fresh(),
+        config,
+    );
+    tokio::time::timeout(DEADLINE, accepted_rx.recv())
+        .await
+        .expect("the session connected");
+    let started = std::time::Instant::now();
+    tokio::time::timeout(Duration::from_secs(5), h.stop())
+        .await
+        .expect("the session stopped while connecting");
+    assert!(started.elapsed() < Duration::from_secs(5));
+}
+
 /// The daily reconciliation is the safety net for whatever live delivery missed; a relay
 /// that drops the connection more often than the reconciliation period must not postpone it
 /// for ever (its timer belongs to the session, not to one connection).

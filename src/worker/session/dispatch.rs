@@ -349,10 +349,12 @@ impl Session {
         self.conn_valid += 1;
         self.counters.submitted.fetch_add(1, Ordering::Release);
         let started = Instant::now();
-        let handed = self
-            .publisher
-            .publish(event, Some(self.counters.clone()))
-            .await;
+        let publish = self.publisher.publish(event, Some(self.counters.clone()));
+        let Some(handed) = super::unless_stopped(&mut self.stop, publish).await else {
+            // Never handed over, so never answered: it must not count as pending.
+            self.counters.submitted.fetch_sub(1, Ordering::Release);
+            return Err(SessionError::Stopped);
+        };
         if started.elapsed() >= BLOCKED {
             // We stopped reading while the publisher was full: the relay was not idle.
             self.unblocked_at = Instant::now();

@@ -33,6 +33,9 @@ pub(super) enum SessionError {
         "the relay sent mostly invalid events ({invalid} invalid, {valid} valid on this connection)"
     )]
     MostlyInvalid { invalid: u64, valid: u64 },
+    /// Told to stop while waiting (for the publisher's room): ends the session.
+    #[error("the session was told to stop")]
+    Stopped,
 }
 
 impl SessionError {
@@ -47,6 +50,7 @@ impl SessionError {
             SessionError::AuthUrl(_) => "auth_url_invalid",
             SessionError::AuthSign(_) => "auth_sign_failed",
             SessionError::MostlyInvalid { .. } => "mostly_invalid",
+            SessionError::Stopped => "stopped",
         }
     }
 }

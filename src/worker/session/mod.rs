@@ -212,6 +212,10 @@ enum Command {
 
 pub struct SessionHandle {
     commands: mpsc::UnboundedSender<Command>,
+    /// Set when the session is told to stop (dropped with the handle too): the session
+    /// heeds it where a command would wait — connecting, or handing an event to a full
+    /// publisher — so a stop never waits for the local relay or a slow remote one.
+    stop: watch::Sender<bool>,
     /// Sequence number of the last set handed over.
     sets: std::sync::atomic::AtomicU64,
     state: watch::Receiver<SessionState>,
@@ -235,6 +239,7 @@ impl SessionHandle {
     /// Stop without waiting (the session closes its subscriptions and connection).
     pub fn abort_soon(&self) {
         let _ = self.commands.send(Command::Stop);
+        self.stop.send_replace(true);
     }
 
     /// The session's task has ended although it was not stopped: it panicked.
@@ -245,6 +250,7 @@ impl SessionHandle {
     /// Close subscriptions and the connection; returns the final state.
     pub async fn stop(self) -> SessionState {
         let _ = self.commands.send(Command::Stop);
+        self.stop.send_replace(true);
         let _ = self.task.await;
         self.state.borrow().clone()
     }
@@ -283,6 +289,7 @@ pub fn spawn(
 ) -> SessionHandle {
     let cursor = resume.cursor;
     let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
+    let (stop_tx, stop_rx) = watch::channel(false);
     let state = SessionState {
         cursor,
         last_reconciled: resume.last_reconciled,
@@ -320,6 +327,7 @@ pub fn spawn(
         counters: Arc::new(SourceCounters::default()),
         metrics,
         commands: cmd_rx,
+        stop: stop_rx,
         state: state_tx,
         received: 0,
         conn_valid: 0,
@@ -342,6 +350,7 @@ pub fn spawn(
     };
     SessionHandle {
         commands: cmd_tx,
+        stop: stop_tx,
         sets: std::sync::atomic::AtomicU64::new(0),
         state: state_rx,
         task: tokio::spawn(session.run()),
@@ -376,6 +385,8 @@ struct Session {
     counters: Arc<SourceCounters>,
     metrics: SessionMetrics,
     commands: mpsc::UnboundedReceiver<Command>,
+    /// See [`SessionHandle`]'s `stop`.
+    stop: watch::Receiver<bool>,
     state: watch::Sender<SessionState>,
     received: u64,
     /// Events on this connection that passed and failed validation (id or signature).
@@ -418,6 +429,18 @@ struct Session {
 enum End {
     Stop,
     Lost(SessionError),
+}
+
+/// `work`'s output, or `None` once the session is told to stop (or its handle is gone).
+async fn unless_stopped<F: std::future::Future>(
+    stop: &mut watch::Receiver<bool>,
+    work: F,
+) -> Option<F::Output> {
+    tokio::select! {
+        biased;
+        _ = stop.wait_for(|s| *s) => None,
+        out = work => Some(out),
+    }
 }
 
 /// Filters with a refusal streak remembered at most; past it the memory starts afresh (the

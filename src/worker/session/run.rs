@@ -48,12 +48,14 @@ impl Session {
                 .relay_connected
                 .with_label_values(&[&label])
                 .set(1);
-            let addrs = match self
+            let pin = self
                 .config
                 .resolver
-                .pin(&self.url, self.config.addresses.as_ref())
-                .await
-            {
+                .pin(&self.url, self.config.addresses.as_ref());
+            let Some(pinned) = super::unless_stopped(&mut self.stop, pin).await else {
+                return self.finish();
+            };
+            let addrs = match pinned {
                 Ok(addrs) => addrs,
                 Err(e) => {
                     // A name that does not resolve is a failed attempt; one that resolves
@@ -70,13 +72,20 @@ impl Session {
                     continue;
                 }
             };
-            let caps = nip11::fetch(&self.url, &addrs, self.config.nip11_timeout).await;
+            let fetch = nip11::fetch(&self.url, &addrs, self.config.nip11_timeout);
+            let Some(caps) = super::unless_stopped(&mut self.stop, fetch).await else {
+                return self.finish();
+            };
             if let Err(e) = &caps {
                 tracing::debug!(relay = %self.url, error = %e, "no usable NIP-11 document; using defaults");
             }
             let nip11_doc = caps.as_ref().ok().cloned();
             let caps = caps.unwrap_or_default();
-            let conn = match connection::connect_to(&self.url, &addrs, &self.config.connect).await {
+            let connect = connection::connect_to(&self.url, &addrs, &self.config.connect);
+            let Some(connected) = super::unless_stopped(&mut self.stop, connect).await else {
+                return self.finish();
+            };
+            let conn = match connected {
                 Ok((writer, reader)) => {
                     let (local_tx, local_rx) = mpsc::unbounded_channel();
                     Conn {
@@ -142,7 +151,7 @@ impl Session {
             self.metrics.relays_connected.dec();
             self.metrics.subscriptions.set(0);
             match end {
-                End::Stop => return self.finish(),
+                End::Stop | End::Lost(SessionError::Stopped) => return self.finish(),
                 End::Lost(err) => {
                     self.abandon_reconciliation();
                     self.on_disconnect(err);
