@@ -14,7 +14,7 @@ pub struct AssignmentMetrics {
     pub foreign_leases: IntGauge,
     /// Workers that stopped gracefully and are waited for (a rolling restart).
     pub workers_resting: IntGauge,
-    /// RelaySyncs moving between two live workers.
+    /// Relays (all parts of a split one) moving between two live workers.
     pub relays_draining: IntGauge,
     /// Assignment steps applied, by kind (assign | drain | cancel | reassign_drained |
     /// reassign_dead).
@@ -50,7 +50,7 @@ impl AssignmentMetrics {
             relays_draining: int_gauge(
                 registry,
                 "grasp_sync_relays_draining",
-                "RelaySyncs moving between two live workers",
+                "Relays (all parts of a split one) moving between two live workers",
             )?,
             assignment_moves: int_counter_vec(
                 registry,

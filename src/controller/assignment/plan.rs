@@ -8,7 +8,7 @@
 //! acknowledge: its relays are reassigned at once. Split objects of one relay share the key
 //! (the URL), so they always land on the same worker.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use super::ring::Ring;
 
@@ -47,18 +47,30 @@ pub struct Plan {
     pub steps: Vec<Step>,
     /// Objects with no live owner after this plan (an operator-visible gauge).
     pub unassigned: usize,
-    /// Moves between live workers in progress after this plan.
+    /// Relays moving between live workers after this plan.
     pub draining: usize,
 }
 
-/// Plan the next steps. At most `max_moves` drains run at once; dead workers' relays and
-/// unassigned ones are never held back by that bound.
+/// Plan the next steps. At most `max_moves` relays drain at once — a relay, not an object:
+/// its worker lets go of a split relay only once every part is draining, so the parts start
+/// draining together and count as one move (counted per object, a relay split into more
+/// parts than the bound, or several split relays sharing it, could take every slot with
+/// parts their worker never lets go of, and no relay would move again). Dead workers'
+/// relays and unassigned ones are never held back by that bound.
 pub fn plan(objects: &[Assigned], live: &BTreeSet<String>, ring: &Ring, max_moves: usize) -> Plan {
     let mut out = Plan::default();
-    let mut draining = objects
-        .iter()
-        .filter(|o| o.draining && o.worker.as_ref().is_some_and(|w| live.contains(w)))
-        .count();
+    // Relays (URLs) draining away from a live worker, and of each, the parts not yet
+    // released: a relay's slot frees once its last part moves.
+    let mut draining: BTreeSet<&str> = BTreeSet::new();
+    let mut unreleased: BTreeMap<&str, usize> = BTreeMap::new();
+    for o in objects {
+        if o.draining && o.worker.as_ref().is_some_and(|w| live.contains(w)) {
+            draining.insert(&o.url);
+            if !o.released {
+                *unreleased.entry(&o.url).or_default() += 1;
+            }
+        }
+    }
     for o in objects {
         let Some(want) = ring.owner(&o.url) else {
             if o.worker.as_ref().is_none_or(|w| !live.contains(w)) {
@@ -82,7 +94,7 @@ pub fn plan(objects: &[Assigned], live: &BTreeSet<String>, ring: &Ring, max_move
                     out.steps.push(Step::CancelDrain {
                         name: o.name.clone(),
                     });
-                    draining = draining.saturating_sub(1);
+                    draining.remove(o.url.as_str());
                 }
             }
             Some(current) => {
@@ -92,17 +104,22 @@ pub fn plan(objects: &[Assigned], live: &BTreeSet<String>, ring: &Ring, max_move
                         from: current.clone(),
                         to: want,
                     });
-                    draining = draining.saturating_sub(1);
-                } else if !o.draining && draining < max_moves {
+                    if unreleased.get(o.url.as_str()).is_none_or(|n| *n == 0) {
+                        draining.remove(o.url.as_str());
+                    }
+                } else if !o.draining
+                    && (draining.contains(o.url.as_str()) || draining.len() < max_moves)
+                {
                     out.steps.push(Step::StartDrain {
                         name: o.name.clone(),
                     });
-                    draining += 1;
+                    draining.insert(&o.url);
+                    *unreleased.entry(&o.url).or_default() += 1;
                 }
             }
         }
     }
-    out.draining = draining;
+    out.draining = draining.len();
     out
 }
 
@@ -272,5 +289,68 @@ mod tests {
         );
         apply(&mut objs, &p.steps, false);
         assert!(objs.iter().all(|o| !o.draining));
+    }
+
+    /// The worker's side of a drain, as `supervisor::sessions::drains_due` does it: a relay
+    /// is let go (every part acknowledged) only once all its parts are draining.
+    fn worker_acks_whole_relays(objs: &mut [Assigned]) {
+        let urls: BTreeSet<String> = objs.iter().map(|o| o.url.clone()).collect();
+        for url in urls {
+            let all = objs.iter().filter(|o| o.url == url).all(|o| o.draining);
+            if all {
+                for o in objs.iter_mut().filter(|o| o.url == url) {
+                    o.released = true;
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn split_relays_drain_whole_within_the_bound_and_all_of_them_move() {
+        // Two relays split into five parts each (interleaved by name, as hashed names are),
+        // and plain ones, with at most two moves at once.
+        let mut objs: Vec<Assigned> = (0..5)
+            .flat_map(|p| {
+                ["wss://big-a.example", "wss://big-b.example"]
+                    .into_iter()
+                    .map(move |url| Assigned {
+                        name: format!("{url}-part-{p}"),
+                        url: url.to_string(),
+                        worker: None,
+                        draining: false,
+                        released: false,
+                    })
+            })
+            .chain(objects(200))
+            .collect();
+        let one = live(&["w0"]);
+        let ring1 = Ring::new(one.iter().cloned(), DEFAULT_VNODES);
+        let steps = plan(&objs, &one, &ring1, 2).steps;
+        apply(&mut objs, &steps, false);
+        let four = live(&["w0", "w1", "w2", "w3"]);
+        let ring4 = Ring::new(four.iter().cloned(), DEFAULT_VNODES);
+        assert!(
+            ["wss://big-a.example", "wss://big-b.example"]
+                .iter()
+                .all(|u| ring4.owner(u) != Some("w0")),
+            "both split relays move (pick other URLs if the ring changes)"
+        );
+        let mut rounds = 0;
+        loop {
+            let p = plan(&objs, &four, &ring4, 2);
+            assert!(p.draining <= 2, "{} relays draining at once", p.draining);
+            if p.steps.is_empty() {
+                break;
+            }
+            apply(&mut objs, &p.steps, false);
+            worker_acks_whole_relays(&mut objs);
+            rounds += 1;
+            assert!(rounds < 1000, "no progress: the moves are stuck");
+        }
+        assert!(
+            objs.iter()
+                .all(|o| o.worker.as_deref() == ring4.owner(&o.url)),
+            "every relay, split or not, reached its owner"
+        );
     }
 }
