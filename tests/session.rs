@@ -1597,6 +1597,105 @@ async fn a_session_with_a_cursor_resumes_instead_of_resyncing() {
     h.stop().await;
 }
 
+/// A maintainer added while no session ran (or before the session that learned of it had
+/// fetched their state): the repo resumes as confirmed from the stored cursor, but that
+/// cursor never covered the new maintainer, whose state event is older than it. It is
+/// fetched all the same, on a relay without negentropy too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_maintainer_added_before_a_restart_has_older_state_fetched() {
+    let rig = rig().await;
+    let f = nip34::fixture("new-maintainer");
+    let maintainer = Keys::generate();
+    let now = nostr::Timestamp::now().as_secs();
+    let state = EventBuilder::new(Kind::from(30618), "")
+        .tag(nostr::Tag::identifier("new-maintainer"))
+        .custom_created_at(nostr::Timestamp::from(now - 7_200))
+        .sign_with_keys(&maintainer)
+        .unwrap();
+    let remote = HostileRelay::start(Script::default()).await;
+    remote.add([state.clone()]);
+    let mut set = set_for(&[&f]);
+    set.repos = set
+        .repos
+        .into_iter()
+        .map(|mut r| {
+            r.authors.insert(maintainer.public_key());
+            r
+        })
+        .collect();
+    // Everything confirmed up to ten minutes ago (slack is 15 minutes): two hours ago is
+    // long before what a resumed fetch reads.
+    let resume = Resume {
+        cursor: Some(now - 600),
+        confirmed_roots: vec![RootDigest::of(&set.roots)],
+        last_reconciled: None,
+    };
+    let mut config = fast_config();
+    config.negentropy = false;
+    let h = rig.start(&remote.url(), set, resume, config);
+    rig.holds_exactly(&nip34::ids([&state])).await;
+    let s = wait_phase(&h, Phase::Live).await;
+    assert_eq!(s.confirmed_repos, 1);
+    h.stop().await;
+}
+
+/// A root that leaves the set while its history is being fetched is not confirmed by that
+/// fetch finishing after it left: added again (maybe much later, past the cursor's slack),
+/// it is unconfirmed until a fetch of its own is done, so no restart resumes it from the
+/// cursor in between.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_root_that_left_the_set_mid_fetch_is_not_confirmed_when_added_again() {
+    let rig = rig().await;
+    let f = nip34::fixture("left-mid-fetch");
+    let comments = nip34::comments(f.root.id, 400, 0);
+    // Five events a page: the root's history takes 80 pages.
+    let remote = HostileRelay::start(Script {
+        page_cap: Some(5),
+        ..Script::default()
+    })
+    .await;
+    remote.add(f.expected.iter().chain(&comments).cloned());
+    let mut config = fast_config();
+    config.negentropy = false;
+    let full = set_for(&[&f]);
+    let h = rig.start(&remote.url(), full.clone(), Resume::fresh(), config);
+    eventually("the root's history being paged", DEADLINE, || async {
+        (remote.counters().events_served.load(Ordering::SeqCst) >= 30).then_some(())
+    })
+    .await;
+    let without = SyncSet {
+        repos: full.repos.clone(),
+        roots: Default::default(),
+    };
+    h.set(without);
+    // The fetch runs to its end meanwhile (nothing cuts it short), and our relay takes it.
+    let all: BTreeSet<EventId> = nip34::ids(f.expected.iter().chain(&comments));
+    rig.holds_exactly(&all).await;
+    let batches = || {
+        rig.metrics
+            .historic_batches
+            .with_label_values(&["confirmed"])
+            .get()
+    };
+    eventually("the root's batch done", DEADLINE, || async {
+        (batches() >= 3).then_some(())
+    })
+    .await;
+    wait_phase(&h, Phase::Live).await;
+    let seq = h.set(full);
+    let mut rx = h.state();
+    let s = eventually("the root added again", DEADLINE, || {
+        let s = rx.borrow_and_update().clone();
+        async move { (s.applied_set >= seq).then_some(s) }
+    })
+    .await;
+    assert_eq!(
+        s.confirmed_roots, 0,
+        "confirmed by a fetch that finished while it was out of the set"
+    );
+    h.stop().await;
+}
+
 /// Defect 5 of the correctness issue: a root accepted on our relay shortly before a crash is
 /// in the set the restarted session learns from the local relay, but its history was never
 /// fetched. Only the roots the persisted digest vouches for resume from the cursor; this one

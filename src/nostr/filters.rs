@@ -46,23 +46,32 @@ pub fn layer1() -> Filter {
     Filter::new().kind(REPO_ANNOUNCEMENT)
 }
 
+/// The state filter (30618 by `#d`, by owner and maintainers) of a chunk of repos.
+fn state_filter(part: &[RepoScope]) -> Filter {
+    let identifiers: BTreeSet<&str> = part.iter().map(|r| r.coordinate.identifier()).collect();
+    let authors: BTreeSet<PublicKey> = part
+        .iter()
+        .flat_map(|r| r.authors.iter().copied())
+        .collect();
+    Filter::new()
+        .kind(Kind::from(KIND_REPO_STATE))
+        .identifiers(identifiers)
+        .authors(authors)
+}
+
+/// Only the state filters of Layer 2 for `repos`, `chunk` repos per filter: the part of
+/// Layer 2 that depends on who maintains a repo, not only on which repo it is.
+pub fn layer2_states(repos: &[RepoScope], chunk: usize) -> Vec<Filter> {
+    repos.chunks(chunk.max(1)).map(state_filter).collect()
+}
+
 /// Layer 2 filters for `repos`, `chunk` repos per filter.
 pub fn layer2(repos: &[RepoScope], chunk: usize) -> Vec<Filter> {
     let chunk = chunk.max(1);
     let mut out = Vec::new();
     for part in repos.chunks(chunk) {
         let coords: Vec<String> = part.iter().map(|r| r.coordinate.to_string()).collect();
-        let identifiers: BTreeSet<&str> = part.iter().map(|r| r.coordinate.identifier()).collect();
-        let authors: BTreeSet<PublicKey> = part
-            .iter()
-            .flat_map(|r| r.authors.iter().copied())
-            .collect();
-        out.push(
-            Filter::new()
-                .kind(Kind::from(KIND_REPO_STATE))
-                .identifiers(identifiers)
-                .authors(authors),
-        );
+        out.push(state_filter(part));
         for tag in [
             SingleLetterTag::lowercase(Alphabet::A),
             SingleLetterTag::uppercase(Alphabet::A),

@@ -187,6 +187,7 @@ impl Session {
         self.confirmed.roots.retain(|r| set.roots.contains(r));
         self.fetched.repos.retain(|r| set.repos.contains(r));
         self.fetched.roots.retain(|r| set.roots.contains(r));
+        self.unproven_states.retain(|r| set.repos.contains(r));
         self.set = set;
         self.confirmed_view = None;
         let (repos, roots) = (self.set.repos.len(), self.set.roots.len());

@@ -319,6 +319,9 @@ pub fn spawn(
         config,
         url,
         set,
+        unproven_states: confirmed.repos.clone(),
+        states_abandoned: 0,
+        states_retry_at: Instant::now(),
         confirmed,
         fetched: SyncSet::default(),
         confirmed_view: None,
@@ -379,6 +382,16 @@ struct Session {
     /// Items whose history the relay has served in full, waiting for our relay to answer
     /// for every event handed over before they count as confirmed.
     fetched: SyncSet,
+    /// Repos taken as confirmed from a stored cursor whose state filter (by owner and
+    /// maintainers) is not yet read over the whole range: the cursor vouches for the repo
+    /// as it was scoped when it was written, and a maintainer added since — announced while
+    /// no session ran, or before the session that learned it finished — has state events
+    /// older than the cursor that nothing else would fetch.
+    unproven_states: BTreeSet<RepoScope>,
+    /// Reads of `unproven_states` cut short by a lost connection in a row, and when the
+    /// next may start (as for an abandoned reconciliation).
+    states_abandoned: u32,
+    states_retry_at: Instant,
     cursor: Option<u64>,
     health: Health,
     publisher: Publisher,

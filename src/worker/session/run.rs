@@ -154,6 +154,15 @@ impl Session {
                 End::Stop | End::Lost(SessionError::Stopped) => return self.finish(),
                 End::Lost(err) => {
                     self.abandon_reconciliation();
+                    if conn
+                        .batches
+                        .values()
+                        .any(|b| matches!(b.items, super::historic::Items::States(_)))
+                    {
+                        self.states_abandoned += 1;
+                        self.states_retry_at = Instant::now()
+                            + abandoned_retry(self.states_abandoned, self.config.reconcile_every.0);
+                    }
                     self.on_disconnect(err);
                 }
             }
@@ -219,6 +228,7 @@ impl Session {
         }
         // A (re)connection follows a gap: negentropy covers the whole range.
         self.queue_historic(conn, None, true, since, true);
+        self.queue_states(conn);
         let mut tick = tokio::time::interval(Duration::from_millis(250));
         loop {
             if let Err(e) = self.pump_queue(conn).await {
@@ -300,6 +310,11 @@ impl Session {
             && conn.batches.is_empty()
             && self.counters.settled()
         {
+            // It read every repo's state over the whole range.
+            if self.reconciling {
+                self.unproven_states.clear();
+                self.states_abandoned = 0;
+            }
             self.reconciling = false;
             self.abandoned = 0;
             self.initial_sync = false;
@@ -318,6 +333,7 @@ impl Session {
             let all = self.set.clone();
             self.queue_historic(conn, Some(all), true, None, false);
         }
+        self.queue_states(conn);
         self.poll_overflow(conn, now);
         self.check_timeouts(conn).await;
         Ok(())

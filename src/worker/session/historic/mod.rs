@@ -27,6 +27,9 @@ pub(super) enum Items {
     Backfill,
     Repos(Vec<RepoScope>),
     Roots(Vec<EventId>),
+    /// The whole-range state filters of repos resumed as confirmed (see
+    /// `Session::unproven_states`).
+    States(Vec<RepoScope>),
 }
 
 pub(super) struct Batch {
@@ -219,6 +222,27 @@ impl Session {
         }
     }
 
+    /// Read the state filters of the repos resumed as confirmed over the whole range (see
+    /// `Session::unproven_states`): replaceable events, one per repo and maintainer, and a
+    /// whole-range batch skips what our relay holds. Not while such a read is running, nor
+    /// before `states_retry_at` (a connection lost during the last one: a relay that cannot
+    /// serve a read without `since` is not asked on every connection).
+    pub(in crate::worker::session) fn queue_states(&mut self, conn: &mut Conn) {
+        let running = conn
+            .batches
+            .values()
+            .any(|b| matches!(b.items, Items::States(_)));
+        if self.unproven_states.is_empty() || running || Instant::now() < self.states_retry_at {
+            return;
+        }
+        let limit = self.page_limit(&conn.caps);
+        let unproven: Vec<RepoScope> = self.unproven_states.iter().cloned().collect();
+        for part in unproven.chunks(self.config.chunk.max(1)) {
+            let fs = filters::layer2_states(part, self.config.chunk);
+            self.add_batch(conn, Items::States(part.to_vec()), fs, None, limit, true);
+        }
+    }
+
     /// Fetch again, from `since`, everything the set's live subscriptions would have
     /// delivered while they were not open (a live gap).
     pub(in crate::worker::session) fn backfill(&mut self, conn: &mut Conn, since: Timestamp) {
@@ -383,9 +407,26 @@ impl Session {
         match b.items {
             Items::Announcements | Items::Backfill => {}
             // Served in full, but confirmed only once our relay has answered for every event
-            // handed over: a crash before that must not resume these as done.
-            Items::Repos(rs) => self.fetched.repos.extend(rs),
-            Items::Roots(ids) => self.fetched.roots.extend(ids),
+            // handed over: a crash before that must not resume these as done. An item that
+            // left the set while its batch ran is not: re-added, it is fetched in full again.
+            Items::Repos(rs) => self
+                .fetched
+                .repos
+                .extend(rs.into_iter().filter(|r| self.set.repos.contains(r))),
+            Items::Roots(ids) => self
+                .fetched
+                .roots
+                .extend(ids.into_iter().filter(|id| self.set.roots.contains(id))),
+            // The cursor waited for this batch like for any other, so from here on it
+            // covers these scopes' state too.
+            Items::States(rs) => {
+                for r in &rs {
+                    self.unproven_states.remove(r);
+                }
+                if self.unproven_states.is_empty() {
+                    self.states_abandoned = 0;
+                }
+            }
         }
     }
 
