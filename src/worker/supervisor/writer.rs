@@ -131,6 +131,19 @@ pub(crate) struct StatusWriter {
     finals: mpsc::UnboundedSender<Write>,
     pub(crate) results: mpsc::UnboundedReceiver<Written>,
     task: JoinHandle<()>,
+    /// A writer dropped without [`finish`](Self::finish) — its supervisor aborted after a
+    /// lost Lease — writes nothing more: the next supervisor runs under the same worker
+    /// name, so the label test would let a stale final status through over its own.
+    _abort: AbortOnDrop,
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 impl StatusWriter {
@@ -160,7 +173,10 @@ impl StatusWriter {
             writes_pending.subscribe(),
         ));
         let pending = writes_pending.clone();
+        // Aborted with the writer task: a dropped writer publishes no Events either.
+        let lane_guard = AbortOnDrop(lane.abort_handle());
         let task = tokio::spawn(async move {
+            let _lane_guard = lane_guard;
             let queue = |rx: mpsc::UnboundedReceiver<Write>| {
                 futures::stream::unfold(
                     rx,
@@ -219,6 +235,7 @@ impl StatusWriter {
             writes_pending,
             finals,
             results,
+            _abort: AbortOnDrop(task.abort_handle()),
             task,
         }
     }
@@ -246,6 +263,7 @@ impl StatusWriter {
             finals,
             mut results,
             task,
+            _abort,
         } = self;
         drop(submit);
         drop(finals);
@@ -486,6 +504,41 @@ mod tests {
             }),
             decided_at: Instant::now(),
         }
+    }
+
+    /// A writer dropped with writes queued and in flight (its supervisor aborted after a lost
+    /// Lease) writes nothing more, so no stale status lands over the next supervisor's.
+    #[tokio::test(start_paused = true)]
+    async fn a_dropped_writer_writes_nothing_more() {
+        let store = Arc::new(SlowStore {
+            hands_over: true,
+            ..SlowStore::default()
+        });
+        for name in ["slow", "queued"] {
+            let spec = RelaySyncSpec {
+                url: format!("wss://{name}.example"),
+                ..RelaySyncSpec::default()
+            };
+            store.apply_spec(name, &spec).await.unwrap();
+        }
+        let metrics = SupervisorMetrics::register(&Registry::new()).unwrap();
+        let writer = StatusWriter::spawn(store.clone(), metrics, Duration::from_secs(60));
+        let mut fin = live("queued");
+        fin.kind = WriteKind::Final;
+        assert!(writer.submit(live("slow")));
+        assert!(writer.submit(fin));
+        // The slow write is in flight, the final waits out its hold (a handover going on).
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(store.written.lock().unwrap().is_empty());
+        drop(writer);
+        store.release.notify_one();
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        assert!(
+            store.written.lock().unwrap().is_empty(),
+            "written after the writer was dropped: {:?}",
+            store.written.lock().unwrap()
+        );
+        assert!(store.events.lock().unwrap().is_empty());
     }
 
     /// During a failover every write to the API server delays some relay's Live status: an
