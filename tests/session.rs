@@ -1463,6 +1463,46 @@ async fn a_reconciliation_is_reported_though_an_event_was_set_aside() {
     h.stop().await;
 }
 
+/// An event over the message limit our relay states in its NIP-11 document (strfry's
+/// `max_message_length`, say) is refused before it is sent, counted, and holds nothing: the
+/// relay drops the connection on such a frame, and an event set aside after that would hold
+/// its relay's cursor and confirmation for good — one large comment from anyone would do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_over_the_local_relay_s_stated_limit_is_refused_and_holds_nothing() {
+    let f = nip34::fixture("over-stated-limit");
+    let local = HostileRelay::start(Script {
+        max_frame_bytes: Some(8_000),
+        nip11: Some(r#"{"name":"strict","limitation":{"max_message_length":8000}}"#.into()),
+        ..Script::default()
+    })
+    .await;
+    let (publisher, _task) = Publisher::spawn(
+        PublisherConfig::new(local.url()),
+        WorkerMetrics::default().publisher,
+    );
+    eventually("the local relay's limit read", DEADLINE, || async {
+        (publisher.local_max_message() == Some(8_000)).then_some(())
+    })
+    .await;
+    let big = EventBuilder::new(Kind::from(1111), "x".repeat(20_000))
+        .tag(nostr::Tag::custom(
+            nostr::TagKind::custom("E"),
+            [f.root.id.to_hex()],
+        ))
+        .sign_with_keys(&Keys::generate())
+        .unwrap();
+    let remote = HostileRelay::start(Script::default()).await;
+    remote.add(f.expected.iter().cloned().chain([big]));
+    let h = initial_sync_reported(&local, &remote, &f, publisher.clone()).await;
+    let s = wait_phase(&h, Phase::Live).await;
+    assert_eq!((s.confirmed_repos, s.confirmed_roots), (1, 1));
+    assert!(s.cursor.is_some(), "the cursor never moved");
+    assert_eq!(publisher.stats().quarantined.load(Ordering::Relaxed), 0);
+    let held: BTreeSet<EventId> = local.ids().into_iter().collect();
+    assert_eq!(held, nip34::ids(&f.expected));
+    h.stop().await;
+}
+
 /// Defect 2, across restarts: the reconciliation is scheduled from the persisted
 /// `lastReconciled`, so a worker restarted more often than the period still reconciles. A
 /// fresh session's full sync counts as one and is reported.

@@ -62,6 +62,9 @@ pub struct Script {
     /// Drop the connection (no close handshake) on any frame longer than this, as relays do
     /// over their message limit.
     pub max_frame_bytes: Option<usize>,
+    /// Served as the NIP-11 document (an HTTP request accepting `application/nostr+json`);
+    /// without it such a request gets no answer a client can use.
+    pub nip11: Option<String>,
     /// Sent to every new connection, N times.
     pub notice_storm: Option<(String, usize)>,
     /// Answer every REQ with every stored event, whatever its filters ask (a broken or
@@ -275,6 +278,19 @@ impl ScriptedRelay {
             while let Ok((stream, _)) = listener.accept().await {
                 let s = s.clone();
                 conns.spawn(async move {
+                    let document = s
+                        .script
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .nip11
+                        .clone();
+                    let stream = match document {
+                        Some(doc) => match answer_nip11(stream, &doc).await {
+                            Some(stream) => stream,
+                            None => return,
+                        },
+                        None => stream,
+                    };
                     if let Ok(ws) = tokio_tungstenite::accept_async(stream).await {
                         serve(ws, s).await;
                     }
@@ -590,6 +606,47 @@ async fn serve(ws: Ws, s: Arc<Shared>) {
         }
     }
     s.counters.live_connections.fetch_sub(1, Ordering::SeqCst);
+}
+
+/// A NIP-11 request (HTTP, accepting `application/nostr+json`, no WebSocket upgrade) gets
+/// `doc`; anything else is handed back unread for the WebSocket handshake.
+async fn answer_nip11(
+    mut stream: tokio::net::TcpStream,
+    doc: &str,
+) -> Option<tokio::net::TcpStream> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; 8192];
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(2);
+    // Peek until the request's head is complete: nothing is consumed before the decision.
+    let head = loop {
+        let n = tokio::time::timeout_at(deadline, stream.peek(&mut buf))
+            .await
+            .ok()?
+            .ok()?;
+        if n == 0 {
+            return None;
+        }
+        if let Some(end) = buf[..n].windows(4).position(|w| w == b"\r\n\r\n") {
+            break end + 4;
+        }
+        if n == buf.len() {
+            return Some(stream);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    };
+    let text = String::from_utf8_lossy(&buf[..head]).to_ascii_lowercase();
+    if text.contains("upgrade: websocket") || !text.contains("application/nostr+json") {
+        return Some(stream);
+    }
+    let mut consumed = vec![0u8; head];
+    stream.read_exact(&mut consumed).await.ok()?;
+    let response = format!(
+        "HTTP/1.1 200 OK\r\ncontent-type: application/nostr+json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{doc}",
+        doc.len()
+    );
+    let _ = stream.write_all(response.as_bytes()).await;
+    let _ = stream.shutdown().await;
+    None
 }
 
 enum Reply {

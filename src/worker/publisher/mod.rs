@@ -277,6 +277,48 @@ struct Common {
     /// When the relay last stored an event (`OK true`, not a duplicate): whether it is
     /// storing at all, for telling an event's own failures from the relay's.
     last_stored: Mutex<Option<std::time::Instant>>,
+    /// The relay's message limit as its NIP-11 document states it (`max_message_length`;
+    /// 0: not stated, or not read yet).
+    local_max_message: AtomicUsize,
+}
+
+/// What an `EVENT` message adds to the event's JSON: `["EVENT",` and `]`.
+const EVENT_FRAME_OVERHEAD: usize = 10;
+
+/// How often the local relay's NIP-11 document is read again (its operator may change it).
+const LIMITS_REREAD: Duration = Duration::from_secs(600);
+
+/// Read the local relay's message limit from its NIP-11 document, now and every
+/// [`LIMITS_REREAD`], while the publisher lives.
+async fn learn_local_limits(url: RelayUrl, shared: std::sync::Weak<Common>) {
+    loop {
+        let addrs = crate::relay::resolve::Resolver::system()
+            .pin(&url, None)
+            .await;
+        let caps = match addrs {
+            Ok(addrs) => crate::relay::nip11::fetch(&url, &addrs, Duration::from_secs(5))
+                .await
+                .map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        let Some(common) = shared.upgrade() else {
+            return;
+        };
+        match caps {
+            Ok(caps) => {
+                let max = caps.max_message_length.map_or(0, |m| m as usize);
+                let before = common.local_max_message.swap(max, Ordering::Relaxed);
+                if before != max && max > 0 {
+                    tracing::info!(relay = %url, max_message_length = max, "the local relay's message limit (NIP-11): larger events are refused, not sent");
+                }
+            }
+            Err(error) => {
+                tracing::debug!(relay = %url, %error, "no NIP-11 document from the local relay");
+            }
+        }
+        drop(common);
+        tokio::time::sleep(LIMITS_REREAD).await;
+    }
 }
 
 struct HeldWatch {
@@ -301,6 +343,7 @@ impl Common {
             signatures: SignatureMemory::new(SIGNATURE_MEMORY),
             held_watch: Mutex::default(),
             last_stored: Mutex::default(),
+            local_max_message: AtomicUsize::new(0),
         }
     }
 
@@ -382,6 +425,10 @@ impl Publisher {
         let stats = Arc::new(PublisherStats::default());
         let gauges = Arc::new(Gauges::default());
         let shared = Arc::new(Common::new(&config));
+        tokio::spawn(learn_local_limits(
+            config.local_relay.clone(),
+            Arc::downgrade(&shared),
+        ));
         let supervisor = tokio::spawn(run_connections(
             config,
             metrics,
@@ -396,8 +443,20 @@ impl Publisher {
     /// The checks an event from a remote passes before [`publish`](Self::publish) (see
     /// [`SignatureMemory::validate`]); a copy of an event already verified through this
     /// publisher skips the signature check.
+    /// An event the local relay's stated message limit cannot carry is refused here too:
+    /// sent, it would cost the connection (a frame over the limit is dropped with it) and
+    /// end set aside after all, holding its session's cursor for good.
     pub fn validate(&self, event: &Event, max_bytes: usize) -> Result<Validated, EventRejection> {
-        self.shared.signatures.validate(event, max_bytes)
+        let max = match self.local_max_message() {
+            Some(local) => max_bytes.min(local.saturating_sub(EVENT_FRAME_OVERHEAD)),
+            None => max_bytes,
+        };
+        self.shared.signatures.validate(event, max)
+    }
+
+    /// The local relay's message limit from its NIP-11 document, once read.
+    pub fn local_max_message(&self) -> Option<usize> {
+        Some(self.shared.local_max_message.load(Ordering::Relaxed)).filter(|m| *m > 0)
     }
 
     /// Queue `event` for the local relay; waits while the queue is full.
