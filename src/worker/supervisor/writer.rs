@@ -489,6 +489,17 @@ mod tests {
         }
     }
 
+    /// One object in `store` for each of `names`.
+    async fn holding(store: &SlowStore, names: &[&str]) {
+        for name in names {
+            let spec = RelaySyncSpec {
+                url: format!("wss://{name}.example"),
+                ..RelaySyncSpec::default()
+            };
+            store.apply_spec(name, &spec).await.unwrap();
+        }
+    }
+
     fn live(name: &str) -> Write {
         Write {
             name: name.to_string(),
@@ -514,13 +525,7 @@ mod tests {
             hands_over: true,
             ..SlowStore::default()
         });
-        for name in ["slow", "queued"] {
-            let spec = RelaySyncSpec {
-                url: format!("wss://{name}.example"),
-                ..RelaySyncSpec::default()
-            };
-            store.apply_spec(name, &spec).await.unwrap();
-        }
+        holding(&store, &["slow", "queued"]).await;
         let metrics = SupervisorMetrics::register(&Registry::new()).unwrap();
         let writer = StatusWriter::spawn(store.clone(), metrics, Duration::from_secs(60));
         let mut fin = live("queued");
@@ -546,13 +551,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn phase_events_wait_while_status_writes_are_pending() {
         let store = Arc::new(SlowStore::default());
-        for name in ["fast", "slow"] {
-            let spec = RelaySyncSpec {
-                url: format!("wss://{name}.example"),
-                ..RelaySyncSpec::default()
-            };
-            store.apply_spec(name, &spec).await.unwrap();
-        }
+        holding(&store, &["fast", "slow"]).await;
         let metrics = SupervisorMetrics::register(&Registry::new()).unwrap();
         let mut writer = StatusWriter::spawn(store.clone(), metrics, Duration::from_secs(60));
         assert!(writer.submit(live("fast")));
