@@ -127,6 +127,25 @@ pub fn hold_margin(config: &LeaseConfig) -> Duration {
         .max(config.renew_every)
 }
 
+/// How long a renewal started at `now` may wait for its answer: `deadline`, but while the
+/// Lease counts as held never past `held_until` (the last good renewal's start plus the
+/// margin). Nothing else in the renewal loop runs while a request waits, and after a
+/// stalled renewal the next tick falls right on the margin's end: waited on in full, it
+/// would give the Lease up `deadline` late, most of the interval the margin keeps for
+/// stopping the sessions.
+fn renewal_within(
+    held: bool,
+    deadline: Duration,
+    held_until: tokio::time::Instant,
+    now: tokio::time::Instant,
+) -> Duration {
+    if held {
+        deadline.min(held_until.saturating_duration_since(now))
+    } else {
+        deadline
+    }
+}
+
 /// Acquire (create or take over) and keep renewing the Lease of `worker`.
 pub async fn hold(
     client: Client,
@@ -153,13 +172,14 @@ pub async fn hold(
             tokio::select! {
                 _ = tick.tick() => {
                     let started = tokio::time::Instant::now();
-                    match tokio::time::timeout(deadline, renew(&api, &worker, &config)).await {
+                    let within = renewal_within(*held_tx.borrow(), deadline, last_ok + margin, started);
+                    match tokio::time::timeout(within, renew(&api, &worker, &config)).await {
                         Ok(Ok(())) => {
                             last_ok = started;
                             held_tx.send_if_modified(|h| !std::mem::replace(h, true));
                         }
                         Ok(Err(e)) => tracing::warn!(%worker, error = %e, "lease renewal failed"),
-                        Err(_) => tracing::warn!(%worker, ?deadline, "lease renewal timed out"),
+                        Err(_) => tracing::warn!(%worker, deadline = ?within, "lease renewal timed out"),
                     }
                     if last_ok.elapsed() >= margin
                         && held_tx.send_if_modified(|h| std::mem::replace(h, false))
@@ -523,6 +543,46 @@ pub async fn live_workers(
 mod tests {
     use super::*;
     use k8s_openapi::api::coordination::v1::LeaseSpec;
+
+    #[test]
+    fn a_renewal_never_waits_past_the_margin_while_the_lease_counts_as_held() {
+        // The chart's Lease: 6 s, renewed every 2 s; each request may take 1.6 s.
+        let config = LeaseConfig {
+            duration: Duration::from_secs(6),
+            renew_every: Duration::from_secs(2),
+            ..LeaseConfig::default()
+        };
+        let deadline = super::super::request_deadline(config.renew_every);
+        let margin = hold_margin(&config);
+        let t0 = tokio::time::Instant::now();
+        let held_until = t0 + margin;
+        // The next renewal after a good one: the whole deadline.
+        let next = t0 + config.renew_every;
+        assert_eq!(renewal_within(true, deadline, held_until, next), deadline);
+        // The one after a stalled renewal starts on the margin's end: it may not wait at all,
+        // so the Lease is given up then, a whole interval before it could expire.
+        let on_the_edge = t0 + 2 * config.renew_every;
+        assert_eq!(on_the_edge, held_until);
+        assert_eq!(
+            renewal_within(true, deadline, held_until, on_the_edge),
+            Duration::ZERO
+        );
+        // Half a second before it: half a second.
+        assert_eq!(
+            renewal_within(
+                true,
+                deadline,
+                held_until,
+                held_until - Duration::from_millis(500)
+            ),
+            Duration::from_millis(500)
+        );
+        // Given up already (trying to take it back): the whole deadline.
+        assert_eq!(
+            renewal_within(false, deadline, held_until, on_the_edge),
+            deadline
+        );
+    }
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
     fn lease(name: &str, holder: &str, renewed: i64, secs: i32) -> Lease {
