@@ -186,9 +186,13 @@ pub fn campaign(client: Client, namespace: &str, config: LeaderConfig) -> Electi
                 }
             }
             let started = tokio::time::Instant::now();
-            let attempt = match tokio::time::timeout(deadline, try_lead(&api, &config)).await {
+            let within = match last_ok {
+                Some(t) => super::renewal_within(*tx.borrow(), deadline, t + safe, started),
+                None => deadline,
+            };
+            let attempt = match tokio::time::timeout(within, try_lead(&api, &config)).await {
                 Ok(r) => r,
-                Err(_) => Err(super::timed_out(deadline)),
+                Err(_) => Err(super::timed_out(within)),
             };
             match attempt {
                 Ok(true) => {

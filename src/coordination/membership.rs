@@ -127,25 +127,6 @@ pub fn hold_margin(config: &LeaseConfig) -> Duration {
         .max(config.renew_every)
 }
 
-/// How long a renewal started at `now` may wait for its answer: `deadline`, but while the
-/// Lease counts as held never past `held_until` (the last good renewal's start plus the
-/// margin). Nothing else in the renewal loop runs while a request waits, and after a
-/// stalled renewal the next tick falls right on the margin's end: waited on in full, it
-/// would give the Lease up `deadline` late, most of the interval the margin keeps for
-/// stopping the sessions.
-fn renewal_within(
-    held: bool,
-    deadline: Duration,
-    held_until: tokio::time::Instant,
-    now: tokio::time::Instant,
-) -> Duration {
-    if held {
-        deadline.min(held_until.saturating_duration_since(now))
-    } else {
-        deadline
-    }
-}
-
 /// Acquire (create or take over) and keep renewing the Lease of `worker`.
 pub async fn hold(
     client: Client,
@@ -172,7 +153,8 @@ pub async fn hold(
             tokio::select! {
                 _ = tick.tick() => {
                     let started = tokio::time::Instant::now();
-                    let within = renewal_within(*held_tx.borrow(), deadline, last_ok + margin, started);
+                    let within =
+                        super::renewal_within(*held_tx.borrow(), deadline, last_ok + margin, started);
                     match tokio::time::timeout(within, renew(&api, &worker, &config)).await {
                         Ok(Ok(())) => {
                             last_ok = started;
@@ -552,24 +534,27 @@ mod tests {
             renew_every: Duration::from_secs(2),
             ..LeaseConfig::default()
         };
-        let deadline = super::super::request_deadline(config.renew_every);
+        let deadline = crate::coordination::request_deadline(config.renew_every);
         let margin = hold_margin(&config);
         let t0 = tokio::time::Instant::now();
         let held_until = t0 + margin;
         // The next renewal after a good one: the whole deadline.
         let next = t0 + config.renew_every;
-        assert_eq!(renewal_within(true, deadline, held_until, next), deadline);
+        assert_eq!(
+            crate::coordination::renewal_within(true, deadline, held_until, next),
+            deadline
+        );
         // The one after a stalled renewal starts on the margin's end: it may not wait at all,
         // so the Lease is given up then, a whole interval before it could expire.
         let on_the_edge = t0 + 2 * config.renew_every;
         assert_eq!(on_the_edge, held_until);
         assert_eq!(
-            renewal_within(true, deadline, held_until, on_the_edge),
+            crate::coordination::renewal_within(true, deadline, held_until, on_the_edge),
             Duration::ZERO
         );
         // Half a second before it: half a second.
         assert_eq!(
-            renewal_within(
+            crate::coordination::renewal_within(
                 true,
                 deadline,
                 held_until,
@@ -579,7 +564,7 @@ mod tests {
         );
         // Given up already (trying to take it back): the whole deadline.
         assert_eq!(
-            renewal_within(false, deadline, held_until, on_the_edge),
+            crate::coordination::renewal_within(false, deadline, held_until, on_the_edge),
             deadline
         );
     }
@@ -611,7 +596,7 @@ mod tests {
             };
             let (margin, deadline) = (
                 hold_margin(&config),
-                super::super::request_deadline(config.renew_every),
+                crate::coordination::request_deadline(config.renew_every),
             );
             // The next renewal starts within an interval and ends within its deadline.
             assert!(config.renew_every + deadline < margin, "{duration}/{renew}");
