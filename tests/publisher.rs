@@ -193,13 +193,57 @@ async fn a_local_relay_failing_every_write_for_longer_than_the_error_age_loses_n
     );
 }
 
-/// An event the local relay keeps failing on while it stores the others is given up once
-/// it is older than the error age and failed often enough since the relay showed it can
-/// store: counted, and it does not hold the rest back.
+/// While the local relay fails every write, events waiting to be sent again count against
+/// a connection's room: the connection stops taking new ones, the bounded queue fills, and
+/// publishing waits — instead of every event queued moving into an unbounded retry list.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_local_relay_failing_every_write_holds_the_publisher_back() {
+    let relay = HostileRelay::start(Script {
+        ok_failed_first: Some((usize::MAX, "error: database or disk is full".to_string())),
+        ..Script::default()
+    })
+    .await;
+    let mut config = PublisherConfig::new(relay.url());
+    config.max_connections = 1;
+    config.max_in_flight = 4;
+    config.queue_capacity = 8;
+    config.queue_per_source = 8;
+    config.queue_reserve = 0;
+    config.error_backoff = Duration::from_secs(30);
+    let (publisher, _task) = Publisher::spawn(config, PublisherMetrics::default());
+    let handed = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let feeder = {
+        let (publisher, handed) = (publisher.clone(), handed.clone());
+        tokio::spawn(async move {
+            for e in corpus(200) {
+                publisher.publish(e, None).await.unwrap();
+                handed.fetch_add(1, Ordering::SeqCst);
+            }
+        })
+    };
+    eventually(
+        "the relay failing writes",
+        Duration::from_secs(30),
+        || async { (relay.counters().events_received.load(Ordering::SeqCst) >= 4).then_some(()) },
+    )
+    .await;
+    // An absence over a window: with the retries unbounded, all 200 are taken within it.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let taken = handed.load(Ordering::SeqCst);
+    assert!(
+        taken <= 4 + 8 + 1,
+        "{taken} events taken while the relay stored nothing"
+    );
+    feeder.abort();
+}
+
+/// An event the local relay keeps failing on while it stores others in between is given up
+/// once it is older than the error age and failed often enough that way: counted, and it
+/// does not hold the rest back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_event_the_relay_keeps_failing_on_while_it_stores_others_is_given_up() {
-    let events = corpus(20);
-    let poison = events[3].id;
+    let events = corpus(100);
+    let poison = events[0].id;
     let relay = HostileRelay::start(Script {
         ok_failed_on: Some((poison, "error: row too large".to_string())),
         ..Script::default()
@@ -211,11 +255,15 @@ async fn an_event_the_relay_keeps_failing_on_while_it_stores_others_is_given_up(
     config.max_error_attempts = 3;
     let metrics = PublisherMetrics::default();
     let (publisher, _task) = Publisher::spawn(config, metrics.clone());
-    publish_all(&publisher, &events).await;
+    // The others keep coming while it fails (a second of traffic), as on a working relay.
+    for e in &events {
+        publisher.publish(e.clone(), None).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     drained(&publisher, Duration::from_secs(60)).await;
     let s = publisher.stats();
     assert_eq!(s.gave_up.load(Ordering::Relaxed), 1);
-    assert_eq!(s.accepted.load(Ordering::Relaxed), 19);
+    assert_eq!(s.accepted.load(Ordering::Relaxed), 99);
     let mut expected = ids(&events);
     expected.remove(&poison);
     assert_eq!(relay.ids().into_iter().collect::<BTreeSet<_>>(), expected);

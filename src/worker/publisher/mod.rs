@@ -71,10 +71,11 @@ pub struct PublisherConfig {
     pub error_backoff: Duration,
     /// …and given up (`gave_up`, answered for its session as a refusal; a later
     /// reconciliation offers it again) only once this long has passed since its first
-    /// failure *and* it failed `max_error_attempts` times while the relay stored other
-    /// events: a relay failing every write (a full disk, a locked database) is waited for
-    /// however long it takes, so its outage costs no event — the queue fills and holds the
-    /// sessions back instead.
+    /// failure *and* it failed `max_error_attempts` times each after the relay stored other
+    /// events since its previous failure: a relay failing every write (a full disk, a
+    /// locked database) is waited for however long it takes, so its outage costs no event —
+    /// each connection holds at most `max_in_flight` events waiting to be sent again, and
+    /// the queue then fills and holds the sessions back.
     pub max_error_age: Duration,
     /// Pause after `auth-required:` so our AUTH is answered before we resend.
     pub auth_pause: Duration,
@@ -211,8 +212,10 @@ struct Pending {
     /// Transient failures so far, and when the first one came.
     failures: u32,
     first_failure: Option<std::time::Instant>,
-    /// Transient failures after the relay stored some other event since this one's first
-    /// failure: failures of this event, not of the relay.
+    /// When the last transient failure came, and how many failures came after the relay
+    /// stored some other event since the one before: failures of this event, not of the
+    /// relay (one store at the edge of an outage makes one such failure, not all later ones).
+    last_failure: Option<std::time::Instant>,
     own_failures: u32,
     /// Connections lost while this event was the only one in flight.
     strikes: u32,
@@ -227,6 +230,15 @@ impl Pending {
         for o in self.origins.iter().flatten() {
             o.resolved.fetch_add(1, Ordering::Release);
         }
+    }
+}
+
+/// Takes one back from a counter when dropped (see [`Publisher::publish`]).
+struct Uncounted<'a>(&'a AtomicU64);
+
+impl Drop for Uncounted<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -288,6 +300,21 @@ const EVENT_FRAME_OVERHEAD: usize = 10;
 /// How often the local relay's NIP-11 document is read again (its operator may change it).
 const LIMITS_REREAD: Duration = Duration::from_secs(600);
 
+/// A stated message limit below this is not believed (a typo, a unit mistaken): refusing
+/// by it would drop, as if the relay had refused them, events it would take. Under such a
+/// limit, an event the relay really cannot take is set aside when sent (holding its
+/// cursor) as with a relay that states nothing.
+const MIN_BELIEVED_LOCAL_LIMIT: usize = 64 * 1024;
+
+/// The message limit acted on for one the relay states (0: none).
+fn believed_limit(stated: usize) -> usize {
+    if stated >= MIN_BELIEVED_LOCAL_LIMIT {
+        stated
+    } else {
+        0
+    }
+}
+
 /// Read the local relay's message limit from its NIP-11 document, now and every
 /// [`LIMITS_REREAD`], while the publisher lives.
 async fn learn_local_limits(url: RelayUrl, shared: std::sync::Weak<Common>) {
@@ -306,10 +333,14 @@ async fn learn_local_limits(url: RelayUrl, shared: std::sync::Weak<Common>) {
         };
         match caps {
             Ok(caps) => {
-                let max = caps.max_message_length.map_or(0, |m| m as usize);
+                let stated = caps.max_message_length.map_or(0, |m| m as usize);
+                let max = believed_limit(stated);
                 let before = common.local_max_message.swap(max, Ordering::Relaxed);
                 if before != max && max > 0 {
                     tracing::info!(relay = %url, max_message_length = max, "the local relay's message limit (NIP-11): larger events are refused, not sent");
+                }
+                if stated > 0 && max == 0 {
+                    tracing::warn!(relay = %url, max_message_length = stated, floor = MIN_BELIEVED_LOCAL_LIMIT, "the local relay states a message limit too small to believe; ignoring it");
                 }
             }
             Err(error) => {
@@ -447,11 +478,20 @@ impl Publisher {
     /// sent, it would cost the connection (a frame over the limit is dropped with it) and
     /// end set aside after all, holding its session's cursor for good.
     pub fn validate(&self, event: &Event, max_bytes: usize) -> Result<Validated, EventRejection> {
-        let max = match self.local_max_message() {
-            Some(local) => max_bytes.min(local.saturating_sub(EVENT_FRAME_OVERHEAD)),
-            None => max_bytes,
-        };
-        self.shared.signatures.validate(event, max)
+        let local = self
+            .local_max_message()
+            .map(|m| m.saturating_sub(EVENT_FRAME_OVERHEAD))
+            .filter(|m| *m < max_bytes);
+        match self
+            .shared
+            .signatures
+            .validate(event, local.unwrap_or(max_bytes))
+        {
+            Err(EventRejection::Oversize { bytes, max }) if local.is_some() => {
+                Err(EventRejection::OverLocalLimit { bytes, max })
+            }
+            other => other,
+        }
     }
 
     /// The local relay's message limit from its NIP-11 document, once read.
@@ -466,6 +506,9 @@ impl Publisher {
         origin: Option<Arc<SourceCounters>>,
     ) -> Result<(), PublisherClosed> {
         self.stats.submitted.fetch_add(1, Ordering::Relaxed);
+        // Not queued after all — the publisher stopped, or the caller gave up waiting for
+        // room (a session told to stop) — it is not counted as submitted.
+        let guard = Uncounted(&self.stats.submitted);
         // Events without an origin (seeding, tests) share one source.
         let source = origin.as_ref().map_or(0, |o| Arc::as_ptr(o) as usize);
         self.tx
@@ -476,16 +519,16 @@ impl Publisher {
                     attempts: 0,
                     failures: 0,
                     first_failure: None,
+                    last_failure: None,
                     own_failures: 0,
                     strikes: 0,
                     origins: vec![origin],
                 },
             )
             .await
-            .map_err(|_| {
-                self.stats.submitted.fetch_sub(1, Ordering::Relaxed);
-                PublisherClosed
-            })
+            .map_err(|_| PublisherClosed)?;
+        std::mem::forget(guard);
+        Ok(())
     }
 
     /// Changes whenever a connection to the local relay is lost or made: what was read from
@@ -622,4 +665,24 @@ pub async fn publish_all(
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     p.stats().clone()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_stated_message_limit_too_small_to_be_true_is_not_acted_on() {
+        // strfry's 128 KiB and nostr-relay-builder's 5.25 MB are believed.
+        assert_eq!(believed_limit(131_072), 131_072);
+        assert_eq!(believed_limit(5_250_000), 5_250_000);
+        assert_eq!(
+            believed_limit(MIN_BELIEVED_LOCAL_LIMIT),
+            MIN_BELIEVED_LOCAL_LIMIT
+        );
+        // A typo or a unit mistaken would refuse nearly every event as if the relay had.
+        for stated in [0, 5, 10, 1_000, MIN_BELIEVED_LOCAL_LIMIT - 1] {
+            assert_eq!(believed_limit(stated), 0, "{stated}");
+        }
+    }
 }

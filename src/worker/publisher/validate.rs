@@ -18,6 +18,9 @@ pub enum EventRejection {
     InvalidSignature,
     #[error("event is {bytes} bytes, over the {max}-byte limit")]
     Oversize { bytes: usize, max: usize },
+    /// Over the message limit the local relay states (NIP-11): it would not take it.
+    #[error("event is {bytes} bytes, over the local relay's {max}-byte message limit")]
+    OverLocalLimit { bytes: usize, max: usize },
 }
 
 impl EventRejection {
@@ -26,6 +29,7 @@ impl EventRejection {
             EventRejection::InvalidId => "invalid_id",
             EventRejection::InvalidSignature => "invalid_signature",
             EventRejection::Oversize { .. } => "oversize",
+            EventRejection::OverLocalLimit { .. } => "over_local_limit",
         }
     }
 }

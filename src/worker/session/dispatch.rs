@@ -332,7 +332,10 @@ impl Session {
                 .inc();
             self.counters.rejected.fetch_add(1, Ordering::Relaxed);
             tracing::debug!(relay = %self.url, id = %event.id, reason = %rejection, "dropping invalid event");
-            if !matches!(rejection, EventRejection::Oversize { .. }) {
+            if !matches!(
+                rejection,
+                EventRejection::Oversize { .. } | EventRejection::OverLocalLimit { .. }
+            ) {
                 self.conn_invalid += 1;
                 // Each costs a signature check; a relay sending mostly forgeries is cut off
                 // and retried on a growing backoff rather than read for ever.

@@ -386,7 +386,9 @@ struct Session {
     /// maintainers) is not yet read over the whole range: the cursor vouches for the repo
     /// as it was scoped when it was written, and a maintainer added since — announced while
     /// no session ran, or before the session that learned it finished — has state events
-    /// older than the cursor that nothing else would fetch.
+    /// older than the cursor that nothing else would fetch. Every resume reads them, so the
+    /// cursor does not wait for them (on a relay that cannot serve a read without `since`
+    /// it would never move again).
     unproven_states: BTreeSet<RepoScope>,
     /// Reads of `unproven_states` cut short by a lost connection in a row, and when the
     /// next may start (as for an abandoned reconciliation).

@@ -48,11 +48,10 @@ impl Session {
             self.confirmed_view = None;
         }
         // The cursor moves forward while every historic batch is confirmed, the live
-        // subscriptions are open (a gap holds it until its backfill is done), the
-        // publisher has answered for everything we gave it, and no resumed repo's state is
-        // unread under its current maintainers.
+        // subscriptions are open (a gap holds it until its backfill is done), and the
+        // publisher has answered for everything we gave it. (A resumed repo's state filter
+        // is read over the whole range on every resume, whatever the cursor says.)
         if conn.batches.is_empty()
-            && self.unproven_states.is_empty()
             && conn.historic.is_empty()
             && conn.live_retry_at.is_none()
             && conn.live_gap_since.is_none()

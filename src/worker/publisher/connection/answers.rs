@@ -110,15 +110,23 @@ impl PublisherConn {
         // No standard prefix on a refusal: real relays send those for failures of their own
         // ("Database query failed: …"), so it is treated like `error:`.
         let transient = outcome == Outcome::Error || (outcome == Outcome::Other && !status);
-        if outcome == Outcome::Accepted {
+        // Stored, not held back in purgatory (a relay whose disk is full may still take
+        // events into its purgatory's memory).
+        if outcome == Outcome::Accepted && !message.trim_start().starts_with("purgatory") {
             self.shared.note_stored(Instant::now());
         }
         if transient {
+            let now = Instant::now();
             p.failures += 1;
-            let first = *p.first_failure.get_or_insert_with(Instant::now);
-            if self.shared.stored_since(first) {
+            p.first_failure.get_or_insert(now);
+            // The relay stored something between this event's last failure and this one:
+            // this failure is the event's, not the relay's.
+            if p.last_failure
+                .is_some_and(|last| self.shared.stored_since(last))
+            {
                 p.own_failures += 1;
             }
+            p.last_failure = Some(now);
         }
         let retry = match outcome {
             Outcome::RateLimited => true,

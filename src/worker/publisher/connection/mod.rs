@@ -252,10 +252,12 @@ impl PublisherConn {
                     false
                 }
             };
+            // Events waiting out a transient failure count against the room too: a relay
+            // failing every write must not have a connection hoard the queue's events.
             let can_take = ready
                 && self.retry.is_empty()
                 && self.pause.is_none()
-                && self.in_flight.len() < max_in_flight
+                && self.in_flight.len() + self.delayed.len() < max_in_flight
                 && !(self.rx.is_closed() && self.rx.is_empty());
             if self.done() {
                 return Step::Finished;

@@ -232,7 +232,14 @@ impl Session {
             .batches
             .values()
             .any(|b| matches!(b.items, Items::States(_)));
-        if self.unproven_states.is_empty() || running || Instant::now() < self.states_retry_at {
+        // Over negentropy, the repos' own whole-range batches cover their state filters
+        // (see the batches' end below).
+        let by_negentropy = self.config.negentropy && conn.neg_support == Some(true);
+        if self.unproven_states.is_empty()
+            || running
+            || by_negentropy
+            || Instant::now() < self.states_retry_at
+        {
             return;
         }
         let limit = self.page_limit(&conn.caps);
@@ -409,10 +416,18 @@ impl Session {
             // Served in full, but confirmed only once our relay has answered for every event
             // handed over: a crash before that must not resume these as done. An item that
             // left the set while its batch ran is not: re-added, it is fetched in full again.
-            Items::Repos(rs) => self
-                .fetched
-                .repos
-                .extend(rs.into_iter().filter(|r| self.set.repos.contains(r))),
+            Items::Repos(rs) => {
+                // Reconciled by negentropy (over the whole range: a repo's batch is never
+                // bounded below otherwise), its state filter under today's maintainers too.
+                if b.negentropy {
+                    for r in &rs {
+                        self.unproven_states.remove(r);
+                    }
+                }
+                self.fetched
+                    .repos
+                    .extend(rs.into_iter().filter(|r| self.set.repos.contains(r)))
+            }
             Items::Roots(ids) => self
                 .fetched
                 .roots
