@@ -406,30 +406,13 @@ async fn sessions_survive_an_api_server_restart_resume_from_the_cursor_and_stop_
 /// another worker without ever having two connections at once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_cut_off_from_the_api_server_stops_before_its_lease_expires() {
-    use support::fault_proxy::FaultProxy;
-
     let cluster = Cluster::start("stall").await;
     // Relays on both workers, at least one on the one we stall.
     let remotes = remotes_with_one_for(6, &["w1"], "w0").await;
     repos_on(&cluster, &remotes).await;
 
     // w0 reaches the API server only through a proxy the test can stall.
-    let kubeconfig = std::fs::read_to_string(cluster.env.kubeconfig()).unwrap();
-    let mut doc: serde_yaml::Value = serde_yaml::from_str(&kubeconfig).unwrap();
-    let server = doc["clusters"][0]["cluster"]["server"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    let upstream = server.trim_start_matches("https://").trim_end_matches('/');
-    let proxy = FaultProxy::start(
-        &grasp_sync::nostr::RelayUrl::parse(&format!("ws://{upstream}")).unwrap(),
-    )
-    .await;
-    for c in doc["clusters"].as_sequence_mut().unwrap() {
-        c["cluster"]["server"] = format!("https://{}", proxy.host_port()).into();
-    }
-    let proxied = cluster.dir.path().join("w0-kubeconfig");
-    std::fs::write(&proxied, serde_yaml::to_string(&doc).unwrap()).unwrap();
+    let (proxy, proxied) = cluster.proxied_kubeconfig("w0").await;
 
     let _c0 = cluster.controller("c0", &[]);
     let _w0 = cluster.worker_via("w0", &proxied);
@@ -471,6 +454,60 @@ async fn a_worker_cut_off_from_the_api_server_stops_before_its_lease_expires() {
             r.url()
         );
     }
+}
+
+/// The controller's watch of the worker Leases dies without a word (a half-open connection:
+/// the watcher would notice after minutes) while the workers renew as ever. Judged from that
+/// stale cache, the worker with the shorter Lease would expire and its relays move to the
+/// other without a drain while it still runs them; a departure is confirmed from a fresh
+/// list first, so nothing moves — and a worker that really dies still fails over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_lease_watch_moves_no_relay_of_a_live_worker() {
+    let cluster = Cluster::start("silent-watch").await;
+    let remotes = remotes_with_one_for(6, &["w1"], "w0").await;
+    repos_on(&cluster, &remotes).await;
+    // Only the controller goes through the proxy. Its leader Lease is long enough that the
+    // renewals lost on silenced connections do not cost it the lead (a new leader would
+    // start with fresh watches).
+    let (proxy, proxied) = cluster.proxied_kubeconfig("c0").await;
+    let c0 = cluster.controller_via(
+        "c0",
+        &proxied,
+        &["--leader-lease-duration", "60s", "--leader-renew", "3s"],
+    );
+    let w0 = cluster.worker("w0", &[]);
+    // A long Lease: still fresh in any stale view long after w0's (4 s) is not.
+    let _w1 = cluster.worker("w1", &["--lease-duration", "60s", "--lease-renew", "3s"]);
+    let owners = cluster.wait_settled(6, &["w0", "w1"], SETTLE).await;
+    assert!(
+        owners.values().any(|w| w == "w0"),
+        "the ring gave w0 nothing: {owners:?}"
+    );
+    let before = labels_of(&cluster.objects().await);
+
+    // Every connection the controller has now goes silent: its watches with them. New
+    // requests open new connections and get through.
+    proxy.silence_connections();
+    // An absence over a window: w0's Lease, judged from the watch, expires after 4 s, and
+    // a label write the controller sends over a silenced connection gives up after 10 s
+    // before it is sent again over a new one.
+    let until = std::time::Instant::now() + Duration::from_secs(20);
+    while std::time::Instant::now() < until {
+        assert_eq!(
+            labels_of(&cluster.objects().await),
+            before,
+            "a live worker's relays moved on a stale view of the Leases"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert!(
+        !c0.log_tail(400).contains("lost the lead"),
+        "the controller lost the lead, so its watches started afresh:\n{}",
+        c0.log_tail(40)
+    );
+    // A worker that really dies still fails over.
+    w0.kill();
+    cluster.wait_settled(6, &["w1"], SETTLE).await;
 }
 
 /// Labels of every object, by name.

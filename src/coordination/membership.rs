@@ -307,7 +307,7 @@ impl MemberRule {
 /// A Lease seen for the first time counts as just renewed — a new leader waits one Lease
 /// duration before declaring anyone dead — unless its `renewTime` is older than any
 /// plausible skew ([`FIRST_SIGHT_TOLERANCE`]); one that was never renewed never counts.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct LeaseObserver {
     /// Lease name → (its renewal as last seen, when we saw that change; `None`: stale when
     /// first seen and unchanged since).

@@ -123,6 +123,32 @@ impl Cluster {
         id: &str,
         extra: &[&str],
     ) -> GraspSync {
+        GraspSync::spawn(id, dir, &self.controller_args(id, extra), &self.envs())
+    }
+
+    /// [`Cluster::controller`] reaching the API server through `kubeconfig` instead (e.g. one
+    /// pointing at a proxy).
+    pub fn controller_via(
+        &self,
+        id: &str,
+        kubeconfig: &std::path::Path,
+        extra: &[&str],
+    ) -> GraspSync {
+        let envs = self.envs_via(kubeconfig);
+        GraspSync::spawn(id, self.dir.path(), &self.controller_args(id, extra), &envs)
+    }
+
+    fn envs_via(&self, kubeconfig: &std::path::Path) -> Vec<(&'static str, String)> {
+        let mut envs = self.envs();
+        for (var, value) in &mut envs {
+            if *var == "KUBECONFIG" {
+                *value = kubeconfig.display().to_string();
+            }
+        }
+        envs
+    }
+
+    fn controller_args(&self, id: &str, extra: &[&str]) -> Vec<String> {
         let mut args: Vec<String> = [
             "controller",
             "--identity",
@@ -144,7 +170,7 @@ impl Cluster {
         .map(|s| s.to_string())
         .collect();
         override_flags(&mut args, extra);
-        GraspSync::spawn(id, dir, &args, &self.envs())
+        args
     }
 
     /// A worker authenticated as its own user; `extra` flag/value pairs replace the
@@ -166,13 +192,33 @@ impl Cluster {
     /// [`Cluster::worker`] reaching the API server through `kubeconfig` instead (e.g. one
     /// pointing at a proxy).
     pub fn worker_via(&self, name: &str, kubeconfig: &std::path::Path) -> GraspSync {
-        let mut envs = self.envs();
-        for (var, value) in &mut envs {
-            if *var == "KUBECONFIG" {
-                *value = kubeconfig.display().to_string();
-            }
-        }
+        let envs = self.envs_via(kubeconfig);
         GraspSync::spawn(name, self.dir.path(), &self.worker_args(name, &[]), &envs)
+    }
+
+    /// A TCP proxy in front of the API server, and a kubeconfig `<name>-kubeconfig` that
+    /// reaches the API server through it (TLS passes through untouched).
+    pub async fn proxied_kubeconfig(
+        &self,
+        name: &str,
+    ) -> (super::fault_proxy::FaultProxy, std::path::PathBuf) {
+        let kubeconfig = std::fs::read_to_string(self.env.kubeconfig()).expect("kubeconfig");
+        let mut doc: serde_yaml::Value = serde_yaml::from_str(&kubeconfig).expect("yaml");
+        let server = doc["clusters"][0]["cluster"]["server"]
+            .as_str()
+            .expect("server")
+            .to_string();
+        let upstream = server.trim_start_matches("https://").trim_end_matches('/');
+        let proxy = super::fault_proxy::FaultProxy::start(
+            &grasp_sync::nostr::RelayUrl::parse(&format!("ws://{upstream}")).expect("url"),
+        )
+        .await;
+        for c in doc["clusters"].as_sequence_mut().expect("clusters") {
+            c["cluster"]["server"] = format!("https://{}", proxy.host_port()).into();
+        }
+        let path = self.dir.path().join(format!("{name}-kubeconfig"));
+        std::fs::write(&path, serde_yaml::to_string(&doc).expect("yaml")).expect("write");
+        (proxy, path)
     }
 
     fn worker_args(&self, name: &str, extra: &[&str]) -> Vec<String> {

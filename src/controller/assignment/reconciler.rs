@@ -5,6 +5,7 @@
 //! resourceVersion planned from, except a reassignment, which is a JSON patch that tests the
 //! labels it moves from.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -12,7 +13,7 @@ use futures::StreamExt;
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Pod;
-use kube::api::{Api, DeleteParams, Patch, PatchParams};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 use kube::core::PartialObjectMeta;
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt, watcher};
@@ -253,10 +254,15 @@ pub async fn run(
         "assignment started"
     );
     let mut tick = tokio::time::interval(config.resync);
+    // After a slow pass (a write timing out), one pass, not one for every tick missed: a
+    // burst of passes on a stale cache is a burst of writes bound to be refused.
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // Kept across passes: liveness is judged by when this controller saw each Lease change.
     let mut observer = membership::LeaseObserver::default();
     let mut warned_scale = false;
     let mut before = membership::Membership::default();
+    // The newest version of each worker Lease seen, from the watch or a list.
+    let mut newest: HashMap<String, Lease> = HashMap::new();
     // Resting workers whose pod was seen terminating: said once per stop.
     let mut waited_for: std::collections::BTreeSet<String> = Default::default();
     loop {
@@ -311,6 +317,8 @@ pub async fn run(
             &leases,
             &lease_reader,
             &mut observer,
+            &mut newest,
+            &before,
             returning,
             rule.as_ref(),
             &config,
@@ -371,36 +379,94 @@ fn report_departures(
     }
 }
 
+/// `list`, each Lease replaced by the version in `newest` when that one is newer (a larger
+/// `resourceVersion`: etcd's revisions, compared only when both read as numbers), and
+/// `newest` updated to the result: a stale watch cache read after a fresh list must not look
+/// like a change — to the observer, any change is a renewal.
+fn newest_of(list: Vec<Lease>, newest: &mut HashMap<String, Lease>) -> Vec<Lease> {
+    let revision = |l: &Lease| l.resource_version().and_then(|v| v.parse::<u64>().ok());
+    let out: Vec<Lease> = list
+        .into_iter()
+        .map(|l| match newest.get(&l.name_any()) {
+            Some(prev) if revision(prev).zip(revision(&l)).is_some_and(|(p, c)| p > c) => {
+                prev.clone()
+            }
+            _ => l,
+        })
+        .collect();
+    *newest = out.iter().map(|l| (l.name_any(), l.clone())).collect();
+    out
+}
+
 /// Judge the worker Leases (liveness by observed change), count what is ignored, and delete
 /// the Leases of long-dead workers.
+///
+/// The watch's cache is judged first; a judgement that would take a worker out of the ring
+/// or delete a Lease is made again from a fresh list. A watch whose connection died without
+/// a word (half-open TCP: the watcher notices after minutes) shows no renewals, and judged
+/// from it every live worker would expire in turn, its relays moved away without a drain
+/// while it still runs them. If the list cannot be had, the last membership stands.
+#[allow(clippy::too_many_arguments)]
 async fn observe_members(
     leases: &Api<Lease>,
     lease_reader: &Store<Lease>,
     observer: &mut membership::LeaseObserver,
+    newest: &mut HashMap<String, Lease>,
+    before: &membership::Membership,
     returning: Option<membership::Returning>,
     rule: Option<&membership::MemberRule>,
     config: &AssignerConfig,
     metrics: &AssignmentMetrics,
 ) -> membership::Membership {
-    let list: Vec<Lease> = lease_reader
-        .state()
-        .iter()
-        .map(|l| l.as_ref().clone())
-        .collect();
-    let members = observer.observe(
-        &list,
-        std::time::Instant::now(),
-        k8s_openapi::jiff::Timestamp::now(),
-        config.orphan_lease_after,
-        rule,
-        returning,
+    let cached: Vec<Lease> = newest_of(
+        lease_reader
+            .state()
+            .iter()
+            .map(|l| l.as_ref().clone())
+            .collect(),
+        newest,
     );
+    let judge = |observer: &mut membership::LeaseObserver, list: &[Lease]| {
+        observer.observe(
+            list,
+            std::time::Instant::now(),
+            k8s_openapi::jiff::Timestamp::now(),
+            config.orphan_lease_after,
+            rule,
+            returning,
+        )
+    };
+    let mut trial = observer.clone();
+    let mut members = judge(&mut trial, &cached);
+    let mut judged = cached;
+    let leaving = before.live.iter().any(|w| !members.live.contains(w));
+    if leaving || !members.orphans.is_empty() {
+        match tokio::time::timeout(WRITE_TIMEOUT, leases.list(&ListParams::default())).await {
+            Ok(Ok(fresh)) => {
+                judged = newest_of(fresh.items, newest);
+                members = judge(observer, &judged);
+            }
+            failed => {
+                let error = match failed {
+                    Ok(Err(e)) => e.to_string(),
+                    _ => format!("no answer within {WRITE_TIMEOUT:?}"),
+                };
+                tracing::warn!(%error, "cannot list the worker Leases to confirm a departure; the ring stays as it was");
+                metrics.foreign_leases.set(before.foreign as i64);
+                metrics.workers_resting.set(before.resting.len() as i64);
+                return before.clone();
+            }
+        }
+    } else {
+        *observer = trial;
+    }
     metrics.foreign_leases.set(members.foreign as i64);
     metrics.workers_resting.set(members.resting.len() as i64);
     for name in &members.orphans {
         tracing::info!(lease = %name, "deleting the Lease of a long-dead worker");
         // Only the version judged dead: a worker renewing meanwhile keeps its Lease.
-        let rv = lease_reader
+        let rv = judged
+            .iter()
             .find(|l| &l.name_any() == name)
             .and_then(|l| l.resource_version());
         let params = DeleteParams {
@@ -537,6 +603,50 @@ async fn pass(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn lease_at(name: &str, rv: &str) -> Lease {
+        let mut l = Lease::default();
+        l.metadata.name = Some(name.into());
+        l.metadata.resource_version = Some(rv.into());
+        l
+    }
+
+    fn versions(list: &[Lease]) -> Vec<(String, String)> {
+        list.iter()
+            .map(|l| (l.name_any(), l.resource_version().unwrap_or_default()))
+            .collect()
+    }
+
+    #[test]
+    fn a_stale_cache_read_after_a_fresh_list_is_not_a_change() {
+        let mut newest = HashMap::new();
+        // The watch's cache, then a fresh list with a renewal the watch never delivered.
+        newest_of(
+            vec![lease_at("a", "100"), lease_at("b", "101")],
+            &mut newest,
+        );
+        let fresh = newest_of(
+            vec![lease_at("a", "150"), lease_at("b", "101")],
+            &mut newest,
+        );
+        assert_eq!(
+            versions(&fresh),
+            [("a".into(), "150".into()), ("b".into(), "101".into())]
+        );
+        // The stale cache again: what is judged is still the newest seen.
+        let again = newest_of(
+            vec![lease_at("a", "100"), lease_at("b", "101")],
+            &mut newest,
+        );
+        assert_eq!(versions(&again), versions(&fresh));
+        // A newer version from anywhere wins; a Lease gone from the list is gone.
+        let later = newest_of(vec![lease_at("a", "160")], &mut newest);
+        assert_eq!(versions(&later), [("a".into(), "160".into())]);
+        assert!(!newest.contains_key("b"));
+        // Versions that do not read as numbers are taken as they come.
+        let odd = newest_of(vec![lease_at("a", "x")], &mut newest);
+        assert_eq!(versions(&odd), [("a".into(), "x".into())]);
+    }
 
     fn labelled(labels: serde_json::Value) -> serde_json::Value {
         json!({ "metadata": { "name": "r", "labels": labels } })
