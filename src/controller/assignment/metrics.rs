@@ -21,6 +21,9 @@ pub struct AssignmentMetrics {
     pub assignment_moves: IntCounterVec,
     /// Workers that left the ring, by why (lease_expired | released | grace_ended).
     pub workers_departed: IntCounterVec,
+    /// Departures judged from the Lease watch and judged again from a fresh list, by what
+    /// the list said (left | stayed: the watch was behind | failed: no list, the ring kept).
+    pub departures_checked: IntCounterVec,
 }
 
 impl AssignmentMetrics {
@@ -64,6 +67,12 @@ impl AssignmentMetrics {
                 "Workers that left the ring, by why: lease_expired (not renewed in time: a crash, a stall), released (stopped gracefully and not expected back), grace_ended (expected back but not back within the restart grace)",
                 &["reason"],
             )?,
+            departures_checked: int_counter_vec(
+                registry,
+                "grasp_sync_departures_checked_total",
+                "Worker departures judged from the Lease watch and checked against a fresh list of the Leases, by outcome: left (confirmed), stayed (the watch was behind: nothing moved), failed (no list: the ring was kept as it was)",
+                &["result"],
+            )?,
         };
         init_values(
             &m.assignment_moves,
@@ -79,6 +88,7 @@ impl AssignmentMetrics {
             &m.workers_departed,
             &["lease_expired", "released", "grace_ended"],
         );
+        init_values(&m.departures_checked, &["left", "stayed", "failed"]);
         Ok(m)
     }
 }

@@ -262,7 +262,7 @@ pub async fn run(
     let mut warned_scale = false;
     let mut before = membership::Membership::default();
     // The newest version of each worker Lease seen, from the watch or a list.
-    let mut newest: HashMap<String, Lease> = HashMap::new();
+    let mut view = LeaseView::default();
     // Resting workers whose pod was seen terminating: said once per stop.
     let mut waited_for: std::collections::BTreeSet<String> = Default::default();
     loop {
@@ -317,7 +317,7 @@ pub async fn run(
             &leases,
             &lease_reader,
             &mut observer,
-            &mut newest,
+            &mut view,
             &before,
             returning,
             rule.as_ref(),
@@ -379,23 +379,67 @@ fn report_departures(
     }
 }
 
-/// `list`, each Lease replaced by the version in `newest` when that one is newer (a larger
-/// `resourceVersion`: etcd's revisions, compared only when both read as numbers), and
-/// `newest` updated to the result: a stale watch cache read after a fresh list must not look
-/// like a change — to the observer, any change is a renewal.
-fn newest_of(list: Vec<Lease>, newest: &mut HashMap<String, Lease>) -> Vec<Lease> {
-    let revision = |l: &Lease| l.resource_version().and_then(|v| v.parse::<u64>().ok());
-    let out: Vec<Lease> = list
-        .into_iter()
-        .map(|l| match newest.get(&l.name_any()) {
-            Some(prev) if revision(prev).zip(revision(&l)).is_some_and(|(p, c)| p > c) => {
-                prev.clone()
+/// The newest version of each worker Lease seen, from the watch's cache or a list: a stale
+/// cache read after a fresh list must not look like a change — to the observer, any change
+/// is a renewal — nor bring back a Lease the list showed gone (judged anew, a deleted
+/// Lease renewed a few minutes ago would rejoin the ring). Versions are etcd revisions,
+/// compared only when both read as numbers; a recreated Lease has a larger one.
+#[derive(Debug, Default)]
+struct LeaseView {
+    newest: HashMap<String, Lease>,
+    /// Leases a list showed gone, with the last version seen: the cache may still hold it.
+    gone: HashMap<String, u64>,
+}
+
+fn revision(l: &Lease) -> Option<u64> {
+    l.resource_version().and_then(|v| v.parse::<u64>().ok())
+}
+
+impl LeaseView {
+    /// What the watch's cache shows, less what a list showed gone, each at its newest.
+    fn seen_in_cache(&mut self, cached: Vec<Lease>) -> Vec<Lease> {
+        // The watch has caught up with a deletion once the name is gone from it.
+        self.gone
+            .retain(|name, _| cached.iter().any(|l| l.name_any() == *name));
+        let gone = &self.gone;
+        let kept = cached
+            .into_iter()
+            .filter(|l| {
+                let deleted = gone.get(&l.name_any());
+                deleted.is_none_or(|g| revision(l).is_none_or(|r| r > *g))
+            })
+            .collect();
+        self.merge(kept)
+    }
+
+    /// What a fresh list shows: a Lease seen before and missing now is gone.
+    fn seen_in_list(&mut self, listed: Vec<Lease>) -> Vec<Lease> {
+        for (name, l) in &self.newest {
+            if !listed.iter().any(|x| x.name_any() == *name)
+                && let Some(r) = revision(l)
+            {
+                self.gone.insert(name.clone(), r);
             }
-            _ => l,
-        })
-        .collect();
-    *newest = out.iter().map(|l| (l.name_any(), l.clone())).collect();
-    out
+        }
+        for l in &listed {
+            self.gone.remove(&l.name_any());
+        }
+        self.merge(listed)
+    }
+
+    fn merge(&mut self, list: Vec<Lease>) -> Vec<Lease> {
+        let out: Vec<Lease> = list
+            .into_iter()
+            .map(|l| match self.newest.get(&l.name_any()) {
+                Some(prev) if revision(prev).zip(revision(&l)).is_some_and(|(p, c)| p > c) => {
+                    prev.clone()
+                }
+                _ => l,
+            })
+            .collect();
+        self.newest = out.iter().map(|l| (l.name_any(), l.clone())).collect();
+        out
+    }
 }
 
 /// Judge the worker Leases (liveness by observed change), count what is ignored, and delete
@@ -411,20 +455,19 @@ async fn observe_members(
     leases: &Api<Lease>,
     lease_reader: &Store<Lease>,
     observer: &mut membership::LeaseObserver,
-    newest: &mut HashMap<String, Lease>,
+    view: &mut LeaseView,
     before: &membership::Membership,
     returning: Option<membership::Returning>,
     rule: Option<&membership::MemberRule>,
     config: &AssignerConfig,
     metrics: &AssignmentMetrics,
 ) -> membership::Membership {
-    let cached: Vec<Lease> = newest_of(
+    let cached: Vec<Lease> = view.seen_in_cache(
         lease_reader
             .state()
             .iter()
             .map(|l| l.as_ref().clone())
             .collect(),
-        newest,
     );
     let judge = |observer: &mut membership::LeaseObserver, list: &[Lease]| {
         observer.observe(
@@ -439,12 +482,25 @@ async fn observe_members(
     let mut trial = observer.clone();
     let mut members = judge(&mut trial, &cached);
     let mut judged = cached;
+    // (A Lease judged long dead needs no list: its deletion is conditional on the version
+    // judged, so a renewal the cache missed keeps it.)
     let leaving = before.live.iter().any(|w| !members.live.contains(w));
-    if leaving || !members.orphans.is_empty() {
+    if leaving {
         match tokio::time::timeout(WRITE_TIMEOUT, leases.list(&ListParams::default())).await {
             Ok(Ok(fresh)) => {
-                judged = newest_of(fresh.items, newest);
+                judged = view.seen_in_list(fresh.items);
                 members = judge(observer, &judged);
+                let left = before.live.iter().any(|w| !members.live.contains(w));
+                let result = if left { "left" } else { "stayed" };
+                metrics
+                    .departures_checked
+                    .with_label_values(&[result])
+                    .inc();
+                if !left {
+                    tracing::warn!(
+                        "the Lease watch is behind: a departure it showed is refuted by a fresh list; nothing moves"
+                    );
+                }
             }
             failed => {
                 let error = match failed {
@@ -452,6 +508,10 @@ async fn observe_members(
                     _ => format!("no answer within {WRITE_TIMEOUT:?}"),
                 };
                 tracing::warn!(%error, "cannot list the worker Leases to confirm a departure; the ring stays as it was");
+                metrics
+                    .departures_checked
+                    .with_label_values(&["failed"])
+                    .inc();
                 metrics.foreign_leases.set(before.foreign as i64);
                 metrics.workers_resting.set(before.resting.len() as i64);
                 return before.clone();
@@ -619,33 +679,45 @@ mod tests {
 
     #[test]
     fn a_stale_cache_read_after_a_fresh_list_is_not_a_change() {
-        let mut newest = HashMap::new();
+        let mut view = LeaseView::default();
         // The watch's cache, then a fresh list with a renewal the watch never delivered.
-        newest_of(
-            vec![lease_at("a", "100"), lease_at("b", "101")],
-            &mut newest,
-        );
-        let fresh = newest_of(
-            vec![lease_at("a", "150"), lease_at("b", "101")],
-            &mut newest,
-        );
+        view.seen_in_cache(vec![lease_at("a", "100"), lease_at("b", "101")]);
+        let fresh = view.seen_in_list(vec![lease_at("a", "150"), lease_at("b", "101")]);
         assert_eq!(
             versions(&fresh),
             [("a".into(), "150".into()), ("b".into(), "101".into())]
         );
         // The stale cache again: what is judged is still the newest seen.
-        let again = newest_of(
-            vec![lease_at("a", "100"), lease_at("b", "101")],
-            &mut newest,
-        );
+        let again = view.seen_in_cache(vec![lease_at("a", "100"), lease_at("b", "101")]);
         assert_eq!(versions(&again), versions(&fresh));
-        // A newer version from anywhere wins; a Lease gone from the list is gone.
-        let later = newest_of(vec![lease_at("a", "160")], &mut newest);
-        assert_eq!(versions(&later), [("a".into(), "160".into())]);
-        assert!(!newest.contains_key("b"));
         // Versions that do not read as numbers are taken as they come.
-        let odd = newest_of(vec![lease_at("a", "x")], &mut newest);
-        assert_eq!(versions(&odd), [("a".into(), "x".into())]);
+        let odd = view.seen_in_cache(vec![lease_at("a", "x"), lease_at("b", "101")]);
+        assert_eq!(
+            versions(&odd),
+            [("a".into(), "x".into()), ("b".into(), "101".into())]
+        );
+    }
+
+    #[test]
+    fn a_lease_a_list_showed_gone_does_not_come_back_from_a_stale_cache() {
+        let mut view = LeaseView::default();
+        view.seen_in_cache(vec![lease_at("a", "100"), lease_at("b", "101")]);
+        // Deleted (an orphan the controller removed, say): the list no longer has it.
+        let listed = view.seen_in_list(vec![lease_at("a", "150")]);
+        assert_eq!(versions(&listed), [("a".into(), "150".into())]);
+        // The silent watch still holds b: it stays gone.
+        let stale = view.seen_in_cache(vec![lease_at("a", "100"), lease_at("b", "101")]);
+        assert_eq!(versions(&stale), [("a".into(), "150".into())]);
+        // Created again (a new incarnation): a larger version, and it is back.
+        let back = view.seen_in_cache(vec![lease_at("a", "160"), lease_at("b", "170")]);
+        assert_eq!(
+            versions(&back),
+            [("a".into(), "160".into()), ("b".into(), "170".into())]
+        );
+        // Once the watch has seen a deletion, nothing is remembered of it.
+        view.seen_in_list(vec![lease_at("a", "160")]);
+        view.seen_in_cache(vec![lease_at("a", "160")]);
+        assert!(view.gone.is_empty());
     }
 
     fn labelled(labels: serde_json::Value) -> serde_json::Value {
