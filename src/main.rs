@@ -393,10 +393,16 @@ async fn demo(args: cli::DemoArgs) -> Result<()> {
         idle_window: None,
     });
     // Interrupted, the run is dropped, and with it the relays' stores: in /dev/shm they
-    // would otherwise hold memory until the machine restarts.
+    // would otherwise hold memory until the machine restarts. The handlers are in place
+    // before the run starts making stores (a signal before them would end the process as
+    // it stands).
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut interrupt = signal(SignalKind::interrupt()).context("listening for SIGINT")?;
+    let mut terminate = signal(SignalKind::terminate()).context("listening for SIGTERM")?;
     let report = tokio::select! {
         report = run => report.context("running the demo")?,
-        () = wait_for_signal() => anyhow::bail!("interrupted; the demo's relays were stopped and their stores removed"),
+        _ = interrupt.recv() => anyhow::bail!("interrupted; the demo's relays were stopped and their stores removed"),
+        _ = terminate.recv() => anyhow::bail!("interrupted; the demo's relays were stopped and their stores removed"),
     };
     println!("{report}");
     if report.ok() {

@@ -13,6 +13,7 @@ use rand::{Rng, SeedableRng};
 use crate::nostr::RelayUrl;
 use crate::nostr::kinds::REPO_ANNOUNCEMENT;
 
+#[derive(Debug, Clone)]
 pub struct CorpusConfig {
     pub repos: usize,
     /// Our service, `host[:port]`: announcements list it in `clone` and `relays`.
@@ -49,6 +50,14 @@ fn tag(name: &str, values: impl IntoIterator<Item = String>) -> Tag {
 }
 
 pub fn generate(cfg: &CorpusConfig) -> Corpus {
+    let never = std::sync::atomic::AtomicBool::new(false);
+    // Without a stop, generation runs to its end.
+    generate_until(cfg, &never).unwrap_or_else(|| unreachable!())
+}
+
+/// [`generate`], given up (`None`) once `stop` is set: a thousand repositories take
+/// seconds of signing, and an interrupted demo must not wait for them.
+pub fn generate_until(cfg: &CorpusConfig, stop: &std::sync::atomic::AtomicBool) -> Option<Corpus> {
     let mut rng = StdRng::seed_from_u64(cfg.seed);
     // Real events span months, not the second this corpus is made in: spread them over the
     // last 90 days (so no second holds more events than a relay serves per page).
@@ -72,6 +81,9 @@ pub fn generate(cfg: &CorpusConfig) -> Corpus {
         expected: BTreeSet::new(),
     };
     for r in 0..cfg.repos {
+        if stop.load(std::sync::atomic::Ordering::Relaxed) {
+            return None;
+        }
         let owner = Keys::generate();
         let maintainer = (r % 3 == 0).then(Keys::generate);
         let id = format!("repo-{r}");
@@ -257,7 +269,7 @@ pub fn generate(cfg: &CorpusConfig) -> Corpus {
             });
         }
     }
-    out
+    Some(out)
 }
 
 #[cfg(test)]

@@ -9,6 +9,7 @@ pub mod policy;
 use std::collections::BTreeSet;
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use nostr::{EventId, Filter};
@@ -53,6 +54,15 @@ pub enum DemoError {
     Standalone(#[from] standalone::StandaloneError),
     #[error("reading the local relay: {0}")]
     Read(String),
+}
+
+/// Sets its flag when dropped.
+struct StopWhenDropped(Arc<std::sync::atomic::AtomicBool>);
+
+impl Drop for StopWhenDropped {
+    fn drop(&mut self) {
+        self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -244,7 +254,18 @@ pub async fn run(opts: DemoOptions) -> Result<DemoReport, DemoError> {
         seed: opts.seed,
     };
     let t = Instant::now();
-    let corpus = corpus::generate(&cfg);
+    // Off the runtime, so an interrupt is heard while it signs; stopped when this run is
+    // dropped (interrupted), so the process need not wait for it either.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let _stop_when_dropped = StopWhenDropped(stop.clone());
+    let corpus = {
+        let (cfg, stop) = (cfg.clone(), stop.clone());
+        tokio::task::spawn_blocking(move || corpus::generate_until(&cfg, &stop))
+            .await
+            .ok()
+            .flatten()
+            .ok_or_else(|| DemoError::Relay("generating the corpus was cut short".into()))?
+    };
     say(format!(
         "corpus: {} repos, {} expected events, {} noise, {} forged ({:.1}s)",
         opts.repos,
