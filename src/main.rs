@@ -341,18 +341,26 @@ fn hostname() -> Option<String> {
 }
 
 async fn wait_for_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
-            }
-        }
+    match signals() {
+        Ok(signal) => signal.await,
         Err(_) => {
             let _ = tokio::signal::ctrl_c().await;
         }
     }
+}
+
+/// A future that completes on SIGINT or SIGTERM, the handlers installed now rather than when
+/// it is first polled: a signal between the two would end the process as it stands.
+fn signals() -> std::io::Result<impl std::future::Future<Output = ()>> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    let mut terminate = signal(SignalKind::terminate())?;
+    Ok(async move {
+        tokio::select! {
+            _ = interrupt.recv() => {}
+            _ = terminate.recv() => {}
+        }
+    })
 }
 
 async fn status(args: StatusArgs) -> Result<()> {
@@ -396,13 +404,10 @@ async fn demo(args: cli::DemoArgs) -> Result<()> {
     // would otherwise hold memory until the machine restarts. The handlers are in place
     // before the run starts making stores (a signal before them would end the process as
     // it stands).
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut interrupt = signal(SignalKind::interrupt()).context("listening for SIGINT")?;
-    let mut terminate = signal(SignalKind::terminate()).context("listening for SIGTERM")?;
+    let signal = signals().context("listening for SIGINT and SIGTERM")?;
     let report = tokio::select! {
         report = run => report.context("running the demo")?,
-        _ = interrupt.recv() => anyhow::bail!("interrupted; the demo's relays were stopped and their stores removed"),
-        _ = terminate.recv() => anyhow::bail!("interrupted; the demo's relays were stopped and their stores removed"),
+        () = signal => anyhow::bail!("interrupted; the demo's relays were stopped and their stores removed"),
     };
     println!("{report}");
     if report.ok() {

@@ -479,18 +479,18 @@ async fn observe_members(
             returning,
         )
     };
+    let leaving = |m: &membership::Membership| before.live.iter().any(|w| !m.live.contains(w));
     let mut trial = observer.clone();
     let mut members = judge(&mut trial, &cached);
     let mut judged = cached;
     // (A Lease judged long dead needs no list: its deletion is conditional on the version
     // judged, so a renewal the cache missed keeps it.)
-    let leaving = before.live.iter().any(|w| !members.live.contains(w));
-    if leaving {
+    if leaving(&members) {
         match tokio::time::timeout(WRITE_TIMEOUT, leases.list(&ListParams::default())).await {
             Ok(Ok(fresh)) => {
                 judged = view.seen_in_list(fresh.items);
                 members = judge(observer, &judged);
-                let left = before.live.iter().any(|w| !members.live.contains(w));
+                let left = leaving(&members);
                 let result = if left { "left" } else { "stayed" };
                 metrics
                     .departures_checked
