@@ -255,6 +255,12 @@ impl World {
             }),
             ..Script::default()
         };
+        // In half the seeds the scripted source takes up each REQ a moment after it arrives
+        // while it applies a CLOSE at once, as relays that handle a connection's messages
+        // concurrently do (khatru): replacing live REQs must not open a gap there.
+        let req_delay = draws
+            .random_bool(0.5)
+            .then(|| Duration::from_millis(draws.random_range(50..500)));
         let local = ScriptedRelay::start(local_base.clone())
             .await
             .expect("local relay");
@@ -276,6 +282,7 @@ impl World {
         let scripted = ScriptedRelay::start(Script {
             max_subscriptions: cap,
             cap_refusal,
+            req_delay,
             ..Script::default()
         })
         .await
@@ -294,6 +301,7 @@ impl World {
         let scripted_base = Script {
             max_subscriptions: cap,
             cap_refusal,
+            req_delay,
             raw_events: corpus.forged.clone(),
             ..Script::default()
         };
@@ -333,6 +341,11 @@ impl World {
             world
                 .faults
                 .push(format!("subscription cap {cap} refused by {cap_refusal:?}"));
+        }
+        if let Some(d) = req_delay {
+            world
+                .faults
+                .push(format!("scripted source takes up each REQ {d:?} late"));
         }
         if let Some(p) = &world.local_base.purgatory {
             let wait = p.git_data_after;

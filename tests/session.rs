@@ -1967,3 +1967,143 @@ async fn live_filters_over_the_cap_are_polled() {
     rig.holds_exactly(&want).await;
     h.stop().await;
 }
+
+/// What the session in [`a_re_plan_leaves_no_live_gap`] plans with: one item per bucket and
+/// four filters per REQ, so every repo and root has a REQ of its own.
+fn replan_limits() -> grasp_sync::nostr::live_plan::Limits {
+    grasp_sync::nostr::live_plan::Limits {
+        chunk: 1,
+        max_filters: 4,
+        max_filters_stretch: 8,
+        max_reqs: None,
+        max_bytes: 64 * 1024,
+    }
+}
+
+/// The live plan of `fixtures`: each REQ's key and filters as JSON.
+fn plan_of(fixtures: &[&Fixture]) -> Vec<(grasp_sync::nostr::live_plan::LiveKey, String)> {
+    let set = set_for(fixtures);
+    let repos: Vec<_> = set.repos.into_iter().collect();
+    let roots: Vec<_> = set.roots.into_iter().collect();
+    grasp_sync::nostr::live_plan::plan(&repos, &roots, replan_limits())
+        .into_iter()
+        .map(|(k, fs)| {
+            (
+                k,
+                fs.iter().map(|f| f.as_json()).collect::<Vec<_>>().join(","),
+            )
+        })
+        .collect()
+}
+
+/// Shrinking a live set halves its bucket count: REQs of the upper half are closed and their
+/// items move into the lower half's REQs, which are replaced. Against a relay that takes up
+/// a REQ a second after it arrives while it applies a CLOSE at once (khatru handles each
+/// message concurrently), an event published meanwhile for an item that moved still arrives
+/// — without a reconciliation (none runs here), and before a replacement could be given up as
+/// overdue — whether the relay's cap leaves room to keep
+/// the old REQs open until the new ones are in place (`with_cap` false) or not, when the
+/// REQs are replaced in place and backfilled.
+async fn a_re_plan_leaves_no_live_gap(with_cap: bool) {
+    let rig = rig().await;
+    // Fixtures such that a kept root moves to another REQ, and (for the capped run) enough
+    // REQs change that keeping the old ones open would go over a cap the old plan fits.
+    let (fixtures, moved, before, retired) = loop {
+        let fixtures: Vec<Fixture> = (0..16)
+            .map(|i| nip34::fixture(&format!("replan-{i}")))
+            .collect();
+        let all: Vec<&Fixture> = fixtures.iter().collect();
+        let before = plan_of(&all);
+        let after = plan_of(&all[..8]);
+        let key_of = |plan: &[(grasp_sync::nostr::live_plan::LiveKey, String)], id: EventId| {
+            plan.iter()
+                .find(|(_, json)| json.contains(&id.to_hex()))
+                .map(|(k, _)| *k)
+        };
+        let moved: Vec<EventId> = all[..8]
+            .iter()
+            .map(|f| f.root.id)
+            .filter(|id| key_of(&before, *id) != key_of(&after, *id))
+            .collect();
+        let changed = after.iter().filter(|r| !before.contains(r)).count();
+        let retired = before.iter().filter(|r| !after.contains(r)).count();
+        if !moved.is_empty() && (!with_cap || changed > 8) {
+            break (fixtures, moved, before.len(), retired);
+        }
+    };
+    let remote = HostileRelay::start(Script::default()).await;
+    remote.add(fixtures.iter().flat_map(|f| f.expected.iter().cloned()));
+    let mut config = fast_config();
+    config.chunk = 1;
+    config.default_max_filters = 4;
+    // The old plan just fits beside historic work's share (8); old and new together do not.
+    config.assumed_subscription_cap = with_cap.then_some(before + 8);
+    config.reconcile_every = (Duration::from_secs(3600), Duration::from_secs(3600));
+    // Longer than the wait for the late events below: a replacement given up as overdue
+    // (closed with a gap, backfilled) cannot be what delivers them.
+    config.batch_timeout = Duration::from_secs(60);
+    let all: Vec<&Fixture> = fixtures.iter().collect();
+    let h = rig.start(&remote.url(), set_for(&all), Resume::fresh(), config);
+    let mut want = nip34::ids(fixtures.iter().flat_map(|f| f.expected.iter()));
+    rig.holds_exactly(&want).await;
+    wait_phase(&h, Phase::Live).await;
+
+    // From here the relay takes up each REQ two seconds late (the initial sync, a REQ per
+    // item and page, would take minutes so).
+    remote.set_script(Script {
+        req_delay: Some(Duration::from_secs(2)),
+        ..Script::default()
+    });
+    let delayed = remote.counters().reqs_delayed.load(Ordering::SeqCst);
+    let taken_up = remote.counters().reqs.load(Ordering::SeqCst);
+    let closes = remote.counters().closes.load(Ordering::SeqCst);
+    h.set(set_for(&all[..8]));
+    eventually("the replacing REQs at the relay", DEADLINE, || async {
+        (remote.counters().reqs_delayed.load(Ordering::SeqCst) > delayed).then_some(())
+    })
+    .await;
+    // Within the second before the relay takes them up.
+    let late: Vec<Event> = moved
+        .iter()
+        .map(|root| nip34::comment_now(*root, "while the plan changes"))
+        .collect();
+    remote.add(late.iter().cloned());
+    let c = remote.counters();
+    assert!(
+        c.reqs.load(Ordering::SeqCst) - taken_up < c.reqs_delayed.load(Ordering::SeqCst) - delayed,
+        "inconclusive: the relay took up every replacing REQ before the events were published"
+    );
+    want = nip34::ids(
+        fixtures[..8]
+            .iter()
+            .flat_map(|f| f.expected.iter())
+            .chain(&late),
+    );
+    want.extend(nip34::ids(
+        fixtures[8..].iter().flat_map(|f| f.expected.iter()),
+    ));
+    relays::holds_exactly(&rig.local, &want, Duration::from_secs(40)).await;
+    let how = if with_cap { "in_place" } else { "overlapped" };
+    assert!(
+        rig.metrics.live_replans.with_label_values(&[how]).get() >= 1,
+        "the re-plan was not {how}"
+    );
+    if !with_cap {
+        // Every subscription replaced is closed once its replacement is in place.
+        eventually("the old subscriptions closed", DEADLINE, || async {
+            (remote.counters().closes.load(Ordering::SeqCst) >= closes + retired).then_some(())
+        })
+        .await;
+    }
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_re_plan_keeps_the_old_live_subscriptions_until_the_new_are_in_place() {
+    a_re_plan_leaves_no_live_gap(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_re_plan_without_room_to_overlap_backfills_what_could_have_moved() {
+    a_re_plan_leaves_no_live_gap(true).await;
+}

@@ -7,9 +7,8 @@
 //! items; it changes only when the set doubles or halves (then every REQ of that layer is
 //! re-planned once). Each bucket becomes one chunk of filters; a fixed group of consecutive
 //! buckets becomes one REQ (split further only if it would exceed the byte budget), keyed by
-//! layer, group and part. The session replaces a changed REQ in place (a REQ with the id of
-//! an open subscription overwrites it, NIP-01), so a set change opens no gap and never holds
-//! more subscriptions than the plan.
+//! layer, group and part. A set change re-sends only the REQs whose content changed (how the
+//! session swaps them without a gap: `worker/session/live.rs`).
 //!
 //! A session plans on every set change, and at thousands of repos the set changes every
 //! half second while the historic sync discovers roots. So a [`Planner`] keeps what it
@@ -32,6 +31,16 @@ pub enum LiveKey {
     Announcements,
     Repos { group: u32, part: u16 },
     Roots { group: u32, part: u16 },
+}
+
+/// The layer and group of a key (the REQs of one group share its items between them), if
+/// it has one.
+pub fn group_of(key: LiveKey) -> Option<(u8, u32)> {
+    match key {
+        LiveKey::Announcements => None,
+        LiveKey::Repos { group, .. } => Some((2, group)),
+        LiveKey::Roots { group, .. } => Some((3, group)),
+    }
 }
 
 /// Limits a plan must respect.

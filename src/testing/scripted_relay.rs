@@ -86,6 +86,12 @@ pub struct Script {
     /// as from nostr-relay-builder to a connection that fell over 1,024 new events behind
     /// (its broadcast buffer skips them, and nothing says so).
     pub live_drops: bool,
+    /// Take up each REQ (its stored events, EOSE, live delivery) this long after it
+    /// arrives, while every other message is handled at once: a relay that handles a
+    /// connection's messages concurrently (khatru runs each in its own goroutine) and
+    /// registers a subscription once its stored query is done. A CLOSE sent after a REQ
+    /// then takes effect first.
+    pub req_delay: Option<std::time::Duration>,
 }
 
 /// A GRASP relay's purgatory: new repository announcements, state events and PRs are
@@ -149,6 +155,8 @@ pub struct Counters {
     pub cap_refusals: AtomicUsize,
     /// EVENTs answered `purgatory:` (held back until git data arrives).
     pub purgatory_answers: AtomicUsize,
+    /// REQs that arrived and wait out `req_delay`.
+    pub reqs_delayed: AtomicUsize,
 }
 
 impl Counters {
@@ -542,8 +550,29 @@ async fn serve(ws: Ws, s: Arc<Shared>) {
         .unwrap_or_else(|e| e.into_inner())
         .close_after
         .map(|d| tokio::time::Instant::now() + d);
+    // REQs waiting out `req_delay`, with when each is taken up.
+    let mut delayed: std::collections::VecDeque<(tokio::time::Instant, String)> =
+        Default::default();
     'conn: loop {
+        let next_delayed = delayed.front().map(|(at, _)| *at);
         tokio::select! {
+            _ = async {
+                match next_delayed {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                let Some((_, text)) = delayed.pop_front() else { continue };
+                let Ok(msg) = ClientMessage::from_json(text.as_str()) else { continue };
+                for reply in handle(&s, &mut subs, msg) {
+                    match reply {
+                        Reply::Send(text) => {
+                            if tx.send(Message::text(text)).await.is_err() { break 'conn; }
+                        }
+                        Reply::Disconnect => break 'conn,
+                    }
+                }
+            }
             _ = async {
                 match close_at {
                     Some(at) => tokio::time::sleep_until(at).await,
@@ -564,6 +593,12 @@ async fn serve(ws: Ws, s: Arc<Shared>) {
                     _ => break,
                 };
                 let Ok(msg) = ClientMessage::from_json(text.as_str()) else { continue };
+                let delay = s.script.lock().unwrap_or_else(|e| e.into_inner()).req_delay;
+                if let (Some(d), ClientMessage::Req { .. }) = (delay, &msg) {
+                    s.counters.reqs_delayed.fetch_add(1, Ordering::SeqCst);
+                    delayed.push_back((tokio::time::Instant::now() + d, text.to_string()));
+                    continue;
+                }
                 let replies = handle(&s, &mut subs, msg);
                 for reply in replies {
                     match reply {

@@ -45,7 +45,7 @@ impl Session {
         &mut self,
         conn: &mut Conn,
     ) -> Result<(), SessionError> {
-        let believed_open = conn.live.len() + conn.historic.len() + conn.fetches.len();
+        let believed_open = conn.believed_open();
         let Some(placed) = conn.notice_refusals.place(
             Instant::now(),
             NOTICE_GRACE,
@@ -62,6 +62,18 @@ impl Session {
         let retry_at = Instant::now() + self.config.batch_retry;
         for id in placed.refused.iter().chain(&placed.unsure) {
             let req = conn.answered(id);
+            let sent_at = req.as_ref().map(|u| u.sent_at);
+            if let Some(i) = conn.retiring.iter().position(|r| r.id == *id) {
+                // Replaced since it was sent, and kept open for its replacement: what it was
+                // to cover was not covered from when it was sent.
+                conn.retiring.swap_remove(i);
+                conn.live_gap_from(sent_at);
+                conn.writer
+                    .send(&ClientMessage::close(id.clone()))
+                    .await
+                    .map_err(SessionError::Write)?;
+                continue;
+            }
             let ours = conn.live.contains_key(id)
                 || conn.historic.contains_key(id)
                 || conn.fetches.contains_key(id);
@@ -74,7 +86,7 @@ impl Session {
                 .send(&ClientMessage::close(id.clone()))
                 .await
                 .map_err(SessionError::Write)?;
-            conn.take_back(id, retry_at, Instant::now(), req.map(|u| u.sent_at));
+            conn.take_back(id, retry_at, Instant::now(), sent_at);
         }
         tracing::debug!(relay = %self.url, refusals = placed.refusals, refused = placed.refused.len(), resent = placed.unsure.len(), cap = placed.held, "placed subscription-cap NOTICEs");
         self.learn_cap(conn, placed.held, &placed.text);
@@ -109,7 +121,7 @@ impl Session {
         );
         let open = req
             .map(|u| u.open_before)
-            .unwrap_or_else(|| conn.live.len() + conn.historic.len() + conn.fetches.len());
+            .unwrap_or_else(|| conn.believed_open());
         self.learn_cap(conn, open, text);
         Ok(())
     }

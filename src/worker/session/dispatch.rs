@@ -96,7 +96,7 @@ impl Session {
                     let asked =
                         f.requested.remove(&event.id) || matches(std::slice::from_ref(&*f.filter));
                     asked.then_some(historic_source)
-                } else if let Some(fs) = conn.live.get(sid) {
+                } else if let Some(fs) = conn.live.get(sid).or_else(|| conn.retiring_filters(sid)) {
                     matches(fs).then_some("live")
                 } else {
                     // A late event for a subscription we already closed: taken if the live
@@ -119,6 +119,9 @@ impl Session {
             RelayMessage::EndOfStoredEvents(id) => {
                 let id = id.into_owned();
                 conn.answered(&id);
+                if conn.live.contains_key(&id) {
+                    conn.live_answers = true;
+                }
                 if !self.refusal_streaks.is_empty()
                     && let Some(print) = conn.filter_print(&id)
                 {
@@ -171,7 +174,7 @@ impl Session {
                         let why = format!("{} ids never arrived", f.requested.len());
                         self.fallback_to_req(conn, f.batch, Arc::unwrap_or_clone(f.filter), &why);
                     }
-                } else if !conn.live.contains_key(&id) {
+                } else if !conn.live.contains_key(&id) && conn.retiring_filters(&id).is_none() {
                     // A subscription we no longer track (taken back as refused, or replaced)
                     // that the relay did open: close it, or it holds one of the relay's
                     // slots for the rest of the connection.
@@ -180,7 +183,7 @@ impl Session {
                         .await
                         .map_err(SessionError::Write)?;
                 }
-                Ok(())
+                self.release_retiring(conn).await
             }
             RelayMessage::NegMsg {
                 subscription_id,
@@ -209,7 +212,15 @@ impl Session {
             } => {
                 let id = subscription_id.into_owned();
                 let req = conn.answered(&id);
-                let known = conn.historic.contains_key(&id)
+                let retiring = conn.retiring.iter().position(|r| r.id == id);
+                if let Some(i) = retiring {
+                    // A subscription we keep open for its replacement, which may not be in
+                    // place yet: a gap from when it was refused (its REQ), or from now.
+                    conn.retiring.swap_remove(i);
+                    conn.live_gap_from(req.as_ref().map(|u| u.sent_at));
+                }
+                let known = retiring.is_some()
+                    || conn.historic.contains_key(&id)
                     || conn.fetches.contains_key(&id)
                     || conn.live.contains_key(&id);
                 if !known {

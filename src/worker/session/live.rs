@@ -10,9 +10,10 @@ use crate::nostr::live_plan::{self, LiveKey, PlannedReq};
 
 impl Session {
     /// Bring the live subscriptions in line with the whole set, re-sending only what changed:
-    /// the plan is keyed and stable ([`live_plan`]), a changed REQ replaces its open
-    /// subscription in place (same id), REQs no longer planned are closed first, so the
-    /// count never exceeds the plan and a set change opens no gap. REQs that are not open
+    /// the plan is keyed and stable ([`live_plan`]); changed REQs go out under new ids and
+    /// the subscriptions they replace close once the new ones are in place
+    /// ([`Session::release_retiring`]), or — without room under the relay's cap — replace
+    /// them in place with a backfill of what could have moved. REQs that are not open
     /// (refused, closed by the relay, or a new connection) are sent afresh. Any live gap is
     /// backfilled once they are out.
     pub(super) async fn open_live(&mut self, conn: &mut Conn) -> Result<(), SessionError> {
@@ -94,22 +95,114 @@ impl Session {
             .filter(|k| !wanted.contains_key(k))
             .copied()
             .collect();
-        for key in stale {
-            if let Some((id, _)) = conn.live_plan.remove(&key) {
-                conn.live.remove(&id);
+        let (mut changed, mut replaced) = (Vec::new(), 0usize);
+        for (k, r) in &wanted {
+            match conn.live_plan.get(k) {
+                Some((_, print)) if *print == r.fingerprint => {}
+                Some(_) => {
+                    changed.push(*k);
+                    replaced += 1;
+                }
+                None => changed.push(*k),
+            }
+        }
+        let replaces = !stale.is_empty() || replaced > 0;
+        // Make before break: every changed REQ goes out under a new id and what it replaces
+        // stays open until the new ones are in place, if the relay's cap leaves room for
+        // both at once. Otherwise they are replaced in place (a REQ with the id of an open
+        // subscription overwrites it, NIP-01) after the stale ones are closed, and what that
+        // may have left uncovered meanwhile is backfilled.
+        // One slot stays free: historic work always gets one (`pump_queue`).
+        let overlap = cap.is_none_or(|c| conn.believed_open() + changed.len() < c);
+        // Replaced in place, a REQ changes atomically on a relay that handles a connection's
+        // messages in order; items moving between REQs (a new layout, a group packed into
+        // several REQs) are uncovered between two of them.
+        let moving: std::collections::BTreeSet<LiveKey> = if overlap || !replaces {
+            Default::default()
+        } else if !stale.is_empty() || changed.len() > replaced {
+            changed.iter().copied().collect()
+        } else {
+            // Most REQs of each group, before or after.
+            let mut parts: std::collections::HashMap<(u8, u32), (usize, usize)> =
+                Default::default();
+            for k in wanted.keys() {
+                if let Some(g) = live_plan::group_of(*k) {
+                    parts.entry(g).or_default().0 += 1;
+                }
+            }
+            for k in conn.live_plan.keys() {
+                if let Some(g) = live_plan::group_of(*k) {
+                    parts.entry(g).or_default().1 += 1;
+                }
+            }
+            changed
+                .iter()
+                .filter(|k| {
+                    live_plan::group_of(**k)
+                        .and_then(|g| parts.get(&g))
+                        .is_some_and(|(after, before)| (*after).max(*before) > 1)
+                })
+                .copied()
+                .collect()
+        };
+        let mut sent = 0usize;
+        let mut successors = Vec::new();
+        let mut uncovered: Vec<nostr::Filter> = Vec::new();
+        if !overlap {
+            // Room first: what earlier re-plans keep open goes now, and what it still covered
+            // is read again with the rest.
+            for r in std::mem::take(&mut conn.retiring) {
+                uncovered.extend(r.filters.iter().cloned());
                 conn.writer
-                    .send(&ClientMessage::close(id))
+                    .send(&ClientMessage::close(r.id))
                     .await
                     .map_err(SessionError::Write)?;
             }
         }
-        let mut sent = 0usize;
+        let retiring_from = conn.retiring.len();
+        for key in stale {
+            if let Some((id, _)) = conn.live_plan.remove(&key)
+                && let Some(filters) = conn.live.remove(&id)
+            {
+                if overlap {
+                    conn.retiring.push(super::Retiring {
+                        id,
+                        filters,
+                        successors: Default::default(),
+                        since: std::time::Instant::now(),
+                    });
+                } else {
+                    conn.writer
+                        .send(&ClientMessage::close(id))
+                        .await
+                        .map_err(SessionError::Write)?;
+                }
+            }
+        }
         for (key, req) in wanted {
             let print = req.fingerprint;
-            let id = match conn.live_plan.get(&key) {
+            let old = match conn.live_plan.get(&key) {
                 Some((_, p)) if *p == print => continue,
-                // Replaced in place: the relay overwrites the subscription with this id.
-                Some((id, _)) => id.clone(),
+                Some((id, _)) => Some(id.clone()),
+                None => None,
+            };
+            if moving.contains(&key) {
+                uncovered.extend(req.filters.iter().cloned());
+            }
+            let id = match old {
+                Some(id) if !overlap => id,
+                Some(old) => {
+                    if let Some(filters) = conn.live.remove(&old) {
+                        conn.retiring.push(super::Retiring {
+                            id: old,
+                            filters,
+                            successors: Default::default(),
+                            since: std::time::Instant::now(),
+                        });
+                    }
+                    conn.next_id += 1;
+                    SubscriptionId::new(format!("live-{}", conn.next_id))
+                }
                 None => {
                     conn.next_id += 1;
                     SubscriptionId::new(format!("live-{}", conn.next_id))
@@ -119,16 +212,145 @@ impl Session {
             sent += nostr::JsonUtil::as_json(&msg).len();
             conn.writer.send(&msg).await.map_err(SessionError::Write)?;
             conn.sent_req(&id);
+            successors.push(id.clone());
             conn.live.insert(id.clone(), req.filters);
             conn.live_plan.insert(key, (id, print));
         }
+        let successors = std::sync::Arc::new(successors);
+        for r in &mut conn.retiring[retiring_from..] {
+            r.successors = successors.clone();
+        }
+        if replaces {
+            let how = if overlap { "overlapped" } else { "in_place" };
+            self.metrics.live_replans.with_label_values(&[how]).inc();
+        }
         self.metrics.live_req_bytes.inc_by(sent as u64);
+        self.release_retiring(conn).await?;
+        if !uncovered.is_empty() {
+            let since = super::report::unix_now().saturating_sub(self.config.slack.as_secs());
+            conn.moved_since = if conn.moved.is_empty() {
+                since
+            } else {
+                conn.moved_since.min(since)
+            };
+            conn.moved.extend(uncovered.into_iter().map(|mut f| {
+                f.limit = None;
+                f
+            }));
+        }
+        self.backfill_when_in_place(conn);
+        Ok(())
+    }
+
+    /// Close the retiring subscriptions whose replacements are in place. One whose
+    /// replacements are still not in place after the batch timeout (only on a relay that
+    /// answers live REQs: `take_back_unanswered_live` has taken them back by then) is
+    /// closed anyway, with a gap from when it was retired.
+    pub(super) async fn release_retiring(&mut self, conn: &mut Conn) -> Result<(), SessionError> {
+        if conn.retiring.is_empty() {
+            return Ok(());
+        }
+        let now = std::time::Instant::now();
+        let retiring = std::mem::take(&mut conn.retiring);
+        let (release, keep): (Vec<_>, Vec<_>) = {
+            let pending = conn.not_in_place(now);
+            // One answer per re-plan: its retiring subscriptions share their successors.
+            let mut known: Vec<(*const Vec<SubscriptionId>, bool)> = Vec::new();
+            let mut in_place = |r: &super::Retiring| {
+                let key = std::sync::Arc::as_ptr(&r.successors);
+                if let Some((_, v)) = known.iter().find(|(k, _)| *k == key) {
+                    return *v;
+                }
+                let v = r.successors.iter().all(|s| !pending.contains(s));
+                known.push((key, v));
+                v
+            };
+            retiring.into_iter().partition(|r| {
+                in_place(r) || now.saturating_duration_since(r.since) >= self.config.batch_timeout
+            })
+        };
+        conn.retiring = keep;
+        let pending = conn.not_in_place(now);
+        let overdue: Vec<bool> = release
+            .iter()
+            .map(|r| r.successors.iter().any(|s| pending.contains(s)))
+            .collect();
+        drop(pending);
+        for (r, overdue) in release.into_iter().zip(overdue) {
+            if overdue {
+                conn.live_gap_from(Some(r.since));
+                tracing::debug!(relay = %self.url, sub = %r.id, "replacement REQs not in place; closing the old subscription with a gap");
+            }
+            conn.writer
+                .send(&ClientMessage::close(r.id))
+                .await
+                .map_err(SessionError::Write)?;
+        }
+        Ok(())
+    }
+
+    /// On a relay that answers live REQs, one unanswered for the batch timeout may never
+    /// have been registered (dropped, or stuck behind a query): take it back — a gap from
+    /// when it was sent — and send it again, rather than believe it open.
+    pub(super) async fn take_back_unanswered_live(
+        &mut self,
+        conn: &mut Conn,
+    ) -> Result<(), SessionError> {
+        if !conn.live_answers {
+            return Ok(());
+        }
+        let timeout = self.config.batch_timeout;
+        let overdue: Vec<SubscriptionId> = conn
+            .unanswered
+            .iter()
+            .filter(|u| u.sent_at.elapsed() >= timeout && conn.live.contains_key(&u.id))
+            .map(|u| u.id.clone())
+            .collect();
+        let now = std::time::Instant::now();
+        for id in overdue {
+            let req = conn.answered(&id);
+            tracing::info!(relay = %self.url, sub = %id, "live REQ unanswered; sending it again");
+            conn.writer
+                .send(&ClientMessage::close(id.clone()))
+                .await
+                .map_err(SessionError::Write)?;
+            let retry = now + self.config.batch_retry;
+            conn.take_back(&id, retry, retry, req.map(|u| u.sent_at));
+        }
+        Ok(())
+    }
+
+    /// Send what waits for the live REQs to be in place: the backfill of a live gap (the whole
+    /// set, from the gap's start less the slack) and the re-read of filters replaced in place.
+    /// Sent before them, a read could run before a REQ is registered on a relay that handles
+    /// messages concurrently, and what arrived between the two would be missed with the
+    /// cursor past it.
+    pub(super) fn backfill_when_in_place(&mut self, conn: &mut Conn) {
+        if conn.live_gap_since.is_none() && conn.moved.is_empty() {
+            return;
+        }
+        // A re-open is due (it backfills after it), or no REQ may go out yet.
+        if conn.live_retry_at.is_some() || conn.notice_refusals.pending() {
+            return;
+        }
+        let now = std::time::Instant::now();
+        let pending = conn.not_in_place(now);
+        if conn.live.keys().any(|id| pending.contains(id)) {
+            return;
+        }
+        drop(pending);
         if let Some(gap) = conn.live_gap_since.take() {
             let since = gap.saturating_sub(self.config.slack.as_secs());
             tracing::info!(relay = %self.url, since, "backfilling the live gap");
             self.backfill(conn, nostr::Timestamp::from(since));
+            // The whole set from earlier covers the moved filters too.
+            conn.moved.clear();
         }
-        Ok(())
+        if !conn.moved.is_empty() {
+            let fs = std::mem::take(&mut conn.moved);
+            tracing::debug!(relay = %self.url, since = conn.moved_since, filters = fs.len(), "reading again what live REQs replaced in place could have missed");
+            self.backfill_filters(conn, fs, nostr::Timestamp::from(conn.moved_since));
+        }
     }
 
     /// Live REQs that do not fit under the relay's cap are polled: every `overflow_poll`, a

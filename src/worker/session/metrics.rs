@@ -28,6 +28,10 @@ pub struct SessionMetrics {
     pub closed_subscriptions: IntCounterVec,
     /// Bytes of live REQs sent (a set change re-sends only the REQs it changed).
     pub live_req_bytes: IntCounter,
+    /// Re-plans that replaced or closed live REQs, by how: `overlapped` (the new REQs went
+    /// out under new ids and the old stayed open until they were in place) or `in_place`
+    /// (no room under the relay's cap for both; what could have moved is backfilled).
+    pub live_replans: IntCounterVec,
     /// Relay messages that could not be parsed (shared with the publisher: one series).
     pub malformed_messages: IntCounter,
     /// Events a whole-range REQ page brought that the local relay already held (its set was
@@ -119,6 +123,12 @@ impl SessionMetrics {
                 "grasp_sync_closed_subscriptions_total",
                 "Subscriptions closed by remote relays, by reason",
                 &["reason"],
+            )?,
+            live_replans: int_counter_vec(
+                registry,
+                "grasp_sync_live_replans_total",
+                "Re-plans that replaced live subscriptions, by how (overlapped: the old stayed open until the new were in place; in_place: no room under the relay's cap, what could have moved is backfilled)",
+                &["how"],
             )?,
             live_req_bytes: int_counter(
                 registry,

@@ -5,7 +5,7 @@
 //! behind a lock, so nothing is ever held across a network wait. Callers talk to it through
 //! [`SessionHandle`] (commands in, a `watch` of [`SessionState`] out).
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -514,6 +514,30 @@ struct Conn {
     unanswered: std::collections::VecDeque<Unanswered>,
     /// Cap refusals by NOTICE not yet placed on the REQs they refused.
     notice_refusals: cap::NoticeRefusals,
+    /// Live subscriptions a re-plan replaced, still open until the REQs that replace them
+    /// are in place (see `Session::open_live`).
+    retiring: Vec<Retiring>,
+    /// The relay has answered a live (`limit: 0`) REQ on this connection; nostr-rs-relay
+    /// answers them with nothing at all, so without this only the refusal grace can tell
+    /// a REQ is in place.
+    live_answers: bool,
+    /// Live filters replaced in place whose items could have moved, to be read again from
+    /// `moved_since` once the live REQs are in place; they hold the cursor meanwhile.
+    moved: Vec<Filter>,
+    moved_since: u64,
+}
+
+/// A live subscription kept open after a re-plan replaced it, until every REQ sent with
+/// its replacement is in place: a relay may apply a CLOSE before a REQ sent earlier
+/// (khatru handles each message concurrently) or register a REQ only after its stored
+/// query, so closing first leaves the moved items uncovered meanwhile.
+#[derive(Debug)]
+struct Retiring {
+    id: SubscriptionId,
+    filters: Arc<Vec<Filter>>,
+    /// The REQs sent with its replacement (shared by the subscriptions one re-plan retired).
+    successors: Arc<Vec<SubscriptionId>>,
+    since: Instant,
 }
 
 /// A REQ sent and not answered yet.
@@ -526,9 +550,43 @@ struct Unanswered {
 }
 
 impl Conn {
+    /// Live coverage has a gap from `at` (now if `None`), or from earlier.
+    fn live_gap_from(&mut self, at: Option<Instant>) {
+        let ago = at.map_or(0, |t| t.elapsed().as_secs_f64().ceil() as u64);
+        let from = report::unix_now().saturating_sub(ago);
+        let gap = self.live_gap_since.get_or_insert(from);
+        *gap = (*gap).min(from);
+    }
+
+    /// Subscriptions we believe the relay holds open for us.
+    fn believed_open(&self) -> usize {
+        self.live.len() + self.historic.len() + self.fetches.len() + self.retiring.len()
+    }
+
+    /// Whether subscription `id` is a retiring one (see [`Retiring`]).
+    fn retiring_filters(&self, id: &SubscriptionId) -> Option<&Arc<Vec<Filter>>> {
+        self.retiring
+            .iter()
+            .find(|r| r.id == *id)
+            .map(|r| &r.filters)
+    }
+
+    /// REQs not in place as far as we can tell: unanswered (no EOSE or CLOSED; a refusal is
+    /// the refusal handling's gap) and — on a relay that does not answer live REQs — still
+    /// within the grace after which an unrefused live REQ counts as open.
+    fn not_in_place(&self, now: Instant) -> HashSet<&SubscriptionId> {
+        self.unanswered
+            .iter()
+            .filter(|u| {
+                self.live_answers || now.saturating_duration_since(u.sent_at) < cap::NOTICE_GRACE
+            })
+            .map(|u| &u.id)
+            .collect()
+    }
+
     /// Record a REQ just sent, with how many subscriptions we believed open before it.
     fn sent_req(&mut self, id: &SubscriptionId) {
-        let open = self.live.len() + self.historic.len() + self.fetches.len();
+        let open = self.believed_open();
         let open = open - usize::from(self.live.contains_key(id));
         self.unanswered.push_back(Unanswered {
             id: id.clone(),
@@ -569,10 +627,7 @@ impl Conn {
         sent_at: Option<Instant>,
     ) {
         if self.live.remove(id).is_some() {
-            let ago = sent_at.map_or(0, |t| t.elapsed().as_secs_f64().ceil() as u64);
-            let from = report::unix_now().saturating_sub(ago);
-            let gap = self.live_gap_since.get_or_insert(from);
-            *gap = (*gap).min(from);
+            self.live_gap_from(sent_at);
             self.live_retry_at = Some(live_at);
         } else if let Some(h) = self.historic.remove(id) {
             historic::retry_later(self, h.batch, historic::Work::Page(h.paginator), retry_at);

@@ -55,6 +55,7 @@ impl Session {
             && conn.historic.is_empty()
             && conn.live_retry_at.is_none()
             && conn.live_gap_since.is_none()
+            && conn.moved.is_empty()
             && conn.live_overflow == 0
             && !conn.notice_refusals.pending()
             && self.counters.drained()
@@ -112,7 +113,7 @@ impl Session {
             .relay_connected
             .with_label_values(&[self.url.as_str()])
             .set(code);
-        let subs = conn.live.len() + conn.historic.len() + conn.negs.len() + conn.fetches.len();
+        let subs = conn.believed_open() + conn.negs.len();
         self.report_bytes(conn);
         let bytes = self.bytes_before + conn.reader.bytes();
         let neg_ids = self.neg_ids;

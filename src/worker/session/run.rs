@@ -119,6 +119,10 @@ impl Session {
                         connected_at: super::report::unix_now(),
                         unanswered: std::collections::VecDeque::new(),
                         notice_refusals: Default::default(),
+                        retiring: Vec::new(),
+                        live_answers: false,
+                        moved: Vec::new(),
+                        moved_since: 0,
                     }
                 }
                 Err(e) => {
@@ -301,8 +305,11 @@ impl Session {
         // A REQ unanswered for this long is past every use of the record (a NOTICE refers
         // to what was sent just before it; a live REQ counts as open after the grace), and
         // a relay that never answers an accepted `limit: 0` REQ would grow it without end.
+        self.take_back_unanswered_live(conn).await?;
         let stale = self.config.batch_timeout * 2;
         conn.unanswered.retain(|u| u.sent_at.elapsed() < stale);
+        self.release_retiring(conn).await?;
+        self.backfill_when_in_place(conn);
         // Done once every batch is served and our relay has answered for all it was handed
         // (or set it aside): a crash before that must not count as a reconciliation that
         // happened.

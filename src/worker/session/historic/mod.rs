@@ -266,6 +266,19 @@ impl Session {
         self.add_batch(conn, Items::Backfill, fs, Some(since), limit, true);
     }
 
+    /// Fetch again, from `since`, what `fs` (live filters replaced in place) would have
+    /// delivered: read from `since` only, as the moment it covers is short and recent, where
+    /// a whole-range read per re-plan would cost a reconciliation each time.
+    pub(in crate::worker::session) fn backfill_filters(
+        &mut self,
+        conn: &mut Conn,
+        fs: Vec<Filter>,
+        since: Timestamp,
+    ) {
+        let limit = self.page_limit(&conn.caps);
+        self.add_batch(conn, Items::Backfill, fs, Some(since), limit, false);
+    }
+
     /// A batch polling live filters that do not fit under the relay's cap (see
     /// `poll_overflow`); it confirms nothing.
     pub(in crate::worker::session) fn poll_batch(
@@ -355,7 +368,8 @@ impl Session {
         }
         let mut budget = self.config.max_historic_subscriptions;
         if let Some(max) = self.subscription_cap(conn) {
-            let live = conn.live.len().max(conn.live_planned);
+            // Retiring subscriptions hold slots until their replacements are in place.
+            let live = conn.live.len().max(conn.live_planned) + conn.retiring.len();
             budget = budget.min(max.saturating_sub(live).max(1));
         }
         let limit = self.page_limit(&conn.caps);
@@ -381,9 +395,9 @@ impl Session {
                 } => self.send_fetch(conn, q.batch, filter, ids, retried).await?,
             }
         }
-        self.metrics.subscriptions.set(
-            (conn.live.len() + conn.historic.len() + conn.negs.len() + conn.fetches.len()) as i64,
-        );
+        self.metrics
+            .subscriptions
+            .set((conn.believed_open() + conn.negs.len()) as i64);
         Ok(())
     }
 
