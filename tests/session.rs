@@ -2107,3 +2107,60 @@ async fn a_re_plan_keeps_the_old_live_subscriptions_until_the_new_are_in_place()
 async fn a_re_plan_without_room_to_overlap_backfills_what_could_have_moved() {
     a_re_plan_leaves_no_live_gap(true).await;
 }
+
+/// A relay that answers live REQs but drops one (a proxy losing a frame, a relay shedding
+/// load) never registers it, and nothing says so: the REQ is sent again after the batch
+/// timeout, and what arrives for the items it covers is delivered once the relay takes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_live_req_the_relay_dropped_is_sent_again() {
+    let rig = rig().await;
+    let a = nip34::fixture("kept");
+    let b = nip34::fixture("added");
+    let remote = HostileRelay::start(Script::default()).await;
+    remote.add(a.expected.iter().chain(&b.expected).cloned());
+    let mut config = fast_config();
+    config.reconcile_every = (Duration::from_secs(3600), Duration::from_secs(3600));
+    let h = rig.start(&remote.url(), set_for(&[&a]), Resume::fresh(), config);
+    rig.holds_exactly(&nip34::ids(&a.expected)).await;
+    wait_phase(&h, Phase::Live).await;
+
+    // The live REQs for the new set are dropped, and the historic pages with them.
+    remote.set_script(Script {
+        ignore_reqs: true,
+        ..Script::default()
+    });
+    let changed_at = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    h.set(set_for(&[&a, &b]));
+    eventually("a REQ dropped", DEADLINE, || async {
+        (remote.counters().reqs_ignored.load(Ordering::SeqCst) > 0).then_some(())
+    })
+    .await;
+    remote.set_script(Script::default());
+    rig.holds_exactly(&nip34::ids(a.expected.iter().chain(&b.expected)))
+        .await;
+    let mut rx = h.state();
+    // The cursor moving past the change says the session holds its live coverage whole
+    // (and has backfilled what it was unsure of).
+    eventually(
+        "b confirmed and the cursor past the change",
+        DEADLINE,
+        || {
+            let s = rx.borrow_and_update().clone();
+            async move {
+                (s.confirmed_roots == 2 && s.cursor.is_some_and(|c| c > changed_at + 1))
+                    .then_some(())
+            }
+        },
+    )
+    .await;
+    // Only a live subscription for b's root can bring this.
+    let late = nip34::comment_now(b.root.id, "after the drop");
+    remote.add([late.clone()]);
+    let mut want = nip34::ids(a.expected.iter().chain(&b.expected));
+    want.insert(late.id);
+    rig.holds_exactly(&want).await;
+    h.stop().await;
+}

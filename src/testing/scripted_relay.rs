@@ -92,6 +92,9 @@ pub struct Script {
     /// registers a subscription once its stored query is done. A CLOSE sent after a REQ
     /// then takes effect first.
     pub req_delay: Option<std::time::Duration>,
+    /// Neither answer nor register REQs: a relay that drops what it cannot take up (or a
+    /// proxy losing frames), while it goes on serving what it holds.
+    pub ignore_reqs: bool,
 }
 
 /// A GRASP relay's purgatory: new repository announcements, state events and PRs are
@@ -157,6 +160,8 @@ pub struct Counters {
     pub purgatory_answers: AtomicUsize,
     /// REQs that arrived and wait out `req_delay`.
     pub reqs_delayed: AtomicUsize,
+    /// REQs dropped unanswered (`ignore_reqs`).
+    pub reqs_ignored: AtomicUsize,
 }
 
 impl Counters {
@@ -773,6 +778,10 @@ fn handle(
             filters,
         } => {
             s.counters.reqs.fetch_add(1, Ordering::SeqCst);
+            if script.ignore_reqs {
+                s.counters.reqs_ignored.fetch_add(1, Ordering::SeqCst);
+                return Vec::new();
+            }
             if script.disconnect_on_reqs > 0 {
                 script.disconnect_on_reqs -= 1;
                 return vec![Reply::Disconnect];

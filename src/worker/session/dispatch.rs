@@ -121,6 +121,7 @@ impl Session {
                 conn.answered(&id);
                 if conn.live.contains_key(&id) {
                     conn.live_answers = true;
+                    self.live_answers_learned = true;
                 }
                 if !self.refusal_streaks.is_empty()
                     && let Some(print) = conn.filter_print(&id)

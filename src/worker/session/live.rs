@@ -233,10 +233,15 @@ impl Session {
             } else {
                 conn.moved_since.min(since)
             };
-            conn.moved.extend(uncovered.into_iter().map(|mut f| {
+            for mut f in uncovered {
                 f.limit = None;
-                f
-            }));
+                if conn
+                    .moved_prints
+                    .insert(live_plan::fingerprint(std::slice::from_ref(&f)))
+                {
+                    conn.moved.push(f);
+                }
+            }
         }
         self.backfill_when_in_place(conn);
         Ok(())
@@ -244,7 +249,7 @@ impl Session {
 
     /// Close the retiring subscriptions whose replacements are in place. One whose
     /// replacements are still not in place after the batch timeout (only on a relay that
-    /// answers live REQs: `take_back_unanswered_live` has taken them back by then) is
+    /// answers live REQs: `resend_unanswered_live` has sent them again by then) is
     /// closed anyway, with a gap from when it was retired.
     pub(super) async fn release_retiring(&mut self, conn: &mut Conn) -> Result<(), SessionError> {
         if conn.retiring.is_empty() {
@@ -289,10 +294,11 @@ impl Session {
         Ok(())
     }
 
-    /// On a relay that answers live REQs, one unanswered for the batch timeout may never
-    /// have been registered (dropped, or stuck behind a query): take it back — a gap from
-    /// when it was sent — and send it again, rather than believe it open.
-    pub(super) async fn take_back_unanswered_live(
+    /// On a relay that answers live REQs, one unanswered for the batch timeout (counted
+    /// from when we last read, like historic pages) may never have been registered (dropped,
+    /// or stuck behind a query): it is sent again under its id — overwriting it if it is
+    /// open, so coverage has no hole — and counts as a gap from when it was first sent.
+    pub(super) async fn resend_unanswered_live(
         &mut self,
         conn: &mut Conn,
     ) -> Result<(), SessionError> {
@@ -300,22 +306,27 @@ impl Session {
             return Ok(());
         }
         let timeout = self.config.batch_timeout;
+        let unblocked = self.unblocked_at;
         let overdue: Vec<SubscriptionId> = conn
             .unanswered
             .iter()
-            .filter(|u| u.sent_at.elapsed() >= timeout && conn.live.contains_key(&u.id))
+            .filter(|u| {
+                u.sent_at.max(unblocked).elapsed() >= timeout && conn.live.contains_key(&u.id)
+            })
             .map(|u| u.id.clone())
             .collect();
-        let now = std::time::Instant::now();
         for id in overdue {
             let req = conn.answered(&id);
+            let Some(filters) = conn.live.get(&id).cloned() else {
+                continue;
+            };
             tracing::info!(relay = %self.url, sub = %id, "live REQ unanswered; sending it again");
+            conn.live_gap_from(req.map(|u| u.sent_at));
             conn.writer
-                .send(&ClientMessage::close(id.clone()))
+                .send(&ClientMessage::req(id.clone(), filters.to_vec()))
                 .await
                 .map_err(SessionError::Write)?;
-            let retry = now + self.config.batch_retry;
-            conn.take_back(&id, retry, retry, req.map(|u| u.sent_at));
+            conn.sent_req(&id);
         }
         Ok(())
     }
@@ -340,13 +351,18 @@ impl Session {
         }
         drop(pending);
         if let Some(gap) = conn.live_gap_since.take() {
-            let since = gap.saturating_sub(self.config.slack.as_secs());
+            let mut since = gap.saturating_sub(self.config.slack.as_secs());
+            if !conn.moved.is_empty() {
+                // The whole set covers the moved filters too, from the earlier start.
+                since = since.min(conn.moved_since);
+                conn.moved.clear();
+                conn.moved_prints.clear();
+            }
             tracing::info!(relay = %self.url, since, "backfilling the live gap");
             self.backfill(conn, nostr::Timestamp::from(since));
-            // The whole set from earlier covers the moved filters too.
-            conn.moved.clear();
         }
         if !conn.moved.is_empty() {
+            conn.moved_prints.clear();
             let fs = std::mem::take(&mut conn.moved);
             tracing::debug!(relay = %self.url, since = conn.moved_since, filters = fs.len(), "reading again what live REQs replaced in place could have missed");
             self.backfill_filters(conn, fs, nostr::Timestamp::from(conn.moved_since));

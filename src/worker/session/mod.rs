@@ -346,6 +346,7 @@ pub fn spawn(
         reconcile_at,
         last_reconciled: resume.last_reconciled,
         neg_learned: None,
+        live_answers_learned: false,
         // A fresh start fetches everything in full: that counts as a reconciliation.
         initial_sync: cursor.is_none(),
         bytes_before: 0,
@@ -433,6 +434,9 @@ struct Session {
     last_reconciled: Option<SystemTime>,
     /// Whether the relay answered negentropy, as learned on an earlier connection.
     neg_learned: Option<bool>,
+    /// The relay answered a live REQ on an earlier connection: a new one does not take a
+    /// slow answer for a relay that never answers (see `Conn::live_answers`).
+    live_answers_learned: bool,
     /// The first full sync of a fresh start has not completed yet.
     initial_sync: bool,
     /// Bytes read on earlier connections.
@@ -525,6 +529,9 @@ struct Conn {
     /// `moved_since` once the live REQs are in place; they hold the cursor meanwhile.
     moved: Vec<Filter>,
     moved_since: u64,
+    /// Fingerprints of `moved`'s filters: a filter replaced again before the re-read is read
+    /// once.
+    moved_prints: HashSet<u64>,
 }
 
 /// A live subscription kept open after a re-plan replaced it, until every REQ sent with

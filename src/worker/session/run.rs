@@ -120,9 +120,10 @@ impl Session {
                         unanswered: std::collections::VecDeque::new(),
                         notice_refusals: Default::default(),
                         retiring: Vec::new(),
-                        live_answers: false,
+                        live_answers: self.live_answers_learned,
                         moved: Vec::new(),
                         moved_since: 0,
+                        moved_prints: Default::default(),
                     }
                 }
                 Err(e) => {
@@ -305,7 +306,7 @@ impl Session {
         // A REQ unanswered for this long is past every use of the record (a NOTICE refers
         // to what was sent just before it; a live REQ counts as open after the grace), and
         // a relay that never answers an accepted `limit: 0` REQ would grow it without end.
-        self.take_back_unanswered_live(conn).await?;
+        self.resend_unanswered_live(conn).await?;
         let stale = self.config.batch_timeout * 2;
         conn.unanswered.retain(|u| u.sent_at.elapsed() < stale);
         self.release_retiring(conn).await?;
