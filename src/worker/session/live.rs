@@ -148,6 +148,7 @@ impl Session {
         let mut sent = 0usize;
         let mut successors = Vec::new();
         let mut uncovered: Vec<nostr::Filter> = Vec::new();
+        let mut moved_keys = Vec::new();
         if !overlap {
             // Room first: what earlier re-plans keep open goes now, and what it still covered
             // is read again with the rest.
@@ -164,6 +165,11 @@ impl Session {
             if let Some((id, _)) = conn.live_plan.remove(&key)
                 && let Some(filters) = conn.live.remove(&id)
             {
+                // A key waiting for its re-read takes its items elsewhere: read them as they
+                // were planned.
+                if conn.moved_keys.remove(&key) {
+                    conn.keep_for_reread(&filters);
+                }
                 if overlap {
                     conn.retiring.push(super::Retiring {
                         id,
@@ -186,8 +192,14 @@ impl Session {
                 Some((id, _)) => Some(id.clone()),
                 None => None,
             };
+            if let Some(id) = &old
+                && conn.moved_keys.contains(&key)
+                && let Some(filters) = conn.live.get(id).cloned()
+            {
+                conn.keep_for_reread(&filters);
+            }
             if moving.contains(&key) {
-                uncovered.extend(req.filters.iter().cloned());
+                moved_keys.push(key);
             }
             let id = match old {
                 Some(id) if !overlap => id,
@@ -226,22 +238,15 @@ impl Session {
         }
         self.metrics.live_req_bytes.inc_by(sent as u64);
         self.release_retiring(conn).await?;
-        if !uncovered.is_empty() {
+        if !uncovered.is_empty() || !moved_keys.is_empty() {
             let since = super::report::unix_now().saturating_sub(self.config.slack.as_secs());
-            conn.moved_since = if conn.moved.is_empty() {
-                since
-            } else {
+            conn.moved_since = if conn.moved_pending() {
                 conn.moved_since.min(since)
+            } else {
+                since
             };
-            for mut f in uncovered {
-                f.limit = None;
-                if conn
-                    .moved_prints
-                    .insert(live_plan::fingerprint(std::slice::from_ref(&f)))
-                {
-                    conn.moved.push(f);
-                }
-            }
+            conn.moved_keys.extend(moved_keys);
+            conn.keep_for_reread(&uncovered);
         }
         self.backfill_when_in_place(conn);
         Ok(())
@@ -332,12 +337,12 @@ impl Session {
     }
 
     /// Send what waits for the live REQs to be in place: the backfill of a live gap (the whole
-    /// set, from the gap's start less the slack) and the re-read of filters replaced in place.
+    /// set, from the gap's start less the slack) and the re-read of REQs replaced in place.
     /// Sent before them, a read could run before a REQ is registered on a relay that handles
     /// messages concurrently, and what arrived between the two would be missed with the
     /// cursor past it.
     pub(super) fn backfill_when_in_place(&mut self, conn: &mut Conn) {
-        if conn.live_gap_since.is_none() && conn.moved.is_empty() {
+        if conn.live_gap_since.is_none() && !conn.moved_pending() {
             return;
         }
         // A re-open is due (it backfills after it), or no REQ may go out yet.
@@ -352,21 +357,44 @@ impl Session {
         drop(pending);
         if let Some(gap) = conn.live_gap_since.take() {
             let mut since = gap.saturating_sub(self.config.slack.as_secs());
-            if !conn.moved.is_empty() {
-                // The whole set covers the moved filters too, from the earlier start.
+            if conn.moved_pending() {
+                // The whole set covers the re-read too, from the earlier start.
                 since = since.min(conn.moved_since);
+                conn.moved_keys.clear();
                 conn.moved.clear();
                 conn.moved_prints.clear();
             }
             tracing::info!(relay = %self.url, since, "backfilling the live gap");
             self.backfill(conn, nostr::Timestamp::from(since));
+            return;
         }
-        if !conn.moved.is_empty() {
-            conn.moved_prints.clear();
-            let fs = std::mem::take(&mut conn.moved);
-            tracing::debug!(relay = %self.url, since = conn.moved_since, filters = fs.len(), "reading again what live REQs replaced in place could have missed");
-            self.backfill_filters(conn, fs, nostr::Timestamp::from(conn.moved_since));
+        // While historic work runs (it holds the cursor anyway) the re-read waits, so the
+        // re-plans of a whole sync cost one read, from the earliest of them.
+        if conn
+            .batches
+            .values()
+            .any(|b| !matches!(b.items, super::historic::Items::Backfill))
+        {
+            return;
         }
+        let mut fs = std::mem::take(&mut conn.moved);
+        conn.moved_prints.clear();
+        for key in std::mem::take(&mut conn.moved_keys) {
+            if let Some((id, _)) = conn.live_plan.get(&key)
+                && let Some(filters) = conn.live.get(id)
+            {
+                fs.extend(filters.iter().map(|f| {
+                    let mut f = f.clone();
+                    f.limit = None;
+                    f
+                }));
+            }
+        }
+        if fs.is_empty() {
+            return;
+        }
+        tracing::debug!(relay = %self.url, since = conn.moved_since, filters = fs.len(), "reading again what live REQs replaced in place could have missed");
+        self.backfill_filters(conn, fs, nostr::Timestamp::from(conn.moved_since));
     }
 
     /// Live REQs that do not fit under the relay's cap are polled: every `overflow_poll`, a

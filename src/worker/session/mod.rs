@@ -525,13 +525,14 @@ struct Conn {
     /// answers them with nothing at all, so without this only the refusal grace can tell
     /// a REQ is in place.
     live_answers: bool,
-    /// Live filters replaced in place whose items could have moved, to be read again from
-    /// `moved_since` once the live REQs are in place; they hold the cursor meanwhile.
+    /// Live REQs replaced in place whose items could have moved, to be read again (their
+    /// filters as planned then) from `moved_since`; they hold the cursor meanwhile.
+    moved_keys: BTreeSet<crate::nostr::live_plan::LiveKey>,
+    /// Filters of retiring subscriptions closed before their replacements were in place, to
+    /// be read again with them (each once: `moved_prints`).
     moved: Vec<Filter>,
-    moved_since: u64,
-    /// Fingerprints of `moved`'s filters: a filter replaced again before the re-read is read
-    /// once.
     moved_prints: HashSet<u64>,
+    moved_since: u64,
 }
 
 /// A live subscription kept open after a re-plan replaced it, until every REQ sent with
@@ -563,6 +564,23 @@ impl Conn {
         let from = report::unix_now().saturating_sub(ago);
         let gap = self.live_gap_since.get_or_insert(from);
         *gap = (*gap).min(from);
+    }
+
+    /// Keep `filters` (live ones: `limit: 0`) to be read again with the moved REQs.
+    fn keep_for_reread(&mut self, filters: &[Filter]) {
+        for f in filters {
+            let mut f = f.clone();
+            f.limit = None;
+            let print = crate::nostr::live_plan::fingerprint(std::slice::from_ref(&f));
+            if self.moved_prints.insert(print) {
+                self.moved.push(f);
+            }
+        }
+    }
+
+    /// A re-read of live REQs replaced in place is due.
+    fn moved_pending(&self) -> bool {
+        !self.moved_keys.is_empty() || !self.moved.is_empty()
     }
 
     /// Subscriptions we believe the relay holds open for us.

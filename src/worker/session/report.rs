@@ -55,7 +55,7 @@ impl Session {
             && conn.historic.is_empty()
             && conn.live_retry_at.is_none()
             && conn.live_gap_since.is_none()
-            && conn.moved.is_empty()
+            && !conn.moved_pending()
             && conn.live_overflow == 0
             && !conn.notice_refusals.pending()
             && self.counters.drained()

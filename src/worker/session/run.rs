@@ -121,9 +121,10 @@ impl Session {
                         notice_refusals: Default::default(),
                         retiring: Vec::new(),
                         live_answers: self.live_answers_learned,
+                        moved_keys: Default::default(),
                         moved: Vec::new(),
-                        moved_since: 0,
                         moved_prints: Default::default(),
+                        moved_since: 0,
                     }
                 }
                 Err(e) => {
