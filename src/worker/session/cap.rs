@@ -63,11 +63,9 @@ impl Session {
         for id in placed.refused.iter().chain(&placed.unsure) {
             let req = conn.answered(id);
             let sent_at = req.as_ref().map(|u| u.sent_at);
-            if let Some(i) = conn.retiring.iter().position(|r| r.id == *id) {
+            if conn.drop_retiring(id, sent_at) {
                 // Replaced since it was sent, and kept open for its replacement: what it was
                 // to cover was not covered from when it was sent.
-                conn.retiring.swap_remove(i);
-                conn.live_gap_from(sent_at);
                 conn.writer
                     .send(&ClientMessage::close(id.clone()))
                     .await

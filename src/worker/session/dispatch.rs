@@ -213,14 +213,10 @@ impl Session {
             } => {
                 let id = subscription_id.into_owned();
                 let req = conn.answered(&id);
-                let retiring = conn.retiring.iter().position(|r| r.id == id);
-                if let Some(i) = retiring {
-                    // A subscription we keep open for its replacement, which may not be in
-                    // place yet: a gap from when it was refused (its REQ), or from now.
-                    conn.retiring.swap_remove(i);
-                    conn.live_gap_from(req.as_ref().map(|u| u.sent_at));
-                }
-                let known = retiring.is_some()
+                // A subscription we keep open for its replacement, which may not be in place
+                // yet: a gap from when it was refused (its REQ), or from now.
+                let retiring = conn.drop_retiring(&id, req.as_ref().map(|u| u.sent_at));
+                let known = retiring
                     || conn.historic.contains_key(&id)
                     || conn.fetches.contains_key(&id)
                     || conn.live.contains_key(&id);

@@ -171,12 +171,7 @@ impl Session {
                     conn.keep_for_reread(&filters);
                 }
                 if overlap {
-                    conn.retiring.push(super::Retiring {
-                        id,
-                        filters,
-                        successors: Default::default(),
-                        since: std::time::Instant::now(),
-                    });
+                    conn.retire(id, filters);
                 } else {
                     conn.writer
                         .send(&ClientMessage::close(id))
@@ -203,19 +198,12 @@ impl Session {
             }
             let id = match old {
                 Some(id) if !overlap => id,
-                Some(old) => {
-                    if let Some(filters) = conn.live.remove(&old) {
-                        conn.retiring.push(super::Retiring {
-                            id: old,
-                            filters,
-                            successors: Default::default(),
-                            since: std::time::Instant::now(),
-                        });
+                fresh => {
+                    if let Some(old) = fresh
+                        && let Some(filters) = conn.live.remove(&old)
+                    {
+                        conn.retire(old, filters);
                     }
-                    conn.next_id += 1;
-                    SubscriptionId::new(format!("live-{}", conn.next_id))
-                }
-                None => {
                     conn.next_id += 1;
                     SubscriptionId::new(format!("live-{}", conn.next_id))
                 }
@@ -262,31 +250,32 @@ impl Session {
         }
         let now = std::time::Instant::now();
         let retiring = std::mem::take(&mut conn.retiring);
-        let (release, keep): (Vec<_>, Vec<_>) = {
+        let (mut release, mut keep) = (Vec::new(), Vec::new());
+        {
             let pending = conn.not_in_place(now);
             // One answer per re-plan: its retiring subscriptions share their successors.
             let mut known: Vec<(*const Vec<SubscriptionId>, bool)> = Vec::new();
-            let mut in_place = |r: &super::Retiring| {
+            for r in retiring {
                 let key = std::sync::Arc::as_ptr(&r.successors);
-                if let Some((_, v)) = known.iter().find(|(k, _)| *k == key) {
-                    return *v;
+                let in_place = match known.iter().find(|(k, _)| *k == key) {
+                    Some((_, v)) => *v,
+                    None => {
+                        let v = r.successors.iter().all(|s| !pending.contains(s));
+                        known.push((key, v));
+                        v
+                    }
+                };
+                if in_place {
+                    release.push((r, false));
+                } else if now.saturating_duration_since(r.since) >= self.config.batch_timeout {
+                    release.push((r, true));
+                } else {
+                    keep.push(r);
                 }
-                let v = r.successors.iter().all(|s| !pending.contains(s));
-                known.push((key, v));
-                v
-            };
-            retiring.into_iter().partition(|r| {
-                in_place(r) || now.saturating_duration_since(r.since) >= self.config.batch_timeout
-            })
-        };
+            }
+        }
         conn.retiring = keep;
-        let pending = conn.not_in_place(now);
-        let overdue: Vec<bool> = release
-            .iter()
-            .map(|r| r.successors.iter().any(|s| pending.contains(s)))
-            .collect();
-        drop(pending);
-        for (r, overdue) in release.into_iter().zip(overdue) {
+        for (r, overdue) in release {
             if overdue {
                 conn.live_gap_from(Some(r.since));
                 tracing::debug!(relay = %self.url, sub = %r.id, "replacement REQs not in place; closing the old subscription with a gap");

@@ -578,6 +578,27 @@ impl Conn {
         }
     }
 
+    /// Keep live subscription `id` open until the REQs of the re-plan under way are in place.
+    fn retire(&mut self, id: SubscriptionId, filters: Arc<Vec<Filter>>) {
+        self.retiring.push(Retiring {
+            id,
+            filters,
+            successors: Default::default(),
+            since: Instant::now(),
+        });
+    }
+
+    /// Drop retiring subscription `id` as refused or closed by the relay: coverage it was
+    /// kept for has a gap from `at` (its REQ; now if `None`). Whether it was retiring.
+    fn drop_retiring(&mut self, id: &SubscriptionId, at: Option<Instant>) -> bool {
+        let Some(i) = self.retiring.iter().position(|r| r.id == *id) else {
+            return false;
+        };
+        self.retiring.swap_remove(i);
+        self.live_gap_from(at);
+        true
+    }
+
     /// A re-read of live REQs replaced in place is due.
     fn moved_pending(&self) -> bool {
         !self.moved_keys.is_empty() || !self.moved.is_empty()
