@@ -261,6 +261,13 @@ impl World {
         let req_delay = draws
             .random_bool(0.5)
             .then(|| Duration::from_millis(draws.random_range(50..500)));
+        // In half the seeds (drawn apart again) it takes up each REQ after a delay of its
+        // own, so a later REQ can overtake an earlier one (khatru runs each message in its
+        // own goroutine): a read must not go out before the live REQ covering its items is
+        // in place.
+        let req_jitter = draws
+            .random_bool(0.5)
+            .then(|| Duration::from_millis(draws.random_range(50..500)));
         let local = ScriptedRelay::start(local_base.clone())
             .await
             .expect("local relay");
@@ -283,6 +290,7 @@ impl World {
             max_subscriptions: cap,
             cap_refusal,
             req_delay,
+            req_jitter,
             ..Script::default()
         })
         .await
@@ -302,6 +310,7 @@ impl World {
             max_subscriptions: cap,
             cap_refusal,
             req_delay,
+            req_jitter,
             raw_events: corpus.forged.clone(),
             ..Script::default()
         };
@@ -346,6 +355,11 @@ impl World {
             world
                 .faults
                 .push(format!("scripted source takes up each REQ {d:?} late"));
+        }
+        if let Some(d) = req_jitter {
+            world.faults.push(format!(
+                "scripted source takes up each REQ up to {d:?} late, out of order"
+            ));
         }
         if let Some(p) = &world.local_base.purgatory {
             let wait = p.git_data_after;

@@ -2164,3 +2164,63 @@ async fn a_live_req_the_relay_dropped_is_sent_again() {
     rig.holds_exactly(&want).await;
     h.stop().await;
 }
+
+/// A relay that handles a connection's messages concurrently (khatru) can run the stored
+/// query of a historic REQ before an earlier live REQ is registered: what arrives between
+/// the two is in neither. Reads for items a set change adds wait until the live REQs that
+/// cover them are in place.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_for_added_items_waits_until_their_live_req_is_in_place() {
+    let rig = rig().await;
+    let a = nip34::fixture("kept");
+    let b = nip34::fixture("added");
+    let remote = HostileRelay::start(Script::default()).await;
+    remote.add(a.expected.iter().chain(&b.expected).cloned());
+    let mut config = fast_config();
+    config.reconcile_every = (Duration::from_secs(3600), Duration::from_secs(3600));
+    // No give-up on the live REQs' answers within the test.
+    config.batch_timeout = Duration::from_secs(60);
+    let h = rig.start(&remote.url(), set_for(&[&a]), Resume::fresh(), config);
+    rig.holds_exactly(&nip34::ids(&a.expected)).await;
+    wait_phase(&h, Phase::Live).await;
+
+    // Live REQs are taken up 2 s late, queries at once.
+    remote.set_script(Script {
+        live_req_delay: Some(Duration::from_secs(2)),
+        log_reqs: true,
+        ..Script::default()
+    });
+    let late = nip34::comment_now(b.root.id, "between the read and the live REQ");
+    let covers = |filters: &[nostr::Filter], live: bool| {
+        filters.iter().all(|f| f.limit == Some(0)) == live
+            && filters
+                .iter()
+                .any(|f| f.match_event(&late, nostr::filter::MatchEventOptions::default()))
+    };
+    h.set(set_for(&[&a, &b]));
+    // Publish as soon as either the read or the live REQ for b's root is taken up.
+    let (live_at, read_at) = eventually("a REQ for the added root", DEADLINE, || {
+        let log = remote.taken_up();
+        let live = log.iter().position(|(_, f)| covers(f, true));
+        let read = log.iter().position(|(_, f)| covers(f, false));
+        async move { (live.is_some() || read.is_some()).then_some((live, read)) }
+    })
+    .await;
+    remote.add([late.clone()]);
+    let mut want = nip34::ids(a.expected.iter().chain(&b.expected));
+    want.insert(late.id);
+    rig.holds_exactly(&want).await;
+    assert!(
+        read_at.is_none() || live_at.is_some_and(|l| Some(l) < read_at),
+        "the read for the added root was taken up before its live REQ (live {live_at:?}, read {read_at:?})"
+    );
+    // The read did go out, after the live REQ.
+    let log = remote.taken_up();
+    let live = log.iter().position(|(_, f)| covers(f, true));
+    let read = log.iter().position(|(_, f)| covers(f, false));
+    assert!(
+        live.is_some() && read.is_some() && live < read,
+        "live REQ at {live:?}, read at {read:?}"
+    );
+    h.stop().await;
+}

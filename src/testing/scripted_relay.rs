@@ -92,6 +92,14 @@ pub struct Script {
     /// registers a subscription once its stored query is done. A CLOSE sent after a REQ
     /// then takes effect first.
     pub req_delay: Option<std::time::Duration>,
+    /// Take up live REQs (every filter `limit: 0`) this long after they arrive, and other
+    /// REQs at once: a later query can then run before an earlier live REQ is registered.
+    pub live_req_delay: Option<std::time::Duration>,
+    /// Take up each REQ after its own random delay up to this long, so a later REQ may be
+    /// taken up before an earlier one: khatru handles each message in its own goroutine.
+    pub req_jitter: Option<std::time::Duration>,
+    /// Record every REQ as it is taken up, in order (`taken_up`).
+    pub log_reqs: bool,
     /// Neither answer nor register REQs: a relay that drops what it cannot take up (or a
     /// proxy losing frames), while it goes on serving what it holds.
     pub ignore_reqs: bool,
@@ -158,7 +166,7 @@ pub struct Counters {
     pub cap_refusals: AtomicUsize,
     /// EVENTs answered `purgatory:` (held back until git data arrives).
     pub purgatory_answers: AtomicUsize,
-    /// REQs that arrived and wait out `req_delay`.
+    /// REQs that arrived and wait out a delay (`req_delay`, `live_req_delay`, `req_jitter`).
     pub reqs_delayed: AtomicUsize,
     /// REQs dropped unanswered (`ignore_reqs`).
     pub reqs_ignored: AtomicUsize,
@@ -197,6 +205,8 @@ struct Shared {
     /// Keys that answered an AUTH challenge with a valid event.
     authenticated: Mutex<Vec<nostr::PublicKey>>,
     purgatory: Mutex<Held>,
+    /// REQs taken up, in order (`Script::log_reqs`).
+    taken_up: Mutex<Vec<(SubscriptionId, Vec<Filter>)>>,
 }
 
 impl Shared {
@@ -284,6 +294,7 @@ impl ScriptedRelay {
             disconnected_once: Mutex::new(false),
             authenticated: Mutex::new(Vec::new()),
             purgatory: Mutex::new(Held::default()),
+            taken_up: Mutex::new(Vec::new()),
         });
         let s = shared.clone();
         let task = tokio::spawn(async move {
@@ -422,6 +433,15 @@ impl ScriptedRelay {
         *self.shared.policy.lock().unwrap_or_else(|e| e.into_inner()) = Some(policy);
     }
 
+    /// The REQs taken up so far, in order, with their filters (`Script::log_reqs`).
+    pub fn taken_up(&self) -> Vec<(SubscriptionId, Vec<Filter>)> {
+        self.shared
+            .taken_up
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
     pub fn counters(&self) -> &Counters {
         &self.shared.counters
     }
@@ -555,7 +575,7 @@ async fn serve(ws: Ws, s: Arc<Shared>) {
         .unwrap_or_else(|e| e.into_inner())
         .close_after
         .map(|d| tokio::time::Instant::now() + d);
-    // REQs waiting out `req_delay`, with when each is taken up.
+    // REQs waiting out their delay, in the order they are taken up.
     let mut delayed: std::collections::VecDeque<(tokio::time::Instant, String)> =
         Default::default();
     'conn: loop {
@@ -598,11 +618,24 @@ async fn serve(ws: Ws, s: Arc<Shared>) {
                     _ => break,
                 };
                 let Ok(msg) = ClientMessage::from_json(text.as_str()) else { continue };
-                let delay = s.script.lock().unwrap_or_else(|e| e.into_inner()).req_delay;
-                if let (Some(d), ClientMessage::Req { .. }) = (delay, &msg) {
-                    s.counters.reqs_delayed.fetch_add(1, Ordering::SeqCst);
-                    delayed.push_back((tokio::time::Instant::now() + d, text.to_string()));
-                    continue;
+                if let ClientMessage::Req { filters, .. } = &msg {
+                    let (delay, live_delay, jitter) = {
+                        let script = s.script.lock().unwrap_or_else(|e| e.into_inner());
+                        (script.req_delay, script.live_req_delay, script.req_jitter)
+                    };
+                    let live = filters.iter().all(|f| f.limit == Some(0));
+                    let jitter = jitter.map(|j| j.mul_f64(rand::random::<f64>()));
+                    let delay = [delay, live_delay.filter(|_| live), jitter]
+                        .into_iter()
+                        .flatten()
+                        .max();
+                    if let Some(d) = delay {
+                        s.counters.reqs_delayed.fetch_add(1, Ordering::SeqCst);
+                        let at = tokio::time::Instant::now() + d;
+                        let pos = delayed.partition_point(|(t, _)| *t <= at);
+                        delayed.insert(pos, (at, text.to_string()));
+                        continue;
+                    }
                 }
                 let replies = handle(&s, &mut subs, msg);
                 for reply in replies {
@@ -778,6 +811,12 @@ fn handle(
             filters,
         } => {
             s.counters.reqs.fetch_add(1, Ordering::SeqCst);
+            if script.log_reqs {
+                s.taken_up.lock().unwrap_or_else(|e| e.into_inner()).push((
+                    subscription_id.clone().into_owned(),
+                    filters.iter().map(|f| f.as_ref().clone()).collect(),
+                ));
+            }
             if script.ignore_reqs {
                 s.counters.reqs_ignored.fetch_add(1, Ordering::SeqCst);
                 return Vec::new();

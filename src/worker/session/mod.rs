@@ -630,6 +630,37 @@ impl Conn {
             .collect()
     }
 
+    /// Live REQs not in place now (see [`Conn::not_in_place`]).
+    fn live_not_in_place(&self, now: Instant) -> Vec<SubscriptionId> {
+        let mut ids: Vec<SubscriptionId> = self
+            .unanswered
+            .iter()
+            .filter(|u| {
+                self.live.contains_key(&u.id)
+                    && (self.live_answers
+                        || now.saturating_duration_since(u.sent_at) < cap::NOTICE_GRACE)
+            })
+            .map(|u| u.id.clone())
+            .collect();
+        ids.dedup();
+        ids
+    }
+
+    /// Let go the batches whose live REQs are in place (or whose wait is over).
+    fn open_live_gates(&mut self, now: Instant) {
+        if self.batches.values().all(|b| b.after_live.is_none()) {
+            return;
+        }
+        let pending = self.live_not_in_place(now);
+        for b in self.batches.values_mut() {
+            if let Some((ids, until)) = &b.after_live
+                && (now >= *until || !ids.iter().any(|id| pending.contains(id)))
+            {
+                b.after_live = None;
+            }
+        }
+    }
+
     /// Record a REQ just sent, with how many subscriptions we believed open before it.
     fn sent_req(&mut self, id: &SubscriptionId) {
         let open = self.believed_open();

@@ -49,6 +49,12 @@ pub(super) struct Batch {
     /// The publisher's local-connection generation when `held` was read: a relay that lost
     /// a connection since may have restarted without its data, and then `held` is dropped.
     pub(super) held_generation: u64,
+    /// Live REQs sent before this batch and not yet in place when it was made: none of its
+    /// work goes out until they are (or until the deadline, by when an unanswered one has
+    /// been sent again with a gap from its first sending). A relay that handles a
+    /// connection's messages concurrently (khatru) may run a later REQ's query before an
+    /// earlier live REQ is registered; what arrives between the two would be in neither.
+    pub(super) after_live: Option<(Vec<nostr::SubscriptionId>, Instant)>,
 }
 
 /// A historic REQ in flight: one page of one filter.
@@ -316,6 +322,9 @@ impl Session {
             (since, None)
         };
         let fs = filters::with_since(fs, since);
+        let now = Instant::now();
+        let waits = conn.live_not_in_place(now);
+        let after_live = (!waits.is_empty()).then(|| (waits, now + self.config.batch_timeout));
         conn.batches.insert(
             batch,
             Batch {
@@ -327,6 +336,7 @@ impl Session {
                 fallback_since,
                 held: HashSet::new(),
                 held_generation: self.publisher.local_generation(),
+                after_live,
             },
         );
         let read_held = !negentropy && since.is_none() && self.config.local_relay.is_some();
@@ -373,8 +383,12 @@ impl Session {
             budget = budget.min(max.saturating_sub(live).max(1));
         }
         let limit = self.page_limit(&conn.caps);
+        conn.open_live_gates(now);
         while conn.active_historic() < budget {
-            let Some(pos) = conn.queue.iter().position(|q| q.not_before <= now) else {
+            let batches = &conn.batches;
+            let Some(pos) = conn.queue.iter().position(|q| {
+                q.not_before <= now && batches.get(&q.batch).is_none_or(|b| b.after_live.is_none())
+            }) else {
                 break;
             };
             let q = conn.queue.swap_remove(pos);
