@@ -2224,3 +2224,96 @@ async fn a_read_for_added_items_waits_until_their_live_req_is_in_place() {
     );
     h.stop().await;
 }
+
+/// Live filters over the relay's cap are polled; when the plan changes so that polled items
+/// move into a live REQ (here the repos leave the set, and the roots' REQ, polled until
+/// now, fits), the poll no longer reads them and the REQ covers them only once the relay
+/// has taken it up. What arrived since the last poll is read again once it is in place.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn items_leaving_the_polled_overflow_are_read_again_once_live() {
+    let rig = rig().await;
+    let f = nip34::fixture("polled");
+    // Four subscriptions: two for live REQs, which the announcements' and the repos' take;
+    // the roots' REQ is polled.
+    let capped = || Script {
+        max_subscriptions: Some(4),
+        cap_refusal: CapRefusal::Closed,
+        nip11: Some(r#"{"name":"capped","limitation":{"max_subscriptions":4}}"#.into()),
+        log_reqs: true,
+        ..Script::default()
+    };
+    let remote = HostileRelay::start(capped()).await;
+    remote.add(f.expected.iter().cloned());
+    let mut config = fast_config();
+    config.reconcile_every = (Duration::from_secs(3600), Duration::from_secs(3600));
+    config.batch_timeout = Duration::from_secs(60);
+    // The first poll runs once the initial sync is done; no other within the test.
+    config.overflow_poll = Duration::from_secs(3600);
+    let h = rig.start(&remote.url(), set_for(&[&f]), Resume::fresh(), config);
+    rig.holds_exactly(&nip34::ids(&f.expected)).await;
+    let mut rx = h.state();
+    eventually("a standing gap reported", DEADLINE, || {
+        let s = rx.borrow_and_update().clone();
+        async move { s.last_error.filter(|e| e.contains("not open")).map(|_| ()) }
+    })
+    .await;
+    let live_covers = |id: EventId| {
+        remote.taken_up().iter().any(|(_, fs)| {
+            fs.iter().all(|f| f.limit == Some(0))
+                && fs.iter().any(|f| f.as_json().contains(&id.to_hex()))
+        })
+    };
+    let f_root_hex = f.root.id.to_hex();
+    assert!(!live_covers(f.root.id), "the root's live REQ fits the cap");
+    // The first poll (a read from the connection's start) is done, and only the two live
+    // REQs are open: room to keep them until their replacement is in place.
+    eventually("the first poll done", DEADLINE, || {
+        let polled = remote.taken_up().iter().any(|(_, fs)| {
+            fs.iter()
+                .any(|f| f.since.is_some() && f.as_json().contains(&f_root_hex))
+        });
+        let s = rx.borrow_and_update().clone();
+        async move { (polled && s.subscriptions == 2).then_some(()) }
+    })
+    .await;
+    let overlapped = rig
+        .metrics
+        .live_replans
+        .with_label_values(&["overlapped"])
+        .get();
+
+    // Only the root stays: its REQ fits now, and the relay takes it up 2 s late.
+    remote.set_script(Script {
+        live_req_delay: Some(Duration::from_secs(2)),
+        ..capped()
+    });
+    let delayed = remote.counters().reqs_delayed.load(Ordering::SeqCst);
+    h.set(SyncSet {
+        repos: Default::default(),
+        roots: [f.root.id].into_iter().collect(),
+    });
+    eventually("the root's live REQ received", DEADLINE, || async {
+        (remote.counters().reqs_delayed.load(Ordering::SeqCst) > delayed).then_some(())
+    })
+    .await;
+    let late = nip34::comment_now(f.root.id, "while its live REQ is taken up");
+    remote.add([late.clone()]);
+    assert!(
+        !live_covers(f.root.id),
+        "inconclusive: the live REQ was in place before the event was published"
+    );
+    let mut want = nip34::ids(&f.expected);
+    want.insert(late.id);
+    rig.holds_exactly(&want).await;
+    // The old REQs stayed open until the new one was in place: no in-place re-read
+    // covered it.
+    assert!(
+        rig.metrics
+            .live_replans
+            .with_label_values(&["overlapped"])
+            .get()
+            > overlapped,
+        "the re-plan did not overlap"
+    );
+    h.stop().await;
+}

@@ -193,7 +193,9 @@ impl Session {
             {
                 conn.keep_for_reread(&filters);
             }
-            if moving.contains(&key) {
+            // Items polled until now may have moved into it: the poll read them last from
+            // `overflow_polled_from`, and the REQ covers them only once in place.
+            if moving.contains(&key) || overflow_before > 0 {
                 moved_keys.push(key);
             }
             let id = match old {
@@ -227,7 +229,11 @@ impl Session {
         self.metrics.live_req_bytes.inc_by(sent as u64);
         self.release_retiring(conn).await?;
         if !uncovered.is_empty() || !moved_keys.is_empty() {
-            let since = super::report::unix_now().saturating_sub(self.config.slack.as_secs());
+            let mut since = super::report::unix_now();
+            if overflow_before > 0 {
+                since = since.min(conn.overflow_polled_from.unwrap_or(conn.connected_at));
+            }
+            let since = since.saturating_sub(self.config.slack.as_secs());
             conn.moved_since = if conn.moved_pending() {
                 conn.moved_since.min(since)
             } else {
