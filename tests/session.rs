@@ -2171,10 +2171,32 @@ async fn a_live_req_the_relay_dropped_is_sent_again() {
 /// cover them are in place.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_read_for_added_items_waits_until_their_live_req_is_in_place() {
+    a_read_for_added_items_waits(false).await;
+}
+
+/// The same when the relay's cap has no room to keep the old REQs open: they are replaced
+/// in place, and an event the old REQ (same id) delivers meanwhile says nothing about the
+/// new one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_for_added_items_waits_for_live_reqs_replaced_in_place() {
+    a_read_for_added_items_waits(true).await;
+}
+
+async fn a_read_for_added_items_waits(in_place: bool) {
     let rig = rig().await;
     let a = nip34::fixture("kept");
     let b = nip34::fixture("added");
-    let remote = HostileRelay::start(Script::default()).await;
+    // Five subscriptions: the three live REQs (announcements, repos, roots) and room for
+    // historic work, but not for the two changed REQs beside the old ones.
+    let base = || Script {
+        max_subscriptions: in_place.then_some(5),
+        cap_refusal: CapRefusal::Closed,
+        nip11: in_place
+            .then(|| r#"{"name":"capped","limitation":{"max_subscriptions":5}}"#.to_string()),
+        log_reqs: true,
+        ..Script::default()
+    };
+    let remote = HostileRelay::start(base()).await;
     remote.add(a.expected.iter().chain(&b.expected).cloned());
     let mut config = fast_config();
     config.reconcile_every = (Duration::from_secs(3600), Duration::from_secs(3600));
@@ -2183,12 +2205,22 @@ async fn a_read_for_added_items_waits_until_their_live_req_is_in_place() {
     let h = rig.start(&remote.url(), set_for(&[&a]), Resume::fresh(), config);
     rig.holds_exactly(&nip34::ids(&a.expected)).await;
     wait_phase(&h, Phase::Live).await;
+    let mut rx = h.state();
+    eventually("only the live REQs open", DEADLINE, || {
+        let s = rx.borrow_and_update().clone();
+        async move { (s.subscriptions == 3).then_some(()) }
+    })
+    .await;
+    let in_place_before = rig
+        .metrics
+        .live_replans
+        .with_label_values(&["in_place"])
+        .get();
 
     // Live REQs are taken up 2 s late, queries at once.
     remote.set_script(Script {
         live_req_delay: Some(Duration::from_secs(2)),
-        log_reqs: true,
-        ..Script::default()
+        ..base()
     });
     let late = nip34::comment_now(b.root.id, "between the read and the live REQ");
     let covers = |filters: &[nostr::Filter], live: bool| {
@@ -2197,7 +2229,31 @@ async fn a_read_for_added_items_waits_until_their_live_req_is_in_place() {
                 .iter()
                 .any(|f| f.match_event(&late, nostr::filter::MatchEventOptions::default()))
     };
+    let delayed = remote.counters().reqs_delayed.load(Ordering::SeqCst);
     h.set(set_for(&[&a, &b]));
+    let mut want = nip34::ids(a.expected.iter().chain(&b.expected));
+    if in_place {
+        eventually("the replacing REQs received", DEADLINE, || async {
+            (remote.counters().reqs_delayed.load(Ordering::SeqCst) >= delayed + 2).then_some(())
+        })
+        .await;
+        // Events for a, which the replaced REQs still deliver under the ids of the new ones.
+        let coord = a
+            .expected
+            .iter()
+            .flat_map(|e| e.tags.iter())
+            .find(|t| t.kind() == nostr::TagKind::custom("A"))
+            .and_then(|t| t.content())
+            .expect("a repo comment")
+            .to_string();
+        let on_repo = EventBuilder::new(Kind::from(1111), "on a, meanwhile")
+            .tag(nostr::Tag::custom(nostr::TagKind::custom("A"), [coord]))
+            .sign_with_keys(&Keys::generate())
+            .expect("sign");
+        let on_root = nip34::comment_now(a.root.id, "on a's root, meanwhile");
+        remote.add([on_repo.clone(), on_root.clone()]);
+        want.extend([on_repo.id, on_root.id]);
+    }
     // Publish as soon as either the read or the live REQ for b's root is taken up.
     let (live_at, read_at) = eventually("a REQ for the added root", DEADLINE, || {
         let log = remote.taken_up();
@@ -2207,7 +2263,6 @@ async fn a_read_for_added_items_waits_until_their_live_req_is_in_place() {
     })
     .await;
     remote.add([late.clone()]);
-    let mut want = nip34::ids(a.expected.iter().chain(&b.expected));
     want.insert(late.id);
     rig.holds_exactly(&want).await;
     assert!(
@@ -2221,6 +2276,16 @@ async fn a_read_for_added_items_waits_until_their_live_req_is_in_place() {
     assert!(
         live.is_some() && read.is_some() && live < read,
         "live REQ at {live:?}, read at {read:?}"
+    );
+    let replaced_in_place = rig
+        .metrics
+        .live_replans
+        .with_label_values(&["in_place"])
+        .get()
+        > in_place_before;
+    assert_eq!(
+        replaced_in_place, in_place,
+        "how the live REQs were replaced"
     );
     h.stop().await;
 }

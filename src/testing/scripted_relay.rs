@@ -96,7 +96,9 @@ pub struct Script {
     /// REQs at once: a later query can then run before an earlier live REQ is registered.
     pub live_req_delay: Option<std::time::Duration>,
     /// Take up each REQ after its own random delay up to this long, so a later REQ may be
-    /// taken up before an earlier one: khatru handles each message in its own goroutine.
+    /// taken up before an earlier one of another id: khatru handles each message in its own
+    /// goroutine. REQs of one id keep their order (khatru adds a listener per REQ, so
+    /// there a re-used id only widens).
     pub req_jitter: Option<std::time::Duration>,
     /// Record every REQ as it is taken up, in order (`taken_up`).
     pub log_reqs: bool,
@@ -576,10 +578,10 @@ async fn serve(ws: Ws, s: Arc<Shared>) {
         .close_after
         .map(|d| tokio::time::Instant::now() + d);
     // REQs waiting out their delay, in the order they are taken up.
-    let mut delayed: std::collections::VecDeque<(tokio::time::Instant, String)> =
+    let mut delayed: std::collections::VecDeque<(tokio::time::Instant, SubscriptionId, String)> =
         Default::default();
     'conn: loop {
-        let next_delayed = delayed.front().map(|(at, _)| *at);
+        let next_delayed = delayed.front().map(|(at, _, _)| *at);
         tokio::select! {
             _ = async {
                 match next_delayed {
@@ -587,7 +589,7 @@ async fn serve(ws: Ws, s: Arc<Shared>) {
                     None => std::future::pending().await,
                 }
             } => {
-                let Some((_, text)) = delayed.pop_front() else { continue };
+                let Some((_, _, text)) = delayed.pop_front() else { continue };
                 let Ok(msg) = ClientMessage::from_json(text.as_str()) else { continue };
                 for reply in handle(&s, &mut subs, msg) {
                     match reply {
@@ -618,7 +620,7 @@ async fn serve(ws: Ws, s: Arc<Shared>) {
                     _ => break,
                 };
                 let Ok(msg) = ClientMessage::from_json(text.as_str()) else { continue };
-                if let ClientMessage::Req { filters, .. } = &msg {
+                if let ClientMessage::Req { subscription_id, filters } = &msg {
                     let (delay, live_delay, jitter) = {
                         let script = s.script.lock().unwrap_or_else(|e| e.into_inner());
                         (script.req_delay, script.live_req_delay, script.req_jitter)
@@ -631,9 +633,17 @@ async fn serve(ws: Ws, s: Arc<Shared>) {
                         .max();
                     if let Some(d) = delay {
                         s.counters.reqs_delayed.fetch_add(1, Ordering::SeqCst);
-                        let at = tokio::time::Instant::now() + d;
-                        let pos = delayed.partition_point(|(t, _)| *t <= at);
-                        delayed.insert(pos, (at, text.to_string()));
+                        // REQs of one id keep their order: khatru keeps a listener per
+                        // REQ, so a re-used id only widens there, while relays that
+                        // overwrite by id handle a connection's messages in order.
+                        let id = subscription_id.clone().into_owned();
+                        let at = delayed
+                            .iter()
+                            .filter(|(_, i, _)| *i == id)
+                            .map(|(t, _, _)| *t)
+                            .fold(tokio::time::Instant::now() + d, |a, b| a.max(b));
+                        let pos = delayed.partition_point(|(t, _, _)| *t <= at);
+                        delayed.insert(pos, (at, id, text.to_string()));
                         continue;
                     }
                 }

@@ -265,6 +265,8 @@ mod tests {
                 id: SubscriptionId::new(*n),
                 sent_at: at,
                 open_before: open + i,
+                seq: i as u64 + 1,
+                replaces: false,
             })
             .collect()
     }

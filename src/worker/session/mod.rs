@@ -533,6 +533,8 @@ struct Conn {
     moved: Vec<Filter>,
     moved_prints: HashSet<u64>,
     moved_since: u64,
+    /// REQs sent on this connection (`Unanswered::seq`).
+    reqs_sent: u64,
 }
 
 /// A live subscription kept open after a re-plan replaced it, until every REQ sent with
@@ -555,6 +557,12 @@ struct Unanswered {
     sent_at: Instant,
     /// Subscriptions believed open when it was sent.
     open_before: usize,
+    /// Its place among the REQs of the connection (see `Batch::after_live`).
+    seq: u64,
+    /// Sent under the id of a subscription believed open (a live REQ replaced in place, or
+    /// sent again): an event on the id may be the earlier REQ's, so only EOSE or CLOSED
+    /// answers it.
+    replaces: bool,
 }
 
 impl Conn {
@@ -630,45 +638,51 @@ impl Conn {
             .collect()
     }
 
-    /// Live REQs not in place now (see [`Conn::not_in_place`]).
-    fn live_not_in_place(&self, now: Instant) -> Vec<SubscriptionId> {
-        let mut ids: Vec<SubscriptionId> = self
-            .unanswered
-            .iter()
-            .filter(|u| {
-                self.live.contains_key(&u.id)
-                    && (self.live_answers
-                        || now.saturating_duration_since(u.sent_at) < cap::NOTICE_GRACE)
-            })
-            .map(|u| u.id.clone())
-            .collect();
-        ids.dedup();
-        ids
+    /// Whether `u` is a live REQ not in place (see [`Conn::not_in_place`]).
+    fn live_pending(&self, u: &Unanswered, now: Instant) -> bool {
+        self.live.contains_key(&u.id)
+            && (self.live_answers || now.saturating_duration_since(u.sent_at) < cap::NOTICE_GRACE)
     }
 
-    /// Let go the batches whose live REQs are in place (or whose wait is over).
+    /// Let go the batches whose live REQs (those sent before them) are in place. One whose
+    /// wait is over goes anyway, with a live gap from the earliest REQ still not in place:
+    /// its backfill, once they are, covers what the batch's read could have run ahead of.
     fn open_live_gates(&mut self, now: Instant) {
         if self.batches.values().all(|b| b.after_live.is_none()) {
             return;
         }
-        let pending = self.live_not_in_place(now);
+        let pending = self.unanswered.iter().filter(|u| self.live_pending(u, now));
+        let (first, earliest) = pending.fold((u64::MAX, None::<Instant>), |(seq, at), u| {
+            (
+                seq.min(u.seq),
+                Some(at.map_or(u.sent_at, |a| a.min(u.sent_at))),
+            )
+        });
+        let mut overdue = false;
         for b in self.batches.values_mut() {
-            if let Some((ids, until)) = &b.after_live
-                && (now >= *until || !ids.iter().any(|id| pending.contains(id)))
+            if let Some((seq, until)) = b.after_live
+                && (first > seq || now >= until)
             {
+                overdue |= first <= seq;
                 b.after_live = None;
             }
+        }
+        if overdue {
+            self.live_gap_from(earliest);
         }
     }
 
     /// Record a REQ just sent, with how many subscriptions we believed open before it.
     fn sent_req(&mut self, id: &SubscriptionId) {
-        let open = self.believed_open();
-        let open = open - usize::from(self.live.contains_key(id));
+        let replaces = self.live.contains_key(id);
+        let open = self.believed_open() - usize::from(replaces);
+        self.reqs_sent += 1;
         self.unanswered.push_back(Unanswered {
             id: id.clone(),
             sent_at: Instant::now(),
             open_before: open,
+            seq: self.reqs_sent,
+            replaces,
         });
     }
 
@@ -687,7 +701,9 @@ impl Conn {
             .iter()
             .enumerate()
             .filter(|(_, u)| u.id == *id);
-        if let (Some((i, _)), None) = (pending.next(), pending.next()) {
+        if let (Some((i, u)), None) = (pending.next(), pending.next())
+            && !u.replaces
+        {
             self.unanswered.remove(i);
         }
     }

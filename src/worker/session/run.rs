@@ -125,6 +125,7 @@ impl Session {
                         moved: Vec::new(),
                         moved_prints: Default::default(),
                         moved_since: 0,
+                        reqs_sent: 0,
                     }
                 }
                 Err(e) => {

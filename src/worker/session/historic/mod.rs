@@ -49,12 +49,12 @@ pub(super) struct Batch {
     /// The publisher's local-connection generation when `held` was read: a relay that lost
     /// a connection since may have restarted without its data, and then `held` is dropped.
     pub(super) held_generation: u64,
-    /// Live REQs sent before this batch and not yet in place when it was made: none of its
-    /// work goes out until they are (or until the deadline, by when an unanswered one has
-    /// been sent again with a gap from its first sending). A relay that handles a
-    /// connection's messages concurrently (khatru) may run a later REQ's query before an
-    /// earlier live REQ is registered; what arrives between the two would be in neither.
-    pub(super) after_live: Option<(Vec<nostr::SubscriptionId>, Instant)>,
+    /// Made while live REQs were not in place: none of its work goes out until every live
+    /// REQ sent before it (up to this `Unanswered::seq`) is, or until the deadline (then
+    /// with a live gap; see `Conn::open_live_gates`). A relay that handles a connection's
+    /// messages concurrently (khatru) may run a later REQ's query before an earlier live
+    /// REQ is registered; what arrives between the two would be in neither.
+    pub(super) after_live: Option<(u64, Instant)>,
 }
 
 /// A historic REQ in flight: one page of one filter.
@@ -323,8 +323,8 @@ impl Session {
         };
         let fs = filters::with_since(fs, since);
         let now = Instant::now();
-        let waits = conn.live_not_in_place(now);
-        let after_live = (!waits.is_empty()).then(|| (waits, now + self.config.batch_timeout));
+        let waits = conn.unanswered.iter().any(|u| conn.live_pending(u, now));
+        let after_live = waits.then(|| (conn.reqs_sent, now + self.config.batch_timeout));
         conn.batches.insert(
             batch,
             Batch {
