@@ -2254,11 +2254,16 @@ async fn a_read_for_added_items_waits(in_place: bool) {
         remote.add([on_repo.clone(), on_root.clone()]);
         want.extend([on_repo.id, on_root.id]);
     }
-    // Publish as soon as either the read or the live REQ for b's root is taken up.
-    let (live_at, read_at) = eventually("a REQ for the added root", DEADLINE, || {
+    // Where the relay took up the live REQ and the read for b's root, if it has.
+    let positions = || {
         let log = remote.taken_up();
         let live = log.iter().position(|(_, f)| covers(f, true));
         let read = log.iter().position(|(_, f)| covers(f, false));
+        (live, read)
+    };
+    // Publish as soon as either is taken up.
+    let (live_at, read_at) = eventually("a REQ for the added root", DEADLINE, || {
+        let (live, read) = positions();
         async move { (live.is_some() || read.is_some()).then_some((live, read)) }
     })
     .await;
@@ -2270,9 +2275,7 @@ async fn a_read_for_added_items_waits(in_place: bool) {
         "the read for the added root was taken up before its live REQ (live {live_at:?}, read {read_at:?})"
     );
     // The read did go out, after the live REQ.
-    let log = remote.taken_up();
-    let live = log.iter().position(|(_, f)| covers(f, true));
-    let read = log.iter().position(|(_, f)| covers(f, false));
+    let (live, read) = positions();
     assert!(
         live.is_some() && read.is_some() && live < read,
         "live REQ at {live:?}, read at {read:?}"

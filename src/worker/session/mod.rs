@@ -631,17 +631,20 @@ impl Conn {
     fn not_in_place(&self, now: Instant) -> HashSet<&SubscriptionId> {
         self.unanswered
             .iter()
-            .filter(|u| {
-                self.live_answers || now.saturating_duration_since(u.sent_at) < cap::NOTICE_GRACE
-            })
+            .filter(|u| self.awaited(u, now))
             .map(|u| &u.id)
             .collect()
     }
 
+    /// Whether unanswered REQ `u` is still awaited: on a relay that answers live REQs until
+    /// it does; otherwise only within the refusal grace.
+    fn awaited(&self, u: &Unanswered, now: Instant) -> bool {
+        self.live_answers || now.saturating_duration_since(u.sent_at) < cap::NOTICE_GRACE
+    }
+
     /// Whether `u` is a live REQ not in place (see [`Conn::not_in_place`]).
     fn live_pending(&self, u: &Unanswered, now: Instant) -> bool {
-        self.live.contains_key(&u.id)
-            && (self.live_answers || now.saturating_duration_since(u.sent_at) < cap::NOTICE_GRACE)
+        self.live.contains_key(&u.id) && self.awaited(u, now)
     }
 
     /// Let go the batches whose live REQs (those sent before them) are in place. One whose
